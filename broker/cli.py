@@ -1,0 +1,160 @@
+"""``relay-broker``: run the broker, issue tokens, and operate a running broker.
+
+    relay-broker serve [--config FILE] [--host H] [--tcp-port P] [--print-config] [...]
+    relay-broker token NAME [--operator] [--expires-in 30d]
+    relay-broker stats [--url URL] [--json]
+    relay-broker cleanup [--url URL]
+
+``main(argv) -> int`` is what the installed command runs; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import trio
+
+from .auth import Authenticator, load_or_create_secret
+from .config import BrokerConfig, ConfigError, default_data_dir
+from .server import Broker
+
+__all__ = ["main"]
+
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d`` -> seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 3600, 15m, 12h, 30d)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay-broker", description="Relay message broker and operator tools.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the broker (the default command)")
+    serve.add_argument("--config", type=Path, help="TOML file with broker settings")
+    serve.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    for f in fields(BrokerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        serve.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=argparse.SUPPRESS)
+    serve.epilog = "Every setting can be given as a flag, e.g. --tcp-port 7700 --max-inflight 512 (see --print-config)."
+
+    token = sub.add_parser("token", help="print a signed token for a mailbox")
+    token.add_argument("name", help="mailbox id (or operator name with --operator)")
+    token.add_argument("--operator", action="store_true", help="an operator token: stats and cleanup, no mailbox")
+    token.add_argument("--expires-in", type=parse_duration, default=30 * 86400, help="lifetime, e.g. 12h, 30d")
+    token.add_argument("--data-dir", type=Path, default=None, help="where the secret lives (default as serve)")
+
+    for name, text in (("stats", "print a running broker's statistics"), ("cleanup", "purge expired messages now")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--url", default=None, help="broker URL (default tcp://127.0.0.1:7700 or $RELAY_URL)")
+        p.add_argument("--data-dir", type=Path, default=None, help="where the secret lives (default as serve)")
+        if name == "stats":
+            p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    command = args.command or "serve"
+    if args.command is None:
+        args = parser.parse_args([*(argv or sys.argv[1:]), "serve"])
+    try:
+        if command == "serve":
+            return _serve(args)
+        if command == "token":
+            return _token(args)
+        return _operate(args, command)
+    except ConfigError as exc:
+        print(f"relay-broker: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(BrokerConfig) if getattr(args, f.name) is not None}
+    config = BrokerConfig.load(toml_path=args.config, overrides=overrides)
+    if args.print_config:
+        print(config.to_toml(), end="")
+        return 0
+
+    async def run() -> None:
+        broker = Broker(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+            print(
+                f"relay-broker listening on tcp://{config.host}:{broker.tcp_port}"
+                f" (store: {config.store}, data dir: {config.data_dir})\n"
+                f"make a token with: relay-broker token <mailbox>",
+                flush=True,
+            )
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"relay-broker: cannot listen on {config.host}:{config.tcp_port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _authenticator(data_dir: Path | None) -> Authenticator:
+    return Authenticator(load_or_create_secret(data_dir or default_data_dir()))
+
+
+def _token(args: argparse.Namespace) -> int:
+    try:
+        token = _authenticator(args.data_dir).issue(args.name, operator=args.operator, lifetime_s=args.expires_in)
+    except ValueError as exc:
+        print(f"relay-broker: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def _operate(args: argparse.Namespace, command: str) -> int:
+    import os
+
+    from client import RelayError, open_client  # the operator tools are clients of the broker
+
+    url = args.url or os.environ.get("RELAY_URL") or "tcp://127.0.0.1:7700"
+    token = _authenticator(args.data_dir).issue("operator", operator=True, lifetime_s=300)
+
+    async def run() -> int:
+        async with open_client(url, token, reconnect=False) as client:
+            if command == "cleanup":
+                purged = await client.cleanup()
+                print(f"purged {purged} expired messages")
+                return 0
+            stats = await client.stats()
+            if args.json:
+                print(json.dumps(stats, sort_keys=True))
+            else:
+                width = max(map(len, stats))
+                for key in sorted(stats):
+                    print(f"{key:<{width}}  {stats[key]}")
+            return 0
+
+    try:
+        return trio.run(run)
+    except (RelayError, OSError) as exc:
+        print(f"relay-broker {command}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Shared set-up for scripts/serve.sh and scripts/test.sh: Debian packages (only those missing),
+# a virtualenv in .venv, and Relay installed into it in editable mode.
+#   usage: source scripts/setup.sh [extra]   (extra: "" for the broker alone, "test" for everything)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_need=()
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
+if [ "${1:-}" = "test" ]; then
+  command -v chromium >/dev/null || apt_need+=(chromium)
+  command -v npm >/dev/null || apt_need+=(nodejs npm)
+fi
+if [ ${#apt_need[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${apt_need[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_need[@]}"
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "${1:-}" = "test" ]; then
+  .venv/bin/python -m pip install -q -e ".[test]"
+  if [ -f client/js/package-lock.json ]; then (cd client/js && npm ci --no-audit --no-fund --loglevel=error); fi
+else
+  .venv/bin/python -m pip install -q -e .
+fi

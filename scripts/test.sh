@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Redis, Chromium, Node packages, Python packages) and run
+# the whole suite: lint, types, pytest (Python and browser tests), and the JS codec tests.
+# Under CI=true nothing may be skipped for a missing service; "no tests ran" is a failure.
+set -euo pipefail
+source "$(dirname "$0")/setup.sh" test
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+
+status=0
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+[ "$status" -eq 0 ] || exit "$status"
+
+if [ -f client/js/package.json ]; then
+  (cd client/js && npm test)
+fi

@@ -1,0 +1,63 @@
+"""Shared fixtures: a real broker on 127.0.0.1, port 0, per test, and tokens for it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from broker.config import BrokerConfig
+from broker.server import Broker
+
+IN_CI = os.environ.get("CI") == "true"
+"""Under CI a missing service (Redis, Chromium) is a failure, never a skip."""
+
+
+def require_service(available: bool, what: str) -> None:
+    """Skip when a service is missing locally; fail under CI, where .ci/run must have installed it."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true but is not installed")
+    pytest.skip(f"{what} is not installed")
+
+
+@asynccontextmanager
+async def running_broker(tmp_path: Path, **overrides: Any) -> AsyncIterator[Broker]:
+    """A broker serving TCP on 127.0.0.1:<free port> until the block ends."""
+    clock = overrides.pop("clock", None)
+    config = BrokerConfig(tcp_port=0, data_dir=tmp_path / "broker-data", **overrides)
+    broker = Broker(config) if clock is None else Broker(config, clock=clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve)
+        try:
+            yield broker
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
+    """A broker with the default configuration on a free port."""
+    async with running_broker(tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Callable[..., Any]:
+    """``async with broker_factory(max_inflight=4) as b:`` — a broker with overrides."""
+    counter = iter(range(1000))
+
+    def make(**overrides: Any) -> Any:
+        return running_broker(tmp_path / f"b{next(counter)}", **overrides)
+
+    return make
+
+
+def url_of(broker: Broker) -> str:
+    return f"tcp://127.0.0.1:{broker.tcp_port}"

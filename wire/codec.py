@@ -1,0 +1,149 @@
+"""The length-prefixed CBOR codec.
+
+Theory of operation: a frame on the wire is a 4-byte big-endian unsigned length N
+followed by exactly N bytes holding one CBOR map with text keys. :class:`FrameDecoder`
+takes bytes in arbitrary chunks and returns whole frames; it refuses a declared length
+above its limit as soon as the 4 prefix bytes are in, before any body byte is read or
+buffered. The body is decoded strictly: no tags, no indefinite lengths, no duplicate
+keys, nesting at most ``MAX_DEPTH``, nothing after the item.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any, NoReturn
+
+import cbor2
+
+from .errors import ErrorCode, RemoteProtocolError
+from .frames import FRAME_TYPES, Frame
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "FrameDecoder",
+    "decode_body",
+    "encode_frame",
+    "encode_frames",
+]
+
+DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
+"""Default largest frame body (not counting the 4-byte prefix): room for a 1 MiB-less-overhead message body."""
+MAX_DEPTH = 4
+"""Deepest nesting any frame needs is 3 (receipt -> results -> result); one spare."""
+_PREFIX = struct.Struct(">I")
+
+# Tags that cbor2 decodes itself without consulting tag_hook: refuse each explicitly.
+_BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 55799)
+
+
+def _refuse_tag(*_args: Any) -> NoReturn:
+    raise ValueError("CBOR tags are not allowed")
+
+
+_SEMANTIC = {tag: _refuse_tag for tag in _BUILTIN_TAGS}
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The wire bytes of one frame: length prefix plus CBOR body."""
+    body = cbor2.dumps(frame.to_wire())
+    return _PREFIX.pack(len(body)) + body
+
+
+def encode_frames(frames: list[Frame]) -> bytes:
+    """The wire bytes of several frames, back to back (what one write should carry)."""
+    return b"".join([encode_frame(f) for f in frames])
+
+
+def decode_body(body: bytes) -> Frame:
+    """Decode one frame body (without its prefix) into a frame.
+
+    Raises RemoteProtocolError: MALFORMED_FRAME if it is not exactly one strict CBOR
+    map with text keys, UNKNOWN_FRAME_TYPE, or INVALID_FIELD.
+    """
+    fp = io.BytesIO(body)
+    decoder = cbor2.CBORDecoder(
+        fp,
+        tag_hook=_refuse_tag,
+        semantic_decoders=_SEMANTIC,
+        max_depth=MAX_DEPTH,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+    )
+    return _decode_with(decoder, fp, body)
+
+
+def _decode_with(decoder: cbor2.CBORDecoder, fp: io.BytesIO, body: bytes) -> Frame:
+    try:
+        item = decoder.decode()
+    except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, RecursionError, ...)
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, f"invalid CBOR: {exc}") from None
+    if fp.tell() != len(body):
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "bytes after the CBOR item")
+    if type(item) is not dict:
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
+    for key in item:
+        if type(key) is not str:
+            raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame map keys must be text strings")
+    type_name = item.get("type")
+    cls = FRAME_TYPES.get(type_name) if type(type_name) is str else None
+    if cls is None:
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE, f"unknown frame type {type_name!r}")
+    return cls.from_wire(item)
+
+
+class FrameDecoder:
+    """Turns a byte stream, in chunks of any size, into frames.
+
+    After it raises, the stream is unusable (framing is lost): the caller must send
+    ERROR and close.
+    """
+
+    __slots__ = ("_buf", "_decoder", "_fp", "max_frame_bytes")
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._fp = io.BytesIO()
+        self._decoder = cbor2.CBORDecoder(
+            self._fp,
+            tag_hook=_refuse_tag,
+            semantic_decoders=_SEMANTIC,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        )
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet part of a whole frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes; return every frame now complete, in order.
+
+        Raises RemoteProtocolError (FRAME_TOO_LARGE as soon as a prefix declares too
+        much; otherwise as :func:`decode_body`).
+        """
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        pos = 0
+        end = len(buf)
+        limit = self.max_frame_bytes
+        while end - pos >= 4:
+            (n,) = _PREFIX.unpack_from(buf, pos)
+            if n > limit:
+                raise RemoteProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE, f"declared frame length {n} exceeds the limit of {limit} bytes"
+                )
+            if end - pos - 4 < n:
+                break
+            body = bytes(buf[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+            fp = io.BytesIO(body)
+            self._decoder.fp = fp
+            frames.append(_decode_with(self._decoder, fp, body))
+        if pos:
+            del buf[:pos]
+        return frames

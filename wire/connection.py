@@ -1,0 +1,154 @@
+"""The connection state machine, for either end of a Relay connection.
+
+Theory of operation: :class:`Connection` owns no socket. ``receive_data(bytes)`` returns
+the frames the peer sent, and ``send(frame)`` returns the bytes to write. Each frame is
+checked against :data:`TRANSITIONS`, a table keyed by (who sends, state, frame type);
+any frame not in the table is a protocol error and moves the connection to CLOSED.
+ERROR frames are handled apart: ``close: true`` always moves to CLOSED, ``close: false``
+is only allowed in OPEN and keeps it.
+
+States (identical on both ends, since each end sees the same frames):
+
+    HANDSHAKE --HELLO--> AUTHENTICATING --WELCOME--> OPEN --BYE--> CLOSED
+                 (any state) --ERROR close=true--> CLOSED
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .frames import (
+    Ack,
+    Bye,
+    Cleanup,
+    CleanupResult,
+    Deliver,
+    Drained,
+    Error,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    Pull,
+    Receipt,
+    Send,
+    Stats,
+    StatsResult,
+    Welcome,
+)
+
+__all__ = ["TRANSITIONS", "Connection", "Role", "State"]
+
+
+class Role(Enum):
+    """Which end of the connection a frame comes from, or a Connection object plays."""
+
+    CLIENT = "client"
+    BROKER = "broker"
+
+
+class State(Enum):
+    HANDSHAKE = "handshake"
+    """Connected; the client has not sent HELLO yet."""
+    AUTHENTICATING = "authenticating"
+    """HELLO sent; the broker has not answered with WELCOME yet."""
+    OPEN = "open"
+    """WELCOME sent: messages flow."""
+    CLOSED = "closed"
+    """Nothing more may be sent or received."""
+
+
+_C, _B = Role.CLIENT, Role.BROKER
+_S = State
+
+TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
+    (_C, _S.HANDSHAKE, Hello): _S.AUTHENTICATING,
+    (_B, _S.AUTHENTICATING, Welcome): _S.OPEN,
+    **{(_C, _S.OPEN, t): _S.OPEN for t in (Send, Ack, Pull, Ping, Stats, Cleanup)},
+    **{(_B, _S.OPEN, t): _S.OPEN for t in (Receipt, Deliver, Drained, Pong, StatsResult, CleanupResult)},
+    (_C, _S.OPEN, Bye): _S.CLOSED,
+}
+"""(sender role, state, frame class) -> next state. Anything else is a protocol error."""
+
+
+class Connection:
+    """One end of a Relay connection: frames in and out, with state checked.
+
+    ``role`` is the end this object plays. ``max_frame_bytes`` bounds what it accepts;
+    a client updates it from WELCOME if it wants the broker's figure.
+    """
+
+    __slots__ = ("_decoder", "peer_role", "role", "state")
+
+    def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.role = role
+        self.peer_role = Role.BROKER if role is Role.CLIENT else Role.CLIENT
+        self.state = State.HANDSHAKE
+        self._decoder = FrameDecoder(max_frame_bytes)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._decoder.max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self._decoder.max_frame_bytes = value
+
+    def _next_state(self, sender: Role, frame: Frame) -> State | None:
+        if type(frame) is Error:
+            if sender is not Role.BROKER or self.state is State.CLOSED:
+                return None
+            if frame.close:
+                return State.CLOSED
+            return self.state if self.state is State.OPEN else None
+        return TRANSITIONS.get((sender, self.state, type(frame)))
+
+    def receive_data(self, data: bytes) -> list[Frame]:
+        """Frames the peer completed with ``data``, each checked against the state table.
+
+        Raises RemoteProtocolError and moves to CLOSED on any violation.
+        """
+        if self.state is State.CLOSED:
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_FRAME, "data after the connection closed")
+        try:
+            frames = self._decoder.feed(data)
+        except RemoteProtocolError:
+            self.state = State.CLOSED
+            raise
+        peer = self.peer_role
+        for frame in frames:
+            nxt = self._next_state(peer, frame)
+            if nxt is None:
+                was = self.state
+                self.state = State.CLOSED
+                raise RemoteProtocolError(
+                    ErrorCode.UNEXPECTED_FRAME,
+                    f"{frame.TYPE} frame not allowed from the {peer.value} in state {was.value}",
+                )
+            self.state = nxt
+        return frames
+
+    def send(self, frame: Frame) -> bytes:
+        """The bytes that carry ``frame``. Raises LocalProtocolError if it is not allowed now."""
+        nxt = self._next_state(self.role, frame)
+        if nxt is None:
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED_FRAME,
+                f"cannot send {frame.TYPE} as the {self.role.value} in state {self.state.value}",
+            )
+        self.state = nxt
+        return encode_frame(frame)
+
+    def send_error(self, code: ErrorCode, message: str) -> bytes:
+        """Close after a protocol violation: the bytes of a closing ERROR, then CLOSED.
+
+        Only the broker sends ERROR frames; for a client (or in CLOSED) this just moves
+        to CLOSED and returns b"" (the client then closes the transport).
+        """
+        if self.state is State.CLOSED or self.role is not Role.BROKER:
+            self.state = State.CLOSED
+            return b""
+        self.state = State.CLOSED
+        return encode_frame(Error(code=int(code), message=message, close=True))

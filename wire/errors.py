@@ -1,0 +1,106 @@
+"""Error codes and protocol exceptions shared by broker and clients.
+
+Every code here has a row in protocol.md's error table; ``tests/wire/test_errors.py``
+keeps the two in step. Codes are stable: a number is never reused for another meaning.
+
+Ranges: 1xxx the peer broke the protocol, 2xxx authentication and authorisation,
+3xxx a SEND was refused (carried in a RECEIPT, the connection stays open),
+4xxx the session was ended by the broker, 5xxx the broker failed.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "ErrorCode",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+]
+
+
+class ErrorCode(IntEnum):
+    # 1xxx: protocol violations. The connection is always closed.
+    MALFORMED_FRAME = 1001
+    """The frame body is not exactly one valid CBOR map with text keys."""
+    FRAME_TOO_LARGE = 1002
+    """The declared frame length exceeds the receiver's ``max_frame_bytes``."""
+    UNEXPECTED_FRAME = 1003
+    """The frame type is not allowed in the connection's current state or direction."""
+    INVALID_FIELD = 1004
+    """A field is missing, has the wrong type, or is out of range."""
+    UNKNOWN_FRAME_TYPE = 1005
+    """The ``type`` field names no frame this protocol defines."""
+    UNSUPPORTED_VERSION = 1006
+    """The HELLO asked for a protocol version the broker does not speak."""
+    HANDSHAKE_TIMEOUT = 1007
+    """No HELLO arrived within ``handshake_timeout_s``."""
+
+    # 2xxx: authentication and authorisation.
+    INVALID_TOKEN = 2001
+    """The token is missing, malformed, or its signature does not verify."""
+    TOKEN_EXPIRED = 2002
+    """The token's ``exp`` claim is in the past."""
+    FORBIDDEN = 2003
+    """The authenticated identity may not do this (e.g. STATS without an operator token)."""
+
+    # 3xxx: a SEND refused for one recipient or as a whole (in a RECEIPT; not fatal).
+    MAILBOX_FULL = 3001
+    """The recipient's mailbox holds ``max_mailbox_messages`` messages already."""
+    MAILBOX_BYTES_FULL = 3002
+    """Queuing the body would exceed the recipient's ``max_mailbox_bytes``."""
+    BROKER_FULL = 3003
+    """Queuing the body would exceed the broker's ``max_total_bytes``."""
+    TOO_MANY_RECIPIENTS = 3004
+    """The SEND names more than ``max_recipients`` distinct recipients."""
+    ID_CONFLICT = 3005
+    """Another sender's message with the same id is held for this recipient."""
+    INVALID_RECIPIENT = 3006
+    """The recipient is not a syntactically valid mailbox id."""
+
+    # 4xxx: the broker ended the session.
+    CONNECTED_ELSEWHERE = 4001
+    """A newer connection authenticated for the same mailbox took over."""
+    KEEPALIVE_TIMEOUT = 4002
+    """Nothing was received for ``keepalive_s``."""
+    SLOW_CONSUMER = 4003
+    """The connection's unsent outbound data exceeded ``max_outbound_bytes``."""
+    SHUTTING_DOWN = 4004
+    """The broker is stopping."""
+    TOO_MANY_CONNECTIONS = 4005
+    """The broker holds ``max_connections`` connections already; sent instead of accepting the HELLO."""
+
+    # 5xxx: the broker failed.
+    INTERNAL_ERROR = 5001
+    """An unexpected broker fault; the request may be retried."""
+
+
+class ProtocolError(Exception):
+    """A protocol violation, carrying the error code that goes on the wire.
+
+    Never raised directly: see :class:`RemoteProtocolError` (the peer did it) and
+    :class:`LocalProtocolError` (we tried to do it).
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("raise RemoteProtocolError or LocalProtocolError")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.message!r})"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids.
+
+    The right answer is an ERROR frame with :attr:`code` and ``close: true``,
+    then closing the connection.
+    """
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send something the protocol forbids (a bug in the caller)."""
