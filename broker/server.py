@@ -25,7 +25,7 @@ from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig
 from .routing import plan_send, receipt_result
 from .session import Session
-from .store.base import DUPLICATE, STORED, Clock, Store, wall_clock_ms
+from .store.base import DUPLICATE, STORED, AckResult, Clock, Store, StoredMessage, wall_clock_ms
 from .store.memory import MemoryStore
 from .transport import StreamTransport, Transport
 
@@ -122,7 +122,7 @@ class Broker:
         """Serve one connection on any transport until it ends."""
         if len(self.sessions) >= self.config.max_connections:
             refusal = ErrorFrame(
-                code=ErrorCode.TOO_MANY_CONNECTIONS,
+                code=int(ErrorCode.TOO_MANY_CONNECTIONS),
                 message=f"the broker holds {self.config.max_connections} connections already",
                 close=True,
             )
@@ -192,6 +192,18 @@ class Broker:
                         counters.refused[outcome] += 1
             receipts.append(Receipt(id=send.id, results=results))
         return receipts
+
+    async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> AckResult:
+        """Delete ACKed messages of ``mailbox`` (from any transport); its live session recounts its window."""
+        result = await self.store.ack_many(mailbox, ids)
+        session = self.presence.get(mailbox)
+        if session is not None and result.deleted:
+            session.acked(result)
+        return result
+
+    async def pending_messages(self, mailbox: str, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""
+        return await self.store.peek(mailbox, limit)
 
     # ------------------------------------------------------------ operations
 

@@ -54,6 +54,7 @@ from wire import (
 )
 
 from .auth import AuthError, Identity
+from .store.base import AckResult
 from .transport import Transport, TransportClosed
 
 if TYPE_CHECKING:
@@ -108,6 +109,12 @@ class Session:
     def wake(self) -> None:
         """New messages may be queued for this session's mailbox."""
         self._deliver_signal.set()
+
+    def acked(self, result: AckResult) -> None:
+        """Messages of this mailbox were ACKed (here or over another transport): the window has room."""
+        self.inflight = result.inflight
+        if self.inflight < self._max_inflight:
+            self._deliver_signal.set()
 
     def resync(self) -> None:
         """The store removed messages behind our back (expiry): recount the in-flight window."""
@@ -194,11 +201,12 @@ class Session:
                 with self._work_scope:
                     try:
                         await self._serve()
-                    except RemoteProtocolError as exc:
-                        log.info("%s protocol error from peer: %s %s", self.id, exc.code.name, exc.message)
-                        self.close(exc.code, exc.message)
-                    except TransportClosed:
+                    except* TransportClosed:
                         pass
+                    except* Exception:
+                        # A broker bug must end this session only, never the broker.
+                        log.exception("%s internal error", self.id)
+                        self.close(ErrorCode.INTERNAL_ERROR, "internal broker error")
                 if not self._closing:
                     self.close(None)
         finally:
@@ -270,12 +278,23 @@ class Session:
             await self._read_loop()
             nursery.cancel_scope.cancel()
 
+    def _receive(self, data: bytes) -> list[Frame] | None:
+        """Frames in ``data``; None (and the session closing) if the peer broke the protocol."""
+        try:
+            return self.conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            log.info("%s protocol error from peer: %s %s", self.id, exc.code.name, exc.message)
+            self.close(exc.code, exc.message)
+            return None
+
     async def _receive_hello(self) -> Hello | None:
         while True:
             data = await self.transport.receive_some()
             if not data:
                 return None
-            frames = self.conn.receive_data(data)
+            frames = self._receive(data)
+            if frames is None:
+                return None
             if frames:
                 # The state table admits only HELLO first, and nothing after it before WELCOME.
                 hello = frames[0]
@@ -297,7 +316,9 @@ class Session:
                 return
             if not data:
                 return
-            frames = self.conn.receive_data(data)
+            frames = self._receive(data)
+            if frames is None:
+                return
             if frames:
                 await self._handle(frames)
             if self.conn.state is State.CLOSED:
@@ -340,7 +361,7 @@ class Session:
             i += 1
 
     def _forbidden(self, message: str) -> None:
-        self._send(Error(code=ErrorCode.FORBIDDEN, message=message, close=False))
+        self._send(Error(code=int(ErrorCode.FORBIDDEN), message=message, close=False))
 
     async def _on_sends(self, sends: Sequence[Send]) -> None:
         assert self.mailbox is not None
@@ -351,10 +372,7 @@ class Session:
     async def _on_acks(self, acks: Sequence[Ack]) -> None:
         assert self.mailbox is not None
         ids = acks[0].ids if len(acks) == 1 else [i for ack in acks for i in ack.ids]
-        result = await self.broker.store.ack_many(self.mailbox, ids)
-        self.inflight = result.inflight
-        if self.inflight < self._max_inflight:
-            self._deliver_signal.set()
+        await self.broker.acknowledge(self.mailbox, ids)
 
     async def _on_pull(self) -> None:
         assert self.mailbox is not None
@@ -400,5 +418,5 @@ class Session:
                         self._drain_wanted = False
                         self._send(Drained(pending=batch.inflight))
                     break
-                if not batch.messages:
-                    break
+                if not batch.messages and room > 0:
+                    break  # (a resync fetch with no room only recounted the window: go round again)

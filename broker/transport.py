@@ -17,6 +17,11 @@ __all__ = ["RECEIVE_CHUNK_BYTES", "StreamTransport", "Transport", "TransportClos
 
 RECEIVE_CHUNK_BYTES = 65536
 """Bytes asked of the kernel per read: many frames at once under load, little waste when idle."""
+LINGER_S = 1.0
+"""On close, how long unread input is drained so the kernel sends FIN, not RST (which would
+destroy a last ERROR frame still in flight to the peer)."""
+LINGER_MAX_BYTES = 1024 * 1024
+"""On close, the most unread input drained before giving up and resetting."""
 
 
 class TransportClosed(Exception):
@@ -33,7 +38,7 @@ class Transport(Protocol):
         ...
 
     async def aclose(self) -> None:
-        """Close at once; never raises."""
+        """Close, letting bytes already written reach the peer; bounded in time; never raises."""
         ...
 
 
@@ -59,4 +64,18 @@ class StreamTransport:
             raise TransportClosed(str(exc)) from None
 
     async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
+        stream = self.stream
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+                drained = 0
+                with trio.move_on_after(LINGER_S):
+                    while drained < LINGER_MAX_BYTES:
+                        data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+                        if not data:
+                            break
+                        drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)

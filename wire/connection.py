@@ -80,13 +80,14 @@ class Connection:
     a client updates it from WELCOME if it wants the broker's figure.
     """
 
-    __slots__ = ("_decoder", "peer_role", "role", "state")
+    __slots__ = ("_decoder", "_error_sent", "peer_role", "role", "state")
 
     def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.role = role
         self.peer_role = Role.BROKER if role is Role.CLIENT else Role.CLIENT
         self.state = State.HANDSHAKE
         self._decoder = FrameDecoder(max_frame_bytes)
+        self._error_sent = False
 
     @property
     def max_frame_bytes(self) -> int:
@@ -132,6 +133,8 @@ class Connection:
 
     def send(self, frame: Frame) -> bytes:
         """The bytes that carry ``frame``. Raises LocalProtocolError if it is not allowed now."""
+        if type(frame) is Error and frame.close:
+            return self.send_error(ErrorCode(frame.code), frame.message)
         nxt = self._next_state(self.role, frame)
         if nxt is None:
             raise LocalProtocolError(
@@ -144,11 +147,14 @@ class Connection:
     def send_error(self, code: ErrorCode, message: str) -> bytes:
         """Close after a protocol violation: the bytes of a closing ERROR, then CLOSED.
 
-        Only the broker sends ERROR frames; for a client (or in CLOSED) this just moves
-        to CLOSED and returns b"" (the client then closes the transport).
+        Only the broker sends ERROR frames, and at most one closing ERROR per connection;
+        it is allowed in every state, including CLOSED after the peer's own protocol error
+        (telling the peer what it did wrong is what it is for). For a client, or once an
+        ERROR was sent, this just moves to CLOSED and returns b"".
         """
-        if self.state is State.CLOSED or self.role is not Role.BROKER:
+        if self.role is not Role.BROKER or self._error_sent:
             self.state = State.CLOSED
             return b""
+        self._error_sent = True
         self.state = State.CLOSED
         return encode_frame(Error(code=int(code), message=message, close=True))

@@ -127,6 +127,10 @@ class Store(Protocol):
         """
         ...
 
+    async def peek(self, mailbox: str, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` unexpired held messages (in flight or not), oldest first, changing nothing."""
+        ...
+
     async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
         """Delete these messages of ``mailbox``; ids not held there are ignored."""
         ...

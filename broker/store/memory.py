@@ -186,6 +186,25 @@ class MemoryStore:
         self._inflight += len(got)
         return Batch(got, len(box.by_id) - len(box.inflight), len(box.inflight))
 
+    async def peek(self, mailbox: str, limit: int) -> list[StoredMessage]:
+        box = self._mailboxes.get(mailbox)
+        if box is None or limit <= 0:
+            return []
+        now = self._clock()
+        out: list[StoredMessage] = []
+        # In-flight messages were taken from the queue's head, so they are the oldest.
+        for msg in box.inflight.values():
+            if msg.expires_at > now:
+                out.append(msg)
+                if len(out) == limit:
+                    return out
+        for msg in box.queue:
+            if msg.alive and msg.expires_at > now:
+                out.append(msg)
+                if len(out) == limit:
+                    break
+        return out
+
     async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
         box = self._mailboxes.get(mailbox)
         if box is None:

@@ -1,0 +1,575 @@
+// Relay wire codec for browsers and Node: frames <-> bytes, no I/O.
+//
+// Theory of operation: a frame on a byte stream is a 4-byte big-endian length N and N
+// bytes holding one CBOR map whose "type" key names the frame (protocol.md, sections 2
+// and 6). FrameDecoder takes stream bytes in chunks of any size and returns whole frames,
+// refusing a declared length above its limit as soon as the prefix is in. decodeBody /
+// encodeBody handle one body without the prefix: a WebSocket binary message carries
+// exactly one body, so a WebSocket layer uses those two directly.
+//
+// CBOR is read with cborg's tokenizer, but the data items are assembled here so that the
+// checks match the Python decoder (wire/codec.py) exactly: no tags, no indefinite
+// lengths, no duplicate keys (compared as decoded values), at most MAX_DEPTH enclosing
+// containers, strict UTF-8, and floats kept apart from integers. The golden vectors in
+// tests/vectors/ bind both implementations.
+//
+// Frames are plain objects: { type: "send", id: "m1", to: ["bob"], body: Uint8Array }.
+// Integers are JS numbers; a known field holding an integer above 2^53-1 is refused with
+// INVALID_FIELD (the protocol allows up to 2^63-1; see protocol.md 2.3).
+
+import { Token, Tokenizer, Type, encode } from 'cborg'
+
+export const PROTOCOL_VERSION = 1
+export const DEFAULT_MAX_FRAME_BYTES = 1048576
+/** Any data item may sit inside at most this many arrays/maps (the top-level map counts). */
+export const MAX_DEPTH = 4
+/** Longest free-text field (tokens, error messages), in code points. */
+export const MAX_TEXT = 4096
+
+export const ERROR_CODES = Object.freeze({
+  MALFORMED_FRAME: 1001,
+  FRAME_TOO_LARGE: 1002,
+  UNEXPECTED_FRAME: 1003,
+  INVALID_FIELD: 1004,
+  UNKNOWN_FRAME_TYPE: 1005,
+  UNSUPPORTED_VERSION: 1006,
+  HANDSHAKE_TIMEOUT: 1007,
+  INVALID_TOKEN: 2001,
+  TOKEN_EXPIRED: 2002,
+  FORBIDDEN: 2003,
+  MAILBOX_FULL: 3001,
+  MAILBOX_BYTES_FULL: 3002,
+  BROKER_FULL: 3003,
+  TOO_MANY_RECIPIENTS: 3004,
+  ID_CONFLICT: 3005,
+  INVALID_RECIPIENT: 3006,
+  CONNECTED_ELSEWHERE: 4001,
+  KEEPALIVE_TIMEOUT: 4002,
+  SLOW_CONSUMER: 4003,
+  SHUTTING_DOWN: 4004,
+  TOO_MANY_CONNECTIONS: 4005,
+  INTERNAL_ERROR: 5001
+})
+
+const CODE_NAMES = new Map(Object.entries(ERROR_CODES).map(([name, code]) => [code, name]))
+
+/** A protocol violation by the peer; `code` is the number from ERROR_CODES to report. */
+export class ProtocolError extends Error {
+  constructor (code, message) {
+    super(message)
+    this.name = 'ProtocolError'
+    this.code = code
+    this.codeName = CODE_NAMES.get(code) ?? String(code)
+  }
+}
+
+/** This side tried to encode something the protocol forbids (a bug in the caller). */
+export class LocalProtocolError extends ProtocolError {
+  constructor (code, message) {
+    super(code, message)
+    this.name = 'LocalProtocolError'
+  }
+}
+
+const { MALFORMED_FRAME, FRAME_TOO_LARGE, INVALID_FIELD, UNKNOWN_FRAME_TYPE } = ERROR_CODES
+
+// ------------------------------------------------------------------ ids
+
+const MAILBOX_RE = /^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$/
+const MESSAGE_ID_RE = /^[\x21-\x7e]{1,64}$/
+
+/** A mailbox id: 1-64 of A-Z a-z 0-9 . _ @ + -, not starting with punctuation. */
+export function isValidMailboxId (value) {
+  return typeof value === 'string' && MAILBOX_RE.test(value)
+}
+
+/** A message id: 1-64 printable ASCII characters (0x21-0x7E). */
+export function isValidMessageId (value) {
+  return typeof value === 'string' && MESSAGE_ID_RE.test(value)
+}
+
+// ------------------------------------------------------------------ strict CBOR reading
+
+/** A CBOR float, kept apart from integers (1.0 is not a valid uint). */
+class CborFloat {
+  constructor (value) { this.value = value }
+}
+
+/** A CBOR simple value other than false/true/null/undefined. */
+class CborSimple {
+  constructor (value) { this.value = value }
+}
+
+/** A decoded CBOR map: entries in wire order (keys may be any type). */
+class CborMap {
+  constructor () { this.entries = [] }
+  get (key) {
+    for (const [k, v] of this.entries) if (k === key) return v
+    return undefined
+  }
+
+  has (key) {
+    return this.entries.some(([k]) => k === key)
+  }
+}
+
+const SIMPLE = new Type(7, 'simple', true)
+const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+const EMPTY = new Uint8Array(0)
+const TOKEN_OPTIONS = {
+  strict: false, // non-shortest heads are legal
+  allowIndefinite: false,
+  allowUndefined: true,
+  allowBigInt: true,
+  retainStringBytes: true
+}
+
+/** cborg's tokenizer, plus the simple values it does not support (0-19 and 32-255). */
+class StrictTokenizer extends Tokenizer {
+  next () {
+    const byte = this.data[this._pos]
+    if (byte >= 0xe0 && byte <= 0xf3) {
+      this._pos += 1
+      return new Token(SIMPLE, byte & 0x1f, 1)
+    }
+    if (byte === 0xf8) {
+      const value = this.data[this._pos + 1]
+      if (value === undefined) throw new Error('truncated simple value')
+      if (value < 32) throw new Error('two-byte simple value below 32')
+      this._pos += 2
+      return new Token(SIMPLE, value, 2)
+    }
+    return super.next()
+  }
+}
+
+let nanCounter = 0
+
+/** A string that is equal for two keys exactly when Python's == says they are equal. */
+function keyId (v) {
+  if (typeof v === 'string') return 's' + v
+  if (typeof v === 'boolean') return v ? 'n1' : 'n0'
+  if (typeof v === 'number' || typeof v === 'bigint') return 'n' + v.toString()
+  if (v === null) return 'z'
+  if (v === undefined) return 'u'
+  if (v instanceof Uint8Array) return 'b' + toHex(v)
+  if (v instanceof CborSimple) return 'n' + v.value
+  if (v instanceof CborFloat) {
+    const f = v.value
+    if (Number.isNaN(f)) return 'nan' + (nanCounter++) // NaN != NaN: never a duplicate
+    if (Number.isInteger(f)) return 'n' + BigInt(f).toString()
+    return 'n' + String(f)
+  }
+  if (Array.isArray(v)) return 'a' + JSON.stringify(v.map(keyId))
+  if (v instanceof CborMap) return 'm' + JSON.stringify(v.entries.map(([k, x]) => [keyId(k), keyId(x)]).sort())
+  throw new Error('unexpected key')
+}
+
+function readItem (tokens, depth) {
+  if (depth > MAX_DEPTH) throw new Error(`nesting deeper than ${MAX_DEPTH}`)
+  if (tokens.done()) throw new Error('truncated CBOR item')
+  const token = tokens.next()
+  const type = token.type
+  switch (type.name) {
+    case 'uint':
+    case 'negint':
+    case 'false':
+    case 'true':
+    case 'null':
+    case 'undefined':
+      return token.value
+    case 'float':
+      return new CborFloat(token.value)
+    case 'simple':
+      return new CborSimple(token.value)
+    case 'bytes':
+      return token.value
+    case 'string':
+      return utf8.decode(token.byteValue ?? EMPTY)
+    case 'array': {
+      const out = []
+      for (let i = 0; i < token.value; i++) out.push(readItem(tokens, depth + 1))
+      return out
+    }
+    case 'map': {
+      const out = new CborMap()
+      const seen = new Set()
+      for (let i = 0; i < token.value; i++) {
+        const key = readItem(tokens, depth + 1)
+        const id = keyId(key)
+        if (seen.has(id)) throw new Error('duplicate map key')
+        seen.add(id)
+        out.entries.push([key, readItem(tokens, depth + 1)])
+      }
+      return out
+    }
+    case 'tag':
+      throw new Error('CBOR tags are not allowed')
+    default:
+      throw new Error(`unexpected CBOR ${type.name}`)
+  }
+}
+
+function asUint8Array (data) {
+  if (!(data instanceof Uint8Array)) throw new TypeError('expected a Uint8Array')
+  return data.constructor === Uint8Array ? data : new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+}
+
+function readBody (body) {
+  const tokens = new StrictTokenizer(body, TOKEN_OPTIONS)
+  let item
+  try {
+    item = readItem(tokens, 0)
+  } catch (err) {
+    throw new ProtocolError(MALFORMED_FRAME, `invalid CBOR: ${err.message}`)
+  }
+  if (!tokens.done()) throw new ProtocolError(MALFORMED_FRAME, 'bytes after the CBOR item')
+  return item
+}
+
+// ------------------------------------------------------------------ field validation
+
+class FieldError extends Error {}
+
+function codePoints (s) {
+  let n = 0
+  for (const _ of s) n++ // eslint-disable-line no-unused-vars
+  return n
+}
+
+function uint (min = 0) {
+  return (v, name) => {
+    if (typeof v === 'bigint') {
+      if (v >= 0n) throw new FieldError(`${name}: integers above 2^53-1 are not supported by the JS client`)
+    } else if (typeof v === 'number' && Number.isSafeInteger(v) && v >= min) {
+      return v === 0 ? 0 : v // never -0
+    }
+    throw new FieldError(`${name} must be an integer of at least ${min}`)
+  }
+}
+
+function text (min = 0, max = MAX_TEXT) {
+  return (v, name) => {
+    if (typeof v === 'string') {
+      const n = codePoints(v)
+      if (n >= min && n <= max) return v
+    }
+    throw new FieldError(`${name} must be a text string of ${min} to ${max} characters`)
+  }
+}
+
+function bytes (v, name) {
+  if (v instanceof Uint8Array) return asUint8Array(v) // a plain Uint8Array, also for a Node Buffer
+  throw new FieldError(`${name} must be a byte string`)
+}
+
+function bool (v, name) {
+  if (typeof v === 'boolean') return v
+  throw new FieldError(`${name} must be a boolean`)
+}
+
+function messageId (v, name) {
+  if (isValidMessageId(v)) return v
+  throw new FieldError(`${name} must be 1-64 printable ASCII characters without spaces`)
+}
+
+function mailbox (v, name) {
+  if (isValidMailboxId(v)) return v
+  throw new FieldError(`${name} must be a mailbox id`)
+}
+
+function arrayOf (item) {
+  return (v, name) => {
+    if (!Array.isArray(v) || v.length < 1) throw new FieldError(`${name} must be a non-empty array`)
+    return v.map((x) => item(x, `${name}[]`))
+  }
+}
+
+function anyText (v, name) {
+  if (typeof v === 'string') return v
+  throw new FieldError(`${name} must contain text strings`)
+}
+
+/** Set a key on a plain object safely (also "__proto__"), keeping insertion order for the encoder's sake. */
+function define (obj, key, value) {
+  Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true })
+}
+
+const STATUSES = new Set(['queued', 'delivered', 'duplicate', 'refused'])
+const resultCode = uint(1000)
+
+function results (v, name) {
+  if (!(v instanceof CborMap) || v.entries.length === 0) throw new FieldError(`${name} must be a non-empty map`)
+  const out = {}
+  for (const [recipient, result] of v.entries) {
+    if (typeof recipient !== 'string') throw new FieldError(`${name} keys must be text strings`)
+    if (!(result instanceof CborMap)) throw new FieldError('each result must be a map')
+    const status = result.get('status')
+    if (typeof status !== 'string' || !STATUSES.has(status)) throw new FieldError('unknown result status')
+    const r = { status }
+    if (result.has('code')) {
+      if (status !== 'refused') throw new FieldError('only a refused result has a code')
+      r.code = resultCode(result.get('code'), 'code')
+    } else if (status === 'refused') {
+      throw new FieldError('a refused result needs a code')
+    }
+    define(out, recipient, r)
+  }
+  return out
+}
+
+const statsKey = text(1, 64)
+const statsValue = uint(0)
+
+function stats (v, name) {
+  if (!(v instanceof CborMap)) throw new FieldError(`${name} must be a map`)
+  const out = {}
+  for (const [key, value] of v.entries) {
+    statsKey(key, 'stats key')
+    define(out, key, statsValue(value, `stats[${key}]`))
+  }
+  return out
+}
+
+const R = true // required
+const O = false // optional
+
+/** Every frame type: [wire key, validator, required] in canonical (encoding) order. */
+const SCHEMAS = {
+  hello: [['version', uint(1), R], ['token', text(1), R], ['agent', text(0, 256), O]],
+  welcome: [
+    ['version', uint(1), R],
+    ['session', text(1, 64), R],
+    ['mailbox', mailbox, O],
+    ['pending', uint(0), R],
+    ['max_frame_bytes', uint(64), R],
+    ['max_inflight', uint(1), R],
+    ['max_recipients', uint(1), R],
+    ['default_ttl_s', uint(1), R],
+    ['max_ttl_s', uint(1), R],
+    ['keepalive_s', uint(1), R]
+  ],
+  send: [['id', messageId, R], ['to', arrayOf(anyText), R], ['body', bytes, R], ['ttl_s', uint(1), O]],
+  receipt: [['id', messageId, R], ['results', results, R]],
+  deliver: [
+    ['id', messageId, R],
+    ['from', mailbox, R],
+    ['sent_at', uint(0), R],
+    ['expires_at', uint(0), R],
+    ['attempt', uint(1), R],
+    ['body', bytes, R]
+  ],
+  ack: [['ids', arrayOf(messageId), R]],
+  pull: [],
+  drained: [['pending', uint(0), R]],
+  ping: [],
+  pong: [],
+  error: [['code', uint(1000), R], ['message', text(0), R], ['close', bool, R]],
+  bye: [],
+  stats: [],
+  stats_result: [['stats', stats, R]],
+  cleanup: [],
+  cleanup_result: [['purged', uint(0), R]]
+}
+
+/** Every frame type name, as on the wire. */
+export const FRAME_TYPES = Object.freeze(Object.keys(SCHEMAS))
+
+/** Build a frame object from a decoded top-level map; throws ProtocolError. */
+function frameFromMap (item) {
+  if (!(item instanceof CborMap)) throw new ProtocolError(MALFORMED_FRAME, 'frame body must be a CBOR map')
+  const fields = new Map()
+  for (const [key, value] of item.entries) {
+    if (typeof key !== 'string') throw new ProtocolError(MALFORMED_FRAME, 'frame map keys must be text strings')
+    fields.set(key, value)
+  }
+  const type = fields.get('type')
+  const schema = typeof type === 'string' && Object.hasOwn(SCHEMAS, type) ? SCHEMAS[type] : undefined
+  if (schema === undefined) throw new ProtocolError(UNKNOWN_FRAME_TYPE, `unknown frame type ${String(type)}`)
+  const frame = { type }
+  try {
+    for (const [key, check, required] of schema) {
+      if (!fields.has(key)) {
+        if (required) throw new FieldError(`${key} is required`)
+        continue
+      }
+      const value = fields.get(key)
+      if (value === null) throw new FieldError(`${key} may not be null`)
+      frame[key] = check(value, key)
+    }
+  } catch (err) {
+    if (err instanceof FieldError) throw new ProtocolError(INVALID_FIELD, `${type}: ${err.message}`)
+    throw err
+  }
+  return frame
+}
+
+// ------------------------------------------------------------------ public decoding
+
+/**
+ * Decode one frame body (no length prefix), e.g. one WebSocket binary message.
+ * Throws ProtocolError: FRAME_TOO_LARGE if the body exceeds maxFrameBytes (when given),
+ * MALFORMED_FRAME, UNKNOWN_FRAME_TYPE or INVALID_FIELD.
+ */
+export function decodeBody (body, { maxFrameBytes } = {}) {
+  body = asUint8Array(body)
+  if (maxFrameBytes !== undefined && body.length > maxFrameBytes) {
+    throw new ProtocolError(FRAME_TOO_LARGE, `frame of ${body.length} bytes exceeds the limit of ${maxFrameBytes}`)
+  }
+  return frameFromMap(readBody(body))
+}
+
+/**
+ * Turns a byte stream, in chunks of any size, into frames.
+ * After it throws, the stream is unusable (framing is lost) and every later feed throws
+ * the same error: close the connection.
+ */
+export class FrameDecoder {
+  constructor ({ maxFrameBytes = DEFAULT_MAX_FRAME_BYTES } = {}) {
+    this.maxFrameBytes = maxFrameBytes
+    this._buf = new Uint8Array(0)
+    this._start = 0
+    this._end = 0
+    this._error = null
+  }
+
+  /** Bytes received but not yet part of a whole frame. */
+  get bufferedBytes () {
+    return this._end - this._start
+  }
+
+  /** Add bytes; return every frame now complete, in order. Throws ProtocolError. */
+  feed (chunk) {
+    if (this._error) throw this._error
+    try {
+      return this._feed(asUint8Array(chunk))
+    } catch (err) {
+      this._error = err
+      throw err
+    }
+  }
+
+  _feed (chunk) {
+    this._append(chunk)
+    const frames = []
+    const buf = this._buf
+    while (this._end - this._start >= 4) {
+      const p = this._start
+      const n = ((buf[p] << 24) >>> 0) + (buf[p + 1] << 16) + (buf[p + 2] << 8) + buf[p + 3]
+      if (n > this.maxFrameBytes) {
+        throw new ProtocolError(FRAME_TOO_LARGE, `declared frame length ${n} exceeds the limit of ${this.maxFrameBytes} bytes`)
+      }
+      if (this._end - p - 4 < n) break
+      frames.push(frameFromMap(readBody(buf.subarray(p + 4, p + 4 + n))))
+      this._start = p + 4 + n
+    }
+    if (this._start === this._end) this._start = this._end = 0
+    return frames
+  }
+
+  _append (chunk) {
+    const used = this._end - this._start
+    if (this._end + chunk.length > this._buf.length) {
+      if (used + chunk.length <= this._buf.length) {
+        this._buf.copyWithin(0, this._start, this._end) // room enough once compacted
+      } else {
+        const grown = new Uint8Array(Math.max(used + chunk.length, 2 * this._buf.length))
+        grown.set(this._buf.subarray(this._start, this._end), 0)
+        this._buf = grown
+      }
+      this._start = 0
+      this._end = used
+    }
+    this._buf.set(chunk, this._end)
+    this._end += chunk.length
+  }
+}
+
+// ------------------------------------------------------------------ encoding
+
+/** A user-built frame object in the shape the validators read (maps as CborMap). */
+function toCheckable (key, value) {
+  if ((key === 'results' || key === 'stats') && value !== null && typeof value === 'object' && !(value instanceof Uint8Array) && !Array.isArray(value)) {
+    const m = new CborMap()
+    const entries = value instanceof Map ? [...value.entries()] : Object.entries(value)
+    for (const [k, v] of entries) {
+      if (key === 'results' && v !== null && typeof v === 'object' && !(v instanceof CborMap)) {
+        const r = new CborMap()
+        for (const [rk, rv] of Object.entries(v)) if (rv !== undefined) r.entries.push([rk, rv])
+        m.entries.push([k, r])
+      } else {
+        m.entries.push([k, v])
+      }
+    }
+    return m
+  }
+  return value
+}
+
+/** The frame checked and in canonical form; throws LocalProtocolError. */
+function canonicalFrame (frame) {
+  if (frame === null || typeof frame !== 'object') throw new LocalProtocolError(INVALID_FIELD, 'a frame must be an object')
+  const schema = typeof frame.type === 'string' && Object.hasOwn(SCHEMAS, frame.type) ? SCHEMAS[frame.type] : undefined
+  if (schema === undefined) throw new LocalProtocolError(UNKNOWN_FRAME_TYPE, `unknown frame type ${String(frame.type)}`)
+  const known = new Set(['type', ...schema.map(([key]) => key)])
+  for (const key of Object.keys(frame)) {
+    if (!known.has(key)) throw new LocalProtocolError(INVALID_FIELD, `${frame.type}: unknown field ${key}`)
+  }
+  const map = new CborMap()
+  map.entries.push(['type', frame.type])
+  for (const [key] of schema) {
+    if (frame[key] !== undefined) map.entries.push([key, toCheckable(key, frame[key])])
+  }
+  try {
+    return frameFromMap(map)
+  } catch (err) {
+    if (err instanceof ProtocolError) throw new LocalProtocolError(err.code, err.message)
+    throw err
+  }
+}
+
+/** Ordered cborg input: Maps keep insertion order (encoded with mapSorter: null). */
+function toEncodable (frame) {
+  const out = new Map()
+  for (const [key, value] of Object.entries(frame)) {
+    if (key === 'results') {
+      const results = new Map()
+      for (const [recipient, r] of Object.entries(value)) {
+        const m = new Map([['status', r.status]])
+        if (r.code !== undefined) m.set('code', r.code)
+        results.set(recipient, m)
+      }
+      out.set(key, results)
+    } else if (key === 'stats') {
+      out.set(key, new Map(Object.entries(value)))
+    } else {
+      out.set(key, value)
+    }
+  }
+  return out
+}
+
+/**
+ * The CBOR body of one frame, without the length prefix (one WebSocket binary message).
+ * Throws LocalProtocolError if the frame is not valid.
+ */
+export function encodeBody (frame) {
+  return encode(toEncodable(canonicalFrame(frame)), { mapSorter: null })
+}
+
+/** The wire bytes of one frame on a byte stream: 4-byte big-endian length, then the CBOR body. */
+export function encodeFrame (frame) {
+  const body = encodeBody(frame)
+  const out = new Uint8Array(4 + body.length)
+  new DataView(out.buffer).setUint32(0, body.length)
+  out.set(body, 4)
+  return out
+}
+
+// ------------------------------------------------------------------ helpers
+
+function toHex (bytes) {
+  let s = ''
+  for (const b of bytes) s += b.toString(16).padStart(2, '0')
+  return s
+}

@@ -1,0 +1,223 @@
+// The JS codec against the golden vectors in tests/vectors/ (shared with the Python suite).
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { readFileSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+
+import {
+  DEFAULT_MAX_FRAME_BYTES,
+  ERROR_CODES,
+  FRAME_TYPES,
+  FrameDecoder,
+  LocalProtocolError,
+  ProtocolError,
+  decodeBody,
+  encodeBody,
+  encodeFrame,
+  isValidMailboxId,
+  isValidMessageId
+} from '../codec.js'
+
+const vectorsDir = new URL('../../../tests/vectors/', import.meta.url)
+const load = (name) => JSON.parse(readFileSync(fileURLToPath(new URL(name, vectorsDir)), 'utf8'))
+const VALID = load('valid.json')
+const INVALID = load('invalid.json')
+
+const fromHex = (hex) => new Uint8Array(Buffer.from(hex, 'hex'))
+const toHex = (bytes) => Buffer.from(bytes).toString('hex')
+
+/** The vector JSON form as the codec's frame objects: {"$bytes": hex} -> Uint8Array. */
+function fromJson (value) {
+  if (Array.isArray(value)) return value.map(fromJson)
+  if (value !== null && typeof value === 'object') {
+    const keys = Object.keys(value)
+    if (keys.length === 1 && keys[0] === '$bytes') return fromHex(value.$bytes)
+    return Object.fromEntries(keys.map((k) => [k, fromJson(value[k])]))
+  }
+  return value
+}
+
+function expectCode (fn, code) {
+  assert.throws(fn, (err) => {
+    assert.ok(err instanceof ProtocolError, `not a ProtocolError: ${err}`)
+    assert.equal(err.code, code, `${err.codeName}: ${err.message}`)
+    return true
+  })
+}
+
+test('vectors are present', () => {
+  assert.ok(VALID.length >= FRAME_TYPES.length)
+  assert.ok(INVALID.length > 20)
+  assert.deepEqual(new Set(VALID.map((v) => v.frame.type)), new Set(FRAME_TYPES))
+})
+
+for (const v of VALID) {
+  test(`valid ${v.name} decodes to its frame`, () => {
+    const data = fromHex(v.hex)
+    const frames = new FrameDecoder().feed(data)
+    assert.equal(frames.length, 1)
+    assert.deepStrictEqual(frames[0], fromJson(v.frame))
+    assert.deepStrictEqual(decodeBody(data.subarray(4)), frames[0])
+  })
+  test(`valid ${v.name} ${v.canonical ? 're-encodes to the same bytes' : 're-encodes canonically'}`, () => {
+    const frame = decodeBody(fromHex(v.hex).subarray(4))
+    const again = encodeFrame(frame)
+    assert.equal(toHex(again) === v.hex, v.canonical)
+    assert.deepStrictEqual(decodeBody(again.subarray(4)), frame)
+    assert.equal(toHex(encodeBody(frame)), toHex(again.subarray(4)))
+  })
+}
+
+for (const v of INVALID) {
+  test(`invalid ${v.name} is refused with ${v.error}`, () => {
+    expectCode(() => new FrameDecoder().feed(fromHex(v.hex)), v.error)
+  })
+  test(`invalid ${v.name} is refused when fed byte by byte`, () => {
+    const data = fromHex(v.hex)
+    const decoder = new FrameDecoder()
+    expectCode(() => {
+      for (let i = 0; i < data.length; i++) assert.deepEqual(decoder.feed(data.subarray(i, i + 1)), [])
+    }, v.error)
+  })
+}
+
+// A tiny deterministic PRNG so failures reproduce.
+function rng (seed) {
+  let s = seed >>> 0
+  return () => {
+    s = (s * 1664525 + 1013904223) >>> 0
+    return s / 2 ** 32
+  }
+}
+
+test('a concatenated stream re-chunked arbitrarily gives the same frames', () => {
+  const stream = Buffer.concat(VALID.map((v) => Buffer.from(v.hex, 'hex')))
+  const expected = VALID.map((v) => fromJson(v.frame))
+  const random = rng(7)
+  for (let round = 0; round < 40; round++) {
+    const decoder = new FrameDecoder()
+    const got = []
+    let pos = 0
+    const maxChunk = [1, 3, 17, 500, 100000][round % 5]
+    while (pos < stream.length) {
+      const n = 1 + Math.floor(random() * maxChunk)
+      got.push(...decoder.feed(new Uint8Array(stream.subarray(pos, pos + n))))
+      pos += n
+    }
+    assert.equal(decoder.bufferedBytes, 0)
+    assert.deepStrictEqual(got, expected)
+  }
+})
+
+test('a partial frame stays buffered until it is complete', () => {
+  const data = encodeFrame({ type: 'drained', pending: 1 })
+  const decoder = new FrameDecoder()
+  assert.deepEqual(decoder.feed(data.subarray(0, data.length - 1)), [])
+  assert.equal(decoder.bufferedBytes, data.length - 1)
+  assert.deepStrictEqual(decoder.feed(data.subarray(data.length - 1)), [{ type: 'drained', pending: 1 }])
+  assert.equal(decoder.bufferedBytes, 0)
+})
+
+test('a huge declared length is refused from the 4 prefix bytes alone', () => {
+  const decoder = new FrameDecoder()
+  assert.deepEqual(decoder.feed(fromHex('001000')), [])
+  expectCode(() => decoder.feed(fromHex('01')), ERROR_CODES.FRAME_TOO_LARGE)
+  assert.ok(decoder.bufferedBytes <= 4)
+  expectCode(() => decoder.feed(encodeFrame({ type: 'ping' })), ERROR_CODES.FRAME_TOO_LARGE)
+})
+
+test('the frame limit is inclusive and configurable', () => {
+  const data = encodeFrame({ type: 'send', id: 'm1', to: ['bob'], body: new Uint8Array(100) })
+  assert.equal(new FrameDecoder({ maxFrameBytes: data.length - 4 }).feed(data).length, 1)
+  expectCode(() => new FrameDecoder({ maxFrameBytes: data.length - 5 }).feed(data), ERROR_CODES.FRAME_TOO_LARGE)
+  expectCode(() => decodeBody(data.subarray(4), { maxFrameBytes: data.length - 5 }), ERROR_CODES.FRAME_TOO_LARGE)
+  assert.equal(DEFAULT_MAX_FRAME_BYTES, 1048576)
+})
+
+test('random bytes only ever raise ProtocolError', () => {
+  const random = rng(42)
+  const seeds = VALID.filter((v) => v.hex.length < 2000).map((v) => fromHex(v.hex).subarray(4))
+  for (let i = 0; i < 3000; i++) {
+    let body
+    if (i % 2) {
+      body = new Uint8Array(Math.floor(random() * 40)).map(() => Math.floor(random() * 256))
+    } else {
+      body = new Uint8Array(seeds[i % seeds.length])
+      body[Math.floor(random() * body.length)] = Math.floor(random() * 256)
+    }
+    const data = new Uint8Array(4 + body.length)
+    new DataView(data.buffer).setUint32(0, body.length)
+    data.set(body, 4)
+    try {
+      for (const frame of new FrameDecoder().feed(data)) assert.ok(FRAME_TYPES.includes(frame.type))
+    } catch (err) {
+      assert.ok(err instanceof ProtocolError, `${toHex(data)}: ${err.stack}`)
+    }
+  }
+})
+
+test('integers above 2^53-1 in known fields are refused, in unknown fields ignored', () => {
+  // {"type": "drained", "pending": 2^53}
+  expectCode(() => decodeBody(fromHex('a2647479706567647261696e65646770656e64696e671b0020000000000000')), ERROR_CODES.INVALID_FIELD)
+  // {"type": "ping", "x": 2^64-1}
+  assert.deepStrictEqual(decodeBody(fromHex('a2647479706564706' + '96e67617' + '81bffffffffffffffff')), { type: 'ping' })
+})
+
+test('encodeFrame refuses invalid frames with LocalProtocolError', () => {
+  const bad = [
+    [{ type: 'nope' }, ERROR_CODES.UNKNOWN_FRAME_TYPE],
+    [{ type: 'send', id: 'm 1', to: ['bob'], body: new Uint8Array() }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'send', id: 'm1', to: [], body: new Uint8Array() }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'send', id: 'm1', to: ['bob'], body: 'text' }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'send', id: 'm1', to: ['bob'], body: new Uint8Array(), ttl: 5 }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'drained', pending: 1.5 }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'drained', pending: -1 }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'drained', pending: 2 ** 53 }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'drained' }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'error', code: 1001, message: 'x', close: 1 }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'receipt', id: 'm1', results: { bob: { status: 'refused' } } }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'receipt', id: 'm1', results: {} }, ERROR_CODES.INVALID_FIELD],
+    [{ type: 'hello', version: 1, token: 'x', agent: '\u{1F680}'.repeat(257) }, ERROR_CODES.INVALID_FIELD]
+  ]
+  for (const [frame, code] of bad) {
+    assert.throws(() => encodeFrame(frame), (err) => err instanceof LocalProtocolError && err.code === code, JSON.stringify(frame))
+  }
+})
+
+test('encodeFrame writes the canonical form whatever the key order', () => {
+  const frame = { ttl_s: 60, body: new Uint8Array([1, 2]), to: ['bob', 'carol'], id: 'm1', type: 'send' }
+  const data = encodeFrame(frame)
+  assert.deepStrictEqual(decodeBody(data.subarray(4)), { type: 'send', id: 'm1', to: ['bob', 'carol'], body: new Uint8Array([1, 2]), ttl_s: 60 })
+  assert.equal(toHex(data.subarray(4, 11)), 'a5647479706564') // map(5), "type" first
+  const results = encodeFrame({ type: 'receipt', id: 'm1', results: { bob: { status: 'refused', code: 3001 }, ['__proto__']: { status: 'queued' } } })
+  assert.deepStrictEqual(Object.keys(decodeBody(results.subarray(4)).results), ['bob', '__proto__'])
+})
+
+test('a Node Buffer body and Buffer input work like Uint8Array', () => {
+  const data = encodeFrame({ type: 'deliver', id: 'm1', from: 'alice', sent_at: 1, expires_at: 2, attempt: 1, body: Buffer.from('hi') })
+  const frame = new FrameDecoder().feed(Buffer.from(data))[0]
+  assert.equal(frame.body.constructor, Uint8Array)
+  assert.equal(Buffer.from(frame.body).toString(), 'hi')
+})
+
+test('after an error the decoder stays failed', () => {
+  const decoder = new FrameDecoder()
+  expectCode(() => decoder.feed(fromHex('00000001ff')), ERROR_CODES.MALFORMED_FRAME)
+  expectCode(() => decoder.feed(encodeFrame({ type: 'ping' })), ERROR_CODES.MALFORMED_FRAME)
+})
+
+test('id syntax', () => {
+  assert.ok(isValidMailboxId('alice@example.org'))
+  assert.ok(!isValidMailboxId('.alice'))
+  assert.ok(!isValidMailboxId('a'.repeat(65)))
+  assert.ok(!isValidMailboxId('alice\n'))
+  assert.ok(isValidMessageId('~'.repeat(64)))
+  assert.ok(!isValidMessageId('m 1'))
+  assert.ok(!isValidMessageId('m1\n'))
+})
+
+test('ERROR_CODES names and numbers are those of protocol.md', () => {
+  const doc = readFileSync(fileURLToPath(new URL('../../../protocol.md', import.meta.url)), 'utf8')
+  const rows = [...doc.matchAll(/^\|\s*(\d{4})\s*\|\s*([A-Z][A-Z0-9_]*)\s*\|/gm)].map((m) => [m[2], Number(m[1])])
+  assert.deepStrictEqual(Object.fromEntries(rows), { ...ERROR_CODES })
+})

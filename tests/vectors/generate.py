@@ -1,0 +1,685 @@
+"""Regenerate valid.json and invalid.json (the JSON files are the source of truth).
+
+Run from the repository root: ``.venv/bin/python tests/vectors/generate.py``. Canonical
+vectors are produced by ``wire.encode_frame``; the others are assembled by hand from raw
+CBOR pieces. Every invalid vector's ``error`` is what ``FrameDecoder()`` raises, and the
+script refuses to write a vector the decoder does not treat as its entry says.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from wire import (
+    Ack,
+    Bye,
+    Cleanup,
+    CleanupResult,
+    Deliver,
+    Drained,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Pong,
+    Pull,
+    Receipt,
+    RecipientResult,
+    RemoteProtocolError,
+    Send,
+    Stats,
+    StatsResult,
+    Status,
+    Welcome,
+    encode_frame,
+)
+
+HERE = Path(__file__).resolve().parent
+TOKEN = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+MSG_ID = "01J9ZKQ8V6X3M4N5P6Q7R8S9T0"
+UUID_ID = "9f1c2e3d4b5a69788796a5b4c3d2e1f0"
+
+
+# ---------------------------------------------------------------- raw CBOR pieces
+
+
+def head(major: int, value: int, width: int | None = None) -> bytes:
+    """A CBOR head; ``width`` forces 0 (inline), 1, 2, 4 or 8 argument bytes."""
+    if width is None:
+        return _shortest_head(major, value)
+    if width == 0:
+        assert value < 24
+        return bytes([major << 5 | value])
+    ai = {1: 24, 2: 25, 4: 26, 8: 27}[width]
+    return bytes([major << 5 | ai]) + value.to_bytes(width, "big")
+
+
+def _shortest_head(major: int, value: int) -> bytes:
+    for width, limit in ((0, 24), (1, 2**8), (2, 2**16), (4, 2**32), (8, 2**64)):
+        if value < limit:
+            return head(major, value, width)
+    raise ValueError(value)
+
+
+def u(value: int, width: int | None = None) -> bytes:
+    return head(0, value, width)
+
+
+def t(text: str, width: int | None = None) -> bytes:
+    raw = text.encode()
+    return head(3, len(raw), width) + raw
+
+
+def b(raw: bytes, width: int | None = None) -> bytes:
+    return head(2, len(raw), width) + raw
+
+
+def m(*pairs: bytes, width: int | None = None) -> bytes:
+    """A definite map; ``pairs`` are key, value, key, value ... already encoded."""
+    assert len(pairs) % 2 == 0
+    return head(5, len(pairs) // 2, width) + b"".join(pairs)
+
+
+def a(*items: bytes, width: int | None = None) -> bytes:
+    return head(4, len(items), width) + b"".join(items)
+
+
+def c(value: Any) -> bytes:
+    return cbor2.dumps(value)
+
+
+def wire(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+# ---------------------------------------------------------------- JSON form
+
+
+def to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$bytes": value.hex()}
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+VALID: list[dict[str, Any]] = []
+INVALID: list[dict[str, Any]] = []
+
+
+def valid(name: str, description: str, frame: Frame, raw_body: bytes | None = None) -> None:
+    data = encode_frame(frame) if raw_body is None else wire(raw_body)
+    (decoded,) = FrameDecoder().feed(data)
+    assert decoded == frame, (name, decoded, frame)
+    VALID.append(
+        {
+            "name": name,
+            "description": description,
+            "canonical": data == encode_frame(frame),
+            "hex": data.hex(),
+            "frame": to_json(frame.to_wire()),
+        }
+    )
+
+
+def invalid(name: str, description: str, error: ErrorCode, body: bytes | None = None, raw: bytes | None = None) -> None:
+    data = wire(body) if raw is None else raw
+    try:
+        FrameDecoder().feed(data)
+    except RemoteProtocolError as exc:
+        assert exc.code == error, (name, exc)
+    else:
+        raise AssertionError(f"{name}: decoded without error")
+    INVALID.append({"name": name, "description": description, "hex": data.hex(), "error": int(error)})
+
+
+# ---------------------------------------------------------------- valid vectors
+
+
+def build_valid() -> None:
+    valid("hello", "HELLO without the optional agent", Hello(version=1, token=TOKEN))
+    valid("hello_agent", "HELLO with agent", Hello(version=1, token=TOKEN, agent="relay-py/0.1.0"))
+    valid(
+        "hello_agent_astral_256",
+        "agent at its 256-character limit, counted in code points: 256 x U+1F680 (1024 UTF-8 bytes, 512 UTF-16 units)",
+        Hello(version=1, token=TOKEN, agent="\U0001f680" * 256),
+    )
+    limits = {
+        "pending": 3,
+        "max_frame_bytes": 1048576,
+        "max_inflight": 1024,
+        "max_recipients": 100,
+        "default_ttl_s": 604800,
+        "max_ttl_s": 2592000,
+        "keepalive_s": 60,
+    }
+    valid(
+        "welcome",
+        "WELCOME for a mailbox session with the default limits",
+        Welcome(version=1, session="s-5f2a9c", mailbox="alice", **limits),
+    )
+    valid(
+        "welcome_operator",
+        "WELCOME for an operator session: no mailbox key",
+        Welcome(version=1, session="s-op-1", **{**limits, "pending": 0}),
+    )
+    valid("send", "SEND to one recipient, default TTL", Send(id=MSG_ID, to=("bob",), body=b"hello bob"))
+    valid(
+        "send_multi_ttl",
+        "SEND to several recipients (one repeated, one not a valid mailbox id: both legal on the wire) with ttl_s",
+        Send(id=UUID_ID, to=("bob", "carol@example.org", "bob", "-bad"), body=bytes(range(16)), ttl_s=3600),
+    )
+    valid("send_empty_body", "SEND with an empty body", Send(id="m1", to=("bob",), body=b""))
+    valid(
+        "send_body_300",
+        "SEND with a 300-byte body (2-byte CBOR length)",
+        Send(id="m300", to=("bob",), body=bytes(i % 251 for i in range(300))),
+    )
+    valid(
+        "send_body_70000",
+        "SEND with a 70,000-byte body (4-byte CBOR length)",
+        Send(id="m70000", to=("bob",), body=bytes((i * 7) % 256 for i in range(70000))),
+    )
+    valid(
+        "send_id_limits",
+        "SEND whose id is 64 printable ASCII characters and whose recipient is a 64-character mailbox id",
+        Send(
+            id="!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~" + "0123456789ABCDEFGHIJKLMNOPQRSTUV",
+            to=("a" + "._@+-" * 12 + "zzz",),
+            body=b"x",
+        ),
+    )
+    valid(
+        "receipt_queued",
+        "RECEIPT: one recipient, queued",
+        Receipt(id=MSG_ID, results={"bob": RecipientResult(Status.QUEUED)}),
+    )
+    valid(
+        "receipt_mixed",
+        "RECEIPT with every status, refused ones with codes",
+        Receipt(
+            id=UUID_ID,
+            results={
+                "bob": RecipientResult(Status.DELIVERED),
+                "carol@example.org": RecipientResult(Status.DUPLICATE),
+                "-bad": RecipientResult(Status.REFUSED, int(ErrorCode.INVALID_RECIPIENT)),
+                "dave": RecipientResult(Status.REFUSED, int(ErrorCode.MAILBOX_FULL)),
+            },
+        ),
+    )
+    valid(
+        "receipt_refused_unknown_code",
+        "RECEIPT with a refusal code this revision does not define: still valid",
+        Receipt(id="m2", results={"bob": RecipientResult(Status.REFUSED, 3999)}),
+    )
+    valid(
+        "deliver",
+        "DELIVER, first attempt",
+        Deliver(
+            id=MSG_ID,
+            sender="alice",
+            sent_at=1732550400000,
+            expires_at=1733155200000,
+            attempt=1,
+            body=b"hello bob",
+        ),
+    )
+    valid(
+        "deliver_redelivery_max_safe",
+        "DELIVER, third attempt, expires_at = 2^53-1 (the largest integer JS clients accept)",
+        Deliver(id="m3", sender="carol@example.org", sent_at=0, expires_at=2**53 - 1, attempt=3, body=b"\x00\xff"),
+    )
+    valid("ack", "ACK of one message", Ack(ids=(MSG_ID,)))
+    valid("ack_many", "ACK of several messages", Ack(ids=(MSG_ID, UUID_ID, "m1")))
+    valid("pull", "PULL", Pull())
+    valid("drained", "DRAINED with nothing left un-ACKed", Drained(pending=0))
+    valid("drained_pending", "DRAINED with 5 messages still un-ACKed", Drained(pending=5))
+    valid("ping", "PING", Ping())
+    valid("pong", "PONG", Pong())
+    valid("bye", "BYE", Bye())
+    valid("stats", "STATS", Stats())
+    valid("cleanup", "CLEANUP", Cleanup())
+    valid(
+        "error_close",
+        "ERROR that closes the connection",
+        Error(code=int(ErrorCode.CONNECTED_ELSEWHERE), message="connected elsewhere", close=True),
+    )
+    valid(
+        "error_not_closing",
+        "ERROR that keeps the connection open",
+        Error(code=int(ErrorCode.FORBIDDEN), message="stats needs an operator token", close=False),
+    )
+    valid(
+        "error_bom_message",
+        "ERROR whose message starts with U+FEFF: decoders must keep it (no BOM stripping)",
+        Error(code=int(ErrorCode.INTERNAL_ERROR), message="\ufeffüñí", close=True),
+    )
+    valid("error_empty_message", "ERROR with an empty message", Error(code=1001, message="", close=True))
+    stats = {
+        k: i * 1000 + 7
+        for i, k in enumerate(
+            "messages_total messages_deliverable messages_expired_unswept acknowledged_total online_users "
+            "unique_recipients queued_bytes sent_total delivered_total redelivered_total expired_total "
+            "duplicates_total refused_total refused_mailbox_full refused_mailbox_bytes_full refused_broker_full "
+            "refused_too_many_recipients refused_id_conflict refused_invalid_recipient connections inflight "
+            "tombstones".split()
+        )
+    }
+    valid("stats_result", "STATS_RESULT with every key protocol.md lists", StatsResult(stats=stats))
+    valid("stats_result_empty", "STATS_RESULT with an empty map", StatsResult(stats={}))
+    valid("cleanup_result", "CLEANUP_RESULT", CleanupResult(purged=42))
+
+    # ---- non-canonical encodings that must still decode
+    valid(
+        "ping_unknown_keys",
+        "PING with unknown keys of many kinds (ignored): nesting at the depth limit, floats, null, undefined, "
+        "a simple value, integers beyond 2^53 and 2^63, non-text keys in a nested map",
+        Ping(),
+        m(
+            t("type"),
+            t("ping"),
+            t("x-nested"),
+            a(a(a(a()))),
+            t("x-map"),
+            m(u(1), t("one"), c(b"k"), c(None), c(-5), a(u(1))),
+            t("x-floats"),
+            a(bytes.fromhex("f93c00"), bytes.fromhex("fa7fc00000"), bytes.fromhex("fbfff0000000000000")),
+            t("x-simple"),
+            a(c(None), bytes.fromhex("f7"), bytes.fromhex("f0"), bytes.fromhex("f8ff")),
+            t("x-big"),
+            a(u(2**53), u(2**64 - 1), bytes.fromhex("3bffffffffffffffff")),
+        ),
+    )
+    valid(
+        "send_keys_reordered",
+        "SEND with its keys in a different order (type last)",
+        Send(id="m1", to=("bob",), body=b"hi", ttl_s=60),
+        m(t("body"), b(b"hi"), t("ttl_s"), u(60), t("to"), a(t("bob")), t("id"), t("m1"), t("type"), t("send")),
+    )
+    valid(
+        "drained_uint64_zero_padded",
+        "DRAINED whose pending (5) uses an 8-byte integer argument",
+        Drained(pending=5),
+        m(t("type"), t("drained"), t("pending"), u(5, 8)),
+    )
+    valid(
+        "deliver_wide_heads",
+        "DELIVER with non-shortest heads everywhere: map (1-byte count), text lengths (1/2/4/8 bytes), "
+        "integers (1/2/4/8 bytes), body length (4 bytes)",
+        Deliver(id="m9", sender="alice", sent_at=1000, expires_at=2000, attempt=2, body=b"abc"),
+        m(
+            t("type", 1),
+            t("deliver", 2),
+            t("id", 4),
+            t("m9", 8),
+            t("from"),
+            t("alice", 1),
+            t("sent_at"),
+            u(1000, 4),
+            t("expires_at"),
+            u(2000, 8),
+            t("attempt"),
+            u(2, 1),
+            t("body"),
+            b(b"abc", 4),
+            width=1,
+        ),
+    )
+    valid(
+        "ack_wide_array",
+        "ACK whose ids array has a 2-byte count",
+        Ack(ids=("a", "b")),
+        m(t("type"), t("ack"), t("ids"), a(t("a"), t("b"), width=2)),
+    )
+    valid(
+        "receipt_result_extra_key",
+        "RECEIPT whose result map carries an unknown key (ignored)",
+        Receipt(id="m1", results={"bob": RecipientResult(Status.QUEUED)}),
+        m(
+            t("type"),
+            t("receipt"),
+            t("id"),
+            t("m1"),
+            t("results"),
+            m(t("bob"), m(t("status"), t("queued"), t("x"), u(1))),
+        ),
+    )
+
+
+# ---------------------------------------------------------------- invalid vectors
+
+MAL = ErrorCode.MALFORMED_FRAME
+INV = ErrorCode.INVALID_FIELD
+UNK = ErrorCode.UNKNOWN_FRAME_TYPE
+PING = (t("type"), t("ping"))
+
+
+def drained(value: bytes) -> bytes:
+    return m(t("type"), t("drained"), t("pending"), value)
+
+
+def send(**fields: bytes) -> bytes:
+    """A SEND map with ``fields`` replaced; an empty value drops the field."""
+    base = {"id": t("m1"), "to": a(t("bob")), "body": b(b"hi")}
+    base.update(fields)
+    pairs = [t("type"), t("send")]
+    for key, value in base.items():
+        if value != b"":
+            pairs += [t(key), value]
+    return m(*pairs)
+
+
+def deliver(**fields: bytes) -> bytes:
+    base = {"id": t("m1"), "from": t("alice"), "sent_at": u(1), "expires_at": u(2), "attempt": u(1), "body": b(b"")}
+    base.update(fields)
+    pairs = [t("type"), t("deliver")]
+    for key, value in base.items():
+        if value != b"":
+            pairs += [t(key), value]
+    return m(*pairs)
+
+
+def receipt(result: bytes) -> bytes:
+    return m(t("type"), t("receipt"), t("id"), t("m1"), t("results"), m(t("bob"), result))
+
+
+def build_invalid() -> None:
+    big = struct.pack(">I", 1048577)
+    invalid(
+        "too_large_prefix_only",
+        "declared length 1,048,577 (> default limit); only the prefix is sent",
+        ErrorCode.FRAME_TOO_LARGE,
+        raw=big,
+    )
+    invalid(
+        "too_large_max_prefix",
+        "declared length 2^32-1; only the prefix is sent",
+        ErrorCode.FRAME_TOO_LARGE,
+        raw=b"\xff\xff\xff\xff",
+    )
+    invalid("empty_body", "declared length 0: no CBOR item", MAL, b"")
+    invalid("not_cbor_break", "body is a lone break byte 0xff", MAL, b"\xff")
+    invalid("not_cbor_reserved", "body uses reserved additional information 28", MAL, b"\x1c")
+    invalid("truncated_map", "map declares 2 pairs, holds 1", MAL, b"\xa2" + t("type") + t("ping"))
+    invalid("trailing_bytes", "a complete map followed by one more byte inside the frame", MAL, m(*PING) + b"\x00")
+    invalid("two_items", "two complete maps in one frame", MAL, m(*PING) + m(*PING))
+    invalid("array_not_map", "body is an array", MAL, a(t("type"), t("ping")))
+    invalid("text_not_map", "body is a text string", MAL, t("ping"))
+    invalid("int_key", "top-level map with an integer key", MAL, m(*PING, u(1), u(2)))
+    invalid("bytes_key", "top-level map with a byte-string key", MAL, m(*PING, b(b"x"), u(2)))
+    invalid("duplicate_type_key", "key 'type' twice", MAL, m(t("type"), t("ping"), t("type"), t("pong")))
+    invalid(
+        "duplicate_key_wide_head",
+        "key 'x' twice, once with a non-shortest length",
+        MAL,
+        m(*PING, t("x"), u(1), t("x", 1), u(2)),
+    )
+    invalid(
+        "duplicate_nested_key",
+        "duplicate key inside a nested map of an unknown field",
+        MAL,
+        m(*PING, t("x"), m(t("k"), u(1), t("k"), u(2))),
+    )
+    invalid("indefinite_map", "indefinite-length top-level map", MAL, b"\xbf" + t("type") + t("ping") + b"\xff")
+    invalid(
+        "indefinite_bytes",
+        "SEND body as an indefinite-length byte string",
+        MAL,
+        send(body=b"\x5f" + b(b"h") + b(b"i") + b"\xff"),
+    )
+    invalid(
+        "indefinite_text",
+        "indefinite-length text string as the type",
+        MAL,
+        m(t("type"), b"\x7f" + t("pi") + t("ng") + b"\xff"),
+    )
+    invalid("indefinite_array", "SEND to as an indefinite-length array", MAL, send(to=b"\x9f" + t("bob") + b"\xff"))
+    invalid("tag_1_in_field", "tag 1 (epoch time) on DELIVER sent_at", MAL, deliver(sent_at=b"\xc1" + u(1)))
+    invalid(
+        "tag_55799_self_describe",
+        "the whole body wrapped in tag 55799 (self-describe CBOR)",
+        MAL,
+        b"\xd9\xd9\xf7" + m(*PING),
+    )
+    invalid("tag_256_stringref", "tag 256 (stringref namespace) around the body", MAL, b"\xd9\x01\x00" + m(*PING))
+    invalid("tag_2_bignum", "tag 2 bignum as DRAINED pending", MAL, drained(b"\xc2" + b(b"\x01")))
+    invalid(
+        "tag_in_unknown_field", "tag 32 (URI) in an unknown field", MAL, m(*PING, t("x"), b"\xd8\x20" + t("http://x"))
+    )
+    invalid("invalid_utf8", "text with invalid UTF-8 in an unknown field", MAL, m(*PING, t("x"), b"\x62\xc3\x28"))
+    invalid(
+        "utf8_surrogate",
+        "text holding an encoded UTF-16 surrogate (ED A0 80)",
+        MAL,
+        m(*PING, t("x"), b"\x63\xed\xa0\x80"),
+    )
+    invalid(
+        "simple_value_two_byte_small",
+        "simple value 16 in the two-byte form (not well-formed)",
+        MAL,
+        m(*PING, t("x"), b"\xf8\x10"),
+    )
+    invalid(
+        "nesting_too_deep",
+        "an unknown field nested 5 levels below the top map",
+        MAL,
+        m(*PING, t("x"), a(a(a(a(u(0)))))),
+    )
+    invalid(
+        "nesting_too_deep_empty", "an empty array 5 levels below the top map", MAL, m(*PING, t("x"), a(a(a(a(a())))))
+    )
+    invalid("unknown_type", "type 'subscribe'", UNK, m(t("type"), t("subscribe")))
+    invalid("type_wrong_case", "type 'PING' (names are lower case)", UNK, m(t("type"), t("PING")))
+    invalid("type_not_text", "type as a byte string", UNK, m(t("type"), b(b"ping")))
+    invalid("missing_type", "no type key", UNK, m(t("pending"), u(0)))
+    invalid("empty_map", "empty map", UNK, m())
+    invalid("send_missing_body", "SEND without body", INV, send(body=b""))
+    invalid("deliver_missing_attempt", "DELIVER without attempt", INV, deliver(attempt=b""))
+    invalid(
+        "welcome_missing_keepalive",
+        "WELCOME without keepalive_s",
+        INV,
+        m(
+            t("type"),
+            t("welcome"),
+            t("version"),
+            u(1),
+            t("session"),
+            t("s"),
+            t("pending"),
+            u(0),
+            t("max_frame_bytes"),
+            u(1048576),
+            t("max_inflight"),
+            u(1),
+            t("max_recipients"),
+            u(1),
+            t("default_ttl_s"),
+            u(1),
+            t("max_ttl_s"),
+            u(1),
+        ),
+    )
+    invalid("hello_missing_token", "HELLO without token", INV, m(t("type"), t("hello"), t("version"), u(1)))
+    invalid("send_body_text", "SEND body as a text string", INV, send(body=t("hi")))
+    invalid("send_to_text", "SEND to as a single text string instead of an array", INV, send(to=t("bob")))
+    invalid("send_to_empty", "SEND with an empty to array", INV, send(to=a()))
+    invalid("send_to_int", "SEND to holding an integer", INV, send(to=a(u(7))))
+    invalid("send_ttl_zero", "SEND ttl_s 0", INV, send(ttl_s=u(0)))
+    invalid("send_ttl_null", "SEND ttl_s null (absent is allowed, null is not)", INV, send(ttl_s=c(None)))
+    invalid("send_ttl_float", "SEND ttl_s 60.0 (a float)", INV, send(ttl_s=bytes.fromhex("f95380")))
+    invalid("send_id_space", "SEND id with a space", INV, send(id=t("m 1")))
+    invalid("send_id_empty", "SEND id empty", INV, send(id=t("")))
+    invalid("send_id_65", "SEND id of 65 characters", INV, send(id=t("x" * 65)))
+    invalid("send_id_non_ascii", "SEND id with a non-ASCII character", INV, send(id=t("m\u00e9")))
+    invalid("drained_bool", "DRAINED pending true (a bool is not an integer)", INV, drained(c(True)))
+    invalid("drained_negative", "DRAINED pending -1", INV, drained(c(-1)))
+    invalid("drained_2_63", "DRAINED pending 2^63 (above 2^63-1)", INV, drained(u(2**63)))
+    invalid("drained_2_64_minus_1", "DRAINED pending 2^64-1", INV, drained(u(2**64 - 1)))
+    invalid("deliver_attempt_zero", "DELIVER attempt 0", INV, deliver(attempt=u(0)))
+    invalid(
+        "deliver_from_invalid", "DELIVER from not a mailbox id (leading dot)", INV, deliver(**{"from": t(".alice")})
+    )
+    invalid("deliver_from_too_long", "DELIVER from of 65 characters", INV, deliver(**{"from": t("a" * 65)}))
+    invalid("ack_empty", "ACK with no ids", INV, m(t("type"), t("ack"), t("ids"), a()))
+    invalid("ack_bad_id", "ACK with an invalid id", INV, m(t("type"), t("ack"), t("ids"), a(t("ok"), t("not ok"))))
+    invalid(
+        "receipt_empty_results",
+        "RECEIPT with no results",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("results"), m()),
+    )
+    invalid("receipt_refused_without_code", "result refused without code", INV, receipt(m(t("status"), t("refused"))))
+    invalid(
+        "receipt_queued_with_code",
+        "result queued with a code",
+        INV,
+        receipt(m(t("status"), t("queued"), t("code"), u(3001))),
+    )
+    invalid("receipt_unknown_status", "result status 'lost'", INV, receipt(m(t("status"), t("lost"))))
+    invalid(
+        "receipt_code_below_1000", "refusal code 999", INV, receipt(m(t("status"), t("refused"), t("code"), u(999)))
+    )
+    invalid("receipt_result_not_map", "result is a text string", INV, receipt(t("queued")))
+    invalid(
+        "receipt_int_recipient",
+        "results keyed by an integer",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("results"), m(u(1), m(t("status"), t("queued")))),
+    )
+    invalid(
+        "hello_version_zero", "HELLO version 0", INV, m(t("type"), t("hello"), t("version"), u(0), t("token"), t("x"))
+    )
+    invalid(
+        "hello_token_empty", "HELLO token empty", INV, m(t("type"), t("hello"), t("version"), u(1), t("token"), t(""))
+    )
+    invalid(
+        "hello_token_4097",
+        "HELLO token of 4097 characters",
+        INV,
+        m(t("type"), t("hello"), t("version"), u(1), t("token"), t("x" * 4097)),
+    )
+    invalid(
+        "hello_agent_257_astral",
+        "agent of 257 code points (U+1F680)",
+        INV,
+        m(t("type"), t("hello"), t("version"), u(1), t("token"), t("x"), t("agent"), t("\U0001f680" * 257)),
+    )
+    invalid(
+        "welcome_small_frame_limit",
+        "WELCOME max_frame_bytes 63 (minimum 64)",
+        INV,
+        m(
+            t("type"),
+            t("welcome"),
+            t("version"),
+            u(1),
+            t("session"),
+            t("s"),
+            t("pending"),
+            u(0),
+            t("max_frame_bytes"),
+            u(63),
+            t("max_inflight"),
+            u(1),
+            t("max_recipients"),
+            u(1),
+            t("default_ttl_s"),
+            u(1),
+            t("max_ttl_s"),
+            u(1),
+            t("keepalive_s"),
+            u(1),
+        ),
+    )
+    invalid(
+        "welcome_mailbox_null",
+        "WELCOME mailbox null (absent is allowed, null is not)",
+        INV,
+        m(
+            t("type"),
+            t("welcome"),
+            t("version"),
+            u(1),
+            t("session"),
+            t("s"),
+            t("mailbox"),
+            c(None),
+            t("pending"),
+            u(0),
+            t("max_frame_bytes"),
+            u(64),
+            t("max_inflight"),
+            u(1),
+            t("max_recipients"),
+            u(1),
+            t("default_ttl_s"),
+            u(1),
+            t("max_ttl_s"),
+            u(1),
+            t("keepalive_s"),
+            u(1),
+        ),
+    )
+    invalid(
+        "error_close_int",
+        "ERROR close 1 instead of a bool",
+        INV,
+        m(t("type"), t("error"), t("code"), u(1001), t("message"), t(""), t("close"), u(1)),
+    )
+    invalid(
+        "error_code_below_1000",
+        "ERROR code 42",
+        INV,
+        m(t("type"), t("error"), t("code"), u(42), t("message"), t(""), t("close"), c(True)),
+    )
+    invalid(
+        "stats_result_empty_key",
+        "STATS_RESULT with an empty key",
+        INV,
+        m(t("type"), t("stats_result"), t("stats"), m(t(""), u(1))),
+    )
+    invalid(
+        "stats_result_negative",
+        "STATS_RESULT with a negative value",
+        INV,
+        m(t("type"), t("stats_result"), t("stats"), m(t("sent_total"), c(-1))),
+    )
+    invalid(
+        "stats_result_int_key",
+        "STATS_RESULT keyed by an integer",
+        INV,
+        m(t("type"), t("stats_result"), t("stats"), m(u(1), u(1))),
+    )
+    invalid(
+        "cleanup_result_text",
+        "CLEANUP_RESULT purged as text",
+        INV,
+        m(t("type"), t("cleanup_result"), t("purged"), t("3")),
+    )
+
+
+def main() -> None:
+    build_valid()
+    build_invalid()
+    for name, data in (("valid.json", VALID), ("invalid.json", INVALID)):
+        names = [v["name"] for v in data]
+        assert len(names) == len(set(names)), "duplicate vector names"
+        (HERE / name).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {len(data)} vectors to {name}")
+
+
+if __name__ == "__main__":
+    main()

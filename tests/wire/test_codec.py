@@ -1,0 +1,228 @@
+"""The length-prefixed CBOR codec: round trips, re-chunking, robustness on hostile bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wire import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FRAME_TYPES,
+    Ack,
+    Bye,
+    Cleanup,
+    CleanupResult,
+    Deliver,
+    Drained,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Pong,
+    Pull,
+    Receipt,
+    RecipientResult,
+    RemoteProtocolError,
+    Send,
+    Stats,
+    StatsResult,
+    Status,
+    Welcome,
+    decode_body,
+    encode_frame,
+    encode_frames,
+)
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+UINT = st.integers(0, 2**63 - 1)
+POS = st.integers(1, 2**63 - 1)
+MESSAGE_ID = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64)
+MAILBOX = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}\Z")
+TEXT = st.text(max_size=40)
+BODY = st.binary(max_size=300)
+
+result = st.one_of(
+    st.sampled_from([Status.QUEUED, Status.DELIVERED, Status.DUPLICATE]).map(RecipientResult),
+    st.integers(1000, 2**63 - 1).map(lambda code: RecipientResult(Status.REFUSED, code)),
+)
+
+FRAMES: dict[type[Frame], st.SearchStrategy[Frame]] = {
+    Hello: st.builds(
+        Hello, version=POS, token=st.text(min_size=1, max_size=200), agent=st.none() | st.text(max_size=256)
+    ),
+    Welcome: st.builds(
+        Welcome,
+        version=POS,
+        session=st.text(min_size=1, max_size=64),
+        mailbox=st.none() | MAILBOX,
+        pending=UINT,
+        max_frame_bytes=st.integers(64, 2**63 - 1),
+        max_inflight=POS,
+        max_recipients=POS,
+        default_ttl_s=POS,
+        max_ttl_s=POS,
+        keepalive_s=POS,
+    ),
+    Send: st.builds(
+        Send, id=MESSAGE_ID, to=st.lists(TEXT, min_size=1, max_size=5).map(tuple), body=BODY, ttl_s=st.none() | POS
+    ),
+    Receipt: st.builds(Receipt, id=MESSAGE_ID, results=st.dictionaries(TEXT, result, min_size=1, max_size=5)),
+    Deliver: st.builds(Deliver, id=MESSAGE_ID, sender=MAILBOX, sent_at=UINT, expires_at=UINT, attempt=POS, body=BODY),
+    Ack: st.builds(Ack, ids=st.lists(MESSAGE_ID, min_size=1, max_size=5).map(tuple)),
+    Pull: st.just(Pull()),
+    Drained: st.builds(Drained, pending=UINT),
+    Ping: st.just(Ping()),
+    Pong: st.just(Pong()),
+    Error: st.builds(Error, code=st.integers(1000, 2**63 - 1), message=TEXT, close=st.booleans()),
+    Bye: st.just(Bye()),
+    Stats: st.just(Stats()),
+    StatsResult: st.builds(StatsResult, stats=st.dictionaries(st.text(min_size=1, max_size=64), UINT, max_size=25)),
+    Cleanup: st.just(Cleanup()),
+    CleanupResult: st.builds(CleanupResult, purged=UINT),
+}
+ANY_FRAME = st.one_of(*FRAMES.values())
+
+
+def test_strategies_cover_every_frame_type() -> None:
+    assert set(FRAMES) == set(FRAME_TYPES.values())
+
+
+@pytest.mark.parametrize("cls", list(FRAMES), ids=lambda c: c.TYPE)
+@FAST
+@given(data=st.data())
+def test_every_frame_type_round_trips(cls: type[Frame], data: st.DataObject) -> None:
+    frame = data.draw(FRAMES[cls])
+    encoded = encode_frame(frame)
+    assert struct.unpack(">I", encoded[:4])[0] == len(encoded) - 4
+    assert decode_body(encoded[4:]) == frame
+    assert FrameDecoder().feed(encoded) == [frame]
+    assert encode_frame(decode_body(encoded[4:])) == encoded
+
+
+@FAST
+@given(frames=st.lists(ANY_FRAME, max_size=8), cuts=st.lists(st.integers(0, 10_000), max_size=20))
+def test_rechunked_stream_gives_the_same_frames(frames: list[Frame], cuts: list[int]) -> None:
+    stream = encode_frames(frames)
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    decoder = FrameDecoder()
+    out: list[Frame] = []
+    prev = 0
+    for point in [*points, len(stream)]:
+        out += decoder.feed(stream[prev:point])
+        prev = point
+    assert out == frames
+    assert decoder.buffered_bytes == 0
+
+
+def test_stream_fed_byte_by_byte_keeps_only_the_partial_frame() -> None:
+    frames = [Ping(), Send(id="m1", to=("bob",), body=b"x" * 100), Drained(pending=2)]
+    stream = encode_frames(frames)
+    decoder = FrameDecoder()
+    out: list[Frame] = []
+    for i in range(len(stream)):
+        out += decoder.feed(stream[i : i + 1])
+        assert decoder.buffered_bytes <= max(len(encode_frame(f)) for f in frames)
+    assert out == frames
+
+
+def _feed_only_protocol_errors(data: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    decoder = FrameDecoder(max_frame_bytes)
+    try:
+        frames = decoder.feed(data)
+    except RemoteProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+        return
+    for frame in frames:
+        assert type(frame) in FRAME_TYPES.values()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_arbitrary_bytes_only_raise_protocol_errors(data: bytes) -> None:
+    _feed_only_protocol_errors(data, max_frame_bytes=256)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.binary(max_size=120))
+def test_arbitrary_body_with_a_correct_prefix_only_raises_protocol_errors(body: bytes) -> None:
+    _feed_only_protocol_errors(struct.pack(">I", len(body)) + body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(frame=ANY_FRAME, pos=st.integers(0, 10_000), byte=st.integers(0, 255), extra=st.binary(max_size=4))
+def test_mutated_frames_only_raise_protocol_errors(frame: Frame, pos: int, byte: int, extra: bytes) -> None:
+    body = bytearray(encode_frame(frame)[4:])
+    body[pos % len(body)] = byte
+    body += extra
+    _feed_only_protocol_errors(struct.pack(">I", len(body)) + bytes(body))
+
+
+@pytest.mark.parametrize("type_name", sorted(FRAME_TYPES))
+def test_huge_declared_length_is_refused_from_the_prefix_alone(type_name: str) -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(struct.pack(">I", DEFAULT_MAX_FRAME_BYTES + 1)[:3]) == []
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.feed(struct.pack(">I", DEFAULT_MAX_FRAME_BYTES + 1)[3:])
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert decoder.buffered_bytes <= 4
+
+
+def test_huge_declared_length_after_a_valid_frame_is_refused_without_buffering() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.feed(encode_frame(Ping()) + b"\xff\xff\xff\xff" + b"\xa1" * 10)
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert decoder.buffered_bytes < 32
+
+
+def test_declared_length_equal_to_the_limit_is_accepted() -> None:
+    frame = Send(id="m1", to=("bob",), body=b"x" * 100)
+    encoded = encode_frame(frame)
+    exact = len(encoded) - 4
+    assert FrameDecoder(max_frame_bytes=exact).feed(encoded) == [frame]
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder(max_frame_bytes=exact - 1).feed(encoded[:4])
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+
+
+def test_partial_frame_is_buffered_until_complete() -> None:
+    encoded = encode_frame(Drained(pending=1))
+    decoder = FrameDecoder()
+    assert decoder.feed(encoded[:-1]) == []
+    assert decoder.buffered_bytes == len(encoded) - 1
+    assert decoder.feed(encoded[-1:]) == [Drained(pending=1)]
+    assert decoder.buffered_bytes == 0
+
+
+def test_frames_refuse_illegal_values_when_built() -> None:
+    with pytest.raises(ValueError):
+        Deliver(id="m1", sender="alice", sent_at=0, expires_at=0, attempt=0, body=b"")
+    with pytest.raises(ValueError):
+        Send(id="m 1", to=("bob",), body=b"")
+    with pytest.raises(ValueError):
+        RecipientResult(Status.REFUSED)
+    with pytest.raises(ValueError):
+        Drained(pending=True)
+
+
+def test_optional_fields_absent_are_left_out_of_the_map() -> None:
+    assert Send(id="m1", to=("b",), body=b"").to_wire() == {"type": "send", "id": "m1", "to": ("b",), "body": b""}
+    operator = Welcome(
+        version=1,
+        session="s",
+        pending=0,
+        max_frame_bytes=64,
+        max_inflight=1,
+        max_recipients=1,
+        default_ttl_s=1,
+        max_ttl_s=1,
+        keepalive_s=1,
+    )
+    assert "mailbox" not in operator.to_wire()
+    assert decode_body(encode_frame(operator)[4:]) == operator

@@ -1,0 +1,270 @@
+"""The connection state machine: every (role, state, frame) pair, and a whole conversation."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from wire import (
+    FRAME_TYPES,
+    TRANSITIONS,
+    Ack,
+    Bye,
+    Cleanup,
+    CleanupResult,
+    Connection,
+    Deliver,
+    Drained,
+    Error,
+    ErrorCode,
+    Frame,
+    Hello,
+    LocalProtocolError,
+    Ping,
+    Pong,
+    Pull,
+    Receipt,
+    RecipientResult,
+    RemoteProtocolError,
+    Role,
+    Send,
+    State,
+    Stats,
+    StatsResult,
+    Status,
+    Welcome,
+    encode_frame,
+)
+
+C, B = Role.CLIENT, Role.BROKER
+HS, AU, OP, X = State.HANDSHAKE, State.AUTHENTICATING, State.OPEN, State.CLOSED
+
+# The table as protocol.md states it, written out independently of wire/connection.py.
+EXPECTED = {
+    (C, HS, "hello"): AU,
+    (B, AU, "welcome"): OP,
+    **{(C, OP, t): OP for t in ("send", "ack", "pull", "ping", "stats", "cleanup")},
+    **{(B, OP, t): OP for t in ("receipt", "deliver", "drained", "pong", "stats_result", "cleanup_result")},
+    (C, OP, "bye"): X,
+}
+
+SAMPLES: dict[str, Frame] = {
+    "hello": Hello(version=1, token="t"),
+    "welcome": Welcome(
+        version=1,
+        session="s1",
+        mailbox="alice",
+        pending=0,
+        max_frame_bytes=1048576,
+        max_inflight=1024,
+        max_recipients=100,
+        default_ttl_s=604800,
+        max_ttl_s=2592000,
+        keepalive_s=60,
+    ),
+    "send": Send(id="m1", to=("bob",), body=b"hi"),
+    "receipt": Receipt(id="m1", results={"bob": RecipientResult(Status.QUEUED)}),
+    "deliver": Deliver(id="m1", sender="alice", sent_at=1, expires_at=2, attempt=1, body=b"hi"),
+    "ack": Ack(ids=("m1",)),
+    "pull": Pull(),
+    "drained": Drained(pending=0),
+    "ping": Ping(),
+    "pong": Pong(),
+    "error": Error(code=1001, message="x", close=True),
+    "bye": Bye(),
+    "stats": Stats(),
+    "stats_result": StatsResult(stats={"connections": 1}),
+    "cleanup": Cleanup(),
+    "cleanup_result": CleanupResult(purged=0),
+}
+ERRORS = {
+    "error_close": Error(code=int(ErrorCode.SHUTTING_DOWN), message="bye", close=True),
+    "error_open": Error(code=int(ErrorCode.FORBIDDEN), message="no", close=False),
+}
+
+
+def expected_next(sender: Role, state: State, name: str, frame: Frame) -> State | None:
+    """What protocol.md says: ERROR from the broker closes (close=true, any state but CLOSED) or
+    keeps OPEN (close=false, OPEN only); everything else per the table."""
+    if isinstance(frame, Error):
+        if sender is not B or state is X:
+            return None
+        if frame.close:
+            return X
+        return OP if state is OP else None
+    return EXPECTED.get((sender, state, name))
+
+
+def test_transition_table_is_the_documented_one() -> None:
+    assert {(r, s, cls.TYPE): nxt for (r, s, cls), nxt in TRANSITIONS.items()} == EXPECTED
+
+
+def test_samples_cover_every_frame_type() -> None:
+    assert set(SAMPLES) == set(FRAME_TYPES)
+
+
+CASES = [
+    (receiver, state, name, frame)
+    for receiver, state, (name, frame) in itertools.product(
+        Role, State, [*((n, f) for n, f in SAMPLES.items() if n != "error"), *ERRORS.items()]
+    )
+]
+
+
+@pytest.mark.parametrize(
+    ("receiver", "state", "name", "frame"),
+    CASES,
+    ids=[f"{r.value}-{s.value}-{n}" for r, s, n, _ in CASES],
+)
+def test_receive_accepts_exactly_the_table(receiver: Role, state: State, name: str, frame: Frame) -> None:
+    conn = Connection(receiver)
+    conn.state = state
+    sender = B if receiver is C else C
+    nxt = expected_next(sender, state, frame.TYPE, frame)
+    if nxt is None:
+        with pytest.raises(RemoteProtocolError) as info:
+            conn.receive_data(encode_frame(frame))
+        assert info.value.code is ErrorCode.UNEXPECTED_FRAME
+        assert conn.state is X
+    else:
+        assert conn.receive_data(encode_frame(frame)) == [frame]
+        assert conn.state is nxt
+
+
+@pytest.mark.parametrize(
+    ("sender", "state", "name", "frame"),
+    CASES,
+    ids=[f"{r.value}-{s.value}-{n}" for r, s, n, _ in CASES],
+)
+def test_send_allows_exactly_the_table(sender: Role, state: State, name: str, frame: Frame) -> None:
+    conn = Connection(sender)
+    conn.state = state
+    if isinstance(frame, Error) and frame.close:
+        # A closing ERROR goes through send_error: the broker may always send one (even in
+        # CLOSED, after the peer's violation); a client never sends ERROR and just closes.
+        assert conn.send(frame) == (encode_frame(frame) if sender is B else b"")
+        assert conn.state is X
+        return
+    nxt = expected_next(sender, state, frame.TYPE, frame)
+    if nxt is None:
+        with pytest.raises(LocalProtocolError) as info:
+            conn.send(frame)
+        assert info.value.code is ErrorCode.UNEXPECTED_FRAME
+        assert conn.state is state
+    else:
+        assert conn.send(frame) == encode_frame(frame)
+        assert conn.state is nxt
+
+
+def test_illegal_frame_after_legal_ones_in_one_chunk_closes() -> None:
+    broker = Connection(B)
+    data = encode_frame(SAMPLES["hello"]) + encode_frame(SAMPLES["send"])
+    with pytest.raises(RemoteProtocolError) as info:
+        broker.receive_data(data)
+    assert info.value.code is ErrorCode.UNEXPECTED_FRAME
+    assert broker.state is X
+
+
+def test_codec_error_closes_the_connection() -> None:
+    broker = Connection(B)
+    with pytest.raises(RemoteProtocolError) as info:
+        broker.receive_data(b"\xff\xff\xff\xff")
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert broker.state is X
+    with pytest.raises(RemoteProtocolError):
+        broker.receive_data(encode_frame(Ping()))
+
+
+def test_broker_send_error_closes_with_an_error_frame_once() -> None:
+    broker = Connection(B)
+    data = broker.send_error(ErrorCode.HANDSHAKE_TIMEOUT, "no hello")
+    assert broker.state is X
+    client = Connection(C)
+    assert client.receive_data(data) == [Error(code=1007, message="no hello", close=True)]
+    assert client.state is X
+    assert broker.send_error(ErrorCode.INTERNAL_ERROR, "again") == b""
+
+
+def test_broker_can_report_the_violation_that_closed_it() -> None:
+    broker = Connection(B)
+    with pytest.raises(RemoteProtocolError) as info:
+        broker.receive_data(encode_frame(SAMPLES["send"]))
+    assert broker.state is X
+    data = broker.send_error(info.value.code, info.value.message)
+    client = Connection(C)
+    (error,) = client.receive_data(data)
+    assert error == Error(code=1003, message=info.value.message, close=True)
+    assert broker.send_error(ErrorCode.INTERNAL_ERROR, "again") == b""
+
+
+def test_client_send_error_just_closes() -> None:
+    client = Connection(C)
+    client.state = OP
+    assert client.send_error(ErrorCode.MALFORMED_FRAME, "broker sent garbage") == b""
+    assert client.state is X
+
+
+def pump(src: Connection, dst: Connection, *frames: Frame) -> list[Frame]:
+    data = b"".join(src.send(f) for f in frames)
+    # deliver in two uneven pieces to exercise buffering across calls
+    cut = len(data) // 3
+    return dst.receive_data(data[:cut]) + dst.receive_data(data[cut:])
+
+
+def test_happy_path_conversation() -> None:
+    client, broker = Connection(C), Connection(B)
+    assert pump(client, broker, SAMPLES["hello"]) == [SAMPLES["hello"]]
+    assert client.state is broker.state is AU
+    welcome = SAMPLES["welcome"]
+    assert pump(broker, client, welcome) == [welcome]
+    assert client.state is broker.state is OP
+    client.max_frame_bytes = welcome.max_frame_bytes
+
+    deliveries = [
+        Deliver(id=f"m{i}", sender="bob", sent_at=1000, expires_at=2000, attempt=1, body=b"x") for i in range(3)
+    ]
+    got = pump(broker, client, *deliveries, Drained(pending=3))
+    assert got == [*deliveries, Drained(pending=3)]
+    assert pump(client, broker, Ack(ids=tuple(d.id for d in deliveries))) == [Ack(ids=("m0", "m1", "m2"))]
+
+    send = Send(id="out1", to=("bob", "carol"), body=b"hello", ttl_s=60)
+    assert pump(client, broker, send) == [send]
+    receipt = Receipt(
+        id="out1",
+        results={"bob": RecipientResult(Status.DELIVERED), "carol": RecipientResult(Status.REFUSED, 3001)},
+    )
+    assert pump(broker, client, receipt) == [receipt]
+    assert pump(client, broker, Pull(), Ping()) == [Pull(), Ping()]
+    assert pump(broker, client, Drained(pending=0), Pong()) == [Drained(pending=0), Pong()]
+    assert pump(client, broker, Stats()) == [Stats()]
+    forbidden = Error(code=int(ErrorCode.FORBIDDEN), message="operator only", close=False)
+    assert pump(broker, client, forbidden) == [forbidden]
+    assert client.state is broker.state is OP
+    assert pump(client, broker, Bye()) == [Bye()]
+    assert client.state is broker.state is X
+    with pytest.raises(LocalProtocolError):
+        client.send(Ping())
+
+
+def test_operator_conversation_and_takeover_error() -> None:
+    client, broker = Connection(C), Connection(B)
+    pump(client, broker, Hello(version=1, token="op", agent="relay-cli"))
+    operator_welcome = Welcome(
+        version=1,
+        session="s2",
+        pending=0,
+        max_frame_bytes=1048576,
+        max_inflight=1024,
+        max_recipients=100,
+        default_ttl_s=604800,
+        max_ttl_s=2592000,
+        keepalive_s=60,
+    )
+    assert pump(broker, client, operator_welcome) == [operator_welcome]
+    assert pump(client, broker, Stats(), Cleanup()) == [Stats(), Cleanup()]
+    results = [StatsResult(stats={"connections": 1, "inflight": 0}), CleanupResult(purged=7)]
+    assert pump(broker, client, *results) == results
+    shutdown = Error(code=int(ErrorCode.SHUTTING_DOWN), message="stopping", close=True)
+    assert pump(broker, client, shutdown) == [shutdown]
+    assert client.state is broker.state is X

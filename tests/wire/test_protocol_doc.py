@@ -1,0 +1,68 @@
+"""protocol.md's limits, state and statistics tables against the design decisions and the code."""
+
+from __future__ import annotations
+
+import re
+
+from wire import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION
+
+from .support import section
+
+# Every limit the design decisions (relay-spec.md) name, with its default. The broker's
+# config is checked against the same table of protocol.md elsewhere.
+SPEC_LIMITS = {
+    "max_frame_bytes": 1_048_576,
+    "max_inflight": 1024,
+    "max_recipients": 100,
+    "default_ttl_s": 604_800,
+    "max_ttl_s": 2_592_000,
+    "max_mailbox_messages": 100_000,
+    "max_mailbox_bytes": 67_108_864,
+    "max_total_bytes": 1_073_741_824,
+    "max_tombstones": 100_000,
+    "handshake_timeout_s": 10,
+    "keepalive_s": 60,
+    "max_outbound_bytes": 8_388_608,
+    "max_connections": 65_536,
+    "cleanup_interval_s": 3600,
+}
+
+SPEC_STATS = (
+    "messages_total messages_deliverable messages_expired_unswept acknowledged_total online_users "
+    "unique_recipients queued_bytes sent_total delivered_total redelivered_total expired_total "
+    "duplicates_total refused_total refused_mailbox_full refused_mailbox_bytes_full refused_broker_full "
+    "refused_too_many_recipients refused_id_conflict refused_invalid_recipient connections inflight tombstones"
+).split()
+
+LIMIT_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*([0-9][0-9_,]*)\s*\|", re.M)
+
+
+def documented_limits(doc: str) -> dict[str, int]:
+    rows = LIMIT_ROW.findall(section(doc, "8. Limits"))
+    limits = {name: int(value.replace(",", "").replace("_", "")) for name, value in rows}
+    assert len(limits) == len(rows), "a limit is listed twice"
+    return limits
+
+
+def test_every_spec_limit_is_in_the_limits_table_with_its_default(protocol_md: str) -> None:
+    assert documented_limits(protocol_md) == SPEC_LIMITS
+
+
+def test_frame_size_default_matches_the_codec(protocol_md: str) -> None:
+    assert documented_limits(protocol_md)["max_frame_bytes"] == DEFAULT_MAX_FRAME_BYTES
+
+
+def test_welcome_announces_the_documented_limits(protocol_md: str) -> None:
+    welcome = section(section(protocol_md, "6. Frames"), "`welcome`")
+    for name in ("max_frame_bytes", "max_inflight", "max_recipients", "default_ttl_s", "max_ttl_s", "keepalive_s"):
+        assert f"| `{name}` |" in welcome
+        assert name in SPEC_LIMITS
+
+
+def test_stats_table_lists_exactly_the_spec_keys(protocol_md: str) -> None:
+    rows = re.findall(r"^\|\s*`([a-z_]+)`\s*\|", section(protocol_md, "10. Statistics"), re.M)
+    assert rows == SPEC_STATS
+
+
+def test_document_states_the_protocol_version(protocol_md: str) -> None:
+    assert protocol_md.startswith(f"# Relay protocol, version {PROTOCOL_VERSION}\n")
