@@ -21,7 +21,7 @@ _DUPLICATE = RecipientResult(Status.DUPLICATE)
 _REFUSED = {code: RecipientResult(Status.REFUSED, int(code)) for code in ErrorCode}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Plan:
     message: NewMessage | None
     """What to store, for the recipients that passed; None if none did."""

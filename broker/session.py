@@ -34,7 +34,6 @@ from wire import (
     Cleanup,
     CleanupResult,
     Connection,
-    Deliver,
     Drained,
     Error,
     ErrorCode,
@@ -50,6 +49,7 @@ from wire import (
     Stats,
     StatsResult,
     Welcome,
+    encode_deliver,
     encode_frame,
 )
 
@@ -399,19 +399,13 @@ class Session:
                 self._resync = False
                 batch = await store.fetch_many(mailbox, max(room, 0), self._fetch_bytes)
                 self.inflight = batch.inflight
-                for m in batch.messages:
-                    self._send(
-                        Deliver(
-                            id=m.id,
-                            sender=m.sender,
-                            sent_at=m.sent_at,
-                            expires_at=m.expires_at,
-                            attempt=m.attempt,
-                            body=m.body,
-                        )
-                    )
-                    if m.attempt > 1:
-                        counters.redelivered += 1
+                if batch.messages:
+                    if self.conn.state is not State.OPEN:
+                        return  # closing: what was fetched goes back to the queue at cleanup
+                    for m in batch.messages:
+                        self._push(encode_deliver(m.id, m.sender, m.sent_at, m.expires_at, m.attempt, m.body))
+                        if m.attempt > 1:
+                            counters.redelivered += 1
                 counters.delivered += len(batch.messages)
                 if batch.queued == 0:
                     if self._drain_wanted:

@@ -4,7 +4,7 @@ Frames, the length-prefixed CBOR codec, the connection state machine and the err
 codes. Nothing here does I/O or imports trio.
 """
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode_body, encode_frame, encode_frames
+from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode_body, encode_deliver, encode_frame, encode_frames
 from .connection import TRANSITIONS, Connection, Role, State
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
@@ -66,6 +66,7 @@ __all__ = [
     "Status",
     "Welcome",
     "decode_body",
+    "encode_deliver",
     "encode_frame",
     "encode_frames",
     "is_valid_mailbox_id",

@@ -66,7 +66,7 @@ class StoreLimits:
     max_tombstones: int = 100_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewMessage:
     """One accepted SEND: the same message for one or more recipients."""
 

@@ -107,9 +107,9 @@ class MemoryStore:
         if self.limits.max_tombstones <= 0:
             return
         stones = self._tombstones
+        # A held id cannot be tombstoned already (enqueue refuses tombstoned ids), so this appends.
         stones[(recipient, msg.id)] = (msg.sender, msg.expires_at)
-        stones.move_to_end((recipient, msg.id))
-        while len(stones) > self.limits.max_tombstones:
+        if len(stones) > self.limits.max_tombstones:
             stones.popitem(last=False)
 
     # ------------------------------------------------------------ Store interface
