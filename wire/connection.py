@@ -48,6 +48,9 @@ class Role(Enum):
     CLIENT = "client"
     BROKER = "broker"
 
+    # Enum hashes by name in Python code; identity is equivalent for members and hashes in C.
+    __hash__ = object.__hash__
+
 
 class State(Enum):
     HANDSHAKE = "handshake"
@@ -58,6 +61,8 @@ class State(Enum):
     """WELCOME sent: messages flow."""
     CLOSED = "closed"
     """Nothing more may be sent or received."""
+
+    __hash__ = object.__hash__
 
 
 _C, _B = Role.CLIENT, Role.BROKER
