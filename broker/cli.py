@@ -40,11 +40,14 @@ def parse_duration(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay-broker", description="Relay message broker and operator tools.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser = argparse.ArgumentParser(
+        prog="relay-broker", description="Relay message broker and operator tools.", parents=[common]
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the broker (the default command)")
+    serve = sub.add_parser("serve", help="run the broker (the default command)", parents=[common])
     serve.add_argument("--config", type=Path, help="TOML file with broker settings")
     serve.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     for f in fields(BrokerConfig):
@@ -52,14 +55,14 @@ def _build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=argparse.SUPPRESS)
     serve.epilog = "Every setting can be given as a flag, e.g. --tcp-port 7700 --max-inflight 512 (see --print-config)."
 
-    token = sub.add_parser("token", help="print a signed token for a mailbox")
+    token = sub.add_parser("token", help="print a signed token for a mailbox", parents=[common])
     token.add_argument("name", help="mailbox id (or operator name with --operator)")
     token.add_argument("--operator", action="store_true", help="an operator token: stats and cleanup, no mailbox")
     token.add_argument("--expires-in", type=parse_duration, default=30 * 86400, help="lifetime, e.g. 12h, 30d")
     token.add_argument("--data-dir", type=Path, default=None, help="where the secret lives (default as serve)")
 
     for name, text in (("stats", "print a running broker's statistics"), ("cleanup", "purge expired messages now")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, parents=[common])
         p.add_argument("--url", default=None, help="broker URL (default tcp://127.0.0.1:7700 or $RELAY_URL)")
         p.add_argument("--data-dir", type=Path, default=None, help="where the secret lives (default as serve)")
         if name == "stats":
@@ -71,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     command = args.command or "serve"

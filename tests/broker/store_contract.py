@@ -26,8 +26,9 @@ def trio_clock_ms() -> int:
     return EPOCH_MS + int(trio.current_time() * 1000)
 
 
-def msg(mid: str, to: str | tuple[str, ...] = "bob", *, sender: str = "alice", body: bytes = b"x",
-        ttl_s: float = 7 * DAY_S) -> NewMessage:  # fmt: skip
+def msg(
+    mid: str, to: str | tuple[str, ...] = "bob", *, sender: str = "alice", body: bytes = b"x", ttl_s: float = 7 * DAY_S
+) -> NewMessage:
     now = trio_clock_ms()
     recipients = (to,) if isinstance(to, str) else to
     return NewMessage(mid, sender, recipients, body, now, now + int(ttl_s * 1000))
@@ -107,10 +108,15 @@ class StoreContract:
                 msg("c", body=b"123456"),
                 msg("d", body=b""),
                 msg("e", "carol", body=b"12345"),
-            ]  # fmt: skip
+            ]
         )
-        assert outcomes == [[STORED], [ErrorCode.MAILBOX_BYTES_FULL], [STORED], [ErrorCode.MAILBOX_FULL],
-                            [ErrorCode.BROKER_FULL]]  # fmt: skip
+        assert outcomes == [
+            [STORED],
+            [ErrorCode.MAILBOX_BYTES_FULL],
+            [STORED],
+            [ErrorCode.MAILBOX_FULL],
+            [ErrorCode.BROKER_FULL],
+        ]
         await store.fetch_many("bob", 10, 1 << 20)
         await store.ack_many("bob", ["a", "c"])
         stats = await store.statistics()

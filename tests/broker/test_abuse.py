@@ -121,8 +121,11 @@ async def test_forged_expired_and_operator_tokens(broker: Broker, tmp_path) -> N
         forged = Authenticator(b"k" * 32).issue("bob")
         expired = broker.auth.issue("bob", lifetime_s=-60)
         no_exp = jwt.encode({"sub": "bob", "aud": "relay"}, b"irrelevant" * 4, algorithm="HS256")
-        for token, code in ((forged, ErrorCode.INVALID_TOKEN), (expired, ErrorCode.TOKEN_EXPIRED),
-                            (no_exp, ErrorCode.INVALID_TOKEN)):  # fmt: skip
+        for token, code in (
+            (forged, ErrorCode.INVALID_TOKEN),
+            (expired, ErrorCode.TOKEN_EXPIRED),
+            (no_exp, ErrorCode.INVALID_TOKEN),
+        ):
             client = await RawClient.open(broker.tcp_port)
             await client.send(Hello(version=1, token=token))
             await expect_error(client, code)
@@ -158,7 +161,7 @@ async def test_keepalive_timeout_closes_a_silent_connection(broker_factory) -> N
 async def test_connections_beyond_the_limit_are_refused(broker_factory) -> None:  # type: ignore[no-untyped-def]
     async with broker_factory(max_connections=2) as broker:
         with trio.fail_after(TIMEOUT):
-            a, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("a"))
+            _first, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("a"))
             b, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("b"))
             c = await RawClient.open(broker.tcp_port)
             await expect_error(c, ErrorCode.TOO_MANY_CONNECTIONS)

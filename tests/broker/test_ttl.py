@@ -37,8 +37,9 @@ async def test_week_old_message_is_never_delivered_and_the_hourly_sweep_purges_i
         await trio.sleep(1800)  # half-way between sweeps, so expiry and sweep do not coincide
         alice = await memory_client(broker, nursery, "alice")
         await alice.expect(Drained)
-        await alice.send(Send(id="old", to=("bob",), body=b"stale"), Send(id="fresh", to=("bob",), body=b"x",
-                                                                            ttl_s=30 * DAY_S))  # fmt: skip
+        await alice.send(
+            Send(id="old", to=("bob",), body=b"stale"), Send(id="fresh", to=("bob",), body=b"x", ttl_s=30 * DAY_S)
+        )
         await alice.expect(Receipt)
         await alice.expect(Receipt)
         await trio.sleep(7 * DAY_S - 1)

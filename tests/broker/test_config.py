@@ -1,0 +1,86 @@
+"""Configuration precedence, validation, and the relay-broker command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.auth import Authenticator, load_or_create_secret
+from broker.cli import main, parse_duration
+from broker.config import BrokerConfig, ConfigError
+
+
+def test_defaults_match_the_documented_limits() -> None:
+    c = BrokerConfig()
+    assert (c.host, c.tcp_port, c.max_frame_bytes, c.max_inflight, c.max_recipients) == (
+        "127.0.0.1",
+        7700,
+        1048576,
+        1024,
+        100,
+    )
+    assert (c.default_ttl_s, c.max_ttl_s, c.cleanup_interval_s, c.keepalive_s) == (604800, 2592000, 3600, 60)
+
+
+def test_precedence_defaults_toml_environment_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text("[broker]\nmax_inflight = 10\nmax_recipients = 5\nkeepalive_s = 30\n")
+    config = BrokerConfig.load(
+        toml_path=toml,
+        environ={"RELAY_MAX_RECIPIENTS": "6", "RELAY_KEEPALIVE_S": "20", "UNRELATED": "x"},
+        overrides={"keepalive_s": "15"},
+    )
+    assert (config.max_inflight, config.max_recipients, config.keepalive_s) == (10, 6, 15.0)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_inflight": "0"}, "max_inflight must be positive"),
+        ({"max_inflight": "ten"}, "max_inflight must be of type int"),
+        ({"no_such_setting": "1"}, "unknown setting"),
+        ({"store": "disk"}, "store must be 'memory'"),
+        ({"tcp_port": "70000"}, "tcp_port must be 0-65535"),
+        ({"default_ttl_s": "100", "max_ttl_s": "50"}, "default_ttl_s must not exceed max_ttl_s"),
+        ({"max_outbound_bytes": "1048576"}, "max_outbound_bytes must be at least 4 \\* max_frame_bytes"),
+    ],
+)
+def test_bad_values_are_refused_with_a_clear_message(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BrokerConfig.load(environ={}, overrides=values)
+
+
+def test_toml_with_a_wrong_type_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text('max_inflight = "many"\n')
+    with pytest.raises(ConfigError, match="max_inflight"):
+        BrokerConfig.load(toml_path=toml, environ={})
+
+
+def test_print_config_shows_the_effective_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--print-config", "--max-inflight", "77", "--log-level", "WARNING"]) == 0
+    out = capsys.readouterr().out
+    assert "max_inflight = 77\n" in out and out.startswith("[broker]\n")
+
+
+def test_bad_flag_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--max-inflight", "-3", "--print-config"]) == 2
+    assert "max_inflight must be positive" in capsys.readouterr().err
+
+
+def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "alice", "--data-dir", str(tmp_path), "--expires-in", "2h"]) == 0
+    token = capsys.readouterr().out.strip()
+    identity = Authenticator(load_or_create_secret(tmp_path)).verify(token)
+    assert (identity.name, identity.operator) == ("alice", False)
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    assert main(["token", "ops", "--operator", "--data-dir", str(tmp_path)]) == 0
+    assert Authenticator(load_or_create_secret(tmp_path)).verify(capsys.readouterr().out.strip()).operator
+    assert main(["token", "not a mailbox", "--data-dir", str(tmp_path)]) == 2
+
+
+def test_durations() -> None:
+    assert [parse_duration(t) for t in ("90", "90s", "15m", "12h", "30d")] == [90, 90, 900, 43200, 2592000]
+    with pytest.raises(Exception, match="not a duration"):
+        parse_duration("soon")
