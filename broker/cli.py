@@ -105,6 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(
                 f"relay-broker listening on tcp://{config.host}:{broker.tcp_port}"
                 f" (store: {config.store}, data dir: {config.data_dir})\n"
+                f"WebSocket ws://{config.host}:{broker.ws_port}/relay, HTTP API http://{config.host}:{broker.http_port}/relay\n"
+                f"demo page: http://{config.host}:{broker.http_port}/\n"
                 f"make a token with: relay-broker token <mailbox>",
                 flush=True,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -42,6 +43,15 @@ class BrokerConfig:
     """Address the TCP listener binds."""
     tcp_port: int = 7700
     """TCP port (0 picks a free one)."""
+    # --- browsers (issue 3): WebSocket and HTTP listeners on ``host`` ---
+    ws_port: int = 7781
+    """WebSocket port, path ``/relay`` (0 picks a free one)."""
+    http_port: int = 7780
+    """HTTP API, OpenAPI description and demo page port (0 picks a free one)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins, beyond the HTTP listener's own, allowed to open a WebSocket,
+    e.g. ``https://chat.example.org``. In the environment or on the command line:
+    comma-separated. A handshake without an Origin header (not a browser) is allowed."""
     data_dir: Path = field(default_factory=default_data_dir)
     """Holds the token-signing secret, and nothing else: messages never touch the disk."""
     store: str = "memory"
@@ -87,8 +97,14 @@ class BrokerConfig:
                 raise ConfigError(f"{f.name} must be an integer, not {value!r}")
         if self.store != "memory":
             raise ConfigError(f"store must be 'memory' (the only store in this release), not {self.store!r}")
-        if not 0 <= self.tcp_port <= 65535:
-            raise ConfigError("tcp_port must be 0-65535")
+        for name in ("tcp_port", "ws_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be 0-65535")
+        if type(self.allowed_origins) is not tuple:
+            object.__setattr__(self, "allowed_origins", _origins(self.allowed_origins, "allowed_origins"))
+        for origin in self.allowed_origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ConfigError(f"allowed_origins: {origin!r} is not an origin like https://example.org[:port]")
         if self.max_frame_bytes < 1024:
             raise ConfigError("max_frame_bytes must be at least 1024")
         positive = ("max_inflight", "max_recipients", "default_ttl_s", "max_ttl_s", "max_mailbox_messages",
@@ -166,9 +182,24 @@ class BrokerConfig:
             value = getattr(self, f.name)
             if isinstance(value, str | Path):
                 lines.append(f'{f.name} = "{value}"')
+            elif isinstance(value, tuple):
+                items = ", ".join(f'"{v}"' for v in value)
+                lines.append(f"{f.name} = [{items}]")
             else:
                 lines.append(f"{f.name} = {value!r}")
         return "\n".join(lines) + "\n"
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _origins(raw: Any, name: str) -> tuple[str, ...]:
+    """A list of origins from a TOML array or a comma-separated string; trailing slashes dropped."""
+    if isinstance(raw, str):
+        raw = raw.split(",")
+    if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw):
+        raise ConfigError(f"{name} must be a list of origins (or a comma-separated string), not {raw!r}")
+    return tuple(v.strip().rstrip("/") for v in raw if v.strip())
 
 
 def _convert(name: str, type_name: Any, raw: Any, source: str) -> Any:
@@ -185,6 +216,8 @@ def _convert(name: str, type_name: Any, raw: Any, source: str) -> Any:
             return float(raw)
         if type_name == "Path":
             return Path(raw).expanduser()
+        if type_name == "tuple[str, ...]":
+            return _origins(raw, name)
         if not isinstance(raw, str):
             raise ValueError
         return raw

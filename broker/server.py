@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -84,6 +85,8 @@ class Broker:
         self.sessions: set[Session] = set()
         self.counters = Counters()
         self.tcp_port: int | None = None
+        self.ws_port: int | None = None
+        self.http_port: int | None = None
         self._sweeps_done = 0
 
     # ------------------------------------------------------------ serving
@@ -101,11 +104,31 @@ class Broker:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.sweep_forever)
                 await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
+                await self._serve_browsers(nursery)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
                 await self.shutdown()
+
+    async def _serve_browsers(self, nursery: trio.Nursery) -> None:
+        """Start the HTTP listener (API, demo page), then the WebSocket listener that trusts its origin."""
+        from .http import serve_http
+        from .websocket import OriginPolicy, serve_websocket
+
+        host = self.config.host
+        self.http_port = await nursery.start(serve_http, self, host, self.config.http_port)
+        own = [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
+        self.ws_port = await nursery.start(
+            partial(
+                serve_websocket,
+                self.handle_transport,
+                host,
+                self.config.ws_port,
+                max_frame_bytes=self.config.max_frame_bytes,
+                origins=OriginPolicy([*own, *self.config.allowed_origins]),
+            )
+        )
 
     async def shutdown(self) -> None:
         """Tell every session SHUTTING_DOWN and wait (bounded) for them to finish."""

@@ -278,9 +278,16 @@ class Session:
             await self._read_loop()
             nursery.cancel_scope.cancel()
 
-    def _receive(self, data: bytes) -> list[Frame] | None:
-        """Frames in ``data``; None (and the session closing) if the peer broke the protocol."""
+    async def _receive(self) -> list[Frame] | None:
+        """The frames of the next chunk from the peer (maybe none yet).
+
+        None at the end of the stream, or when the peer broke the protocol (in the
+        transport's framing or in the frames): then the session is closing with its code.
+        """
         try:
+            data = await self.transport.receive_some()
+            if not data:
+                return None
             return self.conn.receive_data(data)
         except RemoteProtocolError as exc:
             log.info("%s protocol error from peer: %s %s", self.id, exc.code.name, exc.message)
@@ -289,10 +296,7 @@ class Session:
 
     async def _receive_hello(self) -> Hello | None:
         while True:
-            data = await self.transport.receive_some()
-            if not data:
-                return None
-            frames = self._receive(data)
+            frames = await self._receive()
             if frames is None:
                 return None
             if frames:
@@ -304,19 +308,16 @@ class Session:
     # ------------------------------------------------------------ input
 
     async def _read_loop(self) -> None:
-        transport = self.transport
         keepalive_s = self.broker.config.keepalive_s
         while True:
             if self._unsent >= self._soft_outbound:
                 await self._wait_for_space()
+            frames: list[Frame] | None = []
             with trio.move_on_after(keepalive_s) as idle:
-                data = await transport.receive_some()
+                frames = await self._receive()
             if idle.cancelled_caught:
                 self.close(ErrorCode.KEEPALIVE_TIMEOUT, f"nothing received for {keepalive_s:g} s")
                 return
-            if not data:
-                return
-            frames = self._receive(data)
             if frames is None:
                 return
             if frames:

@@ -30,7 +30,11 @@ class TransportClosed(Exception):
 
 class Transport(Protocol):
     async def receive_some(self) -> bytes:
-        """The next chunk of the peer's byte stream; b"" at a clean end. Raises TransportClosed."""
+        """The next chunk of the peer's byte stream; b"" at a clean end.
+
+        Raises TransportClosed, or RemoteProtocolError for a framing violation only the
+        transport can see (e.g. a text WebSocket message).
+        """
         ...
 
     async def send_frames(self, frames: list[bytes]) -> None:

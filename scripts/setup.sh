@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shared set-up for scripts/serve.sh and scripts/test.sh: Debian packages (only those missing),
-# a virtualenv in .venv, and Relay installed into it in editable mode.
+# a virtualenv in .venv, Relay installed into it in editable mode, and the browser client's
+# npm packages (the demo page loads cborg from client/js/node_modules).
 #   usage: source scripts/setup.sh [extra]   (extra: "" for the broker alone, "test" for everything)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,9 +10,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 apt_need=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
+command -v npm >/dev/null || apt_need+=(nodejs npm)
 if [ "${1:-}" = "test" ]; then
   command -v chromium >/dev/null || apt_need+=(chromium)
-  command -v npm >/dev/null || apt_need+=(nodejs npm)
 fi
 if [ ${#apt_need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${apt_need[*]}"
@@ -23,7 +24,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "test" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
-  if [ -f client/js/package-lock.json ]; then (cd client/js && npm ci --no-audit --no-fund --loglevel=error); fi
 else
   .venv/bin/python -m pip install -q -e .
 fi
+(cd client/js && npm ci --no-audit --no-fund --loglevel=error)

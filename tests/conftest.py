@@ -29,8 +29,10 @@ def require_service(available: bool, what: str) -> None:
 
 @asynccontextmanager
 async def running_broker(tmp_path: Path, **overrides: Any) -> AsyncIterator[Broker]:
-    """A broker serving TCP on 127.0.0.1:<free port> until the block ends."""
+    """A broker serving TCP, WebSocket and HTTP on 127.0.0.1:<free ports> until the block ends."""
     clock = overrides.pop("clock", None)
+    # Every listener (TCP, WebSocket, HTTP) on a free port unless the test names one.
+    overrides = {"ws_port": 0, "http_port": 0, **overrides}
     config = BrokerConfig(tcp_port=0, data_dir=tmp_path / "broker-data", **overrides)
     broker = Broker(config) if clock is None else Broker(config, clock=clock)
     async with trio.open_nursery() as nursery:

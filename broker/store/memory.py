@@ -32,9 +32,10 @@ _COMPACT_MIN_DEAD = 64
 
 
 class _Mailbox:
-    __slots__ = ("by_id", "dead", "inflight", "nbytes", "queue")
+    __slots__ = ("by_id", "dead", "inflight", "name", "nbytes", "queue")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name  # every message of the mailbox shares this one string
         self.by_id: dict[str, StoredMessage] = {}
         self.queue: deque[StoredMessage] = deque()
         self.inflight: dict[str, StoredMessage] = {}
@@ -144,8 +145,8 @@ class MemoryStore:
                     outcomes.append(ErrorCode.BROKER_FULL)
                     continue
                 if box is None:
-                    box = mailboxes[rcpt] = _Mailbox()
-                msg = StoredMessage(new.id, new.sender, rcpt, new.body, new.sent_at, new.expires_at)
+                    box = mailboxes[rcpt] = _Mailbox(rcpt)
+                msg = StoredMessage(new.id, new.sender, box.name, new.body, new.sent_at, new.expires_at)
                 box.by_id[new.id] = msg
                 box.queue.append(msg)
                 box.nbytes += size

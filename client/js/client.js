@@ -1,0 +1,356 @@
+// The Relay browser client: the protocol over a WebSocket, with an IndexedDB store.
+//
+// Theory of operation. One WebSocket binary message carries one frame with its 4-byte
+// length prefix (protocol.md, WebSocket). The client says HELLO, waits for WELCOME, and
+// the broker then pushes every pending message followed by DRAINED. Each DELIVER goes
+// through processRelayMessage: saved in IndexedDB first (de-duplicated by id), then
+// ACKed. A failed save sends no ACK, so the broker delivers the message again later; a
+// failed ACK breaks nothing, because ACKs are idempotent and a redelivery is recognised by
+// its id.
+//
+// Sends are kept in a table keyed by message id until their RECEIPT arrives. Sends made
+// while disconnected wait there; on every (re)connect each unconfirmed send goes out
+// again with the same id, which the broker de-duplicates. The outbox is also written to
+// IndexedDB (when a store is given), so a reload resends what was never confirmed.
+//
+// The connection is re-opened with exponential backoff and full jitter, except after an
+// error that a retry cannot fix (bad or expired token, another tab took the mailbox over).
+//
+// Events (an EventTarget; each event's `detail`):
+//   state     {state: "connecting" | "open" | "closed", error?}
+//   welcome   the WELCOME frame
+//   message   a newly saved inbox record ({id, from, body, ..., state})
+//   acked     the inbox record after its ACK was sent
+//   receipt   {id, results} (also the outbox record's new results)
+//   drained   {pending}
+//   error     {code, message, close} for ERROR frames and local failures
+
+import { PROTOCOL_VERSION, ERROR_CODES, decodeBody, encodeFrame } from './codec.js'
+
+export { MessageStore } from './store.js'
+
+const FATAL = new Set([
+  ERROR_CODES.INVALID_TOKEN,
+  ERROR_CODES.TOKEN_EXPIRED,
+  ERROR_CODES.UNSUPPORTED_VERSION,
+  ERROR_CODES.CONNECTED_ELSEWHERE
+])
+
+/** A random 128-bit message id (32 hex digits). */
+export function newMessageId () {
+  const bytes = crypto.getRandomValues(new Uint8Array(16))
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')
+}
+
+/** The broker's WebSocket URL as served next to the demo page: ws://<page host>:<wsPort>/relay. */
+export function defaultUrl (wsPort = 7781, location = globalThis.location) {
+  const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:'
+  return `${scheme}//${location.hostname}:${wsPort}/relay`
+}
+
+export class RelayError extends Error {
+  constructor (code, message) {
+    super(message)
+    this.name = 'RelayError'
+    this.code = code
+  }
+}
+
+export class RelayClient extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} options.url      ws://host:port/relay
+   * @param {string} options.token    a Relay token (JWT)
+   * @param {MessageStore} [options.store]  where messages are saved; without one nothing persists
+   * @param {number} [options.minBackoffMs=250]  first reconnect delay (before jitter)
+   * @param {number} [options.maxBackoffMs=15000]
+   * @param {(msg) => Promise<void>} [options.beforeAck]  awaited between save and ACK (tests use it)
+   */
+  constructor ({ url, token, store = null, agent = 'relay-js', minBackoffMs = 250, maxBackoffMs = 15000, beforeAck = null, WebSocketImpl = globalThis.WebSocket }) {
+    super()
+    this.url = url
+    this.token = token
+    this.store = store
+    this.agent = agent
+    this.minBackoffMs = minBackoffMs
+    this.maxBackoffMs = maxBackoffMs
+    this.beforeAck = beforeAck
+    this.WebSocketImpl = WebSocketImpl
+    this.state = 'closed'
+    this.welcome = null
+    this.mailbox = null
+    this._ws = null
+    this._stopped = true
+    this._attempt = 0
+    this._retryTimer = null
+    this._pingTimer = null
+    this._lastSent = 0
+    this._sends = new Map() // id -> {frame, resolve, reject}
+    this._statsWaiters = []
+    this._cleanupWaiters = []
+    this._pullWaiters = [] // resolved by DRAINED frames after the PULL was sent
+    this._connectDrainExpected = false
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  /** Start connecting (and keep reconnecting) ; resends sends left unconfirmed in the store. */
+  async start () {
+    if (!this._stopped) return
+    this._stopped = false
+    if (this.store) {
+      for (const entry of await this.store.unconfirmed()) {
+        if (!this._sends.has(entry.id)) this._track(this._sendFrame(entry))
+      }
+    }
+    this._connect()
+  }
+
+  /** Say BYE and stop reconnecting. Pending sends stay queued (and in the store). */
+  close () {
+    this._stopped = true
+    clearTimeout(this._retryTimer)
+    if (this._ws && this.state === 'open') this._write({ type: 'bye' })
+    if (this._ws) this._ws.close(1000)
+    this._teardown()
+    this._setState('closed')
+  }
+
+  _setState (state, extra = {}) {
+    if (this.state === state && !extra.error) return
+    this.state = state
+    this.dispatchEvent(new CustomEvent('state', { detail: { state, ...extra } }))
+  }
+
+  _connect () {
+    if (this._stopped) return
+    this._setState('connecting')
+    let ws
+    try {
+      ws = new this.WebSocketImpl(this.url)
+    } catch (err) {
+      this._scheduleReconnect(err)
+      return
+    }
+    ws.binaryType = 'arraybuffer'
+    this._ws = ws
+    ws.onopen = () => this._write({ type: 'hello', version: PROTOCOL_VERSION, token: this.token, agent: this.agent })
+    ws.onmessage = (event) => this._onMessage(event.data)
+    ws.onclose = () => {
+      if (this._ws !== ws) return
+      this._teardown()
+      this._scheduleReconnect()
+    }
+    ws.onerror = () => {} // onclose follows
+  }
+
+  _teardown () {
+    clearInterval(this._pingTimer)
+    this._pingTimer = null
+    if (this._ws) {
+      this._ws.onopen = this._ws.onmessage = this._ws.onclose = null
+    }
+    this._ws = null
+    this.welcome = null
+    const lost = new RelayError(0, 'connection lost')
+    for (const w of this._statsWaiters.splice(0)) w.reject(lost)
+    for (const w of this._cleanupWaiters.splice(0)) w.reject(lost)
+    for (const w of this._pullWaiters.splice(0)) w.reject(lost)
+    // this._sends stay: they go out again on the next WELCOME.
+  }
+
+  _scheduleReconnect (error) {
+    if (this._stopped) {
+      this._setState('closed')
+      return
+    }
+    this._setState('closed', error ? { error } : {})
+    const ceiling = Math.min(this.maxBackoffMs, this.minBackoffMs * 2 ** this._attempt)
+    this._attempt += 1
+    const delay = Math.random() * ceiling // full jitter
+    this._retryTimer = setTimeout(() => this._connect(), delay)
+  }
+
+  /** Close the socket as if the network dropped (the client reconnects). For tests and demos. */
+  dropConnection () {
+    if (this._ws) this._ws.close(4000, 'dropped')
+  }
+
+  // ---------------------------------------------------------------- wire
+
+  _write (frame) {
+    const ws = this._ws
+    if (!ws || ws.readyState !== 1) return false
+    ws.send(encodeFrame(frame))
+    this._lastSent = Date.now()
+    return true
+  }
+
+  _onMessage (data) {
+    let frame
+    try {
+      const bytes = new Uint8Array(data)
+      const declared = new DataView(bytes.buffer, bytes.byteOffset).getUint32(0)
+      if (declared !== bytes.length - 4) throw new RelayError(ERROR_CODES.MALFORMED_FRAME, 'message is not exactly one frame')
+      frame = decodeBody(bytes.subarray(4))
+    } catch (err) {
+      this._emitError({ code: err.code || ERROR_CODES.MALFORMED_FRAME, message: err.message, close: true })
+      if (this._ws) this._ws.close(1002)
+      return
+    }
+    switch (frame.type) {
+      case 'welcome': return this._onWelcome(frame)
+      case 'deliver': return void this.processRelayMessage(frame)
+      case 'receipt': return void this._onReceipt(frame)
+      case 'drained': return this._onDrained(frame)
+      case 'stats_result': return this._statsWaiters.shift()?.resolve(frame.stats)
+      case 'cleanup_result': return this._cleanupWaiters.shift()?.resolve(frame.purged)
+      case 'error': return this._onError(frame)
+      default: // pong: nothing to do
+    }
+  }
+
+  _onWelcome (frame) {
+    this.welcome = frame
+    this.mailbox = frame.mailbox ?? null
+    this._attempt = 0
+    this._connectDrainExpected = frame.mailbox !== undefined
+    const idleMs = (frame.keepalive_s * 1000) / 3
+    this._pingTimer = setInterval(() => {
+      if (Date.now() - this._lastSent >= idleMs) this._write({ type: 'ping' })
+    }, Math.max(250, idleMs / 2))
+    this._setState('open')
+    this.dispatchEvent(new CustomEvent('welcome', { detail: frame }))
+    for (const { frame: send } of this._sends.values()) this._write(send)
+  }
+
+  async _onReceipt (frame) {
+    const entry = this._sends.get(frame.id)
+    this._sends.delete(frame.id)
+    if (this.store) {
+      try {
+        await this.store.saveReceipt(frame.id, frame.results)
+      } catch (err) {
+        this._emitError({ code: 0, message: `could not save the receipt: ${err}`, close: false })
+      }
+    }
+    this.dispatchEvent(new CustomEvent('receipt', { detail: { id: frame.id, results: frame.results } }))
+    entry?.resolve({ id: frame.id, results: frame.results })
+  }
+
+  _onDrained (frame) {
+    if (this._connectDrainExpected) this._connectDrainExpected = false
+    else this._pullWaiters.shift()?.resolve(frame.pending)
+    this.dispatchEvent(new CustomEvent('drained', { detail: { pending: frame.pending } }))
+  }
+
+  _onError (frame) {
+    this._emitError(frame)
+    if (!frame.close) {
+      // FORBIDDEN for stats/cleanup from a mailbox session, or send/ack/pull from an operator.
+      const waiter = this._statsWaiters.shift() || this._cleanupWaiters.shift()
+      waiter?.reject(new RelayError(frame.code, frame.message))
+      return
+    }
+    if (FATAL.has(frame.code)) {
+      this._stopped = true // retrying cannot help; start() again with a new token
+    }
+  }
+
+  _emitError (detail) {
+    this.dispatchEvent(new CustomEvent('error', { detail }))
+  }
+
+  // ---------------------------------------------------------------- API
+
+  /**
+   * Send `body` (string or Uint8Array) to one mailbox or an array of them.
+   * Resolves with the broker's receipt {id, results: {mailbox: {status, code?}}}; while
+   * disconnected the send waits and goes out (same id) on reconnect.
+   */
+  async sendMessage (to, body, { ttl, id = newMessageId() } = {}) {
+    const entry = {
+      id,
+      to: Array.isArray(to) ? [...to] : [to],
+      body: typeof body === 'string' ? new TextEncoder().encode(body) : body
+    }
+    if (ttl !== undefined) entry.ttl_s = ttl
+    if (this._sends.has(id)) return this._sends.get(id).promise
+    if (this.store) await this.store.saveOutgoing(entry)
+    const promise = this._track(this._sendFrame(entry))
+    if (this.state === 'open') this._write(this._sends.get(id).frame)
+    return promise
+  }
+
+  _sendFrame (entry) {
+    const frame = { type: 'send', id: entry.id, to: entry.to, body: entry.body }
+    if (entry.ttl_s !== undefined) frame.ttl_s = entry.ttl_s
+    return frame
+  }
+
+  _track (frame) {
+    let resolve, reject
+    const promise = new Promise((res, rej) => { resolve = res; reject = rej })
+    this._sends.set(frame.id, { frame, resolve, reject, promise })
+    return promise
+  }
+
+  /** ACK one id (or an array). Returns whether it went out; a lost ACK is harmless. */
+  acknowledgeMessage (ids) {
+    return this._write({ type: 'ack', ids: Array.isArray(ids) ? ids : [ids] })
+  }
+
+  /** PULL: the broker delivers the whole mailbox again; resolves with DRAINED's pending count. */
+  fetchPendingMessages () {
+    return new Promise((resolve, reject) => {
+      if (this.state !== 'open') return reject(new RelayError(0, 'not connected'))
+      this._pullWaiters.push({ resolve, reject })
+      this._write({ type: 'pull' })
+    })
+  }
+
+  /**
+   * Save a DELIVER in IndexedDB, then ACK it. Resolves with the stored record, or null
+   * when the save failed (no ACK then: the broker will deliver it again).
+   */
+  async processRelayMessage (msg) {
+    let saved
+    try {
+      saved = this.store ? await this.store.saveIncoming(msg) : { record: { ...msg, state: 'saved' }, isNew: true }
+    } catch (err) {
+      this._emitError({ code: 0, message: `could not save message ${msg.id}: ${err}`, close: false })
+      return null
+    }
+    if (saved.isNew) this.dispatchEvent(new CustomEvent('message', { detail: saved.record }))
+    try {
+      if (this.beforeAck) await this.beforeAck(msg)
+      if (this.acknowledgeMessage(msg.id)) {
+        const record = this.store ? await this.store.markAcked(msg.id) : { ...saved.record, state: 'acked' }
+        this.dispatchEvent(new CustomEvent('acked', { detail: record }))
+        return record
+      }
+    } catch (err) {
+      // Nothing breaks: the message is saved; the broker redelivers and the id de-duplicates.
+      this._emitError({ code: 0, message: `ACK of ${msg.id} failed: ${err}`, close: false })
+    }
+    return saved.record
+  }
+
+  /** Relay statistics (operator token only; rejects with FORBIDDEN otherwise). */
+  getStats () {
+    return this._operatorRequest({ type: 'stats' }, this._statsWaiters)
+  }
+
+  /** Purge expired messages now (operator token only); resolves with the count. */
+  cleanup () {
+    return this._operatorRequest({ type: 'cleanup' }, this._cleanupWaiters)
+  }
+
+  _operatorRequest (frame, waiters) {
+    return new Promise((resolve, reject) => {
+      if (this.state !== 'open') return reject(new RelayError(0, 'not connected'))
+      waiters.push({ resolve, reject })
+      this._write(frame)
+    })
+  }
+}

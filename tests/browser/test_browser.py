@@ -1,0 +1,201 @@
+"""The five original scenarios, and TCP <-> browser, in a real Chromium through Playwright.
+
+Each scenario runs in a worker thread (the sync Playwright API blocks) while the broker
+serves from the test's trio loop; the thread reaches back with ``trio.from_thread``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from broker.server import Broker
+from wire import Ack, Deliver, Drained, Receipt, Send, Status
+
+from ..broker.raw import RawClient
+from ..conftest import require_service
+from .helpers import WAIT_MS, chromium_available, inbox, open_browser, open_page, wait_inbox
+
+pytestmark = pytest.mark.browser
+TIMEOUT = 60
+
+
+@pytest.fixture(autouse=True)
+def _need_chromium() -> None:
+    require_service(chromium_available(), "Chromium (/usr/bin/chromium) with Python playwright")
+
+
+def base_url(broker: Broker) -> str:
+    return f"http://127.0.0.1:{broker.http_port}"
+
+
+async def run_in_browser(scenario: Callable[[], None]) -> None:
+    with trio.fail_after(TIMEOUT):
+        await trio.to_thread.run_sync(scenario)
+
+
+def from_trio(fn: Callable[..., Any], *args: Any) -> Any:
+    return trio.from_thread.run(fn, *args)
+
+
+async def test_both_online_instant_delivery_and_ack_deletes(broker: Broker) -> None:
+    base = base_url(broker)
+    alice_token, bob_token = broker.auth.issue("alice"), broker.auth.issue("bob")
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            context = browser.new_context()
+            alice = open_page(context, base, alice_token)
+            bob = open_page(context, base, bob_token)
+            # Through the demo page's form, as a user would.
+            alice.fill("#to", "bob")
+            alice.fill("#text", "hello bob")
+            alice.click("#send")
+            alice.wait_for_selector(".msg.out .chip.delivered", timeout=WAIT_MS)
+            (message,) = wait_inbox(bob, 1)
+            assert (message["from"], message["body"], message["state"]) == ("alice", "hello bob", "acked")
+            bob.wait_for_selector(".msg.in .chip.acked", timeout=WAIT_MS)
+            assert from_trio(broker.store.pending, "bob") == 0  # the ACK deleted it
+            # And back, through the client API.
+            receipt = bob.evaluate("async () => await window.relay.client.sendMessage('alice', 'hi alice')")
+            assert receipt["results"] == {"alice": {"status": "delivered"}}
+            assert [m["body"] for m in wait_inbox(alice, 1)] == ["hi alice"]
+            assert from_trio(broker.store.pending, "alice") == 0
+
+    await run_in_browser(scenario)
+
+
+async def test_offline_recipient_gets_everything_when_the_page_opens(broker: Broker) -> None:
+    base = base_url(broker)
+    sends = [Send(id=f"offline-{i}", to=("carol",), body=f"note {i}".encode()) for i in range(5)]
+    for receipt in await broker.route("alice", sends):
+        assert receipt.results["carol"].status is Status.QUEUED
+    carol_token = broker.auth.issue("carol")
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            carol = open_page(browser.new_context(), base, carol_token)
+            messages = wait_inbox(carol, 5)
+            assert [m["body"] for m in messages] == [f"note {i}" for i in range(5)]
+            carol.wait_for_function("document.querySelectorAll('.msg.in').length === 5", timeout=WAIT_MS)
+            assert from_trio(broker.store.pending, "carol") == 0
+            # Messages persist across reloads (IndexedDB).
+            carol.reload()
+            carol.wait_for_function("document.querySelectorAll('.msg.in .chip.acked').length === 5", timeout=WAIT_MS)
+
+    await run_in_browser(scenario)
+
+
+async def test_reconnect_recovers_many_messages(broker: Broker) -> None:
+    base = base_url(broker)
+    assert broker.tcp_port is not None
+    total = 400
+    dave_token = broker.auth.issue("dave")
+    sender, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("sender"))
+    await sender.expect(Drained)
+
+    async def send_batch(start: int, stop: int) -> None:
+        await sender.send(*(Send(id=f"many-{i}", to=("dave",), body=f"#{i}".encode()) for i in range(start, stop)))
+        for _ in range(start, stop):
+            await sender.expect(Receipt)
+
+    async def drop_dave() -> None:
+        session = broker.presence.get("dave")
+        assert session is not None
+        session.close(None)  # as if the network dropped
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            dave = open_page(browser.new_context(), base, dave_token)
+            from_trio(send_batch, 0, total // 2)
+            from_trio(drop_dave)
+            from_trio(send_batch, total // 2, total)
+            dave.evaluate("() => window.relay.client.dropConnection()")  # and once more from the page side
+            messages = wait_inbox(dave, total)
+            assert sorted(m["id"] for m in messages) == sorted(f"many-{i}" for i in range(total))
+            assert from_trio(broker.store.pending, "dave") == 0
+
+    await run_in_browser(scenario)
+    await sender.aclose()
+
+
+async def test_expired_messages_are_never_fetched(broker: Broker) -> None:
+    base = base_url(broker)
+    await broker.route("alice", [Send(id="short", to=("erin",), body=b"gone soon", ttl_s=1)])
+    await broker.route("alice", [Send(id="long", to=("erin",), body=b"still here")])
+    erin_token = broker.auth.issue("erin")
+    await trio.sleep(1.1)  # real time: the short TTL passes; the sweeper has not run
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            erin = open_page(browser.new_context(), base, erin_token)
+            messages = wait_inbox(erin, 1)
+            erin.evaluate("async () => await window.relay.client.fetchPendingMessages()")
+            assert [m["id"] for m in inbox(erin)] == ["long"] == [m["id"] for m in messages]
+
+    await run_in_browser(scenario)
+    assert await broker.store.pending("erin") == 0
+
+
+async def test_page_closed_after_save_before_ack_gets_redelivery_and_keeps_one_copy(broker: Broker) -> None:
+    base = base_url(broker)
+    frank_token = broker.auth.issue("frank")
+    await broker.route("alice", [Send(id="fragile", to=("frank",), body=b"save me once")])
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            context = browser.new_context()  # one profile: IndexedDB survives the page
+            first = open_page(context, base, frank_token, hold_acks=True)
+            (saved,) = wait_inbox(first, 1, state="saved")
+            assert saved["attempt"] == 1
+            first.close()  # after the save, before the ACK
+            deadline = time.monotonic() + 10
+            while trio.from_thread.run_sync(lambda: "frank" in broker.presence):  # the broker saw the close
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert from_trio(broker.store.pending, "frank") == 1  # not ACKed: still held
+            second = open_page(context, base, frank_token)
+            (again,) = wait_inbox(second, 1)  # redelivered (attempt 2), recognised by id, ACKed
+            # The stored copy is the first one (attempt 1); the redelivery only turned it "acked".
+            assert (again["id"], again["attempt"], again["body"]) == ("fragile", 1, "save me once")
+            assert from_trio(broker.store.pending, "frank") == 0
+            assert len(inbox(second)) == 1
+
+    await run_in_browser(scenario)
+    assert broker.counters.redelivered >= 1
+
+
+async def test_tcp_client_and_browser_exchange_messages_both_ways(broker: Broker) -> None:
+    base = base_url(broker)
+    assert broker.tcp_port is not None
+    tcp, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("native"))
+    await tcp.expect(Drained)
+    page_token = broker.auth.issue("webby")
+
+    async def tcp_send() -> None:
+        await tcp.send(Send(id="from-tcp", to=("webby",), body=b"hello browser"))
+        assert (await tcp.expect(Receipt)).results["webby"].status is Status.DELIVERED
+
+    async def tcp_receive() -> Deliver:
+        deliver = await tcp.expect(Deliver)
+        await tcp.send(Ack(ids=(deliver.id,)))
+        return deliver
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            page = open_page(browser.new_context(), base, page_token)
+            from_trio(tcp_send)
+            assert [m["body"] for m in wait_inbox(page, 1)] == ["hello browser"]
+            receipt = page.evaluate(
+                "async () => await window.relay.client.sendMessage('native', 'hello tcp', {id: 'from-web'})"
+            )
+            assert receipt["results"]["native"]["status"] == "delivered"
+            deliver = from_trio(tcp_receive)
+            assert (deliver.id, deliver.sender, deliver.body) == ("from-web", "webby", b"hello tcp")
+
+    await run_in_browser(scenario)
+    await tcp.aclose()

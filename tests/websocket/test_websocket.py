@@ -1,0 +1,214 @@
+"""The WebSocket listener: the same protocol as TCP, one frame per binary message, and its abuse cases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+import pytest
+import trio
+from trio_websocket import ConnectionRejected
+
+from broker.server import Broker
+from wire import Ack, Deliver, Drained, Error, ErrorCode, Hello, Ping, Pong, Receipt, Send, Status, encode_frame
+
+from ..broker.raw import RawClient
+from .wsclient import WsClient, login_ws, open_ws
+
+TIMEOUT = 10
+
+
+def frame(obj: object) -> bytes:
+    body = cbor2.dumps(obj)
+    return len(body).to_bytes(4, "big") + body
+
+
+async def expect_error(client: WsClient, code: ErrorCode) -> Error:
+    error = await client.expect(Error)
+    assert (error.code, error.close) == (code, True), error
+    await client.expect_closed()
+    return error
+
+
+async def test_two_websocket_clients_exchange_a_message(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with login_ws(broker.ws_port, broker.auth.issue("bob")) as (bob, welcome):
+            assert welcome.mailbox == "bob"
+            await bob.expect(Drained)
+            async with login_ws(broker.ws_port, broker.auth.issue("alice")) as (alice, _):
+                await alice.expect(Drained)
+                await alice.send(Send(id="m1", to=("bob",), body=b"hello over ws"))
+                receipt = await alice.expect(Receipt)
+                assert receipt.results["bob"].status is Status.DELIVERED
+                deliver = await bob.expect(Deliver)
+                assert (deliver.id, deliver.sender, deliver.body, deliver.attempt) == (
+                    "m1",
+                    "alice",
+                    b"hello over ws",
+                    1,
+                )
+                await bob.send(Ack(ids=("m1",)), Ping())
+                await bob.expect(Pong)
+                assert await broker.store.pending("bob") == 0
+
+
+async def test_pending_messages_are_pushed_on_open(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        await broker.route("alice", [Send(id="m0", to=("carol",), body=b"x")])
+        await broker.route("alice", [Send(id="m2", to=("carol",), body=b"y")])
+        async with login_ws(broker.ws_port, broker.auth.issue("carol")) as (carol, welcome):
+            assert welcome.pending == 2
+            before, drained = await carol.until(Drained)
+            assert [f.id for f in before if isinstance(f, Deliver)] == ["m0", "m2"]
+            assert drained.pending == 2
+
+
+async def test_websocket_and_tcp_clients_exchange_messages_both_ways(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert broker.tcp_port is not None
+        tcp, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("tcp-user"))
+        await tcp.expect(Drained)
+        async with login_ws(broker.ws_port, broker.auth.issue("ws-user")) as (ws, _):
+            await ws.expect(Drained)
+            await ws.send(Send(id="to-tcp", to=("tcp-user",), body=b"from ws"))
+            assert (await ws.expect(Receipt)).results["tcp-user"].status is Status.DELIVERED
+            got = await tcp.expect(Deliver)
+            assert (got.sender, got.body) == ("ws-user", b"from ws")
+            await tcp.send(Ack(ids=(got.id,)), Send(id="to-ws", to=("ws-user",), body=b"from tcp"))
+            assert (await tcp.expect(Receipt)).results["ws-user"].status is Status.DELIVERED
+            got = await ws.expect(Deliver)
+            assert (got.sender, got.body) == ("tcp-user", b"from tcp")
+            await ws.send(Ack(ids=(got.id,)), Ping())
+            await ws.expect(Pong)
+        await tcp.aclose()
+        assert await broker.store.pending("tcp-user") == 0
+        assert await broker.store.pending("ws-user") == 0
+
+
+async def test_text_message_gets_malformed_frame_and_close(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_ws(broker.ws_port) as client:
+            await client.send_raw("hello")
+            await expect_error(client, ErrorCode.MALFORMED_FRAME)
+
+
+async def test_text_message_after_welcome_gets_malformed_frame_and_close(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with login_ws(broker.ws_port, broker.auth.issue("dave")) as (client, _):
+            await client.expect(Drained)
+            await client.send_raw("{}")
+            await expect_error(client, ErrorCode.MALFORMED_FRAME)
+
+
+BAD_MESSAGES = [
+    pytest.param(frame({"type": "ping"})[:-1], ErrorCode.MALFORMED_FRAME, id="prefix-longer-than-message"),
+    pytest.param(frame({"type": "ping"}) + b"\x00", ErrorCode.MALFORMED_FRAME, id="prefix-shorter-than-message"),
+    pytest.param(frame({"type": "ping"}) * 2, ErrorCode.MALFORMED_FRAME, id="two-frames-in-one-message"),
+    pytest.param(b"\x00\x00", ErrorCode.MALFORMED_FRAME, id="shorter-than-a-prefix"),
+    pytest.param(b"", ErrorCode.MALFORMED_FRAME, id="empty"),
+    pytest.param(frame({"type": "warp"}), ErrorCode.UNKNOWN_FRAME_TYPE, id="unknown-type"),
+    pytest.param(frame({"type": "ping"}), ErrorCode.UNEXPECTED_FRAME, id="ping-before-hello"),
+    pytest.param(frame({"type": "hello", "version": 1}), ErrorCode.INVALID_FIELD, id="hello-without-token"),
+    pytest.param(frame({"type": "hello", "version": 1, "token": "not.a.jwt"}), ErrorCode.INVALID_TOKEN, id="bad-token"),
+]
+
+
+@pytest.mark.parametrize(("message", "code"), BAD_MESSAGES)
+async def test_bad_message_gets_error_and_close(broker: Broker, message: bytes, code: ErrorCode) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_ws(broker.ws_port) as client:
+            await client.send_raw(message)
+            await expect_error(client, code)
+
+
+async def test_token_for_another_secret_is_refused(broker: Broker) -> None:
+    import jwt
+
+    forged = jwt.encode({"sub": "eve", "aud": "relay", "exp": 2**40}, b"x" * 32, algorithm="HS256")
+    with trio.fail_after(TIMEOUT):
+        async with open_ws(broker.ws_port) as client:
+            await client.send(Hello(version=1, token=forged))
+            await expect_error(client, ErrorCode.INVALID_TOKEN)
+
+
+async def test_no_hello_times_out(broker_factory: Callable[..., Any]) -> None:
+    async with broker_factory(handshake_timeout_s=0.2) as broker:
+        with trio.fail_after(TIMEOUT):
+            async with open_ws(broker.ws_port) as client:
+                await expect_error(client, ErrorCode.HANDSHAKE_TIMEOUT)
+
+
+@pytest.mark.parametrize("excess", [1, 1024, 64 * 1024], ids=["one-byte-over", "twice", "far-over"])
+async def test_oversized_message_gets_frame_too_large_and_close(
+    broker_factory: Callable[..., Any], excess: int
+) -> None:
+    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024) as broker:
+        with trio.fail_after(TIMEOUT):
+            async with login_ws(broker.ws_port, broker.auth.issue("erin")) as (client, welcome):
+                assert welcome.max_frame_bytes == 1024
+                await client.expect(Drained)
+                message = (1024 + excess).to_bytes(4, "big") + b"\x00" * (1024 + excess)
+                await client.send_raw(message)
+                await expect_error(client, ErrorCode.FRAME_TOO_LARGE)
+            # The broker still serves everyone else.
+            async with login_ws(broker.ws_port, broker.auth.issue("erin")) as (client, _):
+                await client.expect(Drained)
+
+
+async def test_frame_at_the_limit_is_accepted(broker_factory: Callable[..., Any]) -> None:
+    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024) as broker:
+        with trio.fail_after(TIMEOUT):
+            async with login_ws(broker.ws_port, broker.auth.issue("frank")) as (client, _):
+                await client.expect(Drained)
+                send = Send(id="big", to=("frank",), body=b"")
+                overhead = len(encode_frame(send)) - 4
+                body = b"b" * (1024 - overhead - 2)  # the body's length header grows by 2 bytes past 255
+                send = Send(id="big", to=("frank",), body=body)
+                assert len(encode_frame(send)) == 1024 + 4
+                await client.send(send)
+                assert (await client.expect(Receipt)).results["frank"].status is Status.DELIVERED
+                assert (await client.expect(Deliver)).body == body
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:1"])
+async def test_unlisted_origin_is_refused_before_the_upgrade(broker: Broker, origin: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_ws(broker.ws_port, origin=origin):
+                pass
+        assert info.value.status_code == 403
+
+
+async def test_own_and_configured_origins_are_allowed(broker_factory: Callable[..., Any]) -> None:
+    async with broker_factory(allowed_origins=("https://chat.example.org",)) as broker:
+        origins = [
+            f"http://127.0.0.1:{broker.http_port}",
+            f"http://localhost:{broker.http_port}",
+            "https://chat.example.org",
+            "HTTPS://CHAT.EXAMPLE.ORG/",
+        ]
+        with trio.fail_after(TIMEOUT):
+            for origin in origins:
+                async with login_ws(broker.ws_port, broker.auth.issue("gina"), origin=origin) as (client, _):
+                    await client.expect(Drained)
+
+
+async def test_other_paths_are_not_upgraded(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_ws(broker.ws_port, path="/elsewhere"):
+                pass
+        assert info.value.status_code == 404
+
+
+async def test_websocket_takes_over_a_tcp_session_for_the_same_mailbox(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert broker.tcp_port is not None
+        token = broker.auth.issue("hana")
+        tcp, _ = await RawClient.login(broker.tcp_port, token)
+        await tcp.expect(Drained)
+        async with login_ws(broker.ws_port, token) as (ws, _):
+            error = await tcp.expect(Error)
+            assert error.code == ErrorCode.CONNECTED_ELSEWHERE
+            await ws.expect(Drained)
