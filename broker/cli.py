@@ -73,8 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    quiet = args.command not in (None, "serve")  # operator tools print results, not the client's log
     logging.basicConfig(
-        level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),
+        level=getattr(logging, str(getattr(args, "log_level", "WARNING" if quiet else "INFO")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     command = args.command or "serve"

@@ -29,11 +29,22 @@ class Plan:
     """Recipients refused before storing, with their error codes."""
 
 
-def plan_send(send: Send, sender: str, *, now_ms: int, default_ttl_s: int, max_ttl_s: int, max_recipients: int) -> Plan:
-    """Validate a SEND's recipients and fix its times. The sender is the authenticated mailbox."""
+def plan_send(
+    send: Send,
+    sender: str,
+    *,
+    now_ms: int,
+    default_ttl_s: int,
+    max_ttl_s: int,
+    max_recipients: int,
+    max_body_bytes: int,
+) -> Plan:
+    """Validate a SEND's recipients and body size and fix its times. The sender is the authenticated mailbox."""
     recipients = tuple(dict.fromkeys(send.to)) if len(send.to) > 1 else send.to
     if len(recipients) > max_recipients:
         return Plan(None, dict.fromkeys(recipients, ErrorCode.TOO_MANY_RECIPIENTS))
+    if len(send.body) > max_body_bytes:
+        return Plan(None, dict.fromkeys(recipients, ErrorCode.BODY_TOO_LARGE))
     refused: dict[str, int] = {}
     for rcpt in recipients:
         if not is_valid_mailbox_id(rcpt):

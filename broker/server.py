@@ -19,8 +19,8 @@ from typing import Any
 
 import trio
 
+from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, Receipt, Send, encode_frame
 from wire import Error as ErrorFrame
-from wire import ErrorCode, Receipt, Send, encode_frame
 
 from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig
@@ -41,6 +41,7 @@ _REFUSAL_NAMES = {
     ErrorCode.TOO_MANY_RECIPIENTS: "refused_too_many_recipients",
     ErrorCode.ID_CONFLICT: "refused_id_conflict",
     ErrorCode.INVALID_RECIPIENT: "refused_invalid_recipient",
+    ErrorCode.BODY_TOO_LARGE: "refused_body_too_large",
 }
 
 
@@ -188,6 +189,7 @@ class Broker:
                 default_ttl_s=config.default_ttl_s,
                 max_ttl_s=config.max_ttl_s,
                 max_recipients=config.max_recipients,
+                max_body_bytes=config.max_frame_bytes - DELIVER_OVERHEAD_BYTES,
             )
             for s in sends
         ]

@@ -8,6 +8,7 @@ from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode_body, encode_de
 from .connection import TRANSITIONS, Connection, Role, State
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
+    DELIVER_OVERHEAD_BYTES,
     FRAME_TYPES,
     PROTOCOL_VERSION,
     Ack,
@@ -35,6 +36,7 @@ from .frames import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "DELIVER_OVERHEAD_BYTES",
     "FRAME_TYPES",
     "PROTOCOL_VERSION",
     "TRANSITIONS",

@@ -58,6 +58,8 @@ class ErrorCode(IntEnum):
     """Another sender's message with the same id is held for this recipient."""
     INVALID_RECIPIENT = 3006
     """The recipient is not a syntactically valid mailbox id."""
+    BODY_TOO_LARGE = 3007
+    """The body is longer than ``max_frame_bytes - 256``: the DELIVER carrying it would not fit a frame."""
 
     # 4xxx: the broker ended the session.
     CONNECTED_ELSEWHERE = 4001

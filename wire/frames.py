@@ -21,6 +21,7 @@ from .errors import ErrorCode, RemoteProtocolError
 F = TypeVar("F", bound="Frame")
 
 __all__ = [
+    "DELIVER_OVERHEAD_BYTES",
     "FRAME_TYPES",
     "PROTOCOL_VERSION",
     "Ack",
@@ -49,6 +50,11 @@ __all__ = [
 PROTOCOL_VERSION = 1
 UINT_MAX = 2**63 - 1
 """Largest integer any field may carry (fits a signed 64-bit integer in every language)."""
+DELIVER_OVERHEAD_BYTES = 256
+"""Room a DELIVER needs besides its body: at most 222 bytes (keys, a 64-character id and
+sender, three 64-bit integers, the body's header), rounded up. A body longer than
+``max_frame_bytes - DELIVER_OVERHEAD_BYTES`` is refused (BODY_TOO_LARGE) so that every
+accepted message can be delivered within ``max_frame_bytes``."""
 MAX_TEXT = 4096
 """Longest free-text field (tokens, error messages), in characters."""
 

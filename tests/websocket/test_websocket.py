@@ -11,7 +11,21 @@ import trio
 from trio_websocket import ConnectionRejected
 
 from broker.server import Broker
-from wire import Ack, Deliver, Drained, Error, ErrorCode, Hello, Ping, Pong, Receipt, Send, Status, encode_frame
+from wire import (
+    DELIVER_OVERHEAD_BYTES,
+    Ack,
+    Deliver,
+    Drained,
+    Error,
+    ErrorCode,
+    Hello,
+    Ping,
+    Pong,
+    Receipt,
+    Send,
+    Status,
+    encode_frame,
+)
 
 from ..broker.raw import RawClient
 from .wsclient import WsClient, login_ws, open_ws
@@ -167,8 +181,14 @@ async def test_frame_at_the_limit_is_accepted(broker_factory: Callable[..., Any]
                 send = Send(id="big", to=("frank",), body=body)
                 assert len(encode_frame(send)) == 1024 + 4
                 await client.send(send)
+                # Read and answered, but refused: its DELIVER would not fit in max_frame_bytes.
+                result = (await client.expect(Receipt)).results["frank"]
+                assert (result.status, result.code) == (Status.REFUSED, ErrorCode.BODY_TOO_LARGE)
+                body = b"b" * (1024 - DELIVER_OVERHEAD_BYTES)
+                await client.send(Send(id="fits", to=("frank",), body=body))
                 assert (await client.expect(Receipt)).results["frank"].status is Status.DELIVERED
-                assert (await client.expect(Deliver)).body == body
+                deliver = await client.expect(Deliver)
+                assert deliver.body == body and len(encode_frame(deliver)) <= 1024 + 4
 
 
 @pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:1"])

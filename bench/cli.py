@@ -1,0 +1,232 @@
+"""``relay-bench``: run a named scenario against a broker and report the figures.
+
+    relay-bench latency     [--rate 1000] [--duration 10] [--warmup 1] [--timer spin|sleep]
+    relay-bench throughput  [--pairs 1,100] [--duration 5] [--workers 2] [--batch 256] [--depth 4] [--window 50000]
+    relay-bench offline     [--messages 100000]
+    relay-bench fanout      [--recipients 100] [--rate 100] [--duration 5]
+    relay-bench connections [--connections 10000] [--concurrency 64]
+    relay-bench compare A.json B.json
+
+Common options: ``--body-bytes 256``, ``--transport tcp|ws``, ``--json FILE``, ``--plot FILE.png``,
+``--no-progress``; ``--url URL --data-dir DIR [--broker-pid PID]`` to use a running broker instead of
+starting one; ``--broker-arg=--max-inflight=512`` (repeatable) to pass settings to a started broker.
+
+``main(argv) -> int`` is what the installed command runs; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from .reporting import compare, load_report, plot_report, print_report, write_json
+from .scenarios import SCENARIOS
+from .target import BenchError, BrokerTarget, raise_nofile_limit, relay_version
+
+__all__ = ["main"]
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return v
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay-bench", description="Benchmark a Relay broker.")
+    sub = parser.add_subparsers(dest="scenario", metavar="SCENARIO")
+
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("broker and output")
+    g.add_argument("--transport", choices=("tcp", "ws"), default="tcp", help="how clients connect (default tcp)")
+    g.add_argument("--url", help="use this running broker instead of starting one (needs --data-dir)")
+    g.add_argument("--data-dir", type=Path, help="the running broker's data dir: its secret signs the bench's tokens")
+    g.add_argument("--broker-pid", type=int, help="the running broker's PID, for CPU/RSS (default: found by port)")
+    g.add_argument(
+        "--broker-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for a started broker, repeatable",
+    )
+    g.add_argument("--body-bytes", type=_positive_int, default=256, help="message body size (default 256, min 16)")
+    g.add_argument("--json", type=Path, metavar="FILE", help="write every figure and the configuration as JSON")
+    g.add_argument("--plot", type=Path, metavar="FILE.png", help="draw latency percentiles and throughput over time")
+    g.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+    p = sub.add_parser("latency", parents=[common], help="online delivery latency at a fixed rate")
+    p.add_argument("--rate", type=_positive_float, default=1000.0, help="messages per second (default 1000)")
+    p.add_argument("--duration", type=_positive_float, default=10.0, help="measured seconds (default 10)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds sent before measuring (default 1)")
+    p.add_argument(
+        "--timer",
+        choices=("spin", "sleep"),
+        default="spin",
+        help="spin: yield in a loop for the last 2 ms before each send (precise, uses a core); sleep: trio timers",
+    )
+
+    p = sub.add_parser("throughput", parents=[common], help="maximum delivered-and-ACKed messages per second")
+    p.add_argument("--pairs", default="1,100", help="comma-separated sender->recipient pair counts (default 1,100)")
+    p.add_argument("--duration", type=_positive_float, default=5.0, help="sending seconds per pair count (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds not counted at the start (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="load generator processes (default 2)")
+    p.add_argument("--batch", type=_positive_int, default=256, help="messages per send_batch call (default 256)")
+    p.add_argument("--depth", type=_positive_int, default=4, help="concurrent send_batch calls per sender (default 4)")
+    p.add_argument("--window", type=_positive_int, default=50_000, help="max sent-not-delivered (default 50000)")
+
+    p = sub.add_parser("offline", parents=[common], help="queue K messages for an offline mailbox, then time the drain")
+    p.add_argument("--messages", type=_positive_int, default=100_000, help="messages to queue (default 100000)")
+    p.add_argument("--batch", type=_positive_int, default=1000, help="messages per send_batch call (default 1000)")
+
+    p = sub.add_parser("fanout", parents=[common], help="one SEND to many online recipients, at a fixed rate")
+    p.add_argument("--recipients", type=_positive_int, default=100, help="recipients per SEND (default 100)")
+    p.add_argument("--rate", type=_positive_float, default=100.0, help="SENDs per second (default 100)")
+    p.add_argument("--duration", type=_positive_float, default=5.0, help="measured seconds (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds sent before measuring (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="processes holding the recipients (default 2)")
+    p.add_argument("--timer", choices=("spin", "sleep"), default="spin", help="as for latency")
+
+    p = sub.add_parser("connections", parents=[common], help="hold C idle authenticated connections")
+    p.add_argument("--connections", type=_positive_int, default=10_000, help="connections to open (default 10000)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="processes holding them (default 2)")
+    p.add_argument("--concurrency", type=_positive_int, default=64, help="handshakes in flight per worker (default 64)")
+    p.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds to open them all (default 120)")
+
+    p = sub.add_parser("compare", help="the ratio B/A of every figure of two --json reports")
+    p.add_argument("a", type=Path, help="the 'before' report")
+    p.add_argument("b", type=Path, help="the 'after' report")
+    return parser
+
+
+def _check_transport(transport: str) -> None:
+    """Refuse ``--transport ws`` unless the Python client can open ws:// URLs (never fake it)."""
+    if transport == "tcp":
+        return
+    import client  # noqa: F401  (a ws transport registers itself on import)
+    from client.transport import OPENERS
+
+    if transport not in OPENERS:
+        raise BenchError(
+            f"--transport {transport}: the Python client in this build cannot open {transport}:// URLs "
+            f"(client.transport.OPENERS has only {', '.join(sorted(OPENERS))}); use --transport tcp"
+        )
+
+
+def _config(args: argparse.Namespace, argv: Sequence[str], target: BrokerTarget) -> dict[str, Any]:
+    return {
+        "command_line": shlex.join(["relay-bench", *argv]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "broker_version": relay_version(),
+        "broker_mode": target.mode,
+        "broker_command": shlex.join(target.command) if target.command else None,
+        "broker_pid": target.pid,
+        "url": target.url,
+        "transport": args.transport,
+        "body_bytes": args.body_bytes,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "nofile_limit": raise_nofile_limit()[0],
+    }
+
+
+@contextlib.contextmanager
+def _progress(console: Console, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield lambda description, total: lambda completed, total=None, info="": None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+    def factory(description: str, total: float | None) -> Any:
+        task = bar.add_task(description, total=total, info="")
+
+        def update(completed: float, total: float | None = None, info: str = "") -> None:
+            if total is not None:
+                bar.update(task, completed=completed, total=total, info=info)
+            else:
+                bar.update(task, completed=completed, info=info)
+
+        return update
+
+    with bar:
+        yield factory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    if args.scenario is None:
+        parser.print_help()
+        return 2
+    if args.scenario == "compare":
+        try:
+            compare(load_report(args.a), load_report(args.b), console)
+        except (OSError, ValueError) as exc:
+            err.print(f"relay-bench compare: {exc}")
+            return 2
+        return 0
+    if args.body_bytes < 16:
+        parser.error("--body-bytes must be at least 16 (the bench puts two timestamps in each body)")
+    raise_nofile_limit()  # inherited by a started broker and by the worker processes
+    try:
+        _check_transport(args.transport)
+        if args.url:
+            target = BrokerTarget.external(args.url, args.data_dir, args.broker_pid)
+        else:
+            if args.data_dir is not None:
+                parser.error("--data-dir goes with --url (a started broker gets a temporary data dir)")
+            target = BrokerTarget.start(args.transport, args.broker_arg)
+        with target:
+            with _progress(console, not args.no_progress) as progress:
+                report = SCENARIOS[args.scenario](args, target, progress)
+            report.data["config"] = {**_config(args, argv, target), **report.data["config"]}
+            if target.mode == "external" and target.process is None:
+                report.note(
+                    "the broker's process is not watched (no --broker-pid, not found by port): no CPU/RSS figures"
+                )
+            data = report.data
+    except BenchError as exc:
+        err.print(f"relay-bench {args.scenario}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        err.print("relay-bench: interrupted")
+        return 130
+    print_report(data, console)
+    if args.json:
+        write_json(data, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(data, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0

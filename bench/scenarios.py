@@ -1,0 +1,581 @@
+"""The named scenarios. Each takes the parsed options, the broker under test and a progress
+factory, and returns a :class:`~bench.reporting.Report` with its figures and the issue's targets.
+
+Targets (issue 4; 2 cores, broker and bench on one host, 256-byte bodies, TCP, in-memory store):
+latency p99 < 0.5 ms at 1,000 msg/s; throughput >= 60,000 msg/s 1 to 1 and >= 50,000 msg/s over
+100 pairs, delivered and ACKed; offline drain of 100,000 messages < 1 s with < 600 bytes of broker
+memory per queued message; 10,000 idle connections at < 30 KiB of broker RSS each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .reporting import Report, hist_figures, percentile_curve, share_below
+from .runner import LoadResult, Progress, run_load
+from .target import BenchError, BrokerTarget
+from .worker import WorkerSpec
+
+__all__ = ["SCENARIOS"]
+
+ProgressFactory = Callable[[str, float | None], Progress]
+CPU_BOUND_PCT = 90.0
+"""A process at or above this share of one core is taken to be the bottleneck."""
+
+
+def _prefix() -> str:
+    return "bench" + secrets.token_hex(3)
+
+
+def _pct(cpu_s: float | None, wall_s: float) -> float | None:
+    return None if cpu_s is None or wall_s <= 0 else round(100.0 * cpu_s / wall_s, 1)
+
+
+def _timeline(result: LoadResult, bin_s: float) -> list[list[float]]:
+    if not result.bins:
+        return []
+    last = max(result.bins)
+    return [[round((b + 1) * bin_s, 3), round(result.bins.get(b, 0) / bin_s, 1)] for b in range(0, last + 1)]
+
+
+def _delivered_between(result: LoadResult, bin_s: float, t0_s: float, t1_s: float) -> int:
+    lo, hi = round(t0_s / bin_s), round(t1_s / bin_s)
+    return sum(n for b, n in result.bins.items() if lo <= b < hi)
+
+
+def _other_cpu(broker_pct: float | None, bench_pct: float | None, host_pct: float | None) -> float | None:
+    """CPU used by other processes on the host, in % of one core (host_pct is % of all cores)."""
+    if host_pct is None or broker_pct is None or bench_pct is None:
+        return None
+    return round(max(0.0, host_pct * (os.cpu_count() or 1) - broker_pct - bench_pct), 1)
+
+
+OTHER_CPU_NOTE_PCT = 15.0
+
+
+def _limit_note(
+    label: str, broker_pct: float | None, bench_pct: float | None, host_pct: float | None, workers: int
+) -> str:
+    cores = os.cpu_count() or 1
+    parts = f"broker {broker_pct}% of one core, load generator {bench_pct}% ({workers} process(es))" + (
+        f", host {host_pct}% of {cores} cores" if host_pct is not None else ""
+    )
+    other = _other_cpu(broker_pct, bench_pct, host_pct)
+    if other is not None and other >= OTHER_CPU_NOTE_PCT:
+        parts += f"; OTHER processes on the host used {other}% of one core, so these figures are disturbed"
+    if broker_pct is not None and broker_pct >= CPU_BOUND_PCT:
+        return f"{label}: the broker was the limit (CPU-bound): {parts}"
+    if host_pct is not None and host_pct >= CPU_BOUND_PCT:
+        return (
+            f"{label}: the machine's cores were saturated and the broker was not CPU-bound, so the load generator "
+            f"(sharing the {cores} cores) was the limit: {parts}"
+        )
+    if bench_pct is not None and workers and bench_pct / workers >= CPU_BOUND_PCT:
+        return f"{label}: the load generator was the limit (its processes were CPU-bound): {parts}"
+    return f"{label}: neither side was CPU-bound ({parts}); round trips and flow-control windows set the pace"
+
+
+async def _settle_acks(target: BrokerTarget, key: str, expect: int, timeout_s: float = 5.0) -> tuple[int, float]:
+    """Poll the broker's stats until ``key`` reaches ``expect``; returns (value, seconds waited)."""
+    t0 = time.perf_counter()
+    value = 0
+    with trio.move_on_after(timeout_s):
+        while True:
+            value = (await target.stats()).get(key, 0)
+            if value >= expect:
+                break
+            await trio.sleep(0.002)
+    return value, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- latency
+
+
+def latency(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFactory) -> Report:
+    p = _prefix()
+    rx, tx = f"{p}-rx", f"{p}-tx"
+    total_s = opts.warmup + opts.duration
+    spec = WorkerSpec(
+        index=0,
+        url=target.url,
+        secret=target.secret,
+        senders=[(tx, (rx,))],
+        receivers=[rx],
+        body_bytes=opts.body_bytes,
+        mode="rate",
+        rate_per_sender=opts.rate,
+        duration_s=total_s,
+        spin=opts.timer == "spin",
+        warmup_s=opts.warmup,
+    )
+    config = {"rate_msg_s": opts.rate, "duration_s": opts.duration, "warmup_s": opts.warmup, "timer": opts.timer}
+    report = Report("latency", config)
+    result = run_load(target, [spec], duration_s=total_s, progress=progress("latency", total_s))
+    broker_cpu, bench_cpu, host_cpu = result.cpu_between(opts.warmup, total_s)
+    span = result.sample_span(opts.warmup, total_s)
+    cores = os.cpu_count() or 1
+    delivered_window = _delivered_between(result, spec.bin_s, opts.warmup, total_s)
+    report.add(
+        offered_msg_s=opts.rate,
+        delivered_msg_s=round(delivered_window / opts.duration, 1),
+        measured_messages=result.latency.get_total_count(),
+        **hist_figures(result.latency, "latency"),
+        share_under_10ms_pct=share_below(result.latency, 10_000),
+        share_under_50ms_pct=share_below(result.latency, 50_000),
+        **hist_figures(result.service, "service"),
+        **hist_figures(result.send_lag, "send_lag"),
+        broker_cpu_pct=_pct(broker_cpu, span),
+        bench_cpu_pct=_pct(bench_cpu, span),
+        host_cpu_pct=_pct(host_cpu / cores, span),
+    )
+    f = report.figures
+    report.add(other_cpu_pct=_other_cpu(f["broker_cpu_pct"], f["bench_cpu_pct"], f["host_cpu_pct"]))
+    limit = _limit_note("latency", f["broker_cpu_pct"], f["bench_cpu_pct"], f["host_cpu_pct"], 1)
+    if opts.timer == "spin":
+        limit += " (bench_cpu_pct is mostly the spin timer busy-waiting, not work)"
+    report.note(limit)
+    report.target("latency_p99_us", "<", 500, f"online delivery latency p99 under 0.5 ms at {opts.rate:g} msg/s")
+    report.data["counts"] = _counts(result)
+    report.data["curves"] = {"latency (from intended send)": percentile_curve(result.latency)}
+    report.data["curves"]["service (from hand-over)"] = percentile_curve(result.service)
+    report.data["timelines"] = {"delivered": _timeline(result, spec.bin_s)}
+    report.note(
+        "latency_* is measured from each message's intended send time (fixed schedule, coordinated-omission aware); "
+        "service_* from when the bench handed it to the client; send_lag_* is how late the load generator's "
+        "schedule ran (it is charged to latency_*)."
+    )
+    if result.send_lag.get_total_count() and result.send_lag.get_value_at_percentile(99) > 200:
+        report.note(
+            f"the load generator's own lateness is large"
+            f" (send_lag p99 {result.send_lag.get_value_at_percentile(99)} us): "
+            "part of latency_* is the bench, not the broker"
+        )
+    _check_complete(report, result)
+    return report
+
+
+def _counts(result: LoadResult) -> dict[str, int]:
+    keys = ("messages_sent", "accepted", "delivered", "redelivered", "duplicate", "refused")
+    out = {k: int(result.counts.get(k, 0)) for k in keys}
+    out.update({k: v for k, v in result.counts.items() if k not in out})
+    return out
+
+
+def _check_complete(report: Report, result: LoadResult) -> None:
+    c = result.counts
+    if result.timed_out:
+        report.note(
+            f"TIMED OUT draining: {c.get('accepted', 0) - c.get('delivered', 0):,} accepted messages undelivered"
+        )
+    if c.get("refused"):
+        report.note(f"{c['refused']:,} deliveries were refused by the broker (see counts)")
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def _pair_specs(opts: argparse.Namespace, target: BrokerTarget, pairs: int, p: str, **kw: Any) -> list[WorkerSpec]:
+    workers = max(1, min(opts.workers, 2 * pairs))
+    specs = [
+        WorkerSpec(index=w, url=target.url, secret=target.secret, body_bytes=opts.body_bytes, **kw)
+        for w in range(workers)
+    ]
+    for i in range(pairs):
+        tx, rx = f"{p}-tx{i}", f"{p}-rx{i}"
+        specs[i % workers].senders.append((tx, (rx,)))
+        specs[(i + 1) % workers].receivers.append(rx)
+    return specs
+
+
+def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFactory) -> Report:
+    pair_counts = [int(x) for x in str(opts.pairs).split(",") if x.strip()]
+    if not pair_counts or min(pair_counts) < 1:
+        raise BenchError("--pairs takes a comma-separated list of pair counts, e.g. 1,100")
+    config = {
+        "pairs": pair_counts,
+        "duration_s": opts.duration,
+        "warmup_s": opts.warmup,
+        "workers": opts.workers,
+        "batch": opts.batch,
+        "depth": opts.depth,
+        "window": opts.window,
+    }
+    report = Report("throughput", config)
+    cores = os.cpu_count() or 1
+    counts: dict[str, int] = {}
+    for pairs in pair_counts:
+        p = _prefix()
+        specs = _pair_specs(
+            opts,
+            target,
+            pairs,
+            p,
+            mode="max",
+            duration_s=opts.duration,
+            batch=opts.batch,
+            depth=opts.depth,
+            window=opts.window,
+            warmup_s=opts.warmup,
+        )
+        before = trio.run(target.stats)
+        result = run_load(
+            target, specs, duration_s=opts.duration, progress=progress(f"throughput {pairs} pair(s)", opts.duration)
+        )
+        delivered = int(result.counts.get("delivered", 0))
+        acked, _ = trio.run(_settle_acks, target, "acknowledged_total", before.get("acknowledged_total", 0) + delivered)
+        window_s = opts.duration - opts.warmup
+        rate = _delivered_between(result, specs[0].bin_s, opts.warmup, opts.duration) / window_s
+        broker_cpu, bench_cpu, host_cpu = result.cpu_between(opts.warmup, opts.duration)
+        span = result.sample_span(opts.warmup, opts.duration)
+        k = f"pairs_{pairs}"
+        broker_pct, bench_pct, host_pct = _pct(broker_cpu, span), _pct(bench_cpu, span), _pct(host_cpu / cores, span)
+        report.add(
+            **{
+                f"{k}_delivered_msg_s": round(rate, 1),
+                f"{k}_broker_cpu_pct": broker_pct,
+                f"{k}_bench_cpu_pct": bench_pct,
+                f"{k}_host_cpu_pct": host_pct,
+                f"{k}_other_cpu_pct": _other_cpu(broker_pct, bench_pct, host_pct),
+                f"{k}_broker_us_per_msg": None
+                if broker_cpu is None or not rate
+                else round(broker_cpu / (rate * span) * 1e6, 2),
+                f"{k}_acked_confirmed": acked - before.get("acknowledged_total", 0),
+                f"{k}_latency_p50_us": hist_figures(result.latency, "x")["x_p50_us"],
+                f"{k}_latency_p99_us": hist_figures(result.latency, "x")["x_p99_us"],
+            }
+        )
+        for key, v in _counts(result).items():
+            counts[f"{k}_{key}"] = v
+        report.data["timelines"][f"{pairs} pair(s)"] = _timeline(result, specs[0].bin_s)
+        report.data["curves"][f"{pairs} pair(s), under max load"] = percentile_curve(result.latency)
+        report.note(_limit_note(f"{pairs} pair(s)", broker_pct, bench_pct, host_pct, len(specs)))
+        _check_complete(report, result)
+        if acked - before.get("acknowledged_total", 0) < delivered:
+            report.note(f"{pairs} pair(s): the broker confirmed fewer ACKs than deliveries received")
+    report.data["counts"] = counts
+    if 1 in pair_counts:
+        report.target(
+            "pairs_1_delivered_msg_s", ">=", 60_000, "throughput 1 to 1, delivered and ACKed, at least 60,000 msg/s"
+        )
+    if 100 in pair_counts:
+        report.target("pairs_100_delivered_msg_s", ">=", 50_000, "throughput over 100 pairs at least 50,000 msg/s")
+    report.note(
+        "throughput is delivered-and-ACKed messages per second between warm-up and the end of sending; "
+        "the ACK count is confirmed from the broker's acknowledged_total"
+    )
+    return report
+
+
+# ---------------------------------------------------------------- offline
+
+
+def offline(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFactory) -> Report:
+    import psutil
+
+    from client import OutgoingMessage, Status, open_client
+
+    p = _prefix()
+    rx, tx = f"{p}-rx", f"{p}-tx"
+    k = opts.messages
+    config = {"messages": k, "batch": opts.batch}
+    report = Report("offline", config)
+    me = psutil.Process()
+    out: dict[str, Any] = {}
+    bar_q = progress(f"queue {k:,}", k)
+    body_pad = bytes(max(0, opts.body_bytes - 16))
+
+    async def run() -> None:
+        before = await target.stats()
+        base_messages = before.get("messages_total", 0)
+        async with open_client(target.url, target.token(tx), reconnect=False, agent="relay-bench") as sender:
+            await trio.sleep(0.2)
+            rss0 = target.rss()
+            accepted = refused = 0
+            t0 = time.perf_counter()
+            sem = trio.Semaphore(8)
+
+            async def one(n: int) -> None:
+                nonlocal accepted, refused
+                async with sem:
+                    stamp = time.time_ns().to_bytes(8, "little") * 2
+                    receipts = await sender.send_batch(
+                        [OutgoingMessage(to=rx, body=stamp + body_pad) for _ in range(n)]
+                    )
+                for r in receipts:
+                    if r.results[rx].status is Status.QUEUED:
+                        accepted += 1
+                    else:
+                        refused += 1
+                bar_q(accepted + refused, info=f"{accepted:,} queued")
+
+            async with trio.open_nursery() as nursery:
+                left = k
+                while left > 0:
+                    n = min(opts.batch, left)
+                    left -= n
+                    nursery.start_soon(one, n)
+                    await trio.sleep(0)
+            queue_s = time.perf_counter() - t0
+        await trio.sleep(0.5)
+        rss1 = target.rss()
+        bar_d = progress(f"drain {accepted:,}", accepted)
+        cpu_b0, cpu_me0 = target.cpu_s(), sum(me.cpu_times()[:2])
+        got = 0
+        redelivered = 0
+        t0 = time.perf_counter()
+        async with open_client(target.url, target.token(rx), reconnect=False, agent="relay-bench") as receiver:
+            t_welcome = time.perf_counter()
+            async for batch in receiver.delivery_batches():
+                receiver.ack([d.id for d in batch])
+                got += len(batch)
+                redelivered += sum(1 for d in batch if d.attempt > 1)
+                if got & 0x3FFF < len(batch):
+                    bar_d(got)
+                if got >= accepted:
+                    break
+            t_last = time.perf_counter()
+            after = await _settle_acks_messages(target, base_messages)
+            t_acked = time.perf_counter()
+        cpu_b1, cpu_me1 = target.cpu_s(), sum(me.cpu_times()[:2])
+        bar_d(got, info="all ACKed" if after <= base_messages else f"{after - base_messages:,} still held")
+        await trio.sleep(0.3)
+        out.update(
+            accepted=accepted,
+            refused=refused,
+            queue_s=queue_s,
+            rss0=rss0,
+            rss1=rss1,
+            rss2=target.rss(),
+            got=got,
+            redelivered=redelivered,
+            connect_s=t_welcome - t0,
+            last_s=t_last - t0,
+            acked_s=t_acked - t0,
+            held_after=after - base_messages,
+            broker_cpu=None if cpu_b0 is None or cpu_b1 is None else cpu_b1 - cpu_b0,
+            me_cpu=cpu_me1 - cpu_me0,
+        )
+
+    trio.run(run)
+    per_msg = None
+    if out["rss0"] is not None and out["rss1"] is not None and out["accepted"]:
+        per_msg = round((out["rss1"] - out["rss0"]) / out["accepted"], 1)
+    drain = out["acked_s"]
+    report.add(
+        queued_messages=out["accepted"],
+        queue_s=round(out["queue_s"], 4),
+        queue_msg_s=round(out["accepted"] / out["queue_s"], 1) if out["queue_s"] else None,
+        broker_rss_before_bytes=out["rss0"],
+        broker_rss_queued_bytes=out["rss1"],
+        broker_rss_after_drain_bytes=out["rss2"],
+        broker_bytes_per_queued_msg=per_msg,
+        drain_connect_s=round(out["connect_s"], 4),
+        drain_last_delivery_s=round(out["last_s"], 4),
+        drain_s=round(drain, 4),
+        drain_msg_s=round(out["got"] / drain, 1) if drain else None,
+        drain_broker_cpu_pct=_pct(out["broker_cpu"], drain),
+        drain_bench_cpu_pct=_pct(out["me_cpu"], drain),
+    )
+    report.data["counts"] = {
+        "messages_sent": k,
+        "accepted": out["accepted"],
+        "refused": out["refused"],
+        "delivered": out["got"],
+        "redelivered": out["redelivered"],
+        "held_after_drain": out["held_after"],
+    }
+    if k == 100_000:
+        report.target("drain_s", "<", 1.0, "offline drain of 100,000 queued messages under 1 s")
+    else:
+        report.note(f"the drain target is for 100,000 messages; this run queued {k:,}")
+    report.target("broker_bytes_per_queued_msg", "<", 600, "broker memory per queued message under 600 bytes")
+    report.note(
+        "drain_s runs from opening the receiver's connection until the broker's stats show every message ACKed "
+        "(messages_total back to its level before the run); broker_bytes_per_queued_msg is the broker's RSS growth "
+        "while the messages were queued, divided by their number"
+    )
+    report.note(_limit_note("drain", _pct(out["broker_cpu"], drain), _pct(out["me_cpu"], drain), None, 1))
+    if out["refused"]:
+        report.note(f"{out['refused']:,} messages were refused (mailbox limits? see --broker-arg)")
+    return report
+
+
+async def _settle_acks_messages(target: BrokerTarget, base: int, timeout_s: float = 10.0) -> int:
+    value = base
+    with trio.move_on_after(timeout_s):
+        while True:
+            value = (await target.stats()).get("messages_total", 0)
+            if value <= base:
+                break
+            await trio.sleep(0.001)
+    return value
+
+
+# ---------------------------------------------------------------- fanout
+
+
+def fanout(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFactory) -> Report:
+    p = _prefix()
+    recipients = tuple(f"{p}-rx{i}" for i in range(opts.recipients))
+    workers = max(1, opts.workers)
+    total_s = opts.warmup + opts.duration
+    specs = [
+        WorkerSpec(
+            index=w,
+            url=target.url,
+            secret=target.secret,
+            body_bytes=opts.body_bytes,
+            mode="rate",
+            rate_per_sender=opts.rate,
+            duration_s=total_s,
+            spin=opts.timer == "spin",
+            warmup_s=opts.warmup,
+        )
+        for w in range(workers)
+    ]
+    specs[0].senders.append((f"{p}-tx", recipients))
+    for i, r in enumerate(recipients):
+        specs[(i + 1) % workers].receivers.append(r)
+    config = {
+        "recipients": opts.recipients,
+        "rate_sends_s": opts.rate,
+        "duration_s": opts.duration,
+        "warmup_s": opts.warmup,
+        "workers": workers,
+        "timer": opts.timer,
+    }
+    report = Report("fanout", config)
+    result = run_load(target, specs, duration_s=total_s, progress=progress(f"fanout to {opts.recipients}", total_s))
+    cores = os.cpu_count() or 1
+    broker_cpu, bench_cpu, host_cpu = result.cpu_between(opts.warmup, total_s)
+    span = result.sample_span(opts.warmup, total_s)
+    delivered_window = _delivered_between(result, specs[0].bin_s, opts.warmup, total_s)
+    broker_pct, bench_pct, host_pct = _pct(broker_cpu, span), _pct(bench_cpu, span), _pct(host_cpu / cores, span)
+    report.add(
+        sends_s=opts.rate,
+        offered_deliveries_s=opts.rate * opts.recipients,
+        delivered_msg_s=round(delivered_window / opts.duration, 1),
+        **hist_figures(result.latency, "latency"),
+        **hist_figures(result.send_lag, "send_lag"),
+        broker_cpu_pct=broker_pct,
+        bench_cpu_pct=bench_pct,
+        host_cpu_pct=host_pct,
+        other_cpu_pct=_other_cpu(broker_pct, bench_pct, host_pct),
+    )
+    report.data["counts"] = _counts(result)
+    report.data["curves"] = {"per-recipient latency": percentile_curve(result.latency)}
+    report.data["timelines"] = {"deliveries": _timeline(result, specs[0].bin_s)}
+    report.note(
+        "latency_* is per recipient delivery, from the SEND's intended time; latency_max_us bounds the "
+        "time for a SEND to reach all recipients"
+    )
+    report.note(_limit_note("fanout", broker_pct, bench_pct, host_pct, workers))
+    _check_complete(report, result)
+    return report
+
+
+# ---------------------------------------------------------------- connections
+
+
+def connections(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFactory) -> Report:
+    from .target import raise_nofile_limit
+
+    soft, _hard = raise_nofile_limit()
+    p = _prefix()
+    c = opts.connections
+    workers = max(1, opts.workers)
+    specs = [
+        WorkerSpec(index=w, url=target.url, secret=target.secret, connect_concurrency=opts.concurrency, duration_s=0.0)
+        for w in range(workers)
+    ]
+    for i in range(c):
+        specs[i % workers].idle.append(f"{p}-c{i}")
+    config = {
+        "connections": c,
+        "workers": workers,
+        "concurrency_per_worker": opts.concurrency,
+        "nofile_soft_limit": soft,
+    }
+    report = Report("connections", config)
+    if c // workers + 64 > soft:
+        report.note(f"RLIMIT_NOFILE is {soft}: a worker may run out of file descriptors")
+    time.sleep(0.3)
+    rss0 = target.rss()
+
+    def measure() -> dict[str, Any]:
+        time.sleep(1.0)  # let the broker finish the last handshakes' allocations
+        stats = trio.run(target.stats)
+        return {
+            "rss": target.rss(),
+            "broker_connections": stats.get("connections"),
+            "online": stats.get("online_users"),
+        }
+
+    result = run_load(
+        target,
+        specs,
+        duration_s=0.0,
+        drain_timeout_s=opts.timeout,
+        progress=progress(f"connect {c:,}", c),
+        expected_connections=c,
+        while_held=measure,
+    )
+    opened = int(result.counts.get("connected", 0))
+    firsts = [w["connect_first_ns"] for w in result.workers if w["connect_first_ns"]]
+    lasts = [w["connect_last_ns"] for w in result.workers if w["connect_last_ns"]]
+    span_s = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else None
+    rss1 = result.held.get("rss")
+    per_conn = round((rss1 - rss0) / opened, 1) if rss0 is not None and rss1 is not None and opened else None
+    broker_cpu, bench_cpu, _host = result.cpu_between(0.0, result.samples[-1].t_s)
+    report.add(
+        connections_opened=opened,
+        connections_failed=int(result.counts.get("connect_failed", 0)),
+        broker_connections=result.held.get("broker_connections"),
+        connect_s=round(span_s, 4) if span_s else None,
+        handshakes_s=round(opened / span_s, 1) if span_s else None,
+        **hist_figures(result.connect, "handshake"),
+        broker_rss_before_bytes=rss0,
+        broker_rss_held_bytes=rss1,
+        broker_rss_per_connection_bytes=per_conn,
+        broker_cpu_s=None if broker_cpu is None else round(broker_cpu, 3),
+        bench_cpu_s=round(bench_cpu, 3),
+    )
+    report.data["counts"] = {k: v for k, v in result.counts.items()}
+    if c >= 10_000:
+        report.target(
+            "broker_rss_per_connection_bytes", "<", 30 * 1024, "idle connections under 30 KiB of broker RSS each"
+        )
+    else:
+        report.target(
+            "broker_rss_per_connection_bytes",
+            "<",
+            30 * 1024,
+            "(target is for 10,000) under 30 KiB of broker RSS per connection",
+        )
+    report.data["curves"] = {"handshake (connect + HELLO/WELCOME)": percentile_curve(result.connect)}
+    report.note(
+        "handshakes_s is connections opened per second from the first attempt to the last WELCOME, "
+        f"with {opts.concurrency} concurrent attempts per worker process"
+    )
+    if broker_cpu is not None and span_s:
+        report.note(_limit_note("handshakes", _pct(broker_cpu, span_s), _pct(bench_cpu, span_s), None, workers))
+    for key in result.counts:
+        if key.startswith("error:"):
+            report.note(f"{result.counts[key]}x {key}")
+    return report
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace, BrokerTarget, ProgressFactory], Report]] = {
+    "latency": latency,
+    "throughput": throughput,
+    "offline": offline,
+    "fanout": fanout,
+    "connections": connections,
+}

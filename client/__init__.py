@@ -1,0 +1,46 @@
+"""Relay's Python client: a trio API (:func:`open_client`), a local SQLite message store and the ``relay`` CLI.
+
+Quick start::
+
+    async with open_client("tcp://127.0.0.1:7700", token) as client:
+        receipt = await client.send("bob", b"hello")
+        async for delivery in client.deliveries():
+            client.ack(delivery.id)
+"""
+
+from wire import ErrorCode, Receipt, RecipientResult, Status, Welcome
+
+from .connection import Delivery, OutgoingMessage, RelayClient, open_client
+from .errors import (
+    AuthenticationError,
+    ConnectedElsewhere,
+    ConnectionLost,
+    ForbiddenError,
+    LocalStoreError,
+    ProtocolViolation,
+    RelayError,
+    SessionEnded,
+)
+from .localstore import LocalStore, StoredMessage
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectedElsewhere",
+    "ConnectionLost",
+    "Delivery",
+    "ErrorCode",
+    "ForbiddenError",
+    "LocalStore",
+    "LocalStoreError",
+    "OutgoingMessage",
+    "ProtocolViolation",
+    "Receipt",
+    "RecipientResult",
+    "RelayClient",
+    "RelayError",
+    "SessionEnded",
+    "Status",
+    "StoredMessage",
+    "Welcome",
+    "open_client",
+]

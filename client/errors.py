@@ -1,0 +1,132 @@
+"""The client's exceptions: one hierarchy, each carrying the wire ErrorCode where there is one.
+
+``RelayError`` is the root. Which subclass is raised tells the caller what to do:
+
+- :class:`AuthenticationError` (INVALID_TOKEN, TOKEN_EXPIRED): get a new token. Fatal.
+- :class:`ForbiddenError` (FORBIDDEN): this token may not do that. The connection stays up.
+- :class:`ProtocolViolation` (1xxx, e.g. UNSUPPORTED_VERSION): a bug on one side. Fatal.
+- :class:`SessionEnded` (4xxx, 5xxx): the broker ended the session. The client reconnects
+  by itself, except after :class:`ConnectedElsewhere` (4001: another connection took over
+  the mailbox), which is fatal.
+- :class:`ConnectionLost` (no code): the transport failed and the client will not (or may
+  not) reconnect: the first connect failed, ``reconnect=False``, or the client was closed.
+- :class:`LocalStoreError`: saving deliveries to the local store failed (nothing was ACKed).
+"""
+
+from __future__ import annotations
+
+from wire import ErrorCode
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectedElsewhere",
+    "ConnectionLost",
+    "ForbiddenError",
+    "LocalStoreError",
+    "ProtocolViolation",
+    "RelayError",
+    "SessionEnded",
+    "error_from_code",
+]
+
+
+class RelayError(Exception):
+    """Something failed. ``code`` is the :class:`wire.ErrorCode` (a plain int for codes newer than
+    this client, None when no code applies, e.g. a broken socket); ``message`` says what happened."""
+
+    def __init__(self, code: ErrorCode | int | None, message: str) -> None:
+        super().__init__(f"{_code_text(code)}{message}")
+        self.code = code
+        self.message = message
+
+    def __reduce__(self) -> tuple[object, ...]:  # copy and pickle with the constructor's arguments
+        return (type(self), (self.code, self.message))
+
+
+class AuthenticationError(RelayError):
+    """The broker refused the token (INVALID_TOKEN 2001 or TOKEN_EXPIRED 2002). Never retried."""
+
+
+class ForbiddenError(RelayError):
+    """FORBIDDEN (2003): the token may not do this (e.g. STATS without an operator token)."""
+
+
+class ProtocolViolation(RelayError):
+    """A 1xxx error: one side broke the protocol (including UNSUPPORTED_VERSION). Never retried."""
+
+
+class SessionEnded(RelayError):
+    """The broker ended the session with a 4xxx or 5xxx code."""
+
+
+class ConnectedElsewhere(SessionEnded):
+    """CONNECTED_ELSEWHERE (4001): a newer connection for the same mailbox took over. Never retried."""
+
+
+class ConnectionLost(RelayError):
+    """The transport failed or the client was closed, and no (further) reconnect will happen."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message,))
+
+
+class LocalStoreError(RelayError):
+    """Saving deliveries to the local store failed; they were not ACKed and will be delivered again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message,))
+
+
+FATAL_CODES = frozenset(
+    {
+        ErrorCode.INVALID_TOKEN,
+        ErrorCode.TOKEN_EXPIRED,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.CONNECTED_ELSEWHERE,
+        ErrorCode.MALFORMED_FRAME,
+        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.UNEXPECTED_FRAME,
+        ErrorCode.INVALID_FIELD,
+        ErrorCode.UNKNOWN_FRAME_TYPE,
+    }
+)
+"""Closing errors after which reconnecting cannot help. HANDSHAKE_TIMEOUT (1007), the 4xxx codes
+other than CONNECTED_ELSEWHERE and INTERNAL_ERROR are transient: the client reconnects."""
+
+
+def _code_text(code: ErrorCode | int | None) -> str:
+    if code is None:
+        return ""
+    if isinstance(code, ErrorCode):
+        return f"{code.name} ({int(code)}): "
+    return f"error {code}: "
+
+
+def error_from_code(code: int, message: str) -> RelayError:
+    """The exception for an ERROR frame's code (a plain int if this client does not know it)."""
+    try:
+        known: ErrorCode | int = ErrorCode(code)
+    except ValueError:
+        known = code
+    if code in (ErrorCode.INVALID_TOKEN, ErrorCode.TOKEN_EXPIRED):
+        return AuthenticationError(known, message)
+    if code == ErrorCode.FORBIDDEN:
+        return ForbiddenError(known, message)
+    if code == ErrorCode.CONNECTED_ELSEWHERE:
+        return ConnectedElsewhere(known, message)
+    if 1000 <= code < 2000:
+        return ProtocolViolation(known, message)
+    if 4000 <= code < 6000:
+        return SessionEnded(known, message)
+    return RelayError(known, message)
+
+
+def is_fatal(code: int) -> bool:
+    """Whether a closing ERROR with this code ends the client for good (no reconnect)."""
+    return code in FATAL_CODES

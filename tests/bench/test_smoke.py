@@ -1,0 +1,129 @@
+"""Smoke tests: every scenario runs at a tiny size against a broker subprocess and writes a complete,
+self-consistent JSON report; ``compare`` reads two of them. Nothing here asserts on timing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.cli import main
+
+CONFIG_KEYS = ("command_line", "broker_version", "broker_mode", "transport", "body_bytes", "cpu_count", "url")
+
+
+def run(tmp_path: Path, name: str, *args: str) -> dict[str, Any]:
+    out = tmp_path / f"{name}.json"
+    assert main([name, "--no-progress", "--json", str(out), *args]) == 0
+    report = json.loads(out.read_text())
+    assert report["scenario"] == name
+    for key in CONFIG_KEYS:
+        assert report["config"][key] is not None, key
+    assert report["config"]["transport"] == "tcp"
+    for t in report["targets"]:
+        assert t["figure"] in report["figures"]
+        assert t["met"] in (True, False, None)
+    return report
+
+
+def assert_ordered(figures: dict[str, Any], prefix: str) -> None:
+    keys = ("min", "p50", "p90", "p99", "p99_9", "max")
+    values = [figures[f"{prefix}_{k}_us"] for k in keys]
+    assert all(v is not None for v in values), values
+    assert values == sorted(values), values
+
+
+def assert_curve_ordered(points: list[list[float]]) -> None:
+    assert points
+    assert [p for p, _ in points] == sorted(p for p, _ in points)
+    assert [v for _, v in points] == sorted(v for _, v in points)
+
+
+@pytest.fixture(scope="module")
+def latency_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("latency")
+    report = run(tmp, "latency", "--rate", "200", "--duration", "0.5", "--warmup", "0.2", "--plot", str(tmp / "l.png"))
+    assert (tmp / "l.png").stat().st_size > 0
+    return report
+
+
+def test_latency_report_is_complete_and_consistent(latency_report: dict[str, Any]) -> None:
+    f, c = latency_report["figures"], latency_report["counts"]
+    assert c["messages_sent"] == c["accepted"] == c["delivered"] == round(200 * 0.7)
+    assert c["refused"] == 0
+    assert 0 < f["measured_messages"] <= c["delivered"]
+    for prefix in ("latency", "service", "send_lag"):
+        assert_ordered(f, prefix)
+    assert 0 <= f["share_under_10ms_pct"] <= f["share_under_50ms_pct"] <= 100
+    assert [t["figure"] for t in latency_report["targets"]] == ["latency_p99_us"]
+    assert latency_report["config"]["rate_msg_s"] == 200
+    for points in latency_report["curves"].values():
+        assert_curve_ordered(points)
+    assert sum(r for _, r in latency_report["timelines"]["delivered"]) * 0.1 == pytest.approx(c["delivered"])
+
+
+def test_throughput_counts_add_up(tmp_path: Path) -> None:
+    report = run(tmp_path, "throughput", "--pairs", "1,3", "--duration", "1", "--warmup", "0.2", "--batch", "32")
+    f, c = report["figures"], report["counts"]
+    for pairs in (1, 3):
+        k = f"pairs_{pairs}"
+        assert c[f"{k}_accepted"] == c[f"{k}_delivered"] > 0
+        assert c[f"{k}_messages_sent"] == c[f"{k}_accepted"] + c[f"{k}_refused"] + c[f"{k}_duplicate"]
+        assert f[f"{k}_acked_confirmed"] == c[f"{k}_delivered"]
+        assert f[f"{k}_delivered_msg_s"] > 0
+        assert f[f"{k}_broker_cpu_pct"] is not None
+    assert {t["figure"] for t in report["targets"]} == {"pairs_1_delivered_msg_s"}
+
+
+def test_offline_drain_delivers_every_queued_message(tmp_path: Path) -> None:
+    report = run(tmp_path, "offline", "--messages", "500", "--batch", "100")
+    f, c = report["figures"], report["counts"]
+    assert c["accepted"] == c["delivered"] == f["queued_messages"] == 500
+    assert c["held_after_drain"] == 0
+    assert f["drain_connect_s"] <= f["drain_last_delivery_s"] <= f["drain_s"]
+    assert f["broker_bytes_per_queued_msg"] is not None
+
+
+def test_fanout_delivers_to_every_recipient(tmp_path: Path) -> None:
+    report = run(tmp_path, "fanout", "--recipients", "5", "--rate", "50", "--duration", "0.4", "--warmup", "0.2")
+    c = report["counts"]
+    assert c["messages_sent"] == round(50 * 0.6)
+    assert c["accepted"] == c["delivered"] == 5 * c["messages_sent"]
+    assert_ordered(report["figures"], "latency")
+
+
+def test_connections_are_all_held(tmp_path: Path) -> None:
+    report = run(tmp_path, "connections", "--connections", "40", "--concurrency", "8")
+    f = report["figures"]
+    assert f["connections_opened"] == 40
+    assert f["connections_failed"] == 0
+    assert f["broker_connections"] == 41  # plus the bench's operator connection asking for stats
+    assert f["broker_rss_per_connection_bytes"] is not None
+    assert_ordered(f, "handshake")
+
+
+def test_compare_prints_the_ratio_of_every_figure(
+    latency_report: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(latency_report))
+    doubled = {
+        **latency_report,
+        "figures": {k: (v * 2 if isinstance(v, int | float) else v) for k, v in latency_report["figures"].items()},
+    }
+    b.write_text(json.dumps(doubled))
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "latency_p99_us" in out
+    assert "2.000" in out
+
+
+def test_ws_transport_is_refused_clearly_unless_the_client_supports_it(capsys: pytest.CaptureFixture[str]) -> None:
+    from client.transport import OPENERS
+
+    if "ws" in OPENERS:
+        pytest.skip("the client supports ws:// now")
+    assert main(["latency", "--transport", "ws", "--no-progress"]) == 1
+    assert "cannot open ws://" in capsys.readouterr().err

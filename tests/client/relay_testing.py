@@ -1,0 +1,116 @@
+"""Fakes for the client tests: a tapping, breakable transport and a broker that can be restarted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from broker.config import BrokerConfig
+from broker.server import Broker
+from client.transport import Endpoint, Transport, TransportClosed, open_tcp_transport
+from wire import Ack, Frame, FrameDecoder, Receipt
+
+_TAP_LIMIT = 64 * 1024 * 1024
+
+
+class FaultyTransport:
+    """A real TCP transport that records the frames passing each way and can be broken on purpose."""
+
+    def __init__(self, inner: Transport, network: FaultyNetwork) -> None:
+        self.inner = inner
+        self.network = network
+        self._in = FrameDecoder(_TAP_LIMIT)
+        self._out = FrameDecoder(_TAP_LIMIT)
+        self.broken = False
+
+    async def receive_some(self) -> bytes:
+        data = await self.inner.receive_some()
+        frames = self._in.feed(data)
+        self.network.received += frames
+        if self.network.lose_receipts and any(type(f) is Receipt for f in frames):
+            self.network.lose_receipts -= 1
+            await self.break_()
+            raise TransportClosed("test: connection broke before the receipt arrived")
+        return data
+
+    async def send_all(self, data: bytes) -> None:
+        frames = self._out.feed(data)
+        if self.network.lose_acks and any(type(f) is Ack for f in frames):
+            self.network.lose_acks -= 1
+            await self.break_()
+            raise TransportClosed("test: connection broke while the ACK was written")
+        self.network.sent += frames
+        await self.inner.send_all(data)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def break_(self) -> None:
+        self.broken = True
+        await self.inner.aclose()
+
+
+class FaultyNetwork:
+    """A transport factory for ``open_client(transport_factory=...)``.
+
+    ``received`` / ``sent`` hold every frame seen; ``lose_acks`` / ``lose_receipts`` count how
+    many more connections break at the next write with an ACK / read with a RECEIPT in it;
+    :meth:`cut` breaks the current connection from outside.
+    """
+
+    def __init__(self) -> None:
+        self.transports: list[FaultyTransport] = []
+        self.received: list[Frame] = []
+        self.sent: list[Frame] = []
+        self.lose_acks = 0
+        self.lose_receipts = 0
+
+    async def __call__(self, endpoint: Endpoint) -> Transport:
+        transport = FaultyTransport(await open_tcp_transport(endpoint), self)
+        self.transports.append(transport)
+        return transport
+
+    async def cut(self) -> None:
+        await self.transports[-1].break_()
+
+    def received_of(self, kind: type[Frame]) -> list[Any]:
+        return [f for f in self.received if type(f) is kind]
+
+
+class BrokerRunner:
+    """Starts and stops brokers in a nursery; the same data_dir means the same secret, so tokens stay valid."""
+
+    def __init__(self, nursery: trio.Nursery, data_dir: Path) -> None:
+        self.nursery = nursery
+        self.data_dir = data_dir
+        self._scope: trio.CancelScope | None = None
+        self._stopped: trio.Event | None = None
+
+    async def start(self, port: int = 0, **overrides: Any) -> Broker:
+        # ws_port/http_port 0: the WebSocket and HTTP listeners (issue 3) on free ports too.
+        broker = Broker(BrokerConfig(tcp_port=port, ws_port=0, http_port=0, data_dir=self.data_dir, **overrides))
+        self._scope, self._stopped = trio.CancelScope(), trio.Event()
+        await self.nursery.start(self._serve, broker, self._scope, self._stopped)
+        return broker
+
+    async def stop(self) -> None:
+        """Stop the running broker the way cancellation does (every session gets SHUTTING_DOWN)."""
+        assert self._scope is not None and self._stopped is not None
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    @staticmethod
+    async def _serve(
+        broker: Broker, scope: trio.CancelScope, stopped: trio.Event, *, task_status: trio.TaskStatus[Broker]
+    ) -> None:
+        try:
+            with scope:
+                await broker.serve(task_status=task_status)
+        finally:
+            stopped.set()
+
+
+def url_of(broker: Broker) -> str:
+    return f"tcp://127.0.0.1:{broker.tcp_port}"

@@ -1,0 +1,184 @@
+"""The ``relay`` CLI: main([...]) run in a worker thread (its own trio.run) against a real broker."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from relay_testing import url_of
+
+from broker.auth import Authenticator
+from broker.server import Broker
+from client import LocalStore, open_client
+from client.cli import main
+
+TIMEOUT_S = 20
+
+
+class Run:
+    def __init__(self, status: int, out: str, err: str) -> None:
+        self.status, self.out, self.err = status, out, err
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+
+async def relay(*argv: str, stdin: bytes = b"") -> Run:
+    out, err = io.StringIO(), io.StringIO()
+    with trio.fail_after(TIMEOUT_S):
+        status = await trio.to_thread.run_sync(
+            lambda: main(list(argv), stdin=io.BytesIO(stdin), stdout=out, stderr=err)
+        )
+    return Run(status, out.getvalue(), err.getvalue())
+
+
+def opts(broker: Broker, name: str, store: Path) -> list[str]:
+    return ["--url", url_of(broker), "--token", broker.auth.issue(name), "--store", str(store)]
+
+
+async def test_send_prints_the_receipt_and_records_the_message(broker: Broker, tmp_path: Path) -> None:
+    store = tmp_path / "alice.sqlite3"
+    run = await relay(*opts(broker, "alice", store), "send", "--to", "bob", "--id", "m1", "hello bob")
+    assert (run.status, run.err) == (0, "")
+    assert run.lines == ['{"id": "m1", "results": {"bob": {"status": "queued"}}}']
+    with LocalStore(store) as s:
+        [m] = s.messages("alice")
+        assert (m.direction, m.id, m.recipients, m.body) == ("out", "m1", ("bob",), b"hello bob")
+
+
+async def test_send_exits_1_when_a_recipient_is_refused(broker: Broker, tmp_path: Path) -> None:
+    run = await relay(
+        "send", *opts(broker, "alice", tmp_path / "a.sqlite3"), "--to", "bob", "--to=-bad", "--id", "m2", "x"
+    )
+    assert run.status == 1
+    assert json.loads(run.out) == {
+        "id": "m2",
+        "results": {"bob": {"status": "queued"}, "-bad": {"status": "refused", "code": 3006}},
+    }
+
+
+async def test_send_reads_the_body_from_stdin_and_takes_a_ttl(broker: Broker, tmp_path: Path) -> None:
+    run = await relay(*opts(broker, "alice", tmp_path / "a.sqlite3"), "send", "--to", "bob", "--ttl", "60", "-",
+                      stdin=b"\x00\x01 from stdin")  # fmt: skip
+    assert run.status == 0
+    receipt = json.loads(run.out)
+    assert len(receipt["id"]) == 32 and receipt["results"] == {"bob": {"status": "queued"}}
+    async with open_client(url_of(broker), broker.auth.issue("bob")) as bob:
+        [d] = [d async for d in bob.deliveries(until_drained=True)]
+    assert (d.id, d.body, d.expires_at - d.sent_at) == (receipt["id"], b"\x00\x01 from stdin", 60_000)
+
+
+async def test_listen_drain_saves_acks_and_prints_json_lines(broker: Broker, tmp_path: Path) -> None:
+    async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+        await alice.send("bob", b"hello", id="t1")
+        await alice.send("bob", b"\xff\xfe", id="b1")
+    store = tmp_path / "bob.sqlite3"
+    run = await relay(*opts(broker, "bob", store), "listen", "--drain")
+    assert (run.status, run.err) == (0, "")
+    lines = [json.loads(line) for line in run.lines]
+    assert [list(line) for line in lines] == [
+        ["id", "from", "sent_at", "body"],
+        ["id", "from", "sent_at", "body_base64"],
+    ]
+    assert [(x["id"], x["from"]) for x in lines] == [("t1", "alice"), ("b1", "alice")]
+    assert lines[0]["body"] == "hello" and lines[1]["body_base64"] == "//4="
+    assert isinstance(lines[0]["sent_at"], int)
+    assert (await broker.statistics())["messages_total"] == 0  # saved, then ACKed
+    with LocalStore(store) as s:
+        assert [m.id for m in s.messages("bob")] == ["t1", "b1"]
+    again = await relay(*opts(broker, "bob", store), "listen", "--drain")
+    assert (again.status, again.out) == (0, "")
+
+
+async def test_export_markdown_and_json(broker: Broker, tmp_path: Path) -> None:
+    store = tmp_path / "bob.sqlite3"
+    bob = opts(broker, "bob", store)
+    async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+        await alice.send("bob", b"hi bob", id="e1")
+    assert (await relay(*bob, "listen", "--drain")).status == 0
+    assert (await relay(*bob, "send", "--to", "alice", "--id", "e2", "hi alice")).status == 0
+    md = await relay(*bob, "export", "--format", "markdown")
+    assert md.status == 0
+    text = md.out.splitlines()
+    assert text[0] == "# Relay conversation log — bob"
+    assert text[2].startswith("## ")
+    assert [line.split(" · ")[0] for line in text if line.startswith("**")] == ["**alice** → bob", "**bob** → alice"]
+    assert "> hi bob" in text and "> hi alice" in text
+    out = tmp_path / "export.json"
+    js = await relay(*bob, "export", "--format", "json", "-o", str(out))
+    assert (js.status, js.out) == (0, "")
+    doc = json.loads(out.read_text())
+    assert [(m["direction"], m["id"], m["body"]) for m in doc["messages"]] == [
+        ("in", "e1", "hi bob"),
+        ("out", "e2", "hi alice"),
+    ]
+
+
+async def test_default_store_path_comes_from_the_token(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("RELAY_URL", url_of(broker))
+    monkeypatch.setenv("RELAY_TOKEN", broker.auth.issue("bob"))
+    run = await relay("listen", "--drain")
+    assert run.status == 0
+    assert (tmp_path / "xdg" / "relay" / "client" / "bob.sqlite3").exists()
+    assert (await relay("export")).out.startswith("# Relay conversation log")
+
+
+async def test_refused_token_is_one_line_on_stderr_with_exit_2(broker: Broker, tmp_path: Path) -> None:
+    forged = Authenticator(b"x" * 32).issue("bob")  # signed with another secret
+    run = await relay("--url", url_of(broker), "--token", forged, "--store", str(tmp_path / "s"),
+                      "send", "--to", "alice", "x")  # fmt: skip
+    assert (run.status, run.out) == (2, "")
+    assert run.err.count("\n") == 1
+    assert "refused the token" in run.err and "INVALID_TOKEN (2001)" in run.err
+
+
+async def test_unreachable_broker_and_usage_errors_exit_2(broker: Broker, tmp_path: Path) -> None:
+    token = broker.auth.issue("bob")
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    dead = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    run = await relay("--url", dead, "--token", token, "--store", str(tmp_path / "s"), "listen")
+    assert run.status == 2 and run.err.startswith(f"relay: cannot connect to {dead}: ")
+    run = await relay("--url", "http://x", "--token", token, "--store", str(tmp_path / "s"), "listen")
+    assert run.status == 2 and "invalid broker URL" in run.err
+    env_token = os.environ.pop("RELAY_TOKEN", None)
+    try:
+        run = await relay("--url", url_of(broker), "send", "--to", "bob", "x")
+    finally:
+        if env_token is not None:
+            os.environ["RELAY_TOKEN"] = env_token
+    assert run.status == 2 and "no token" in run.err
+    run = await relay("--token", "garbage", "export")
+    assert run.status == 2 and "not a valid JWT" in run.err
+    run = await relay("--store", str(tmp_path / "missing.sqlite3"), "export")
+    assert run.status == 2 and "no local store" in run.err
+    assert (await relay("send")).status == 2  # argparse: --to is required
+
+
+async def test_relay_command_runs_as_a_subprocess(broker: Broker, tmp_path: Path) -> None:
+    relay_bin = Path(sys.executable).parent / "relay"
+    env: dict[str, Any] = {
+        **os.environ,
+        "RELAY_URL": url_of(broker),
+        "RELAY_TOKEN": broker.auth.issue("alice"),
+        "XDG_DATA_HOME": str(tmp_path),
+    }
+    with trio.fail_after(TIMEOUT_S):
+        proc = await trio.run_process(
+            [str(relay_bin), "send", "--to", "bob", "--id", "p1", "via subprocess"], capture_stdout=True, env=env
+        )
+    assert proc.stdout.decode() == '{"id": "p1", "results": {"bob": {"status": "queued"}}}\n'
+    async with open_client(url_of(broker), broker.auth.issue("bob")) as bob:
+        [d] = [d async for d in bob.deliveries(until_drained=True)]
+    assert (d.id, d.body) == ("p1", b"via subprocess")
