@@ -92,16 +92,20 @@ def decode_body(body: bytes) -> Frame:
         allow_indefinite=False,
         allow_duplicate_keys=False,
     )
-    return _decode_with(decoder, fp, body)
+    return _decode_at(decoder, fp, 0, len(body))
 
 
-def _decode_with(decoder: cbor2.CBORDecoder, fp: io.BytesIO, body: bytes) -> Frame:
+def _decode_at(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int) -> Frame:
+    """Decode the frame body at ``fp[start:end]`` (``decoder`` reads ``fp``)."""
+    fp.seek(start)
     try:
         item = decoder.decode()
     except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, RecursionError, ...)
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, f"invalid CBOR: {exc}") from None
-    if fp.tell() != len(body):
-        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "bytes after the CBOR item")
+    stop = fp.tell()
+    if stop != end:
+        why = "bytes after the CBOR item" if stop < end else "the CBOR item runs past the end of its frame"
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, why)
     if type(item) is not dict:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
     for key in item:
@@ -147,25 +151,36 @@ class FrameDecoder:
         Raises RemoteProtocolError (FRAME_TOO_LARGE as soon as a prefix declares too
         much; otherwise as :func:`decode_body`).
         """
-        buf = self._buf
-        buf += data
+        limit = self.max_frame_bytes
+        if self._buf:
+            buf = self._buf
+            buf += data
+            if len(buf) < 4:
+                return []
+            (n,) = _PREFIX.unpack_from(buf, 0)
+            if n <= limit and len(buf) - 4 < n:
+                return []  # a large frame still arriving: no copy until it is whole
+            data = bytes(buf)
+        end = len(data)
         frames: list[Frame] = []
         pos = 0
-        end = len(buf)
-        limit = self.max_frame_bytes
+        fp: io.BytesIO | None = None
         while end - pos >= 4:
-            (n,) = _PREFIX.unpack_from(buf, pos)
+            (n,) = _PREFIX.unpack_from(data, pos)
             if n > limit:
                 raise RemoteProtocolError(
                     ErrorCode.FRAME_TOO_LARGE, f"declared frame length {n} exceeds the limit of {limit} bytes"
                 )
             if end - pos - 4 < n:
                 break
-            body = bytes(buf[pos + 4 : pos + 4 + n])
+            if fp is None:
+                # One read-only view of the whole chunk for every frame in it: no copy per frame.
+                fp = io.BytesIO(data)
+                self._decoder.fp = fp
+            frames.append(_decode_at(self._decoder, fp, pos + 4, pos + 4 + n))
             pos += 4 + n
-            fp = io.BytesIO(body)
-            self._decoder.fp = fp
-            frames.append(_decode_with(self._decoder, fp, body))
-        if pos:
-            del buf[:pos]
+        if pos == end:
+            self._buf.clear()
+        elif pos or not self._buf:
+            self._buf = bytearray(data[pos:])
         return frames

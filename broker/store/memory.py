@@ -104,50 +104,50 @@ class MemoryStore:
             box.queue = deque(m for m in box.queue if m.alive)
             box.dead = 0
 
-    def _tombstone(self, recipient: str, msg: StoredMessage) -> None:
-        if self.limits.max_tombstones <= 0:
-            return
-        stones = self._tombstones
-        # A held id cannot be tombstoned already (enqueue refuses tombstoned ids), so this appends.
-        stones[(recipient, msg.id)] = (msg.sender, msg.expires_at)
-        if len(stones) > self.limits.max_tombstones:
-            stones.popitem(last=False)
-
     # ------------------------------------------------------------ Store interface
 
     async def enqueue_many(self, messages: Sequence[NewMessage]) -> list[list[int]]:
         now = self._clock()
-        limits = self.limits
+        max_messages = self.limits.max_mailbox_messages
+        max_box_bytes = self.limits.max_mailbox_bytes
+        max_total_bytes = self.limits.max_total_bytes
         mailboxes = self._mailboxes
+        stones = self._tombstones
         out: list[list[int]] = []
         for new in messages:
+            mid = new.id
             size = len(new.body)
             outcomes: list[int] = []
             for rcpt in new.recipients:
                 box = mailboxes.get(rcpt)
-                held = box.by_id.get(new.id) if box is not None else None
+                held = box.by_id.get(mid) if box is not None else None
                 if held is not None:
                     outcomes.append(DUPLICATE if held.sender == new.sender else ErrorCode.ID_CONFLICT)
                     continue
-                stone = self._tombstones.get((rcpt, new.id))
-                if stone is not None:
-                    if stone[1] > now:
-                        outcomes.append(DUPLICATE if stone[0] == new.sender else ErrorCode.ID_CONFLICT)
+                if stones:
+                    stone = stones.get((rcpt, mid))
+                    if stone is not None:
+                        if stone[1] > now:
+                            outcomes.append(DUPLICATE if stone[0] == new.sender else ErrorCode.ID_CONFLICT)
+                            continue
+                        del stones[(rcpt, mid)]
+                if box is None:
+                    if size > max_box_bytes:
+                        outcomes.append(ErrorCode.MAILBOX_BYTES_FULL)
                         continue
-                    del self._tombstones[(rcpt, new.id)]
-                if box is not None and len(box.by_id) >= limits.max_mailbox_messages:
+                elif len(box.by_id) >= max_messages:
                     outcomes.append(ErrorCode.MAILBOX_FULL)
                     continue
-                if (box.nbytes if box is not None else 0) + size > limits.max_mailbox_bytes:
+                elif box.nbytes + size > max_box_bytes:
                     outcomes.append(ErrorCode.MAILBOX_BYTES_FULL)
                     continue
-                if self._total_bytes + size > limits.max_total_bytes:
+                if self._total_bytes + size > max_total_bytes:
                     outcomes.append(ErrorCode.BROKER_FULL)
                     continue
                 if box is None:
                     box = mailboxes[rcpt] = _Mailbox(rcpt)
-                msg = StoredMessage(new.id, new.sender, box.name, new.body, new.sent_at, new.expires_at)
-                box.by_id[new.id] = msg
+                msg = StoredMessage(mid, new.sender, box.name, new.body, new.sent_at, new.expires_at)
+                box.by_id[mid] = msg
                 box.queue.append(msg)
                 box.nbytes += size
                 self._total_bytes += size
@@ -210,20 +210,51 @@ class MemoryStore:
         box = self._mailboxes.get(mailbox)
         if box is None:
             return AckResult(0, 0)
-        deleted = 0
+        # The hot path of every delivered message: _unindex_expiry, _tombstone and _remove
+        # inlined, with the running totals settled once per batch.
+        by_id = box.by_id
+        inflight = box.inflight
+        buckets = self._buckets
+        stones = self._tombstones
+        max_stones = self.limits.max_tombstones
+        deleted = nbytes = was_inflight = was_queued = 0
         for mid in ids:
-            msg = box.by_id.get(mid)
+            msg = by_id.pop(mid, None)
             if msg is None:
                 continue
-            self._unindex_expiry(msg)
-            self._tombstone(mailbox, msg)
-            self._remove(box, msg)
+            bucket = buckets.get(msg.expires_at // 1000)
+            if bucket is not None:
+                bucket.discard(msg)
+                if not bucket:
+                    del buckets[msg.expires_at // 1000]
+            if max_stones:
+                # A held id cannot be tombstoned already (enqueue refuses tombstoned ids), so this appends.
+                stones[(mailbox, mid)] = (msg.sender, msg.expires_at)
+                if len(stones) > max_stones:
+                    stones.popitem(last=False)
+            msg.alive = False
+            nbytes += len(msg.body)
+            msg.body = b""  # a dead queue entry must not pin the body
+            if msg.inflight:
+                del inflight[mid]
+                was_inflight += 1
+            else:
+                was_queued += 1
             deleted += 1
-            if mailbox not in self._mailboxes:
-                break
+        if not deleted:
+            return AckResult(0, len(inflight))
+        box.nbytes -= nbytes
+        box.dead += was_queued
+        self._total_bytes -= nbytes
+        self._total_messages -= deleted
+        self._inflight -= was_inflight
         self._acknowledged_total += deleted
-        inflight = len(box.inflight) if mailbox in self._mailboxes else 0
-        return AckResult(deleted, inflight)
+        if not by_id:
+            del self._mailboxes[mailbox]
+        elif box.dead >= _COMPACT_MIN_DEAD and box.dead > len(by_id):
+            box.queue = deque(m for m in box.queue if m.alive)
+            box.dead = 0
+        return AckResult(deleted, len(inflight))
 
     async def release(self, mailbox: str) -> int:
         box = self._mailboxes.get(mailbox)
