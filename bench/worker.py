@@ -17,6 +17,7 @@ deliveries in batches and ACK each batch at once.
 
 from __future__ import annotations
 
+import gc
 import resource
 import time
 import traceback
@@ -324,6 +325,7 @@ def worker_main(spec: WorkerSpec, shared: Shared, results: Any) -> None:
 
     raise_nofile_limit()
     worker = _Worker(spec, shared)
+    gc.freeze()  # imports live as long as the worker: keep full collections short (see broker/cli.py)
     try:
         trio.run(worker.run)
     except BaseException:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import re
@@ -112,6 +113,10 @@ def _serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+    # Everything imported so far lives as long as the process: move it out of the
+    # collector's view, so a full collection walks only what the broker allocates
+    # (it took ~10 ms over the ~43,000 startup objects, the p99.9 tail of delivery).
+    gc.freeze()
     try:
         trio.run(run)
     except KeyboardInterrupt:

@@ -15,7 +15,8 @@ Every frame goes through :meth:`Session._push`, which bounds the outbound buffer
 reader stops reading and the mailbox task stops fetching at half of
 ``max_outbound_bytes`` (and fetches at most a quarter of it at once); if the buffer still
 passes the full figure, or a single write stalls for ``keepalive_s``, the peer is a slow
-consumer and is cut off. Whatever ends
+consumer and is cut off. Idleness and stalls are judged by a watchdog task from
+timestamps, so no read or write sets a timer of its own. Whatever ends
 the session, its un-ACKed deliveries go back to the queue (``store.release``).
 """
 
@@ -100,6 +101,9 @@ class Session:
         self._close_code: int | None = None
         self._work_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope()
+        self._last_rx = trio.current_time()
+        self._reading_paused = False
+        self._writing_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.mailbox or (self.identity and self.identity.name) or '-'}>"
@@ -158,7 +162,6 @@ class Session:
 
     async def _write_loop(self) -> None:
         transport = self.transport
-        stall_s = self.broker.config.keepalive_s
         with self._writer_scope:
             while True:
                 if not self._out:
@@ -169,18 +172,14 @@ class Session:
                     continue
                 frames, nbytes = self._out, self._out_bytes
                 self._out, self._out_bytes = [], 0
-                with trio.move_on_after(stall_s) as stalled:
-                    try:
-                        await transport.send_frames(frames)
-                    except TransportClosed:
-                        self._closing = True
-                        self._work_scope.cancel()
-                        return
-                if stalled.cancelled_caught:
-                    log.info("%s write stalled for %.0f s: slow consumer", self.id, stall_s)
+                self._writing_since = trio.current_time()  # the watchdog cuts off a write that stalls
+                try:
+                    await transport.send_frames(frames)
+                except TransportClosed:
                     self._closing = True
                     self._work_scope.cancel()
                     return
+                self._writing_since = None
                 self._unsent -= nbytes
                 if self._unsent < self._soft_outbound:
                     self._space_signal.set()
@@ -275,8 +274,29 @@ class Session:
                 self._drain_wanted = True
                 self._deliver_signal.set()
                 nursery.start_soon(self._deliver_loop)
+            nursery.start_soon(self._watchdog)
             await self._read_loop()
             nursery.cancel_scope.cancel()
+
+    async def _watchdog(self) -> None:
+        """Close an idle connection (KEEPALIVE_TIMEOUT) or one whose write stalls (SLOW_CONSUMER).
+
+        Both are judged from timestamps the reader and writer keep, a few times per
+        ``keepalive_s``, so reading and writing pay for no timer of their own.
+        """
+        limit = self.broker.config.keepalive_s
+        while True:
+            await trio.sleep(limit / 4)
+            now = trio.current_time()
+            since = self._writing_since
+            if since is not None and now - since >= limit:
+                log.info("%s write stalled for %.0f s: slow consumer", self.id, now - since)
+                self.close(ErrorCode.SLOW_CONSUMER, "writes stalled: reading too slowly")
+                self._writer_scope.cancel()  # the stalled write cannot carry the ERROR: give up on it
+                return
+            if not self._reading_paused and now - self._last_rx >= limit:
+                self.close(ErrorCode.KEEPALIVE_TIMEOUT, f"nothing received for {limit:g} s")
+                return
 
     async def _receive(self) -> list[Frame] | None:
         """The frames of the next chunk from the peer (maybe none yet).
@@ -308,16 +328,14 @@ class Session:
     # ------------------------------------------------------------ input
 
     async def _read_loop(self) -> None:
-        keepalive_s = self.broker.config.keepalive_s
         while True:
             if self._unsent >= self._soft_outbound:
+                self._reading_paused = True
                 await self._wait_for_space()
-            frames: list[Frame] | None = []
-            with trio.move_on_after(keepalive_s) as idle:
-                frames = await self._receive()
-            if idle.cancelled_caught:
-                self.close(ErrorCode.KEEPALIVE_TIMEOUT, f"nothing received for {keepalive_s:g} s")
-                return
+                self._reading_paused = False
+                self._last_rx = trio.current_time()  # paused by us, not idle
+            frames = await self._receive()
+            self._last_rx = trio.current_time()
             if frames is None:
                 return
             if frames:
