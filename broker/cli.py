@@ -121,10 +121,29 @@ def _serve(args: argparse.Namespace) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         return 0
-    except OSError as exc:
-        print(f"relay-broker: cannot listen on {config.host}:{config.tcp_port}: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:  # a listener's OSError arrives inside the nurseries' groups
+        if (failed := _os_error(exc)) is None:
+            raise
+        # The WebSocket and HTTP listeners put their address in ``filename``; the TCP one does not.
+        address = failed.filename or f"tcp://{_hostport(config.host, config.tcp_port)}"
+        print(f"relay-broker: cannot listen on {address}: {failed.strerror or failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``, however deep in exception groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _os_error(inner)) is not None:
+                return found
+    return None
 
 
 def _authenticator(data_dir: Path | None) -> Authenticator:

@@ -97,9 +97,14 @@ class BrokerConfig:
                 raise ConfigError(f"{f.name} must be an integer, not {value!r}")
         if self.store != "memory":
             raise ConfigError(f"store must be 'memory' (the only store in this release), not {self.store!r}")
+        listeners: dict[int, str] = {}
         for name in ("tcp_port", "ws_port", "http_port"):
-            if not 0 <= getattr(self, name) <= 65535:
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be 0-65535")
+            if port and port in listeners:  # 0 picks a free port for each listener: never a clash
+                raise ConfigError(f"{listeners[port]} and {name} are both {port}: each listener needs its own port")
+            listeners[port] = name
         if type(self.allowed_origins) is not tuple:
             object.__setattr__(self, "allowed_origins", _origins(self.allowed_origins, "allowed_origins"))
         for origin in self.allowed_origins:
@@ -221,5 +226,7 @@ def _convert(name: str, type_name: Any, raw: Any, source: str) -> Any:
         if not isinstance(raw, str):
             raise ValueError
         return raw
+    except ConfigError as exc:  # a ValueError too, but already says what is wrong
+        raise ConfigError(f"{source}: {exc}") from None
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {name} must be of type {type_name}, not {raw!r}") from None

@@ -394,6 +394,17 @@ def create_app(broker: Broker) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``, however deep in exception groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _os_error(inner)) is not None:
+                return found
+    return None
+
+
 async def serve_http(
     broker: Broker,
     host: str,
@@ -401,7 +412,10 @@ async def serve_http(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the app with hypercorn until cancelled; report the bound port. Never returns normally."""
+    """Serve the app with hypercorn until cancelled; report the bound port. Never returns normally.
+
+    Raises OSError, with ``filename`` set to the address (``http://host:port``), if it cannot listen.
+    """
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -412,7 +426,13 @@ async def serve_http(
     config.graceful_timeout = broker.config.shutdown_grace_s
     async with trio.open_nursery() as nursery:
         # Stopping is cancellation of the broker's nursery; the trigger only keeps hypercorn's hands off signals.
-        binds = await nursery.start(partial(serve, create_app(broker), config, shutdown_trigger=trio.sleep_forever))
+        try:
+            binds = await nursery.start(partial(serve, create_app(broker), config, shutdown_trigger=trio.sleep_forever))
+        except (OSError, BaseExceptionGroup) as exc:
+            # hypercorn binds inside its own nurseries: name the address that failed, once, here.
+            if (failed := _os_error(exc)) is None:
+                raise
+            raise OSError(failed.errno, failed.strerror, f"http://{config.bind[0]}") from exc
         bound = int(binds[0].rsplit(":", 1)[1])
         log.info("listening on http://%s:%d/", host, bound)
         task_status.started(bound)

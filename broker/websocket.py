@@ -183,8 +183,13 @@ async def serve_websocket(
 
     ``origins`` may be a callable, read per handshake (the HTTP port it depends on may be
     bound after this listener). Never returns normally.
+    Raises OSError, with ``filename`` set to the address (``ws://host:port``), if it cannot listen.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        address = f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+        raise OSError(exc.errno, exc.strerror, address) from exc
     bound = listeners[0].socket.getsockname()[1]
     max_message = max_frame_bytes + 4
 

@@ -118,6 +118,9 @@ def _decode_at(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int)
     return cls.from_wire(item)
 
 
+_NO_INPUT = io.BytesIO(b"")
+
+
 class FrameDecoder:
     """Turns a byte stream, in chunks of any size, into frames.
 
@@ -125,14 +128,13 @@ class FrameDecoder:
     ERROR and close.
     """
 
-    __slots__ = ("_buf", "_decoder", "_fp", "max_frame_bytes")
+    __slots__ = ("_buf", "_decoder", "max_frame_bytes")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
-        self._fp = io.BytesIO()
         self._decoder = cbor2.CBORDecoder(
-            self._fp,
+            _NO_INPUT,
             tag_hook=_refuse_tag,
             semantic_decoders=_SEMANTIC,
             max_depth=MAX_DEPTH,
@@ -179,6 +181,8 @@ class FrameDecoder:
                 self._decoder.fp = fp
             frames.append(_decode_at(self._decoder, fp, pos + 4, pos + 4 + n))
             pos += 4 + n
+        if fp is not None:
+            self._decoder.fp = _NO_INPUT  # do not keep the chunk alive through the decoder
         if pos == end:
             self._buf.clear()
         elif pos or not self._buf:

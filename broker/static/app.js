@@ -29,7 +29,14 @@ function remember (mailbox, token) {
   localStorage.setItem(CURRENT_KEY, token)
 }
 
-function showSignIn (error) {
+function forget (token) {
+  localStorage.setItem(TOKENS_KEY, JSON.stringify(savedTokens().filter((t) => t.token !== token)))
+  if (localStorage.getItem(CURRENT_KEY) === token) localStorage.removeItem(CURRENT_KEY)
+}
+
+/** The sign-in card; with an error, the token that failed stays in the box to be fixed. */
+function showSignIn (error, token = '') {
+  $('token-input').value = token
   $('who').hidden = true
   $('chat').hidden = true
   $('sign-in').hidden = false
@@ -52,13 +59,15 @@ function showSignIn (error) {
 async function openMailbox (token) {
   token = token.trim()
   const claims = claimsOf(token)
-  if (!claims || typeof claims.sub !== 'string') return showSignIn('That does not look like a Relay token.')
-  if (claims.role === 'operator') return showSignIn('This is an operator token: it has no mailbox. Use a mailbox token.')
-  if (claims.exp && claims.exp * 1000 < Date.now()) return showSignIn('This token has expired: make a new one.')
+  if (!claims || typeof claims.sub !== 'string') return showSignIn('That does not look like a Relay token.', token)
+  if (claims.role === 'operator') return showSignIn('This is an operator token: it has no mailbox. Use a mailbox token.', token)
+  if (claims.exp && claims.exp * 1000 < Date.now()) return showSignIn('This token has expired: make a new one.', token)
   if (session) closeSession()
   const mailbox = claims.sub
-  const store = await MessageStore.open(mailbox)
+  // Test hooks, set before the page loads: holdAcks (never ACK), wrapStore(store) -> a store to use instead.
   const hooks = window.relayTestHooks || {}
+  const opened = await MessageStore.open(mailbox)
+  const store = hooks.wrapStore ? hooks.wrapStore(opened) : opened
   const client = new RelayClient({
     url: defaultUrl(Number(document.querySelector('meta[name="relay-ws-port"]').content)),
     token,
@@ -81,9 +90,13 @@ async function openMailbox (token) {
     console.warn('relay:', detail.code, detail.message)
     if ([2001, 2002].includes(detail.code)) {
       closeSession()
-      showSignIn(`The broker refused the token (${detail.code}): ${detail.message}`)
+      forget(token)
+      showSignIn(`The broker refused the token (${detail.code}): ${detail.message}`, token)
     } else if (detail.code === 4001) {
       $('conn-state').textContent = 'opened elsewhere'
+      notify('This mailbox was opened in another tab or client: this page has stopped. Reload to take it back.')
+    } else {
+      notify(detail.code ? `${detail.message} (error ${detail.code})` : detail.message)
     }
   })
   for (const name of ['message', 'acked', 'receipt', 'welcome']) client.addEventListener(name, render)
@@ -91,7 +104,18 @@ async function openMailbox (token) {
   await client.start()
 }
 
+let noticeTimer = null
+/** Show a problem under the compose form for a while (the console has the details). */
+function notify (text) {
+  clearTimeout(noticeTimer)
+  $('notice').textContent = text
+  $('notice').hidden = false
+  noticeTimer = setTimeout(() => { $('notice').hidden = true }, 10000)
+}
+
 function closeSession () {
+  clearTimeout(noticeTimer)
+  $('notice').hidden = true
   if (!session) return
   session.client.close()
   session.store.close()
@@ -165,7 +189,6 @@ $('token-form').addEventListener('submit', (event) => {
 $('sign-out').addEventListener('click', () => {
   closeSession()
   localStorage.removeItem(CURRENT_KEY)
-  $('token-input').value = ''
   showSignIn()
 })
 
@@ -179,7 +202,12 @@ $('compose').addEventListener('submit', async (event) => {
   $('text').value = ''
   const sent = session.client.sendMessage(to, text, { ttl })
   setTimeout(render, 0) // show it as "sending" at once
-  await sent
+  try {
+    await sent
+  } catch (err) {
+    notify(`Not sent: ${err.message}`)
+    render()
+  }
 })
 
 $('text').addEventListener('keydown', (event) => {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,91 @@ def test_durations() -> None:
     assert [parse_duration(t) for t in ("90", "90s", "15m", "12h", "30d")] == [90, 90, 900, 43200, 2592000]
     with pytest.raises(Exception, match="not a duration"):
         parse_duration("soon")
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        ({"tcp_port": 7000, "ws_port": 7000, "http_port": 7001}, "tcp_port and ws_port are both 7000"),
+        ({"tcp_port": 7000, "ws_port": 7001, "http_port": 7000}, "tcp_port and http_port are both 7000"),
+        ({"tcp_port": 7002, "ws_port": 7000, "http_port": 7000}, "ws_port and http_port are both 7000"),
+    ],
+)
+def test_two_listeners_on_one_port_are_refused(ports: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"{message}: each listener needs its own port"):
+        BrokerConfig(**ports)
+
+
+def test_port_zero_may_be_shared_because_each_listener_picks_a_free_port() -> None:
+    config = BrokerConfig(tcp_port=0, ws_port=0, http_port=0)
+    assert (config.tcp_port, config.ws_port, config.http_port) == (0, 0, 0)
+
+
+def test_the_default_ports_are_distinct() -> None:
+    c = BrokerConfig()
+    assert len({c.tcp_port, c.ws_port, c.http_port}) == 3
+
+
+def test_a_port_clash_from_a_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--ws-port", "7780", "--print-config"]) == 2  # 7780 is the default HTTP port
+    assert "ws_port and http_port are both 7780" in capsys.readouterr().err
+
+
+def test_allowed_origins_from_a_toml_array(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text('[broker]\nallowed_origins = ["https://chat.example.org", "http://localhost:8080/"]\n')
+    config = BrokerConfig.load(toml_path=toml, environ={})
+    assert config.allowed_origins == ("https://chat.example.org", "http://localhost:8080")  # trailing "/" dropped
+    assert 'allowed_origins = ["https://chat.example.org", "http://localhost:8080"]' in config.to_toml()
+
+
+def test_allowed_origins_from_comma_separated_environment_and_flags() -> None:
+    env = {"RELAY_ALLOWED_ORIGINS": " https://a.example , https://b.example:8443,"}
+    assert BrokerConfig.load(environ=env).allowed_origins == ("https://a.example", "https://b.example:8443")
+    flags = {"allowed_origins": "http://[::1]:8080,https://c.example"}
+    assert BrokerConfig.load(environ=env, overrides=flags).allowed_origins == ("http://[::1]:8080", "https://c.example")
+
+
+def test_allowed_origins_flag_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--allowed-origins", "https://x.example,https://y.example", "--print-config"]) == 0
+    assert 'allowed_origins = ["https://x.example", "https://y.example"]\n' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "chat.example.org",  # no scheme
+        "ftp://chat.example.org",
+        "https://chat.example.org/path",
+        "https://user@chat.example.org",
+        "https://chat.example.org:port",
+        "*",
+        "null",
+    ],
+)
+def test_bad_origins_are_refused(origin: str) -> None:
+    with pytest.raises(ConfigError, match=r"is not an origin like https://example\.org"):
+        BrokerConfig.load(environ={"RELAY_ALLOWED_ORIGINS": f"https://ok.example,{origin}"})
+
+
+def test_allowed_origins_of_the_wrong_type_are_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text("allowed_origins = [1, 2]\n")
+    with pytest.raises(ConfigError, match="allowed_origins must be a list of origins"):
+        BrokerConfig.load(toml_path=toml, environ={})
+
+
+@pytest.mark.parametrize("listener", ["tcp", "ws", "http"])
+def test_serve_names_the_address_it_cannot_listen_on(
+    listener: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ports = {"tcp": "0", "ws": "0", "http": "0", listener: str(port)}
+        argv = ["serve", "--data-dir", str(tmp_path), "--log-level", "ERROR"]
+        for name, value in ports.items():
+            argv += [f"--{name}-port", value]
+        assert main(argv) == 1
+    assert f"cannot listen on {listener}://127.0.0.1:{port}: " in capsys.readouterr().err

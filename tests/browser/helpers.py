@@ -44,12 +44,18 @@ def open_browser() -> Iterator[Any]:
             browser.close()
 
 
-def open_page(context: Any, base: str, token: str, *, hold_acks: bool = False) -> Any:
-    """The demo page for ``token``'s mailbox, once its client is connected."""
+def open_page(context: Any, base: str, token: str, *, hold_acks: bool = False, hooks: str | None = None) -> Any:
+    """The demo page for ``token``'s mailbox, once its client is connected.
+
+    ``hooks`` is a script run before the page's own, which may set ``window.relayTestHooks``
+    (see broker/static/app.js); ``hold_acks`` sets the hook that keeps the client from ACKing.
+    """
     page = context.new_page()
     page.on("pageerror", lambda exc: print("page error:", exc))
     if hold_acks:
         page.add_init_script("window.relayTestHooks = { holdAcks: true }")
+    if hooks is not None:
+        page.add_init_script(hooks)
     page.goto(f"{base}/#token={token}")
     page.wait_for_function("window.relay && window.relay.client.state === 'open'", timeout=WAIT_MS)
     return page

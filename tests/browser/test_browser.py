@@ -169,6 +169,91 @@ async def test_page_closed_after_save_before_ack_gets_redelivery_and_keeps_one_c
     assert broker.counters.redelivered >= 1
 
 
+# A store whose first save of each message fails (as a full disk or a quota error would),
+# counting the attempts per id in window.relayTestHooks.saveAttempts.
+FAILING_FIRST_SAVE = """
+window.relayTestHooks = {
+  saveAttempts: {},
+  wrapStore (store) {
+    const attempts = this.saveAttempts
+    async function saveIncoming (msg) {
+      attempts[msg.id] = (attempts[msg.id] || 0) + 1
+      if (attempts[msg.id] === 1) throw new DOMException('test: the disk is full', 'QuotaExceededError')
+      return store.saveIncoming(msg)
+    }
+    return new Proxy(store, {
+      get: (target, name) => name === 'saveIncoming' ? saveIncoming : target[name]?.bind?.(target) ?? target[name]
+    })
+  }
+}
+"""
+
+
+async def test_failed_save_sends_no_ack_and_the_message_comes_again(broker: Broker) -> None:
+    base = base_url(broker)
+    gus_token = broker.auth.issue("gus")
+    await broker.route("alice", [Send(id="unlucky-1", to=("gus",), body=b"first try fails")])
+
+    async def held() -> tuple[int, int]:
+        return await broker.store.pending("gus"), (await broker.statistics())["messages_total"]
+
+    def save_attempts(page: Any) -> dict[str, int]:
+        return page.evaluate("() => window.relayTestHooks.saveAttempts")
+
+    def after_failed_save(page: Any, message_id: str) -> None:
+        """Wait for the failed save, then for a round trip: an ACK sent after it would be processed by now."""
+        page.wait_for_function(f"window.relayTestHooks.saveAttempts[{message_id!r}] === 1", timeout=WAIT_MS)
+        page.evaluate("async () => await window.relay.client.sendMessage('gus-barrier', 'round trip')")
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            gus = open_page(browser.new_context(), base, gus_token, hooks=FAILING_FIRST_SAVE)
+            # Delivered on connect; the save failed, so no ACK: the broker still holds it
+            # (and the barrier message, queued for the offline "gus-barrier").
+            after_failed_save(gus, "unlucky-1")
+            assert inbox(gus) == []
+            assert from_trio(held) == (1, 2)
+            # A PULL delivers it again: saved this time, then ACKed.
+            gus.evaluate("async () => await window.relay.client.fetchPendingMessages()")
+            (message,) = wait_inbox(gus, 1)
+            assert (message["id"], message["body"]) == ("unlucky-1", "first try fails")
+            assert from_trio(held) == (0, 1)
+
+            # Delivered live; the save fails again; a reconnect brings it back.
+            from_trio(broker.route, "alice", [Send(id="unlucky-2", to=("gus",), body=b"live, fails once")])
+            after_failed_save(gus, "unlucky-2")
+            assert [m["id"] for m in inbox(gus)] == ["unlucky-1"]
+            assert from_trio(held) == (1, 3)
+            gus.evaluate("() => window.relay.client.dropConnection()")
+            messages = wait_inbox(gus, 2)
+            assert [m["id"] for m in messages] == ["unlucky-1", "unlucky-2"]
+            assert from_trio(held) == (0, 2)
+            # One failed save and one good one per message: each was saved exactly once.
+            assert save_attempts(gus) == {"unlucky-1": 2, "unlucky-2": 2}
+            gus.wait_for_function("document.querySelectorAll('.msg.in .chip.acked').length === 2", timeout=WAIT_MS)
+
+    await run_in_browser(scenario)
+
+
+async def test_a_refused_token_is_explained_and_not_remembered(broker: Broker) -> None:
+    base = base_url(broker)
+    header, claims, _ = broker.auth.issue("mallory").split(".")
+    forged = f"{header}.{claims}.{'A' * 43}"  # well-formed, badly signed: only the broker can tell
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            page = browser.new_page()
+            page.goto(f"{base}/#token={forged}")
+            page.wait_for_selector("#token-error:not([hidden])", timeout=WAIT_MS)
+            assert "The broker refused the token (2001)" in page.inner_text("#token-error")
+            assert page.input_value("#token-input") == forged  # kept, to be fixed or replaced
+            assert page.is_hidden("#chat")
+            assert page.evaluate("() => localStorage.getItem('relay.tokens')") == "[]"
+            assert page.is_hidden("#saved-tokens-block")
+
+    await run_in_browser(scenario)
+
+
 async def test_tcp_client_and_browser_exchange_messages_both_ways(broker: Broker) -> None:
     base = base_url(broker)
     assert broker.tcp_port is not None

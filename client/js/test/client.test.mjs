@@ -1,0 +1,402 @@
+// The client's logic in Node: a fake WebSocket (frames in, frames out) and an in-memory store.
+// What needs a real browser (IndexedDB, the demo page, a real broker) is in tests/browser/.
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+
+import { ERROR_CODES, decodeBody, encodeFrame } from '../codec.js'
+import { RelayClient } from '../client.js'
+
+const TOKEN = 'header.payload.signature'
+
+const WELCOME = {
+  type: 'welcome',
+  version: 1,
+  session: 's1',
+  mailbox: 'bob',
+  pending: 0,
+  max_frame_bytes: 1048576,
+  max_inflight: 1024,
+  max_recipients: 100,
+  default_ttl_s: 604800,
+  max_ttl_s: 2592000,
+  keepalive_s: 60
+}
+
+function deliver (id, text = `body of ${id}`, attempt = 1) {
+  return { type: 'deliver', id, from: 'alice', sent_at: 1000, expires_at: 2000, attempt, body: new TextEncoder().encode(text) }
+}
+
+/** Let every pending promise callback and I/O callback run. */
+const settle = () => new Promise((resolve) => setImmediate(resolve))
+
+/** A WebSocket class whose instances the test drives: open(), receive(frame), drop(). */
+function fakeWebSocket () {
+  const sockets = []
+  class FakeWebSocket {
+    constructor (url) {
+      this.url = url
+      this.readyState = 0
+      this.sent = [] // decoded frames, in order
+      this.closeCode = null
+      sockets.push(this)
+    }
+
+    send (data) {
+      if (this.readyState !== 1) throw new Error('InvalidStateError: not open')
+      const declared = new DataView(data.buffer, data.byteOffset).getUint32(0)
+      assert.equal(declared, data.length - 4, 'one frame per message, with its length prefix')
+      this.sent.push(decodeBody(data.subarray(4)))
+    }
+
+    close (code) {
+      if (this.readyState === 3) return
+      this.closeCode = code
+      this.readyState = 3
+      setImmediate(() => this.onclose?.({ code })) // a real socket reports its close later
+    }
+
+    open () {
+      this.readyState = 1
+      this.onopen?.()
+    }
+
+    receive (frame) {
+      this.onmessage?.({ data: encodeFrame(frame).buffer })
+    }
+
+    receiveBytes (bytes) {
+      this.onmessage?.({ data: bytes.slice().buffer }) // an ArrayBuffer of exactly these bytes
+    }
+
+    drop () {
+      this.readyState = 3
+      this.onclose?.({ code: 1006 })
+    }
+
+    sentOfType (type) {
+      return this.sent.filter((f) => f.type === type)
+    }
+  }
+  return { FakeWebSocket, sockets, last: () => sockets[sockets.length - 1] }
+}
+
+/** MessageStore's contract, in memory; saveIncoming fails while `failSaves` says so. */
+class MemoryStore {
+  constructor () {
+    this.inboxById = new Map()
+    this.outboxById = new Map()
+    this.failSaves = new Set() // ids whose next save throws
+    this.saveCalls = []
+  }
+
+  async saveIncoming (msg) {
+    this.saveCalls.push(msg.id)
+    if (this.failSaves.delete(msg.id)) throw new Error('QuotaExceededError')
+    const existing = this.inboxById.get(msg.id)
+    if (existing) return { record: existing, isNew: false }
+    const record = { id: msg.id, from: msg.from, body: msg.body, attempt: msg.attempt, state: 'saved' }
+    this.inboxById.set(msg.id, record)
+    return { record, isNew: true }
+  }
+
+  async markAcked (id) {
+    const record = this.inboxById.get(id)
+    if (record) record.state = 'acked'
+    return record && { ...record }
+  }
+
+  async saveOutgoing (entry) {
+    this.outboxById.set(entry.id, { results: null, ...entry })
+  }
+
+  async saveReceipt (id, results) {
+    const entry = this.outboxById.get(id)
+    if (entry) entry.results = results
+    return entry
+  }
+
+  async unconfirmed () {
+    return [...this.outboxById.values()].filter((e) => e.results === null)
+  }
+}
+
+/** A client over fake sockets; `events` records every event's type and detail. */
+function makeClient (t, options = {}) {
+  const ws = fakeWebSocket()
+  const client = new RelayClient({ url: 'ws://relay.test/relay', token: TOKEN, WebSocketImpl: ws.FakeWebSocket, ...options })
+  const events = []
+  for (const name of ['state', 'welcome', 'message', 'acked', 'receipt', 'drained', 'error']) {
+    client.addEventListener(name, (e) => events.push([name, e.detail]))
+  }
+  t.after(() => client.close())
+  return { client, ws, events, named: (name) => events.filter(([n]) => n === name).map(([, d]) => d) }
+}
+
+/** Start the client and complete the handshake on its socket. */
+async function connect (client, ws, welcome = WELCOME) {
+  await client.start()
+  const socket = ws.last()
+  socket.open()
+  socket.receive(welcome)
+  await settle()
+  return socket
+}
+
+test('on open it says HELLO with the token, and WELCOME makes it open', async (t) => {
+  const { client, ws, named } = makeClient(t, { agent: 'relay-test' })
+  await client.start()
+  assert.equal(client.state, 'connecting')
+  const socket = ws.last()
+  assert.equal(socket.url, 'ws://relay.test/relay')
+  socket.open()
+  assert.deepEqual(socket.sent, [{ type: 'hello', version: 1, token: TOKEN, agent: 'relay-test' }])
+  socket.receive(WELCOME)
+  assert.equal(client.state, 'open')
+  assert.equal(client.mailbox, 'bob')
+  assert.deepEqual(named('state').map((d) => d.state), ['connecting', 'open'])
+})
+
+test('a delivered message is saved first and ACKed only once the save is done', async (t) => {
+  const store = new MemoryStore()
+  let finishSave
+  const slowSave = store.saveIncoming.bind(store)
+  store.saveIncoming = (msg) => new Promise((resolve) => { finishSave = () => resolve(slowSave(msg)) })
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  socket.receive(deliver('m1'))
+  await settle()
+  assert.deepEqual(socket.sentOfType('ack'), [], 'no ACK before the save finished')
+  finishSave()
+  await settle()
+  assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }])
+  assert.equal(store.inboxById.get('m1').state, 'acked')
+  assert.deepEqual(named('message').map((r) => r.id), ['m1'])
+  assert.deepEqual(named('acked').map((r) => [r.id, r.state]), [['m1', 'acked']])
+})
+
+test('a failed save sends no ACK, and the redelivery is saved and ACKed', async (t) => {
+  const store = new MemoryStore()
+  store.failSaves.add('m1')
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  socket.receive(deliver('m1'))
+  await settle()
+  assert.deepEqual(socket.sentOfType('ack'), [])
+  assert.equal(store.inboxById.size, 0)
+  assert.deepEqual(named('message'), [])
+  assert.match(named('error')[0].message, /could not save message m1/)
+  assert.equal(named('error')[0].close, false)
+  assert.equal(client.state, 'open', 'a failed save does not drop the connection')
+
+  socket.receive(deliver('m1', 'body of m1', 2)) // the broker delivers it again
+  await settle()
+  assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }])
+  assert.deepEqual(store.saveCalls, ['m1', 'm1'])
+  assert.equal(store.inboxById.get('m1').state, 'acked')
+  assert.deepEqual(named('message').map((r) => r.id), ['m1'])
+})
+
+test('processRelayMessage resolves null when the save fails', async (t) => {
+  const store = new MemoryStore()
+  store.failSaves.add('m1')
+  const { client, ws } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  assert.equal(await client.processRelayMessage(deliver('m1')), null)
+  assert.deepEqual(socket.sentOfType('ack'), [])
+})
+
+test('a redelivered message is ACKed again but announced once', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  socket.receive(deliver('m1'))
+  await settle()
+  socket.receive(deliver('m1', 'body of m1', 2))
+  await settle()
+  assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }, { type: 'ack', ids: ['m1'] }])
+  assert.equal(named('message').length, 1)
+  assert.equal(store.inboxById.get('m1').attempt, 1, 'the first copy is kept')
+})
+
+test('an ACK lost to a dropped connection breaks nothing; the redelivery is recognised', async (t) => {
+  const store = new MemoryStore()
+  let dropBeforeAck = true
+  const { client, ws, named } = makeClient(t, {
+    store,
+    minBackoffMs: 1,
+    beforeAck: async () => {
+      if (dropBeforeAck) ws.last().drop() // saved, then the network goes before the ACK
+    }
+  })
+  const first = await connect(client, ws)
+  const record = await client.processRelayMessage(deliver('m1'))
+  assert.equal(record.state, 'saved', 'saved, not ACKed')
+  assert.deepEqual(first.sentOfType('ack'), [])
+  assert.equal(store.inboxById.get('m1').state, 'saved')
+
+  dropBeforeAck = false
+  while (ws.sockets.length < 2) await new Promise((resolve) => setTimeout(resolve, 2)) // reconnect
+  const second = ws.last()
+  second.open()
+  second.receive(WELCOME)
+  second.receive(deliver('m1', 'body of m1', 2))
+  await settle()
+  assert.deepEqual(second.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }])
+  assert.equal(store.inboxById.get('m1').state, 'acked')
+  assert.equal(named('message').length, 1)
+})
+
+test('acknowledgeMessage says whether the ACK went out', async (t) => {
+  const { client, ws } = makeClient(t)
+  assert.equal(client.acknowledgeMessage('m1'), false) // not connected
+  const socket = await connect(client, ws)
+  assert.equal(client.acknowledgeMessage(['m1', 'm2']), true)
+  assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1', 'm2'] }])
+})
+
+test('sendMessage resolves with the receipt and records it in the store', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  const sent = client.sendMessage('alice', 'hi', { ttl: 60, id: 'out-1' })
+  await settle()
+  assert.deepEqual(socket.sentOfType('send'), [{ type: 'send', id: 'out-1', to: ['alice'], body: new TextEncoder().encode('hi'), ttl_s: 60 }])
+  assert.equal(store.outboxById.get('out-1').results, null)
+  socket.receive({ type: 'receipt', id: 'out-1', results: { alice: { status: 'queued' } } })
+  assert.deepEqual(await sent, { id: 'out-1', results: { alice: { status: 'queued' } } })
+  assert.deepEqual(store.outboxById.get('out-1').results, { alice: { status: 'queued' } })
+  assert.deepEqual(named('receipt'), [{ id: 'out-1', results: { alice: { status: 'queued' } } }])
+})
+
+test('sends made while disconnected go out on connect, and again with the same ids after a reconnect', async (t) => {
+  const { client, ws } = makeClient(t, { minBackoffMs: 1 })
+  const sent = [client.sendMessage('alice', 'one', { id: 'q1' }), client.sendMessage(['alice', 'carol'], 'two', { id: 'q2' })]
+  const first = await connect(client, ws)
+  assert.deepEqual(first.sentOfType('send').map((f) => [f.id, f.to]), [['q1', ['alice']], ['q2', ['alice', 'carol']]])
+  first.receive({ type: 'receipt', id: 'q1', results: { alice: { status: 'delivered' } } })
+  first.drop() // q2's receipt is lost
+  while (ws.sockets.length < 2) await new Promise((resolve) => setTimeout(resolve, 2))
+  const second = ws.last()
+  second.open()
+  second.receive(WELCOME)
+  assert.deepEqual(second.sentOfType('send').map((f) => f.id), ['q2'], 'only the unconfirmed send, same id')
+  second.receive({ type: 'receipt', id: 'q2', results: { alice: { status: 'duplicate' }, carol: { status: 'queued' } } })
+  const receipts = await Promise.all(sent)
+  assert.deepEqual(receipts.map((r) => r.id), ['q1', 'q2'])
+})
+
+test('the same id sent twice is one send with one receipt', async (t) => {
+  const { client, ws } = makeClient(t)
+  const socket = await connect(client, ws)
+  const a = client.sendMessage('alice', 'x', { id: 'same' })
+  const b = client.sendMessage('alice', 'x', { id: 'same' })
+  await settle()
+  assert.equal(socket.sentOfType('send').length, 1)
+  socket.receive({ type: 'receipt', id: 'same', results: { alice: { status: 'queued' } } })
+  assert.deepEqual(await a, await b)
+})
+
+test('start() resends what the store holds unconfirmed (a reload), with the same ids', async (t) => {
+  const store = new MemoryStore()
+  await store.saveOutgoing({ id: 'old-1', to: ['alice'], body: new Uint8Array([1, 2]) })
+  await store.saveOutgoing({ id: 'old-2', to: ['alice'], body: new Uint8Array([3]), ttl_s: 30 })
+  await store.saveReceipt('old-2', { alice: { status: 'queued' } }) // confirmed: not resent
+  const { client, ws } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  assert.deepEqual(socket.sentOfType('send'), [{ type: 'send', id: 'old-1', to: ['alice'], body: new Uint8Array([1, 2]) }])
+})
+
+test('fetchPendingMessages resolves with the DRAINED that answers its PULL', async (t) => {
+  const { client, ws } = makeClient(t)
+  await assert.rejects(client.fetchPendingMessages(), /not connected/)
+  const socket = await connect(client, ws)
+  const pulled = client.fetchPendingMessages()
+  assert.deepEqual(socket.sentOfType('pull'), [{ type: 'pull' }])
+  socket.receive({ type: 'drained', pending: 7 }) // the connect-time DRAINED, before the PULL's
+  socket.receive({ type: 'drained', pending: 3 })
+  assert.equal(await pulled, 3)
+})
+
+test('a dropped connection rejects what waits for an answer', async (t) => {
+  const { client, ws } = makeClient(t, { minBackoffMs: 1000 })
+  const socket = await connect(client, ws)
+  const pulled = client.fetchPendingMessages()
+  const stats = client.getStats()
+  socket.drop()
+  await assert.rejects(pulled, /connection lost/)
+  await assert.rejects(stats, /connection lost/)
+  assert.equal(client.state, 'closed')
+})
+
+test('getStats resolves with the stats, or rejects with FORBIDDEN for a mailbox', async (t) => {
+  const { client, ws } = makeClient(t)
+  const socket = await connect(client, ws, { ...WELCOME, mailbox: undefined })
+  const ok = client.getStats()
+  socket.receive({ type: 'stats_result', stats: { messages_total: 4 } })
+  assert.deepEqual(await ok, { messages_total: 4 })
+  const refused = client.getStats()
+  socket.receive({ type: 'error', code: ERROR_CODES.FORBIDDEN, message: 'operators only', close: false })
+  await assert.rejects(refused, (err) => err.code === ERROR_CODES.FORBIDDEN)
+  assert.equal(client.state, 'open')
+})
+
+test('a message that is not exactly one frame is an error and closes the socket', async (t) => {
+  const { client, ws, named } = makeClient(t, { minBackoffMs: 1000 })
+  const socket = await connect(client, ws)
+  const frame = encodeFrame({ type: 'pong' })
+  socket.receiveBytes(frame.subarray(0, frame.length - 1))
+  assert.equal(socket.closeCode, 1002)
+  assert.equal(named('error')[0].code, ERROR_CODES.MALFORMED_FRAME)
+})
+
+test('a refused token stops the reconnecting', async (t) => {
+  const { client, ws } = makeClient(t, { minBackoffMs: 1 })
+  await client.start()
+  const socket = ws.last()
+  socket.open()
+  socket.receive({ type: 'error', code: ERROR_CODES.INVALID_TOKEN, message: 'bad token', close: true })
+  socket.drop()
+  await new Promise((resolve) => setTimeout(resolve, 30))
+  assert.equal(ws.sockets.length, 1, 'no retry: a retry cannot fix the token')
+  assert.equal(client.state, 'closed')
+})
+
+test('reconnects back off exponentially with full jitter, capped, and reset by WELCOME', async (t) => {
+  t.mock.method(Math, 'random', () => 1) // the top of each jitter range
+  t.mock.timers.enable({ apis: ['setTimeout'] })
+  const { client, ws } = makeClient(t, { minBackoffMs: 100, maxBackoffMs: 1000 })
+  await client.start()
+  const delays = []
+  for (let i = 0; i < 6; i++) {
+    const before = ws.sockets.length
+    ws.last().drop()
+    let waited = 0
+    while (ws.sockets.length === before) {
+      t.mock.timers.tick(10)
+      waited += 10
+    }
+    delays.push(waited)
+  }
+  assert.deepEqual(delays, [100, 200, 400, 800, 1000, 1000])
+  const socket = ws.last()
+  socket.open()
+  socket.receive(WELCOME)
+  socket.drop()
+  let waited = 0
+  while (ws.sockets.length === 7) {
+    t.mock.timers.tick(10)
+    waited += 10
+  }
+  assert.equal(waited, 100, 'a successful connection resets the backoff')
+})
+
+test('close() says BYE and stops reconnecting', async (t) => {
+  const { client, ws } = makeClient(t, { minBackoffMs: 1 })
+  const socket = await connect(client, ws)
+  client.close()
+  assert.deepEqual(socket.sent.at(-1), { type: 'bye' })
+  assert.equal(socket.closeCode, 1000)
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  assert.equal(ws.sockets.length, 1)
+  assert.equal(client.state, 'closed')
+})
