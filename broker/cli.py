@@ -25,6 +25,7 @@ import trio
 from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig, ConfigError, default_data_dir
 from .server import Broker
+from .transport import first_os_error
 
 __all__ = ["main"]
 
@@ -122,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except (OSError, BaseExceptionGroup) as exc:  # a listener's OSError arrives inside the nurseries' groups
-        if (failed := _os_error(exc)) is None:
+        if (failed := first_os_error(exc)) is None:
             raise
         # The WebSocket and HTTP listeners put their address in ``filename``; the TCP one does not.
         address = failed.filename or f"tcp://{_hostport(config.host, config.tcp_port)}"
@@ -133,17 +134,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _os_error(exc: BaseException) -> OSError | None:
-    """The first OSError in ``exc``, however deep in exception groups."""
-    if isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _os_error(inner)) is not None:
-                return found
-    return None
 
 
 def _authenticator(data_dir: Path | None) -> Authenticator:

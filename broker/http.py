@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.util
-import io
 import json
 import logging
 import re
@@ -53,11 +52,11 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from wire import Ack, ErrorCode, RemoteProtocolError, Send, encode_frame
-from wire.codec import _SEMANTIC, MAX_DEPTH, _refuse_tag
+from wire import Ack, ErrorCode, RemoteProtocolError, Send, decode_item, encode_frame
 
 from .auth import AuthError, Identity
 from .openapi import openapi_spec
+from .transport import first_os_error
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -170,23 +169,6 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _decode_cbor_map(data: bytes) -> Any:
-    """Exactly one strictly decoded CBOR item (the wire codec's rules: no tags, depth, no duplicates)."""
-    fp = io.BytesIO(data)
-    decoder = cbor2.CBORDecoder(
-        fp,
-        tag_hook=_refuse_tag,
-        semantic_decoders=_SEMANTIC,
-        max_depth=MAX_DEPTH,
-        allow_indefinite=False,
-        allow_duplicate_keys=False,
-    )
-    item = decoder.decode()
-    if fp.tell() != len(data):
-        raise ValueError("bytes after the CBOR item")
-    return item
-
-
 async def _read_map(request: Request, limit: int) -> tuple[dict[str, Any], bool]:
     """The request body as a map with text keys, and whether it came as JSON (bytes in base64)."""
     media = _media_type(request.headers.get("content-type"))
@@ -207,7 +189,7 @@ async def _read_map(request: Request, limit: int) -> tuple[dict[str, Any], bool]
         if media == JSON:
             item = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
         else:
-            item = _decode_cbor_map(data)
+            item = decode_item(data)
     except Exception as exc:  # json and cbor2 raise several types
         raise ApiError(400, ErrorCode.MALFORMED_FRAME, f"body is not valid {media}: {exc}") from None
     if type(item) is not dict or not all(type(k) is str for k in item):
@@ -394,17 +376,6 @@ def create_app(broker: Broker) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The first OSError in ``exc``, however deep in exception groups."""
-    if isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _os_error(inner)) is not None:
-                return found
-    return None
-
-
 async def serve_http(
     broker: Broker,
     host: str,
@@ -430,7 +401,7 @@ async def serve_http(
             binds = await nursery.start(partial(serve, create_app(broker), config, shutdown_trigger=trio.sleep_forever))
         except (OSError, BaseExceptionGroup) as exc:
             # hypercorn binds inside its own nurseries: name the address that failed, once, here.
-            if (failed := _os_error(exc)) is None:
+            if (failed := first_os_error(exc)) is None:
                 raise
             raise OSError(failed.errno, failed.strerror, f"http://{config.bind[0]}") from exc
         bound = int(binds[0].rsplit(":", 1)[1])

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["RECEIVE_CHUNK_BYTES", "StreamTransport", "Transport", "TransportClosed"]
+__all__ = ["RECEIVE_CHUNK_BYTES", "StreamTransport", "Transport", "TransportClosed", "first_os_error"]
 
 RECEIVE_CHUNK_BYTES = 65536
 """Bytes asked of the kernel per read: many frames at once under load, little waste when idle."""
@@ -83,3 +83,14 @@ class StreamTransport:
             pass
         finally:
             await trio.aclose_forcefully(stream)
+
+
+def first_os_error(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``, however deep in exception groups (e.g. a listener that cannot bind)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := first_os_error(inner)) is not None:
+                return found
+    return None

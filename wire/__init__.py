@@ -4,7 +4,15 @@ Frames, the length-prefixed CBOR codec, the connection state machine and the err
 codes. Nothing here does I/O or imports trio.
 """
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode_body, encode_deliver, encode_frame, encode_frames
+from .codec import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FrameDecoder,
+    decode_body,
+    decode_item,
+    encode_deliver,
+    encode_frame,
+    encode_frames,
+)
 from .connection import TRANSITIONS, Connection, Role, State
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
@@ -68,6 +76,7 @@ __all__ = [
     "Status",
     "Welcome",
     "decode_body",
+    "decode_item",
     "encode_deliver",
     "encode_frame",
     "encode_frames",

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "FrameDecoder",
     "decode_body",
+    "decode_item",
     "encode_deliver",
     "encode_frame",
     "encode_frames",
@@ -77,14 +78,9 @@ def encode_frames(frames: list[Frame]) -> bytes:
     return b"".join([encode_frame(f) for f in frames])
 
 
-def decode_body(body: bytes) -> Frame:
-    """Decode one frame body (without its prefix) into a frame.
-
-    Raises RemoteProtocolError: MALFORMED_FRAME if it is not exactly one strict CBOR
-    map with text keys, UNKNOWN_FRAME_TYPE, or INVALID_FIELD.
-    """
-    fp = io.BytesIO(body)
-    decoder = cbor2.CBORDecoder(
+def _strict_decoder(fp: io.BytesIO) -> cbor2.CBORDecoder:
+    """A CBOR decoder with the protocol's rules: no tags, no indefinite lengths, no duplicate keys, bounded depth."""
+    return cbor2.CBORDecoder(
         fp,
         tag_hook=_refuse_tag,
         semantic_decoders=_SEMANTIC,
@@ -92,11 +88,29 @@ def decode_body(body: bytes) -> Frame:
         allow_indefinite=False,
         allow_duplicate_keys=False,
     )
-    return _decode_at(decoder, fp, 0, len(body))
 
 
-def _decode_at(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int) -> Frame:
-    """Decode the frame body at ``fp[start:end]`` (``decoder`` reads ``fp``)."""
+def decode_body(body: bytes) -> Frame:
+    """Decode one frame body (without its prefix) into a frame.
+
+    Raises RemoteProtocolError: MALFORMED_FRAME if it is not exactly one strict CBOR
+    map with text keys, UNKNOWN_FRAME_TYPE, or INVALID_FIELD.
+    """
+    fp = io.BytesIO(body)
+    return _decode_at(_strict_decoder(fp), fp, 0, len(body))
+
+
+def decode_item(data: bytes) -> Any:
+    """Exactly one CBOR item under the protocol's strict rules (for CBOR bodies outside frames, e.g. HTTP).
+
+    Raises RemoteProtocolError(MALFORMED_FRAME).
+    """
+    fp = io.BytesIO(data)
+    return _strict_item(_strict_decoder(fp), fp, 0, len(data))
+
+
+def _strict_item(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int) -> Any:
+    """The one CBOR item at ``fp[start:end]`` (``decoder`` reads ``fp``)."""
     fp.seek(start)
     try:
         item = decoder.decode()
@@ -106,6 +120,12 @@ def _decode_at(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int)
     if stop != end:
         why = "bytes after the CBOR item" if stop < end else "the CBOR item runs past the end of its frame"
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, why)
+    return item
+
+
+def _decode_at(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int) -> Frame:
+    """Decode the frame body at ``fp[start:end]`` (``decoder`` reads ``fp``)."""
+    item = _strict_item(decoder, fp, start, end)
     if type(item) is not dict:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
     for key in item:
@@ -133,14 +153,7 @@ class FrameDecoder:
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
-        self._decoder = cbor2.CBORDecoder(
-            _NO_INPUT,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_SEMANTIC,
-            max_depth=MAX_DEPTH,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        )
+        self._decoder = _strict_decoder(_NO_INPUT)
 
     @property
     def buffered_bytes(self) -> int:

@@ -15,7 +15,39 @@ from wire import Connection, Frame, Hello, Role, Welcome
 F = TypeVar("F", bound=Frame)
 
 
-class RawClient:
+class FrameClient:
+    """What every test client does the same way over any transport: handshake, expect, until."""
+
+    conn: Connection
+
+    async def send(self, *frames: Frame) -> None:
+        raise NotImplementedError
+
+    async def next(self) -> Frame:
+        raise NotImplementedError
+
+    async def hello(self, token: str) -> Welcome:
+        await self.send(Hello(version=1, token=token))
+        return await self.expect(Welcome)
+
+    async def expect(self, kind: type[F]) -> F:
+        frame = await self.next()
+        assert isinstance(frame, kind), f"expected {kind.__name__}, got {frame!r}"
+        return frame
+
+    async def until(self, kind: type[F]) -> tuple[list[Frame], F]:
+        """Frames before the first ``kind`` frame, and that frame."""
+        before: list[Frame] = []
+        while True:
+            frame = await self.next()
+            if isinstance(frame, kind):
+                return before, frame
+            before.append(frame)
+
+
+class RawClient(FrameClient):
+    """Over a trio Stream (TCP, or a memory stream)."""
+
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.conn = Connection(Role.CLIENT)
@@ -31,10 +63,6 @@ class RawClient:
         client = await cls.open(port)
         welcome = await client.hello(token)
         return client, welcome
-
-    async def hello(self, token: str) -> Welcome:
-        await self.send(Hello(version=1, token=token))
-        return await self.expect(Welcome)
 
     async def send(self, *frames: Frame) -> None:
         await self.stream.send_all(b"".join(self.conn.send(f) for f in frames))
@@ -56,20 +84,6 @@ class RawClient:
         while not self.frames:
             await self._fill()
         return self.frames.popleft()
-
-    async def expect(self, kind: type[F]) -> F:
-        frame = await self.next()
-        assert isinstance(frame, kind), f"expected {kind.__name__}, got {frame!r}"
-        return frame
-
-    async def until(self, kind: type[F]) -> tuple[list[Frame], F]:
-        """Frames before the first ``kind`` frame, and that frame."""
-        before: list[Frame] = []
-        while True:
-            frame = await self.next()
-            if isinstance(frame, kind):
-                return before, frame
-            before.append(frame)
 
     async def expect_closed(self) -> None:
         """Every remaining frame is read; then the broker must close the connection."""

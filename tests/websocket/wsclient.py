@@ -7,23 +7,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from wire import Connection, Frame, Hello, Role, Welcome
+from wire import Connection, Frame, Role, Welcome
 
-F = TypeVar("F", bound=Frame)
+from ..broker.raw import FrameClient
 
 
-class WsClient:
+class WsClient(FrameClient):
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         self.conn = Connection(Role.CLIENT)
-
-    async def hello(self, token: str) -> Welcome:
-        await self.send(Hello(version=1, token=token))
-        return await self.expect(Welcome)
 
     async def send(self, *frames: Frame) -> None:
         for frame in frames:
@@ -43,19 +38,6 @@ class WsClient:
         frames = self.conn.receive_data(message)
         assert len(frames) == 1
         return frames[0]
-
-    async def expect(self, kind: type[F]) -> F:
-        frame = await self.next()
-        assert isinstance(frame, kind), f"expected {kind.__name__}, got {frame!r}"
-        return frame
-
-    async def until(self, kind: type[F]) -> tuple[list[Frame], F]:
-        before: list[Frame] = []
-        while True:
-            frame = await self.next()
-            if isinstance(frame, kind):
-                return before, frame
-            before.append(frame)
 
     async def expect_closed(self) -> None:
         """The broker closes the WebSocket (after any frames still queued)."""
