@@ -57,7 +57,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("broker and output")
-    g.add_argument("--transport", choices=("tcp", "ws"), default="tcp", help="how clients connect (default tcp)")
+    g.add_argument(
+        "--transport",
+        choices=("tcp", "ws"),
+        default="tcp",
+        help="how clients connect to a started broker (default tcp; a --url's scheme decides for itself)",
+    )
     g.add_argument("--url", help="use this running broker instead of starting one (needs --data-dir)")
     g.add_argument("--data-dir", type=Path, help="the running broker's data dir: its secret signs the bench's tokens")
     g.add_argument("--broker-pid", type=int, help="the running broker's PID, for CPU/RSS (default: found by port)")
@@ -140,7 +145,7 @@ def _config(args: argparse.Namespace, argv: Sequence[str], target: BrokerTarget)
         "broker_command": shlex.join(target.command) if target.command else None,
         "broker_pid": target.pid,
         "url": target.url,
-        "transport": args.transport,
+        "transport": target.url.split("://", 1)[0],  # with --url, its scheme decides
         "body_bytes": args.body_bytes,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -200,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--body-bytes must be at least 16 (the bench puts two timestamps in each body)")
     raise_nofile_limit()  # inherited by a started broker and by the worker processes
     try:
-        _check_transport(args.transport)
+        _check_transport(args.url.split("://", 1)[0] if args.url else args.transport)
         if args.url:
             target = BrokerTarget.external(args.url, args.data_dir, args.broker_pid)
         else:

@@ -1,10 +1,11 @@
 """The broker under test: one the bench starts as a subprocess, or one already running.
 
 A started broker is ``python -m broker serve`` on free ports with a temporary data dir; its
-TCP port is read from the ``relay-broker listening on tcp://HOST:PORT`` line it prints. Its
-process is watched with psutil so CPU time and RSS are the broker's alone. For a running broker
-(``--url``) the bench needs the signing secret to mint tokens (``--data-dir`` of that broker)
-and, for CPU/RSS figures, its process (``--broker-pid``, or found by the listening port).
+URL is read from the lines it prints: ``relay-broker listening on tcp://HOST:PORT`` (TCP) and
+``WebSocket ws://HOST:PORT/relay`` (``--transport ws``). Its process is watched with psutil so
+CPU time and RSS are the broker's alone. For a running broker (``--url``) the bench needs the
+signing secret to mint tokens (``--data-dir`` of that broker) and, for CPU/RSS figures, its
+process (``--broker-pid``, or found by the listening port).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,12 +64,6 @@ def raise_nofile_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _pid_listening_on(port: int) -> int | None:
     try:
         for c in psutil.net_connections(kind="tcp"):
@@ -111,7 +105,6 @@ class BrokerTarget:
         """Start ``python -m broker serve`` on free ports with a temporary data dir. Raises BenchError."""
         workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
         data_dir = workdir / "data"
-        ws_port = _free_port() if transport == "ws" else 0
         command = [
             sys.executable,
             "-m",
@@ -126,7 +119,7 @@ class BrokerTarget:
             "--http-port",
             "0",
             "--ws-port",
-            str(ws_port),
+            "0",
             "--data-dir",
             str(data_dir),
             *(broker_args or []),
@@ -138,7 +131,7 @@ class BrokerTarget:
         )
         log.close()
         assert popen.stdout is not None
-        port: int | None = None
+        url: str | None = None
         lines: list[str] = []
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         got: list[str] = []
@@ -148,7 +141,7 @@ class BrokerTarget:
             assert popen.stdout is not None
             for line in popen.stdout:
                 got.append(line)
-                if "listening on" in line:
+                if line.startswith("WebSocket ws://"):  # printed right after "listening on tcp://..."
                     break
             reader_done.set()
 
@@ -158,9 +151,11 @@ class BrokerTarget:
             time.sleep(0.01)
         lines = list(got)
         for line in lines:
-            if "listening on tcp://" in line:
-                port = urlsplit(line.split("listening on ", 1)[1].split()[0]).port
-        if port is None:
+            if transport == "tcp" and "listening on tcp://" in line:
+                url = line.split("listening on ", 1)[1].split()[0]
+            elif transport == "ws" and line.startswith("WebSocket ws://"):
+                url = line.split()[1].rstrip(",")
+        if url is None or urlsplit(url).port is None:
             popen.kill()
             popen.wait()
             log_text = (workdir / "broker.log").read_text(errors="replace")[-2000:]
@@ -169,7 +164,6 @@ class BrokerTarget:
         # Keep draining its stdout so it never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in popen.stdout or ()], daemon=True).start()
         secret = load_or_create_secret(data_dir)
-        url = f"ws://127.0.0.1:{ws_port}/relay" if transport == "ws" else f"tcp://127.0.0.1:{port}"
         target = cls(
             url,
             secret,

@@ -14,14 +14,15 @@ from bench.cli import main
 CONFIG_KEYS = ("command_line", "broker_version", "broker_mode", "transport", "body_bytes", "cpu_count", "url")
 
 
-def run(tmp_path: Path, name: str, *args: str) -> dict[str, Any]:
+def run(tmp_path: Path, name: str, *args: str, transport: str = "tcp") -> dict[str, Any]:
     out = tmp_path / f"{name}.json"
-    assert main([name, "--no-progress", "--json", str(out), *args]) == 0
+    assert main([name, "--no-progress", "--json", str(out), "--transport", transport, *args]) == 0
     report = json.loads(out.read_text())
     assert report["scenario"] == name
     for key in CONFIG_KEYS:
         assert report["config"][key] is not None, key
-    assert report["config"]["transport"] == "tcp"
+    assert report["config"]["transport"] == transport
+    assert report["config"]["url"].startswith(f"{transport}://")
     for t in report["targets"]:
         assert t["figure"] in report["figures"]
         assert t["met"] in (True, False, None)
@@ -120,10 +121,23 @@ def test_compare_prints_the_ratio_of_every_figure(
     assert "2.000" in out
 
 
-def test_ws_transport_is_refused_clearly_unless_the_client_supports_it(capsys: pytest.CaptureFixture[str]) -> None:
+def test_ws_transport_runs_latency_and_throughput(tmp_path: Path) -> None:
+    report = run(tmp_path, "latency", "--rate", "100", "--duration", "0.4", "--warmup", "0.2", transport="ws")
+    c = report["counts"]
+    assert c["messages_sent"] == c["accepted"] == c["delivered"] == round(100 * 0.6)
+    assert_ordered(report["figures"], "latency")
+    assert report["config"]["url"].endswith("/relay")
+    report = run(tmp_path, "throughput", "--pairs", "2", "--duration", "0.5", "--warmup", "0.2", transport="ws")
+    c = report["counts"]
+    assert c["pairs_2_accepted"] == c["pairs_2_delivered"] > 0
+    assert report["figures"]["pairs_2_acked_confirmed"] == c["pairs_2_delivered"]
+
+
+def test_a_transport_the_client_cannot_open_is_refused_clearly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from client.transport import OPENERS
 
-    if "ws" in OPENERS:
-        pytest.skip("the client supports ws:// now")
+    monkeypatch.delitem(OPENERS, "ws")
     assert main(["latency", "--transport", "ws", "--no-progress"]) == 1
     assert "cannot open ws://" in capsys.readouterr().err

@@ -180,7 +180,9 @@ async def test_unreachable_broker_raises_connection_lost(broker: Broker) -> None
                 pass  # pragma: no cover
 
 
-@pytest.mark.parametrize("url", ["http://x:1", "tcp://", "tcp://h:notaport", "tcp://h:1/path", "ws://h"])
+@pytest.mark.parametrize(
+    "url", ["http://x:1", "tcp://", "tcp://h:notaport", "tcp://h:1/path", "ws://", "ws://h:notaport/relay"]
+)
 async def test_bad_url_raises_value_error(url: str) -> None:
     with pytest.raises(ValueError):
         async with open_client(url, "token"):
