@@ -16,8 +16,12 @@ What the adapter checks itself, because only it can see message boundaries:
   buffered (trio-websocket's own limit would close with WebSocket code 1009 and no
   Relay ERROR; :class:`_RelayWebSocketConnection` reports it to the adapter instead).
 
-Each is handed to the session as bytes its decoder refuses with that code, so the
-session answers exactly as for any other bad frame: ERROR(code, close) and a close.
+Each raises RemoteProtocolError with that code from ``receive_some``, so the session
+answers exactly as for any other bad frame: ERROR(code, close) and a close.
+
+Speed: the session's writer hands over a batch of frames, and they leave as one socket
+write (upstream writes once per message); a read returns every message already
+queued, so a burst of SENDs or ACKs is handled as one batch, as on TCP.
 
 The handshake is checked before the upgrade: the path must be ``/relay`` (else HTTP
 404) and a browser's ``Origin`` must be allowed (else HTTP 403). A request without an
@@ -38,6 +42,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
+from wsproto.events import BytesMessage
 
 from wire import ErrorCode, RemoteProtocolError
 
@@ -56,6 +61,8 @@ WEBSOCKET_PATH = "/relay"
 """The only path the listener upgrades."""
 MESSAGE_QUEUE_SIZE = 4
 """Whole messages trio-websocket buffers ahead of the session (each at most max_frame_bytes + 4)."""
+RECEIVE_BUFFER_BYTES = 65536
+"""Bytes per socket read (upstream's default is 4 KiB: a syscall every few frames)."""
 CONNECT_TIMEOUT_S = 10.0
 """Time a client has to complete the HTTP upgrade."""
 DISCONNECT_TIMEOUT_S = 2.0
@@ -101,6 +108,32 @@ class _RelayWebSocketConnection(WebSocketConnection):
             return
         await super()._handle_message_event(event)
 
+    async def send_messages(self, messages: list[bytes]) -> None:
+        """Send binary messages with one socket write; upstream's send_message writes once each.
+
+        Mirrors upstream ``send_message``/``_send`` (the close check, the stream lock,
+        the abort on a broken stream), on the same private attributes.
+        """
+        if self._close_reason:
+            raise ConnectionClosed(self._close_reason)
+        wsproto_send = self._wsproto.send
+        data = b"".join([wsproto_send(BytesMessage(data=m)) for m in messages])
+        async with self._stream_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                raise ConnectionClosed(self._close_reason) from None
+
+    def queued_messages(self) -> list[Any]:
+        """Messages already received and queued, taken without waiting."""
+        out = []
+        while True:
+            try:
+                out.append(self._recv_channel.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return out
+
 
 class OriginPolicy:
     """Which browser origins may open a WebSocket. A missing Origin (non-browser client) is allowed."""
@@ -117,7 +150,7 @@ class WebSocketTransport:
 
     __slots__ = ("max_message_bytes", "ws")
 
-    def __init__(self, ws: WebSocketConnection, max_frame_bytes: int) -> None:
+    def __init__(self, ws: _RelayWebSocketConnection, max_frame_bytes: int) -> None:
         self.ws = ws
         self.max_message_bytes = max_frame_bytes + 4
 
@@ -129,28 +162,28 @@ class WebSocketTransport:
         code, which the session answers with ERROR and a close, as for its own decoder.
         """
         try:
-            message: Any = await self.ws.get_message()
+            first: Any = await self.ws.get_message()
         except ConnectionClosed as exc:
             raise TransportClosed(str(exc.reason)) from None
-        if isinstance(message, _TooLarge):
-            raise RemoteProtocolError(
-                ErrorCode.FRAME_TOO_LARGE,
-                f"WebSocket message of at least {message.size} bytes exceeds max_frame_bytes + 4",
-            )
-        if isinstance(message, str):
-            raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "text WebSocket message: frames are binary")
-        if len(message) < 4 or _PREFIX.unpack_from(message)[0] != len(message) - 4:
-            raise RemoteProtocolError(
-                ErrorCode.MALFORMED_FRAME, "WebSocket message is not exactly one frame (prefix != length - 4)"
-            )
-        return message  # type: ignore[no-any-return]
+        messages = [first, *self.ws.queued_messages()]
+        for message in messages:
+            if isinstance(message, _TooLarge):
+                raise RemoteProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"WebSocket message of at least {message.size} bytes exceeds max_frame_bytes + 4",
+                )
+            if isinstance(message, str):
+                raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "text WebSocket message: frames are binary")
+            if len(message) < 4 or _PREFIX.unpack_from(message)[0] != len(message) - 4:
+                raise RemoteProtocolError(
+                    ErrorCode.MALFORMED_FRAME, "WebSocket message is not exactly one frame (prefix != length - 4)"
+                )
+        return first if len(messages) == 1 else b"".join(messages)  # type: ignore[no-any-return]
 
     async def send_frames(self, frames: list[bytes]) -> None:
-        """One binary message per encoded frame. Raises TransportClosed."""
-        ws = self.ws
+        """One binary message per encoded frame, all in one socket write. Raises TransportClosed."""
         try:
-            for frame in frames:
-                await ws.send_message(frame)
+            await self.ws.send_messages(frames)
         except ConnectionClosed as exc:
             raise TransportClosed(str(exc.reason)) from None
 
@@ -205,6 +238,7 @@ async def serve_websocket(
             await request.reject(403, body=b"origin not allowed\n")
             return
         ws = await request.accept()
+        assert isinstance(ws, _RelayWebSocketConnection)  # handle_stream made it
         await handle_transport(WebSocketTransport(ws, max_frame_bytes))
 
     async def handle_stream(stream: trio.SocketStream) -> None:
@@ -215,6 +249,7 @@ async def serve_websocket(
                 WSConnection(ConnectionType.SERVER),
                 message_queue_size=MESSAGE_QUEUE_SIZE,
                 max_message_size=max_message,
+                receive_buffer_size=RECEIVE_BUFFER_BYTES,
             )
             nursery.start_soon(connection._reader_task)
             with trio.move_on_after(CONNECT_TIMEOUT_S) as connect_scope:
