@@ -103,6 +103,7 @@ class Session:
         self._writer_scope = trio.CancelScope()
         self._last_rx = trio.current_time()
         self._reading_paused = False
+        self._deliver_blocked = False  # the mailbox task stopped on a full window or outbound buffer
         self._writing_since: float | None = None
 
     def __repr__(self) -> str:
@@ -117,7 +118,7 @@ class Session:
     def acked(self, result: AckResult) -> None:
         """Messages of this mailbox were ACKed (here or over another transport): the window has room."""
         self.inflight = result.inflight
-        if self.inflight < self._max_inflight:
+        if self._deliver_blocked and self.inflight < self._max_inflight:
             self._deliver_signal.set()
 
     def resync(self) -> None:
@@ -182,8 +183,11 @@ class Session:
                 self._writing_since = None
                 self._unsent -= nbytes
                 if self._unsent < self._soft_outbound:
-                    self._space_signal.set()
-                    self._deliver_signal.set()
+                    # Wake only who stopped for space: a wakeup per write costs more than the write.
+                    if self._reading_paused:
+                        self._space_signal.set()
+                    if self._deliver_blocked:
+                        self._deliver_signal.set()
 
     async def _wait_for_space(self) -> None:
         while self._unsent >= self._soft_outbound:
@@ -411,9 +415,11 @@ class Session:
         while True:
             await self._deliver_signal.wait()
             self._deliver_signal = trio.Event()
-            while self._unsent < self._soft_outbound:
+            self._deliver_blocked = False
+            while True:
                 room = window - self.inflight
-                if room <= 0 and not self._resync:
+                if self._unsent >= self._soft_outbound or (room <= 0 and not self._resync):
+                    self._deliver_blocked = True  # the writer (space) or an ACK (window) wakes us
                     break
                 self._resync = False
                 batch = await store.fetch_many(mailbox, max(room, 0), self._fetch_bytes)
