@@ -18,7 +18,7 @@ def test_defaults_match_the_documented_limits() -> None:
         "127.0.0.1",
         7700,
         1048576,
-        1024,
+        4096,
         100,
     )
     assert (c.default_ttl_s, c.max_ttl_s, c.cleanup_interval_s, c.keepalive_s) == (604800, 2592000, 3600, 60)

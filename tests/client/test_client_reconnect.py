@@ -111,26 +111,28 @@ async def test_send_is_retried_with_the_same_id_after_a_lost_receipt(broker: Bro
 
 
 async def test_reconnect_recovers_2000_messages_with_one_copy_each(
-    broker: Broker, tmp_path: Path, network: FaultyNetwork
+    broker_factory: Any, tmp_path: Path, network: FaultyNetwork
 ) -> None:
-    ids = await fill_mailbox(broker, "bob", 2000)
-    seen: list[Delivery] = []
-    with LocalStore(tmp_path / "bob.sqlite3") as store, trio.fail_after(TIMEOUT_S):
-        async with open_client(
-            url_of(broker), broker.auth.issue("bob"), local_store=store, transport_factory=network, **FAST
-        ) as bob:
-            async for d in bob.deliveries():
-                seen.append(d)
-                if len(seen) in (300, 1200):
-                    while len(network.transports) < bob.connects:
-                        await trio.sleep(0.001)
-                    await network.cut()
-                if len(seen) == 2000:
-                    break
-            assert bob.connects >= 2
-        assert sorted(d.id for d in seen) == sorted(ids)
-        assert sorted(m.id for m in store.messages("bob")) == sorted(ids)
-    assert (await broker.statistics())["messages_total"] == 0
+    # A window smaller than the backlog, so the cuts below land while messages are still queued.
+    async with broker_factory(max_inflight=256) as broker:
+        ids = await fill_mailbox(broker, "bob", 2000)
+        seen: list[Delivery] = []
+        with LocalStore(tmp_path / "bob.sqlite3") as store, trio.fail_after(TIMEOUT_S):
+            async with open_client(
+                url_of(broker), broker.auth.issue("bob"), local_store=store, transport_factory=network, **FAST
+            ) as bob:
+                async for d in bob.deliveries():
+                    seen.append(d)
+                    if len(seen) in (300, 1200):
+                        while len(network.transports) < bob.connects:
+                            await trio.sleep(0.001)
+                        await network.cut()
+                    if len(seen) == 2000:
+                        break
+                assert bob.connects >= 2
+            assert sorted(d.id for d in seen) == sorted(ids)
+            assert sorted(m.id for m in store.messages("bob")) == sorted(ids)
+        assert (await broker.statistics())["messages_total"] == 0
 
 
 async def test_sends_in_flight_survive_a_cut_connection(broker: Broker, network: FaultyNetwork) -> None:

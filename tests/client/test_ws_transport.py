@@ -155,29 +155,31 @@ class FaultyWsNetwork(FaultyNetwork):
         return transport
 
 
-async def test_ws_reconnects_recover_2000_messages_with_one_copy_each(broker: Broker, tmp_path: Path) -> None:
-    network = FaultyWsNetwork()
-    ids = [f"m{i}" for i in range(2000)]
-    seen: list[Delivery] = []
-    with LocalStore(tmp_path / "bob.sqlite3") as store, trio.fail_after(TIMEOUT_S):
-        async with open_client(ws_of(broker), broker.auth.issue("alice")) as alice:
-            await alice.send_batch([OutgoingMessage("bob", b"x", id=i) for i in ids])
-        async with open_client(
-            ws_of(broker), broker.auth.issue("bob"), local_store=store, transport_factory=network, **FAST
-        ) as bob:
-            async for d in bob.deliveries():
-                seen.append(d)
-                if len(seen) in (300, 1200):
-                    while len(network.transports) < bob.connects:
-                        await trio.sleep(0.001)
-                    await network.cut()
-                if len(seen) == 2000:
-                    break
-            assert bob.connects >= 2
-        assert sorted(d.id for d in seen) == sorted(ids)
-        assert sorted(m.id for m in store.messages("bob")) == sorted(ids)
-    assert network.received_of(Deliver) and not [f for f in network.sent if type(f) is Send]
-    assert (await broker.statistics())["messages_total"] == 0
+async def test_ws_reconnects_recover_2000_messages_with_one_copy_each(broker_factory: Any, tmp_path: Path) -> None:
+    # A window smaller than the backlog, so the cuts below land while messages are still queued.
+    async with broker_factory(max_inflight=256) as broker:
+        network = FaultyWsNetwork()
+        ids = [f"m{i}" for i in range(2000)]
+        seen: list[Delivery] = []
+        with LocalStore(tmp_path / "bob.sqlite3") as store, trio.fail_after(TIMEOUT_S):
+            async with open_client(ws_of(broker), broker.auth.issue("alice")) as alice:
+                await alice.send_batch([OutgoingMessage("bob", b"x", id=i) for i in ids])
+            async with open_client(
+                ws_of(broker), broker.auth.issue("bob"), local_store=store, transport_factory=network, **FAST
+            ) as bob:
+                async for d in bob.deliveries():
+                    seen.append(d)
+                    if len(seen) in (300, 1200):
+                        while len(network.transports) < bob.connects:
+                            await trio.sleep(0.001)
+                        await network.cut()
+                    if len(seen) == 2000:
+                        break
+                assert bob.connects >= 2
+            assert sorted(d.id for d in seen) == sorted(ids)
+            assert sorted(m.id for m in store.messages("bob")) == sorted(ids)
+        assert network.received_of(Deliver) and not [f for f in network.sent if type(f) is Send]
+        assert (await broker.statistics())["messages_total"] == 0
 
 
 async def test_a_wrong_path_is_a_clear_error(broker: Broker) -> None:

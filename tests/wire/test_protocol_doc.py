@@ -12,7 +12,7 @@ from .support import section
 # config is checked against the same table of protocol.md elsewhere.
 SPEC_LIMITS = {
     "max_frame_bytes": 1_048_576,
-    "max_inflight": 1024,
+    "max_inflight": 4096,
     "max_recipients": 100,
     "default_ttl_s": 604_800,
     "max_ttl_s": 2_592_000,
