@@ -77,9 +77,9 @@ TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
 }
 """(sender role, state, frame class) -> next state. Anything else is a protocol error."""
 
-_ROWS: dict[tuple[Role, State], dict[type[Frame], State]] = {(r, st): {} for r in Role for st in State}
+_ROWS: dict[Role, dict[State, dict[type[Frame], State]]] = {r: {st: {} for st in State} for r in Role}
 for (_sender, _state, _kind), _next in TRANSITIONS.items():
-    _ROWS[(_sender, _state)][_kind] = _next
+    _ROWS[_sender][_state][_kind] = _next
 
 
 class Connection:
@@ -89,25 +89,17 @@ class Connection:
     a client updates it from WELCOME if it wants the broker's figure.
     """
 
-    __slots__ = ("_decoder", "_error_sent", "_receivable", "_sendable", "_state", "peer_role", "role")
+    __slots__ = ("_decoder", "_error_sent", "_receivable", "_sendable", "peer_role", "role", "state")
 
     def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.role = role
         self.peer_role = Role.BROKER if role is Role.CLIENT else Role.CLIENT
+        self.state = State.HANDSHAKE
         self._decoder = FrameDecoder(max_frame_bytes)
         self._error_sent = False
-        self.state = State.HANDSHAKE
-
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @state.setter
-    def state(self, value: State) -> None:
-        # The rows of TRANSITIONS for this state, per direction: one dict lookup per frame.
-        self._state = value
-        self._sendable = _ROWS[(self.role, value)]
-        self._receivable = _ROWS[(self.peer_role, value)]
+        # TRANSITIONS by state for each direction: two dict lookups per frame, no tuple key.
+        self._sendable = _ROWS[role]
+        self._receivable = _ROWS[self.peer_role]
 
     @property
     def max_frame_bytes(self) -> int:
@@ -119,13 +111,13 @@ class Connection:
 
     def _next_state(self, sender: Role, frame: Frame) -> State | None:
         if type(frame) is Error:
-            if sender is not Role.BROKER or self._state is State.CLOSED:
+            if sender is not Role.BROKER or self.state is State.CLOSED:
                 return None
             if frame.close:
                 return State.CLOSED
-            return self._state if self._state is State.OPEN else None
+            return self.state if self.state is State.OPEN else None
         table = self._sendable if sender is self.role else self._receivable
-        return table.get(type(frame))
+        return table[self.state].get(type(frame))
 
     def receive_data(self, data: bytes) -> list[Frame]:
         """Frames the peer completed with ``data``, each checked against the state table.

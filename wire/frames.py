@@ -284,6 +284,9 @@ class RecipientResult:
 
 
 _RESULT_WIRE: dict[tuple[Status, int | None], dict[str, Any]] = {}
+_DECODED_RESULTS: dict[tuple[str, int | None], RecipientResult] = {}
+"""Results already decoded and validated, by (status, code): receipts repeat a handful of them."""
+_CODE_TYPES = (int, type(None))
 
 
 @_frame("receipt", "id", "results")
@@ -320,7 +323,15 @@ class Receipt(Frame):
                     raise ValueError("each result must be a map")
                 if "code" in value and value["code"] is None:
                     raise ValueError("code may not be null")
-                parsed[key] = RecipientResult(Status(str(value.get("status"))), value.get("code"))
+                status, code = value.get("status"), value.get("code")
+                result = (
+                    _DECODED_RESULTS.get((status, code)) if type(status) is str and type(code) in _CODE_TYPES else None
+                )
+                if result is None:
+                    result = RecipientResult(Status(str(status)), code)
+                    if len(_DECODED_RESULTS) < 256:
+                        _DECODED_RESULTS[(result.status.value, result.code)] = result
+                parsed[key] = result
             return cls(id=m.get("id"), results=parsed)  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             raise RemoteProtocolError(ErrorCode.INVALID_FIELD, f"receipt: {exc}") from None
