@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -173,3 +174,14 @@ def test_serve_names_the_address_it_cannot_listen_on(
             argv += [f"--{name}-port", value]
         assert main(argv) == 1
     assert f"cannot listen on {listener}://127.0.0.1:{port}: " in capsys.readouterr().err
+
+
+def test_protocol_md_limits_table_matches_the_broker_defaults() -> None:
+    """Every row of protocol.md's limits table (section 8) states the broker's real default."""
+    text = (Path(__file__).parents[2] / "protocol.md").read_text()
+    section = text[text.index("## 8. Limits") : text.index("## 9. Semantics")]
+    rows = re.findall(r"^\| `(\w+)` \| (\d+) \|", section, flags=re.MULTILINE)
+    defaults = BrokerConfig()
+    assert len(rows) == 14  # every limit in the table, parsed
+    for name, value in rows:
+        assert getattr(defaults, name) == int(value), name
