@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -103,16 +104,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         broker = Broker(config)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(broker.serve)
-            print(
-                f"relay-broker listening on tcp://{config.host}:{broker.tcp_port}"
-                f" (store: {config.store}, data dir: {config.data_dir})\n"
-                f"WebSocket ws://{config.host}:{broker.ws_port}/relay, HTTP API http://{config.host}:{broker.http_port}/relay\n"
-                f"demo page: http://{config.host}:{broker.http_port}/\n"
-                f"make a token with: relay-broker token <mailbox>",
-                flush=True,
-            )
+        # SIGTERM (service managers, kill) and SIGINT (Ctrl-C) end the broker gracefully: cancelling
+        # serve() tells every session SHUTTING_DOWN and gives it shutdown_grace_s to flush.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(broker.serve)
+                _announce(config, broker)
+                async for signum in signals:
+                    logging.getLogger(__name__).info("%s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
 
     # Everything imported so far lives as long as the process: move it out of the
     # collector's view, so a full collection walks only what the broker allocates
@@ -130,6 +131,18 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay-broker: cannot listen on {address}: {failed.strerror or failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _announce(config: BrokerConfig, broker: Broker) -> None:
+    """Tell the person who started the broker where it listens and what to do next."""
+    print(
+        f"relay-broker listening on tcp://{config.host}:{broker.tcp_port}"
+        f" (store: {config.store}, data dir: {config.data_dir})\n"
+        f"WebSocket ws://{config.host}:{broker.ws_port}/relay, HTTP API http://{config.host}:{broker.http_port}/relay\n"
+        f"demo page: http://{config.host}:{broker.http_port}/\n"
+        f"make a token with: relay-broker token <mailbox>",
+        flush=True,
+    )
 
 
 def _hostport(host: str, port: int) -> str:

@@ -86,6 +86,8 @@ class Broker:
         self.sessions: set[Session] = set()
         self.counters = Counters()
         self.tcp_port: int | None = None
+        self._stopping = False
+        self._handlers_done = trio.Event()
         self.ws_port: int | None = None
         self.http_port: int | None = None
         self._sweeps_done = 0
@@ -93,24 +95,42 @@ class Broker:
     # ------------------------------------------------------------ serving
 
     async def serve(self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on TCP and sweep expired messages until cancelled. Reports readiness with ``self``.
+        """Listen (TCP, WebSocket, HTTP) and sweep expired messages until cancelled.
 
-        Never returns normally. On cancellation every session is told SHUTTING_DOWN and
-        given ``shutdown_grace_s`` to flush.
+        Reports readiness with ``self``. Never returns normally. Shutdown is a deadline,
+        not a cancel storm: sessions and the browser listeners run in a handler nursery
+        that the cancellation does not reach; once the TCP listener has stopped, every
+        session is told SHUTTING_DOWN and given ``shutdown_grace_s`` to flush, and only
+        then is what remains cancelled.
         """
         listeners = await trio.open_tcp_listeners(self.config.tcp_port, host=self.config.host)
         self.tcp_port = listeners[0].socket.getsockname()[1]
         log.info("listening on tcp://%s:%d", self.config.host, self.tcp_port)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.sweep_forever)
-                await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
-                await self._serve_browsers(nursery)
-                task_status.started(self)
-                await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.shutdown()
+        async with trio.open_nursery() as outer:
+            handlers: trio.Nursery = await outer.start(self._run_handlers)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.sweep_forever)
+                    await nursery.start(
+                        partial(trio.serve_listeners, self._handle_stream, listeners, handler_nursery=handlers)
+                    )
+                    await self._serve_browsers(handlers)
+                    task_status.started(self)
+                    await trio.sleep_forever()
+            finally:
+                self._stopping = True
+                with trio.CancelScope(shield=True):
+                    await self.shutdown()
+                self._handlers_done.set()
+
+    async def _run_handlers(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+        """Hold the nursery that sessions and the browser listeners run in, out of reach of
+        :meth:`serve`'s cancellation, until :meth:`shutdown` has had its chance; then cancel it."""
+        async with trio.open_nursery() as handlers:
+            handlers.cancel_scope.shield = True
+            task_status.started(handlers)
+            await self._handlers_done.wait()
+            handlers.cancel_scope.cancel()
 
     async def _serve_browsers(self, nursery: trio.Nursery) -> None:
         """Start the HTTP listener (API, demo page), then the WebSocket listener that trusts its origin."""
@@ -144,12 +164,17 @@ class Broker:
 
     async def handle_transport(self, transport: Transport) -> None:
         """Serve one connection on any transport until it ends."""
-        if len(self.sessions) >= self.config.max_connections:
-            refusal = ErrorFrame(
-                code=int(ErrorCode.TOO_MANY_CONNECTIONS),
-                message=f"the broker holds {self.config.max_connections} connections already",
-                close=True,
-            )
+        if self._stopping or len(self.sessions) >= self.config.max_connections:
+            if self._stopping:
+                refusal = ErrorFrame(
+                    code=int(ErrorCode.SHUTTING_DOWN), message="the broker is shutting down", close=True
+                )
+            else:
+                refusal = ErrorFrame(
+                    code=int(ErrorCode.TOO_MANY_CONNECTIONS),
+                    message=f"the broker holds {self.config.max_connections} connections already",
+                    close=True,
+                )
             with trio.move_on_after(1):
                 try:
                     await transport.send_frames([encode_frame(refusal)])
