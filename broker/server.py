@@ -206,6 +206,7 @@ class Broker:
         """Store a batch of SENDs from ``sender`` and return their receipts, in order."""
         config = self.config
         now = self.clock()
+        expiries: dict[int, int] = {}
         plans = [
             plan_send(
                 s,
@@ -215,6 +216,7 @@ class Broker:
                 max_ttl_s=config.max_ttl_s,
                 max_recipients=config.max_recipients,
                 max_body_bytes=config.max_frame_bytes - DELIVER_OVERHEAD_BYTES,
+                expiries=expiries,
             )
             for s in sends
         ]

@@ -177,3 +177,15 @@ class StoreContract:
         await store.ack_many("bob", [f"m{i}" for i in range(0, 999)])
         batch = await store.fetch_many("bob", 10, 1 << 20)
         assert [m.id for m in batch.messages] == ["m999"]
+
+    async def test_sweep_after_most_were_acked_purges_exactly_the_rest(
+        self, store: Store, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        await store.enqueue_many([msg(f"m{i}", ttl_s=60) for i in range(200)])
+        await store.fetch_many("bob", 1000, 1 << 30)
+        await store.ack_many("bob", [f"m{i}" for i in range(0, 200, 4)])  # a quarter, spread out
+        await store.ack_many("bob", [f"m{i}" for i in range(1, 200, 4)])  # a second quarter
+        await trio.sleep(60)
+        assert await store.purge_expired() == 100
+        stats = await store.statistics()
+        assert (stats["messages_total"], stats["expired_total"], stats["acknowledged_total"]) == (0, 100, 100)
