@@ -90,7 +90,6 @@ class Broker:
         self._handlers_done = trio.Event()
         self.ws_port: int | None = None
         self.http_port: int | None = None
-        self._sweeps_done = 0
 
     # ------------------------------------------------------------ serving
 
@@ -262,7 +261,6 @@ class Broker:
     async def cleanup(self) -> int:
         """Purge expired messages now; returns how many. Sessions recount their windows."""
         purged = await self.store.purge_expired()
-        self._sweeps_done += 1
         if purged:
             for session in self.presence.values():
                 session.resync()

@@ -98,7 +98,6 @@ class Session:
         self._drain_wanted = False
         self._resync = False
         self._closing = False
-        self._close_code: int | None = None
         self._work_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope()
         self._last_rx = trio.current_time()
@@ -131,7 +130,6 @@ class Session:
         if self._closing:
             return
         self._closing = True
-        self._close_code = code
         if code is not None:
             data = self.conn.send_error(code, message)
             if data:
