@@ -30,10 +30,10 @@ import os
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -71,6 +71,7 @@ from .errors import is_fatal as _is_fatal_code
 from .localstore import LocalStore
 from .transport import Endpoint, Transport, TransportClosed, open_transport, parse_url
 
+T = TypeVar("T")
 __all__ = ["Delivery", "OutgoingMessage", "RelayClient", "TransportFactory", "open_client"]
 
 log = logging.getLogger(__name__)
@@ -318,11 +319,11 @@ class RelayClient:
         last connect or :meth:`pull` has been yielded. Raises the fatal error if the client fails
         (after yielding what had arrived).
         """
-        return _DeliveryIterator(self, until_drained)
+        return _InboxIterator(self, self._take_one, until_drained)
 
     def delivery_batches(self, *, until_drained: bool = False) -> AsyncIterator[list[Delivery]]:
         """Like :meth:`deliveries`, but each step yields every delivery buffered so far (a non-empty list)."""
-        return _DeliveryBatchIterator(self, until_drained)
+        return _InboxIterator(self, self._take_all, until_drained)
 
     def ack(self, ids: str | Iterable[str]) -> None:
         """Queue ACKs for delivered messages. ACKs queued before the writer next runs go out in one frame;
@@ -840,37 +841,26 @@ class RelayClient:
         return True
 
 
-class _DeliveryIterator:
-    __slots__ = ("_client", "_until_drained")
+class _InboxIterator(Generic[T]):
+    """Yields what ``take`` returns from the inbox (one delivery, or all buffered) until it ends.
 
-    def __init__(self, client: RelayClient, until_drained: bool) -> None:
+    A class rather than an async generator, so abandoning the loop needs no cleanup.
+    """
+
+    __slots__ = ("_client", "_take", "_until_drained")
+
+    def __init__(self, client: RelayClient, take: Callable[[], T], until_drained: bool) -> None:
         self._client = client
+        self._take = take
         self._until_drained = until_drained
 
-    def __aiter__(self) -> _DeliveryIterator:
+    def __aiter__(self) -> _InboxIterator[T]:
         return self
 
-    async def __anext__(self) -> Delivery:
+    async def __anext__(self) -> T:
         client = self._client
         if client._inbox or await client._wait_for_inbox(self._until_drained):
-            return client._take_one()
-        raise StopAsyncIteration
-
-
-class _DeliveryBatchIterator:
-    __slots__ = ("_client", "_until_drained")
-
-    def __init__(self, client: RelayClient, until_drained: bool) -> None:
-        self._client = client
-        self._until_drained = until_drained
-
-    def __aiter__(self) -> _DeliveryBatchIterator:
-        return self
-
-    async def __anext__(self) -> list[Delivery]:
-        client = self._client
-        if client._inbox or await client._wait_for_inbox(self._until_drained):
-            return client._take_all()
+            return self._take()
         raise StopAsyncIteration
 
 
