@@ -95,6 +95,6 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise AuthError(ErrorCode.INVALID_TOKEN, f"invalid token: {exc}") from None
         sub = claims.get("sub")
-        if not is_valid_mailbox_id(sub):
+        if not isinstance(sub, str) or not is_valid_mailbox_id(sub):
             raise AuthError(ErrorCode.INVALID_TOKEN, "token subject is not a valid mailbox id")
         return Identity(sub, operator=claims.get("role") == "operator")

@@ -398,7 +398,8 @@ async def serve_http(
     async with trio.open_nursery() as nursery:
         # Stopping is cancellation of the broker's nursery; the trigger only keeps hypercorn's hands off signals.
         try:
-            binds = await nursery.start(partial(serve, create_app(broker), config, shutdown_trigger=trio.sleep_forever))
+            app: Any = create_app(broker)  # Starlette is an ASGI app; its signature is typed looser than hypercorn's
+            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
         except (OSError, BaseExceptionGroup) as exc:
             # hypercorn binds inside its own nurseries: name the address that failed, once, here.
             if (failed := first_os_error(exc)) is None:

@@ -178,7 +178,7 @@ class WebSocketTransport:
                 raise RemoteProtocolError(
                     ErrorCode.MALFORMED_FRAME, "WebSocket message is not exactly one frame (prefix != length - 4)"
                 )
-        return first if len(messages) == 1 else b"".join(messages)  # type: ignore[no-any-return]
+        return first if len(messages) == 1 else b"".join(messages)
 
     async def send_frames(self, frames: list[bytes]) -> None:
         """One binary message per encoded frame, all in one socket write. Raises TransportClosed."""

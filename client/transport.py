@@ -217,7 +217,7 @@ class WebSocketTransport:
                 data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
                 if not data:
                     raise TransportClosed(f"{refused} ({_http(status, body) if status else 'no answer'})")
-                self._ws.receive_data(data)
+                self._ws.receive_data(bytes(data))  # no copy: sockets give bytes already
                 events = list(self._ws.events())
                 for i, event in enumerate(events):
                     if isinstance(event, AcceptConnection):
@@ -250,7 +250,7 @@ class WebSocketTransport:
                 data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
             except _TRANSPORT_ERRORS as exc:
                 raise TransportClosed(_reason(exc)) from None
-            self._ws.receive_data(data or None)  # None: EOF without a close frame (code 1006)
+            self._ws.receive_data(bytes(data) if data else None)  # None: EOF without a close frame (1006)
             self._take(self._ws.events())
             if self._control and not self._send_lock.locked():
                 # Else the writer is mid-write and its next send_all carries them.

@@ -343,10 +343,10 @@ class MemoryStore:
         # Tombstones are in ACK order, which is close to expiry order: drop the expired head.
         stones = self._tombstones
         while stones:
-            key, (_, expires_at) = next(iter(stones.items()))
+            stone, (_, expires_at) = next(iter(stones.items()))
             if expires_at > now:
                 break
-            del stones[key]
+            del stones[stone]
         self._expired_total += purged
         return purged
 
