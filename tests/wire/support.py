@@ -1,4 +1,4 @@
-"""Helpers for the wire tests: reading the golden vectors and protocol.md."""
+"""Helpers for the wire tests: reading the golden vectors and protocol.md, and sample frames."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+
+from wire import Welcome
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"
@@ -46,3 +48,19 @@ def section(doc: str, heading: str) -> str:
     rest = doc[match.end() :]
     end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
     return rest[: end.start()] if end else rest
+
+
+def welcome(*, session: str = "s1", mailbox: str | None = "alice", max_frame_bytes: int = 1048576) -> Welcome:
+    """A WELCOME with the broker's default limits; ``mailbox=None`` for an operator session."""
+    return Welcome(
+        version=1,
+        session=session,
+        mailbox=mailbox,
+        pending=0,
+        max_frame_bytes=max_frame_bytes,
+        max_inflight=4096,
+        max_recipients=100,
+        default_ttl_s=604800,
+        max_ttl_s=2592000,
+        keepalive_s=60,
+    )

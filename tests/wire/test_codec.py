@@ -38,6 +38,8 @@ from wire import (
     encode_frames,
 )
 
+from .support import welcome
+
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 UINT = st.integers(0, 2**63 - 1)
@@ -213,16 +215,6 @@ def test_frames_refuse_illegal_values_when_built() -> None:
 
 def test_optional_fields_absent_are_left_out_of_the_map() -> None:
     assert Send(id="m1", to=("b",), body=b"").to_wire() == {"type": "send", "id": "m1", "to": ("b",), "body": b""}
-    operator = Welcome(
-        version=1,
-        session="s",
-        pending=0,
-        max_frame_bytes=64,
-        max_inflight=1,
-        max_recipients=1,
-        default_ttl_s=1,
-        max_ttl_s=1,
-        keepalive_s=1,
-    )
+    operator = welcome(session="s", mailbox=None, max_frame_bytes=64)
     assert "mailbox" not in operator.to_wire()
     assert decode_body(encode_frame(operator)[4:]) == operator

@@ -33,9 +33,10 @@ from wire import (
     Stats,
     StatsResult,
     Status,
-    Welcome,
     encode_frame,
 )
+
+from .support import welcome
 
 C, B = Role.CLIENT, Role.BROKER
 HS, AU, OP, X = State.HANDSHAKE, State.AUTHENTICATING, State.OPEN, State.CLOSED
@@ -51,18 +52,7 @@ EXPECTED = {
 
 SAMPLES: dict[str, Frame] = {
     "hello": Hello(version=1, token="t"),
-    "welcome": Welcome(
-        version=1,
-        session="s1",
-        mailbox="alice",
-        pending=0,
-        max_frame_bytes=1048576,
-        max_inflight=1024,
-        max_recipients=100,
-        default_ttl_s=604800,
-        max_ttl_s=2592000,
-        keepalive_s=60,
-    ),
+    "welcome": welcome(),
     "send": Send(id="m1", to=("bob",), body=b"hi"),
     "receipt": Receipt(id="m1", results={"bob": RecipientResult(Status.QUEUED)}),
     "deliver": Deliver(id="m1", sender="alice", sent_at=1, expires_at=2, attempt=1, body=b"hi"),
@@ -250,17 +240,7 @@ def test_happy_path_conversation() -> None:
 def test_operator_conversation_and_takeover_error() -> None:
     client, broker = Connection(C), Connection(B)
     pump(client, broker, Hello(version=1, token="op", agent="relay-cli"))
-    operator_welcome = Welcome(
-        version=1,
-        session="s2",
-        pending=0,
-        max_frame_bytes=1048576,
-        max_inflight=1024,
-        max_recipients=100,
-        default_ttl_s=604800,
-        max_ttl_s=2592000,
-        keepalive_s=60,
-    )
+    operator_welcome = welcome(session="s2", mailbox=None)
     assert pump(broker, client, operator_welcome) == [operator_welcome]
     assert pump(client, broker, Stats(), Cleanup()) == [Stats(), Cleanup()]
     results = [StatsResult(stats={"connections": 1, "inflight": 0}), CleanupResult(purged=7)]
