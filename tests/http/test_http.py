@@ -337,3 +337,20 @@ async def test_openapi_matches_the_routes(broker: Broker, http: httpx.AsyncClien
             resolve(content["application/json"]["schema"]["$ref"])
             assert {"400", "413", "415"} <= op["responses"].keys()
     assert set(schemas["Error"]["required"]) == {"code", "message"}
+
+
+async def test_http_ack_of_a_message_in_flight_on_tcp_frees_that_session_window(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """An ACK from another transport reaches the live session: its full in-flight window opens."""
+    async with broker_factory(max_inflight=1) as broker:
+        with trio.fail_after(TIMEOUT):
+            await broker.route("alice", [Send(id=f"m{i}", to=("bob",), body=b"x") for i in range(3)])
+            bob, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("bob"))
+            assert (await bob.expect(Deliver)).id == "m0"  # the window (1) is full: m1 and m2 wait
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as http:
+                r = await http.post("/relay/acknowledge", json={"ids": ["m0"]}, headers=bearer(broker, "bob"))
+                assert r.json() == {"acknowledged": 1}
+                assert (await bob.expect(Deliver)).id == "m1"
+                r = await http.post("/relay/acknowledge", json={"ids": ["m1"]}, headers=bearer(broker, "bob"))
+                assert (await bob.expect(Deliver)).id == "m2"
