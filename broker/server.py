@@ -4,8 +4,9 @@ Theory of operation. :meth:`Broker.serve` opens the TCP listener and runs the sw
 every accepted connection becomes a :class:`~broker.session.Session` in the handler
 nursery. ``presence`` maps each mailbox to the one session that owns it (a newer HELLO
 takes over). :meth:`Broker.route` is the whole path of a batch of SENDs: plan
-(pure), one ``store.enqueue_many`` call, wake the recipients' mailbox tasks, build
-receipts. Shutdown is a deadline: each session is told SHUTTING_DOWN and given
+(pure), one ``store.enqueue_many`` call, build receipts, then deliver to online recipients
+(:meth:`Session.deliver_now`) before the caller writes the receipts.
+Shutdown is a deadline: each session is told SHUTTING_DOWN and given
 ``shutdown_grace_s`` to flush.
 """
 
@@ -224,6 +225,7 @@ class Broker:
         presence = self.presence
         counters = self.counters
         receipts = []
+        woken: dict[Session, None] = {}
         for send, plan in zip(sends, plans, strict=True):
             results = {}
             for rcpt, code in plan.refused.items():
@@ -236,12 +238,14 @@ class Broker:
                     if outcome == STORED:
                         counters.sent += 1
                         if session is not None:
-                            session.wake()
+                            woken[session] = None
                     elif outcome == DUPLICATE:
                         counters.duplicates += 1
                     else:
                         counters.refused[outcome] += 1
             receipts.append(Receipt(id=send.id, results=results))
+        for session in woken:  # deliveries go out before the receipts the caller sends next
+            await session.deliver_now()
         return receipts
 
     async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> AckResult:

@@ -7,11 +7,17 @@ Theory of operation. ``Session.run`` owns three tasks in one nursery:
   the broker's router in one store call, consecutive ACKs in another;
 - the **mailbox task** (one per active recipient, also in the work scope) pulls queued
   messages from the store while the in-flight window and the outbound buffer have room,
-  and wakes whenever a SEND, an ACK or a PULL may have changed that;
+  and wakes whenever a connect, an ACK, a PULL or freed buffer space may have changed
+  that. When the store never yields (``store.synchronous``, the in-memory store), the
+  router runs the same step (:meth:`Session.deliver_now`) from the sender's task for a new
+  message, since nothing can interleave with it: a task switch less per message;
 - the **writer** takes everything queued for the connection and writes it in one call,
   so frames produced while a write is in progress are coalesced into the next one.
 
-Every frame goes through :meth:`Session._push`, which bounds the outbound buffer: the
+Every frame goes through :meth:`Session._push_all`. When nothing is queued and no write
+is in progress, frames go straight to the socket (``transport.try_send``, never
+blocking); whatever the socket does not take at once is queued for the writer, so order
+is kept. The outbound buffer is bounded: the
 reader stops reading and the mailbox task stops fetching at half of
 ``max_outbound_bytes`` (and fetches at most a quarter of it at once); if the buffer still
 passes the full figure, or a single write stalls for ``keepalive_s``, the peer is a slow
@@ -102,17 +108,15 @@ class Session:
         self._writer_scope = trio.CancelScope()
         self._last_rx = trio.current_time()
         self._reading_paused = False
-        self._deliver_blocked = False  # the mailbox task stopped on a full window or outbound buffer
+        self._deliver_blocked = False  # delivery stopped on a full window or outbound buffer
+        self._inline = broker.store.synchronous
+        self._byte_stream = transport.byte_stream
         self._writing_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.mailbox or (self.identity and self.identity.name) or '-'}>"
 
     # ------------------------------------------------------------ control from other tasks
-
-    def wake(self) -> None:
-        """New messages may be queued for this session's mailbox."""
-        self._deliver_signal.set()
 
     def acked(self, result: AckResult) -> None:
         """Messages of this mailbox were ACKed (here or over another transport): the window has room."""
@@ -144,11 +148,24 @@ class Session:
     # ------------------------------------------------------------ output
 
     def _push(self, data: bytes) -> None:
-        """Queue encoded frames for the writer (dropped once the session is closing)."""
+        """Send one encoded frame (see :meth:`_push_all`)."""
+        self._push_all([data])
+
+    def _push_all(self, frames: list[bytes]) -> None:
+        """Send encoded frames: straight to the socket if the writer is idle and the socket takes
+        them without blocking, otherwise queued for the writer (dropped once the session is closing)."""
         if self._closing:
             return
-        self._out.append(data)
-        n = len(data)
+        if self._byte_stream and not self._out and self._writing_since is None:
+            # Nothing queued and no write in progress, so order is kept; frames the socket buffer
+            # takes at once cost no task switch (what online latency is made of).
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            sent = self.transport.try_send(data)
+            if sent == len(data):
+                return
+            frames = [data[sent:]]  # a byte stream: any split of it will do
+        self._out += frames
+        n = sum(map(len, frames)) if len(frames) > 1 else len(frames[0])
         self._out_bytes += n
         self._unsent += n
         if self._unsent > self._max_outbound:
@@ -387,8 +404,9 @@ class Session:
     async def _on_sends(self, sends: Sequence[Send]) -> None:
         assert self.mailbox is not None
         receipts = await self.broker.route(self.mailbox, sends)
-        for receipt in receipts:
-            self._send(receipt)
+        if not self._closing:
+            send = self.conn.send
+            self._push_all([send(receipt) for receipt in receipts])
 
     async def _on_acks(self, acks: Sequence[Ack]) -> None:
         assert self.mailbox is not None
@@ -404,36 +422,56 @@ class Session:
 
     # ------------------------------------------------------------ delivery
 
+    async def deliver_now(self) -> None:
+        """New messages were queued for this mailbox (called by the router, from the sender's task).
+
+        With a store whose calls never yield (``store.synchronous``), nothing can interleave, so
+        the caller's task delivers them at once: one task switch less per message, which is what
+        online latency is made of. Otherwise the mailbox task is woken to do it.
+        """
+        if self._inline and self.conn.state is State.OPEN:
+            await self._pump()
+        else:
+            self._deliver_signal.set()
+
     async def _deliver_loop(self) -> None:
+        """The mailbox task: deliver whenever woken (connect, PULL, ACKs or space after a stop, expiry)."""
+        while True:
+            await self._deliver_signal.wait()
+            self._deliver_signal = trio.Event()
+            await self._pump()
+
+    async def _pump(self) -> None:
+        """Hand queued messages to the writer while the in-flight window and the outbound buffer have room."""
         mailbox = self.mailbox
         assert mailbox is not None
         store = self.broker.store
         counters = self.broker.counters
         window = self._max_inflight
+        self._deliver_blocked = False
         while True:
-            await self._deliver_signal.wait()
-            self._deliver_signal = trio.Event()
-            self._deliver_blocked = False
-            while True:
-                room = window - self.inflight
-                if self._unsent >= self._soft_outbound or (room <= 0 and not self._resync):
-                    self._deliver_blocked = True  # the writer (space) or an ACK (window) wakes us
-                    break
-                self._resync = False
-                batch = await store.fetch_many(mailbox, max(room, 0), self._fetch_bytes)
-                self.inflight = batch.inflight
-                if batch.messages:
-                    if self.conn.state is not State.OPEN:
-                        return  # closing: what was fetched goes back to the queue at cleanup
-                    for m in batch.messages:
-                        self._push(encode_deliver(m.id, m.sender, m.sent_at, m.expires_at, m.attempt, m.body))
-                        if m.attempt > 1:
-                            counters.redelivered += 1
-                counters.delivered += len(batch.messages)
-                if batch.queued == 0:
-                    if self._drain_wanted:
-                        self._drain_wanted = False
-                        self._send(Drained(pending=batch.inflight))
-                    break
-                if not batch.messages and room > 0:
-                    break  # (a resync fetch with no room only recounted the window: go round again)
+            room = window - self.inflight
+            if self._unsent >= self._soft_outbound or (room <= 0 and not self._resync):
+                self._deliver_blocked = True  # the writer (space) or an ACK (window) wakes the mailbox task
+                return
+            self._resync = False
+            batch = await store.fetch_many(mailbox, max(room, 0), self._fetch_bytes)
+            self.inflight = batch.inflight
+            messages = batch.messages
+            if messages:
+                if self.conn.state is not State.OPEN:
+                    return  # closing: what was fetched goes back to the queue at cleanup
+                self._push_all(
+                    [encode_deliver(m.id, m.sender, m.sent_at, m.expires_at, m.attempt, m.body) for m in messages]
+                )
+                counters.delivered += len(messages)
+                redelivered = sum(m.attempt > 1 for m in messages)
+                if redelivered:
+                    counters.redelivered += redelivered
+            if batch.queued == 0:
+                if self._drain_wanted:
+                    self._drain_wanted = False
+                    self._send(Drained(pending=batch.inflight))
+                return
+            if not messages and room > 0:
+                return  # (a resync fetch with no room only recounted the window: go round again)

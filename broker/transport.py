@@ -9,6 +9,7 @@ batch, not per frame. trio's Broken/Closed errors are translated to
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import trio
@@ -29,6 +30,10 @@ class TransportClosed(Exception):
 
 
 class Transport(Protocol):
+    byte_stream: bool
+    """True if written bytes form one stream that frames may be split or joined in (TCP);
+    False if each frame must be written whole, on its own (one WebSocket message per frame)."""
+
     async def receive_some(self) -> bytes:
         """The next chunk of the peer's byte stream; b"" at a clean end.
 
@@ -41,18 +46,34 @@ class Transport(Protocol):
         """Write encoded frames, in order. Raises TransportClosed."""
         ...
 
+    def try_send(self, data: bytes) -> int:
+        """Write what the kernel takes at once, without blocking: how many bytes of ``data`` went out.
+
+        0 when nothing can go out now or the transport cannot write synchronously (then the
+        caller's writer task sends it). Never raises: a broken connection is left for
+        ``send_frames`` to report. Callers must not use it while a ``send_frames`` is in progress.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Close, letting bytes already written reach the peer; bounded in time; never raises."""
         ...
 
 
 class StreamTransport:
-    """A Transport over a trio Stream: frames are concatenated into one write."""
+    """A Transport over a trio Stream: frames are concatenated into one write.
 
-    __slots__ = ("stream",)
+    Over a socket (``trio.SocketStream``), :meth:`try_send` writes straight to the
+    non-blocking file descriptor; other streams (TLS, memory streams) always leave
+    writing to ``send_frames``.
+    """
+
+    __slots__ = ("_fd", "stream")
+    byte_stream = True
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
 
     async def receive_some(self) -> bytes:
         try:
@@ -67,7 +88,16 @@ class StreamTransport:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportClosed(str(exc)) from None
 
+    def try_send(self, data: bytes) -> int:
+        if self._fd < 0:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except OSError:  # would block (EAGAIN), or broken: send_frames will say which
+            return 0
+
     async def aclose(self) -> None:
+        self._fd = -1  # before the socket closes: its number may be reused at once
         stream = self.stream
         try:
             if isinstance(stream, trio.abc.HalfCloseableStream):

@@ -180,6 +180,11 @@ class WebSocketTransport:
                 )
         return first if len(messages) == 1 else b"".join(messages)
 
+    byte_stream = False
+
+    def try_send(self, data: bytes) -> int:
+        return 0  # every WebSocket message goes through trio-websocket's writer
+
     async def send_frames(self, frames: list[bytes]) -> None:
         """One binary message per encoded frame, all in one socket write. Raises TransportClosed."""
         try:

@@ -31,10 +31,16 @@ def require_service(available: bool, what: str) -> None:
 async def running_broker(tmp_path: Path, **overrides: Any) -> AsyncIterator[Broker]:
     """A broker serving TCP, WebSocket and HTTP on 127.0.0.1:<free ports> until the block ends."""
     clock = overrides.pop("clock", None)
+    store = overrides.pop("store", None)
     # Every listener (TCP, WebSocket, HTTP) on a free port unless the test names one.
     overrides = {"ws_port": 0, "http_port": 0, **overrides}
     config = BrokerConfig(tcp_port=0, data_dir=tmp_path / "broker-data", **overrides)
-    broker = Broker(config) if clock is None else Broker(config, clock=clock)
+    extra: dict[str, Any] = {}
+    if clock is not None:
+        extra["clock"] = clock
+    if store is not None:
+        extra["store"] = store
+    broker = Broker(config, **extra)
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.serve)
         try:

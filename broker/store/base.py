@@ -115,6 +115,11 @@ class AckResult:
 class Store(Protocol):
     """Where messages wait. See the module docstring for the contract."""
 
+    synchronous: bool
+    """True if no method ever yields to the scheduler (no checkpoint: the in-memory store).
+    The broker then delivers a new message from the sender's task, since nothing can
+    interleave with it; otherwise each mailbox's own task does all of its delivering."""
+
     async def enqueue_many(self, messages: Sequence[NewMessage]) -> list[list[int]]:
         """For each message, one outcome per recipient (same order): STORED, DUPLICATE or an ErrorCode."""
         ...

@@ -59,6 +59,8 @@ class _Mailbox:
 class MemoryStore:
     """Messages held in this process's memory. Fast, and gone when the process ends."""
 
+    synchronous = True
+
     def __init__(self, limits: StoreLimits | None = None, *, clock: Clock = wall_clock_ms) -> None:
         self.limits = limits or StoreLimits()
         self._clock = clock

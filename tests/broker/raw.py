@@ -35,6 +35,20 @@ class FrameClient:
         assert isinstance(frame, kind), f"expected {kind.__name__}, got {frame!r}"
         return frame
 
+    async def expect_each(self, *kinds: type[Frame]) -> list[Frame]:
+        """The next ``len(kinds)`` frames, one of each kind in any order, returned in the order of ``kinds``.
+
+        For frames whose relative order the protocol leaves open: a message to oneself is
+        answered by a RECEIPT and a DELIVER, either first.
+        """
+        found: dict[type[Frame], Frame] = {}
+        for _ in kinds:
+            frame = await self.next()
+            kind = type(frame)
+            assert kind in kinds and kind not in found, f"expected one each of {kinds}, got {frame!r}"
+            found[kind] = frame
+        return [found[kind] for kind in kinds]
+
     async def until(self, kind: type[F]) -> tuple[list[Frame], F]:
         """Frames before the first ``kind`` frame, and that frame."""
         before: list[Frame] = []

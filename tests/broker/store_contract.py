@@ -189,3 +189,23 @@ class StoreContract:
         assert await store.purge_expired() == 100
         stats = await store.statistics()
         assert (stats["messages_total"], stats["expired_total"], stats["acknowledged_total"]) == (0, 100, 100)
+
+    async def test_a_synchronous_store_never_yields(self, store: Store, autojump_clock: trio.testing.MockClock) -> None:
+        """``synchronous`` lets the broker deliver from the sender's task: no call may checkpoint."""
+        if not store.synchronous:
+            pytest.skip("this store yields; the broker uses only the mailbox tasks with it")
+        calls = [
+            lambda: store.enqueue_many([msg("a"), msg("b"), msg("c", ("bob", "carol"))]),
+            lambda: store.fetch_many("bob", 2, 1 << 20),
+            lambda: store.peek("bob", 10),
+            lambda: store.ack_many("bob", ["a"]),
+            lambda: store.release("bob"),
+            lambda: store.pending("bob"),
+            lambda: store.purge_expired(),
+            lambda: store.statistics(),
+        ]
+        for call in calls:
+            with trio.CancelScope() as scope:
+                scope.cancel()  # any checkpoint inside would raise Cancelled here
+                await call()
+            assert not scope.cancelled_caught

@@ -1,0 +1,108 @@
+"""Both ways a message reaches its recipient's socket, over real TCP on 127.0.0.1.
+
+With a synchronous store (the in-memory default) the sender's task delivers a new message
+to an online recipient itself and writes straight to the socket while it takes the bytes;
+with a store that yields, only the recipient's mailbox task delivers. Either way each
+message arrives once, in the order the broker accepted it, and what the socket does not
+take at once is queued for the session's writer behind what is already queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import trio
+
+from broker.store.base import AckResult, Batch, NewMessage
+from broker.store.memory import MemoryStore
+from wire import Ack, Deliver, Drained, Receipt, Send, Status
+
+from .raw import RawClient
+
+TIMEOUT = 20
+
+
+class YieldingStore(MemoryStore):
+    """The in-memory store, but every call checkpoints first, as a networked store would."""
+
+    synchronous = False
+
+    async def enqueue_many(self, messages: Sequence[NewMessage]) -> list[list[int]]:
+        await trio.lowlevel.checkpoint()
+        return await super().enqueue_many(messages)
+
+    async def fetch_many(self, mailbox: str, limit: int, max_bytes: int) -> Batch:
+        await trio.lowlevel.checkpoint()
+        return await super().fetch_many(mailbox, limit, max_bytes)
+
+    async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
+        await trio.lowlevel.checkpoint()
+        return await super().ack_many(mailbox, ids)
+
+    async def release(self, mailbox: str) -> int:
+        await trio.lowlevel.checkpoint()
+        return await super().release(mailbox)
+
+
+async def login(broker: Any, name: str) -> RawClient:
+    client, _ = await RawClient.login(broker.tcp_port, broker.auth.issue(name))
+    await client.expect(Drained)
+    return client
+
+
+@pytest.mark.parametrize("yielding", [False, True], ids=["sender-task", "mailbox-task"])
+async def test_two_senders_interleaved_reach_the_recipient_once_each_in_order(
+    broker_factory: Any, yielding: bool
+) -> None:
+    extra = {"store": YieldingStore()} if yielding else {}
+    async with broker_factory(max_inflight=64, **extra) as broker:
+        assert broker.store.synchronous is not yielding
+        with trio.fail_after(TIMEOUT):
+            bob = await login(broker, "bob")
+            senders = [await login(broker, name) for name in ("alice", "carol")]
+            n = 400
+
+            async def send_all(client: RawClient, name: str) -> None:
+                for start in range(0, n, 50):
+                    batch = [Send(id=f"{name}-{i}", to=("bob",), body=b"x") for i in range(start, start + 50)]
+                    await client.send(*batch)
+                    for _ in range(50):
+                        assert (await client.expect(Receipt)).results["bob"].status is Status.DELIVERED
+
+            got: list[Deliver] = []
+            async with trio.open_nursery() as nursery:
+                for client, name in zip(senders, ("alice", "carol"), strict=True):
+                    nursery.start_soon(send_all, client, name)
+                while len(got) < 2 * n:  # ACK as we go: the window (64) is far smaller than what is sent
+                    d = await bob.expect(Deliver)
+                    got.append(d)
+                    await bob.send(Ack(ids=(d.id,)))
+            for name in ("alice", "carol"):
+                ids = [d.id for d in got if d.sender == name]
+                assert ids == [f"{name}-{i}" for i in range(n)]
+            assert all(d.attempt == 1 for d in got)
+            stats = await broker.statistics()
+            assert (stats["delivered_total"], stats["redelivered_total"]) == (2 * n, 0)
+
+
+async def test_what_the_socket_does_not_take_at_once_follows_in_order(broker_factory: Any) -> None:
+    """A recipient that stops reading: direct writes fill the socket, the rest waits for the writer, in order."""
+    async with broker_factory(max_outbound_bytes=4 * 1024 * 1024, max_inflight=1000) as broker:
+        with trio.fail_after(TIMEOUT):
+            bob = await login(broker, "bob")
+            alice = await login(broker, "alice")
+            body = bytes(range(256)) * 64  # 16 KiB: 300 of them are far more than the socket buffers hold
+            for start in range(0, 300, 30):
+                await alice.send(*[Send(id=f"m{i}", to=("bob",), body=body) for i in range(start, start + 30)])
+                for _ in range(30):
+                    await alice.expect(Receipt)
+            session = broker.presence["bob"]
+            assert session._unsent > 0, "nothing had to wait for the writer: the test proves nothing"
+            ids = []
+            for _ in range(300):
+                d = await bob.expect(Deliver)
+                assert d.body == body
+                ids.append(d.id)
+            assert ids == [f"m{i}" for i in range(300)]
