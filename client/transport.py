@@ -18,6 +18,7 @@ is buffered; the transport itself checks that every message is exactly one frame
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -85,6 +86,16 @@ class Transport(Protocol):
         """Write all of ``data``. Raises TransportClosed."""
         ...
 
+    def try_send(self, data: bytes) -> int:
+        """Write what the kernel takes at once, without blocking: how many bytes of ``data`` went out.
+
+        0 when nothing can go out now or the transport cannot write synchronously; the rest
+        must then follow through ``send_all`` before anything else. Never raises (a broken
+        connection is left for ``send_all`` to report); not to be used while a ``send_all``
+        is in progress.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Close at once; never raises."""
         ...
@@ -123,12 +134,24 @@ def parse_url(url: str) -> Endpoint:
 
 
 class TcpTransport:
-    """A Transport over a trio Stream (TCP, or a memory stream in tests)."""
+    """A Transport over a trio Stream (TCP, or a memory stream in tests).
 
-    __slots__ = ("stream",)
+    Over a socket, :meth:`try_send` writes straight to its non-blocking file descriptor.
+    """
+
+    __slots__ = ("_fd", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+
+    def try_send(self, data: bytes) -> int:
+        if self._fd < 0:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except OSError:  # would block (EAGAIN), or broken: send_all will say which
+            return 0
 
     async def receive_some(self) -> bytes:
         try:
@@ -143,6 +166,7 @@ class TcpTransport:
             raise TransportClosed(str(exc) or type(exc).__name__) from None
 
     async def aclose(self) -> None:
+        self._fd = -1  # before the socket closes: its number may be reused at once
         await trio.aclose_forcefully(self.stream)
 
 
@@ -306,6 +330,9 @@ class WebSocketTransport:
         )
 
     # ------------------------------------------------------------ sending
+
+    def try_send(self, data: bytes) -> int:
+        return 0  # framing and the close handshake share the stream: every write goes through _write
 
     async def send_all(self, data: bytes) -> None:
         """Send ``data``, which must be whole frames, one binary message each. Raises TransportClosed."""

@@ -44,6 +44,9 @@ class FaultyTransport:
         self.network.sent += frames
         await self.inner.send_all(data)
 
+    def try_send(self, data: bytes) -> int:
+        return 0  # every write goes through send_all, so the tap sees it
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
