@@ -115,17 +115,29 @@ def _strict_item(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: in
     try:
         item = decoder.decode()
     except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, RecursionError, ...)
-        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, f"invalid CBOR: {exc}") from None
-    stop = fp.tell()
-    if stop != end:
-        why = "bytes after the CBOR item" if stop < end else "the CBOR item runs past the end of its frame"
-        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, why)
+        raise _invalid_cbor(exc) from None
+    if fp.tell() != end:
+        raise _misfit(fp.tell(), end)
     return item
+
+
+def _invalid_cbor(exc: Exception) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.MALFORMED_FRAME, f"invalid CBOR: {exc}")
+
+
+def _misfit(stop: int, end: int) -> RemoteProtocolError:
+    """The error for a CBOR item that ended at ``stop`` in a frame ending at ``end``."""
+    why = "bytes after the CBOR item" if stop < end else "the CBOR item runs past the end of its frame"
+    return RemoteProtocolError(ErrorCode.MALFORMED_FRAME, why)
 
 
 def _decode_at(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int) -> Frame:
     """Decode the frame body at ``fp[start:end]`` (``decoder`` reads ``fp``)."""
-    item = _strict_item(decoder, fp, start, end)
+    return _frame_from_item(_strict_item(decoder, fp, start, end))
+
+
+def _frame_from_item(item: Any) -> Frame:
+    """The frame a decoded CBOR item stands for; raises RemoteProtocolError."""
     if type(item) is not dict:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
     for key in item:
@@ -180,6 +192,8 @@ class FrameDecoder:
         frames: list[Frame] = []
         pos = 0
         fp: io.BytesIO | None = None
+        decoder = self._decoder
+        decode = decoder.decode
         while end - pos >= 4:
             (n,) = _PREFIX.unpack_from(data, pos)
             if n > limit:
@@ -191,11 +205,26 @@ class FrameDecoder:
             if fp is None:
                 # One read-only view of the whole chunk for every frame in it: no copy per frame.
                 fp = io.BytesIO(data)
-                self._decoder.fp = fp
-            frames.append(_decode_at(self._decoder, fp, pos + 4, pos + 4 + n))
-            pos += 4 + n
+                decoder.fp = fp
+            pos += 4
+            fp.seek(pos)
+            try:
+                item = decode()
+            except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, RecursionError, ...)
+                raise _invalid_cbor(exc) from None
+            pos += n
+            if fp.tell() != pos:
+                raise _misfit(fp.tell(), pos)
+            if type(item) is dict and type(cls := FRAME_TYPES.get(item.get("type"))) is type:  # type: ignore[arg-type]
+                for key in item:
+                    if type(key) is not str:
+                        break
+                else:
+                    frames.append(cls.from_wire(item))
+                    continue
+            frames.append(_frame_from_item(item))  # raises with the reason
         if fp is not None:
-            self._decoder.fp = _NO_INPUT  # do not keep the chunk alive through the decoder
+            decoder.fp = _NO_INPUT  # do not keep the chunk alive through the decoder
         if pos == end:
             self._buf.clear()
         elif pos or not self._buf:

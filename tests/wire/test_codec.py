@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -218,3 +219,112 @@ def test_optional_fields_absent_are_left_out_of_the_map() -> None:
     operator = welcome(session="s", mailbox=None, max_frame_bytes=64)
     assert "mailbox" not in operator.to_wire()
     assert decode_body(encode_frame(operator)[4:]) == operator
+
+
+# Values of every kind a field may hold on the wire, right or wrong, for the fast-path equivalence test.
+EDGE_VALUES = [
+    0,
+    1,
+    -1,
+    2**63 - 1,
+    2**63,
+    False,
+    None,
+    1.0,
+    "",
+    " ",
+    "a b",
+    "x" * 65,
+    "-lead",
+    "ok",
+    b"",
+    [],
+    ["ok"],
+    [1],
+    {},
+]
+"""Values at and past every field's limits, for the fast-path equivalence tests."""
+ANY_VALUE = st.one_of(
+    st.sampled_from(EDGE_VALUES),
+    st.booleans(),
+    st.integers(-(2**64), 2**64),
+    st.floats(allow_nan=False),
+    TEXT,
+    MESSAGE_ID,
+    MAILBOX,
+    BODY,
+    st.lists(st.one_of(MESSAGE_ID, st.integers(), st.none(), TEXT), max_size=4),
+)
+SAMPLE_MAPS = {
+    Send: {"type": "send", "id": "m1", "to": ["bob", "carol"], "body": b"x", "ttl_s": 60},
+    Deliver: {
+        "type": "deliver",
+        "id": "m1",
+        "from": "alice",
+        "sent_at": 1,
+        "expires_at": 2,
+        "attempt": 1,
+        "body": b"x",
+    },
+    Ack: {"type": "ack", "ids": ["m1", "m2"]},
+    Receipt: {"type": "receipt", "id": "m1", "results": {"bob": {"status": "queued"}}},
+}
+"""A valid map per frame type with a fast path (SEND, DELIVER, ACK, RECEIPT)."""
+
+
+def _outcome(build: Any, m: dict[str, Any]) -> Any:
+    try:
+        frame = build(m)
+    except RemoteProtocolError as exc:
+        return ("error", exc.code)
+    return ("frame", type(frame), frame.to_wire())
+
+
+def _checked(cls: Any, m: dict[str, Any]) -> Any:
+    """The general path: the constructor with every check in ``__post_init__``."""
+    if cls is Receipt:  # its from_wire parses the results itself; rebuild the frame through __init__
+        frame = cls.from_wire(m)
+        return Receipt(id=frame.id, results=dict(frame.results))
+    return cls._checked_from_wire(m)
+
+
+def _variants() -> list[tuple[Any, dict[str, Any]]]:
+    out = []
+    for cls, sample in SAMPLE_MAPS.items():
+        out.append((cls, dict(sample)))
+        for key in sample:
+            if key == "type":
+                continue
+            out.append((cls, {k: v for k, v in sample.items() if k != key}))
+            for value in EDGE_VALUES:
+                out.append((cls, {**sample, key: value}))
+                if isinstance(sample[key], list):
+                    out.append((cls, {**sample, key: [*sample[key], value]}))
+                if isinstance(sample[key], dict):
+                    out.append((cls, {**sample, key: {**sample[key], "dave": value}}))
+                    out.append((cls, {**sample, key: {value if type(value) is int else "x": {"status": "queued"}}}))
+    return out
+
+
+def test_fast_paths_decide_exactly_as_the_checked_constructors_at_every_edge() -> None:
+    """Each field of each fast-path frame, dropped or set to each edge value: same frame or same error."""
+    variants = _variants()
+    assert len(variants) > 300
+    for cls, m in variants:
+        assert _outcome(cls.from_wire, m) == _outcome(lambda m, cls=cls: _checked(cls, m), m), m
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fast_paths_decide_exactly_as_the_checked_constructors(data: st.DataObject) -> None:
+    """The same for random valid frames with random fields replaced or dropped."""
+    cls = data.draw(st.sampled_from(list(SAMPLE_MAPS)))
+    m = dict(data.draw(FRAMES[cls]).to_wire())
+    for key in data.draw(st.lists(st.sampled_from([k for k in SAMPLE_MAPS[cls] if k != "type"]), max_size=2)):
+        if data.draw(st.integers(0, 3)) == 0:
+            m.pop(key, None)
+        elif key == "results":
+            m[key] = data.draw(st.dictionaries(st.one_of(TEXT, st.integers()), ANY_VALUE, max_size=3))
+        else:
+            m[key] = data.draw(ANY_VALUE)
+    assert _outcome(cls.from_wire, m) == _outcome(lambda m: _checked(cls, m), m)
