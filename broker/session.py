@@ -58,6 +58,7 @@ from wire import (
     Welcome,
     encode_deliver,
     encode_frame,
+    encode_receipt,
 )
 
 from .auth import AuthError, Identity
@@ -404,9 +405,8 @@ class Session:
     async def _on_sends(self, sends: Sequence[Send]) -> None:
         assert self.mailbox is not None
         receipts = await self.broker.route(self.mailbox, sends)
-        if not self._closing:
-            send = self.conn.send
-            self._push_all([send(receipt) for receipt in receipts])
+        if self.conn.state is State.OPEN:  # the state table allows RECEIPT exactly in OPEN
+            self._push_all([encode_receipt(r.id, r.results) for r in receipts])
 
     async def _on_acks(self, acks: Sequence[Ack]) -> None:
         assert self.mailbox is not None

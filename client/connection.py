@@ -62,7 +62,7 @@ from wire import (
     StatsResult,
     Status,
     Welcome,
-    encode_frame,
+    encode_send,
     is_valid_message_id,
 )
 
@@ -434,10 +434,13 @@ class RelayClient:
         limit = self.welcome.max_frame_bytes + 4
         encoded: list[bytes] = []
         for mid, to, body, ttl_s in items:
-            try:
-                data = encode_frame(Send(id=mid, to=(to,) if type(to) is str else tuple(to), body=body, ttl_s=ttl_s))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"invalid message {mid!r}: {exc}") from None
+            recipients = (to,) if type(to) is str else tuple(to)
+            if not Send.valid_fields(mid, recipients, body, ttl_s):
+                try:
+                    Send(id=mid, to=recipients, body=body, ttl_s=ttl_s)  # says what is wrong
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"invalid message {mid!r}: {exc}") from None
+            data = encode_send(mid, recipients, body, ttl_s)
             if len(data) > limit:
                 raise RelayError(
                     ErrorCode.FRAME_TOO_LARGE,

@@ -12,6 +12,8 @@ from .codec import (
     encode_deliver,
     encode_frame,
     encode_frames,
+    encode_receipt,
+    encode_send,
 )
 from .connection import TRANSITIONS, Connection, Role, State
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -78,6 +80,8 @@ __all__ = [
     "decode_body",
     "decode_item",
     "encode_deliver",
+    "encode_receipt",
+    "encode_send",
     "encode_frame",
     "encode_frames",
     "is_valid_mailbox_id",

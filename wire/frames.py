@@ -269,21 +269,26 @@ class Send(Frame):
         if self.ttl_s is not None:
             _uint("ttl_s", self.ttl_s, minimum=1)
 
+    @staticmethod
+    def valid_fields(id: object, to: object, body: object, ttl_s: object = None) -> bool:
+        """Whether ``Send(id=..., to=..., body=..., ttl_s=...)`` would accept these values (``to``
+        a list or tuple), checked without building it: for hot paths that then skip the checks."""
+        if type(body) is not bytes or not is_valid_message_id(id):
+            return False
+        if ttl_s is not None and not (type(ttl_s) is int and 1 <= ttl_s <= UINT_MAX):
+            return False
+        if not (type(to) is tuple or type(to) is list) or not to:
+            return False
+        for rcpt in to:
+            if type(rcpt) is not str:
+                return False
+        return True
+
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
         mid, to, body, ttl_s = m.get("id"), m.get("to"), m.get("body"), m.get("ttl_s")
-        if (
-            type(body) is bytes
-            and type(to) is list
-            and to
-            and is_valid_message_id(mid)
-            and ((type(ttl_s) is int and 1 <= ttl_s <= UINT_MAX) or (ttl_s is None and "ttl_s" not in m))
-        ):
-            for rcpt in to:
-                if type(rcpt) is not str:
-                    break
-            else:
-                return cls._unchecked(mid, tuple(to), body, ttl_s)  # type: ignore[no-any-return]
+        if type(to) is list and (ttl_s is not None or "ttl_s" not in m) and cls.valid_fields(mid, to, body, ttl_s):
+            return cls._unchecked(mid, tuple(to), body, ttl_s)  # type: ignore[no-any-return]
         return cls._checked_from_wire(m)
 
 

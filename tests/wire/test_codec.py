@@ -35,8 +35,11 @@ from wire import (
     Status,
     Welcome,
     decode_body,
+    encode_deliver,
     encode_frame,
     encode_frames,
+    encode_receipt,
+    encode_send,
 )
 
 from .support import welcome
@@ -328,3 +331,34 @@ def test_fast_paths_decide_exactly_as_the_checked_constructors(data: st.DataObje
         else:
             m[key] = data.draw(ANY_VALUE)
     assert _outcome(cls.from_wire, m) == _outcome(lambda m: _checked(cls, m), m)
+
+
+@settings(max_examples=300)
+@given(frame=st.one_of(FRAMES[Send], FRAMES[Receipt], FRAMES[Deliver]))
+def test_hot_path_encoders_are_byte_identical_to_the_frame_path(frame: Frame) -> None:
+    """encode_send (client), encode_receipt and encode_deliver (broker) skip the frame object."""
+    if isinstance(frame, Send):
+        fast = encode_send(frame.id, frame.to, frame.body, frame.ttl_s)
+    elif isinstance(frame, Receipt):
+        fast = encode_receipt(frame.id, frame.results)
+        assert encode_receipt(frame.id, frame.results) == fast  # again, from the tail cache
+    else:
+        assert isinstance(frame, Deliver)
+        fast = encode_deliver(frame.id, frame.sender, frame.sent_at, frame.expires_at, frame.attempt, frame.body)
+    assert fast == encode_frame(frame)
+
+
+def test_send_valid_fields_agrees_with_the_constructor_at_every_edge() -> None:
+    """The client encodes a SEND without building it when Send.valid_fields says the constructor would accept it."""
+    sample = {"id": "m1", "to": ("bob", "carol"), "body": b"x", "ttl_s": 60}
+    cases = [dict(sample), {**sample, "ttl_s": None}]
+    for key in sample:
+        for value in [*EDGE_VALUES, ("ok",), ("ok", 1), ()]:
+            cases.append({**sample, key: value})
+    for fields in cases:
+        try:
+            Send(**fields)
+            accepted = True
+        except (TypeError, ValueError):
+            accepted = False
+        assert Send.valid_fields(**fields) is accepted, fields
