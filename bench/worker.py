@@ -119,6 +119,7 @@ class _Worker:
         self.counts = Counter[str]()
         self.connect_first_ns = 0
         self.connect_last_ns = 0
+        self.window_open = trio.Event()
 
     def token(self, mailbox: str) -> str:
         return self.auth.issue(mailbox, lifetime_s=24 * 3600)
@@ -163,6 +164,8 @@ class _Worker:
 
     async def _send_all(self, senders: list[tuple[Any, tuple[str, ...]]], start_ns: int, end_ns: int) -> None:
         async with trio.open_nursery() as nursery:
+            if self.spec.mode == "max":
+                nursery.start_soon(self._gate_window, end_ns)
             for client, to in senders:
                 if self.spec.mode == "rate":
                     nursery.start_soon(self._send_at_rate, nursery, client, to, start_ns, end_ns)
@@ -170,6 +173,20 @@ class _Worker:
                     for _ in range(self.spec.depth):
                         nursery.start_soon(self._send_max, client, to, end_ns)
         self.shared.sending_done[self.spec.index] = 1
+
+    async def _gate_window(self, end_ns: int) -> None:
+        """Open ``self.window_open`` while fewer than ``window`` messages (over all workers) are sent
+        but not delivered. One task per worker polls the shared counters, not every sender."""
+        shared, window = self.shared, self.spec.window
+        workers = range(len(shared.submitted))
+        while time.time_ns() < end_ns:
+            outstanding = sum(shared.submitted[w] for w in workers) - sum(shared.delivered[w] for w in workers)
+            if outstanding < window:
+                self.window_open.set()
+            elif self.window_open.is_set():
+                self.window_open = trio.Event()
+            await trio.sleep(0.0005)
+        self.window_open.set()  # let every sender see the end
 
     async def _submit(self, client: Any, msgs: list[Any], fan: int) -> None:
         from client import Status
@@ -219,19 +236,18 @@ class _Worker:
     async def _send_max(self, client: Any, to: tuple[str, ...], end_ns: int) -> None:
         from client import OutgoingMessage
 
-        shared, spec = self.shared, self.spec
+        spec = self.spec
         fan = len(to)
         recipients = to[0] if fan == 1 else to
-        workers = range(len(shared.submitted))
         while time.time_ns() < end_ns:
-            outstanding = sum(shared.submitted[w] for w in workers) - sum(shared.delivered[w] for w in workers)
-            if outstanding >= spec.window:
-                await trio.sleep(0.0005)
+            if not self.window_open.is_set():
+                await self.window_open.wait()
                 continue
             now = time.time_ns()
             stamp = now.to_bytes(8, "little")
-            body = stamp + stamp + self.pad
-            await self._submit(client, [OutgoingMessage(to=recipients, body=body) for _ in range(spec.batch)], fan)
+            # One message object for the whole batch: send_batch gives each item its own id.
+            message = OutgoingMessage(to=recipients, body=stamp + stamp + self.pad)
+            await self._submit(client, [message] * spec.batch, fan)
 
     # ------------------------------------------------------------ receiving
 
