@@ -216,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with _progress(console, not args.no_progress) as progress:
                 report = SCENARIOS[args.scenario](args, target, progress)
             report.data["config"] = {**_config(args, argv, target), **report.data["config"]}
+            transport = report.data["config"]["transport"]
+            if transport != "tcp" and report.data["targets"]:
+                report.data["targets"] = []
+                report.note(f"the targets are set for TCP; this run used {transport}, so none is judged")
             if target.mode == "external" and target.process is None:
                 report.note(
                     "the broker's process is not watched (no --broker-pid, not found by port): no CPU/RSS figures"

@@ -5,8 +5,11 @@ yields, so a bad URL, an unreachable broker or a refused token raise at once. Af
 background task owns the connection ("link"): per link a **reader** feeds received bytes to
 the sans-IO :class:`wire.Connection` and acts on each chunk's frames in one synchronous pass,
 and a **writer** takes everything queued (ACK ids, control frames, encoded SENDs, BYE) and
-writes it with one ``send_all``; when it has had nothing to write for ``keepalive_s / 3`` it
-queues a PING. When a link ends for a transient reason the task reconnects with exponential
+writes it with one ``send_all``. A send made while the writer is idle goes straight to the
+socket (``transport.try_send``, never blocking) and leaves only what the socket did not take
+for the writer, ahead of anything newer. A **watchdog** queues a PING after ``keepalive_s / 3``
+without writing and ends the link after ``keepalive_s`` without receiving, judged from
+timestamps. When a link ends for a transient reason the task reconnects with exponential
 backoff and jitter; INVALID_TOKEN, TOKEN_EXPIRED, UNSUPPORTED_VERSION, CONNECTED_ELSEWHERE (and
 other protocol violations) are fatal: every waiter raises the error.
 

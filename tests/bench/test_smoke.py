@@ -127,6 +127,7 @@ def test_ws_transport_runs_latency_and_throughput(tmp_path: Path) -> None:
     assert c["messages_sent"] == c["accepted"] == c["delivered"] == round(100 * 0.6)
     assert_ordered(report["figures"], "latency")
     assert report["config"]["url"].endswith("/relay")
+    assert report["targets"] == [] and any("set for TCP" in n for n in report["notes"])  # TCP targets are not judged
     report = run(tmp_path, "throughput", "--pairs", "2", "--duration", "0.5", "--warmup", "0.2", transport="ws")
     c = report["counts"]
     assert c["pairs_2_accepted"] == c["pairs_2_delivered"] > 0
