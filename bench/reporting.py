@@ -51,10 +51,10 @@ def percentile_curve(h: HdrHistogram) -> list[list[float]]:
 
 def share_below(h: HdrHistogram, limit_us: int) -> float | None:
     """Percentage of recorded values at or below ``limit_us``."""
-    total = h.get_total_count()
+    total: int = h.get_total_count()
     if total == 0:
         return None
-    below = sum(
+    below: int = sum(
         item.count_added_in_this_iter_step for item in h.get_recorded_iterator() if item.value_iterated_to <= limit_us
     )
     return round(100.0 * below / total, 4)
