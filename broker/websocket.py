@@ -149,6 +149,7 @@ class WebSocketTransport:
     """A :class:`~broker.transport.Transport` over one WebSocket: one binary message per frame."""
 
     __slots__ = ("max_message_bytes", "ws")
+    byte_stream = False
 
     def __init__(self, ws: _RelayWebSocketConnection, max_frame_bytes: int) -> None:
         self.ws = ws
@@ -179,8 +180,6 @@ class WebSocketTransport:
                     ErrorCode.MALFORMED_FRAME, "WebSocket message is not exactly one frame (prefix != length - 4)"
                 )
         return first if len(messages) == 1 else b"".join(messages)
-
-    byte_stream = False
 
     def try_send(self, data: bytes) -> int:
         return 0  # every WebSocket message goes through trio-websocket's writer
