@@ -260,7 +260,11 @@ class FrameDecoder:
             pos += n
             if fp.tell() != pos:
                 raise _misfit(fp.tell(), pos)
-            if type(item) is dict and type(cls := FRAME_TYPES.get(item.get("type"))) is type:  # type: ignore[arg-type]
+            if (
+                type(item) is dict
+                and type(name := item.get("type")) is str
+                and (cls := FRAME_TYPES.get(name)) is not None
+            ):
                 for key in item:
                     if type(key) is not str:
                         break

@@ -48,6 +48,7 @@ BAD_STREAMS = [
     pytest.param(b"\xff\xff\xff\xff", ErrorCode.FRAME_TOO_LARGE, id="huge-declared-length"),
     pytest.param(frame([1, 2, 3]), ErrorCode.MALFORMED_FRAME, id="array-not-map"),
     pytest.param(frame({"type": "warp"}), ErrorCode.UNKNOWN_FRAME_TYPE, id="unknown-type"),
+    pytest.param(frame({"type": ["send"]}), ErrorCode.UNKNOWN_FRAME_TYPE, id="type-is-an-array"),
     pytest.param(frame({"type": "ping"}), ErrorCode.UNEXPECTED_FRAME, id="ping-before-hello"),
     pytest.param(
         frame({"type": "send", "id": "a", "to": ["bob"], "body": b""}), ErrorCode.UNEXPECTED_FRAME, id="send-first"

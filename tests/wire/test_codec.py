@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import cbor2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -362,3 +363,12 @@ def test_send_valid_fields_agrees_with_the_constructor_at_every_edge() -> None:
         except (TypeError, ValueError):
             accepted = False
         assert Send.valid_fields(**fields) is accepted, fields
+
+
+@pytest.mark.parametrize("type_value", [[1], {"a": 1}, 7, b"send", None, True, 1.5, "", "SEND"])
+def test_a_type_that_is_not_a_frame_name_is_an_unknown_frame_type(type_value: Any) -> None:
+    """Unhashable values (arrays, maps) included: a protocol error, never a crash."""
+    body = cbor2.dumps({"type": type_value, "id": "m1"})
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+    assert info.value.code == ErrorCode.UNKNOWN_FRAME_TYPE
