@@ -74,9 +74,12 @@ def encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = Non
 
 _RECEIPT_HEAD = b"\xa3" + cbor2.dumps("type") + cbor2.dumps("receipt") + cbor2.dumps("id")
 _RECEIPT_TAILS: dict[tuple[str, RecipientResult], bytes] = {}
-"""``"results": {recipient: result}`` encoded, for single-recipient receipts (at most
-``_RECEIPT_TAILS_MAX``): a sender's receipts repeat a few recipients and results."""
+"""``"results": {recipient: result}`` encoded, for single-recipient receipts: a sender's
+receipts repeat a few recipients and results. At most ``_RECEIPT_TAILS_MAX`` of them, and
+only for recipients no longer than a mailbox id (a refused one may be any text), so the
+cache stays under a megabyte whatever senders write."""
 _RECEIPT_TAILS_MAX = 4096
+_RECEIPT_TAIL_KEY_MAX = 64
 
 
 def encode_receipt(id: str, results: Mapping[str, RecipientResult]) -> bytes:
@@ -89,9 +92,10 @@ def encode_receipt(id: str, results: Mapping[str, RecipientResult]) -> bytes:
         tail = _RECEIPT_TAILS.get(item)
         if tail is None:
             tail = cbor2.dumps("results") + cbor2.dumps({item[0]: item[1].to_wire()})
-            if len(_RECEIPT_TAILS) >= _RECEIPT_TAILS_MAX:
-                _RECEIPT_TAILS.clear()
-            _RECEIPT_TAILS[item] = tail
+            if len(item[0]) <= _RECEIPT_TAIL_KEY_MAX:
+                if len(_RECEIPT_TAILS) >= _RECEIPT_TAILS_MAX:
+                    _RECEIPT_TAILS.clear()
+                _RECEIPT_TAILS[item] = tail
         data = _RECEIPT_HEAD + cbor2.dumps(id) + tail
     else:
         data = cbor2.dumps({"type": "receipt", "id": id, "results": {k: v.to_wire() for k, v in results.items()}})

@@ -372,3 +372,16 @@ def test_a_type_that_is_not_a_frame_name_is_an_unknown_frame_type(type_value: An
     with pytest.raises(RemoteProtocolError) as info:
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
     assert info.value.code == ErrorCode.UNKNOWN_FRAME_TYPE
+
+
+def test_the_receipt_tail_cache_keeps_no_long_recipient_and_stays_bounded() -> None:
+    """A refused recipient may be any text: long ones are not cached, and the cache never passes its cap."""
+    from wire import codec
+
+    refused = RecipientResult(Status.REFUSED, int(ErrorCode.INVALID_RECIPIENT))
+    for i in range(codec._RECEIPT_TAILS_MAX + 10):
+        encode_receipt("m", {f"r{i}": refused})
+        assert len(codec._RECEIPT_TAILS) <= codec._RECEIPT_TAILS_MAX
+    long_name = "x" * 10_000
+    assert encode_receipt("m", {long_name: refused}) == encode_frame(Receipt(id="m", results={long_name: refused}))
+    assert all(len(key) <= 64 for key, _ in codec._RECEIPT_TAILS)
