@@ -429,6 +429,8 @@ class Session:
         the caller's task delivers them at once: one task switch less per message, which is what
         online latency is made of. Otherwise the mailbox task is woken to do it.
         """
+        if self._closing:
+            return  # it stays queued for the next session: the mailbox task is cancelled, writes are dropped
         if self._inline and self.conn.state is State.OPEN:
             await self._pump()
         else:

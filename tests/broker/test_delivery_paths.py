@@ -106,3 +106,39 @@ async def test_what_the_socket_does_not_take_at_once_follows_in_order(broker_fac
                 assert d.body == body
                 ids.append(d.id)
             assert ids == [f"m{i}" for i in range(300)]
+
+
+async def test_a_closing_session_takes_no_new_message(broker_factory: Any) -> None:
+    """While an ending session flushes (its peer not reading), a new message for it stays queued, undelivered.
+
+    It must reach the next session as a first delivery (attempt 1), not be counted as delivered into a
+    connection that was already going away.
+    """
+    big = 64 * 1024 * 1024  # room to queue what bob does not read without pausing delivery (half of it)
+    async with broker_factory(shutdown_grace_s=2.0, max_inflight=1000, max_outbound_bytes=big) as broker:
+        with trio.fail_after(TIMEOUT):
+            bob = await login(broker, "bob")
+            alice = await login(broker, "alice")
+            body = bytes(64 * 1024)
+            for start in range(0, 240, 20):  # 15 MiB bob never reads: the writer is stuck behind it
+                await alice.send(*[Send(id=f"fill{i}", to=("bob",), body=body) for i in range(start, start + 20)])
+                for _ in range(20):
+                    await alice.expect(Receipt)
+            session = broker.presence["bob"]
+            await bob.stream.send_eof()  # bob is done sending (and still reads nothing): the session ends
+            while not session._closing:
+                await trio.sleep(0.01)
+            assert broker.presence.get("bob") is session, "the session ended at once: the test proves nothing"
+            assert 0 < session._unsent < big // 2, "delivery would be paused anyway: the test proves nothing"
+            delivered = (await broker.statistics())["delivered_total"]
+            await alice.send(Send(id="late", to=("bob",), body=b"late"))
+            await alice.expect(Receipt)
+            assert (await broker.statistics())["delivered_total"] == delivered
+            await session.finished.wait()
+            bob, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("bob"))
+            attempts = {}
+            while "late" not in attempts:
+                frame = await bob.next()
+                if isinstance(frame, Deliver):
+                    attempts[frame.id] = frame.attempt
+            assert attempts["late"] == 1
