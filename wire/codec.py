@@ -145,8 +145,7 @@ def decode_body(body: bytes) -> Frame:
     Raises RemoteProtocolError: MALFORMED_FRAME if it is not exactly one strict CBOR
     map with text keys, UNKNOWN_FRAME_TYPE, or INVALID_FIELD.
     """
-    fp = io.BytesIO(body)
-    return _decode_at(_strict_decoder(fp), fp, 0, len(body))
+    return _frame_from_item(decode_item(body))
 
 
 def decode_item(data: bytes) -> Any:
@@ -155,18 +154,12 @@ def decode_item(data: bytes) -> Any:
     Raises RemoteProtocolError(MALFORMED_FRAME).
     """
     fp = io.BytesIO(data)
-    return _strict_item(_strict_decoder(fp), fp, 0, len(data))
-
-
-def _strict_item(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int) -> Any:
-    """The one CBOR item at ``fp[start:end]`` (``decoder`` reads ``fp``)."""
-    fp.seek(start)
     try:
-        item = decoder.decode()
+        item = _strict_decoder(fp).decode()
     except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, RecursionError, ...)
         raise _invalid_cbor(exc) from None
-    if fp.tell() != end:
-        raise _misfit(fp.tell(), end)
+    if fp.tell() != len(data):
+        raise _misfit(fp.tell(), len(data))
     return item
 
 
@@ -180,13 +173,12 @@ def _misfit(stop: int, end: int) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.MALFORMED_FRAME, why)
 
 
-def _decode_at(decoder: cbor2.CBORDecoder, fp: io.BytesIO, start: int, end: int) -> Frame:
-    """Decode the frame body at ``fp[start:end]`` (``decoder`` reads ``fp``)."""
-    return _frame_from_item(_strict_item(decoder, fp, start, end))
-
-
 def _frame_from_item(item: Any) -> Frame:
-    """The frame a decoded CBOR item stands for; raises RemoteProtocolError."""
+    """The frame a decoded CBOR item stands for; raises RemoteProtocolError.
+
+    :meth:`FrameDecoder.feed` makes the same checks inline for the usual frame and calls
+    this only to word the error (a test holds the two to the same decisions).
+    """
     if type(item) is not dict:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
     for key in item:

@@ -168,6 +168,10 @@ def test_mutated_frames_only_raise_protocol_errors(frame: Frame, pos: int, byte:
     body[pos % len(body)] = byte
     body += extra
     _feed_only_protocol_errors(struct.pack(">I", len(body)) + bytes(body))
+    # The stream decoder's inlined checks decide as decode_body's general path does.
+    assert _outcome(lambda b: FrameDecoder().feed(struct.pack(">I", len(b)) + b)[0], bytes(body)) == _outcome(
+        decode_body, bytes(body)
+    )
 
 
 @pytest.mark.parametrize("type_name", sorted(FRAME_TYPES))
@@ -385,3 +389,13 @@ def test_the_receipt_tail_cache_keeps_no_long_recipient_and_stays_bounded() -> N
     long_name = "x" * 10_000
     assert encode_receipt("m", {long_name: refused}) == encode_frame(Receipt(id="m", results={long_name: refused}))
     assert all(len(key) <= 64 for key, _ in codec._RECEIPT_TAILS)
+
+
+@settings(max_examples=200)
+@given(frame=ANY_FRAME)
+def test_a_key_that_is_not_text_is_malformed_in_every_frame_type(frame: Frame) -> None:
+    """Unknown text keys are ignored, but a non-text key refuses the frame, through the stream decoder too."""
+    body = cbor2.dumps({**frame.to_wire(), 1: "x"})
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+    assert info.value.code == ErrorCode.MALFORMED_FRAME
