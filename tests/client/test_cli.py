@@ -17,6 +17,7 @@ from broker.auth import Authenticator
 from broker.server import Broker
 from client import LocalStore, open_client
 from client.cli import main
+from client.localstore import SENT_NOTE
 
 TIMEOUT_S = 20
 
@@ -108,7 +109,8 @@ async def test_export_markdown_and_json(broker: Broker, tmp_path: Path) -> None:
     assert md.status == 0
     text = md.out.splitlines()
     assert text[0] == "# Relay conversation log — bob"
-    assert text[2].startswith("## ")
+    assert text[2] == SENT_NOTE
+    assert text[4].startswith("## ")
     assert [line.split(" · ")[0] for line in text if line.startswith("**")] == ["**alice** → bob", "**bob** → alice"]
     assert "> hi bob" in text and "> hi alice" in text
     out = tmp_path / "export.json"
