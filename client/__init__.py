@@ -10,7 +10,7 @@ Quick start::
 
 from wire import ErrorCode, Receipt, RecipientResult, Status, Welcome
 
-from .connection import Delivery, OutgoingMessage, RelayClient, open_client
+from .connection import ConnectionEvent, ConnectionState, Delivery, OutgoingMessage, RelayClient, open_client
 from .errors import (
     AuthenticationError,
     ConnectedElsewhere,
@@ -26,7 +26,9 @@ from .localstore import LocalStore, StoredMessage
 __all__ = [
     "AuthenticationError",
     "ConnectedElsewhere",
+    "ConnectionEvent",
     "ConnectionLost",
+    "ConnectionState",
     "Delivery",
     "ErrorCode",
     "ForbiddenError",

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar
 
 import trio
@@ -75,7 +76,15 @@ from .localstore import LocalStore
 from .transport import Endpoint, Transport, TransportClosed, open_transport, parse_url
 
 T = TypeVar("T")
-__all__ = ["Delivery", "OutgoingMessage", "RelayClient", "TransportFactory", "open_client"]
+__all__ = [
+    "ConnectionEvent",
+    "ConnectionState",
+    "Delivery",
+    "OutgoingMessage",
+    "RelayClient",
+    "TransportFactory",
+    "open_client",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +131,49 @@ class OutgoingMessage:
 
 class TransportFactory(Protocol):
     async def __call__(self, endpoint: Endpoint) -> Transport: ...
+
+
+class ConnectionState(StrEnum):
+    """What happened to the client's connection (see :class:`ConnectionEvent`)."""
+
+    CONNECTED = "connected"
+    """The first session is established (WELCOME received)."""
+    DISCONNECTED = "disconnected"
+    """A session ended for a transient reason (``reason``); the client is reconnecting."""
+    RECONNECTED = "reconnected"
+    """A session is established again after DISCONNECTED."""
+    STOPPED = "stopped"
+    """A session ended and the client will not reconnect: a fatal error (e.g. CONNECTED_ELSEWHERE,
+    TOKEN_EXPIRED) or ``reconnect=False``. ``reason`` is the error every waiter now raises.
+    Not reported for a :meth:`RelayClient.close` or an abandoned client."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionEvent:
+    """One change of connection state, given to ``on_connection_change``.
+
+    ``url`` is the broker's URL; ``mailbox`` and ``pending`` (messages the broker held for
+    the mailbox, unexpired, at WELCOME) come from the WELCOME of a (re)connect and are None
+    otherwise (``mailbox`` is also None for operator sessions); ``reason`` says why a session
+    ended (DISCONNECTED, STOPPED: its ``code`` is the ERROR code, e.g. 4004 SHUTTING_DOWN or
+    4001 CONNECTED_ELSEWHERE, or None for a transport failure); ``connects`` counts the sessions
+    established so far.
+    """
+
+    state: ConnectionState
+    url: str
+    mailbox: str | None = None
+    pending: int | None = None
+    reason: RelayError | None = None
+    connects: int = 0
+
+    @property
+    def code(self) -> int | None:
+        """The error code that ended the session (``reason.code``), if any."""
+        return self.reason.code if self.reason is not None else None
+
+
+ConnectionCallback = Callable[[ConnectionEvent], None]
 
 
 # ---------------------------------------------------------------- bookkeeping
@@ -224,7 +276,8 @@ class RelayClient:
     """A connection to a Relay broker, kept up across failures. Made by :func:`open_client`.
 
     Attributes: ``welcome`` (the latest WELCOME, with the broker's limits), ``mailbox`` (this
-    session's mailbox id; None for operator tokens).
+    session's mailbox id; None for operator tokens). ``on_connection_change`` (see
+    :func:`open_client`) is called with a :class:`ConnectionEvent` once for each change of state.
     """
 
     def __init__(
@@ -238,6 +291,7 @@ class RelayClient:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 10.0,
         transport_factory: TransportFactory | None = None,
+        on_connection_change: ConnectionCallback | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.welcome: Welcome | None = None
@@ -248,6 +302,7 @@ class RelayClient:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = max(backoff_max_s, backoff_initial_s)
         self._open_transport = transport_factory or open_transport
+        self._on_connection_change = on_connection_change
         # sending
         self._pending: dict[str, _Pending] = {}
         self._outbox: list[bytes] = []
@@ -595,13 +650,13 @@ class RelayClient:
             reason = await self._serve_link(link, leftover)
             if self._stopped or self._failure is not None:
                 return
-            if reason.code is not None and _is_fatal_code(reason.code):
+            if (reason.code is not None and _is_fatal_code(reason.code)) or not self._reconnect:
                 self._fail(reason)
-                return
-            if not self._reconnect:
-                self._fail(reason)
+                self._report(ConnectionState.STOPPED, reason=reason)
                 return
             log.info("connection to %s lost (%s); reconnecting", self.endpoint, reason)
+            if not self._closed:  # while closing, the end of the link is the client's own doing
+                self._report(ConnectionState.DISCONNECTED, reason=reason)
             attempt = 0
             while True:
                 delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(attempt, _MAX_BACKOFF_DOUBLINGS))
@@ -614,6 +669,7 @@ class RelayClient:
                 except RelayError as exc:
                     if exc.code is not None and _is_fatal_code(exc.code):
                         self._fail(exc)
+                        self._report(ConnectionState.STOPPED, reason=exc)
                         return
                     log.info("reconnect attempt %d to %s failed: %s", attempt, self.endpoint, exc)
 
@@ -633,6 +689,21 @@ class RelayClient:
         self._link = link
         log.info("session %s open on %s (mailbox %s)", link.welcome.session, self.endpoint, link.welcome.mailbox)
         self._fire()
+        self._report(
+            ConnectionState.CONNECTED if self.connects == 1 else ConnectionState.RECONNECTED,
+            mailbox=link.welcome.mailbox,
+            pending=link.welcome.pending,
+        )
+
+    def _report(self, state: ConnectionState, **fields: Any) -> None:
+        """Tell ``on_connection_change``; a callback that raises is logged, never allowed to stop the client."""
+        callback = self._on_connection_change
+        if callback is None:
+            return
+        try:
+            callback(ConnectionEvent(state=state, url=str(self.endpoint), connects=self.connects, **fields))
+        except Exception:
+            log.exception("on_connection_change callback failed for %s", state)
 
     async def _serve_link(self, link: _Link, leftover: list[Frame]) -> RelayError:
         """Run one (opened) link's reader and writer until it ends; returns why it ended."""
@@ -926,6 +997,7 @@ async def open_client(
     backoff_initial_s: float = 0.1,
     backoff_max_s: float = 10.0,
     transport_factory: TransportFactory | None = None,
+    on_connection_change: ConnectionCallback | None = None,
 ) -> AsyncIterator[RelayClient]:
     """Connect to the broker at ``url`` (``tcp://host[:port]``, default port 7700) with ``token``
     and yield a :class:`RelayClient`; on normal exit it closes gracefully (BYE), on an exception
@@ -938,6 +1010,11 @@ async def open_client(
 
     ``local_store``: save deliveries there before ACKing them, and record sent messages.
     ``transport_factory``: how to open a transport for the parsed URL (tests, custom transports).
+    ``on_connection_change``: called with a frozen :class:`ConnectionEvent` once for each change of
+    connection state: CONNECTED (before this yields), then DISCONNECTED (with the reason, e.g.
+    SHUTTING_DOWN 4004 or a broken transport) and RECONNECTED for each reconnect, and STOPPED
+    (with the fatal error, e.g. CONNECTED_ELSEWHERE 4001) if the client gives up. It runs in the
+    client's own task: it must not block (an exception from it is logged and ignored).
     """
     endpoint = parse_url(url)
     if not isinstance(token, str) or not token or len(token) > 4096:
@@ -951,6 +1028,7 @@ async def open_client(
         backoff_initial_s=backoff_initial_s,
         backoff_max_s=backoff_max_s,
         transport_factory=transport_factory,
+        on_connection_change=on_connection_change,
     )
     link, leftover = await client._connect()
     client._open_link(link)
