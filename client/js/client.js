@@ -3,12 +3,17 @@
 // Theory of operation. One WebSocket binary message carries one frame with its 4-byte
 // length prefix (protocol.md, WebSocket). The client says HELLO, waits for WELCOME, and
 // the broker then pushes every pending message followed by DRAINED. Each DELIVER goes
-// through processRelayMessage: saved in IndexedDB first (de-duplicated by id), then
-// ACKed. A failed save sends no ACK, so the broker delivers the message again later; a
-// failed ACK breaks nothing, because ACKs are idempotent and a redelivery is recognised by
-// its id.
+// through processRelayMessage: saved in IndexedDB first, then ACKed. A received message is
+// identified by (sender, id): the store de-duplicates a redelivery of the same sender's
+// message, while another sender's message that reuses an id (possible once the first one has
+// expired) is a new message. A failed save sends no ACK, so the broker delivers the message
+// again later; a failed ACK breaks nothing, because ACKs are idempotent and a redelivery is
+// recognised by its (sender, id). Without a store nothing is de-duplicated: every DELIVER,
+// redeliveries included, is announced as a `message` event.
 //
-// Sends are kept in a table keyed by message id until their RECEIPT arrives. Sends made
+// Sends are kept in a table keyed by message id until their RECEIPT arrives (the ids are this
+// mailbox's own, so the id alone identifies a send). A send is checked (encoded) before it is
+// stored or tracked, so a frame the protocol forbids is refused at once. Sends made
 // while disconnected wait there; on every (re)connect each unconfirmed send goes out
 // again with the same id, which the broker de-duplicates. The outbox is also written to
 // IndexedDB (when a store is given), so a reload resends what was never confirmed.
@@ -21,11 +26,12 @@
 //   welcome   the WELCOME frame
 //   message   a newly saved inbox record ({id, from, body, ..., state})
 //   acked     the inbox record after its ACK was sent
-//   receipt   {id, results} (also the outbox record's new results)
+//   receipt   the receipt as sendMessage resolves it: {id, results} or {id, code} (a SEND
+//             refused as a whole); also saved on the outbox record
 //   drained   {pending}
 //   error     {code, message, close} for ERROR frames and local failures
 
-import { PROTOCOL_VERSION, ERROR_CODES, decodeBody, encodeFrame } from './codec.js'
+import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeBody, encodeFrame } from './codec.js'
 
 export { MessageStore } from './store.js'
 
@@ -61,7 +67,7 @@ export class RelayClient extends EventTarget {
    * @param {object} options
    * @param {string} options.url      ws://host:port/relay
    * @param {string} options.token    a Relay token (JWT)
-   * @param {MessageStore} [options.store]  where messages are saved; without one nothing persists
+   * @param {MessageStore} [options.store]  where messages are saved; without one nothing persists and nothing is de-duplicated
    * @param {number} [options.minBackoffMs=250]  first reconnect delay (before jitter)
    * @param {number} [options.maxBackoffMs=15000]
    * @param {(msg) => Promise<void>} [options.beforeAck]  awaited between save and ACK (tests use it)
@@ -100,7 +106,8 @@ export class RelayClient extends EventTarget {
     this._stopped = false
     if (this.store) {
       for (const entry of await this.store.unconfirmed()) {
-        if (!this._sends.has(entry.id)) this._track(this._sendFrame(entry))
+        // Nobody awaits these promises; a refusal is reported as an `error` event instead.
+        if (!this._sends.has(entry.id)) this._track(this._sendFrame(entry)).catch(() => {})
       }
     }
     this._connect()
@@ -221,21 +228,33 @@ export class RelayClient extends EventTarget {
     }, Math.max(250, idleMs / 2))
     this._setState('open')
     this.dispatchEvent(new CustomEvent('welcome', { detail: frame }))
-    for (const { frame: send } of this._sends.values()) this._write(send)
+    for (const [id, pending] of [...this._sends]) {
+      try {
+        this._write(pending.frame)
+      } catch (err) {
+        // Only a send stored by an older version can fail here (new ones are checked before
+        // they are stored): refuse it, and let the others go out.
+        if (!(err instanceof LocalProtocolError)) throw err
+        this._sends.delete(id)
+        this._emitError({ code: err.code, message: `not sent: message ${id}: ${err.message}`, close: false })
+        pending.reject(err)
+      }
+    }
   }
 
   async _onReceipt (frame) {
     const entry = this._sends.get(frame.id)
     this._sends.delete(frame.id)
+    const receipt = frame.code !== undefined ? { id: frame.id, code: frame.code } : { id: frame.id, results: frame.results }
     if (this.store) {
       try {
-        await this.store.saveReceipt(frame.id, frame.results)
+        await this.store.saveReceipt(receipt)
       } catch (err) {
         this._emitError({ code: 0, message: `could not save the receipt: ${err}`, close: false })
       }
     }
-    this.dispatchEvent(new CustomEvent('receipt', { detail: { id: frame.id, results: frame.results } }))
-    entry?.resolve({ id: frame.id, results: frame.results })
+    this.dispatchEvent(new CustomEvent('receipt', { detail: receipt }))
+    entry?.resolve(receipt)
   }
 
   _onDrained (frame) {
@@ -265,8 +284,20 @@ export class RelayClient extends EventTarget {
 
   /**
    * Send `body` (string or Uint8Array) to one mailbox or an array of them.
-   * Resolves with the broker's receipt {id, results: {mailbox: {status, code?}}}; while
-   * disconnected the send waits and goes out (same id) on reconnect.
+   *
+   * Resolves with the broker's receipt, in one of two shapes:
+   * - `{id, results: {recipient: {status, code?}}}`: one result per distinct recipient, keyed
+   *   as written in `to`. `status` is "queued" (stored at the relay; the recipient had no open
+   *   session), "delivered" (stored, and handed to the recipient's open session: not yet
+   *   confirmed saved, let alone read), "duplicate" (the relay already had this message from
+   *   this sender for that recipient; nothing new stored) or "refused" with a 3xxx `code`.
+   * - `{id, code}` without `results`: the broker refused the SEND as a whole and stored
+   *   nothing for anyone: 3004 TOO_MANY_RECIPIENTS (more distinct recipients than WELCOME's
+   *   `max_recipients`) or 3007 BODY_TOO_LARGE (body longer than `max_frame_bytes` - 256).
+   *   Test `receipt.code !== undefined` first.
+   * While disconnected the send waits and goes out (same id) on reconnect.
+   * Rejects with LocalProtocolError, storing and sending nothing, if the frame is not valid
+   * (e.g. an id that is not a message id, no recipient, a recipient longer than 64 code points).
    */
   async sendMessage (to, body, { ttl, id = newMessageId() } = {}) {
     const entry = {
@@ -276,6 +307,7 @@ export class RelayClient extends EventTarget {
     }
     if (ttl !== undefined) entry.ttl_s = ttl
     if (this._sends.has(id)) return this._sends.get(id).promise
+    encodeFrame(this._sendFrame(entry)) // throws LocalProtocolError before anything is stored
     if (this.store) await this.store.saveOutgoing(entry)
     const promise = this._track(this._sendFrame(entry))
     if (this.state === 'open') this._write(this._sends.get(id).frame)
@@ -311,7 +343,8 @@ export class RelayClient extends EventTarget {
 
   /**
    * Save a DELIVER in IndexedDB, then ACK it. Resolves with the stored record, or null
-   * when the save failed (no ACK then: the broker will deliver it again).
+   * when the save failed (no ACK then: the broker will deliver it again). A message whose
+   * (sender, id) is already stored is not announced again, but it is ACKed again.
    */
   async processRelayMessage (msg) {
     let saved
@@ -325,12 +358,12 @@ export class RelayClient extends EventTarget {
     try {
       if (this.beforeAck) await this.beforeAck(msg)
       if (this.acknowledgeMessage(msg.id)) {
-        const record = this.store ? await this.store.markAcked(msg.id) : { ...saved.record, state: 'acked' }
+        const record = this.store ? await this.store.markAcked(msg.from, msg.id) : { ...saved.record, state: 'acked' }
         this.dispatchEvent(new CustomEvent('acked', { detail: record }))
         return record
       }
     } catch (err) {
-      // Nothing breaks: the message is saved; the broker redelivers and the id de-duplicates.
+      // Nothing breaks: the message is saved; the broker redelivers and (sender, id) de-duplicates.
       this._emitError({ code: 0, message: `ACK of ${msg.id} failed: ${err}`, close: false })
     }
     return saved.record

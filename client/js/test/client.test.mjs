@@ -3,8 +3,10 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 
-import { ERROR_CODES, decodeBody, encodeFrame } from '../codec.js'
-import { RelayClient } from '../client.js'
+import { IDBFactory } from 'fake-indexeddb'
+
+import { ERROR_CODES, LocalProtocolError, decodeBody, encodeFrame } from '../codec.js'
+import { MessageStore, RelayClient } from '../client.js'
 
 const TOKEN = 'header.payload.signature'
 
@@ -22,8 +24,8 @@ const WELCOME = {
   keepalive_s: 60
 }
 
-function deliver (id, text = `body of ${id}`, attempt = 1) {
-  return { type: 'deliver', id, from: 'alice', sent_at: 1000, expires_at: 2000, attempt, body: new TextEncoder().encode(text) }
+function deliver (id, text = `body of ${id}`, attempt = 1, from = 'alice') {
+  return { type: 'deliver', id, from, sent_at: 1000, expires_at: 2000, attempt, body: new TextEncoder().encode(text) }
 }
 
 /** Let every pending promise callback and I/O callback run. */
@@ -80,27 +82,36 @@ function fakeWebSocket () {
   return { FakeWebSocket, sockets, last: () => sockets[sockets.length - 1] }
 }
 
-/** MessageStore's contract, in memory; saveIncoming fails while `failSaves` says so. */
+/**
+ * MessageStore's contract, in memory; saveIncoming fails while `failSaves` says so.
+ * (test/store.test.mjs runs the real IndexedDB store; the scenarios that depend on its
+ * keys run here against it too.)
+ */
 class MemoryStore {
   constructor () {
-    this.inboxById = new Map()
+    this.inbox = new Map() // "from id" -> record (a space is in neither a mailbox id nor a message id)
     this.outboxById = new Map()
     this.failSaves = new Set() // ids whose next save throws
     this.saveCalls = []
   }
 
+  /** The stored message from `from` with this id (alice unless said). */
+  get (id, from = 'alice') {
+    return this.inbox.get(`${from} ${id}`)
+  }
+
   async saveIncoming (msg) {
     this.saveCalls.push(msg.id)
     if (this.failSaves.delete(msg.id)) throw new Error('QuotaExceededError')
-    const existing = this.inboxById.get(msg.id)
+    const existing = this.get(msg.id, msg.from)
     if (existing) return { record: existing, isNew: false }
     const record = { id: msg.id, from: msg.from, body: msg.body, attempt: msg.attempt, state: 'saved' }
-    this.inboxById.set(msg.id, record)
+    this.inbox.set(`${msg.from} ${msg.id}`, record)
     return { record, isNew: true }
   }
 
-  async markAcked (id) {
-    const record = this.inboxById.get(id)
+  async markAcked (from, id) {
+    const record = this.get(id, from)
     if (record) record.state = 'acked'
     return record && { ...record }
   }
@@ -109,14 +120,15 @@ class MemoryStore {
     this.outboxById.set(entry.id, { results: null, ...entry })
   }
 
-  async saveReceipt (id, results) {
-    const entry = this.outboxById.get(id)
-    if (entry) entry.results = results
+  async saveReceipt (receipt) {
+    const entry = this.outboxById.get(receipt.id)
+    if (entry && receipt.code !== undefined) entry.code = receipt.code
+    else if (entry) entry.results = receipt.results
     return entry
   }
 
   async unconfirmed () {
-    return [...this.outboxById.values()].filter((e) => e.results === null)
+    return [...this.outboxById.values()].filter((e) => e.results === null && e.code === undefined)
   }
 }
 
@@ -169,7 +181,7 @@ test('a delivered message is saved first and ACKed only once the save is done', 
   finishSave()
   await settle()
   assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }])
-  assert.equal(store.inboxById.get('m1').state, 'acked')
+  assert.equal(store.get('m1').state, 'acked')
   assert.deepEqual(named('message').map((r) => r.id), ['m1'])
   assert.deepEqual(named('acked').map((r) => [r.id, r.state]), [['m1', 'acked']])
 })
@@ -182,7 +194,7 @@ test('a failed save sends no ACK, and the redelivery is saved and ACKed', async 
   socket.receive(deliver('m1'))
   await settle()
   assert.deepEqual(socket.sentOfType('ack'), [])
-  assert.equal(store.inboxById.size, 0)
+  assert.equal(store.inbox.size, 0)
   assert.deepEqual(named('message'), [])
   assert.match(named('error')[0].message, /could not save message m1/)
   assert.equal(named('error')[0].close, false)
@@ -192,7 +204,7 @@ test('a failed save sends no ACK, and the redelivery is saved and ACKed', async 
   await settle()
   assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }])
   assert.deepEqual(store.saveCalls, ['m1', 'm1'])
-  assert.equal(store.inboxById.get('m1').state, 'acked')
+  assert.equal(store.get('m1').state, 'acked')
   assert.deepEqual(named('message').map((r) => r.id), ['m1'])
 })
 
@@ -215,7 +227,7 @@ test('a redelivered message is ACKed again but announced once', async (t) => {
   await settle()
   assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }, { type: 'ack', ids: ['m1'] }])
   assert.equal(named('message').length, 1)
-  assert.equal(store.inboxById.get('m1').attempt, 1, 'the first copy is kept')
+  assert.equal(store.get('m1').attempt, 1, 'the first copy is kept')
 })
 
 test('an ACK lost to a dropped connection breaks nothing; the redelivery is recognised', async (t) => {
@@ -232,7 +244,7 @@ test('an ACK lost to a dropped connection breaks nothing; the redelivery is reco
   const record = await client.processRelayMessage(deliver('m1'))
   assert.equal(record.state, 'saved', 'saved, not ACKed')
   assert.deepEqual(first.sentOfType('ack'), [])
-  assert.equal(store.inboxById.get('m1').state, 'saved')
+  assert.equal(store.get('m1').state, 'saved')
 
   dropBeforeAck = false
   while (ws.sockets.length < 2) await new Promise((resolve) => setTimeout(resolve, 2)) // reconnect
@@ -242,7 +254,7 @@ test('an ACK lost to a dropped connection breaks nothing; the redelivery is reco
   second.receive(deliver('m1', 'body of m1', 2))
   await settle()
   assert.deepEqual(second.sentOfType('ack'), [{ type: 'ack', ids: ['m1'] }])
-  assert.equal(store.inboxById.get('m1').state, 'acked')
+  assert.equal(store.get('m1').state, 'acked')
   assert.equal(named('message').length, 1)
 })
 
@@ -300,7 +312,7 @@ test('start() resends what the store holds unconfirmed (a reload), with the same
   const store = new MemoryStore()
   await store.saveOutgoing({ id: 'old-1', to: ['alice'], body: new Uint8Array([1, 2]) })
   await store.saveOutgoing({ id: 'old-2', to: ['alice'], body: new Uint8Array([3]), ttl_s: 30 })
-  await store.saveReceipt('old-2', { alice: { status: 'queued' } }) // confirmed: not resent
+  await store.saveReceipt({ id: 'old-2', results: { alice: { status: 'queued' } } }) // confirmed: not resent
   const { client, ws } = makeClient(t, { store })
   const socket = await connect(client, ws)
   assert.deepEqual(socket.sentOfType('send'), [{ type: 'send', id: 'old-1', to: ['alice'], body: new Uint8Array([1, 2]) }])
@@ -399,4 +411,76 @@ test('close() says BYE and stops reconnecting', async (t) => {
   await new Promise((resolve) => setTimeout(resolve, 20))
   assert.equal(ws.sockets.length, 1)
   assert.equal(client.state, 'closed')
+})
+
+test('another sender\'s message reusing an expired message\'s id is saved, announced and ACKed (real IndexedDB store)', { timeout: 10_000 }, async (t) => {
+  const store = await MessageStore.open('bob', { indexedDB: new IDBFactory() })
+  t.after(() => store.close())
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  const acks = async (n) => {
+    while (named('acked').length < n) await new Promise((resolve) => setTimeout(resolve, 1)) // IndexedDB takes a few turns
+  }
+  socket.receive(deliver('z-1', 'from alice', 1, 'alice'))
+  await acks(1)
+  socket.receive(deliver('z-1', 'from alice', 2, 'alice')) // a redelivery: same sender, same id
+  await acks(2)
+  socket.receive(deliver('z-1', 'from carol', 1, 'carol')) // alice's expired; carol may use z-1 now
+  await acks(3)
+  const text = (bytes) => new TextDecoder().decode(bytes)
+  assert.deepEqual(named('message').map((r) => [r.from, r.id, text(r.body)]), [['alice', 'z-1', 'from alice'], ['carol', 'z-1', 'from carol']])
+  assert.deepEqual(named('acked').map((r) => [r.from, r.state]), [['alice', 'acked'], ['alice', 'acked'], ['carol', 'acked']])
+  assert.deepEqual(socket.sentOfType('ack').map((f) => f.ids), [['z-1'], ['z-1'], ['z-1']])
+  assert.deepEqual((await store.inbox()).map((m) => [m.from, m.id, text(m.body), m.state]), [
+    ['alice', 'z-1', 'from alice', 'acked'],
+    ['carol', 'z-1', 'from carol', 'acked']
+  ])
+})
+
+test('a SEND refused as a whole resolves with {id, code}, is recorded as answered and not sent again', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws, named } = makeClient(t, { store, minBackoffMs: 1 })
+  const first = await connect(client, ws)
+  const sent = client.sendMessage(['alice', 'carol'], 'to too many', { id: 'big-1' })
+  await settle()
+  first.receive({ type: 'receipt', id: 'big-1', code: ERROR_CODES.TOO_MANY_RECIPIENTS })
+  const receipt = await sent
+  assert.deepEqual(receipt, { id: 'big-1', code: 3004 })
+  assert.equal('results' in receipt, false, 'no per-recipient results: nothing was stored for anyone')
+  assert.deepEqual(named('receipt'), [{ id: 'big-1', code: 3004 }])
+  assert.deepEqual([store.outboxById.get('big-1').results, store.outboxById.get('big-1').code], [null, 3004])
+  assert.deepEqual(await store.unconfirmed(), [])
+  first.drop()
+  while (ws.sockets.length < 2) await new Promise((resolve) => setTimeout(resolve, 2))
+  const second = ws.last()
+  second.open()
+  second.receive(WELCOME)
+  assert.deepEqual(second.sentOfType('send'), [], 'a refused SEND is answered: not resent')
+})
+
+test('a send the protocol forbids is refused before it is stored or sent', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  const tooLong = 'b'.repeat(65)
+  await assert.rejects(client.sendMessage(['alice', tooLong], 'x', { id: 'long-1' }), (err) => err instanceof LocalProtocolError && err.code === ERROR_CODES.INVALID_FIELD)
+  await assert.rejects(client.sendMessage([], 'x', { id: 'none-1' }), LocalProtocolError)
+  await assert.rejects(client.sendMessage('alice', 'x', { id: 'has space' }), LocalProtocolError)
+  assert.deepEqual(socket.sentOfType('send'), [])
+  assert.equal(store.outboxById.size, 0)
+  // The limit is 64 code points: 64 astral characters are 128 UTF-16 units and still fine.
+  client.sendMessage('\u{1F680}'.repeat(64), 'x', { id: 'astral-1' })
+  await settle()
+  assert.deepEqual(socket.sentOfType('send').map((f) => f.to), [['\u{1F680}'.repeat(64)]])
+})
+
+test('an unsendable send left by an older version is refused on connect; the others still go out', async (t) => {
+  const store = new MemoryStore()
+  await store.saveOutgoing({ id: 'legacy-1', to: ['c'.repeat(70)], body: new Uint8Array([1]) }) // allowed before the 64 limit
+  await store.saveOutgoing({ id: 'ok-1', to: ['alice'], body: new Uint8Array([2]) })
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  assert.deepEqual(socket.sentOfType('send').map((f) => f.id), ['ok-1'])
+  assert.match(named('error')[0].message, /not sent: message legacy-1/)
+  assert.equal(client.state, 'open')
 })
