@@ -14,6 +14,8 @@
 // tests/vectors/ bind both implementations.
 //
 // Frames are plain objects: { type: "send", id: "m1", to: ["bob"], body: Uint8Array }.
+// A RECEIPT carries exactly one of `results` (one result per recipient) and `code` (the whole
+// SEND refused): { type: "receipt", id: "m1", code: 3004 } has no `results` key at all.
 // Integers are JS numbers; a known field holding an integer above 2^53-1 is refused with
 // INVALID_FIELD (the protocol allows up to 2^63-1; see protocol.md 2.3).
 
@@ -25,6 +27,11 @@ export const DEFAULT_MAX_FRAME_BYTES = 1048576
 export const MAX_DEPTH = 4
 /** Longest free-text field (tokens, error messages), in code points. */
 export const MAX_TEXT = 4096
+/**
+ * Longest element of SEND `to`, and so of a RECEIPT `results` key, in code points (as long as
+ * the longest mailbox id). It bounds what a RECEIPT echoes per recipient.
+ */
+export const MAX_RECIPIENT_CHARS = 64
 
 export const ERROR_CODES = Object.freeze({
   MALFORMED_FRAME: 1001,
@@ -286,9 +293,11 @@ function arrayOf (item) {
   }
 }
 
-function anyText (v, name) {
-  if (typeof v === 'string') return v
-  throw new FieldError(`${name} must contain text strings`)
+/** A SEND recipient as written: any text of at most MAX_RECIPIENT_CHARS code points (syntax is the broker's call). */
+function recipientText (v, name) {
+  if (typeof v !== 'string') throw new FieldError(`${name} must contain text strings`)
+  if (codePoints(v) > MAX_RECIPIENT_CHARS) throw new FieldError(`${name} elements must be at most ${MAX_RECIPIENT_CHARS} characters`)
+  return v
 }
 
 /** Set a key on a plain object safely (also "__proto__"), keeping insertion order for the encoder's sake. */
@@ -304,6 +313,7 @@ function results (v, name) {
   const out = {}
   for (const [recipient, result] of v.entries) {
     if (typeof recipient !== 'string') throw new FieldError(`${name} keys must be text strings`)
+    if (codePoints(recipient) > MAX_RECIPIENT_CHARS) throw new FieldError(`${name} keys must be at most ${MAX_RECIPIENT_CHARS} characters`)
     if (!(result instanceof CborMap)) throw new FieldError('each result must be a map')
     const status = result.get('status')
     if (typeof status !== 'string' || !STATUSES.has(status)) throw new FieldError('unknown result status')
@@ -350,8 +360,9 @@ const SCHEMAS = {
     ['max_ttl_s', uint(1), R],
     ['keepalive_s', uint(1), R]
   ],
-  send: [['id', messageId, R], ['to', arrayOf(anyText), R], ['body', bytes, R], ['ttl_s', uint(1), O]],
-  receipt: [['id', messageId, R], ['results', results, R]],
+  send: [['id', messageId, R], ['to', arrayOf(recipientText), R], ['body', bytes, R], ['ttl_s', uint(1), O]],
+  // Exactly one of results and code (RECEIPT_EXCLUSIVE): code is a refusal of the whole SEND.
+  receipt: [['id', messageId, R], ['results', results, O], ['code', uint(1000), O]],
   deliver: [
     ['id', messageId, R],
     ['from', mailbox, R],
@@ -371,6 +382,11 @@ const SCHEMAS = {
   stats_result: [['stats', stats, R]],
   cleanup: [],
   cleanup_result: [['purged', uint(0), R]]
+}
+
+/** Checks across fields, after each field has passed its own: the frame as built so far -> error text or null. */
+const CROSS_CHECKS = {
+  receipt: (frame) => ((frame.results === undefined) === (frame.code === undefined) ? 'exactly one of results and code must be present' : null)
 }
 
 /** Every frame type name, as on the wire. */
@@ -398,6 +414,8 @@ function frameFromMap (item) {
       if (value === null) throw new FieldError(`${key} may not be null`)
       frame[key] = check(value, key)
     }
+    const problem = CROSS_CHECKS[type]?.(frame)
+    if (problem) throw new FieldError(problem)
   } catch (err) {
     if (err instanceof FieldError) throw new ProtocolError(INVALID_FIELD, `${type}: ${err.message}`)
     throw err

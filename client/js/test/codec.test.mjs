@@ -4,12 +4,15 @@ import assert from 'node:assert/strict'
 import { readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 
+import { encode as cborEncode } from 'cborg'
+
 import {
   DEFAULT_MAX_FRAME_BYTES,
   ERROR_CODES,
   FRAME_TYPES,
   FrameDecoder,
   LocalProtocolError,
+  MAX_RECIPIENT_CHARS,
   ProtocolError,
   decodeBody,
   encodeBody,
@@ -220,4 +223,65 @@ test('ERROR_CODES names and numbers are those of protocol.md', () => {
   const doc = readFileSync(fileURLToPath(new URL('../../../protocol.md', import.meta.url)), 'utf8')
   const rows = [...doc.matchAll(/^\|\s*(\d{4})\s*\|\s*([A-Z][A-Z0-9_]*)\s*\|/gm)].map((m) => [m[2], Number(m[1])])
   assert.deepStrictEqual(Object.fromEntries(rows), { ...ERROR_CODES })
+})
+
+/** A frame body straight from a JS Map (keys in insertion order), bypassing the codec's checks. */
+const rawBody = (entries) => cborEncode(new Map(entries), { mapSorter: null })
+const receiptMap = (...rest) => rawBody([['type', 'receipt'], ['id', 'm1'], ...rest])
+const results = (...entries) => new Map(entries.map(([k, v]) => [k, new Map(Object.entries(v))]))
+
+test('a RECEIPT with only code (a whole-SEND refusal) decodes without results and encodes type, id, code', () => {
+  const body = receiptMap(['code', 3004])
+  assert.deepStrictEqual(decodeBody(body), { type: 'receipt', id: 'm1', code: 3004 })
+  assert.equal(toHex(encodeBody({ type: 'receipt', id: 'm1', code: 3004 })), toHex(body))
+  assert.equal(toHex(encodeBody({ code: 3007, id: 'm1', type: 'receipt' })), toHex(receiptMap(['code', 3007])), 'canonical order')
+  assert.equal(toHex(body).slice(0, 2), 'a3', 'three keys: no results')
+})
+
+test('a RECEIPT with both results and code, or with neither, is INVALID_FIELD both ways', () => {
+  const ok = results(['bob', { status: 'queued' }])
+  expectCode(() => decodeBody(receiptMap(['results', ok], ['code', 3004])), ERROR_CODES.INVALID_FIELD)
+  expectCode(() => decodeBody(receiptMap(['code', 3004], ['results', ok])), ERROR_CODES.INVALID_FIELD)
+  expectCode(() => decodeBody(receiptMap()), ERROR_CODES.INVALID_FIELD)
+  expectCode(() => decodeBody(receiptMap(['results', new Map()], ['code', 3004])), ERROR_CODES.INVALID_FIELD)
+  expectCode(() => decodeBody(receiptMap(['results', ok], ['code', null])), ERROR_CODES.INVALID_FIELD)
+  const local = (frame) => assert.throws(() => encodeFrame(frame), (err) => err instanceof LocalProtocolError && err.code === ERROR_CODES.INVALID_FIELD, JSON.stringify(frame))
+  local({ type: 'receipt', id: 'm1', results: { bob: { status: 'queued' } }, code: 3004 })
+  local({ type: 'receipt', id: 'm1', results: {}, code: 3004 })
+  local({ type: 'receipt', id: 'm1' })
+})
+
+test('a RECEIPT code is a uint of at least 1000', () => {
+  expectCode(() => decodeBody(receiptMap(['code', 999])), ERROR_CODES.INVALID_FIELD)
+  expectCode(() => decodeBody(receiptMap(['code', -3004])), ERROR_CODES.INVALID_FIELD)
+  expectCode(() => decodeBody(receiptMap(['code', '3004'])), ERROR_CODES.INVALID_FIELD)
+  assert.deepStrictEqual(decodeBody(receiptMap(['code', 1000])), { type: 'receipt', id: 'm1', code: 1000 })
+  assert.deepStrictEqual(decodeBody(receiptMap(['code', 9999])), { type: 'receipt', id: 'm1', code: 9999 }, 'unknown codes are accepted')
+})
+
+test('SEND to elements and RECEIPT result keys are at most 64 code points, counted as code points', () => {
+  assert.equal(MAX_RECIPIENT_CHARS, 64)
+  const rocket = '\u{1F680}' // one code point, two UTF-16 units, four UTF-8 bytes
+  const fits = [
+    'b'.repeat(64),
+    rocket.repeat(64), // 128 UTF-16 units
+    rocket.repeat(33), // 66 UTF-16 units: refused by anything counting units
+    'é'.repeat(64)
+  ]
+  const tooLong = ['b'.repeat(65), rocket.repeat(65), rocket.repeat(64) + 'b']
+  const send = (to) => rawBody([['type', 'send'], ['id', 'm1'], ['to', to], ['body', new Uint8Array(0)]])
+  for (const name of fits) {
+    assert.deepStrictEqual(decodeBody(send([name])).to, [name])
+    assert.deepStrictEqual(decodeBody(encodeBody({ type: 'send', id: 'm1', to: ['bob', name], body: new Uint8Array(0) })).to, ['bob', name])
+    assert.deepStrictEqual(Object.keys(decodeBody(receiptMap(['results', results([name, { status: 'refused', code: 3006 }])])).results), [name])
+    assert.deepStrictEqual(Object.keys(decodeBody(encodeBody({ type: 'receipt', id: 'm1', results: { [name]: { status: 'queued' } } })).results), [name])
+  }
+  for (const name of tooLong) {
+    expectCode(() => decodeBody(send(['bob', name])), ERROR_CODES.INVALID_FIELD)
+    expectCode(() => decodeBody(receiptMap(['results', results(['bob', { status: 'queued' }], [name, { status: 'refused', code: 3006 }])])), ERROR_CODES.INVALID_FIELD)
+    assert.throws(() => encodeFrame({ type: 'send', id: 'm1', to: [name], body: new Uint8Array(0) }), LocalProtocolError)
+    assert.throws(() => encodeFrame({ type: 'receipt', id: 'm1', results: { [name]: { status: 'queued' } } }), LocalProtocolError)
+  }
+  // A short name that is no mailbox id is still any text on the wire (the broker refuses it per recipient).
+  assert.deepStrictEqual(decodeBody(send(['not a mailbox!'])).to, ['not a mailbox!'])
 })
