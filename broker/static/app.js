@@ -1,11 +1,28 @@
-// The demo chat page: pick a token, see your mailbox, send, watch delivery state.
+// The demo chat page: pick a token, see your mailbox, send, watch what the relay says.
 // Everything protocol-related lives in the JS client (/js/client.js); this file is UI only.
+//
+// Tabs. Each tab keeps its own mailbox: the tab's token is in sessionStorage (one per tab,
+// kept across reloads, not shared), so two tabs can be alice and bob and stay so when
+// reloaded. localStorage (shared by every tab) holds only the list of recent tokens, for the
+// sign-in buttons. A new tab opens no mailbox by itself (that would take over another tab's
+// session): it shows the sign-in card, unless its URL has #token=.
+//
+// Words. A sent message's labels say exactly what the relay's receipt says and no more:
+// "queued at relay" (stored, recipient not connected) and "sent to X's open session"
+// (stored and handed to a connection the recipient had open). Neither means saved or read:
+// the relay does not tell senders that.
 import { RelayClient, MessageStore, defaultUrl } from '/js/client.js'
+import { ERROR_CODES } from '/js/codec.js'
 
 const $ = (id) => document.getElementById(id)
-const TOKENS_KEY = 'relay.tokens' // [{mailbox, token}], most recent first
-const CURRENT_KEY = 'relay.current'
+const TOKENS_KEY = 'relay.tokens' // localStorage: [{mailbox, token}], most recent first, for every tab
+const TAB_TOKEN_KEY = 'relay.tab-token' // sessionStorage: this tab's token
 const decoder = new TextDecoder()
+const CODE_NAMES = new Map(Object.entries(ERROR_CODES).map(([name, code]) => [code, name]))
+
+// Before each tab had its own mailbox, the last token used in any tab was kept here and
+// opened by every tab on load; nothing reads it any more.
+localStorage.removeItem('relay.current')
 
 let session = null // {client, store, mailbox}
 
@@ -26,12 +43,12 @@ function remember (mailbox, token) {
   const list = savedTokens().filter((t) => t.mailbox !== mailbox)
   list.unshift({ mailbox, token })
   localStorage.setItem(TOKENS_KEY, JSON.stringify(list.slice(0, 12)))
-  localStorage.setItem(CURRENT_KEY, token)
+  sessionStorage.setItem(TAB_TOKEN_KEY, token)
 }
 
 function forget (token) {
   localStorage.setItem(TOKENS_KEY, JSON.stringify(savedTokens().filter((t) => t.token !== token)))
-  if (localStorage.getItem(CURRENT_KEY) === token) localStorage.removeItem(CURRENT_KEY)
+  if (sessionStorage.getItem(TAB_TOKEN_KEY) === token) sessionStorage.removeItem(TAB_TOKEN_KEY)
 }
 
 /** The sign-in card; with an error, the token that failed stays in the box to be fixed. */
@@ -66,7 +83,14 @@ async function openMailbox (token) {
   const mailbox = claims.sub
   // Test hooks, set before the page loads: holdAcks (never ACK), wrapStore(store) -> a store to use instead.
   const hooks = window.relayTestHooks || {}
-  const opened = await MessageStore.open(mailbox)
+  let opened
+  try {
+    opened = await MessageStore.open(mailbox, {
+      onBlocked: () => showSignIn(`Upgrading this browser's store for ${mailbox}: close the other tabs of this page that have it open.`, token)
+    })
+  } catch (err) {
+    return showSignIn(`Could not open this browser's message store for ${mailbox}: ${err}`, token)
+  }
   const store = hooks.wrapStore ? hooks.wrapStore(opened) : opened
   const client = new RelayClient({
     url: defaultUrl(Number(document.querySelector('meta[name="relay-ws-port"]').content)),
@@ -79,6 +103,7 @@ async function openMailbox (token) {
   window.relay = session // for the browser tests and the curious
   remember(mailbox, token)
   $('sign-in').hidden = true
+  $('token-error').hidden = true
   $('who').hidden = false
   $('chat').hidden = false
   $('mailbox-name').textContent = mailbox
@@ -131,6 +156,40 @@ function chip (text, cls = text, title = '') {
   return span
 }
 
+const NOT_A_CONFIRMATION = 'It does not say that the recipient has saved or read it: the relay does not tell senders that.'
+
+/** A refusal code as words, with its number. */
+function refusal (code) {
+  const words = {
+    3001: 'mailbox full',
+    3002: 'mailbox full (bytes)',
+    3003: 'relay full',
+    3004: session?.client.welcome ? `more than ${session.client.welcome.max_recipients} recipients` : 'too many recipients',
+    3005: 'id used by another sender',
+    3006: 'not a mailbox name',
+    3007: 'message too large'
+  }[code]
+  return `${words ?? CODE_NAMES.get(code) ?? 'refused'} (${code})`
+}
+
+/** The chip for one recipient's result in a receipt: the broker's word, said plainly. */
+function resultChip (rcpt, r) {
+  switch (r.status) {
+    case 'queued':
+      return chip(`queued at relay for ${rcpt}`, 'queued',
+        `Stored at the relay; ${rcpt} had no open session. The relay delivers it when ${rcpt} connects (until it expires). ${NOT_A_CONFIRMATION}`)
+    case 'delivered':
+      return chip(`sent to ${rcpt}'s open session`, 'delivered',
+        `Stored at the relay and handed to a session ${rcpt} had open. If that session ends before ${rcpt}'s device has saved it, the relay delivers it again. ${NOT_A_CONFIRMATION}`)
+    case 'duplicate':
+      return chip(`${rcpt}: relay already had it`, 'duplicate',
+        `A resend: the relay already had this message from you for ${rcpt}, so nothing new was stored. ${NOT_A_CONFIRMATION}`)
+    default:
+      return chip(`not sent to ${rcpt}: ${refusal(r.code)}`, 'refused',
+        `The relay refused it for ${rcpt} and stored nothing for ${rcpt} (${CODE_NAMES.get(r.code) ?? 'code'} ${r.code}).`)
+  }
+}
+
 function item (entry, out) {
   const li = document.createElement('li')
   li.className = out ? 'msg out' : 'msg in'
@@ -140,16 +199,18 @@ function item (entry, out) {
   const when = new Date(out ? entry.created_at : entry.sent_at).toLocaleTimeString()
   if (out) {
     meta.append(`to ${entry.to.join(', ')} · ${when}`)
-    if (entry.results === null) meta.append(chip('sending'))
-    else {
-      for (const [rcpt, r] of Object.entries(entry.results)) {
-        const label = entry.to.length > 1 ? `${rcpt}: ${r.status}` : r.status
-        meta.append(chip(r.code ? `${label} (${r.code})` : label, r.status))
-      }
+    if (entry.code !== undefined) {
+      meta.append(chip(`not sent: ${refusal(entry.code)}`, 'refused',
+        `The relay refused the whole message before looking at any recipient: nothing was stored for anyone (${CODE_NAMES.get(entry.code) ?? 'code'} ${entry.code}).`))
+    } else if (entry.results === null) {
+      meta.append(chip('sending…', 'sending', 'Not yet answered by the relay. It goes out again, with the same id, after a reconnect or a reload; the relay never stores it twice.'))
+    } else {
+      for (const [rcpt, r] of Object.entries(entry.results)) meta.append(resultChip(rcpt, r))
     }
   } else {
+    li.dataset.from = entry.from
     meta.append(`from ${entry.from} · ${when}`)
-    meta.append(chip(entry.state, entry.state, entry.state === 'acked' ? 'saved here and acknowledged: the broker has deleted it' : 'saved here, not yet acknowledged'))
+    meta.append(chip(entry.state, entry.state, entry.state === 'acked' ? 'Saved in this browser and acknowledged: the relay has deleted its copy.' : 'Saved in this browser, not yet acknowledged: the relay still holds it.'))
   }
   const text = document.createElement('div')
   text.className = 'text'
@@ -188,7 +249,7 @@ $('token-form').addEventListener('submit', (event) => {
 
 $('sign-out').addEventListener('click', () => {
   closeSession()
-  localStorage.removeItem(CURRENT_KEY)
+  sessionStorage.removeItem(TAB_TOKEN_KEY)
   showSignIn()
 })
 
@@ -203,8 +264,11 @@ $('compose').addEventListener('submit', async (event) => {
   const sent = session.client.sendMessage(to, text, { ttl })
   setTimeout(render, 0) // show it as "sending" at once
   try {
-    await sent
+    const receipt = await sent
+    if (receipt.code !== undefined) notify(`Not sent to anyone: the relay refused it, ${refusal(receipt.code)}.`)
   } catch (err) {
+    // Refused before it was stored or sent (e.g. a recipient name longer than 64 characters): keep the text.
+    if (!$('text').value) $('text').value = text
     notify(`Not sent: ${err.message}`)
     render()
   }
@@ -214,9 +278,20 @@ $('text').addEventListener('keydown', (event) => {
   if (event.key === 'Enter' && (event.ctrlKey || event.metaKey)) $('compose').requestSubmit()
 })
 
-// A token in the URL fragment (#token=...) opens that mailbox; otherwise the last one used.
-const fromHash = new URLSearchParams(location.hash.slice(1)).get('token')
-if (fromHash) history.replaceState(null, '', location.pathname)
-const initial = fromHash || localStorage.getItem(CURRENT_KEY)
+/** A token in the URL fragment (#token=...), taken out of the URL (and so out of history and screenshots). */
+function takeTokenFromHash () {
+  const token = new URLSearchParams(location.hash.slice(1)).get('token')
+  if (token) history.replaceState(null, '', location.pathname + location.search)
+  return token
+}
+
+// #token= opens that mailbox in this tab; otherwise this tab's own mailbox (after a reload);
+// otherwise the sign-in card with the recent mailboxes.
+const initial = takeTokenFromHash() || sessionStorage.getItem(TAB_TOKEN_KEY)
 if (initial) openMailbox(initial)
 else showSignIn()
+
+window.addEventListener('hashchange', () => {
+  const token = takeTokenFromHash()
+  if (token) openMailbox(token)
+})

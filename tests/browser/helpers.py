@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from broker.server import Broker
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -20,6 +25,24 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 15_000
+TIMEOUT = 60
+"""Seconds a whole browser scenario may take."""
+
+
+def base_url(broker: Broker) -> str:
+    """The demo page's origin on ``broker``'s HTTP listener."""
+    return f"http://127.0.0.1:{broker.http_port}"
+
+
+async def run_in_browser(scenario: Callable[[], None]) -> None:
+    """Run a blocking Playwright scenario in a worker thread while the broker keeps serving."""
+    with trio.fail_after(TIMEOUT):
+        await trio.to_thread.run_sync(scenario)
+
+
+def from_trio(fn: Callable[..., Any], *args: Any) -> Any:
+    """From the scenario's thread: run async ``fn(*args)`` in the test's trio loop."""
+    return trio.from_thread.run(fn, *args)
 
 
 def chromium_available() -> bool:
@@ -63,9 +86,10 @@ def open_page(context: Any, base: str, token: str, *, hold_acks: bool = False, h
 
 def inbox(page: Any) -> list[dict[str, Any]]:
     """The page's IndexedDB inbox, bodies as text."""
-    return page.evaluate(
+    messages: list[dict[str, Any]] = page.evaluate(
         "async () => (await window.relay.store.inbox()).map(m => ({...m, body: new TextDecoder().decode(m.body)}))"
     )
+    return messages
 
 
 def wait_inbox(page: Any, count: int, state: str = "acked") -> list[dict[str, Any]]:
@@ -77,3 +101,17 @@ def wait_inbox(page: Any, count: int, state: str = "acked") -> list[dict[str, An
             return messages
         assert time.monotonic() < deadline, f"inbox has {len(messages)} messages, wanted {count} {state}"
         page.wait_for_timeout(100)
+
+
+def wait_open(page: Any) -> None:
+    """Wait until the page's client has its WELCOME (after a load or a reload)."""
+    page.wait_for_function("window.relay && window.relay.client.state === 'open'", timeout=WAIT_MS)
+
+
+def chips(page: Any, selector: str = ".msg.out") -> list[list[dict[str, str]]]:
+    """For each message matching ``selector``, in page order: the text and tooltip of each of its chips."""
+    found: list[list[dict[str, str]]] = page.eval_on_selector_all(
+        selector,
+        "els => els.map(li => [...li.querySelectorAll('.chip')].map(c => ({text: c.textContent, title: c.title})))",
+    )
+    return found

@@ -7,7 +7,6 @@ serves from the test's trio loop; the thread reaches back with ``trio.from_threa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,29 +16,9 @@ from broker.server import Broker
 from wire import Ack, Deliver, Drained, Receipt, Send, Status
 
 from ..broker.raw import RawClient
-from ..conftest import require_service
-from .helpers import WAIT_MS, chromium_available, inbox, open_browser, open_page, wait_inbox
+from .helpers import WAIT_MS, base_url, from_trio, inbox, open_browser, open_page, run_in_browser, wait_inbox
 
 pytestmark = pytest.mark.browser
-TIMEOUT = 60
-
-
-@pytest.fixture(autouse=True)
-def _need_chromium() -> None:
-    require_service(chromium_available(), "Chromium (/usr/bin/chromium) with Python playwright")
-
-
-def base_url(broker: Broker) -> str:
-    return f"http://127.0.0.1:{broker.http_port}"
-
-
-async def run_in_browser(scenario: Callable[[], None]) -> None:
-    with trio.fail_after(TIMEOUT):
-        await trio.to_thread.run_sync(scenario)
-
-
-def from_trio(fn: Callable[..., Any], *args: Any) -> Any:
-    return trio.from_thread.run(fn, *args)
 
 
 async def test_both_online_instant_delivery_and_ack_deletes(broker: Broker) -> None:
@@ -198,7 +177,8 @@ async def test_failed_save_sends_no_ack_and_the_message_comes_again(broker: Brok
         return await broker.store.pending("gus"), (await broker.statistics())["messages_total"]
 
     def save_attempts(page: Any) -> dict[str, int]:
-        return page.evaluate("() => window.relayTestHooks.saveAttempts")
+        attempts: dict[str, int] = page.evaluate("() => window.relayTestHooks.saveAttempts")
+        return attempts
 
     def after_failed_save(page: Any, message_id: str) -> None:
         """Wait for the failed save, then for a round trip: an ACK sent after it would be processed by now."""
