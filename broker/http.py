@@ -13,7 +13,8 @@ Bodies are JSON (``application/json``, byte strings as standard base64) or CBOR
 (``application/cbor``, byte strings native), chosen by ``Content-Type`` for requests
 and ``Accept`` for responses (a POST without ``Accept`` is answered in its own type).
 The field names are the protocol's frame fields. Every error, whatever its cause, is
-``{"code": <protocol error code>, "message": "..."}`` with a fitting HTTP status:
+``{"code": <protocol error code>, "message": "..."}`` with a fitting HTTP status; the
+message names the field as docs/http-api.md does, what was expected and the limit:
 
 ====== ===================================================== ===================
 status cause                                                 code
@@ -28,6 +29,24 @@ status cause                                                 code
 415    Content-Type neither JSON nor CBOR                     1001 MALFORMED_FRAME
 500    broker fault                                           5001 INTERNAL_ERROR
 ====== ===================================================== ===================
+
+A SEND refused as a whole (more than ``max_recipients`` distinct recipients: 3004, a body
+longer than ``max_frame_bytes`` - 256: 3007) is a 200 whose receipt has ``code`` instead
+of ``results``, exactly like the RECEIPT frame.
+
+Answering before the request body is in. Many answers come before the body is read
+(401, 403, 404, 405, 415, and 413 as soon as a body passes the limit). Hypercorn then
+closes the connection at once, with the rest of the upload unread: the kernel answers the
+client's further data with a reset, and since the answer carried no ``Connection: close``,
+a client that pools connections (httpx) sends its next request into the closed one
+("Server disconnected without sending a response"). :class:`_FinishUpload` prevents both:
+such an answer says ``Connection: close``, is sent in full, and then the rest of the
+upload is read and discarded (up to :data:`DRAIN_MAX_BYTES` and :data:`DRAIN_TIMEOUT_S`)
+before the exchange ends, so a client that writes its whole body before reading still
+reads the answer, and the connection closes cleanly.
+
+Status lines carry the standard reason phrase (``HTTP/1.1 405 Method Not Allowed``):
+hypercorn builds h11 responses without one, so :func:`_add_reason_phrases` fills it in.
 """
 
 from __future__ import annotations
@@ -38,21 +57,31 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import cbor2
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from wire import Ack, ErrorCode, RemoteProtocolError, Send, decode_item, encode_frame
+from wire import (
+    Ack,
+    ErrorCode,
+    RemoteProtocolError,
+    Send,
+    decode_item,
+    encode_frame,
+    is_valid_message_id,
+)
 
 from .auth import AuthError, Identity
 from .openapi import openapi_spec
@@ -73,6 +102,18 @@ MAX_PENDING_LIMIT = 1000
 """Largest ``limit``: keeps one response (up to 1000 bodies, each up to max_frame_bytes) bounded."""
 BODY_SLACK_BYTES = 64 * 1024
 """Room above the encoded body size for ids, recipients and JSON punctuation."""
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
+"""After answering before a request body is in, read and discard at most this much more of it.
+
+Enough for a client that writes a body of a few times the limit before it reads (httpx,
+requests, curl without ``Expect``) to finish writing and read the answer; beyond it the
+connection is closed with the upload unread. Reading and discarding holds no memory."""
+DRAIN_TIMEOUT_S = 5.0
+"""...and for at most this long, so a slow uploader cannot keep a refused request open."""
+MAX_RECIPIENT_CHARS = 64
+"""Longest element of ``to`` (code points), as in protocol.md: longer is INVALID_FIELD (1004)."""
+UINT_MAX = 2**63 - 1
+_F = TypeVar("_F", Send, Ack)
 
 
 def _find_js_dir() -> Path:
@@ -91,11 +132,12 @@ _JS_FILE = re.compile(r"[A-Za-z0-9_-]+\.js|node_modules/cborg/(?:[A-Za-z0-9_-]+/
 class ApiError(Exception):
     """An error answer: HTTP ``status`` and the protocol ``code`` that goes in the body."""
 
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
 
 
 # ------------------------------------------------------------------ content negotiation
@@ -148,69 +190,220 @@ def _respond(request: Request, payload: Mapping[str, Any], status: int = 200, **
     return Response(body, status_code=status, media_type=JSON, headers=headers or None)
 
 
-def _error_response(request: Request, status: int, code: ErrorCode, message: str) -> Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="relay"'} if status == 401 else {}
-    return _respond(request, {"code": int(code), "message": message}, status, **headers)
+def _error_response(
+    request: Request, status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    extra = dict(headers or {})
+    if status == 401:
+        extra["WWW-Authenticate"] = 'Bearer realm="relay"'
+    return _respond(request, {"code": int(code), "message": message}, status, **extra)
 
 
 # ------------------------------------------------------------------ request bodies
 
 
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, ErrorCode.INVALID_FIELD, message)
+
+
+def _malformed(message: str) -> ApiError:
+    return ApiError(400, ErrorCode.MALFORMED_FRAME, message)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _NotJsonConstant(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
+    raise _NotJsonConstant(name)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise _DuplicateKey(key)
         out[key] = value
     return out
+
+
+def _parse_json(data: bytes) -> Any:
+    """The JSON body, or ApiError(400, 1001) saying in user terms what is wrong with it."""
+    if not data.strip():
+        raise _malformed("the request body is empty: send a JSON object")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _malformed(
+            f"the request body is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "JSON must be UTF-8"
+        ) from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise _malformed(f'the request body is not valid JSON for Relay: the key "{exc}" appears twice') from None
+    except _NotJsonConstant as exc:
+        raise _malformed(f"the request body is not valid JSON: {exc} is not a JSON number") from None
+    except json.JSONDecodeError as exc:
+        raise _malformed(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise _malformed("the request body is not valid JSON for Relay: it is nested too deeply") from None
+
+
+def _parse_cbor(data: bytes) -> Any:
+    """The CBOR body, decoded as strictly as a frame, or ApiError(400, 1001)."""
+    if not data:
+        raise _malformed("the request body is empty: send a CBOR map")
+    try:
+        return decode_item(data)
+    except RemoteProtocolError as exc:
+        detail = exc.message.removeprefix("invalid CBOR: ")
+        if detail.startswith("premature end of stream"):
+            detail = "the data ends inside an item"
+        elif tag := re.fullmatch(r"error decoding semantic tag (\d+)", detail):
+            detail = f"tags are not allowed (tag {tag[1]})"
+        raise _malformed(f"the request body is not strict CBOR (protocol.md section 2.2): {detail}") from None
 
 
 async def _read_map(request: Request, limit: int) -> tuple[dict[str, Any], bool]:
     """The request body as a map with text keys, and whether it came as JSON (bytes in base64)."""
     media = _media_type(request.headers.get("content-type"))
     if media not in (JSON, CBOR):
-        raise ApiError(415, ErrorCode.MALFORMED_FRAME, f"Content-Type must be {JSON} or {CBOR}, not {media or 'none'}")
+        given = f"not {media}" if media else "none was given"
+        raise ApiError(415, ErrorCode.MALFORMED_FRAME, f"Content-Type must be {JSON} or {CBOR} ({given})")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, ErrorCode.FRAME_TOO_LARGE, f"body of {declared} bytes exceeds the limit of {limit}")
+        raise ApiError(
+            413, ErrorCode.FRAME_TOO_LARGE, f"the request body is {int(declared)} bytes; the limit is {limit} bytes"
+        )
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, ErrorCode.FRAME_TOO_LARGE, f"body exceeds the limit of {limit} bytes")
+            raise ApiError(413, ErrorCode.FRAME_TOO_LARGE, f"the request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     data = b"".join(chunks)
-    try:
-        if media == JSON:
-            item = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-        else:
-            item = decode_item(data)
-    except Exception as exc:  # json and cbor2 raise several types
-        raise ApiError(400, ErrorCode.MALFORMED_FRAME, f"body is not valid {media}: {exc}") from None
+    item = _parse_json(data) if media == JSON else _parse_cbor(data)
     if type(item) is not dict or not all(type(k) is str for k in item):
-        raise ApiError(400, ErrorCode.MALFORMED_FRAME, "body must be a map with text keys")
+        shape = "a JSON object" if media == JSON else "a CBOR map with text keys"
+        raise _malformed(f"the request body must be {shape}")
     return item, media == JSON
 
 
-def _b64_field(item: dict[str, Any], name: str) -> None:
-    value = item.get(name)
-    if isinstance(value, str):
+_JSON_TYPE_NAMES = {
+    str: "text",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
+_CBOR_TYPE_NAMES = {
+    str: "text",
+    bytes: "a byte string",
+    int: "an integer",
+    float: "a float",
+    bool: "a boolean",
+    list: "an array",
+    dict: "a map",
+}
+
+
+def _kind(value: Any, is_json: bool) -> str:
+    names = _JSON_TYPE_NAMES if is_json else _CBOR_TYPE_NAMES
+    return names.get(type(value), "something else")
+
+
+def _field(item: Mapping[str, Any], name: str, what: str, *, required: bool = True) -> Any:
+    """``item[name]``; refuses a missing required field and a null (never a stand-in for absent)."""
+    if name not in item:
+        if required:
+            raise _invalid(f'the field "{name}" is missing: it must be {what}')
+        return None
+    value = item[name]
+    if value is None:
+        hint = "" if required else " (leave it out for the default)"
+        raise _invalid(f'"{name}" must be {what}, not null{hint}')
+    return value
+
+
+def _message_id(value: Any, where: str, is_json: bool) -> str:
+    if not is_valid_message_id(value):
+        detail = f"{len(value)} characters" if isinstance(value, str) and len(value) > 64 else _kind(value, is_json)
+        if isinstance(value, str) and detail == "text":
+            detail = "text with a space, a control or a non-ASCII character" if value else "empty text"
+        raise _invalid(f"{where} must be a message id: 1-64 printable ASCII characters (0x21-0x7E), got {detail}")
+    return str(value)
+
+
+def _send_from(item: Mapping[str, Any], is_json: bool, max_ttl_s: int) -> Send:
+    """The SEND frame a ``/relay/send`` body describes, or ApiError(400, 1004) naming the field."""
+    id_what = "a message id: 1-64 printable ASCII characters"
+    to_what = "a non-empty array of recipient mailbox ids"
+    body_what = "the message as standard base64 text" if is_json else "the message as a CBOR byte string"
+    ttl_what = f"a whole number of seconds, at least 1 (larger than max_ttl_s, {max_ttl_s}, is clamped to it)"
+    mid = _message_id(_field(item, "id", id_what), '"id"', is_json)
+    to = _field(item, "to", to_what)
+    if type(to) is not list or not to:
+        got = "an empty array" if type(to) is list else _kind(to, is_json)
+        raise _invalid(f'"to" must be {to_what}, got {got}')
+    for i, name in enumerate(to):
+        if type(name) is not str:
+            raise _invalid(f'"to[{i}]" must be a mailbox id (text), got {_kind(name, is_json)}')
+        if len(name) > MAX_RECIPIENT_CHARS:
+            raise _invalid(
+                f'"to[{i}]" is {len(name)} characters long; a recipient is at most {MAX_RECIPIENT_CHARS} characters'
+            )
+    raw_body = _field(item, "body", body_what)
+    if is_json:
+        if type(raw_body) is not str:
+            raise _invalid(f'"body" must be {body_what}, got {_kind(raw_body, is_json)}')
         try:
-            item[name] = base64.b64decode(value, validate=True)
+            body = base64.b64decode(raw_body, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, ErrorCode.INVALID_FIELD, f"{name} must be standard base64") from None
+            raise _invalid(
+                '"body" must be standard base64 (A-Z, a-z, 0-9, +, / and = padding to a multiple of 4 characters)'
+            ) from None
+    elif type(raw_body) is not bytes:
+        raise _invalid(f'"body" must be {body_what}, got {_kind(raw_body, is_json)}')
+    else:
+        body = raw_body
+    ttl_s = _field(item, "ttl_s", ttl_what, required=False)
+    if type(ttl_s) is int and ttl_s > UINT_MAX:
+        raise _invalid(
+            f'"ttl_s" is above the largest integer of the protocol (2^63-1); give at most {max_ttl_s} '
+            "(max_ttl_s): a message is kept no longer"
+        )
+    if ttl_s is not None and (type(ttl_s) is not int or ttl_s < 1):
+        got = str(ttl_s) if type(ttl_s) is int else _kind(ttl_s, is_json)
+        raise _invalid(f'"ttl_s" must be {ttl_what}, got {got}')
+    return _frame_from(Send, {"id": mid, "to": to, "body": body, **({} if ttl_s is None else {"ttl_s": ttl_s})})
 
 
-def _frame_from(cls: Any, item: Mapping[str, Any]) -> Any:
+def _ack_from(item: Mapping[str, Any], is_json: bool) -> Ack:
+    """The ACK frame a ``/relay/acknowledge`` body describes, or ApiError(400, 1004) naming the field."""
+    what = "a non-empty array of message ids"
+    ids = _field(item, "ids", what)
+    if type(ids) is not list or not ids:
+        got = "an empty array" if type(ids) is list else _kind(ids, is_json)
+        raise _invalid(f'"ids" must be {what}, got {got}')
+    checked = [_message_id(value, f'"ids[{i}]"', is_json) for i, value in enumerate(ids)]
+    return _frame_from(Ack, {"ids": checked})
+
+
+def _frame_from(cls: type[_F], item: Mapping[str, Any]) -> _F:
+    """The frame, built through the protocol's own checks (the fields were checked above)."""
     try:
         return cls.from_wire(item)
-    except RemoteProtocolError as exc:
-        raise ApiError(400, exc.code, exc.message) from None
+    except RemoteProtocolError as exc:  # a rule the checks above do not know yet: still the protocol's words
+        raise ApiError(400, exc.code, exc.message.removeprefix(f"{cls.TYPE}: ")) from None
 
 
 # ------------------------------------------------------------------ the app
@@ -225,48 +418,56 @@ class _Api:
         self.max_request_bytes = limit * 4 // 3 + BODY_SLACK_BYTES
 
     def identity(self, request: Request) -> Identity:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, ErrorCode.INVALID_TOKEN, "send the token as 'Authorization: Bearer <token>'")
+        header = request.headers.get("authorization")
+        if header is None:
+            raise ApiError(401, ErrorCode.INVALID_TOKEN, "no token: send the header 'Authorization: Bearer <token>'")
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise ApiError(
+                401, ErrorCode.INVALID_TOKEN, f"the Authorization header must be 'Bearer <token>', not '{scheme} ...'"
+            )
+        if not token.strip():
+            raise ApiError(401, ErrorCode.INVALID_TOKEN, "the Authorization header has no token after 'Bearer'")
         try:
             identity = self.broker.auth.verify(token.strip())
         except AuthError as exc:
-            raise ApiError(401, exc.code, exc.message) from None
+            raise ApiError(401, exc.code, f"the bearer token is refused ({exc.message})") from None
         return identity
 
     def mailbox(self, request: Request) -> str:
         identity = self.identity(request)
         if identity.operator:
-            raise ApiError(403, ErrorCode.FORBIDDEN, "operator tokens have no mailbox: use a mailbox token")
+            raise ApiError(403, ErrorCode.FORBIDDEN, "an operator token has no mailbox: use a mailbox token here")
         return identity.name
 
     def operator(self, request: Request) -> Identity:
         identity = self.identity(request)
         if not identity.operator:
-            raise ApiError(403, ErrorCode.FORBIDDEN, "this endpoint needs an operator token")
+            raise ApiError(
+                403, ErrorCode.FORBIDDEN, "this endpoint needs an operator token (relay-broker token NAME --operator)"
+            )
         return identity
 
     async def send(self, request: Request) -> Response:
         mailbox = self.mailbox(request)
         item, is_json = await _read_map(request, self.max_request_bytes)
-        if is_json:
-            _b64_field(item, "body")
-        send: Send = _frame_from(Send, item)
+        send = _send_from(item, is_json, self.broker.config.max_ttl_s)
         frame_bytes = len(encode_frame(send)) - 4
         if frame_bytes > self.max_frame_bytes:
             raise ApiError(
-                413, ErrorCode.FRAME_TOO_LARGE, f"the message is {frame_bytes} bytes as a frame; the limit is "
-                f"{self.max_frame_bytes}"
-            )  # fmt: skip
+                413,
+                ErrorCode.FRAME_TOO_LARGE,
+                f"the message is {frame_bytes} bytes as a SEND frame; the limit is max_frame_bytes, "
+                f"{self.max_frame_bytes} bytes",
+            )
         (receipt,) = await self.broker.route(mailbox, [send])
-        wire = receipt.to_wire()
-        return _respond(request, {"id": wire["id"], "results": wire["results"]})
+        # The RECEIPT frame's fields as they are: {id, results} or, for a SEND refused whole, {id, code}.
+        return _respond(request, {k: v for k, v in receipt.to_wire().items() if k != "type"})
 
     async def acknowledge(self, request: Request) -> Response:
         mailbox = self.mailbox(request)
-        item, _ = await _read_map(request, self.max_request_bytes)
-        ack: Ack = _frame_from(Ack, item)
+        item, is_json = await _read_map(request, self.max_request_bytes)
+        ack = _ack_from(item, is_json)
         result = await self.broker.acknowledge(mailbox, ack.ids)
         return _respond(request, {"acknowledged": result.deleted})
 
@@ -274,7 +475,9 @@ class _Api:
         mailbox = self.mailbox(request)
         raw = request.query_params.get("limit", str(DEFAULT_PENDING_LIMIT))
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_PENDING_LIMIT:
-            raise ApiError(400, ErrorCode.INVALID_FIELD, f"limit must be an integer from 1 to {MAX_PENDING_LIMIT}")
+            raise _invalid(
+                f'the query parameter "limit" must be a whole number from 1 to {MAX_PENDING_LIMIT}, got {raw!r}'
+            )
         messages = await self.broker.pending_messages(mailbox, int(raw))
         held = await self.broker.store.pending(mailbox)
         return _respond(
@@ -339,7 +542,7 @@ def _guard(
         try:
             return await handler(request)
         except ApiError as exc:
-            return _error_response(request, exc.status, exc.code, exc.message)
+            return _error_response(request, exc.status, exc.code, exc.message, exc.headers)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.url.path)
             return _error_response(request, 500, ErrorCode.INTERNAL_ERROR, "internal error; the request may be retried")
@@ -350,12 +553,130 @@ def _guard(
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no route, wrong method, a static file missing) as error bodies."""
     assert isinstance(exc, HTTPException)
+    method, path = request.method, request.url.path
     if exc.status_code == 405:
-        return _error_response(request, 405, ErrorCode.UNEXPECTED_FRAME, f"{request.method} is not allowed here")
+        # Starlette's Allow comes from a set (no stable order); StaticFiles gives none (it serves GET and HEAD).
+        allowed = sorted(m.strip() for m in (exc.headers or {}).get("Allow", "GET, HEAD").split(","))
+        allow = ", ".join(allowed)
+        return _error_response(
+            request,
+            405,
+            ErrorCode.UNEXPECTED_FRAME,
+            f"{method} is not allowed on {path}; use {allow}",
+            {"Allow": allow},
+        )
     if exc.status_code == 404:
-        return _error_response(request, 404, ErrorCode.UNKNOWN_FRAME_TYPE, f"no such route: {request.url.path}")
+        return _error_response(
+            request, 404, ErrorCode.UNKNOWN_FRAME_TYPE, f"no such endpoint or file: {path} (the API: /openapi.json)"
+        )
     return _error_response(request, exc.status_code, ErrorCode.MALFORMED_FRAME, str(exc.detail))
+
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
+
+
+def _has_body(scope: Mapping[str, Any]) -> bool:
+    """Whether the request announces a body (HTTP/1.1: a Content-Length above 0, or Transfer-Encoding)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
+class _FinishUpload:
+    """ASGI middleware: an answer given before the request body is in ends the exchange cleanly.
+
+    The answer gets ``Connection: close`` and is sent in full; then the rest of the body
+    is read and discarded (at most DRAIN_MAX_BYTES, for at most DRAIN_TIMEOUT_S) before
+    the response is ended, which is when hypercorn closes the connection. So the client
+    finishes its upload, reads the answer, and is not tempted to reuse the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+        disconnected = False
+
+        async def tracking_receive() -> Any:
+            nonlocal body_done, disconnected
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_done = True
+            elif message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def finishing_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not body_done:
+                await send({**message, "more_body": True})
+                await drain()
+                if not disconnected:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send(message)
+
+        async def drain() -> None:
+            discarded = 0
+            with trio.move_on_after(DRAIN_TIMEOUT_S):
+                while not body_done and not disconnected and discarded <= DRAIN_MAX_BYTES:
+                    message = await tracking_receive()
+                    discarded += len(message.get("body", b""))
+
+        await self.app(scope, tracking_receive, finishing_send)
+
+
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
+
+
+def _add_reason_phrases() -> None:
+    """Give hypercorn's HTTP/1.1 status lines their reason phrase (``HTTP/1.1 413 Content Too Large``).
+
+    Hypercorn builds every h11 response without a reason, and h11 then writes
+    ``HTTP/1.1 413 `` (legal, but a reader sees no reason and some clients choke). ASGI has
+    no field for a reason, so the one place to add it is hypercorn's single writer of h11
+    events, ``H11Protocol._send_h11_event``; wrapped once, idempotently. The raw-socket test
+    of the status line fails if a hypercorn upgrade moves it.
+    """
+    import h11
+    from hypercorn.protocol.h11 import H11Protocol
+
+    original = H11Protocol._send_h11_event
+    if getattr(original, "_adds_reason_phrase", False):
+        return
+
+    async def send_h11_event(self: H11Protocol, event: Any) -> None:
+        if isinstance(event, h11.Response | h11.InformationalResponse) and not event.reason:
+            event = type(event)(
+                headers=event.headers,
+                status_code=event.status_code,
+                http_version=event.http_version,
+                reason=_reason_phrase(event.status_code),
+            )
+        await original(self, event)
+
+    send_h11_event._adds_reason_phrase = True  # type: ignore[attr-defined]
+    H11Protocol._send_h11_event = send_h11_event  # type: ignore[method-assign]
 
 
 def create_app(broker: Broker) -> Starlette:
@@ -373,7 +694,11 @@ def create_app(broker: Broker) -> Starlette:
         Route("/js/{path:path}", _guard(_js), methods=["GET"], include_in_schema=False),
         Mount("/static", StaticFiles(packages=[("broker", "static")]), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_FinishUpload)],
+        exception_handlers={HTTPException: _http_exception},
+    )
 
 
 async def serve_http(
@@ -390,6 +715,7 @@ async def serve_http(
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    _add_reason_phrases()
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None

@@ -246,7 +246,7 @@ async def test_bad_acknowledge_bodies(broker: Broker, http: httpx.AsyncClient) -
 
 
 async def test_too_large_bodies_are_413(broker_factory: Callable[..., Any]) -> None:
-    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024) as broker:
+    async with broker_factory(max_frame_bytes=1024, max_recipients=3, max_outbound_bytes=64 * 1024) as broker:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as http:
             headers = bearer(broker, "alice")
             r = await http.post(
