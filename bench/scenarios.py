@@ -309,7 +309,7 @@ def offline(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFa
                         [OutgoingMessage(to=rx, body=stamp + body_pad) for _ in range(n)]
                     )
                 for r in receipts:
-                    if r.results[rx].status is Status.QUEUED:
+                    if r.code is None and r.results[rx].status is Status.QUEUED:
                         accepted += 1
                     else:
                         refused += 1

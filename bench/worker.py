@@ -196,6 +196,9 @@ class _Worker:
         receipts = await client.send_batch(msgs)
         accepted = 0
         for r in receipts:
+            if r.code is not None:  # refused as a whole: every recipient
+                self.counts["refused"] += fan
+                continue
             for res in r.results.values():
                 if res.status is Status.DELIVERED or res.status is Status.QUEUED:
                     accepted += 1

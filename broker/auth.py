@@ -2,8 +2,10 @@
 
 The broker creates a random 32-byte secret in its data directory on first start (file
 mode 0600); ``relay-broker token`` signs with the same file, so the default set-up is
-secure with no configuration. Verification is PyJWT's: signature, ``aud == "relay"``,
-``exp`` required and in the future, ``sub`` a valid mailbox id.
+secure with no configuration. Verification is PyJWT's: signature, ``aud`` ``"relay"`` (or an
+array holding it), ``exp`` required and in the future, ``iat``/``nbf`` not in the future, each
+time with a leeway for clock skew (``token_leeway_s``); on top of PyJWT, the time claims must be
+JSON numbers (PyJWT would take the string ``"1999999999"``) and ``sub`` a valid mailbox id.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ AUDIENCE = "relay"
 ALGORITHM = "HS256"
 SECRET_FILE = "secret"
 DEFAULT_TOKEN_LIFETIME_S = 30 * 24 * 3600
+DEFAULT_LEEWAY_S = 60.0
+"""Clock skew allowed between the token issuer and the broker, both ways, when judging ``exp``,
+``iat`` and ``nbf``: an issuer whose clock runs a few seconds ahead must not be refused."""
+TIME_CLAIMS = ("exp", "iat", "nbf")
 
 
 class AuthError(Exception):
@@ -65,10 +71,13 @@ def load_or_create_secret(data_dir: Path) -> bytes:
 class Authenticator:
     """Issues and verifies tokens with one secret."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, *, leeway_s: float = DEFAULT_LEEWAY_S) -> None:
         if len(secret) < 32:
             raise ValueError("the signing secret must be at least 32 bytes")
+        if leeway_s < 0:
+            raise ValueError("the token leeway must not be negative")
         self._secret = secret
+        self.leeway_s = leeway_s
 
     def issue(self, name: str, *, operator: bool = False, lifetime_s: float = DEFAULT_TOKEN_LIFETIME_S) -> str:
         """A token for mailbox ``name`` (or operator ``name``), valid for ``lifetime_s`` seconds."""
@@ -81,13 +90,25 @@ class Authenticator:
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Identity:
-        """The identity a token proves. Raises AuthError (INVALID_TOKEN or TOKEN_EXPIRED)."""
+        """The identity a token proves. Raises AuthError (INVALID_TOKEN or TOKEN_EXPIRED).
+
+        A token whose claims are ill-typed is INVALID_TOKEN even if it has also expired.
+        """
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise AuthError(ErrorCode.INVALID_TOKEN, f"invalid token: {exc}") from None
+        for claim in TIME_CLAIMS:
+            value = unverified.get(claim)
+            if claim in unverified and (type(value) not in (int, float) or value != value):
+                raise AuthError(ErrorCode.INVALID_TOKEN, f"invalid token: the {claim} claim must be a number")
         try:
             claims = jwt.decode(
                 token,
                 self._secret,
                 algorithms=[ALGORITHM],
                 audience=AUDIENCE,
+                leeway=self.leeway_s,
                 options={"require": ["exp", "sub", "aud"]},
             )
         except jwt.ExpiredSignatureError:

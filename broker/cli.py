@@ -53,10 +53,19 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the broker (the default command)", parents=[common])
     serve.add_argument("--config", type=Path, help="TOML file with broker settings")
     serve.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    settings = serve.add_argument_group(
+        "settings", "each overrides the config file and the RELAY_<NAME> environment variable (see --print-config)"
+    )
+    descriptions = BrokerConfig.descriptions()
+    defaults = BrokerConfig(data_dir=Path("<data dir>"))
     for f in fields(BrokerConfig):
         flag = "--" + f.name.replace("_", "-")
-        serve.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=argparse.SUPPRESS)
-    serve.epilog = "Every setting can be given as a flag, e.g. --tcp-port 7700 --max-inflight 512 (see --print-config)."
+        default = getattr(defaults, f.name)
+        shown = ",".join(default) or "none" if isinstance(default, tuple) else default
+        if f.name == "data_dir":
+            shown = "$RELAY_DATA_DIR, else $XDG_DATA_HOME/relay, else ~/.local/share/relay"
+        text = f"{descriptions[f.name].replace('``', '')} (default: {shown})".replace("%", "%%")
+        settings.add_argument(flag, dest=f.name, default=None, metavar=_metavar(f.type), help=text)
 
     token = sub.add_parser("token", help="print a signed token for a mailbox", parents=[common])
     token.add_argument("name", help="mailbox id (or operator name with --operator)")
@@ -71,6 +80,10 @@ def _build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     return parser
+
+
+def _metavar(type_name: object) -> str:
+    return {"int": "N", "float": "SECONDS", "Path": "DIR", "tuple[str, ...]": "ORIGINS"}.get(str(type_name), "TEXT")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,16 +7,20 @@ names, optionally under a ``[broker]`` table), environment variables ``RELAY_<FI
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
 import re
+import textwrap
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from wire import DEFAULT_MAX_FRAME_BYTES
+from wire import DEFAULT_MAX_FRAME_BYTES, receipt_bound_bytes
+from wire.frames import RECEIPT_BASE_MAX_BYTES, RECEIPT_ENTRY_MAX_BYTES
 
 from .store.base import StoreLimits
 
@@ -76,6 +80,8 @@ class BrokerConfig:
     """Body bytes held over all mailboxes (1 GiB)."""
     max_tombstones: int = 100_000
     """ACKed ids remembered for idempotent SEND retries (about 200 bytes each)."""
+    token_leeway_s: float = 60.0
+    """Clock skew allowed when judging a token's exp, iat and nbf (seconds, both ways)."""
     handshake_timeout_s: float = 10.0
     """Time a new connection has to complete HELLO."""
     keepalive_s: float = 60.0
@@ -121,10 +127,19 @@ class BrokerConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.max_outbound_bytes < 4 * self.max_frame_bytes:
             raise ConfigError("max_outbound_bytes must be at least 4 * max_frame_bytes (a delivery batch must fit)")
+        if self.token_leeway_s < 0:
+            raise ConfigError("token_leeway_s must not be negative")
         if self.max_tombstones < 0:
             raise ConfigError("max_tombstones must not be negative")
         if self.default_ttl_s > self.max_ttl_s:
             raise ConfigError("default_ttl_s must not exceed max_ttl_s")
+        if receipt_bound_bytes(self.max_recipients) > self.max_frame_bytes:
+            most = (self.max_frame_bytes - RECEIPT_BASE_MAX_BYTES) // RECEIPT_ENTRY_MAX_BYTES
+            raise ConfigError(
+                f"max_recipients {self.max_recipients} is too many for max_frame_bytes {self.max_frame_bytes}: "
+                f"a receipt for {self.max_recipients} recipients may need {receipt_bound_bytes(self.max_recipients)} "
+                f"bytes (at most {most} recipients fit)"
+            )
 
     @property
     def store_limits(self) -> StoreLimits:
@@ -141,6 +156,24 @@ class BrokerConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def descriptions(cls) -> dict[str, str]:
+        """Each setting's description: the docstring written under its field in this class (one source for the
+        code, ``serve --help`` and ``--print-config``)."""
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        out: dict[str, str] = {}
+        for node, after in zip(body, [*body[1:], None], strict=True):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                out[node.target.id] = " ".join(after.value.value.split())
+        return out
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str, base: BrokerConfig | None = None) -> BrokerConfig:

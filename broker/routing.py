@@ -27,6 +27,8 @@ class Plan:
     """What to store, for the recipients that passed; None if none did."""
     refused: dict[str, int]
     """Recipients refused before storing, with their error codes."""
+    code: int | None = None
+    """The whole SEND is refused with this code (no recipient is looked at, nothing is stored)."""
 
 
 def plan_send(
@@ -42,13 +44,18 @@ def plan_send(
 ) -> Plan:
     """Validate a SEND's recipients and body size and fix its times. The sender is the authenticated mailbox.
 
+    Rules that concern the whole SEND come first, in this order, and refuse it as a whole with one code:
+    more than ``max_recipients`` distinct recipients (TOO_MANY_RECIPIENTS), then a body longer than
+    ``max_body_bytes`` (BODY_TOO_LARGE). Such a receipt echoes no recipient, so every receipt stays within
+    ``receipt_bound_bytes(max_recipients)``. Then each recipient is judged on its own.
+
     ``expiries`` (TTL -> expires_at), shared across one batch, lets its messages share their expiry objects.
     """
     recipients = tuple(dict.fromkeys(send.to)) if len(send.to) > 1 else send.to
     if len(recipients) > max_recipients:
-        return Plan(None, dict.fromkeys(recipients, ErrorCode.TOO_MANY_RECIPIENTS))
+        return Plan(None, {}, ErrorCode.TOO_MANY_RECIPIENTS)
     if len(send.body) > max_body_bytes:
-        return Plan(None, dict.fromkeys(recipients, ErrorCode.BODY_TOO_LARGE))
+        return Plan(None, {}, ErrorCode.BODY_TOO_LARGE)
     refused: dict[str, int] = {}
     for rcpt in recipients:
         if not is_valid_mailbox_id(rcpt):

@@ -82,7 +82,11 @@ class Broker:
         self.config = config or BrokerConfig()
         self.clock = clock
         self.store: Store = store if store is not None else open_store(self.config, clock)
-        self.auth = auth if auth is not None else Authenticator(load_or_create_secret(self.config.data_dir))
+        self.auth = (
+            auth
+            if auth is not None
+            else Authenticator(load_or_create_secret(self.config.data_dir), leeway_s=self.config.token_leeway_s)
+        )
         self.presence: dict[str, Session] = {}
         self.sessions: set[Session] = set()
         self.counters = Counters()
@@ -227,6 +231,10 @@ class Broker:
         receipts = []
         woken: dict[Session, None] = {}
         for send, plan in zip(sends, plans, strict=True):
+            if plan.code is not None:
+                counters.refused[plan.code] += 1
+                receipts.append(Receipt._unchecked(send.id, {}, plan.code))
+                continue
             results = {}
             for rcpt, code in plan.refused.items():
                 results[rcpt] = receipt_result(code, False)
@@ -243,7 +251,7 @@ class Broker:
                         counters.duplicates += 1
                     else:
                         counters.refused[outcome] += 1
-            receipts.append(Receipt._unchecked(send.id, results))  # valid by construction
+            receipts.append(Receipt._unchecked(send.id, results, None))  # valid by construction
         for session in woken:  # deliveries go out before the receipts the caller sends next
             await session.deliver_now()
         return receipts

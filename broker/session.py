@@ -288,6 +288,7 @@ class Session:
                 keepalive_s=max(1, int(config.keepalive_s)),
             )
         )
+        self.transport.open_limit(config.max_frame_bytes)
         log.info("%s open: %s%s", self.id, identity.name, " (operator)" if identity.operator else "")
         async with trio.open_nursery() as nursery:
             if self.mailbox is not None:
@@ -400,13 +401,13 @@ class Session:
             i += 1
 
     def _forbidden(self, message: str) -> None:
-        self._send(Error(code=int(ErrorCode.FORBIDDEN), message=message, close=False))
+        self._send(Error(code=int(ErrorCode.FORBIDDEN), message=message, close=False))  # cut to fit by conn
 
     async def _on_sends(self, sends: Sequence[Send]) -> None:
         assert self.mailbox is not None
         receipts = await self.broker.route(self.mailbox, sends)
         if self.conn.state is State.OPEN:  # the state table allows RECEIPT exactly in OPEN
-            self._push_all([encode_receipt(r.id, r.results) for r in receipts])
+            self._push_all([encode_receipt(r.id, r.results, r.code) for r in receipts])
 
     async def _on_acks(self, acks: Sequence[Ack]) -> None:
         assert self.mailbox is not None

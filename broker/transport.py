@@ -55,6 +55,14 @@ class Transport(Protocol):
         """
         ...
 
+    def open_limit(self, max_frame_bytes: int) -> None:
+        """The session is OPEN (WELCOME sent): accept frames up to ``max_frame_bytes`` from now on.
+
+        Before that the broker accepts at most ``MAX_HELLO_FRAME_BYTES``; a transport that
+        buffers whole messages itself (WebSocket) must hold no more than that meanwhile.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Close, letting bytes already written reach the peer; bounded in time; never raises."""
         ...
@@ -87,6 +95,9 @@ class StreamTransport:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportClosed(str(exc)) from None
+
+    def open_limit(self, max_frame_bytes: int) -> None:
+        pass  # the session's decoder holds the byte stream's limit: nothing is buffered here
 
     def try_send(self, data: bytes) -> int:
         if self._fd < 0:

@@ -11,10 +11,16 @@ What the adapter checks itself, because only it can see message boundaries:
 
 - a text message is MALFORMED_FRAME (1001);
 - a message whose prefix does not equal its length minus 4 is MALFORMED_FRAME;
-- a message longer than ``max_frame_bytes + 4`` is FRAME_TOO_LARGE (1002). It is
-  refused as soon as the part received passes the limit, so at most the limit is ever
-  buffered (trio-websocket's own limit would close with WebSocket code 1009 and no
-  Relay ERROR; :class:`_RelayWebSocketConnection` reports it to the adapter instead).
+- a message longer than ``max_frame_bytes + 4`` is FRAME_TOO_LARGE (1002); before
+  WELCOME the limit is ``MAX_HELLO_FRAME_BYTES + 4``, so an unauthenticated connection
+  can make the broker hold a few KiB, not a megabyte. It is refused as soon as the part
+  received passes the limit, so at most the limit is ever buffered (trio-websocket's own
+  limit would close with WebSocket code 1009 and no Relay ERROR;
+  :class:`_RelayWebSocketConnection` reports it to the adapter instead).
+
+A text message that is not valid UTF-8 never reaches the adapter: trio-websocket (wsproto)
+ends the connection itself (close code 1007, or no close frame at all), so there is no
+Relay ERROR for it; protocol.md section 2.5 says so.
 
 Each raises RemoteProtocolError with that code from ``receive_some``, so the session
 answers exactly as for any other bad frame: ERROR(code, close) and a close.
@@ -44,7 +50,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage
 
-from wire import ErrorCode, RemoteProtocolError
+from wire import MAX_HELLO_FRAME_BYTES, ErrorCode, RemoteProtocolError
 
 from .transport import TransportClosed
 
@@ -90,6 +96,10 @@ class _RelayWebSocketConnection(WebSocketConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._relay_discarding = False
+
+    def set_max_message_size(self, size: int) -> None:
+        """Accept messages up to ``size`` bytes from now on (the session raises it after WELCOME)."""
+        self._max_message_size = size
 
     async def _handle_message_event(self, event: Any) -> None:
         if self._relay_discarding:
@@ -153,7 +163,13 @@ class WebSocketTransport:
 
     def __init__(self, ws: _RelayWebSocketConnection, max_frame_bytes: int) -> None:
         self.ws = ws
+        self.max_message_bytes = min(max_frame_bytes, MAX_HELLO_FRAME_BYTES) + 4
+        ws.set_max_message_size(self.max_message_bytes)
+
+    def open_limit(self, max_frame_bytes: int) -> None:
+        """The session is OPEN: accept frames up to ``max_frame_bytes`` (until then, MAX_HELLO_FRAME_BYTES)."""
         self.max_message_bytes = max_frame_bytes + 4
+        self.ws.set_max_message_size(self.max_message_bytes)
 
     async def receive_some(self) -> bytes:
         """One message's bytes (a whole frame with its prefix). Raises TransportClosed.
@@ -171,7 +187,8 @@ class WebSocketTransport:
             if isinstance(message, _TooLarge):
                 raise RemoteProtocolError(
                     ErrorCode.FRAME_TOO_LARGE,
-                    f"WebSocket message of at least {message.size} bytes exceeds max_frame_bytes + 4",
+                    f"WebSocket message of at least {message.size} bytes exceeds the limit of "
+                    f"{self.max_message_bytes} (a frame and its 4-byte prefix)",
                 )
             if isinstance(message, str):
                 raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "text WebSocket message: frames are binary")
@@ -228,7 +245,7 @@ async def serve_websocket(
         address = f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
         raise OSError(exc.errno, exc.strerror, address) from exc
     bound = listeners[0].socket.getsockname()[1]
-    max_message = max_frame_bytes + 4
+    max_message = min(max_frame_bytes, MAX_HELLO_FRAME_BYTES) + 4  # until the session is OPEN
 
     async def handle_request(request: WebSocketRequest) -> None:
         path = request.path.split("?", 1)[0]

@@ -15,11 +15,12 @@ from .codec import (
     encode_receipt,
     encode_send,
 )
-from .connection import TRANSITIONS, Connection, Role, State
+from .connection import MAX_ERROR_MESSAGE_CHARS, MAX_HELLO_FRAME_BYTES, TRANSITIONS, Connection, Role, State
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
     DELIVER_OVERHEAD_BYTES,
     FRAME_TYPES,
+    MAX_RECIPIENT_CHARS,
     PROTOCOL_VERSION,
     Ack,
     Bye,
@@ -42,12 +43,16 @@ from .frames import (
     Welcome,
     is_valid_mailbox_id,
     is_valid_message_id,
+    receipt_bound_bytes,
 )
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "DELIVER_OVERHEAD_BYTES",
     "FRAME_TYPES",
+    "MAX_ERROR_MESSAGE_CHARS",
+    "MAX_HELLO_FRAME_BYTES",
+    "MAX_RECIPIENT_CHARS",
     "PROTOCOL_VERSION",
     "TRANSITIONS",
     "Ack",
@@ -86,4 +91,5 @@ __all__ = [
     "encode_frames",
     "is_valid_mailbox_id",
     "is_valid_message_id",
+    "receipt_bound_bytes",
 ]

@@ -75,27 +75,28 @@ def encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = Non
 _RECEIPT_HEAD = b"\xa3" + cbor2.dumps("type") + cbor2.dumps("receipt") + cbor2.dumps("id")
 _RECEIPT_TAILS: dict[tuple[str, RecipientResult], bytes] = {}
 """``"results": {recipient: result}`` encoded, for single-recipient receipts: a sender's
-receipts repeat a few recipients and results. At most ``_RECEIPT_TAILS_MAX`` of them, and
-only for recipients no longer than a mailbox id (a refused one may be any text), so the
-cache stays under a megabyte whatever senders write."""
+receipts repeat a few recipients and results. At most ``_RECEIPT_TAILS_MAX`` of them; a
+recipient is at most 64 code points (``MAX_RECIPIENT_CHARS``), so the cache stays near a
+megabyte whatever senders write."""
 _RECEIPT_TAILS_MAX = 4096
-_RECEIPT_TAIL_KEY_MAX = 64
 
 
-def encode_receipt(id: str, results: Mapping[str, RecipientResult]) -> bytes:
+def encode_receipt(id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
     """``encode_frame(Receipt(...))`` without building the frame: the broker's receipt hot path.
 
     A single-recipient receipt reuses the encoded tail of an earlier one: half the cost.
+    With ``code`` (a SEND refused as a whole) ``results`` is empty and not encoded.
     """
-    if len(results) == 1:
+    if code is not None:
+        data = cbor2.dumps({"type": "receipt", "id": id, "code": code})
+    elif len(results) == 1:
         (item,) = results.items()
         tail = _RECEIPT_TAILS.get(item)
         if tail is None:
             tail = cbor2.dumps("results") + cbor2.dumps({item[0]: item[1].to_wire()})
-            if len(item[0]) <= _RECEIPT_TAIL_KEY_MAX:
-                if len(_RECEIPT_TAILS) >= _RECEIPT_TAILS_MAX:
-                    _RECEIPT_TAILS.clear()
-                _RECEIPT_TAILS[item] = tail
+            if len(_RECEIPT_TAILS) >= _RECEIPT_TAILS_MAX:
+                _RECEIPT_TAILS.clear()
+            _RECEIPT_TAILS[item] = tail
         data = _RECEIPT_HEAD + cbor2.dumps(id) + tail
     else:
         data = cbor2.dumps({"type": "receipt", "id": id, "results": {k: v.to_wire() for k, v in results.items()}})
@@ -187,7 +188,10 @@ def _frame_from_item(item: Any) -> Frame:
     type_name = item.get("type")
     cls = FRAME_TYPES.get(type_name) if type(type_name) is str else None
     if cls is None:
-        raise RemoteProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE, f"unknown frame type {type_name!r}")
+        shown = repr(type_name)
+        if len(shown) > 64:  # it is the peer's text: quote a bounded part of it
+            shown = shown[:61] + "..."
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE, f"unknown frame type {shown}")
     return cls.from_wire(item)
 
 
@@ -217,8 +221,17 @@ class FrameDecoder:
         """Add bytes; return every frame now complete, in order.
 
         Raises RemoteProtocolError (FRAME_TOO_LARGE as soon as a prefix declares too
-        much; otherwise as :func:`decode_body`).
+        much; otherwise as :func:`decode_body`), with the frames completed before the
+        bad one in ``frames_before``.
         """
+        frames: list[Frame] = []
+        try:
+            return self._feed(data, frames)
+        except RemoteProtocolError as exc:
+            exc.frames_before = frames
+            raise
+
+    def _feed(self, data: bytes, frames: list[Frame]) -> list[Frame]:
         limit = self.max_frame_bytes
         if self._buf:
             buf = self._buf
@@ -230,7 +243,6 @@ class FrameDecoder:
                 return []  # a large frame still arriving: no copy until it is whole
             data = bytes(buf)
         end = len(data)
-        frames: list[Frame] = []
         pos = 0
         fp: io.BytesIO | None = None
         decoder = self._decoder

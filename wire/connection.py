@@ -39,7 +39,15 @@ from .frames import (
     Welcome,
 )
 
-__all__ = ["TRANSITIONS", "Connection", "Role", "State"]
+__all__ = ["MAX_ERROR_MESSAGE_CHARS", "MAX_HELLO_FRAME_BYTES", "TRANSITIONS", "Connection", "Role", "State"]
+
+MAX_HELLO_FRAME_BYTES = 8192
+"""Largest frame a broker accepts before it has sent WELCOME. A HELLO needs at most about 4.5 KB (a
+4096-character JWT is ASCII, plus a 256-character agent and the keys), so this bounds what an
+unauthenticated connection can make the broker buffer: 8 KiB, not ``max_frame_bytes``."""
+MAX_ERROR_MESSAGE_CHARS = 200
+"""ERROR messages a broker sends are cut to this many characters (at most 800 bytes of UTF-8), so an
+ERROR frame, whatever it quotes, fits the smallest frame limit a broker can be configured with."""
 
 
 class Role(Enum):
@@ -86,15 +94,29 @@ class Connection:
     """One end of a Relay connection: frames in and out, with state checked.
 
     ``role`` is the end this object plays. ``max_frame_bytes`` bounds what it accepts;
-    a client updates it from WELCOME if it wants the broker's figure.
+    a client updates it from WELCOME if it wants the broker's figure. A broker accepts at
+    most ``MAX_HELLO_FRAME_BYTES`` until it has sent WELCOME (the frame limit is checked
+    before anything else, so a larger frame then is FRAME_TOO_LARGE whatever it holds).
     """
 
-    __slots__ = ("_decoder", "_error_sent", "_receivable", "_sendable", "peer_role", "role", "state")
+    __slots__ = (
+        "_decoder",
+        "_error_sent",
+        "_max_frame_bytes",
+        "_receivable",
+        "_sendable",
+        "peer_role",
+        "role",
+        "state",
+    )
 
     def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.role = role
         self.peer_role = Role.BROKER if role is Role.CLIENT else Role.CLIENT
         self.state = State.HANDSHAKE
+        self._max_frame_bytes = max_frame_bytes
+        if role is Role.BROKER:
+            max_frame_bytes = min(max_frame_bytes, MAX_HELLO_FRAME_BYTES)
         self._decoder = FrameDecoder(max_frame_bytes)
         self._error_sent = False
         # TRANSITIONS by state for each direction: two dict lookups per frame, no tuple key.
@@ -103,11 +125,14 @@ class Connection:
 
     @property
     def max_frame_bytes(self) -> int:
-        return self._decoder.max_frame_bytes
+        """The frame limit once the connection is OPEN (before WELCOME a broker accepts less)."""
+        return self._max_frame_bytes
 
     @max_frame_bytes.setter
     def max_frame_bytes(self, value: int) -> None:
-        self._decoder.max_frame_bytes = value
+        self._max_frame_bytes = value
+        if self.role is Role.CLIENT or self.state is State.OPEN:
+            self._decoder.max_frame_bytes = value
 
     def _next_state(self, sender: Role, frame: Frame) -> State | None:
         if type(frame) is Error:
@@ -128,9 +153,17 @@ class Connection:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_FRAME, "data after the connection closed")
         try:
             frames = self._decoder.feed(data)
-        except RemoteProtocolError:
+        except RemoteProtocolError as exc:
+            # Frames are judged one by one in order, decoding before state: an earlier frame
+            # in the wrong state is the first violation, whatever comes after it.
+            self._apply(exc.frames_before)
             self.state = State.CLOSED
             raise
+        self._apply(frames)
+        return frames
+
+    def _apply(self, frames: list[Frame]) -> None:
+        """Move through the state table for each received frame; raises UNEXPECTED_FRAME on the first misfit."""
         peer = self.peer_role
         for frame in frames:
             nxt = self._next_state(peer, frame)
@@ -142,18 +175,22 @@ class Connection:
                     f"{frame.TYPE} frame not allowed from the {peer.value} in state {was.value}",
                 )
             self.state = nxt
-        return frames
 
     def send(self, frame: Frame) -> bytes:
         """The bytes that carry ``frame``. Raises LocalProtocolError if it is not allowed now."""
-        if type(frame) is Error and frame.close:
-            return self.send_error(ErrorCode(frame.code), frame.message)
+        if type(frame) is Error:
+            if frame.close:
+                return self.send_error(ErrorCode(frame.code), frame.message)
+            if len(frame.message) > MAX_ERROR_MESSAGE_CHARS:
+                frame = Error(code=frame.code, message=_cut(frame.message), close=False)
         nxt = self._next_state(self.role, frame)
         if nxt is None:
             raise LocalProtocolError(
                 ErrorCode.UNEXPECTED_FRAME,
                 f"cannot send {frame.TYPE} as the {self.role.value} in state {self.state.value}",
             )
+        if nxt is State.OPEN and self.state is State.AUTHENTICATING:
+            self._decoder.max_frame_bytes = self._max_frame_bytes  # WELCOME: the full limit from now on
         self.state = nxt
         return encode_frame(frame)
 
@@ -170,4 +207,11 @@ class Connection:
             return b""
         self._error_sent = True
         self.state = State.CLOSED
-        return encode_frame(Error(code=int(code), message=message, close=True))
+        return encode_frame(Error(code=int(code), message=_cut(message), close=True))
+
+
+def _cut(message: str) -> str:
+    """``message`` cut to MAX_ERROR_MESSAGE_CHARS characters (marked with an ellipsis if cut)."""
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    return message[: MAX_ERROR_MESSAGE_CHARS - 1] + "\u2026"

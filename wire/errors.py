@@ -11,6 +11,7 @@ Ranges: 1xxx the peer broke the protocol, 2xxx authentication and authorisation,
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 __all__ = [
     "ErrorCode",
@@ -100,8 +101,14 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids.
 
     The right answer is an ERROR frame with :attr:`code` and ``close: true``,
-    then closing the connection.
+    then closing the connection. ``frames_before`` holds the frames a decoder
+    completed in the same chunk before the bad one (so that the connection can judge
+    them first: the first bad frame decides the code).
     """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message)
+        self.frames_before: list[Any] = []
 
 
 class LocalProtocolError(ProtocolError):

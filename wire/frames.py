@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Self, TypeVar, dataclass_transform
 
@@ -22,6 +22,7 @@ F = TypeVar("F", bound="Frame")
 
 __all__ = [
     "DELIVER_OVERHEAD_BYTES",
+    "MAX_RECIPIENT_CHARS",
     "FRAME_TYPES",
     "PROTOCOL_VERSION",
     "Ack",
@@ -45,6 +46,7 @@ __all__ = [
     "Bye",
     "is_valid_mailbox_id",
     "is_valid_message_id",
+    "receipt_bound_bytes",
 ]
 
 PROTOCOL_VERSION = 1
@@ -57,6 +59,22 @@ sender, three 64-bit integers, the body's header), rounded up. A body longer tha
 accepted message can be delivered within ``max_frame_bytes``."""
 MAX_TEXT = 4096
 """Longest free-text field (tokens, error messages), in characters."""
+MAX_RECIPIENT_CHARS = 64
+"""Longest element of SEND ``to`` (and so of a RECEIPT ``results`` key), in code points: as long as the
+longest mailbox id. It bounds what a RECEIPT echoes per recipient, which is what keeps every RECEIPT within
+the frame limit (see :func:`receipt_bound_bytes`)."""
+RECEIPT_ENTRY_MAX_BYTES = 2 + 4 * MAX_RECIPIENT_CHARS + 24
+"""Most bytes one ``results`` entry can take: the key (a head and up to 4 UTF-8 bytes a code point) and
+``{"status": "refused", "code": <uint16>}`` (24 bytes)."""
+RECEIPT_BASE_MAX_BYTES = 96
+"""Most bytes a RECEIPT takes besides its entries: the map head, ``type``, ``id`` (a 64-character id),
+the ``results`` key and the results map's head (85 bytes), rounded up."""
+
+
+def receipt_bound_bytes(max_recipients: int) -> int:
+    """The largest RECEIPT body a broker allowing ``max_recipients`` recipients per SEND can emit."""
+    return RECEIPT_BASE_MAX_BYTES + max_recipients * RECEIPT_ENTRY_MAX_BYTES
+
 
 _MAILBOX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}")
 
@@ -97,7 +115,7 @@ def _mailbox(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a mailbox id (1-64 of A-Z a-z 0-9 . _ @ + -)")
 
 
-def _tuple_of_text(name: str, value: object, *, min_len: int = 1) -> tuple[str, ...]:
+def _tuple_of_text(name: str, value: object, *, min_len: int = 1, max_chars: int | None = None) -> tuple[str, ...]:
     if type(value) is list:
         value = tuple(value)
     if type(value) is not tuple or len(value) < min_len:
@@ -105,6 +123,8 @@ def _tuple_of_text(name: str, value: object, *, min_len: int = 1) -> tuple[str, 
     for item in value:
         if type(item) is not str:
             raise ValueError(f"{name} must contain only text strings")
+        if max_chars is not None and len(item) > max_chars:
+            raise ValueError(f"{name} elements must be at most {max_chars} characters")
     return value
 
 
@@ -253,8 +273,8 @@ class Send(Frame):
     """Client -> broker: one message (sender-chosen ``id``) to one or more recipients.
 
     ``to`` is kept exactly as sent (recipient syntax is judged per recipient by the
-    broker, so one bad name refuses only that recipient). ``ttl_s`` absent means the
-    broker's default.
+    broker, so one bad name refuses only that recipient); each element is at most
+    ``MAX_RECIPIENT_CHARS`` characters. ``ttl_s`` absent means the broker's default.
     """
 
     id: str
@@ -264,7 +284,7 @@ class Send(Frame):
 
     def __post_init__(self) -> None:
         _message_id("id", self.id)
-        object.__setattr__(self, "to", _tuple_of_text("to", self.to))
+        object.__setattr__(self, "to", _tuple_of_text("to", self.to, max_chars=MAX_RECIPIENT_CHARS))
         _bytes("body", self.body)
         if self.ttl_s is not None:
             _uint("ttl_s", self.ttl_s, minimum=1)
@@ -280,7 +300,7 @@ class Send(Frame):
         if not (type(to) is tuple or type(to) is list) or not to:
             return False
         for rcpt in to:
-            if type(rcpt) is not str:
+            if type(rcpt) is not str or len(rcpt) > MAX_RECIPIENT_CHARS:
                 return False
         return True
 
@@ -337,22 +357,40 @@ _DECODED_RESULTS: dict[tuple[str, int | None], RecipientResult] = {}
 _CODE_TYPES = (int, type(None))
 
 
-@_frame("receipt", "id", "results")
+@_frame("receipt", "id", "results", "code")
 class Receipt(Frame):
-    """Broker -> client: the answer to a SEND, one result per distinct recipient."""
+    """Broker -> client: the answer to a SEND.
+
+    Either one result per distinct recipient (``results``, keyed by the recipient as
+    written), or, when the SEND was refused as a whole before any recipient was looked
+    at, only ``code`` (TOO_MANY_RECIPIENTS or BODY_TOO_LARGE) and an empty ``results``.
+    Exactly one of the two is on the wire.
+    """
 
     id: str
-    results: Mapping[str, RecipientResult]
+    results: Mapping[str, RecipientResult] = field(default_factory=dict)
+    code: int | None = None
+    """The whole SEND was refused with this code; nothing was stored for anyone."""
 
     def __post_init__(self) -> None:
         _message_id("id", self.id)
-        if not (type(self.results) is dict or isinstance(self.results, Mapping)) or not self.results:
-            raise ValueError("results must be a non-empty map")
+        if not (type(self.results) is dict or isinstance(self.results, Mapping)):
+            raise ValueError("results must be a map")
+        if self.code is not None:
+            _uint("code", self.code, minimum=1000)
+            if self.results:
+                raise ValueError("a receipt has either results or a code, not both")
+        elif not self.results:
+            raise ValueError("results must be a non-empty map (or the receipt must have a code)")
         for key, value in self.results.items():
             if type(key) is not str or not isinstance(value, RecipientResult):
                 raise ValueError("results must map recipients to results")
+            if len(key) > MAX_RECIPIENT_CHARS:
+                raise ValueError(f"results keys must be at most {MAX_RECIPIENT_CHARS} characters")
 
     def to_wire(self) -> dict[str, Any]:
+        if self.code is not None:
+            return {"type": "receipt", "id": self.id, "code": self.code}
         return {
             "type": "receipt",
             "id": self.id,
@@ -362,7 +400,11 @@ class Receipt(Frame):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
         results = m.get("results")
+        if "results" not in m:
+            return cls._checked_from_wire(m)  # a whole-SEND refusal (or a receipt missing both)
         try:
+            if "code" in m:
+                raise ValueError("a receipt has either results or a code, not both")
             if type(results) is not dict:
                 raise ValueError("results must be a map")
             parsed = {}
@@ -381,12 +423,14 @@ class Receipt(Frame):
                         _DECODED_RESULTS[(result.status.value, result.code)] = result
                 if type(key) is not str:
                     raise ValueError("results must map recipients to results")
+                if len(key) > MAX_RECIPIENT_CHARS:
+                    raise ValueError(f"results keys must be at most {MAX_RECIPIENT_CHARS} characters")
                 parsed[key] = result
             if not parsed:
-                raise ValueError("results must be a non-empty map")
+                raise ValueError("results must be a non-empty map (or the receipt must have a code)")
             mid = m.get("id")
             _message_id("id", mid)
-            return cls._unchecked(mid, parsed)  # type: ignore[no-any-return]
+            return cls._unchecked(mid, parsed, None)  # type: ignore[no-any-return]
         except (TypeError, ValueError) as exc:
             raise RemoteProtocolError(ErrorCode.INVALID_FIELD, f"receipt: {exc}") from None
 

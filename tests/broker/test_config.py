@@ -182,6 +182,29 @@ def test_protocol_md_limits_table_matches_the_broker_defaults() -> None:
     section = text[text.index("## 8. Limits") : text.index("## 9. Semantics")]
     rows = re.findall(r"^\| `(\w+)` \| (\d+) \|", section, flags=re.MULTILINE)
     defaults = BrokerConfig()
-    assert len(rows) == 14  # every limit in the table, parsed
+    assert len(rows) == 15  # every limit in the table, parsed
     for name, value in rows:
         assert getattr(defaults, name) == int(value), name
+
+
+def test_serve_help_lists_every_setting_with_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in BrokerConfig.field_names():
+        flag = "--" + name.replace("_", "-")
+        match = re.search(re.escape(flag) + r" [A-Z]+ (\S.*?)\(default: ", text)
+        assert match, f"{flag} is not listed with its help"
+        assert len(match.group(1).split()) >= 3, f"{flag} has no real help text"
+
+
+@pytest.mark.parametrize(
+    ("frame", "recipients", "fits"), [(1024, 3, True), (1024, 4, False), (1_048_576, 100, True), (4096, 14, True)]
+)
+def test_max_recipients_must_leave_room_for_the_largest_receipt(frame: int, recipients: int, fits: bool) -> None:
+    """A RECEIPT echoes each recipient (up to 64 code points, 282 bytes with its result): it must fit a frame."""
+    if fits:
+        BrokerConfig(max_frame_bytes=frame, max_recipients=recipients)
+    else:
+        with pytest.raises(ConfigError, match="at most 3 recipients fit"):
+            BrokerConfig(max_frame_bytes=frame, max_recipients=recipients)

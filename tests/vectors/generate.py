@@ -225,6 +225,28 @@ def build_valid() -> None:
         Receipt(id="m2", results={"bob": RecipientResult(Status.REFUSED, 3999)}),
     )
     valid(
+        "receipt_whole_send_refused",
+        "RECEIPT for a SEND refused as a whole (more than max_recipients recipients): code, no results",
+        Receipt(id=MSG_ID, code=int(ErrorCode.TOO_MANY_RECIPIENTS)),
+    )
+    valid(
+        "receipt_whole_send_unknown_code",
+        "RECEIPT refusing a SEND as a whole with a code this revision does not define: still valid",
+        Receipt(id="m3", code=3999),
+    )
+    valid(
+        "send_recipient_64_code_points",
+        "SEND to a recipient of 64 four-byte code points (256 bytes): the longest allowed, refused 3006 by a broker",
+        Send(id="m4", to=("\U0001f600" * 64,), body=b""),
+    )
+    valid(
+        "receipt_key_64_code_points",
+        "RECEIPT echoing a recipient of 64 four-byte code points, refused with 3006",
+        Receipt(
+            id="m4", results={"\U0001f600" * 64: RecipientResult(Status.REFUSED, int(ErrorCode.INVALID_RECIPIENT))}
+        ),
+    )
+    valid(
         "deliver",
         "DELIVER, first attempt",
         Deliver(
@@ -524,6 +546,13 @@ def build_invalid() -> None:
     invalid("send_id_empty", "SEND id empty", INV, send(id=t("")))
     invalid("send_id_65", "SEND id of 65 characters", INV, send(id=t("x" * 65)))
     invalid("send_id_non_ascii", "SEND id with a non-ASCII character", INV, send(id=t("m\u00e9")))
+    invalid("send_recipient_65", "SEND to a recipient of 65 characters", INV, send(to=a(t("b" * 65))))
+    invalid(
+        "send_recipient_65_code_points",
+        "SEND to a recipient of 65 code points (64 four-byte ones and an ASCII one)",
+        INV,
+        send(to=a(t("bob"), t("\U0001f600" * 64 + "x"))),
+    )
     invalid("drained_bool", "DRAINED pending true (a bool is not an integer)", INV, drained(c(True)))
     invalid("drained_negative", "DRAINED pending -1", INV, drained(c(-1)))
     invalid("drained_2_63", "DRAINED pending 2^63 (above 2^63-1)", INV, drained(u(2**63)))
@@ -542,6 +571,58 @@ def build_invalid() -> None:
         m(t("type"), t("receipt"), t("id"), t("m1"), t("results"), m()),
     )
     invalid("receipt_refused_without_code", "result refused without code", INV, receipt(m(t("status"), t("refused"))))
+    invalid(
+        "receipt_no_results_no_code",
+        "RECEIPT with neither results nor code",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1")),
+    )
+    invalid(
+        "receipt_results_and_code",
+        "RECEIPT with both results and a code",
+        INV,
+        m(
+            t("type"),
+            t("receipt"),
+            t("id"),
+            t("m1"),
+            t("results"),
+            m(t("bob"), m(t("status"), t("queued"))),
+            t("code"),
+            u(3004),
+        ),
+    )
+    invalid(
+        "receipt_empty_results_and_code",
+        "RECEIPT with an empty results map and a code (results must be absent)",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("results"), m(), t("code"), u(3004)),
+    )
+    invalid(
+        "receipt_whole_code_999",
+        "RECEIPT code 999 (below 1000)",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("code"), u(999)),
+    )
+    invalid(
+        "receipt_whole_code_null",
+        "RECEIPT code null",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("code"), c(None)),
+    )
+    invalid(
+        "receipt_key_65_code_points",
+        "RECEIPT keyed by a recipient of 65 code points",
+        INV,
+        m(
+            t("type"),
+            t("receipt"),
+            t("id"),
+            t("m1"),
+            t("results"),
+            m(t("x" * 65), m(t("status"), t("refused"), t("code"), u(3006))),
+        ),
+    )
     invalid(
         "receipt_queued_with_code",
         "result queued with a code",

@@ -24,6 +24,8 @@ from wire import (
     Receipt,
     Send,
     Status,
+    Welcome,
+    decode_body,
     encode_frame,
 )
 
@@ -157,7 +159,7 @@ async def test_no_hello_times_out(broker_factory: Callable[..., Any]) -> None:
 async def test_oversized_message_gets_frame_too_large_and_close(
     broker_factory: Callable[..., Any], excess: int
 ) -> None:
-    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024) as broker:
+    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024, max_recipients=3) as broker:
         with trio.fail_after(TIMEOUT):
             async with login_ws(broker.ws_port, broker.auth.issue("erin")) as (client, welcome):
                 assert welcome.max_frame_bytes == 1024
@@ -171,7 +173,7 @@ async def test_oversized_message_gets_frame_too_large_and_close(
 
 
 async def test_frame_at_the_limit_is_accepted(broker_factory: Callable[..., Any]) -> None:
-    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024) as broker:
+    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024, max_recipients=3) as broker:
         with trio.fail_after(TIMEOUT):
             async with login_ws(broker.ws_port, broker.auth.issue("frank")) as (client, _):
                 await client.expect(Drained)
@@ -182,8 +184,8 @@ async def test_frame_at_the_limit_is_accepted(broker_factory: Callable[..., Any]
                 assert len(encode_frame(send)) == 1024 + 4
                 await client.send(send)
                 # Read and answered, but refused: its DELIVER would not fit in max_frame_bytes.
-                result = (await client.expect(Receipt)).results["frank"]
-                assert (result.status, result.code) == (Status.REFUSED, ErrorCode.BODY_TOO_LARGE)
+                receipt = await client.expect(Receipt)
+                assert (receipt.code, receipt.results) == (ErrorCode.BODY_TOO_LARGE, {})
                 body = b"b" * (1024 - DELIVER_OVERHEAD_BYTES)
                 await client.send(Send(id="fits", to=("frank",), body=body))
                 receipt, deliver = await client.expect_each(Receipt, Deliver)
@@ -233,3 +235,60 @@ async def test_websocket_takes_over_a_tcp_session_for_the_same_mailbox(broker: B
             error = await tcp.expect(Error)
             assert error.code == ErrorCode.CONNECTED_ELSEWHERE
             await ws.expect(Drained)
+
+
+async def _raw_websocket(port: int | None) -> tuple[trio.SocketStream, Any]:
+    """A TCP connection upgraded to WebSocket by a sans-IO wsproto client, for frames no library would send."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    assert port is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/relay")))
+    while True:
+        ws.receive_data(await stream.receive_some(65536))
+        if any(isinstance(e, AcceptConnection) for e in ws.events()):
+            return stream, ws
+
+
+@pytest.mark.parametrize("after_welcome", [False, True], ids=["before-hello", "after-welcome"])
+async def test_a_text_message_that_is_not_utf8_closes_without_an_error_frame(
+    broker: Broker, after_welcome: bool
+) -> None:
+    """The WebSocket layer refuses it before Relay sees a message: no ERROR, a close (1007, or none at all)."""
+    from wsproto.events import BytesMessage, CloseConnection
+
+    with trio.fail_after(TIMEOUT):
+        async with login_ws(broker.ws_port, broker.auth.issue("bystander")) as (bystander, _):
+            await bystander.expect(Drained)
+            stream, ws = await _raw_websocket(broker.ws_port)
+            if after_welcome:
+                hello = encode_frame(Hello(version=1, token=broker.auth.issue("eve")))
+                await stream.send_all(ws.send(BytesMessage(data=hello)))
+                opened: list[Any] = []
+                while len(opened) < 2:  # WELCOME, then DRAINED
+                    ws.receive_data(await stream.receive_some(65536))
+                    opened += [decode_body(bytes(e.data)[4:]) for e in ws.events() if isinstance(e, BytesMessage)]
+                assert [type(f) for f in opened] == [Welcome, Drained]
+            payload, mask = b"\xff\xfeA\xc3", b"\x01\x02\x03\x04"  # invalid UTF-8 in a single text frame
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            await stream.send_all(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+            events: list[Any] = []
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:  # reset: closed without a close frame
+                    break
+                if not data:
+                    break
+                ws.receive_data(data)
+                events += list(ws.events())
+            frames = [decode_body(bytes(e.data)[4:]) for e in events if isinstance(e, BytesMessage)]
+            closes = [e.code for e in events if isinstance(e, CloseConnection)]
+            assert frames == [], "no Relay ERROR (nor anything else) for a message Relay never saw"
+            assert closes in ([], [1007]), closes
+            await stream.aclose()
+            # Everyone else carries on.
+            await bystander.send(Send(id="still", to=("bystander",), body=b"."))
+            await bystander.expect_each(Receipt, Deliver)

@@ -292,7 +292,7 @@ def _checked(cls: Any, m: dict[str, Any]) -> Any:
     """The general path: the constructor with every check in ``__post_init__``."""
     if cls is Receipt:  # its from_wire parses the results itself; rebuild the frame through __init__
         frame = cls.from_wire(m)
-        return Receipt(id=frame.id, results=dict(frame.results))
+        return Receipt(id=frame.id, results=dict(frame.results), code=frame.code)
     return cls._checked_from_wire(m)
 
 
@@ -378,17 +378,48 @@ def test_a_type_that_is_not_a_frame_name_is_an_unknown_frame_type(type_value: An
     assert info.value.code == ErrorCode.UNKNOWN_FRAME_TYPE
 
 
-def test_the_receipt_tail_cache_keeps_no_long_recipient_and_stays_bounded() -> None:
-    """A refused recipient may be any text: long ones are not cached, and the cache never passes its cap."""
+def test_the_receipt_tail_cache_stays_bounded() -> None:
+    """Refused recipients may be any short text: the cache of encoded tails never passes its cap."""
     from wire import codec
 
     refused = RecipientResult(Status.REFUSED, int(ErrorCode.INVALID_RECIPIENT))
     for i in range(codec._RECEIPT_TAILS_MAX + 10):
         encode_receipt("m", {f"r{i}": refused})
         assert len(codec._RECEIPT_TAILS) <= codec._RECEIPT_TAILS_MAX
-    long_name = "x" * 10_000
-    assert encode_receipt("m", {long_name: refused}) == encode_frame(Receipt(id="m", results={long_name: refused}))
-    assert all(len(key) <= 64 for key, _ in codec._RECEIPT_TAILS)
+    longest = "\U0001f600" * 64  # 64 code points, 256 bytes of UTF-8
+    assert encode_receipt("m", {longest: refused}) == encode_frame(Receipt(id="m", results={longest: refused}))
+
+
+def test_a_recipient_longer_than_64_code_points_cannot_be_sent_or_echoed() -> None:
+    """Length counts code points: 64 four-byte characters pass, a 65th is an invalid field both ways."""
+    ok = "\U0001f600" * 64
+    assert Send(id="m", to=[ok], body=b"").to == (ok,)
+    for frame in (
+        {"type": "send", "id": "m", "to": [ok + "x"], "body": b""},
+        {"type": "receipt", "id": "m", "results": {ok + "x": {"status": "refused", "code": 3006}}},
+    ):
+        body = cbor2.dumps(frame)
+        with pytest.raises(RemoteProtocolError) as info:
+            FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+        assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"results": {"bob": {"status": "queued"}}, "code": 3004}, {"code": 999}, {"code": "3004"}, {"code": None}],
+)
+def test_a_receipt_needs_exactly_one_of_results_and_code(fields: dict[str, Any]) -> None:
+    body = cbor2.dumps({"type": "receipt", "id": "m", **fields})
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_a_whole_send_refusal_round_trips() -> None:
+    receipt = Receipt(id="m", code=int(ErrorCode.TOO_MANY_RECIPIENTS))
+    data = encode_frame(receipt)
+    assert data == encode_receipt("m", {}, int(ErrorCode.TOO_MANY_RECIPIENTS))
+    assert FrameDecoder().feed(data) == [receipt]
 
 
 @settings(max_examples=200)

@@ -248,3 +248,59 @@ def test_operator_conversation_and_takeover_error() -> None:
     shutdown = Error(code=int(ErrorCode.SHUTTING_DOWN), message="stopping", close=True)
     assert pump(broker, client, shutdown) == [shutdown]
     assert client.state is broker.state is X
+
+
+MALFORMED = b"\x00\x00\x00\x01\xff"  # a lone break byte: not CBOR
+
+
+def test_a_frame_in_the_wrong_state_before_a_malformed_one_is_reported_first() -> None:
+    """Frames are judged in order, each decoded before its state is checked: the first bad frame decides."""
+    conn = Connection(B)
+    with pytest.raises(RemoteProtocolError) as info:
+        conn.receive_data(encode_frame(Ping()) + MALFORMED)
+    assert info.value.code == ErrorCode.UNEXPECTED_FRAME
+    assert conn.state is X
+
+
+def test_a_malformed_frame_in_the_wrong_state_is_malformed() -> None:
+    """Decoding comes before the state check: a broken SEND before HELLO is 1001, an ill-typed one 1004."""
+    for data, code in ((MALFORMED, ErrorCode.MALFORMED_FRAME), (_send_without_body(), ErrorCode.INVALID_FIELD)):
+        conn = Connection(B)
+        with pytest.raises(RemoteProtocolError) as info:
+            conn.receive_data(data)
+        assert info.value.code == code
+
+
+def _send_without_body() -> bytes:
+    import cbor2
+
+    body = cbor2.dumps({"type": "send", "id": "m", "to": ["bob"]})
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_a_broker_accepts_only_small_frames_before_welcome() -> None:
+    """Until WELCOME, MAX_HELLO_FRAME_BYTES bounds what an unauthenticated peer can make the broker buffer."""
+    from wire import MAX_HELLO_FRAME_BYTES
+
+    conn = Connection(B, max_frame_bytes=1024 * 1024)
+    with pytest.raises(RemoteProtocolError) as info:
+        conn.receive_data((MAX_HELLO_FRAME_BYTES + 1).to_bytes(4, "big"))
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    conn = Connection(B, max_frame_bytes=1024 * 1024)
+    conn.receive_data(encode_frame(Hello(version=1, token="t" * 4096, agent="\U0001f600" * 256)))
+    conn.send(welcome())
+    assert conn.state is OP
+    assert conn.receive_data(encode_frame(Send(id="m", to=("bob",), body=b"x" * 100_000)))  # the full limit now
+    client = Connection(C, max_frame_bytes=1024 * 1024)  # a client has no such bound: it talks to its broker
+    client.send(Hello(version=1, token="t"))
+    assert client.receive_data(encode_frame(Error(code=1002, message="x" * 4096, close=True)))
+
+
+def test_broker_error_messages_are_cut_to_fit_any_frame_limit() -> None:
+    from wire import MAX_ERROR_MESSAGE_CHARS, decode_body
+
+    conn = Connection(B)
+    data = conn.send_error(ErrorCode.UNKNOWN_FRAME_TYPE, "\U0001f600" * 5000)
+    frame = decode_body(data[4:])
+    assert isinstance(frame, Error) and len(frame.message) == MAX_ERROR_MESSAGE_CHARS
+    assert len(data) - 4 < 1024

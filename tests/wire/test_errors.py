@@ -46,7 +46,7 @@ def test_every_frame_field_is_documented_and_nothing_else(protocol_md: str) -> N
         assert keys == {key for key, _ in cls._WIRE}, name
     receipt = section(frames, "`receipt`")
     assert {"status", "code"} == set(re.findall(r"^\|\s*`results\.\*\.([a-z_]+)`", receipt, re.M))
-    assert Receipt._WIRE == (("id", "id"), ("results", "results"))
+    assert Receipt._WIRE == (("id", "id"), ("results", "results"), ("code", "code"))
 
 
 def test_importing_wire_does_not_import_trio() -> None:

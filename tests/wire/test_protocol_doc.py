@@ -20,6 +20,7 @@ SPEC_LIMITS = {
     "max_mailbox_bytes": 67_108_864,
     "max_total_bytes": 1_073_741_824,
     "max_tombstones": 100_000,
+    "token_leeway_s": 60,
     "handshake_timeout_s": 10,
     "keepalive_s": 60,
     "max_outbound_bytes": 8_388_608,

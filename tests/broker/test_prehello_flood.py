@@ -1,0 +1,115 @@
+"""Unauthenticated connections cannot make the broker hold memory: frames before WELCOME are small.
+
+Mosquitto-style abuse: a few hundred connections, none with a token, each declaring a frame of about a
+megabyte and sending most of it (TCP), or sending a megabyte WebSocket message. Each is refused with
+FRAME_TOO_LARGE once it passes the pre-WELCOME limit, and connections that stay within it while waiting for
+the handshake timeout hold at most that limit each. The broker runs in its own process so that its
+resident memory can be read.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import psutil
+import trio
+
+from broker.auth import Authenticator, load_or_create_secret
+from wire import MAX_HELLO_FRAME_BYTES, Drained, Error, ErrorCode
+
+from .raw import RawClient
+
+CONNECTIONS = 150
+HUGE = 1024 * 1024 - 1
+
+
+async def _start_broker(tmp_path: Path) -> tuple[trio.Process, int, int]:
+    command = [
+        sys.executable, "-m", "broker", "serve", "--tcp-port", "0", "--ws-port", "0", "--http-port", "0",
+        "--handshake-timeout-s", "60", "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    # Its log goes to a file: a pipe nobody reads would fill up and stall the broker.
+    with (tmp_path / "broker.log").open("wb") as log:
+        process = await trio.lowlevel.open_process(command, stdout=-1, stderr=log)
+    assert process.stdout is not None
+    seen = b""
+    while (match := re.search(rb"tcp://127\.0\.0\.1:(\d+).*\nWebSocket ws://127\.0\.0\.1:(\d+)", seen)) is None:
+        chunk = await process.stdout.receive_some(4096)
+        assert chunk, f"the broker exited before listening: {seen!r}"
+        seen += chunk
+    return process, int(match.group(1)), int(match.group(2))
+
+
+async def _huge_tcp_frame(port: int) -> int:
+    """Declare a ~1 MiB frame and send most of it; the ERROR code the broker answers with."""
+    client = await RawClient.open(port)
+    try:
+        await client.send_raw(HUGE.to_bytes(4, "big"))
+        try:
+            await client.send_raw(b"\x00" * (HUGE - 1))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the broker closed the connection first: what we want
+        error = await client.expect(Error)
+        return error.code
+    finally:
+        await client.aclose()
+
+
+async def _huge_websocket_message(port: int) -> None:
+    from trio_websocket import ConnectionClosed, open_websocket_url
+
+    async with open_websocket_url(f"ws://127.0.0.1:{port}/relay", max_message_size=2**21) as ws:
+        try:
+            await ws.send_message(HUGE.to_bytes(4, "big") + b"\x00" * HUGE)
+            message = await ws.get_message()
+        except ConnectionClosed:
+            return
+        assert isinstance(message, bytes) and b"\x19\x03\xea" in message  # ERROR code 1002 (0x3ea)
+
+
+async def test_a_flood_of_unauthenticated_large_frames_leaves_broker_memory_flat(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        process, tcp_port, ws_port = await _start_broker(tmp_path)
+        try:
+            broker = psutil.Process(process.pid)
+            idle = await RawClient.open(tcp_port)  # warm the broker up: one connection served end to end
+            await idle.aclose()
+            before = broker.memory_info().rss
+
+            codes: list[int] = []
+            holders: list[RawClient] = []
+            async with trio.open_nursery() as nursery:
+
+                async def flood_tcp() -> None:
+                    codes.append(await _huge_tcp_frame(tcp_port))
+
+                async def hold() -> None:
+                    # Within the pre-WELCOME limit: buffered until the handshake timeout, at most the limit.
+                    client = await RawClient.open(tcp_port)
+                    await client.send_raw(
+                        MAX_HELLO_FRAME_BYTES.to_bytes(4, "big") + b"\x00" * (MAX_HELLO_FRAME_BYTES - 1)
+                    )
+                    holders.append(client)
+
+                for _ in range(CONNECTIONS):
+                    nursery.start_soon(flood_tcp)
+                    nursery.start_soon(hold)
+                    nursery.start_soon(_huge_websocket_message, ws_port)
+            await trio.sleep(0.5)  # let the broker read what the holders sent
+            grown = broker.memory_info().rss - before
+            assert codes == [ErrorCode.FRAME_TOO_LARGE] * CONNECTIONS
+            # Without the pre-WELCOME limit the broker held ~1 MiB per flooding connection (450 MiB here).
+            assert grown < 48 * 1024 * 1024, f"broker RSS grew by {grown / 2**20:.1f} MiB"
+
+            # A real client is still served while the holders wait.
+            token = Authenticator(load_or_create_secret(tmp_path / "data")).issue("bob")
+            bob, _ = await RawClient.login(tcp_port, token)
+            await bob.expect(Drained)
+            await bob.aclose()
+            for client in holders:
+                await client.aclose()
+        finally:
+            process.kill()
+            await process.wait()
