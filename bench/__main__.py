@@ -1,4 +1,4 @@
-from bench.cli import main
+from bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,16 +15,22 @@ if [ "${1:-}" = "test" ]; then
   command -v chromium >/dev/null || apt_need+=(chromium)
 fi
 if [ ${#apt_need[@]} -gt 0 ]; then
+  # One line when all is well; apt's whole output only if it fails.
   echo "installing Debian packages: ${apt_need[*]}"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_need[@]}"
+  apt_log=$(mktemp)
+  if ! { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_need[@]}"; } >"$apt_log" 2>&1; then
+    cat "$apt_log" >&2
+    echo "installing ${apt_need[*]} failed (output above)" >&2
+    exit 1
+  fi
+  rm -f "$apt_log"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -qq --upgrade pip
 if [ "${1:-}" = "test" ]; then
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -qq -e ".[test]"
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -qq -e .
 fi
 (cd client/js && npm ci --no-audit --no-fund --loglevel=error)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Install everything the tests need (Redis, Chromium, Node packages, Python packages) and run
+# Install everything the tests need (Chromium, Node packages, Python packages) and run
 # the whole suite: lint, types, pytest (Python and browser tests), and the JS codec tests.
 # Under CI=true nothing may be skipped for a missing service; "no tests ran" is a failure.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh" test
 
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
+.venv/bin/ruff check -q .
+.venv/bin/ruff format --check -q .
 .venv/bin/mypy
 
 status=0
