@@ -115,3 +115,14 @@ def chips(page: Any, selector: str = ".msg.out") -> list[list[dict[str, str]]]:
         "els => els.map(li => [...li.querySelectorAll('.chip')].map(c => ({text: c.textContent, title: c.title})))",
     )
     return found
+
+
+def wait_true(page: Any, script: str, what: str) -> None:
+    """Poll ``page.evaluate(script)`` (which may be async) until it is true.
+
+    ``page.wait_for_function`` is no use for async checks: the promise it gets back is itself truthy.
+    """
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not page.evaluate(script):
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        page.wait_for_timeout(100)

@@ -14,7 +14,17 @@ import pytest
 from broker.server import Broker
 from wire import ErrorCode, Send, Status
 
-from .helpers import WAIT_MS, base_url, from_trio, inbox, open_browser, open_page, run_in_browser, wait_inbox
+from .helpers import (
+    WAIT_MS,
+    base_url,
+    from_trio,
+    inbox,
+    open_browser,
+    open_page,
+    run_in_browser,
+    wait_inbox,
+    wait_true,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -118,10 +128,10 @@ async def test_a_version_1_store_is_upgraded_in_place_and_keyed_by_sender_and_id
             hank = open_page(context, base, hank_token)
             versions = hank.evaluate("async () => (await indexedDB.databases()).map(d => [d.name, d.version])")
             assert versions == [["relay:hank", 2]]
-            hank.wait_for_function(
+            wait_true(
+                hank,
                 "async () => (await window.relay.store.inbox()).filter(m => m.state === 'acked').length === 3",
-                timeout=WAIT_MS,
-                polling=100,
+                "three messages are acked",
             )
             assert [(m["from"], m["id"], m["body"], m["attempt"], m["state"]) for m in inbox(hank)] == [
                 ("alice", "z-1", "old from alice", 1, "acked"),
@@ -132,8 +142,10 @@ async def test_a_version_1_store_is_upgraded_in_place_and_keyed_by_sender_and_id
             outbox = hank.evaluate("async () => (await window.relay.store.outbox()).map(e => [e.id, e.results])")
             assert outbox[0] == ["o-1", {"alice": {"status": "queued"}}]
             # The unconfirmed send went out again on connect, with its id.
-            hank.wait_for_function(
-                "async () => (await window.relay.store.outbox())[1].results !== null", timeout=WAIT_MS, polling=100
+            wait_true(
+                hank,
+                "async () => (await window.relay.store.outbox())[1].results !== null",
+                "the unconfirmed send has its receipt",
             )
             assert from_trio(broker.store.pending, "alice") == 1
             hank.wait_for_function("document.querySelectorAll('.msg.in').length === 4", timeout=WAIT_MS)
