@@ -1,28 +1,39 @@
 """The ``relay`` command: listen, send and export from the shell.
 
-Exit status: 0 success; 1 a recipient refused a message (``send``); 2 usage, token,
-connection or local-store errors (one line on stderr); 130 interrupted (Ctrl-C).
+Exit status: 0 success; 1 the relay refused the message, for a recipient or as a whole
+(``send``); 2 usage, token, connection or local-store errors, including being taken over by
+another connection for the same mailbox (CONNECTED_ELSEWHERE 4001); one line on stderr;
+130 interrupted (Ctrl-C).
 Global options (before or after the command): ``--url`` (env RELAY_URL, default
 tcp://127.0.0.1:7700), ``--token`` (env RELAY_TOKEN), ``--store PATH`` (default
-``$XDG_DATA_HOME/relay/client/<mailbox>.sqlite3``, the mailbox read from the token).
+``$XDG_DATA_HOME/relay/client/<mailbox>.sqlite3``, the mailbox read from the token),
+``-v``/``--verbose`` (the client library's log on stderr).
+
+``listen`` prints each message at least once, even across a crash: the local store
+remembers which saved messages were printed, and a new ``listen`` first prints those
+saved but not printed. It reports its connection on stderr, one line per change
+(connected, disconnected/reconnecting, reconnected, taken over).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sqlite3
 import sys
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import jwt
 import trio
 
-from wire import Status, is_valid_mailbox_id
+from wire import ErrorCode, Receipt, Status, is_valid_mailbox_id
 
-from .connection import open_client
+from .connection import ConnectionEvent, ConnectionState, open_client
 from .errors import AuthenticationError, ConnectionLost, RelayError
 from .localstore import LocalStore, body_json
 
@@ -31,28 +42,88 @@ __all__ = ["DEFAULT_URL", "default_store_path", "main", "mailbox_of_token"]
 DEFAULT_URL = "tcp://127.0.0.1:7700"
 AGENT = "relay-cli/0.1"
 EXIT_OK, EXIT_REFUSED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+UNEMITTED_BATCH = 1000
+"""Saved-but-unprinted messages printed (and then marked, in one transaction) per step at ``listen`` start."""
 
 
 class CliError(Exception):
     """A failure reported as one line on stderr with exit status 2."""
 
 
-def mailbox_of_token(token: str) -> str:
-    """The ``sub`` claim of a token, read without verifying it (the broker verifies). Raises CliError."""
+def _claims(token: str) -> dict[str, Any]:
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError as exc:
         raise CliError(f"the token is not a valid JWT: {exc}") from None
-    sub = claims.get("sub")
+    if not isinstance(claims, dict):
+        raise CliError("the token's claims are not a JSON object")
+    return claims
+
+
+def mailbox_of_token(token: str) -> str:
+    """The ``sub`` claim of a token, read without verifying it (the broker verifies). Raises CliError."""
+    sub = _claims(token).get("sub")
     if not is_valid_mailbox_id(sub):
         raise CliError("the token's sub claim is not a valid mailbox id")
     return str(sub)
+
+
+def refuse_operator_token(token: str, command: str) -> None:
+    """Raise CliError if ``token`` is an operator token (claim ``role`` = ``operator``, read without
+    verifying it, the claim the broker goes by): an operator session has no mailbox to send from or
+    listen on. Raises CliError for a token that is not a JWT too."""
+    if _claims(token).get("role") == "operator":
+        raise CliError(
+            f"`relay {command}` needs a mailbox token, and this is an operator token, which has no mailbox"
+            " (make one with `relay-broker token NAME`)"
+        )
 
 
 def default_store_path(mailbox: str) -> Path:
     """$XDG_DATA_HOME/relay/client/<mailbox>.sqlite3, else ~/.local/share/relay/client/<mailbox>.sqlite3."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "relay" / "client" / f"{mailbox}.sqlite3"
+
+
+EXIT_STATUS_HELP = """\
+exit status: 0 done; 1 the relay refused the message (send: for a recipient, or the whole
+SEND); 2 usage, token, connection or local-store error, or taken over by another connection
+for the same mailbox (4001), with one line on stderr; 130 interrupted (Ctrl-C)."""
+
+SEND_DESCRIPTION = """\
+Send one message and print the relay's receipt as one JSON line on stdout.
+
+The message is BODY; with BODY - it is read from stdin (until end of file), and with no
+BODY from stdin if stdin is a pipe or a file (with stdin a terminal and no BODY, relay
+stops at once: say what to send). An empty message is refused (an empty BODY or an
+empty stdin is usually a mistake) unless you pass --empty.
+
+The receipt has one status per recipient, saying what the relay did, not what the
+recipient did:
+  {"id": "9f0c...", "results": {"bob": {"status": "queued"}, "x!": {"status": "refused", "code": 3006}}}
+  queued     stored at the relay; the recipient is offline (it gets it when it connects,
+             until the message's TTL runs out)
+  delivered  handed to the recipient's open connection; not yet confirmed saved (if the
+             recipient does not save and ACK it, the relay delivers it again)
+  duplicate  the relay already holds (or held) this id from you for this recipient
+  refused    not stored for this recipient; "code" says why (e.g. 3006 invalid mailbox id)
+A SEND refused as a whole (nothing stored for anyone) prints
+  {"id": "9f0c...", "refused": {"code": 3004, "name": "TOO_MANY_RECIPIENTS"}}
+(3004 more recipients than the broker's max_recipients, 3007 BODY_TOO_LARGE).
+Exit status 1 if any recipient, or the whole message, was refused. The local store
+records the message with the recipients the relay accepted it for."""
+
+LISTEN_DESCRIPTION = """\
+Print each message delivered to your mailbox as one JSON line on stdout
+  {"id": "...", "from": "alice", "sent_at": 1714572187000, "body": "hello"}
+("body_base64" instead of "body" if it is not UTF-8). Each message is saved in the
+local store before it is ACKed, and printed at least once: the store remembers what was
+printed, and a listen started after a crash first prints what was saved but not printed.
+
+Connection changes go to stderr, one line each: connected (with the number of messages
+waiting), disconnected and reconnecting (with the reason, e.g. the broker shutting down,
+4004), reconnected, and taken over by another connection for the same mailbox (4001),
+after which listen exits with status 2. An operator token is refused (exit 2)."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -65,8 +136,15 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="local message store (default: $XDG_DATA_HOME/relay/client/<mailbox>.sqlite3)",
     )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log the client's activity on stderr"
+    )
     parser = argparse.ArgumentParser(
-        prog="relay", description="Relay client: send, receive and export messages.", parents=[common]
+        prog="relay",
+        description="Relay client: send, receive and export messages.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -74,16 +152,38 @@ def _build_parser() -> argparse.ArgumentParser:
         "listen",
         parents=[common],
         help="print delivered messages as JSON lines (saved to the local store, then ACKed)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=LISTEN_DESCRIPTION,
     )
     listen.add_argument("--drain", action="store_true", help="exit once every waiting message is saved and ACKed")
 
-    send = sub.add_parser("send", parents=[common], help="send one message and print its receipt as JSON")
+    send = sub.add_parser(
+        "send",
+        parents=[common],
+        help="send one message and print the relay's receipt as JSON",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=SEND_DESCRIPTION,
+    )
     send.add_argument("--to", action="append", required=True, metavar="MAILBOX", help="recipient (repeatable)")
     send.add_argument("--ttl", type=_positive_int, metavar="SECONDS", help="time to live (default: the broker's)")
     send.add_argument("--id", help="message id (default: 128 random bits in hex)")
-    send.add_argument("body", nargs="?", default="-", metavar="BODY", help="message text, or - to read stdin")
+    send.add_argument("--empty", action="store_true", help="send an empty message (no BODY; stdin is not read)")
+    send.add_argument(
+        "body",
+        nargs="?",
+        default=None,
+        metavar="BODY",
+        help="message text; - (or no BODY with stdin a pipe or file) reads the message from stdin",
+    )
 
-    export = sub.add_parser("export", parents=[common], help="write the local store as Markdown or JSON")
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write the local store as Markdown or JSON",
+        description="Write the local store (received and sent messages) as Markdown or JSON. A sent message"
+        " lists the recipients the relay accepted it for (queued or handed to a connection); the store"
+        " does not know whether they have received it.",
+    )
     export.add_argument("--format", choices=("markdown", "json"), default="markdown")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     return parser
@@ -108,6 +208,8 @@ class _Context:
         self.url: str = getattr(args, "url", None) or os.environ.get("RELAY_URL") or DEFAULT_URL
         self._token: str | None = getattr(args, "token", None) or os.environ.get("RELAY_TOKEN")
         self._store: str | None = getattr(args, "store", None)
+        self.stop_reported = False
+        """Set once the STOPPED connection event was printed, so the error it ends with is not printed again."""
 
     @property
     def token(self) -> str:
@@ -131,27 +233,127 @@ class _Context:
         self.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
         self.stdout.flush()
 
+    def emit_messages(self, messages: Sequence[_Message]) -> None:
+        """One JSON line per message, then one flush."""
+        self.stdout.write("".join(_message_line(m) for m in messages))
+        self.stdout.flush()
+
+    def note(self, text: str) -> None:
+        """One line on stderr."""
+        print(f"relay: {text}", file=self.stderr, flush=True)
+
+    def on_connection_change(self, event: ConnectionEvent) -> None:
+        """Print one line on stderr per connection event."""
+        self.note(describe_connection_event(event))
+        if event.state is ConnectionState.STOPPED:
+            self.stop_reported = True
+
+
+class _Message(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def sender(self) -> str: ...
+    @property
+    def sent_at(self) -> int: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+def _message_line(m: _Message) -> str:
+    item = {"id": m.id, "from": m.sender, "sent_at": m.sent_at, **body_json(m.body)}
+    return json.dumps(item, ensure_ascii=False) + "\n"
+
+
+def _waiting(pending: int | None) -> str:
+    if pending is None:
+        return ""
+    return f", {pending} message{'' if pending == 1 else 's'} waiting"
+
+
+def describe_connection_event(event: ConnectionEvent) -> str:
+    """The line ``relay listen`` prints on stderr for a connection event (without the ``relay:`` prefix)."""
+    reason = event.reason
+    if event.state is ConnectionState.CONNECTED:
+        return f"connected to {event.url} as {event.mailbox}{_waiting(event.pending)}"
+    if event.state is ConnectionState.RECONNECTED:
+        return f"reconnected to {event.url} as {event.mailbox}{_waiting(event.pending)}"
+    if event.state is ConnectionState.DISCONNECTED:
+        if event.code == ErrorCode.SHUTTING_DOWN:
+            return f"the broker at {event.url} is shutting down (SHUTTING_DOWN 4004); reconnecting"
+        what = reason.message if reason is not None and reason.code is None else str(reason)
+        return f"disconnected from {event.url}: {what}; reconnecting"
+    if event.code == ErrorCode.CONNECTED_ELSEWHERE:
+        return "another connection for this mailbox took over (CONNECTED_ELSEWHERE 4001); stopping"
+    return f"stopped: {reason}"
+
 
 async def _listen(ctx: _Context) -> int:
     token = ctx.token
+    refuse_operator_token(token, "listen")
+    mailbox = mailbox_of_token(token)
     store = ctx.open_store()
     try:
-        async with open_client(ctx.url, token, local_store=store, agent=AGENT) as client:
-            async for d in client.deliveries(until_drained=ctx.args.drain):
-                ctx.emit({"id": d.id, "from": d.sender, "sent_at": d.sent_at, **body_json(d.body)})
+        # First what an earlier listen saved (and so ACKed) but did not print: it crashed in between.
+        while rows := await trio.to_thread.run_sync(partial(store.unemitted, mailbox, limit=UNEMITTED_BATCH)):
+            ctx.emit_messages(rows)
+            await trio.to_thread.run_sync(store.mark_emitted, mailbox, [m.key for m in rows])
+        async with open_client(
+            ctx.url, token, local_store=store, agent=AGENT, on_connection_change=ctx.on_connection_change
+        ) as client:
+            if client.mailbox != mailbox:
+                raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
+            async for batch in client.delivery_batches(until_drained=ctx.args.drain):
+                ctx.emit_messages(batch)  # written and flushed: only now marked printed
+                await trio.to_thread.run_sync(store.mark_emitted, mailbox, [(d.sender, d.id) for d in batch])
     finally:
         store.close()
     return EXIT_OK
 
 
+def _read_body(ctx: _Context) -> bytes:
+    """The message to send, from BODY, stdin or --empty. Raises CliError (exit 2) before anything is sent."""
+    args = ctx.args
+    if args.empty:
+        if args.body is not None:
+            raise CliError("send: --empty sends an empty message: give no BODY with it")
+        return b""
+    if args.body is None and ctx.stdin.isatty():
+        raise CliError(
+            "send: no message: give it as BODY (relay send --to NAME 'text'), pipe it in, or pass - to type it"
+            " (end with Ctrl-D)"
+        )
+    if args.body is None or args.body == "-":
+        if ctx.stdin.isatty():
+            ctx.note("reading the message from the terminal; end it with Ctrl-D")
+        body = ctx.stdin.read()
+        if not body:
+            raise CliError("send: stdin was empty: nothing to send (pass --empty to send an empty message)")
+        return body
+    if not args.body:
+        raise CliError("send: BODY is empty: nothing to send (pass --empty to send an empty message)")
+    return str(args.body).encode("utf-8")
+
+
+def _receipt_json(receipt: Receipt) -> dict[str, Any]:
+    """What ``relay send`` prints: the results per recipient, or the whole SEND's refusal."""
+    if receipt.code is not None:
+        try:
+            name: str | None = ErrorCode(receipt.code).name
+        except ValueError:
+            name = None
+        return {"id": receipt.id, "refused": {"code": receipt.code, "name": name}}
+    return {"id": receipt.id, "results": {rcpt: res.to_wire() for rcpt, res in receipt.results.items()}}
+
+
 async def _send(ctx: _Context) -> int:
     args = ctx.args
     token = ctx.token
-    body = ctx.stdin.read() if args.body == "-" else args.body.encode("utf-8")
+    refuse_operator_token(token, "send")
+    body = _read_body(ctx)
     async with open_client(ctx.url, token, agent=AGENT) as client:
         receipt = await client.send(args.to, body, ttl_s=args.ttl, id=args.id)
         mailbox = client.mailbox
-    results = {rcpt: res.to_wire() for rcpt, res in receipt.results.items()}
     accepted = [r for r, res in receipt.results.items() if res.status is not Status.REFUSED]
     if accepted and mailbox is not None:
         try:
@@ -159,9 +361,10 @@ async def _send(ctx: _Context) -> int:
             with store:
                 await trio.to_thread.run_sync(store.record_outgoing, mailbox, [(receipt.id, accepted, body)])
         except (CliError, sqlite3.Error, OSError) as exc:
-            print(f"relay: warning: message sent but not recorded in the local store: {exc}", file=ctx.stderr)
-    ctx.emit({"id": receipt.id, "results": results})
-    return EXIT_REFUSED if len(accepted) < len(results) else EXIT_OK
+            ctx.note(f"warning: message sent but not recorded in the local store: {exc}")
+    ctx.emit(_receipt_json(receipt))
+    refused = receipt.code is not None or len(accepted) < len(receipt.results)
+    return EXIT_REFUSED if refused else EXIT_OK
 
 
 def _export(ctx: _Context) -> int:
@@ -217,6 +420,18 @@ def main(
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else EXIT_ERROR
     ctx = _Context(args, stdin or sys.stdin.buffer, stdout or sys.stdout, stderr)
+    client_log = logging.getLogger("client")
+    level = client_log.level
+    handler: logging.Handler
+    if getattr(args, "verbose", False):
+        handler = logging.StreamHandler(stderr)
+        handler.setFormatter(logging.Formatter("relay: %(levelname)s %(name)s: %(message)s"))
+        client_log.setLevel(logging.INFO)
+    else:
+        # What matters is printed by the CLI itself, once; without a handler, logging's last resort
+        # would print the client's warnings (e.g. a takeover) a second time.
+        handler = logging.NullHandler()
+    client_log.addHandler(handler)
     try:
         if args.command == "export":
             return _export(ctx)
@@ -229,5 +444,9 @@ def main(
         message = _describe(leaf, ctx.url)
         if message is None:
             raise
-        print(f"relay: {message}", file=stderr)
+        if not (ctx.stop_reported and isinstance(leaf, RelayError)):
+            print(f"relay: {message}", file=stderr)
         return EXIT_ERROR
+    finally:
+        client_log.removeHandler(handler)
+        client_log.setLevel(level)

@@ -82,7 +82,7 @@ async def test_listen_drain_saves_acks_and_prints_json_lines(broker: Broker, tmp
         await alice.send("bob", b"\xff\xfe", id="b1")
     store = tmp_path / "bob.sqlite3"
     run = await relay(*opts(broker, "bob", store), "listen", "--drain")
-    assert (run.status, run.err) == (0, "")
+    assert (run.status, run.err) == (0, f"relay: connected to {url_of(broker)} as bob, 2 messages waiting\n")
     lines = [json.loads(line) for line in run.lines]
     assert [list(line) for line in lines] == [
         ["id", "from", "sent_at", "body"],
@@ -184,3 +184,83 @@ async def test_relay_command_runs_as_a_subprocess(broker: Broker, tmp_path: Path
     async with open_client(url_of(broker), broker.auth.issue("bob")) as bob:
         [d] = [d async for d in bob.deliveries(until_drained=True)]
     assert (d.id, d.body) == ("p1", b"via subprocess")
+
+
+async def test_send_without_a_body_on_a_terminal_fails_at_once_with_usage(broker: Broker, tmp_path: Path) -> None:
+    primary, secondary = os.openpty()  # a real terminal as stdin: the old CLI waited on it silently
+    try:
+        with trio.fail_after(TIMEOUT_S):
+            proc = await trio.run_process(
+                [sys.executable, "-m", "client", *opts(broker, "alice", tmp_path / "a.sqlite3"), "send", "--to", "bob"],
+                stdin=secondary,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert (proc.returncode, proc.stdout) == (2, b"")
+    assert proc.stderr.decode() == (
+        "relay: send: no message: give it as BODY (relay send --to NAME 'text'), pipe it in, or pass - to type it"
+        " (end with Ctrl-D)\n"
+    )
+    assert (await broker.statistics())["messages_total"] == 0
+
+
+async def test_send_reads_piped_stdin_without_a_body_and_refuses_an_empty_one(broker: Broker, tmp_path: Path) -> None:
+    alice = opts(broker, "alice", tmp_path / "a.sqlite3")
+    run = await relay(*alice, "send", "--to", "bob", "--id", "p1", stdin=b"piped text")
+    assert run.status == 0 and json.loads(run.out)["results"] == {"bob": {"status": "queued"}}
+    for argv, stdin, what in [
+        (["send", "--to", "bob"], b"", "stdin was empty"),
+        (["send", "--to", "bob", "-"], b"", "stdin was empty"),
+        (["send", "--to", "bob", ""], b"ignored", "BODY is empty"),
+    ]:
+        run = await relay(*alice, *argv, stdin=stdin)
+        assert (run.status, run.out) == (2, ""), argv
+        assert run.err == f"relay: send: {what}: nothing to send (pass --empty to send an empty message)\n"
+    run = await relay(*alice, "send", "--to", "bob", "--empty", "text")
+    assert run.status == 2 and "--empty sends an empty message: give no BODY with it" in run.err
+    run = await relay(*alice, "send", "--to", "bob", "--id", "e1", "--empty", stdin=b"not read")
+    assert run.status == 0 and json.loads(run.out)["results"] == {"bob": {"status": "queued"}}
+    async with open_client(url_of(broker), broker.auth.issue("bob")) as bob:
+        got = [(d.id, d.body) async for d in bob.deliveries(until_drained=True)]
+    assert got == [("p1", b"piped text"), ("e1", b"")]
+
+
+async def test_an_operator_token_is_refused_at_once_and_creates_no_store(broker: Broker, tmp_path: Path) -> None:
+    operator = broker.auth.issue("ops", operator=True)
+    store = tmp_path / "client" / "ops.sqlite3"
+    for argv in (["listen"], ["listen", "--drain"], ["send", "--to", "bob", "hi"]):
+        run = await relay("--url", url_of(broker), "--token", operator, "--store", str(store), *argv)
+        assert (run.status, run.out) == (2, ""), argv
+        assert run.err == (
+            f"relay: `relay {argv[0]}` needs a mailbox token, and this is an operator token, which has no mailbox"
+            " (make one with `relay-broker token NAME`)\n"
+        )
+    assert not store.parent.exists()
+    assert (await broker.statistics())["connections"] == 0
+
+
+async def test_a_send_refused_as_a_whole_prints_its_code_and_exits_1(broker_factory: Any, tmp_path: Path) -> None:
+    async with broker_factory(max_recipients=2, max_frame_bytes=1024) as broker:
+        store = tmp_path / "alice.sqlite3"
+        alice = opts(broker, "alice", store)
+        run = await relay(*alice, "send", "--to", "bob", "--to", "carol", "--to", "dave", "--id", "r1", "x")
+        assert (run.status, run.err) == (1, "")
+        assert run.lines == ['{"id": "r1", "refused": {"code": 3004, "name": "TOO_MANY_RECIPIENTS"}}']
+        run = await relay(*alice, "send", "--to", "bob", "--id", "r2", "y" * 900)  # > 1024 - 256
+        assert (run.status, run.err) == (1, "")
+        assert run.lines == ['{"id": "r2", "refused": {"code": 3007, "name": "BODY_TOO_LARGE"}}']
+        assert (await broker.statistics())["messages_total"] == 0
+    assert not store.exists()  # nothing was accepted, so nothing is recorded as sent
+
+
+def test_send_help_says_what_queued_and_delivered_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["send", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "queued stored at the relay; the recipient is offline" in text
+    assert "delivered handed to the recipient's open connection; not yet confirmed saved" in text
+    assert '{"id": "9f0c...", "refused": {"code": 3004, "name": "TOO_MANY_RECIPIENTS"}}' in text
+    assert "An empty message is refused" in text and "--empty" in text
