@@ -34,9 +34,19 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["id", "to", "body"],
         "properties": {
             "id": {**_MESSAGE_ID, "description": "Sender-chosen id; retries with the same id are idempotent."},
-            "to": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "to": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "maxLength": 64},
+                "description": "Recipient mailbox ids; a longer element is a 400 (1004), an invalid one refused 3006.",
+            },
             "body": _BYTES,
-            "ttl_s": {"type": "integer", "minimum": 1, "description": "Default default_ttl_s; clamped to max_ttl_s."},
+            "ttl_s": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 2**63 - 1,
+                "description": "Default default_ttl_s; clamped to max_ttl_s.",
+            },
         },
     },
     "RecipientResult": {
@@ -49,10 +59,17 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Receipt": {
         "type": "object",
-        "required": ["id", "results"],
+        "description": (
+            "The RECEIPT frame: results per distinct recipient, or, for a SEND refused as a whole before any "
+            "recipient was considered (nothing stored), code instead: 3004 (more than max_recipients distinct "
+            "recipients) or 3007 (body longer than max_frame_bytes - 256); 3004 wins if both apply."
+        ),
+        "required": ["id"],
+        "oneOf": [{"required": ["results"]}, {"required": ["code"]}],
         "properties": {
             "id": _MESSAGE_ID,
             "results": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/RecipientResult"}},
+            "code": {"type": "integer", "minimum": 1000, "description": "Why the whole SEND was refused."},
         },
     },
     "AckRequest": {
@@ -109,7 +126,7 @@ _ERROR_TEXT = {
     "400": "Malformed body (1001) or an invalid field (1004).",
     "401": "Missing or invalid bearer token (2001) or an expired one (2002).",
     "403": "Forbidden for this token (2003).",
-    "413": "Body above the size limit (1002).",
+    "413": "Body above the size limit, or the message above max_frame_bytes as a SEND frame (1002).",
     "415": "Content-Type is neither application/json nor application/cbor (1001).",
 }
 
