@@ -72,9 +72,10 @@ async def test_a_burst_larger_than_the_socket_buffers_arrives_whole_and_in_order
     """The direct write takes what the socket holds; the writer sends the rest first, then anything newer."""
     n, body = 3000, bytes(range(256)) * 64  # 48 MiB of SENDs: many times what loopback buffers hold
     seen: list[str] = []
+    writer_blocked = trio.Event()
 
     async def script(stream: trio.SocketStream, conn: Connection) -> None:
-        await trio.sleep(0.5)  # read nothing while the client writes
+        await writer_blocked.wait()  # read nothing until the client's writer is stuck on a full socket
         while len(seen) < n + 1:
             sends = [f for f in await read_frames(stream, conn) if isinstance(f, Send)]
             for f in sends:
@@ -89,9 +90,23 @@ async def test_a_burst_larger_than_the_socket_buffers_arrives_whole_and_in_order
             async with trio.open_nursery() as nursery:
                 batch = [OutgoingMessage(to="bob", body=body, id=f"m{i}") for i in range(n)]
                 nursery.start_soon(client.send_batch, batch)
-                await trio.sleep(0.2)
-                assert client._writing, "the socket took everything at once: the test proves nothing"
-                receipt = await client.send("bob", b"late", id="after")
+                # The socket cannot take 48 MiB while nobody reads: the writer task must end up holding the rest
+                # (if the direct write took everything, this waits until TIMEOUT and the test fails).
+                while not client._writing:
+                    await trio.sleep(0.01)
+                late = trio.Event()
+
+                async def send_late() -> None:
+                    nonlocal receipt
+                    receipt = await client.send("bob", b"late", id="after")
+                    late.set()
+
+                receipt = None
+                nursery.start_soon(send_late)
+                await trio.sleep(0.05)  # the late SEND is queued behind the burst, not written yet
+                writer_blocked.set()
+                await late.wait()
+            assert receipt is not None
             assert receipt.results["bob"].status is Status.QUEUED
     assert seen == [f"m{i}" for i in range(n)] + ["after"]
 
