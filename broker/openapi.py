@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``/openapi.json``.
 
-Hand-written, so it says what the API promises; ``tests/http/test_openapi.py`` keeps it
+Hand-written, so it says what the API promises; ``test_openapi_matches_the_routes`` (tests/http/test_http.py) keeps it
 in step with the app's routes (every route here and there, with request and response
 schemas, error bodies and the bearer scheme).
 """
