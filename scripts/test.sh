@@ -18,5 +18,5 @@ fi
 [ "$status" -eq 0 ] || exit "$status"
 
 if [ -f client/js/package.json ]; then
-  (cd client/js && npm test)
+  (cd client/js && npm test --silent)
 fi
