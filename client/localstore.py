@@ -134,6 +134,18 @@ def body_json(body: bytes) -> dict[str, str]:
         return {"body_base64": base64.b64encode(body).decode("ascii")}
 
 
+def _where(mailbox: str | None, direction: str | None) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause (with its leading space, or empty) and arguments for the optional filters."""
+    where, args = [], []
+    if mailbox is not None:
+        where.append("mailbox = ?")
+        args.append(mailbox)
+    if direction is not None:
+        where.append("direction = ?")
+        args.append(direction)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -265,18 +277,8 @@ class LocalStore:
 
     def messages(self, mailbox: str | None = None, *, direction: str | None = None) -> list[StoredMessage]:
         """Messages in conversation order (sent_at, then the order they were saved), optionally filtered."""
-        where, args = [], []
-        if mailbox is not None:
-            where.append("mailbox = ?")
-            args.append(mailbox)
-        if direction is not None:
-            where.append("direction = ?")
-            args.append(direction)
-        sql = _SELECT
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY sent_at, seq"
-        return self._select(sql, args)
+        where, args = _where(mailbox, direction)
+        return self._select(_SELECT + where + " ORDER BY sent_at, seq", args)
 
     def unemitted(self, mailbox: str, *, limit: int | None = None) -> list[StoredMessage]:
         """Incoming messages of ``mailbox`` not yet marked emitted, in the order they were saved
@@ -321,14 +323,8 @@ class LocalStore:
 
     def count(self, mailbox: str | None = None, *, direction: str | None = None) -> int:
         """How many messages :meth:`messages` would return."""
-        where, args = [], []
-        if mailbox is not None:
-            where.append("mailbox = ?")
-            args.append(mailbox)
-        if direction is not None:
-            where.append("direction = ?")
-            args.append(direction)
-        sql = "SELECT count(*) FROM messages" + (" WHERE " + " AND ".join(where) if where else "")
+        where, args = _where(mailbox, direction)
+        sql = "SELECT count(*) FROM messages" + where
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
 

@@ -9,8 +9,6 @@ resident memory can be read.
 
 from __future__ import annotations
 
-import re
-import sys
 from pathlib import Path
 
 import psutil
@@ -19,27 +17,11 @@ import trio
 from broker.auth import Authenticator, load_or_create_secret
 from wire import MAX_HELLO_FRAME_BYTES, Drained, Error, ErrorCode
 
+from .process import start_broker_process
 from .raw import RawClient
 
 CONNECTIONS = 150
 HUGE = 1024 * 1024 - 1
-
-
-async def _start_broker(tmp_path: Path) -> tuple[trio.Process, int, int]:
-    command = [
-        sys.executable, "-m", "broker", "serve", "--tcp-port", "0", "--ws-port", "0", "--http-port", "0",
-        "--handshake-timeout-s", "60", "--data-dir", str(tmp_path / "data"),
-    ]  # fmt: skip
-    # Its log goes to a file: a pipe nobody reads would fill up and stall the broker.
-    with (tmp_path / "broker.log").open("wb") as log:
-        process = await trio.lowlevel.open_process(command, stdout=-1, stderr=log)
-    assert process.stdout is not None
-    seen = b""
-    while (match := re.search(rb"tcp://127\.0\.0\.1:(\d+).*\nWebSocket ws://127\.0\.0\.1:(\d+)", seen)) is None:
-        chunk = await process.stdout.receive_some(4096)
-        assert chunk, f"the broker exited before listening: {seen!r}"
-        seen += chunk
-    return process, int(match.group(1)), int(match.group(2))
 
 
 async def _huge_tcp_frame(port: int) -> int:
@@ -71,7 +53,9 @@ async def _huge_websocket_message(port: int) -> None:
 
 async def test_a_flood_of_unauthenticated_large_frames_leaves_broker_memory_flat(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        process, tcp_port, ws_port = await _start_broker(tmp_path)
+        process, tcp_port, ws_port = await start_broker_process(
+            tmp_path / "data", tmp_path / "broker.log", "--handshake-timeout-s", "60"
+        )
         try:
             broker = psutil.Process(process.pid)
             idle = await RawClient.open(tcp_port)  # warm the broker up: one connection served end to end

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import signal
-import sys
 from pathlib import Path
 
 import trio
@@ -13,6 +11,7 @@ from broker.auth import Authenticator, load_or_create_secret
 from wire import Drained, Error, ErrorCode
 
 from ..conftest import running_broker
+from .process import start_broker_process
 from .raw import RawClient
 
 TIMEOUT = 15
@@ -36,31 +35,11 @@ async def test_shutdown_tells_every_session(tmp_path: Path) -> None:
 
 async def test_sigterm_stops_the_broker_process_gracefully(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    command = [
-        sys.executable,
-        "-m",
-        "broker",
-        "serve",
-        "--tcp-port",
-        "0",
-        "--ws-port",
-        "0",
-        "--http-port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-    ]
     with trio.fail_after(TIMEOUT):
-        process = await trio.lowlevel.open_process(command, stdout=-1, stderr=-1)
+        process, tcp_port, _ = await start_broker_process(data_dir, tmp_path / "broker.log")
         try:
-            assert process.stdout is not None
-            seen = b""
-            while (match := re.search(rb"listening on tcp://127\.0\.0\.1:(\d+)", seen)) is None:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"the broker exited before listening: {seen!r}"
-                seen += chunk
             token = Authenticator(load_or_create_secret(data_dir)).issue("bob")
-            client, _ = await RawClient.login(int(match.group(1)), token)
+            client, _ = await RawClient.login(tcp_port, token)
             await client.expect(Drained)
             process.send_signal(signal.SIGTERM)
             error = await client.expect(Error)
