@@ -19,8 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from wire import DEFAULT_MAX_FRAME_BYTES, receipt_bound_bytes
-from wire.frames import RECEIPT_BASE_MAX_BYTES, RECEIPT_ENTRY_MAX_BYTES
+from wire import DEFAULT_MAX_FRAME_BYTES, max_recipients_within, receipt_bound_bytes
 
 from .store.base import StoreLimits
 
@@ -133,8 +132,7 @@ class BrokerConfig:
             raise ConfigError("max_tombstones must not be negative")
         if self.default_ttl_s > self.max_ttl_s:
             raise ConfigError("default_ttl_s must not exceed max_ttl_s")
-        if receipt_bound_bytes(self.max_recipients) > self.max_frame_bytes:
-            most = (self.max_frame_bytes - RECEIPT_BASE_MAX_BYTES) // RECEIPT_ENTRY_MAX_BYTES
+        if self.max_recipients > (most := max_recipients_within(self.max_frame_bytes)):
             raise ConfigError(
                 f"max_recipients {self.max_recipients} is too many for max_frame_bytes {self.max_frame_bytes}: "
                 f"a receipt for {self.max_recipients} recipients may need {receipt_bound_bytes(self.max_recipients)} "

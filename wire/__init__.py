@@ -43,6 +43,7 @@ from .frames import (
     Welcome,
     is_valid_mailbox_id,
     is_valid_message_id,
+    max_recipients_within,
     receipt_bound_bytes,
 )
 
@@ -91,5 +92,6 @@ __all__ = [
     "encode_frames",
     "is_valid_mailbox_id",
     "is_valid_message_id",
+    "max_recipients_within",
     "receipt_bound_bytes",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "Bye",
     "is_valid_mailbox_id",
     "is_valid_message_id",
+    "max_recipients_within",
     "receipt_bound_bytes",
 ]
 
@@ -74,6 +75,12 @@ the ``results`` key and the results map's head (85 bytes), rounded up."""
 def receipt_bound_bytes(max_recipients: int) -> int:
     """The largest RECEIPT body a broker allowing ``max_recipients`` recipients per SEND can emit."""
     return RECEIPT_BASE_MAX_BYTES + max_recipients * RECEIPT_ENTRY_MAX_BYTES
+
+
+def max_recipients_within(max_frame_bytes: int) -> int:
+    """The most recipients per SEND whose largest RECEIPT still fits ``max_frame_bytes`` (the inverse of
+    :func:`receipt_bound_bytes`)."""
+    return max(0, (max_frame_bytes - RECEIPT_BASE_MAX_BYTES) // RECEIPT_ENTRY_MAX_BYTES)
 
 
 _MAILBOX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}")

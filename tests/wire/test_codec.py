@@ -430,3 +430,12 @@ def test_a_key_that_is_not_text_is_malformed_in_every_frame_type(frame: Frame) -
     with pytest.raises(RemoteProtocolError) as info:
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
     assert info.value.code == ErrorCode.MALFORMED_FRAME
+
+
+@given(st.integers(64, 2**24))
+def test_max_recipients_within_is_the_inverse_of_the_receipt_bound(max_frame_bytes: int) -> None:
+    from wire import max_recipients_within, receipt_bound_bytes
+
+    n = max_recipients_within(max_frame_bytes)
+    assert n == 0 or receipt_bound_bytes(n) <= max_frame_bytes
+    assert receipt_bound_bytes(n + 1) > max_frame_bytes
