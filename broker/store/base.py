@@ -23,20 +23,28 @@ Contract (checked by ``tests/broker/store_contract.py`` against every implementa
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+from wire import ErrorCode
 
 __all__ = [
     "DUPLICATE",
     "STORED",
     "AckResult",
     "Batch",
+    "Claim",
     "Clock",
+    "Message",
     "NewMessage",
+    "Outcome",
+    "Purged",
     "Store",
     "StoreLimits",
+    "StoreStatistics",
     "StoredMessage",
     "wall_clock_ms",
 ]
@@ -54,6 +62,80 @@ STORED = 0
 """enqueue outcome: the message is now held for the recipient."""
 DUPLICATE = 1
 """enqueue outcome: the same sender's message with this id is held (or was ACKed); nothing stored."""
+
+
+class Outcome(enum.Enum):
+    """What ``enqueue_many`` did with a message for one recipient.
+
+    ``code`` is the ErrorCode a refusal reports (None for STORED and DUPLICATE).
+    """
+
+    STORED = "stored"
+    """The message is now held for the recipient."""
+    DUPLICATE = "duplicate"
+    """The same sender's message with this id is held (or was ACKed and is tombstoned); nothing stored."""
+    MAILBOX_FULL = ErrorCode.MAILBOX_FULL
+    MAILBOX_BYTES_FULL = ErrorCode.MAILBOX_BYTES_FULL
+    BROKER_FULL = ErrorCode.BROKER_FULL
+    ID_CONFLICT = ErrorCode.ID_CONFLICT
+    """Another sender's message with this id is held or tombstoned for the recipient."""
+
+    code: ErrorCode | None
+
+    def __init__(self, value: str | ErrorCode) -> None:
+        # A plain attribute, not a property: read once per refused recipient on the SEND path.
+        self.code = value if isinstance(value, ErrorCode) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who may take a mailbox's deliveries: its owner (a session) and the epoch presence gave it.
+
+    A store keeps, per mailbox, the newest epoch it has seen (the fence): a fetch with a newer
+    claim takes over the in-flight messages; an older claim is stale and changes nothing.
+    """
+
+    owner: str
+    epoch: int
+
+
+class Message(NamedTuple):
+    """A message held for one recipient, as the store hands it out (immutable: a snapshot).
+
+    ``attempt`` counts the deliveries handed out so far, this one included when it comes
+    from ``fetch_many``.
+    """
+
+    id: str
+    sender: str
+    recipient: str
+    body: bytes
+    sent_at: int
+    expires_at: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What ``purge_expired`` removed: how many messages, and from which mailboxes."""
+
+    count: int
+    mailboxes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """The store's part of protocol.md section 10 (the names are the STATS keys)."""
+
+    messages_total: int
+    messages_deliverable: int
+    messages_expired_unswept: int
+    acknowledged_total: int
+    unique_recipients: int
+    queued_bytes: int
+    expired_total: int
+    tombstones: int
+    inflight: int
 
 
 @dataclass(frozen=True, slots=True)
