@@ -11,13 +11,23 @@ States (identical on both ends, since each end sees the same frames):
 
     HANDSHAKE --HELLO--> AUTHENTICATING --WELCOME--> OPEN --BYE--> CLOSED
                  (any state) --ERROR close=true--> CLOSED
+
+In CLOSED the connection is over: every send returns ``b""`` (nothing more goes on the
+wire) and ``receive_data`` ignores what still arrives (protocol.md section 5). Sending a
+frame the table does not allow in any other state raises LocalProtocolError.
+
+The frames sent once per message (SEND, RECEIPT, DELIVER) have their own methods,
+``send_send``, ``send_receipt`` and ``send_deliver``: the same table check, then an
+encoder that takes the field values without building a frame object (h11's
+``send_with_data_passthrough`` is the model: the fast path stays inside the state machine).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from enum import Enum
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_deliver, encode_frame, encode_receipt, encode_send
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     Ack,
@@ -33,10 +43,12 @@ from .frames import (
     Pong,
     Pull,
     Receipt,
+    RecipientResult,
     Send,
     Stats,
     StatsResult,
     Welcome,
+    _check_send,
 )
 
 __all__ = ["MAX_ERROR_MESSAGE_CHARS", "MAX_HELLO_FRAME_BYTES", "TRANSITIONS", "Connection", "Role", "State"]
@@ -147,10 +159,11 @@ class Connection:
     def receive_data(self, data: bytes) -> list[Frame]:
         """Frames the peer completed with ``data``, each checked against the state table.
 
-        Raises RemoteProtocolError and moves to CLOSED on any violation.
+        In CLOSED the bytes are ignored and the answer is ``[]``. Raises RemoteProtocolError
+        and moves to CLOSED on any violation.
         """
         if self.state is State.CLOSED:
-            raise RemoteProtocolError(ErrorCode.UNEXPECTED_FRAME, "data after the connection closed")
+            return []
         try:
             frames = self._decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -177,7 +190,10 @@ class Connection:
             self.state = nxt
 
     def send(self, frame: Frame) -> bytes:
-        """The bytes that carry ``frame``. Raises LocalProtocolError if it is not allowed now."""
+        """The bytes that carry ``frame``; ``b""`` in CLOSED.
+
+        Raises LocalProtocolError if the frame is not allowed in the current state (other than CLOSED).
+        """
         if type(frame) is Error:
             if frame.close:
                 return self.send_error(ErrorCode(frame.code), frame.message)
@@ -185,14 +201,63 @@ class Connection:
                 frame = Error(code=frame.code, message=_cut(frame.message), close=False)
         nxt = self._next_state(self.role, frame)
         if nxt is None:
-            raise LocalProtocolError(
-                ErrorCode.UNEXPECTED_FRAME,
-                f"cannot send {frame.TYPE} as the {self.role.value} in state {self.state.value}",
-            )
+            return self._refuse(frame.TYPE)
+        self._enter(nxt)
+        return encode_frame(frame)
+
+    def send_send(self, id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None) -> bytes:
+        """``send(Send(id=id, to=to, body=body, ttl_s=ttl_s))`` without building the frame.
+
+        Raises ValueError (SEND's own validator) if a field is invalid, then, like
+        :meth:`send`, LocalProtocolError if SEND is not allowed now; ``b""`` in CLOSED.
+        """
+        _check_send(id, to, body, ttl_s)
+        nxt = self._sendable[self.state].get(Send)
+        if nxt is None:
+            return self._refuse(Send.TYPE)
+        self._enter(nxt)
+        return encode_send(id, to, body, ttl_s)
+
+    def send_receipt(self, id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
+        """``send(Receipt(id=id, results=results, code=code))`` without building the frame.
+
+        The values must be valid already (the id of a validated SEND; results built from
+        RecipientResult): only the state is checked. Raises LocalProtocolError if RECEIPT
+        is not allowed now; ``b""`` in CLOSED.
+        """
+        nxt = self._sendable[self.state].get(Receipt)
+        if nxt is None:
+            return self._refuse(Receipt.TYPE)
+        self._enter(nxt)
+        return encode_receipt(id, results, code)
+
+    def send_deliver(self, id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> bytes:
+        """``send(Deliver(...))`` without building the frame: the broker's delivery hot path.
+
+        The values must be valid already (a stored message: its id and body came from a
+        validated SEND, its sender is an authenticated mailbox id): only the state is
+        checked. Raises LocalProtocolError if DELIVER is not allowed now; ``b""`` in CLOSED.
+        """
+        nxt = self._sendable[self.state].get(Deliver)
+        if nxt is None:
+            return self._refuse(Deliver.TYPE)
+        self._enter(nxt)
+        return encode_deliver(id, sender, sent_at, expires_at, attempt, body)
+
+    def _refuse(self, frame_type: str) -> bytes:
+        """What sending a frame the table does not allow gives: ``b""`` in CLOSED, else LocalProtocolError."""
+        if self.state is State.CLOSED:
+            return b""
+        raise LocalProtocolError(
+            ErrorCode.UNEXPECTED_FRAME,
+            f"cannot send {frame_type} as the {self.role.value} in state {self.state.value}",
+        )
+
+    def _enter(self, nxt: State) -> None:
+        """Move to ``nxt`` after sending a frame (WELCOME also lifts a broker's pre-handshake frame limit)."""
         if nxt is State.OPEN and self.state is State.AUTHENTICATING:
             self._decoder.max_frame_bytes = self._max_frame_bytes  # WELCOME: the full limit from now on
         self.state = nxt
-        return encode_frame(frame)
 
     def send_error(self, code: ErrorCode, message: str) -> bytes:
         """Close after a protocol violation: the bytes of a closing ERROR, then CLOSED.

@@ -135,6 +135,15 @@ def _tuple_of_text(name: str, value: object, *, min_len: int = 1, max_chars: int
     return value
 
 
+def _check_send(id: object, to: object, body: object, ttl_s: object) -> None:
+    """SEND's rules (its one validator); raises ValueError. ``to`` may be a list or a tuple."""
+    _message_id("id", id)
+    _tuple_of_text("to", to, max_chars=MAX_RECIPIENT_CHARS)
+    _bytes("body", body)
+    if ttl_s is not None:
+        _uint("ttl_s", ttl_s, minimum=1)
+
+
 class Frame:
     """Base class of all frames. ``TYPE`` is the value of the ``type`` key on the wire."""
 
@@ -290,25 +299,18 @@ class Send(Frame):
     ttl_s: int | None = None
 
     def __post_init__(self) -> None:
-        _message_id("id", self.id)
-        object.__setattr__(self, "to", _tuple_of_text("to", self.to, max_chars=MAX_RECIPIENT_CHARS))
-        _bytes("body", self.body)
-        if self.ttl_s is not None:
-            _uint("ttl_s", self.ttl_s, minimum=1)
+        _check_send(self.id, self.to, self.body, self.ttl_s)
+        if type(self.to) is not tuple:
+            object.__setattr__(self, "to", tuple(self.to))
 
     @staticmethod
     def valid_fields(id: object, to: object, body: object, ttl_s: object = None) -> bool:
-        """Whether ``Send(id=..., to=..., body=..., ttl_s=...)`` would accept these values (``to``
-        a list or tuple), checked without building it: for hot paths that then skip the checks."""
-        if type(body) is not bytes or not is_valid_message_id(id):
+        """Whether ``Send(id=..., to=..., body=..., ttl_s=...)`` would accept these values (transition alias:
+        use ``Connection.send_send``, which validates with the same rules)."""
+        try:
+            _check_send(id, to, body, ttl_s)
+        except ValueError:
             return False
-        if ttl_s is not None and not (type(ttl_s) is int and 1 <= ttl_s <= UINT_MAX):
-            return False
-        if not (type(to) is tuple or type(to) is list) or not to:
-            return False
-        for rcpt in to:
-            if type(rcpt) is not str or len(rcpt) > MAX_RECIPIENT_CHARS:
-                return False
         return True
 
     @classmethod
