@@ -45,8 +45,8 @@ upload is read and discarded (up to :data:`DRAIN_MAX_BYTES` and :data:`DRAIN_TIM
 before the exchange ends, so a client that writes its whole body before reading still
 reads the answer, and the connection closes cleanly.
 
-Status lines carry the standard reason phrase (``HTTP/1.1 405 Method Not Allowed``):
-hypercorn builds h11 responses without one, so :func:`_add_reason_phrases` fills it in.
+Status lines carry no reason phrase (hypercorn writes ``HTTP/1.1 413 ``, which HTTP/1.1
+allows): clients read the status code only (protocol.md section 2.6).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from functools import partial
-from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -642,43 +641,6 @@ class _FinishUpload:
         await self.app(scope, tracking_receive, finishing_send)
 
 
-def _reason_phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b"Unknown"
-
-
-def _add_reason_phrases() -> None:
-    """Give hypercorn's HTTP/1.1 status lines their reason phrase (``HTTP/1.1 413 Content Too Large``).
-
-    Hypercorn builds every h11 response without a reason, and h11 then writes
-    ``HTTP/1.1 413 `` (legal, but a reader sees no reason and some clients choke). ASGI has
-    no field for a reason, so the one place to add it is hypercorn's single writer of h11
-    events, ``H11Protocol._send_h11_event``; wrapped once, idempotently. The raw-socket test
-    of the status line fails if a hypercorn upgrade moves it.
-    """
-    import h11
-    from hypercorn.protocol.h11 import H11Protocol
-
-    original = H11Protocol._send_h11_event
-    if getattr(original, "_adds_reason_phrase", False):
-        return
-
-    async def send_h11_event(self: H11Protocol, event: Any) -> None:
-        if isinstance(event, h11.Response | h11.InformationalResponse) and not event.reason:
-            event = type(event)(
-                headers=event.headers,
-                status_code=event.status_code,
-                http_version=event.http_version,
-                reason=_reason_phrase(event.status_code),
-            )
-        await original(self, event)
-
-    send_h11_event._adds_reason_phrase = True  # type: ignore[attr-defined]
-    H11Protocol._send_h11_event = send_h11_event  # type: ignore[method-assign]
-
-
 def create_app(broker: Broker) -> Starlette:
     """The ASGI app: API routes (in the OpenAPI description), then the demo page and JS modules."""
     api = _Api(broker)
@@ -715,7 +677,6 @@ async def serve_http(
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    _add_reason_phrases()
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
