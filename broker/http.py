@@ -53,17 +53,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.util
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
+from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import cbor2
 import trio
+from starlette import types as asgi
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -83,7 +83,7 @@ from wire import (
 )
 
 from .auth import AuthError, Identity
-from .openapi import openapi_spec
+from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, MAX_RECIPIENT_CHARS, UINT_MAX, openapi_spec
 from .transport import first_os_error
 
 if TYPE_CHECKING:
@@ -95,10 +95,6 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 CBOR = "application/cbor"
-DEFAULT_PENDING_LIMIT = 100
-"""Messages one ``GET /relay/pending`` returns unless ``limit`` says otherwise."""
-MAX_PENDING_LIMIT = 1000
-"""Largest ``limit``: keeps one response (up to 1000 bodies, each up to max_frame_bytes) bounded."""
 BODY_SLACK_BYTES = 64 * 1024
 """Room above the encoded body size for ids, recipients and JSON punctuation."""
 DRAIN_MAX_BYTES = 16 * 1024 * 1024
@@ -109,22 +105,15 @@ requests, curl without ``Expect``) to finish writing and read the answer; beyond
 connection is closed with the upload unread. Reading and discarding holds no memory."""
 DRAIN_TIMEOUT_S = 5.0
 """...and for at most this long, so a slow uploader cannot keep a refused request open."""
-MAX_RECIPIENT_CHARS = 64
-"""Longest element of ``to`` (code points), as in protocol.md: longer is INVALID_FIELD (1004)."""
-UINT_MAX = 2**63 - 1
 _F = TypeVar("_F", Send, Ack)
 
 
-def _find_js_dir() -> Path:
-    """``client/js`` of the installed (editable) checkout, found without importing the client."""
-    spec = importlib.util.find_spec("client")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations))) / "js"
-    return Path(__file__).resolve().parent.parent / "client" / "js"
+JS_DIR = Path(__file__).resolve().parent.parent / "client" / "js"
+"""The browser client's ES modules and their node_modules (``npm ci`` there), served under ``/js/``.
 
-
-JS_DIR = _find_js_dir()
-"""The browser client's ES modules and their node_modules (``npm ci`` there), served under ``/js/``."""
+``client/js`` is not package data: it exists in a checkout (or an editable install of one), where it
+sits beside this ``broker`` package. Found from this file, not by looking a ``client`` package up on
+``sys.path``, so another installed ``client`` cannot change what the demo page serves."""
 _JS_FILE = re.compile(r"[A-Za-z0-9_-]+\.js|node_modules/cborg/(?:[A-Za-z0-9_-]+/)*[A-Za-z0-9_.-]+\.js")
 
 
@@ -344,15 +333,20 @@ def _message_id(value: Any, where: str, is_json: bool) -> str:
 
 def _send_from(item: Mapping[str, Any], is_json: bool, max_ttl_s: int) -> Send:
     """The SEND frame a ``/relay/send`` body describes, or ApiError(400, 1004) naming the field."""
-    id_what = "a message id: 1-64 printable ASCII characters"
-    to_what = "a non-empty array of recipient mailbox ids"
-    body_what = "the message as standard base64 text" if is_json else "the message as a CBOR byte string"
-    ttl_what = f"a whole number of seconds, at least 1 (larger than max_ttl_s, {max_ttl_s}, is clamped to it)"
-    mid = _message_id(_field(item, "id", id_what), '"id"', is_json)
-    to = _field(item, "to", to_what)
+    mid = _message_id(_field(item, "id", "a message id: 1-64 printable ASCII characters"), '"id"', is_json)
+    to = _recipients(item, is_json)
+    body = _body(item, is_json)
+    ttl_s = _ttl(item, is_json, max_ttl_s)
+    return _frame_from(Send, {"id": mid, "to": to, "body": body, **({} if ttl_s is None else {"ttl_s": ttl_s})})
+
+
+def _recipients(item: Mapping[str, Any], is_json: bool) -> list[str]:
+    """``to``: a non-empty array of text, each at most MAX_RECIPIENT_CHARS (the rest is the router's 3006)."""
+    what = "a non-empty array of recipient mailbox ids"
+    to = _field(item, "to", what)
     if type(to) is not list or not to:
         got = "an empty array" if type(to) is list else _kind(to, is_json)
-        raise _invalid(f'"to" must be {to_what}, got {got}')
+        raise _invalid(f'"to" must be {what}, got {got}')
     for i, name in enumerate(to):
         if type(name) is not str:
             raise _invalid(f'"to[{i}]" must be a mailbox id (text), got {_kind(name, is_json)}')
@@ -360,21 +354,31 @@ def _send_from(item: Mapping[str, Any], is_json: bool, max_ttl_s: int) -> Send:
             raise _invalid(
                 f'"to[{i}]" is {len(name)} characters long; a recipient is at most {MAX_RECIPIENT_CHARS} characters'
             )
-    raw_body = _field(item, "body", body_what)
-    if is_json:
-        if type(raw_body) is not str:
-            raise _invalid(f'"body" must be {body_what}, got {_kind(raw_body, is_json)}')
-        try:
-            body = base64.b64decode(raw_body, validate=True)
-        except (binascii.Error, ValueError):
-            raise _invalid(
-                '"body" must be standard base64 (A-Z, a-z, 0-9, +, / and = padding to a multiple of 4 characters)'
-            ) from None
-    elif type(raw_body) is not bytes:
-        raise _invalid(f'"body" must be {body_what}, got {_kind(raw_body, is_json)}')
-    else:
-        body = raw_body
-    ttl_s = _field(item, "ttl_s", ttl_what, required=False)
+    return to
+
+
+def _body(item: Mapping[str, Any], is_json: bool) -> bytes:
+    """``body``: standard base64 text in JSON, a byte string in CBOR."""
+    what = "the message as standard base64 text" if is_json else "the message as a CBOR byte string"
+    raw = _field(item, "body", what)
+    if not is_json:
+        if type(raw) is not bytes:
+            raise _invalid(f'"body" must be {what}, got {_kind(raw, is_json)}')
+        return raw
+    if type(raw) is not str:
+        raise _invalid(f'"body" must be {what}, got {_kind(raw, is_json)}')
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(
+            '"body" must be standard base64 (A-Z, a-z, 0-9, +, / and = padding to a multiple of 4 characters)'
+        ) from None
+
+
+def _ttl(item: Mapping[str, Any], is_json: bool, max_ttl_s: int) -> int | None:
+    """``ttl_s``, optional: a whole number of seconds from 1 to 2^63-1 (the router clamps it to max_ttl_s)."""
+    what = f"a whole number of seconds, at least 1 (larger than max_ttl_s, {max_ttl_s}, is clamped to it)"
+    ttl_s = _field(item, "ttl_s", what, required=False)
     if type(ttl_s) is int and ttl_s > UINT_MAX:
         raise _invalid(
             f'"ttl_s" is above the largest integer of the protocol (2^63-1); give at most {max_ttl_s} '
@@ -382,8 +386,8 @@ def _send_from(item: Mapping[str, Any], is_json: bool, max_ttl_s: int) -> Send:
         )
     if ttl_s is not None and (type(ttl_s) is not int or ttl_s < 1):
         got = str(ttl_s) if type(ttl_s) is int else _kind(ttl_s, is_json)
-        raise _invalid(f'"ttl_s" must be {ttl_what}, got {got}')
-    return _frame_from(Send, {"id": mid, "to": to, "body": body, **({} if ttl_s is None else {"ttl_s": ttl_s})})
+        raise _invalid(f'"ttl_s" must be {what}, got {got}')
+    return ttl_s
 
 
 def _ack_from(item: Mapping[str, Any], is_json: bool) -> Ack:
@@ -573,12 +577,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _error_response(request, exc.status_code, ErrorCode.MALFORMED_FRAME, str(exc.detail))
 
 
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
-]
-
-
-def _has_body(scope: Mapping[str, Any]) -> bool:
+def _has_body(scope: asgi.Scope) -> bool:
     """Whether the request announces a body (HTTP/1.1: a Content-Length above 0, or Transfer-Encoding)."""
     for name, value in scope.get("headers", ()):
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
@@ -593,52 +592,59 @@ class _FinishUpload:
     is read and discarded (at most DRAIN_MAX_BYTES, for at most DRAIN_TIMEOUT_S) before
     the response is ended, which is when hypercorn closes the connection. So the client
     finishes its upload, reads the answer, and is not tempted to reuse the connection.
+    Only the ASGI messages pass through here (no server internals).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: asgi.ASGIApp) -> None:
         self.app = app
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] != "http" or not _has_body(scope):
             await self.app(scope, receive, send)
             return
-        body_done = False
-        disconnected = False
+        exchange = _Upload(receive, send)
+        await self.app(scope, exchange.receive, exchange.send)
 
-        async def tracking_receive() -> Any:
-            nonlocal body_done, disconnected
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                body_done = True
-            elif message["type"] == "http.disconnect":
-                disconnected = True
-            return message
 
-        async def finishing_send(message: Any) -> None:
-            if message["type"] == "http.response.start" and not body_done:
-                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not body_done:
-                await send({**message, "more_body": True})
-                await drain()
-                if not disconnected:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            await send(message)
+class _Upload:
+    """One request with a body: knows whether the body is in, and finishes an answer given before it is."""
 
-        async def drain() -> None:
-            discarded = 0
-            with trio.move_on_after(DRAIN_TIMEOUT_S):
-                while not body_done and not disconnected and discarded <= DRAIN_MAX_BYTES:
-                    message = await tracking_receive()
-                    discarded += len(message.get("body", b""))
+    def __init__(self, receive: asgi.Receive, send: asgi.Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.body_done = False
+        self.disconnected = False
 
-        await self.app(scope, tracking_receive, finishing_send)
+    async def receive(self) -> asgi.Message:
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.body_done = True
+        elif message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    async def send(self, message: asgi.Message) -> None:
+        if self.body_done:
+            await self._send(message)
+        elif message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+            await self._send({**message, "headers": [*headers, (b"connection", b"close")]})
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            # The answer goes out in full, but the response stays open until the upload is read.
+            await self._send({**message, "more_body": True})
+            await self._drain()
+            if not self.disconnected:
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await self._send(message)
+
+    async def _drain(self) -> None:
+        """Read and discard the rest of the body, within DRAIN_MAX_BYTES and DRAIN_TIMEOUT_S."""
+        discarded = 0
+        with trio.move_on_after(DRAIN_TIMEOUT_S):
+            while not self.body_done and not self.disconnected and discarded <= DRAIN_MAX_BYTES:
+                message = await self.receive()
+                discarded += len(message.get("body", b""))
 
 
 def create_app(broker: Broker) -> Starlette:

@@ -2,14 +2,27 @@
 
 Hand-written, so it says what the API promises; ``test_openapi_matches_the_routes`` (tests/http/test_http.py) keeps it
 in step with the app's routes (every route here and there, with request and response
-schemas, error bodies and the bearer scheme).
+schemas, error bodies and the bearer scheme). The HTTP API's own limits (``limit`` of
+``/relay/pending``, the length of a recipient) are defined here, once, and broker/http.py
+checks requests against these same names. Object schemas are built by :func:`_object`
+(every property required unless named optional), so their shape is written once.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-__all__ = ["openapi_spec"]
+__all__ = ["DEFAULT_PENDING_LIMIT", "MAX_PENDING_LIMIT", "MAX_RECIPIENT_CHARS", "UINT_MAX", "openapi_spec"]
+
+UINT_MAX = 2**63 - 1
+"""The protocol's largest integer."""
+MAX_RECIPIENT_CHARS = 64
+"""Longest element of ``to`` (code points), as in protocol.md: longer is INVALID_FIELD (1004)."""
+DEFAULT_PENDING_LIMIT = 100
+"""Messages one ``GET /relay/pending`` returns unless ``limit`` says otherwise."""
+MAX_PENDING_LIMIT = 1000
+"""Largest ``limit``: keeps one response (up to 1000 bodies, each up to max_frame_bytes) bounded."""
 
 _MESSAGE_ID = {"type": "string", "pattern": "^[\\x21-\\x7e]{1,64}$", "description": "1-64 printable ASCII characters"}
 _MAILBOX = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"}
@@ -18,110 +31,110 @@ _BYTES = {
     "contentEncoding": "base64",
     "description": "Standard base64 in JSON; a CBOR byte string in application/cbor.",
 }
-_UINT = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+_UINT = {"type": "integer", "minimum": 0, "maximum": UINT_MAX}
+
+
+def _object(
+    properties: dict[str, Any],
+    *,
+    optional: tuple[str, ...] = (),
+    description: str | None = None,
+    one_of: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """An object schema whose properties are all required except ``optional``."""
+    schema: dict[str, Any] = {"type": "object"}
+    if description is not None:
+        schema["description"] = description
+    schema["required"] = [name for name in properties if name not in optional]
+    if one_of is not None:
+        schema["oneOf"] = one_of
+    schema["properties"] = properties
+    return schema
+
+
+def _ref(schema: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{schema}"}
+
 
 _SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["code", "message"],
-        "properties": {
+    "Error": _object(
+        {
             "code": {"type": "integer", "description": "The protocol error code (see protocol.md, Errors)."},
             "message": {"type": "string"},
-        },
-    },
-    "SendRequest": {
-        "type": "object",
-        "required": ["id", "to", "body"],
-        "properties": {
+        }
+    ),
+    "SendRequest": _object(
+        {
             "id": {**_MESSAGE_ID, "description": "Sender-chosen id; retries with the same id are idempotent."},
             "to": {
                 "type": "array",
                 "minItems": 1,
-                "items": {"type": "string", "maxLength": 64},
+                "items": {"type": "string", "maxLength": MAX_RECIPIENT_CHARS},
                 "description": "Recipient mailbox ids; a longer element is a 400 (1004), an invalid one refused 3006.",
             },
             "body": _BYTES,
-            "ttl_s": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": 2**63 - 1,
-                "description": "Default default_ttl_s; clamped to max_ttl_s.",
-            },
+            "ttl_s": {**_UINT, "minimum": 1, "description": "Default default_ttl_s; clamped to max_ttl_s."},
         },
-    },
-    "RecipientResult": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {
+        optional=("ttl_s",),
+    ),
+    "RecipientResult": _object(
+        {
             "status": {"enum": ["queued", "delivered", "duplicate", "refused"]},
             "code": {"type": "integer", "description": "The 3xxx refusal code when status is refused."},
         },
-    },
-    "Receipt": {
-        "type": "object",
-        "description": (
+        optional=("code",),
+    ),
+    "Receipt": _object(
+        {
+            "id": _MESSAGE_ID,
+            "results": {"type": "object", "additionalProperties": _ref("RecipientResult")},
+            "code": {"type": "integer", "minimum": 1000, "description": "Why the whole SEND was refused."},
+        },
+        optional=("results", "code"),
+        description=(
             "The RECEIPT frame: results per distinct recipient, or, for a SEND refused as a whole before any "
             "recipient was considered (nothing stored), code instead: 3004 (more than max_recipients distinct "
             "recipients) or 3007 (body longer than max_frame_bytes - 256); 3004 wins if both apply."
         ),
-        "required": ["id"],
-        "oneOf": [{"required": ["results"]}, {"required": ["code"]}],
-        "properties": {
-            "id": _MESSAGE_ID,
-            "results": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/RecipientResult"}},
-            "code": {"type": "integer", "minimum": 1000, "description": "Why the whole SEND was refused."},
-        },
-    },
-    "AckRequest": {
-        "type": "object",
-        "required": ["ids"],
-        "properties": {"ids": {"type": "array", "minItems": 1, "items": _MESSAGE_ID}},
-    },
-    "AckResult": {
-        "type": "object",
-        "required": ["acknowledged"],
-        "properties": {
+        one_of=[{"required": ["results"]}, {"required": ["code"]}],
+    ),
+    "AckRequest": _object({"ids": {"type": "array", "minItems": 1, "items": _MESSAGE_ID}}),
+    "AckResult": _object(
+        {
             "acknowledged": {
                 **_UINT,
                 "description": "How many ids were held for the caller and are now deleted (others are ignored).",
             }
-        },
-    },
-    "Message": {
-        "type": "object",
-        "required": ["id", "from", "sent_at", "expires_at", "attempt", "body"],
-        "properties": {
+        }
+    ),
+    "Message": _object(
+        {
             "id": _MESSAGE_ID,
             "from": _MAILBOX,
             "sent_at": {**_UINT, "description": "Unix epoch milliseconds."},
             "expires_at": {**_UINT, "description": "Unix epoch milliseconds."},
             "attempt": {**_UINT, "description": "Deliveries over WebSocket/TCP so far (0: never delivered)."},
             "body": _BYTES,
-        },
-    },
-    "PendingResult": {
-        "type": "object",
-        "required": ["messages", "pending"],
-        "properties": {
-            "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+        }
+    ),
+    "PendingResult": _object(
+        {
+            "messages": {"type": "array", "items": _ref("Message")},
             "pending": {**_UINT, "description": "Unexpired messages held for the mailbox in all."},
-        },
-    },
-    "StatsResult": {
-        "type": "object",
-        "required": ["stats"],
-        "properties": {"stats": {"type": "object", "additionalProperties": _UINT}},
-    },
-    "CleanupResult": {"type": "object", "required": ["purged"], "properties": {"purged": _UINT}},
+        }
+    ),
+    "StatsResult": _object({"stats": {"type": "object", "additionalProperties": _UINT}}),
+    "CleanupResult": _object({"purged": _UINT}),
     "OpenApi": {"type": "object", "description": "This document."},
 }
 
 
-def _content(schema: str) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{schema}"}
-    return {"application/json": {"schema": ref}, "application/cbor": {"schema": ref}}
+def _content(schema: str, media: tuple[str, ...] = ("application/json", "application/cbor")) -> dict[str, Any]:
+    return {m: {"schema": _ref(schema)} for m in media}
 
 
+_BODY_ERRORS = ("400", "401", "403", "413", "415")
+"""What an endpoint that reads a request body can answer besides 200."""
 _ERROR_TEXT = {
     "400": "Malformed body (1001) or an invalid field (1004).",
     "401": "Missing or invalid bearer token (2001) or an expired one (2002).",
@@ -175,7 +188,7 @@ def openapi_spec() -> dict[str, Any]:
                     "Queue a message: the SEND frame's semantics and receipt",
                     request="SendRequest",
                     response="Receipt",
-                    errors=("400", "401", "403", "413", "415"),
+                    errors=_BODY_ERRORS,
                 )
             },
             "/relay/acknowledge": {
@@ -183,7 +196,7 @@ def openapi_spec() -> dict[str, Any]:
                     "ACK (delete) messages of the caller's own mailbox",
                     request="AckRequest",
                     response="AckResult",
-                    errors=("400", "401", "403", "413", "415"),
+                    errors=_BODY_ERRORS,
                 )
             },
             "/relay/pending": {
@@ -196,7 +209,12 @@ def openapi_spec() -> dict[str, Any]:
                             "name": "limit",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_PENDING_LIMIT,
+                                "default": DEFAULT_PENDING_LIMIT,
+                            },
                         }
                     ],
                 )
@@ -216,14 +234,14 @@ def openapi_spec() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "OK",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenApi"}}},
+                            "content": _content("OpenApi", ("application/json",)),
                         }
                     },
                 }
             },
         },
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": copy.deepcopy(_SCHEMAS),
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
