@@ -18,7 +18,6 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 
 import trio
@@ -50,22 +49,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the broker (the default command)", parents=[common])
-    serve.add_argument("--config", type=Path, help="TOML file with broker settings")
-    serve.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
-    settings = serve.add_argument_group(
-        "settings", "each overrides the config file and the RELAY_<NAME> environment variable (see --print-config)"
+    serve = sub.add_parser(
+        "serve",
+        help="run the broker (the default command)",
+        parents=[common],
+        description="Run the broker. Each setting below overrides the config file and its RELAY_<NAME> environment "
+        "variable; --print-config shows the result. An empty value unsets an optional setting.",
     )
-    descriptions = BrokerConfig.descriptions()
-    defaults = BrokerConfig(data_dir=Path("<data dir>"))
-    for f in fields(BrokerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        shown = ",".join(default) or "none" if isinstance(default, tuple) else default
-        if f.name == "data_dir":
-            shown = "$RELAY_DATA_DIR, else $XDG_DATA_HOME/relay, else ~/.local/share/relay"
-        text = f"{descriptions[f.name].replace('``', '')} (default: {shown})".replace("%", "%%")
-        settings.add_argument(flag, dest=f.name, default=None, metavar=_metavar(f.type), help=text)
+    serve.add_argument("--config", type=Path, help="TOML file with broker settings, by section")
+    serve.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    _add_setting_flags(serve)
 
     token = sub.add_parser("token", help="print a signed token for a mailbox", parents=[common])
     token.add_argument("name", help="mailbox id (or operator name with --operator)")
@@ -82,8 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _metavar(type_name: object) -> str:
-    return {"int": "N", "float": "SECONDS", "Path": "DIR", "tuple[str, ...]": "ORIGINS"}.get(str(type_name), "TEXT")
+def _add_setting_flags(serve: argparse.ArgumentParser) -> None:
+    """One flag per setting, ``--name-with-dashes``, in one argument group per config section."""
+    for section, settings in BrokerConfig.sections().items():
+        group = serve.add_argument_group(f"[{section}] settings")
+        for setting in settings:
+            text = f"{setting.help} (default: {setting.default})".replace("%", "%%")
+            group.add_argument(setting.flag, dest=setting.name, default=None, metavar=setting.metavar, help=text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in fields(BrokerConfig) if getattr(args, f.name) is not None}
+    given = ((s.name, getattr(args, s.name)) for s in BrokerConfig.settings())
+    overrides = {name: value for name, value in given if value is not None}
     config = BrokerConfig.load(toml_path=args.config, overrides=overrides)
     if args.print_config:
         print(config.to_toml(), end="")

@@ -1,8 +1,24 @@
 """Broker configuration: one typed object, from defaults, a TOML file, the environment and flags.
 
-Precedence, lowest first: the defaults below, ``--config FILE`` (TOML, keys as the field
-names, optionally under a ``[broker]`` table), environment variables ``RELAY_<FIELD>``
-(upper case), then command-line flags. ``relay-broker serve --print-config`` shows the result.
+Theory of operation: ``BrokerConfig`` is a frozen dataclass and each field is one setting. Three things about a
+field make it a setting, each written once, on the field:
+
+- its **annotation** decides how a value is read: ``_KINDS`` maps the annotation object itself (``int``, ``float``,
+  ``str``, ``Path``, ``tuple[str, ...]``; ``X | None`` of any of them) to how text from the environment or a flag
+  becomes a value, which TOML values it accepts and how it is printed back;
+- its **metadata** (``_in(section, check)``) names the TOML table it lives in (``[broker]``, ``[broker.limits]``,
+  ``[broker.store]``) and the rule its value keeps; rules between settings are in ``_check_together``;
+- the **docstring** under it is its help: the first paragraph is the one line ``serve --help`` and
+  ``--print-config`` show.
+
+Attribute access is flat (``config.max_frame_bytes``) whatever the section. Every value is checked when the object is
+made, however it is made (``BrokerConfig(...)``, ``replace``, ``load``), and raises ConfigError.
+
+Precedence, lowest first: the defaults below, ``--config FILE`` (TOML: each setting in its own section's table; a
+setting in another table is refused, naming the right one), environment variables ``RELAY_<NAME>`` (upper case),
+then command-line flags ``--name-with-dashes``. An empty string from the environment or a flag sets an optional
+(``X | None``) setting to None; TOML has no None, so ``relay-broker serve --print-config`` (the effective settings as
+TOML, by section) leaves such a setting out and says so in a comment.
 """
 
 from __future__ import annotations
@@ -10,24 +26,48 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import os
 import re
 import textwrap
 import tomllib
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from wire import DEFAULT_MAX_FRAME_BYTES, max_recipients_within, receipt_bound_bytes
 
 from .store.base import StoreLimits
 
-__all__ = ["BrokerConfig", "ConfigError", "default_data_dir"]
+__all__ = [
+    "BROKER",
+    "LARGEST_MAX_FRAME_BYTES",
+    "LIMITS",
+    "STORE",
+    "BrokerConfig",
+    "ConfigError",
+    "Setting",
+    "default_data_dir",
+]
+
+BROKER = "broker"
+"""The TOML table of listeners, timeouts and the data directory."""
+LIMITS = "broker.limits"
+"""The TOML table of what a client may send and what the broker holds (every ``max_*`` and ``default_ttl_s``)."""
+STORE = "broker.store"
+"""The TOML table of the message store."""
+
+LARGEST_MAX_FRAME_BYTES = 16 * 1024 * 1024
+"""The largest ``max_frame_bytes`` the broker accepts (16 MiB), so the largest a client may be told in WELCOME."""
+
+_STORE_DEFAULTS = StoreLimits()  # the store limits' defaults are written there, once
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or out of range."""
+    """A configuration value is unknown, in the wrong section, of the wrong type, or out of range."""
 
 
 def default_data_dir() -> Path:
@@ -38,152 +78,176 @@ def default_data_dir() -> Path:
     return Path(base) / "relay"
 
 
+# --- rules a single value keeps: each returns what is wrong with the value, or None -------------------------------
+
+Check = Callable[[Any], str | None]
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be 0-65535"
+
+
+def _not_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _frame_size(value: int) -> str | None:
+    if 1024 <= value <= LARGEST_MAX_FRAME_BYTES:
+        return None
+    return f"must be at least 1024 and at most {LARGEST_MAX_FRAME_BYTES}"
+
+
+def _store_name(value: str) -> str | None:
+    return None if value == "memory" else f"must be 'memory' (the only store in this release), not {value!r}"
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _origins(value: tuple[str, ...]) -> str | None:
+    for origin in value:
+        if not _ORIGIN.fullmatch(origin):
+            return f"{origin!r} is not an origin like https://example.org[:port]"
+    return None
+
+
+def _without_trailing_slashes(value: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(origin.rstrip("/") for origin in value)
+
+
+def _in(section: str, check: Check | None = None, *, tidy: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """A setting's field metadata: its TOML section (required), the rule its value keeps and how a given value is
+    tidied before the rule is applied (both optional)."""
+    return {"section": section, "check": check, "tidy": tidy}
+
+
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
     """Every broker setting, with its default. Names carry their unit."""
 
-    host: str = "127.0.0.1"
-    """Address the TCP listener binds."""
-    tcp_port: int = 7700
+    # --- [broker] ---
+    host: str = field(default="127.0.0.1", metadata=_in(BROKER, _not_empty))
+    """Address the TCP, WebSocket and HTTP listeners bind."""
+    tcp_port: int = field(default=7700, metadata=_in(BROKER, _port))
     """TCP port (0 picks a free one)."""
-    # --- browsers (issue 3): WebSocket and HTTP listeners on ``host`` ---
-    ws_port: int = 7781
+    ws_port: int = field(default=7781, metadata=_in(BROKER, _port))
     """WebSocket port, path ``/relay`` (0 picks a free one)."""
-    http_port: int = 7780
+    http_port: int = field(default=7780, metadata=_in(BROKER, _port))
     """HTTP API, OpenAPI description and demo page port (0 picks a free one)."""
-    allowed_origins: tuple[str, ...] = ()
-    """Browser origins, beyond the HTTP listener's own, allowed to open a WebSocket,
-    e.g. ``https://chat.example.org``. In the environment or on the command line:
-    comma-separated. A handshake without an Origin header (not a browser) is allowed."""
-    data_dir: Path = field(default_factory=default_data_dir)
-    """Holds the token-signing secret, and nothing else: messages never touch the disk."""
-    store: str = "memory"
-    """Message store. ``memory`` is the only one in this release."""
+    allowed_origins: tuple[str, ...] = field(default=(), metadata=_in(BROKER, _origins, tidy=_without_trailing_slashes))
+    """Browser origins allowed to open a WebSocket besides the HTTP listener's own (comma-separated).
 
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    """Largest frame body accepted; bounds a message body (1 MiB)."""
-    max_inflight: int = 4096
-    """Un-ACKed deliveries outstanding per connection: a 100,000-message backlog drains in under
-    1 s on loopback with 4096 (1024 left both ends idle waiting for ACKs, 1.36 s)."""
-    max_recipients: int = 100
-    """Distinct recipients per SEND."""
-    default_ttl_s: int = 7 * 24 * 3600
-    """TTL of a SEND that names none (7 days)."""
-    max_ttl_s: int = 30 * 24 * 3600
-    """Longer TTLs are clamped to this (30 days)."""
-    max_mailbox_messages: int = 100_000
-    """Messages held per mailbox."""
-    max_mailbox_bytes: int = 64 * 1024 * 1024
-    """Body bytes held per mailbox (64 MiB)."""
-    max_total_bytes: int = 1024 * 1024 * 1024
-    """Body bytes held over all mailboxes (1 GiB)."""
-    max_tombstones: int = 100_000
-    """ACKed ids remembered for idempotent SEND retries (about 200 bytes each)."""
-    token_leeway_s: float = 60.0
-    """Clock skew allowed when judging a token's exp, iat and nbf (seconds, both ways)."""
-    handshake_timeout_s: float = 10.0
+    E.g. ``https://chat.example.org``. A handshake without an Origin header (not a browser) is allowed."""
+    data_dir: Path = field(default_factory=default_data_dir, metadata=_in(BROKER))
+    """Where the token-signing secret lives (messages never touch the disk)."""
+    token_leeway_s: float = field(default=60.0, metadata=_in(BROKER, _not_negative))
+    """Clock skew allowed when judging a token's exp, iat and nbf (both ways)."""
+    handshake_timeout_s: float = field(default=10.0, metadata=_in(BROKER, _positive))
     """Time a new connection has to complete HELLO."""
-    keepalive_s: float = 60.0
-    """A connection that sends nothing for this long is closed; a write stalled this long too."""
-    max_outbound_bytes: int = 8 * 1024 * 1024
-    """Unsent bytes queued for one connection before it is cut off as a slow consumer."""
-    max_connections: int = 65536
-    """Open connections; more are refused at once."""
-    cleanup_interval_s: float = 3600.0
+    keepalive_s: float = field(default=60.0, metadata=_in(BROKER, _positive))
+    """A connection silent this long is closed; a write stalled this long too."""
+    cleanup_interval_s: float = field(default=3600.0, metadata=_in(BROKER, _positive))
     """How often the sweeper purges expired messages."""
-    shutdown_grace_s: float = 5.0
+    shutdown_grace_s: float = field(default=5.0, metadata=_in(BROKER, _not_negative))
     """On shutdown, time given to sessions to flush their last frames."""
 
+    # --- [broker.limits] ---
+    max_frame_bytes: int = field(default=DEFAULT_MAX_FRAME_BYTES, metadata=_in(LIMITS, _frame_size))
+    """Largest frame body accepted; bounds a message body (1 MiB)."""
+    max_recipients: int = field(default=100, metadata=_in(LIMITS, _positive))
+    """Distinct recipients per SEND (every receipt must fit max_frame_bytes)."""
+    max_inflight: int = field(default=4096, metadata=_in(LIMITS, _positive))
+    """Un-ACKed deliveries outstanding per connection.
+
+    A 100,000-message backlog drains in under 1 s on loopback with 4096 (1024 left both ends idle waiting for ACKs,
+    1.36 s)."""
+    max_outbound_bytes: int = field(default=8 * 1024 * 1024, metadata=_in(LIMITS, _positive))
+    """Unsent bytes queued for one connection before it is cut off as a slow consumer."""
+    max_connections: int = field(default=65536, metadata=_in(LIMITS, _positive))
+    """Open connections; more are refused at once."""
+    default_ttl_s: int = field(default=7 * 24 * 3600, metadata=_in(LIMITS, _positive))
+    """TTL of a SEND that names none (7 days)."""
+    max_ttl_s: int = field(default=30 * 24 * 3600, metadata=_in(LIMITS, _positive))
+    """Longer TTLs are clamped to this (30 days)."""
+    max_mailbox_messages: int = field(default=_STORE_DEFAULTS.max_mailbox_messages, metadata=_in(LIMITS, _positive))
+    """Messages held per mailbox."""
+    max_mailbox_bytes: int = field(default=_STORE_DEFAULTS.max_mailbox_bytes, metadata=_in(LIMITS, _positive))
+    """Body bytes held per mailbox (64 MiB)."""
+    max_total_bytes: int = field(default=_STORE_DEFAULTS.max_total_bytes, metadata=_in(LIMITS, _positive))
+    """Body bytes held over all mailboxes (1 GiB)."""
+    max_tombstones: int = field(default=_STORE_DEFAULTS.max_tombstones, metadata=_in(LIMITS, _not_negative))
+    """ACKed ids remembered for idempotent SEND retries (about 200 bytes each)."""
+
+    # --- [broker.store] ---
+    store: str = field(default="memory", metadata=_in(STORE, _store_name))
+    """Message store: ``memory`` (the only one in this release)."""
+
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", "float") and (type(value) not in (int, float) or isinstance(value, bool)):
-                raise ConfigError(f"{f.name} must be a number, not {value!r}")
-            if f.type == "int" and type(value) is not int:
-                raise ConfigError(f"{f.name} must be an integer, not {value!r}")
-        if self.store != "memory":
-            raise ConfigError(f"store must be 'memory' (the only store in this release), not {self.store!r}")
-        listeners: dict[int, str] = {}
-        for name in ("tcp_port", "ws_port", "http_port"):
-            port = getattr(self, name)
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{name} must be 0-65535")
-            if port and port in listeners:  # 0 picks a free port for each listener: never a clash
-                raise ConfigError(f"{listeners[port]} and {name} are both {port}: each listener needs its own port")
-            listeners[port] = name
-        if type(self.allowed_origins) is not tuple:
-            object.__setattr__(self, "allowed_origins", _origins(self.allowed_origins, "allowed_origins"))
-        for origin in self.allowed_origins:
-            if not _ORIGIN.fullmatch(origin):
-                raise ConfigError(f"allowed_origins: {origin!r} is not an origin like https://example.org[:port]")
-        if self.max_frame_bytes < 1024:
-            raise ConfigError("max_frame_bytes must be at least 1024")
-        positive = ("max_inflight", "max_recipients", "default_ttl_s", "max_ttl_s", "max_mailbox_messages",
-                    "max_mailbox_bytes", "max_total_bytes", "handshake_timeout_s", "keepalive_s",
-                    "max_outbound_bytes", "max_connections", "cleanup_interval_s")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
-        if self.max_outbound_bytes < 4 * self.max_frame_bytes:
-            raise ConfigError("max_outbound_bytes must be at least 4 * max_frame_bytes (a delivery batch must fit)")
-        if self.token_leeway_s < 0:
-            raise ConfigError("token_leeway_s must not be negative")
-        if self.max_tombstones < 0:
-            raise ConfigError("max_tombstones must not be negative")
-        if self.default_ttl_s > self.max_ttl_s:
-            raise ConfigError("default_ttl_s must not exceed max_ttl_s")
-        if self.max_recipients > (most := max_recipients_within(self.max_frame_bytes)):
-            raise ConfigError(
-                f"max_recipients {self.max_recipients} is too many for max_frame_bytes {self.max_frame_bytes}: "
-                f"a receipt for {self.max_recipients} recipients may need {receipt_bound_bytes(self.max_recipients)} "
-                f"bytes (at most {most} recipients fit)"
-            )
+        """Raises ConfigError for a value of the wrong type or out of range, or settings that contradict each other."""
+        for setting in _settings(type(self)):
+            given = getattr(self, setting.name)
+            value = setting.checked(given)
+            if value is not given:
+                object.__setattr__(self, setting.name, value)  # tidied (a list made a tuple, an int a float)
+        _check_together(self)
 
     @property
     def store_limits(self) -> StoreLimits:
-        return StoreLimits(
-            max_mailbox_messages=self.max_mailbox_messages,
-            max_mailbox_bytes=self.max_mailbox_bytes,
-            max_total_bytes=self.max_total_bytes,
-            max_tombstones=self.max_tombstones,
-        )
+        """The bounds the store enforces: this config's settings of the same names."""
+        return StoreLimits(**{f.name: getattr(self, f.name) for f in fields(StoreLimits)})
 
-    def replace(self, **changes: Any) -> BrokerConfig:
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` (field names). Raises ConfigError as the constructor does."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def settings(cls) -> tuple[Setting, ...]:
+        """Every setting, in the order written (grouped by section)."""
+        return _settings(cls)
+
+    @classmethod
+    def sections(cls) -> dict[str, list[Setting]]:
+        """The settings by TOML section (``broker``, ``broker.limits``, ...), in the order written."""
+        return _sections(cls)
+
+    @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        return [s.name for s in _settings(cls)]
 
     @classmethod
     def descriptions(cls) -> dict[str, str]:
-        """Each setting's description: the docstring written under its field in this class (one source for the
-        code, ``serve --help`` and ``--print-config``)."""
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        out: dict[str, str] = {}
-        for node, after in zip(body, [*body[1:], None], strict=True):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                out[node.target.id] = " ".join(after.value.value.split())
-        return out
+        """Each setting's full description: the docstring written under its field."""
+        return {s.name: s.description for s in _settings(cls)}
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, source: str, base: BrokerConfig | None = None) -> BrokerConfig:
-        """``base`` with ``values`` applied; values may be strings (from env or flags) and are converted."""
-        base = base or cls()
-        types = {f.name: f.type for f in fields(cls)}
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str, base: Self | None = None) -> Self:
+        """``base`` (default: the defaults) with flat ``values`` applied, by field name; values may be text (from the
+        environment or flags) and are converted. Raises ConfigError naming ``source``."""
+        known = {s.name: s for s in _settings(cls)}
         changes: dict[str, Any] = {}
         for key, raw in values.items():
-            if key not in types:
+            if (setting := known.get(key)) is None:
                 raise ConfigError(f"{source}: unknown setting {key!r}")
-            changes[key] = _convert(key, types[key], raw, source)
-        return dataclasses.replace(base, **changes)
+            changes[key] = setting.convert(raw, source)
+        return dataclasses.replace(base or cls(), **changes)
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str, base: Self | None = None) -> Self:
+        """``base`` with the settings of a TOML document applied, each read from its own section's table.
+        Raises ConfigError for invalid TOML, an unknown table or setting, or a setting in the wrong table."""
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        return cls.from_mapping(_flatten(cls, document, "", source), source=source, base=base)
 
     @classmethod
     def load(
@@ -192,73 +256,308 @@ class BrokerConfig:
         toml_path: Path | None = None,
         environ: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
-    ) -> BrokerConfig:
-        """Defaults, then the TOML file, then ``RELAY_*`` environment variables, then ``overrides``."""
+    ) -> Self:
+        """Defaults, then the TOML file, then ``RELAY_*`` environment variables, then ``overrides`` (flags).
+        Raises ConfigError."""
         config = cls()
         if toml_path is not None:
             try:
-                data = tomllib.loads(toml_path.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as exc:
+                text = toml_path.read_text()
+            except OSError as exc:
                 raise ConfigError(f"{toml_path}: {exc}") from None
-            data = data.get("broker", data)
-            config = cls.from_mapping(data, source=str(toml_path), base=config)
+            config = cls.from_toml(text, source=str(toml_path), base=config)
         environ = os.environ if environ is None else environ
-        env_values = {}
-        for name in cls.field_names():
-            if (value := environ.get(f"RELAY_{name.upper()}")) is not None:
-                env_values[name] = value
+        env_values = {s.name: environ[s.env] for s in _settings(cls) if s.env in environ}
         config = cls.from_mapping(env_values, source="environment", base=config)
         if overrides:
             config = cls.from_mapping(overrides, source="command line", base=config)
         return config
 
     def to_toml(self) -> str:
-        """The effective configuration as TOML (what ``--print-config`` shows)."""
-        lines = ["[broker]"]
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, str | Path):
-                lines.append(f'{f.name} = "{value}"')
-            elif isinstance(value, tuple):
-                items = ", ".join(f'"{v}"' for v in value)
-                lines.append(f"{f.name} = [{items}]")
-            else:
-                lines.append(f"{f.name} = {value!r}")
+        """The configuration as TOML, by section, each setting after a comment with its help (what
+        ``--print-config`` shows). A setting that is None is left out (TOML has no None), in a comment."""
+        lines: list[str] = []
+        for section, settings in self.sections().items():
+            lines += ["", f"[{section}]"] if lines else [f"[{section}]"]
+            for setting in settings:
+                value = getattr(self, setting.name)
+                lines.append(f"# {setting.help}")
+                if value is None:
+                    lines.append(f"# {setting.name} is not set")
+                else:
+                    lines.append(f"{setting.name} = {setting.kind.to_toml(value)}")
         return "\n".join(lines) + "\n"
 
 
-_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+# --- rules between settings -----------------------------------------------------------------------------------------
 
 
-def _origins(raw: Any, name: str) -> tuple[str, ...]:
-    """A list of origins from a TOML array or a comma-separated string; trailing slashes dropped."""
-    if isinstance(raw, str):
-        raw = raw.split(",")
-    if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw):
-        raise ConfigError(f"{name} must be a list of origins (or a comma-separated string), not {raw!r}")
-    return tuple(v.strip().rstrip("/") for v in raw if v.strip())
+def _check_together(config: BrokerConfig) -> None:
+    """Raises ConfigError if two settings contradict each other."""
+    listeners: dict[int, str] = {}
+    for name in ("tcp_port", "ws_port", "http_port"):
+        port = getattr(config, name)
+        if port and port in listeners:  # 0 picks a free port for each listener: never a clash
+            raise ConfigError(f"{listeners[port]} and {name} are both {port}: each listener needs its own port")
+        listeners[port] = name
+    if config.max_outbound_bytes < 4 * config.max_frame_bytes:
+        raise ConfigError("max_outbound_bytes must be at least 4 * max_frame_bytes (a delivery batch must fit)")
+    if config.default_ttl_s > config.max_ttl_s:
+        raise ConfigError("default_ttl_s must not exceed max_ttl_s")
+    if config.max_recipients > (most := max_recipients_within(config.max_frame_bytes)):
+        raise ConfigError(
+            f"max_recipients {config.max_recipients} is too many for max_frame_bytes {config.max_frame_bytes}: "
+            f"a receipt for {config.max_recipients} recipients may need {receipt_bound_bytes(config.max_recipients)} "
+            f"bytes (at most {most} recipients fit)"
+        )
 
 
-def _convert(name: str, type_name: Any, raw: Any, source: str) -> Any:
-    try:
-        if type_name == "int":
-            if isinstance(raw, str):
-                return int(raw.replace("_", ""))
-            if type(raw) is not int:
-                raise ValueError
-            return raw
-        if type_name == "float":
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if type_name == "Path":
-            return Path(raw).expanduser()
-        if type_name == "tuple[str, ...]":
-            return _origins(raw, name)
-        if not isinstance(raw, str):
-            raise ValueError
-        return raw
-    except ConfigError as exc:  # a ValueError too, but already says what is wrong
-        raise ConfigError(f"{source}: {exc}") from None
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} must be of type {type_name}, not {raw!r}") from None
+# --- kinds: how a value of one annotation is read and written ---------------------------------------------------
+
+
+def _int_value(value: Any) -> int:
+    if type(value) is not int:
+        raise TypeError
+    return value
+
+
+def _float_value(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError
+    return float(value)
+
+
+def _str_value(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _path_value(value: Any) -> Path:
+    if not isinstance(value, Path):
+        raise TypeError
+    return value
+
+
+def _strings_value(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise TypeError
+    return tuple(value)
+
+
+def _strings_text(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    return '"' + "".join(c if c not in '"\\' and c.isprintable() else _escape(c) for c in text) + '"'
+
+
+def _escape(c: str) -> str:
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """How settings of one annotation are read and written."""
+
+    expected: str
+    """What a value must be, for error messages: ``max_inflight must be {expected}, not 'many'``."""
+    metavar: str
+    """Placeholder in ``serve --help``."""
+    from_text: Callable[[str], Any]
+    """Text (environment, flag, or a TOML string) -> value; raises ValueError."""
+    from_value: Callable[[Any], Any]
+    """A value (TOML, keyword argument) -> value, or TypeError if it is not of this kind."""
+    to_toml: Callable[[Any], str]
+
+
+_KINDS: dict[object, _Kind] = {
+    int: _Kind("of type int", "N", lambda text: int(text.replace("_", "")), _int_value, str),
+    float: _Kind("of type float", "NUMBER", lambda text: float(text.replace("_", "")), _float_value, repr),
+    str: _Kind("of type str", "TEXT", str, _str_value, _toml_string),
+    Path: _Kind(
+        "of type Path", "PATH", lambda text: Path(text).expanduser(), _path_value, lambda p: _toml_string(str(p))
+    ),
+    tuple[str, ...]: _Kind(
+        "a list of strings (or one comma-separated string)",
+        "LIST",
+        _strings_text,
+        _strings_value,
+        lambda v: "[" + ", ".join(map(_toml_string, v)) + "]",
+    ),
+}
+
+
+def _kind_of(hint: object) -> tuple[_Kind, bool]:
+    """The kind of an annotation, and whether it is optional (``X | None``). Raises TypeError for one with no kind."""
+    optional = False
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(members) != 1:
+            raise TypeError(f"a setting is X or X | None, not {hint}")
+        hint, optional = members[0], True
+    if hint not in _KINDS:
+        raise TypeError(f"no setting kind for {hint!r}: add one to _KINDS")
+    return _KINDS[hint], optional
+
+
+# --- settings: one field's name, section, kind, rule and help ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One field of a config class, as the config files, the environment and the command line see it."""
+
+    name: str
+    section: str
+    kind: _Kind
+    optional: bool
+    """``X | None``: None is a value (given as an empty string in the environment or on the command line)."""
+    check: Check | None
+    tidy: Callable[[Any], Any] | None
+    description: str
+    """The field's docstring, whitespace joined."""
+    help: str
+    """Its first paragraph: one line for ``serve --help`` and ``--print-config``."""
+    default: str
+    """The default as ``serve --help`` shows it."""
+
+    @property
+    def env(self) -> str:
+        return f"RELAY_{self.name.upper()}"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def metavar(self) -> str:
+        for suffix, metavar in (("_port", "PORT"), ("_bytes", "BYTES"), ("_s", "SECONDS")):
+            if self.name.endswith(suffix):
+                return metavar
+        return self.kind.metavar
+
+    def convert(self, raw: Any, source: str) -> Any:
+        """A value from a TOML file, the environment or a flag (text is parsed).
+
+        Raises ConfigError naming ``source``."""
+        if self.optional and (raw is None or raw == ""):
+            return None
+        try:
+            return self.checked(self.kind.from_text(raw) if isinstance(raw, str) else raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except ValueError:
+            raise ConfigError(f"{source}: {self.name} must be {self.kind.expected}, not {raw!r}") from None
+
+    def checked(self, value: Any) -> Any:
+        """``value`` as this setting holds it (tidied), after checking its type and rule. Raises ConfigError."""
+        if value is None and self.optional:
+            return None
+        try:
+            value = self.kind.from_value(value)
+        except TypeError:
+            raise ConfigError(f"{self.name} must be {self.kind.expected}, not {value!r}") from None
+        if self.tidy is not None:
+            value = self.tidy(value)
+        if self.check is not None and (complaint := self.check(value)) is not None:
+            raise ConfigError(f"{self.name} {complaint}")
+        return value
+
+
+_SETTINGS: dict[type, tuple[Setting, ...]] = {}
+
+
+def _settings(cls: type[BrokerConfig]) -> tuple[Setting, ...]:
+    """The settings of a config class (BrokerConfig or a subclass that adds fields), made once per class."""
+    if (known := _SETTINGS.get(cls)) is None:
+        known = _SETTINGS[cls] = _read_settings(cls)
+    return known
+
+
+def _read_settings(cls: type[BrokerConfig]) -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(cls)
+    docs = _docstrings(cls)
+    out = []
+    for f in fields(cls):
+        if "section" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} has no section: give it field(metadata={{'section': ...}})")
+        kind, optional = _kind_of(hints[f.name])
+        description = " ".join(docs.get(f.name, "").split())
+        first = " ".join(docs.get(f.name, "").split("\n\n")[0].split()).replace("``", "")
+        out.append(
+            Setting(
+                name=f.name,
+                section=f.metadata["section"],
+                kind=kind,
+                optional=optional,
+                check=f.metadata.get("check"),
+                tidy=f.metadata.get("tidy"),
+                description=description,
+                help=first,
+                default=_shown_default(f),
+            )
+        )
+    return tuple(out)
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        return (f.default_factory.__doc__ or "computed").strip().rstrip(".")
+    if f.default is None or f.default == ():
+        return "none"
+    if isinstance(f.default, tuple):
+        return ",".join(f.default)
+    return str(f.default)
+
+
+def _docstrings(cls: type) -> dict[str, str]:
+    """The docstring written under each annotated name of ``cls`` and its dataclass bases."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = typing.cast(ast.ClassDef, tree.body[0]).body
+        for node, after in itertools.pairwise(body):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                    out[node.target.id] = inspect.cleandoc(str(after.value.value))
+    return out
+
+
+def _sections(cls: type[BrokerConfig]) -> dict[str, list[Setting]]:
+    """The settings by section, sections in the order they first appear."""
+    out: dict[str, list[Setting]] = {}
+    for setting in _settings(cls):
+        out.setdefault(setting.section, []).append(setting)
+    return out
+
+
+def _flatten(cls: type[BrokerConfig], table: Mapping[str, Any], section: str, source: str) -> dict[str, Any]:
+    """The settings of a TOML table and its sub-tables, by name. Raises ConfigError for an unknown table or
+    setting, or a setting in another section's table."""
+    homes = {s.name: s.section for s in _settings(cls)}
+    tables = {part for s in homes.values() for part in _parents(s)}
+    here = f"[{section}]" if section else "the top level"
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        inner = f"{section}.{key}" if section else key
+        if isinstance(value, dict) and inner in tables:
+            out.update(_flatten(cls, value, inner, source))
+        elif (home := homes.get(key)) is None:
+            what = "table" if isinstance(value, dict) else "setting"
+            raise ConfigError(f"{source}: unknown {what} {key!r} in {here}")
+        elif home != section:
+            raise ConfigError(f"{source}: {key} belongs in [{home}], not in {here}")
+        else:
+            out[key] = value
+    return out
+
+
+def _parents(section: str) -> list[str]:
+    """``broker.limits`` -> ``broker``, ``broker.limits``."""
+    parts = section.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]

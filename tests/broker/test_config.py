@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 import socket
+import tomllib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pytest
 
 from broker.auth import Authenticator, load_or_create_secret
 from broker.cli import main, parse_duration
-from broker.config import BrokerConfig, ConfigError
+from broker.config import BROKER, LIMITS, STORE, BrokerConfig, ConfigError
+from broker.store.base import StoreLimits
 
 
 def test_defaults_match_the_documented_limits() -> None:
@@ -27,7 +30,7 @@ def test_defaults_match_the_documented_limits() -> None:
 
 def test_precedence_defaults_toml_environment_flags(tmp_path: Path) -> None:
     toml = tmp_path / "relay.toml"
-    toml.write_text("[broker]\nmax_inflight = 10\nmax_recipients = 5\nkeepalive_s = 30\n")
+    toml.write_text("[broker]\nkeepalive_s = 30\n[broker.limits]\nmax_inflight = 10\nmax_recipients = 5\n")
     config = BrokerConfig.load(
         toml_path=toml,
         environ={"RELAY_MAX_RECIPIENTS": "6", "RELAY_KEEPALIVE_S": "20", "UNRELATED": "x"},
@@ -55,8 +58,8 @@ def test_bad_values_are_refused_with_a_clear_message(values: dict[str, str], mes
 
 def test_toml_with_a_wrong_type_is_refused(tmp_path: Path) -> None:
     toml = tmp_path / "relay.toml"
-    toml.write_text('max_inflight = "many"\n')
-    with pytest.raises(ConfigError, match="max_inflight"):
+    toml.write_text('[broker.limits]\nmax_inflight = "many"\n')
+    with pytest.raises(ConfigError, match="max_inflight must be of type int, not 'many'"):
         BrokerConfig.load(toml_path=toml, environ={})
 
 
@@ -155,8 +158,10 @@ def test_bad_origins_are_refused(origin: str) -> None:
 
 def test_allowed_origins_of_the_wrong_type_are_refused(tmp_path: Path) -> None:
     toml = tmp_path / "relay.toml"
-    toml.write_text("allowed_origins = [1, 2]\n")
-    with pytest.raises(ConfigError, match="allowed_origins must be a list of origins"):
+    toml.write_text("[broker]\nallowed_origins = [1, 2]\n")
+    with pytest.raises(
+        ConfigError, match=r"allowed_origins must be a list of strings \(or one comma-separated string\), not \[1, 2\]"
+    ):
         BrokerConfig.load(toml_path=toml, environ={})
 
 
@@ -208,3 +213,238 @@ def test_max_recipients_must_leave_room_for_the_largest_receipt(frame: int, reci
     else:
         with pytest.raises(ConfigError, match="at most 3 recipients fit"):
             BrokerConfig(max_frame_bytes=frame, max_recipients=recipients)
+
+
+def test_toml_is_read_by_section(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text(
+        '[broker]\nhost = "::1"\nkeepalive_s = 5\n'
+        "[broker.limits]\nmax_inflight = 7\nmax_tombstones = 0\n"
+        '[broker.store]\nstore = "memory"\n'
+    )
+    config = BrokerConfig.load(toml_path=toml, environ={})
+    assert (config.host, config.keepalive_s, config.max_inflight, config.max_tombstones) == ("::1", 5.0, 7, 0)
+    assert config.store == "memory"
+
+
+def test_each_setting_has_its_section() -> None:
+    sections = {name: [s.name for s in settings] for name, settings in BrokerConfig.sections().items()}
+    assert list(sections) == [BROKER, LIMITS, STORE]
+    assert sections[STORE] == ["store"]
+    assert {"max_frame_bytes", "max_recipients", "max_inflight", "max_outbound_bytes", "max_tombstones"} <= set(
+        sections[LIMITS]
+    )
+    assert {"host", "tcp_port", "ws_port", "http_port", "keepalive_s", "handshake_timeout_s"} <= set(sections[BROKER])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[broker]\nmax_inflight = 10\n", r"max_inflight belongs in \[broker.limits\], not in \[broker\]"),
+        ("max_inflight = 10\n", r"max_inflight belongs in \[broker.limits\], not in the top level"),
+        ('[broker.limits]\nhost = "::1"\n', r"host belongs in \[broker\], not in \[broker.limits\]"),
+        ('[broker]\nstore = "memory"\n', r"store belongs in \[broker.store\], not in \[broker\]"),
+        (
+            "[broker.store]\nmax_tombstones = 3\n",
+            r"max_tombstones belongs in \[broker.limits\], not in \[broker.store\]",
+        ),
+        ("[broker.limits]\nmax_inflights = 10\n", r"unknown setting 'max_inflights' in \[broker.limits\]"),
+        ('[broker.tls]\ncertfile = "c.pem"\n', r"unknown table 'tls' in \[broker\]"),
+        ("[client]\nx = 1\n", r"unknown table 'client' in the top level"),
+        ("[broker\n", r"relay.toml: "),  # not TOML
+    ],
+)
+def test_a_setting_in_the_wrong_table_is_refused_naming_the_right_one(tmp_path: Path, text: str, message: str) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        BrokerConfig.load(toml_path=toml, environ={})
+
+
+def test_print_config_reads_back_to_the_same_configuration(tmp_path: Path) -> None:
+    config = BrokerConfig(
+        data_dir=tmp_path / 'a "quoted" \\ dir\twith tab é 🙂',
+        allowed_origins=("https://a.example", "http://[::1]:8080"),
+        max_inflight=3,
+        keepalive_s=1.5,
+        max_tombstones=0,
+    )
+    printed = config.to_toml()
+    assert BrokerConfig.from_toml(printed, source="printed") == config
+    document = tomllib.loads(printed)
+    for setting in BrokerConfig.settings():
+        table = document
+        for part in setting.section.split("."):
+            table = table[part]
+        assert setting.name in table, f"{setting.name} is not printed in [{setting.section}]"
+
+
+def test_print_config_prints_by_section(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--print-config", "--max-inflight", "9"]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("[")]
+    assert headers == ["[broker]", "[broker.limits]", "[broker.store]"]
+    limits = out[out.index("[broker.limits]") : out.index("[broker.store]")]
+    assert "\nmax_inflight = 9\n" in limits and "\n# Un-ACKed deliveries outstanding per connection.\n" in limits
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"host": ""}, "host must not be empty"),
+        ({"max_frame_bytes": "1023"}, "max_frame_bytes must be at least 1024 and at most 16777216"),
+        ({"max_frame_bytes": str(16 * 1024 * 1024 + 1)}, "max_frame_bytes must be at least 1024 and at most"),
+        ({"shutdown_grace_s": "-1"}, "shutdown_grace_s must not be negative"),
+        ({"token_leeway_s": "-0.5"}, "token_leeway_s must not be negative"),
+        ({"max_tombstones": "-1"}, "max_tombstones must not be negative"),
+        ({"keepalive_s": "nan"}, "keepalive_s must be positive"),
+        ({"keepalive_s": "soon"}, "keepalive_s must be of type float, not 'soon'"),
+        ({"max_connections": "1.5"}, "max_connections must be of type int"),
+        ({"http_port": "-1"}, "http_port must be 0-65535"),
+        ({"max_recipients": "0"}, "max_recipients must be positive"),
+    ],
+)
+def test_every_value_is_checked(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BrokerConfig.load(environ={}, overrides=values)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tcp_port": "7700"}, "tcp_port must be of type int, not '7700'"),
+        ({"max_inflight": True}, "max_inflight must be of type int, not True"),
+        ({"keepalive_s": False}, "keepalive_s must be of type float"),
+        ({"data_dir": "/tmp/relay"}, "data_dir must be of type Path"),
+        ({"allowed_origins": "https://a.example"}, "allowed_origins must be a list of strings"),
+        ({"host": None}, "host must be of type str, not None"),
+    ],
+)
+def test_keyword_arguments_are_checked_by_their_annotation(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BrokerConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_keyword_arguments_are_tidied_to_their_annotation() -> None:
+    config = BrokerConfig(keepalive_s=2, allowed_origins=["https://a.example/"])  # type: ignore[arg-type]
+    assert type(config.keepalive_s) is float and config.allowed_origins == ("https://a.example",)
+
+
+def test_store_limit_defaults_are_the_store_s_own() -> None:
+    """StoreLimits (broker/store/base.py) writes these defaults; the config takes them from there."""
+    assert BrokerConfig().store_limits == StoreLimits()
+    limits = {s.name for s in BrokerConfig.sections()[LIMITS]}
+    assert {f.name for f in fields(StoreLimits)} <= limits
+
+
+def test_store_limits_follow_the_settings() -> None:
+    config = BrokerConfig(max_mailbox_messages=5, max_mailbox_bytes=6, max_total_bytes=7, max_tombstones=8)
+    assert config.store_limits == StoreLimits(
+        max_mailbox_messages=5, max_mailbox_bytes=6, max_total_bytes=7, max_tombstones=8
+    )
+
+
+# A config class with the kinds of settings the next issues add, to show optional values work end to end.
+@dataclass(frozen=True, kw_only=True)
+class FutureConfig(BrokerConfig):
+    tls_certfile: Path | None = field(default=None, metadata={"section": "broker.tls"})
+    """PEM certificate chain; TLS is off when it is not set."""
+    metrics_port: int | None = field(default=None, metadata={"section": "broker.metrics"})
+    """Prometheus port; no metrics listener when it is not set."""
+    metrics_labels: tuple[str, ...] | None = field(default=None, metadata={"section": "broker.metrics"})
+    """Labels added to every metric."""
+
+
+def test_optional_settings_from_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text(
+        '[broker.tls]\ntls_certfile = "~/relay/cert.pem"\n'
+        '[broker.metrics]\nmetrics_port = 9100\nmetrics_labels = ["node=a", "dc=x"]\n'
+    )
+    config = FutureConfig.load(toml_path=toml, environ={})
+    assert config.tls_certfile == Path.home() / "relay" / "cert.pem"
+    assert (config.metrics_port, config.metrics_labels) == (9100, ("node=a", "dc=x"))
+    assert FutureConfig.load(environ={}).tls_certfile is None
+
+
+def test_optional_settings_from_the_environment_and_flags() -> None:
+    env = {"RELAY_METRICS_PORT": "9_101", "RELAY_TLS_CERTFILE": "/etc/relay/cert.pem", "RELAY_METRICS_LABELS": "a,b"}
+    config = FutureConfig.load(environ=env)
+    assert (config.metrics_port, config.tls_certfile, config.metrics_labels) == (
+        9101,
+        Path("/etc/relay/cert.pem"),
+        ("a", "b"),
+    )
+    unset = FutureConfig.load(environ=env, overrides={"metrics_port": "", "tls_certfile": "", "metrics_labels": ""})
+    assert (unset.metrics_port, unset.tls_certfile, unset.metrics_labels) == (None, None, None)
+    with pytest.raises(ConfigError, match="command line: metrics_port must be of type int, not 'x'"):
+        FutureConfig.load(environ={}, overrides={"metrics_port": "x"})
+    with pytest.raises(ConfigError, match="metrics_port must be of type int, not '9100'"):
+        FutureConfig(metrics_port="9100")  # type: ignore[arg-type]
+
+
+def test_toml_output_leaves_out_settings_that_are_none() -> None:
+    printed = FutureConfig(metrics_port=9100).to_toml()
+    assert "None" not in printed
+    assert "# tls_certfile is not set\n" in printed and "# metrics_labels is not set\n" in printed
+    document = tomllib.loads(printed)
+    assert document["broker"]["metrics"] == {"metrics_port": 9100}
+    assert "tls" in document["broker"] and document["broker"]["tls"] == {}
+    assert FutureConfig.from_toml(printed, source="printed") == FutureConfig(metrics_port=9100)
+
+
+def test_a_setting_of_an_unsupported_type_is_a_programming_error() -> None:
+    @dataclass(frozen=True, kw_only=True)
+    class Odd(BrokerConfig):
+        either: int | str = field(default=1, metadata={"section": BROKER})
+
+    with pytest.raises(TypeError, match=re.escape("a setting is X or X | None, not int | str")):
+        Odd()
+
+
+# Every flag the broker had before settings had sections (issue 9): each must keep working.
+TODAYS_FLAGS = {
+    "--host": "::1",
+    "--tcp-port": "7001",
+    "--ws-port": "7002",
+    "--http-port": "7003",
+    "--allowed-origins": "https://a.example",
+    "--data-dir": "/tmp/relay-flags",
+    "--store": "memory",
+    "--max-frame-bytes": "2048",
+    "--max-inflight": "8",
+    "--max-recipients": "3",
+    "--default-ttl-s": "60",
+    "--max-ttl-s": "120",
+    "--max-mailbox-messages": "9",
+    "--max-mailbox-bytes": "10000",
+    "--max-total-bytes": "20000",
+    "--max-tombstones": "11",
+    "--token-leeway-s": "1.5",
+    "--handshake-timeout-s": "2.5",
+    "--keepalive-s": "3.5",
+    "--max-outbound-bytes": "65536",
+    "--max-connections": "12",
+    "--cleanup-interval-s": "4.5",
+    "--shutdown-grace-s": "0.5",
+}
+
+
+def test_every_setting_has_todays_flag_and_environment_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert sorted(s.flag for s in BrokerConfig.settings()) == sorted(TODAYS_FLAGS)
+    argv = [item for pair in TODAYS_FLAGS.items() for item in pair]
+    assert main(["serve", *argv, "--print-config"]) == 0
+    from_flags = BrokerConfig.from_toml(capsys.readouterr().out, source="printed")
+    env = {"RELAY_" + flag[2:].replace("-", "_").upper(): value for flag, value in TODAYS_FLAGS.items()}
+    assert BrokerConfig.load(environ=env) == from_flags
+    assert (from_flags.host, from_flags.max_inflight, from_flags.shutdown_grace_s) == ("::1", 8, 0.5)
+
+
+def test_serve_help_groups_the_settings_by_section(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for section, settings in BrokerConfig.sections().items():
+        group = text.split(f"\n[{section}] settings:\n")[1].split("\n\n")[0]
+        listed = re.findall(r"^  (--[a-z-]+)", group, flags=re.MULTILINE)
+        assert listed == [s.flag for s in settings], section

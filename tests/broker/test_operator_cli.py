@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import trio
@@ -64,3 +65,28 @@ async def test_operator_commands_report_an_unreachable_broker(
         assert await run_cli("stats", "--url", f"tcp://127.0.0.1:{port}", "--data-dir", str(tmp_path)) == 1
         err = capsys.readouterr().err
         assert err.startswith("relay-broker stats: ") and str(port) in err
+
+
+async def test_stats_reads_the_broker_url_from_relay_url(
+    broker: Broker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        monkeypatch.setenv("RELAY_URL", f"tcp://127.0.0.1:{broker.tcp_port}")
+        assert await run_cli("stats", "--data-dir", str(broker.config.data_dir), "--json") == 0
+        assert json.loads(capsys.readouterr().out)["online_users"] == 0
+
+
+# The operator commands' flags (the command line is a gate of issue 9: every flag keeps working).
+OPERATOR_FLAGS = {
+    "token": ["--operator", "--expires-in", "--data-dir", "--log-level"],
+    "stats": ["--url", "--data-dir", "--json", "--log-level"],
+    "cleanup": ["--url", "--data-dir", "--log-level"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OPERATOR_FLAGS))
+def test_operator_commands_keep_their_flags(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    listed = set(re.findall(r"^  (--[a-z-]+)", capsys.readouterr().out, flags=re.MULTILINE))
+    assert set(OPERATOR_FLAGS[command]) <= listed
