@@ -24,8 +24,8 @@ import trio
 
 from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig, ConfigError, default_data_dir
+from .listeners import first_os_error
 from .server import Broker
-from .transport import first_os_error
 
 __all__ = ["main"]
 
