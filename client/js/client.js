@@ -1,15 +1,19 @@
 // The Relay browser client: the protocol over a WebSocket, with an IndexedDB store.
 //
-// Theory of operation. One WebSocket binary message carries one frame with its 4-byte
-// length prefix (protocol.md, WebSocket). The client says HELLO, waits for WELCOME, and
-// the broker then pushes every pending message followed by DRAINED. Each DELIVER goes
-// through processRelayMessage: saved in IndexedDB first, then ACKed. A received message is
-// identified by (sender, id): the store de-duplicates a redelivery of the same sender's
-// message, while another sender's message that reuses an id (possible once the first one has
-// expired) is a new message. A failed save sends no ACK, so the broker delivers the message
-// again later; a failed ACK breaks nothing, because ACKs are idempotent and a redelivery is
-// recognised by its (sender, id). Without a store nothing is de-duplicated: every DELIVER,
-// redeliveries included, is announced as a `message` event.
+// Theory of operation. A WebSocket binary message carries one or more whole frames back to
+// back, each with its 4-byte length prefix (protocol.md 2.5): every frame of a message is
+// handled in order, and a message that ends inside a frame is refused (1001, like any
+// framing error: the socket is closed). This client sends one frame per message.
+//
+// The client says HELLO, waits for WELCOME, and the broker then pushes every pending
+// message followed by DRAINED. Each DELIVER goes through processRelayMessage: saved in
+// IndexedDB first, then ACKed. A received message is identified by (sender, id): the store
+// de-duplicates a redelivery of the same sender's message, while another sender's message
+// that reuses an id (possible once the first one has expired) is a new message. A failed save
+// sends no ACK, so the broker delivers the message again later; a failed ACK breaks nothing,
+// because ACKs are idempotent and a redelivery is recognised by its (sender, id). Without a
+// store nothing is de-duplicated: every DELIVER, redeliveries included, is announced as a
+// `message` event.
 //
 // Sends are kept in a table keyed by message id until their RECEIPT arrives (the ids are this
 // mailbox's own, so the id alone identifies a send). A send is checked (encoded) before it is
@@ -31,7 +35,7 @@
 //   drained   {pending}
 //   error     {code, message, close} for ERROR frames and local failures
 
-import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeBody, encodeFrame } from './codec.js'
+import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame } from './codec.js'
 
 export { MessageStore } from './store.js'
 
@@ -194,17 +198,24 @@ export class RelayClient extends EventTarget {
   }
 
   _onMessage (data) {
-    let frame
+    const ws = this._ws
+    let frames
     try {
-      const bytes = new Uint8Array(data)
-      const declared = new DataView(bytes.buffer, bytes.byteOffset).getUint32(0)
-      if (declared !== bytes.length - 4) throw new RelayError(ERROR_CODES.MALFORMED_FRAME, 'message is not exactly one frame')
-      frame = decodeBody(bytes.subarray(4))
+      if (typeof data === 'string') throw new RelayError(ERROR_CODES.MALFORMED_FRAME, 'a text message carries no frame')
+      // No frame-size limit here: the browser already holds the whole message.
+      frames = decodeMessage(new Uint8Array(data), { maxFrameBytes: Infinity })
     } catch (err) {
       this._emitError({ code: err.code || ERROR_CODES.MALFORMED_FRAME, message: err.message, close: true })
       if (this._ws) this._ws.close(1002)
       return
     }
+    for (const frame of frames) {
+      if (this._ws !== ws) return // closed by a handler (close()): the rest is not for this client any more
+      this._onFrame(frame)
+    }
+  }
+
+  _onFrame (frame) {
     switch (frame.type) {
       case 'welcome': return this._onWelcome(frame)
       case 'deliver': return void this.processRelayMessage(frame)

@@ -3,9 +3,12 @@
 // Theory of operation: a frame on a byte stream is a 4-byte big-endian length N and N
 // bytes holding one CBOR map whose "type" key names the frame (protocol.md, sections 2
 // and 6). FrameDecoder takes stream bytes in chunks of any size and returns whole frames,
-// refusing a declared length above its limit as soon as the prefix is in. decodeBody /
-// encodeBody handle one body without the prefix: a WebSocket binary message carries
-// exactly one body, so a WebSocket layer uses those two directly.
+// refusing a declared length above its limit as soon as the prefix is in. A WebSocket binary
+// message carries one or more whole frames back to back, each with its prefix (protocol.md
+// 2.5): decodeMessage runs the same frame loop over one message and refuses a message that
+// does not end exactly at a frame boundary; packFrames groups encoded frames, in order and
+// never split, into messages up to a size. decodeBody / encodeBody handle one body without
+// the prefix.
 //
 // CBOR is read with cborg's tokenizer, but the data items are assembled here so that the
 // checks match the Python decoder (wire/codec.py) exactly: no tags, no indefinite
@@ -426,7 +429,7 @@ function frameFromMap (item) {
 // ------------------------------------------------------------------ public decoding
 
 /**
- * Decode one frame body (no length prefix), e.g. one WebSocket binary message.
+ * Decode one frame body (no length prefix).
  * Throws ProtocolError: FRAME_TOO_LARGE if the body exceeds maxFrameBytes (when given),
  * MALFORMED_FRAME, UNKNOWN_FRAME_TYPE or INVALID_FIELD.
  */
@@ -436,6 +439,44 @@ export function decodeBody (body, { maxFrameBytes } = {}) {
     throw new ProtocolError(FRAME_TOO_LARGE, `frame of ${body.length} bytes exceeds the limit of ${maxFrameBytes}`)
   }
   return frameFromMap(readBody(body))
+}
+
+/**
+ * The frame loop of both the stream decoder and decodeMessage: decode every whole frame in
+ * buf[start, end) into `frames`, in order; return where the first incomplete frame (or the
+ * end) is. Throws ProtocolError: FRAME_TOO_LARGE as soon as a prefix above maxFrameBytes is
+ * in (before any of that body), else what the body's decoding throws.
+ */
+function takeFrames (buf, start, end, maxFrameBytes, frames) {
+  while (end - start >= 4) {
+    const n = ((buf[start] << 24) >>> 0) + (buf[start + 1] << 16) + (buf[start + 2] << 8) + buf[start + 3]
+    if (n > maxFrameBytes) {
+      throw new ProtocolError(FRAME_TOO_LARGE, `declared frame length ${n} exceeds the limit of ${maxFrameBytes} bytes`)
+    }
+    if (end - start - 4 < n) break
+    frames.push(frameFromMap(readBody(buf.subarray(start + 4, start + 4 + n))))
+    start += 4 + n
+  }
+  return start
+}
+
+/**
+ * Decode one WebSocket binary message: one or more whole frames back to back, each with its
+ * 4-byte prefix (protocol.md 2.5). Returns the frames in order. Throws ProtocolError:
+ * MALFORMED_FRAME if the message is empty or ends inside a frame (fewer than 4 bytes, or a
+ * body shorter than its prefix says), FRAME_TOO_LARGE for a prefix above maxFrameBytes
+ * (judged first, from the prefix alone, as on a stream), or what any frame's body throws.
+ * Nothing is returned from a message that throws.
+ */
+export function decodeMessage (message, { maxFrameBytes = DEFAULT_MAX_FRAME_BYTES } = {}) {
+  message = asUint8Array(message)
+  const frames = []
+  const end = takeFrames(message, 0, message.length, maxFrameBytes, frames)
+  if (message.length === 0) throw new ProtocolError(MALFORMED_FRAME, 'an empty message carries no frame')
+  if (end !== message.length) {
+    throw new ProtocolError(MALFORMED_FRAME, `message of ${message.length} bytes ends inside a frame (its last ${message.length - end} bytes)`)
+  }
+  return frames
 }
 
 /**
@@ -471,17 +512,7 @@ export class FrameDecoder {
   _feed (chunk) {
     this._append(chunk)
     const frames = []
-    const buf = this._buf
-    while (this._end - this._start >= 4) {
-      const p = this._start
-      const n = ((buf[p] << 24) >>> 0) + (buf[p + 1] << 16) + (buf[p + 2] << 8) + buf[p + 3]
-      if (n > this.maxFrameBytes) {
-        throw new ProtocolError(FRAME_TOO_LARGE, `declared frame length ${n} exceeds the limit of ${this.maxFrameBytes} bytes`)
-      }
-      if (this._end - p - 4 < n) break
-      frames.push(frameFromMap(readBody(buf.subarray(p + 4, p + 4 + n))))
-      this._start = p + 4 + n
-    }
+    this._start = takeFrames(this._buf, this._start, this._end, this.maxFrameBytes, frames)
     if (this._start === this._end) this._start = this._end = 0
     return frames
   }
@@ -569,7 +600,7 @@ function toEncodable (frame) {
 }
 
 /**
- * The CBOR body of one frame, without the length prefix (one WebSocket binary message).
+ * The CBOR body of one frame, without the length prefix.
  * Throws LocalProtocolError if the frame is not valid.
  */
 export function encodeBody (frame) {
@@ -582,6 +613,41 @@ export function encodeFrame (frame) {
   const out = new Uint8Array(4 + body.length)
   new DataView(out.buffer).setUint32(0, body.length)
   out.set(body, 4)
+  return out
+}
+
+/**
+ * Group encoded frames (each with its 4-byte prefix, as encodeFrame gives them) into
+ * WebSocket binary messages of at most maxMessageBytes bytes each: the frames in their order,
+ * back to back, none ever split across two messages (protocol.md 2.5). A frame longer than
+ * maxMessageBytes goes alone (the receiver judges it); so does every frame when
+ * maxMessageBytes is 0. A message holding one frame is that frame's array, not a copy.
+ */
+export function packFrames (frames, maxMessageBytes) {
+  const messages = []
+  let first = 0 // frames[first, i) make the message being built, `size` bytes
+  let size = 0
+  for (let i = 0; i < frames.length; i++) {
+    const n = frames[i].length
+    if (i > first && size + n > maxMessageBytes) {
+      messages.push(joinFrames(frames, first, i, size))
+      first = i
+      size = 0
+    }
+    size += n
+  }
+  if (first < frames.length) messages.push(joinFrames(frames, first, frames.length, size))
+  return messages
+}
+
+function joinFrames (frames, start, stop, size) {
+  if (stop - start === 1) return frames[start]
+  const out = new Uint8Array(size)
+  let at = 0
+  for (let i = start; i < stop; i++) {
+    out.set(frames[i], at)
+    at += frames[i].length
+  }
   return out
 }
 

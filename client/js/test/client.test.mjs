@@ -28,6 +28,9 @@ function deliver (id, text = `body of ${id}`, attempt = 1, from = 'alice') {
   return { type: 'deliver', id, from, sent_at: 1000, expires_at: 2000, attempt, body: new TextEncoder().encode(text) }
 }
 
+/** Frames back to back with their prefixes, as one WebSocket message carries them. */
+const packed = (frames) => new Uint8Array(Buffer.concat(frames.map(encodeFrame)))
+
 /** Let every pending promise callback and I/O callback run. */
 const settle = () => new Promise((resolve) => setImmediate(resolve))
 
@@ -359,6 +362,54 @@ test('a message that is not exactly one frame is an error and closes the socket'
   socket.receiveBytes(frame.subarray(0, frame.length - 1))
   assert.equal(socket.closeCode, 1002)
   assert.equal(named('error')[0].code, ERROR_CODES.MALFORMED_FRAME)
+})
+
+test('a message holding several frames is handled frame by frame, in order', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws, named } = makeClient(t, { store })
+  await client.start()
+  const socket = ws.last()
+  socket.open()
+  const frames = [WELCOME, deliver('m1'), deliver('m2', 'second', 1, 'carol'), { type: 'drained', pending: 0 }]
+  socket.receiveBytes(packed(frames)) // what a broker that packs its output sends
+  assert.equal(client.state, 'open')
+  for (let i = 0; i < 20 && named('acked').length < 2; i++) await settle()
+  assert.deepEqual(named('message').map((r) => [r.from, r.id]), [['alice', 'm1'], ['carol', 'm2']])
+  assert.deepEqual(socket.sentOfType('ack').map((f) => f.ids), [['m1'], ['m2']])
+  assert.deepEqual(named('drained'), [{ pending: 0 }])
+  assert.deepEqual(named('error'), [])
+  assert.equal(socket.closeCode, null)
+})
+
+test('a message ending inside a frame is MALFORMED_FRAME and none of its whole frames is handled', async (t) => {
+  const { client, ws, named } = makeClient(t, { minBackoffMs: 1000 })
+  const socket = await connect(client, ws)
+  const last = encodeFrame({ type: 'drained', pending: 1 })
+  socket.receiveBytes(new Uint8Array(Buffer.concat([encodeFrame(deliver('m1')), last.subarray(0, last.length - 1)])))
+  assert.equal(socket.closeCode, 1002)
+  assert.deepEqual(named('error').map((e) => [e.code, e.close]), [[ERROR_CODES.MALFORMED_FRAME, true]])
+  assert.deepEqual(named('message'), [])
+  assert.deepEqual(named('drained'), [])
+})
+
+test('an empty message, one shorter than a prefix, and a text message are MALFORMED_FRAME', async (t) => {
+  for (const data of [new Uint8Array(0), new Uint8Array([0, 0, 0]), 'not binary']) {
+    const { client, ws, named } = makeClient(t, { minBackoffMs: 1000 })
+    const socket = await connect(client, ws)
+    socket.onmessage({ data: typeof data === 'string' ? data : data.buffer })
+    assert.equal(socket.closeCode, 1002, String(data))
+    assert.deepEqual(named('error').map((e) => e.code), [ERROR_CODES.MALFORMED_FRAME])
+  }
+})
+
+test('frames after one whose handler closed the client are not handled', async (t) => {
+  const { client, ws, named } = makeClient(t)
+  const socket = await connect(client, ws)
+  client.addEventListener('drained', () => client.close(), { once: true })
+  socket.receiveBytes(packed([{ type: 'drained', pending: 0 }, deliver('late')]))
+  await settle()
+  assert.deepEqual(named('drained'), [{ pending: 0 }])
+  assert.deepEqual(named('message'), [], 'the DELIVER after it belongs to a closed connection')
 })
 
 test('a refused token stops the reconnecting', async (t) => {

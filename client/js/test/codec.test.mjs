@@ -15,10 +15,12 @@ import {
   MAX_RECIPIENT_CHARS,
   ProtocolError,
   decodeBody,
+  decodeMessage,
   encodeBody,
   encodeFrame,
   isValidMailboxId,
-  isValidMessageId
+  isValidMessageId,
+  packFrames
 } from '../codec.js'
 
 const vectorsDir = new URL('../../../tests/vectors/', import.meta.url)
@@ -61,6 +63,7 @@ for (const v of VALID) {
     assert.equal(frames.length, 1)
     assert.deepStrictEqual(frames[0], fromJson(v.frame))
     assert.deepStrictEqual(decodeBody(data.subarray(4)), frames[0])
+    assert.deepStrictEqual(decodeMessage(data), frames, 'one frame alone is a WebSocket message too')
   })
   test(`valid ${v.name} ${v.canonical ? 're-encodes to the same bytes' : 're-encodes canonically'}`, () => {
     const frame = decodeBody(fromHex(v.hex).subarray(4))
@@ -284,4 +287,75 @@ test('SEND to elements and RECEIPT result keys are at most 64 code points, count
   }
   // A short name that is no mailbox id is still any text on the wire (the broker refuses it per recipient).
   assert.deepStrictEqual(decodeBody(send(['not a mailbox!'])).to, ['not a mailbox!'])
+})
+
+// ------------------------------------------------------------------ WebSocket messages (protocol.md 2.5)
+
+const VALID_BYTES = VALID.map((v) => fromHex(v.hex))
+const VALID_FRAMES = VALID.map((v) => fromJson(v.frame))
+const concat = (...parts) => new Uint8Array(Buffer.concat(parts))
+
+test('a WebSocket message of several whole frames decodes to all of them, in order', () => {
+  assert.deepStrictEqual(decodeMessage(concat(...VALID_BYTES)), VALID_FRAMES)
+  const random = rng(3)
+  for (let round = 0; round < 200; round++) {
+    const picks = Array.from({ length: 1 + Math.floor(random() * 6) }, () => Math.floor(random() * VALID.length))
+    assert.deepStrictEqual(decodeMessage(concat(...picks.map((i) => VALID_BYTES[i]))), picks.map((i) => VALID_FRAMES[i]))
+  }
+})
+
+test('a message that ends inside a frame (or holds fewer than 4 bytes) is MALFORMED_FRAME, whole frames before it or not', () => {
+  expectCode(() => decodeMessage(new Uint8Array(0)), ERROR_CODES.MALFORMED_FRAME)
+  const whole = concat(VALID_BYTES[0], VALID_BYTES[1])
+  const last = encodeFrame({ type: 'send', id: 'm1', to: ['bob'], body: new Uint8Array(40) })
+  for (const head of [new Uint8Array(0), whole]) {
+    for (let cut = 1; cut < last.length; cut++) {
+      expectCode(() => decodeMessage(concat(head, last.subarray(0, cut))), ERROR_CODES.MALFORMED_FRAME)
+    }
+    assert.equal(decodeMessage(concat(head, last)).length, head === whole ? 3 : 1)
+  }
+})
+
+test('every invalid vector is refused with its code inside a message too, after a valid frame', () => {
+  for (const v of INVALID) {
+    expectCode(() => decodeMessage(fromHex(v.hex)), v.error)
+    expectCode(() => decodeMessage(concat(VALID_BYTES[0], fromHex(v.hex))), v.error)
+  }
+})
+
+test('a message applies the frame limit from each prefix, like the stream decoder', () => {
+  const data = encodeFrame({ type: 'send', id: 'm1', to: ['bob'], body: new Uint8Array(100) })
+  const limit = data.length - 4
+  assert.equal(decodeMessage(concat(data, data), { maxFrameBytes: limit }).length, 2)
+  expectCode(() => decodeMessage(concat(data, data), { maxFrameBytes: limit - 1 }), ERROR_CODES.FRAME_TOO_LARGE)
+  // A prefix above the limit is FRAME_TOO_LARGE from the prefix alone, even where the message ends.
+  expectCode(() => decodeMessage(concat(VALID_BYTES[0], data.subarray(0, 4)), { maxFrameBytes: limit - 1 }), ERROR_CODES.FRAME_TOO_LARGE)
+  expectCode(() => decodeMessage(fromHex('00100001')), ERROR_CODES.FRAME_TOO_LARGE) // default 1 MiB
+  assert.equal(decodeMessage(data, { maxFrameBytes: Infinity }).length, 1)
+})
+
+test('packFrames keeps the order, never splits a frame, and fills each message up to the limit', () => {
+  const random = rng(11)
+  for (let round = 0; round < 300; round++) {
+    const frames = Array.from({ length: Math.floor(random() * 12) }, () => VALID_BYTES[Math.floor(random() * VALID.length)])
+    const limit = [0, 10, 64, 200, 1000, 100000][round % 6]
+    const messages = packFrames(frames, limit)
+    assert.deepStrictEqual(Buffer.concat(messages), Buffer.concat(frames), 'the same bytes in the same order')
+    const perMessage = messages.map((m) => decodeMessage(m).length) // each message ends at a frame boundary
+    assert.equal(perMessage.reduce((a, b) => a + b, 0), frames.length)
+    let next = 0
+    for (const [i, message] of messages.entries()) {
+      if (perMessage[i] > 1) assert.ok(message.length <= limit, `message of ${message.length} bytes over ${limit}`)
+      else assert.equal(message, frames[next], 'a lone frame is sent as it is, not copied')
+      next += perMessage[i]
+      if (i + 1 < messages.length) {
+        assert.ok(message.length + frames[next].length > limit, 'the next frame would not have fitted')
+      }
+    }
+  }
+  assert.deepStrictEqual(packFrames([], 100), [])
+  const big = encodeFrame({ type: 'deliver', id: 'm1', from: 'alice', sent_at: 1, expires_at: 2, attempt: 1, body: new Uint8Array(500) })
+  const small = encodeFrame({ type: 'ping' })
+  assert.deepStrictEqual(packFrames([small, big, small, small], 100).map((m) => m.length), [small.length, big.length, 2 * small.length])
+  assert.deepStrictEqual(packFrames([small, small], 2 * small.length).map((m) => m.length), [2 * small.length], 'the limit is inclusive')
 })
