@@ -1,62 +1,44 @@
-"""The broker: listeners, presence, routing, statistics and the TTL sweeper in one trio nursery.
+"""The broker's lifecycle: listeners, the store, the parts a session is made of, shutdown, the sweeper.
 
-Theory of operation. :meth:`Broker.serve` opens the TCP listener and runs the sweeper;
-every accepted connection becomes a :class:`~broker.session.Session` in the handler
-nursery. ``presence`` maps each mailbox to the one session that owns it (a newer HELLO
-takes over). :meth:`Broker.route` is the whole path of a batch of SENDs: plan
-(pure), one ``store.enqueue_many`` call, build receipts, then deliver to online recipients
-(:meth:`Session.deliver_now`) before the caller writes the receipts.
-Shutdown is a deadline: each session is told SHUTTING_DOWN and given
-``shutdown_grace_s`` to flush.
+Theory of operation. A :class:`Broker` assembles the parts and runs them; it holds no
+routing, presence or statistics logic of its own. It opens the store (or takes one
+given), and builds one :class:`~broker.presence.LocalPresence`, one
+:class:`~broker.stats.Stats` and one :class:`~broker.router.Router` over it.
+:meth:`Broker.serve` opens the TCP listener, starts the HTTP and WebSocket listeners and
+the sweeper (:meth:`Router.cleanup` every ``cleanup_interval_s``); every accepted
+connection becomes a :class:`~broker.session.Session`, given the router, presence,
+statistics, store, configuration and authenticator (not the broker), in a handler
+nursery. Shutdown is a deadline: each session is told SHUTTING_DOWN and given
+``shutdown_grace_s`` to flush. The HTTP API gets the same parts; ``route``,
+``acknowledge``, ``statistics`` and friends here are thin conveniences over them for
+tests and callers outside a session.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import trio
 
-from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, Receipt, Send, encode_frame
 from wire import Error as ErrorFrame
+from wire import ErrorCode, Receipt, Send, encode_frame
 
 from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig
-from .routing import plan_send, receipt_result
+from .presence import LocalPresence
+from .router import Router
 from .session import Session
-from .store.base import DUPLICATE, STORED, AckResult, Clock, Store, StoredMessage, wall_clock_ms
+from .stats import Counters, Stats
+from .store.base import AckResult, Clock, Store, StoredMessage, wall_clock_ms
 from .store.memory import MemoryStore
 from .transport import StreamTransport, Transport
 
 __all__ = ["Broker", "Counters", "open_store"]
 
 log = logging.getLogger(__name__)
-
-_REFUSAL_NAMES = {
-    ErrorCode.MAILBOX_FULL: "refused_mailbox_full",
-    ErrorCode.MAILBOX_BYTES_FULL: "refused_mailbox_bytes_full",
-    ErrorCode.BROKER_FULL: "refused_broker_full",
-    ErrorCode.TOO_MANY_RECIPIENTS: "refused_too_many_recipients",
-    ErrorCode.ID_CONFLICT: "refused_id_conflict",
-    ErrorCode.INVALID_RECIPIENT: "refused_invalid_recipient",
-    ErrorCode.BODY_TOO_LARGE: "refused_body_too_large",
-}
-
-
-class Counters:
-    """Cumulative broker counters (the store keeps its own)."""
-
-    __slots__ = ("delivered", "duplicates", "redelivered", "refused", "sent")
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.delivered = 0
-        self.redelivered = 0
-        self.duplicates = 0
-        self.refused: dict[int, int] = dict.fromkeys(_REFUSAL_NAMES, 0)
 
 
 def open_store(config: BrokerConfig, clock: Clock) -> Store:
@@ -87,9 +69,11 @@ class Broker:
             if auth is not None
             else Authenticator(load_or_create_secret(self.config.data_dir), leeway_s=self.config.token_leeway_s)
         )
-        self.presence: dict[str, Session] = {}
         self.sessions: set[Session] = set()
-        self.counters = Counters()
+        self.presence = LocalPresence()
+        self.stats = Stats(self.store, self.presence, self.sessions.__len__, clock=clock)
+        self.counters = self.stats.counters
+        self.router = Router(self.config, self.store, self.presence, self.counters, clock=clock)
         self.tcp_port: int | None = None
         self._stopping = False
         self._handlers_done = trio.Event()
@@ -186,122 +170,53 @@ class Broker:
                     pass
             await transport.aclose()
             return
-        session = Session(self, transport, secrets.token_hex(8))
+        session = Session(
+            transport,
+            secrets.token_hex(8),
+            config=self.config,
+            auth=self.auth,
+            router=self.router,
+            presence=self.presence,
+            stats=self.stats,
+            store=self.store,
+        )
         self.sessions.add(session)
-        await session.run()
-
-    def session_ended(self, session: Session) -> None:
-        self.sessions.discard(session)
-
-    async def attach(self, session: Session) -> None:
-        """Make ``session`` the owner of its mailbox, taking over from any older session."""
-        mailbox = session.mailbox
-        assert mailbox is not None
-        old = self.presence.get(mailbox)
-        self.presence[mailbox] = session
-        if old is not None:
-            session.predecessor = old
-            old.close(ErrorCode.CONNECTED_ELSEWHERE, "connected elsewhere: a newer connection took over this mailbox")
-            await old.finished.wait()
-
-    # ------------------------------------------------------------ routing
-
-    async def route(self, sender: str, sends: Sequence[Send]) -> list[Receipt]:
-        """Store a batch of SENDs from ``sender`` and return their receipts, in order."""
-        config = self.config
-        now = self.clock()
-        expiries: dict[int, int] = {}
-        plans = [
-            plan_send(
-                s,
-                sender,
-                now_ms=now,
-                default_ttl_s=config.default_ttl_s,
-                max_ttl_s=config.max_ttl_s,
-                max_recipients=config.max_recipients,
-                max_body_bytes=config.max_frame_bytes - DELIVER_OVERHEAD_BYTES,
-                expiries=expiries,
-            )
-            for s in sends
-        ]
-        messages = [p.message for p in plans if p.message is not None]
-        outcomes = iter(await self.store.enqueue_many(messages) if messages else ())
-        presence = self.presence
-        counters = self.counters
-        receipts = []
-        woken: dict[Session, None] = {}
-        for send, plan in zip(sends, plans, strict=True):
-            if plan.code is not None:
-                counters.refused[plan.code] += 1
-                receipts.append(Receipt._unchecked(send.id, {}, plan.code))
-                continue
-            results = {}
-            for rcpt, code in plan.refused.items():
-                results[rcpt] = receipt_result(code, False)
-                counters.refused[code] += 1
-            if plan.message is not None:
-                for rcpt, outcome in zip(plan.message.recipients, next(outcomes), strict=True):
-                    session = presence.get(rcpt)
-                    results[rcpt] = receipt_result(outcome, session is not None)
-                    if outcome == STORED:
-                        counters.sent += 1
-                        if session is not None:
-                            woken[session] = None
-                    elif outcome == DUPLICATE:
-                        counters.duplicates += 1
-                    else:
-                        counters.refused[outcome] += 1
-            receipts.append(Receipt._unchecked(send.id, results, None))  # valid by construction
-        for session in woken:  # deliveries go out before the receipts the caller sends next
-            await session.deliver_now()
-        return receipts
-
-    async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> AckResult:
-        """Delete ACKed messages of ``mailbox`` (from any transport); its live session recounts its window."""
-        result = await self.store.ack_many(mailbox, ids)
-        session = self.presence.get(mailbox)
-        if session is not None and result.deleted:
-            session.acked(result)
-        return result
-
-    async def pending_messages(self, mailbox: str, limit: int) -> list[StoredMessage]:
-        """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""
-        return await self.store.peek(mailbox, limit)
-
-    # ------------------------------------------------------------ operations
-
-    async def cleanup(self) -> int:
-        """Purge expired messages now; returns how many. Sessions recount their windows."""
-        purged = await self.store.purge_expired()
-        if purged:
-            for session in self.presence.values():
-                session.resync()
-        log.info("sweep purged %d expired messages", purged)
-        return purged
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
 
     async def sweep_forever(self) -> None:
         """Purge expired messages every ``cleanup_interval_s`` (started by :meth:`serve`)."""
         while True:
             await trio.sleep(self.config.cleanup_interval_s)
             try:
-                await self.cleanup()
+                await self.router.cleanup()
             except Exception:
                 log.exception("sweep failed; will try again")
 
+    # ------------------------------------------------------------ conveniences over the parts (tests, HTTP)
+
+    async def route(self, sender: str, sends: Sequence[Send]) -> list[Receipt]:
+        """Route a batch of SENDs from ``sender`` as a session does (wake, then receipts); their receipts."""
+        routed = await self.router.route(sender, sends)
+        await self.presence.wake(routed.wake)
+        return [Receipt(id=r.id, results=dict(r.results), code=r.code) for r in routed.receipts]
+
+    async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> AckResult:
+        """Delete ACKed messages of ``mailbox`` from outside its session; its live session recounts."""
+        acked = await self.router.acknowledge(mailbox, ids)
+        await self.presence.resync(acked.resync)
+        return acked.result
+
+    async def pending_messages(self, mailbox: str, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""
+        return await self.router.peek(mailbox, limit)
+
+    async def cleanup(self) -> int:
+        """Purge expired messages now; returns how many (:meth:`Router.cleanup`)."""
+        return await self.router.cleanup()
+
     async def statistics(self) -> dict[str, int]:
-        """Every relay statistic (see protocol.md, Statistics)."""
-        store_stats: Mapping[str, Any] = await self.store.statistics()
-        c = self.counters
-        stats = dict(store_stats)
-        stats.update(
-            online_users=len(self.presence),
-            connections=len(self.sessions),
-            sent_total=c.sent,
-            delivered_total=c.delivered,
-            redelivered_total=c.redelivered,
-            duplicates_total=c.duplicates,
-            refused_total=sum(c.refused.values()),
-        )
-        for code, name in _REFUSAL_NAMES.items():
-            stats[name] = c.refused[code]
-        return stats
+        """Every relay statistic, as STATS_RESULT carries them (protocol.md, Statistics)."""
+        return (await self.stats.snapshot()).to_wire()

@@ -99,7 +99,7 @@ async def test_what_the_socket_does_not_take_at_once_follows_in_order(broker_fac
                 for _ in range(30):
                     await alice.expect(Receipt)
             session = broker.presence["bob"]
-            assert session._unsent > 0, "nothing had to wait for the writer: the test proves nothing"
+            assert session.outbox.unsent > 0, "nothing had to wait for the writer: the test proves nothing"
             ids = []
             for _ in range(300):
                 d = await bob.expect(Deliver)
@@ -126,10 +126,10 @@ async def test_a_closing_session_takes_no_new_message(broker_factory: Any) -> No
                     await alice.expect(Receipt)
             session = broker.presence["bob"]
             await bob.stream.send_eof()  # bob is done sending (and still reads nothing): the session ends
-            while not session._closing:
+            while not session.closing:
                 await trio.sleep(0.01)
             assert broker.presence.get("bob") is session, "the session ended at once: the test proves nothing"
-            assert 0 < session._unsent < big // 2, "delivery would be paused anyway: the test proves nothing"
+            assert 0 < session.outbox.unsent < big // 2, "delivery would be paused anyway: the test proves nothing"
             delivered = (await broker.statistics())["delivered_total"]
             await alice.send(Send(id="late", to=("bob",), body=b"late"))
             await alice.expect(Receipt)

@@ -1,0 +1,176 @@
+"""Delivery: one mailbox's pump, from the store to its session's outbox, within the in-flight window.
+
+Theory of operation. A :class:`Delivery` belongs to one session that holds one mailbox
+under one claim. :meth:`Delivery.pump` fetches queued messages while the in-flight window
+(``max_inflight`` un-ACKed DELIVERs) and the outbox have room, encodes each as a DELIVER
+through the connection's state machine and pushes them; when the mailbox has nothing
+left queued after a connect or PULL, it sends DRAINED. It stops when the window is full
+(an ACK reopens it: :meth:`acked`) or the outbox passes its soft limit (the outbox calls
+back once there is space). The mailbox task (:meth:`run`) pumps whenever signalled.
+
+How a new message reaches the pump is decided here and only here, from
+``store.synchronous``: a store whose calls never yield (the in-memory store) lets the
+sender's task pump the recipient at once in :meth:`wake`, since nothing can interleave
+(a task switch less per message, which is what online latency is made of); any other
+store leaves it to the mailbox task. Expiry or an ACK that did not come over this
+session changes the window behind the pump's back: :meth:`resync` makes the next pump
+recount it with a fetch even when the window looks full.
+
+``attempt`` counts DELIVERs actually written: messages fetched while the connection was
+already closing are not written and not counted (they go back to the queue when the
+session ends: ``store.release``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import trio
+
+from wire import Connection, Drained, State, encode_deliver
+
+from .outbox import Outbox
+from .stats import Counters
+from .store.base import AckResult, Claim, Store, StoredMessage
+
+__all__ = ["Delivery"]
+
+log = logging.getLogger(__name__)
+
+
+class Delivery:
+    """The delivery side of one session's mailbox (see the module docstring)."""
+
+    __slots__ = (
+        "_blocked",
+        "_counters",
+        "_drain_wanted",
+        "_fetch_bytes",
+        "_inline",
+        "_resync",
+        "_signal",
+        "_unwritten",
+        "_window",
+        "claim",
+        "conn",
+        "inflight",
+        "mailbox",
+        "outbox",
+        "store",
+    )
+
+    def __init__(
+        self,
+        mailbox: str,
+        claim: Claim,
+        *,
+        store: Store,
+        conn: Connection,
+        outbox: Outbox,
+        counters: Counters,
+        max_inflight: int,
+    ) -> None:
+        self.mailbox = mailbox
+        self.claim = claim
+        self.store = store
+        self.conn = conn
+        self.outbox = outbox
+        self._counters = counters
+        self._window = max_inflight
+        # Deliveries fetched at once: with the reader's share this keeps unsent data under the cap.
+        self._fetch_bytes = outbox.soft_limit // 2
+        self._inline = store.synchronous
+        self.inflight = 0
+        """DELIVERs of this mailbox not yet ACKed, as the store last said."""
+        self._signal = trio.Event()
+        self._drain_wanted = True  # the first pump (at connect) ends with DRAINED
+        self._resync = False
+        self._blocked = False  # stopped on a full window
+        self._unwritten: list[str] = []  # fetched while closing, never written: attempt goes back down
+
+    # ------------------------------------------------------------ from other tasks
+
+    async def wake(self) -> None:
+        """New messages were queued for this mailbox (called from the sender's task)."""
+        if self.outbox.closing:
+            return  # it stays queued for the next session: the mailbox task is cancelled, writes are dropped
+        if self._inline and self.conn.state is State.OPEN:
+            await self.pump()
+        else:
+            self._signal.set()
+
+    def resync(self) -> None:
+        """The store removed messages behind our back (expiry, ACK elsewhere): recount the window."""
+        self._resync = True
+        self._signal.set()
+
+    def acked(self, result: AckResult) -> None:
+        """Messages of this mailbox were ACKed over this session: the window may have room."""
+        self.inflight = result.inflight
+        if self._blocked and self.inflight < self._window:
+            self._signal.set()
+
+    async def pull(self) -> None:
+        """PULL: every in-flight message goes back to the queue and is delivered again, then DRAINED."""
+        await self.store.release(self.mailbox)
+        self.inflight = 0
+        self._drain_wanted = True
+        self._signal.set()
+
+    async def release(self) -> None:
+        """The session ends: its un-ACKed deliveries go back to the queue for the next one."""
+        await self.store.release(self.mailbox)
+
+    # ------------------------------------------------------------ the mailbox task
+
+    async def run(self) -> None:
+        """The mailbox task: pump at once (connect), then whenever signalled. Never returns."""
+        self._signal.set()
+        while True:
+            await self._signal.wait()
+            self._signal = trio.Event()
+            await self.pump()
+
+    def _wake_for_space(self) -> None:
+        self._signal.set()
+
+    async def pump(self) -> None:
+        """Hand queued messages to the outbox while the window and the outbox have room."""
+        outbox = self.outbox
+        self._blocked = False
+        while True:
+            room = self._window - self.inflight
+            if not outbox.has_room():
+                outbox.call_when_space(self._wake_for_space)
+                return
+            if room <= 0 and not self._resync:
+                self._blocked = True  # an ACK wakes the mailbox task
+                return
+            self._resync = False
+            batch = await self.store.fetch_many(self.mailbox, max(room, 0), self._fetch_bytes)
+            self.inflight = batch.inflight
+            if batch.messages and not self._write(batch.messages):
+                return  # closing: what was fetched goes back to the queue at release
+            if batch.queued == 0:
+                if self._drain_wanted and not outbox.closing and self.conn.state is State.OPEN:
+                    self._drain_wanted = False
+                    outbox.push(self.conn.send(Drained(pending=batch.inflight)))
+                return
+            if not batch.messages and room > 0:
+                return  # (a resync fetch with no room only recounted the window: go round again)
+
+    def _write(self, messages: Sequence[StoredMessage]) -> bool:
+        """Push DELIVERs for ``messages``; False (nothing written) if the connection is closing."""
+        if self.outbox.closing or self.conn.state is not State.OPEN:
+            self._unwritten.extend(m.id for m in messages)
+            return False
+        self.outbox.push_all(
+            [encode_deliver(m.id, m.sender, m.sent_at, m.expires_at, m.attempt, m.body) for m in messages]
+        )
+        counters = self._counters
+        counters.delivered += len(messages)
+        redelivered = sum(m.attempt > 1 for m in messages)
+        if redelivered:
+            counters.redelivered += redelivered
+        return True

@@ -1,0 +1,246 @@
+"""Routing: the one funnel every transport's SENDs and ACKs go through.
+
+Theory of operation. :func:`plan_send` is pure: it judges one SEND against the limits
+(whole-SEND refusals first, then each recipient) and fixes its times from ``now_ms``.
+:meth:`Router.route` plans a batch, stores what passed with one ``store.enqueue_many``
+call, asks presence once which recipients are online, and builds each SEND's outcome
+with :func:`recipient_result`. It returns the outcomes and the mailboxes to wake, and
+wakes nobody (mqttproto's ``publish`` is the model): the caller does
+``await presence.wake(routed.wake)``, before it writes the receipts, so an online
+recipient's DELIVER goes out before the sender's RECEIPT. The session encodes outcomes
+as RECEIPT frames, the HTTP API as JSON: one rule set, whatever the transport.
+:meth:`Router.acknowledge` is the same for ACKs, and :meth:`Router.cleanup` is the one
+expiry path (the sweeper, operator CLEANUP over TCP/WebSocket and HTTP): purge, then
+tell presence which mailboxes must recount. The router's clock stamps and judges
+(``now_ms``); counters go to :class:`~broker.stats.Counters`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, RecipientResult, Send, Status, is_valid_mailbox_id
+
+from .config import BrokerConfig
+from .presence import Presence
+from .stats import Counters
+from .store.base import DUPLICATE, STORED, AckResult, Clock, NewMessage, Outcome, Store, StoredMessage
+
+__all__ = ["Acked", "Plan", "Routed", "Router", "SendOutcome", "plan_send", "recipient_result"]
+
+log = logging.getLogger(__name__)
+
+_QUEUED = RecipientResult(Status.QUEUED)
+_DELIVERED = RecipientResult(Status.DELIVERED)
+_DUPLICATE = RecipientResult(Status.DUPLICATE)
+_REFUSED = {code: RecipientResult(Status.REFUSED, int(code)) for code in ErrorCode}
+
+
+@dataclass(slots=True)
+class Plan:
+    """What :func:`plan_send` decided for one SEND."""
+
+    message: NewMessage | None
+    """What to store, for the recipients that passed; None if none did."""
+    refused: dict[str, int]
+    """Recipients refused before storing, with their error codes."""
+    code: int | None = None
+    """The whole SEND is refused with this code (no recipient is looked at, nothing is stored)."""
+
+
+def plan_send(
+    send: Send,
+    sender: str,
+    *,
+    now_ms: int,
+    default_ttl_s: int,
+    max_ttl_s: int,
+    max_recipients: int,
+    max_body_bytes: int,
+    expiries: dict[int, int] | None = None,
+) -> Plan:
+    """Validate a SEND's recipients and body size and fix its times. The sender is the authenticated mailbox.
+
+    Rules that concern the whole SEND come first, in this order, and refuse it as a whole with one code:
+    more than ``max_recipients`` distinct recipients (TOO_MANY_RECIPIENTS), then a body longer than
+    ``max_body_bytes`` (BODY_TOO_LARGE). Such a receipt echoes no recipient, so every receipt stays within
+    ``receipt_bound_bytes(max_recipients)``. Then each recipient is judged on its own.
+
+    ``expiries`` (TTL -> expires_at), shared across one batch, lets its messages share their expiry objects.
+    Raises nothing.
+    """
+    recipients = tuple(dict.fromkeys(send.to)) if len(send.to) > 1 else send.to
+    if len(recipients) > max_recipients:
+        return Plan(None, {}, ErrorCode.TOO_MANY_RECIPIENTS)
+    if len(send.body) > max_body_bytes:
+        return Plan(None, {}, ErrorCode.BODY_TOO_LARGE)
+    refused: dict[str, int] = {}
+    for rcpt in recipients:
+        if not is_valid_mailbox_id(rcpt):
+            refused[rcpt] = ErrorCode.INVALID_RECIPIENT
+    if refused:
+        recipients = tuple(r for r in recipients if r not in refused)
+        if not recipients:
+            return Plan(None, refused)
+    ttl_s = default_ttl_s if send.ttl_s is None else min(send.ttl_s, max_ttl_s)
+    if expiries is None:
+        expires_at = now_ms + ttl_s * 1000
+    elif (expires_at := expiries.get(ttl_s, -1)) < 0:
+        # One int object per TTL per batch, shared by every message held: 32 bytes a message saved.
+        expires_at = expiries[ttl_s] = now_ms + ttl_s * 1000
+    message = NewMessage(send.id, sender, recipients, send.body, now_ms, expires_at)
+    return Plan(message, refused)
+
+
+def recipient_result(outcome: Outcome, online: bool) -> RecipientResult:
+    """The result a sender sees for one recipient, from the store's outcome. Raises nothing."""
+    if outcome is Outcome.STORED:
+        return _DELIVERED if online else _QUEUED
+    if outcome is Outcome.DUPLICATE:
+        return _DUPLICATE
+    assert outcome.code is not None
+    return _REFUSED[outcome.code]
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What became of one SEND: a RECEIPT's fields (``results`` per recipient, or ``code`` if refused whole)."""
+
+    id: str
+    results: Mapping[str, RecipientResult]
+    code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """What :meth:`Router.route` did: one outcome per SEND, in order, and the mailboxes to wake."""
+
+    receipts: list[SendOutcome]
+    wake: list[str]
+    """Online recipients that now hold new messages (each once): pass to ``presence.wake``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """What :meth:`Router.acknowledge` did."""
+
+    result: AckResult
+    resync: tuple[str, ...]
+    """The mailbox, if anything was deleted: its live session recounts its window (``presence.resync``)
+    unless the ACK came over that session, which applies ``result`` itself."""
+
+
+_OUTCOMES = {STORED: Outcome.STORED, DUPLICATE: Outcome.DUPLICATE} | {o.code: o for o in Outcome if o.code is not None}
+"""(transition until the store returns Outcome itself)"""
+
+
+class Router:
+    """SEND and ACK from any transport, and the expiry sweep; see the module docstring."""
+
+    def __init__(
+        self, config: BrokerConfig, store: Store, presence: Presence, counters: Counters, *, clock: Clock
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.presence = presence
+        self.counters = counters
+        self.clock = clock
+        self._max_body_bytes = config.max_frame_bytes - DELIVER_OVERHEAD_BYTES
+
+    def plan(self, sends: Sequence[Send], sender: str) -> list[Plan]:
+        """Plan each SEND of a batch at the router's clock (pure but for reading the clock)."""
+        config = self.config
+        now = self.clock()
+        expiries: dict[int, int] = {}
+        return [
+            plan_send(
+                s,
+                sender,
+                now_ms=now,
+                default_ttl_s=config.default_ttl_s,
+                max_ttl_s=config.max_ttl_s,
+                max_recipients=config.max_recipients,
+                max_body_bytes=self._max_body_bytes,
+                expiries=expiries,
+            )
+            for s in sends
+        ]
+
+    async def route(self, sender: str, sends: Sequence[Send]) -> Routed:
+        """Store a batch of SENDs from ``sender``; their outcomes, in order, and whom to wake.
+
+        Raises whatever the store or presence raises (nothing is half-reported: the caller's
+        connection ends).
+        """
+        plans = self.plan(sends, sender)
+        messages = [p.message for p in plans if p.message is not None]
+        if not messages:
+            return Routed([self._refused_only(s, p) for s, p in zip(sends, plans, strict=True)], [])
+        raw = await self.store.enqueue_many(messages)
+        stored = [[_OUTCOMES[o] for o in row] for row in raw]  # (transition until the store returns Outcome)
+        online = await self.presence.online({r for m in messages for r in m.recipients})
+        counters = self.counters
+        outcomes = iter(stored)
+        receipts = []
+        wake: dict[str, None] = {}
+        for send, plan in zip(sends, plans, strict=True):
+            if plan.message is None:
+                receipts.append(self._refused_only(send, plan))
+                continue
+            results = self._refusals(plan)
+            for rcpt, outcome in zip(plan.message.recipients, next(outcomes), strict=True):
+                is_online = rcpt in online
+                results[rcpt] = recipient_result(outcome, is_online)
+                if outcome is Outcome.STORED:
+                    counters.sent += 1
+                    if is_online:
+                        wake[rcpt] = None
+                elif outcome is Outcome.DUPLICATE:
+                    counters.duplicates += 1
+                else:
+                    assert outcome.code is not None
+                    counters.refuse(outcome.code)
+            receipts.append(SendOutcome(send.id, results))
+        return Routed(receipts, list(wake))
+
+    def _refusals(self, plan: Plan) -> dict[str, RecipientResult]:
+        """The results of the recipients refused before storing (counted)."""
+        results: dict[str, RecipientResult] = {}
+        for rcpt, code in plan.refused.items():
+            results[rcpt] = _REFUSED[ErrorCode(code)]
+            self.counters.refuse(code)
+        return results
+
+    def _refused_only(self, send: Send, plan: Plan) -> SendOutcome:
+        """The outcome of a SEND that stored nothing: refused whole, or every recipient refused."""
+        if plan.code is not None:
+            self.counters.refuse(plan.code)
+            return SendOutcome(send.id, {}, int(plan.code))
+        return SendOutcome(send.id, self._refusals(plan))
+
+    async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> Acked:
+        """Delete ACKed messages of ``mailbox`` (valid whoever sends them). Raises what the store raises."""
+        result = await self.store.ack_many(mailbox, ids)
+        return Acked(result, (mailbox,) if result.deleted else ())
+
+    async def peek(self, mailbox: str, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""
+        return await self.store.peek(mailbox, limit)
+
+    async def pending(self, mailbox: str) -> int:
+        """How many unexpired messages ``mailbox`` holds (queued and in flight)."""
+        return await self.store.pending(mailbox)
+
+    async def cleanup(self) -> int:
+        """Purge expired messages now and have their mailboxes' sessions recount; returns how many.
+
+        The one expiry path: the sweeper, operator CLEANUP and the HTTP API all call it.
+        Raises what the store or presence raises.
+        """
+        purged = await self.store.purge_expired()
+        if purged:
+            await self.presence.resync(None)  # (transition: the store's Purged will name the mailboxes)
+        log.info("sweep purged %d expired messages", purged)
+        return purged

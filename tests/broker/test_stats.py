@@ -1,0 +1,61 @@
+"""The statistics record: protocol.md section 10's names in one list, the STATS map in wire order."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from broker.presence import LocalPresence
+from broker.stats import NODE_NAMES, REFUSAL_NAMES, RELAY_NAMES, STATS_NAMES, NodeStatistics, Statistics, Stats
+from broker.store.base import StoreStatistics
+from broker.store.memory import MemoryStore
+from tests.wire.test_protocol_doc import SPEC_STATS
+from wire import ErrorCode
+
+
+def record() -> Statistics:
+    relay = StoreStatistics(**{name: i + 1 for i, name in enumerate(RELAY_NAMES)})
+    by_code = {code: 100 + i for i, code in enumerate(REFUSAL_NAMES)}
+    node = NodeStatistics(
+        online_users=20,
+        connections=21,
+        sent_total=22,
+        delivered_total=23,
+        redelivered_total=24,
+        duplicates_total=25,
+        refused_total=sum(by_code.values()),
+        refused_by_code=by_code,
+    )
+    return Statistics(node, relay)
+
+
+def test_every_name_is_a_relay_or_a_node_figure_once() -> None:
+    assert len(set(STATS_NAMES)) == len(STATS_NAMES)
+    assert set(RELAY_NAMES).isdisjoint(NODE_NAMES)
+    assert set(RELAY_NAMES) | set(NODE_NAMES) == set(STATS_NAMES)
+    node_fields = {f.name for f in dataclasses.fields(NodeStatistics)} - {"refused_by_code"}
+    assert set(NODE_NAMES) == node_fields | set(REFUSAL_NAMES.values())
+
+
+def test_to_wire_holds_every_name_in_wire_order_with_its_figure() -> None:
+    stats = record()
+    wire = stats.to_wire()
+    assert list(wire) == list(STATS_NAMES)
+    assert wire["messages_total"] == 1 and wire["inflight"] == len(RELAY_NAMES)
+    assert (wire["online_users"], wire["connections"], wire["refused_total"]) == (20, 21, sum(range(100, 107)))
+    assert [wire[name] for name in REFUSAL_NAMES.values()] == list(range(100, 107))
+
+
+def test_the_names_are_protocol_md_section_10s() -> None:
+    assert sorted(STATS_NAMES) == sorted(SPEC_STATS)
+
+
+async def test_a_snapshot_reads_the_store_presence_connections_and_counters() -> None:
+    store = MemoryStore()
+    presence = LocalPresence()
+    stats = Stats(store, presence, lambda: 3, clock=lambda: 0)
+    stats.counters.delivered = 5
+    stats.counters.refuse(ErrorCode.BROKER_FULL)
+    snapshot = await stats.snapshot()
+    assert (snapshot.node.connections, snapshot.node.delivered_total, snapshot.node.refused_total) == (3, 5, 1)
+    assert snapshot.to_wire()["refused_broker_full"] == 1
+    assert snapshot.relay.messages_total == 0
