@@ -6,11 +6,19 @@ Quick start::
         receipt = await client.send("bob", b"hello")
         async for delivery in client.deliveries():
             client.ack(delivery.id)
+
+The implementation lives in private modules, re-exported here: ``_client`` (the API, the
+reconnect supervisor, :func:`open_client`), ``_link`` (one connection: reader, writer,
+watchdog), ``_pending`` (SENDs and requests awaiting answers), ``_inbox`` (deliveries, the
+local-store saver, DRAINED).
 """
+
+from __future__ import annotations
 
 from wire import ErrorCode, Receipt, RecipientResult, Status, Welcome
 
-from .connection import ConnectionEvent, ConnectionState, Delivery, OutgoingMessage, RelayClient, open_client
+from ._client import ConnectionEvent, ConnectionState, OutgoingMessage, RelayClient, open_client
+from ._inbox import Delivery
 from .errors import (
     AuthenticationError,
     ConnectedElsewhere,

@@ -33,7 +33,7 @@ import trio
 
 from wire import ErrorCode, Receipt, Status, is_valid_mailbox_id
 
-from .connection import ConnectionEvent, ConnectionState, open_client
+from ._client import ConnectionEvent, ConnectionState, open_client
 from .errors import AuthenticationError, ConnectionLost, RelayError
 from .localstore import LocalStore, body_json
 

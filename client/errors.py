@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from wire import ErrorCode
 
 __all__ = [
@@ -130,3 +132,10 @@ def error_from_code(code: int, message: str) -> RelayError:
 def is_fatal(code: int) -> bool:
     """Whether a closing ERROR with this code ends the client for good (no reconnect)."""
     return code in FATAL_CODES
+
+
+def fresh_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` without its traceback, to raise in one more task (tracebacks do not pile up on one object)."""
+    dup = copy.copy(exc)
+    dup.__traceback__ = None
+    return dup

@@ -1,0 +1,556 @@
+"""The trio client's public face: :class:`RelayClient`, its reconnect supervisor, and :func:`open_client`.
+
+Theory of operation. :func:`open_client` starts the **supervisor** task and waits until its first
+link is established, so a bad URL, an unreachable broker or a refused token raise at once. The
+supervisor serves links one after another, each inside ``async with`` the transport it runs on
+(:mod:`client._link`: reader, writer, watchdog). When a link ends for a transient reason it
+reconnects with exponential backoff and jitter; INVALID_TOKEN, TOKEN_EXPIRED,
+UNSUPPORTED_VERSION, CONNECTED_ELSEWHERE (and other protocol violations) are fatal: every waiter
+raises the error, and ``on_connection_change`` hears STOPPED.
+
+Nothing is lost across reconnects. Each SEND waits in the pending table (:mod:`client._pending`)
+until its RECEIPT arrives; a new link writes all of them again with the same ids, and SEND is
+idempotent, so a message whose receipt was lost is reported "duplicate", never stored twice. ACK
+ids not written when a link fails are written on the next one. Waiting for receipts costs one
+event per ``send``/``send_batch`` call, never a task per message. Deliveries, the local-store
+saver and DRAINED live in :mod:`client._inbox`.
+
+This class only wires those parts together: it checks the caller's arguments, encodes SENDs
+through the current link (or judges them without one, while reconnecting), and decides when the
+client stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypedDict, Unpack
+
+import trio
+
+from wire import (
+    PROTOCOL_VERSION,
+    Cleanup,
+    CleanupResult,
+    ErrorCode,
+    Frame,
+    Hello,
+    Pull,
+    Receipt,
+    Stats,
+    StatsResult,
+    Status,
+    Welcome,
+    is_valid_message_id,
+)
+
+from ._inbox import ClientState, Delivery, Inbox, InboxIterator
+from ._link import Link, Outbound, TransportFactory, check_sends, handshake, opened
+from ._pending import PendingTable, SendItem
+from .errors import ConnectionLost, ForbiddenError, RelayError, is_fatal
+from .localstore import LocalStore
+from .transport import Endpoint, TransportClosed, open_transport, parse_url
+
+__all__ = [
+    "ClientOptions",
+    "ConnectionEvent",
+    "ConnectionState",
+    "OutgoingMessage",
+    "RelayClient",
+    "open_client",
+]
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+"""Longest a connect plus HELLO -> WELCOME may take before the attempt counts as failed."""
+CLOSE_TIMEOUT_S = 5.0
+"""Longest :meth:`RelayClient.close` waits to save, ACK and say BYE."""
+_MAX_BACKOFF_DOUBLINGS = 40
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One message for :meth:`RelayClient.send_batch`. ``id`` defaults to 128 random bits in hex."""
+
+    to: str | Sequence[str]
+    body: bytes
+    ttl_s: int | None = None
+    id: str | None = None
+
+
+class ConnectionState(StrEnum):
+    """What happened to the client's connection (see :class:`ConnectionEvent`)."""
+
+    CONNECTED = "connected"
+    """The first session is established (WELCOME received)."""
+    DISCONNECTED = "disconnected"
+    """A session ended for a transient reason (``reason``); the client is reconnecting."""
+    RECONNECTED = "reconnected"
+    """A session is established again after DISCONNECTED."""
+    STOPPED = "stopped"
+    """A session ended and the client will not reconnect: a fatal error (e.g. CONNECTED_ELSEWHERE,
+    TOKEN_EXPIRED) or ``reconnect=False``. ``reason`` is the error every waiter now raises.
+    Not reported for a :meth:`RelayClient.close` or an abandoned client."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionEvent:
+    """One change of connection state, given to ``on_connection_change``.
+
+    ``url`` is the broker's URL; ``mailbox`` and ``pending`` (messages the broker held for
+    the mailbox, unexpired, at WELCOME) come from the WELCOME of a (re)connect and are None
+    otherwise (``mailbox`` is also None for operator sessions); ``reason`` says why a session
+    ended (DISCONNECTED, STOPPED: its ``code`` is the ERROR code, e.g. 4004 SHUTTING_DOWN or
+    4001 CONNECTED_ELSEWHERE, or None for a transport failure); ``connects`` counts the sessions
+    established so far.
+    """
+
+    state: ConnectionState
+    url: str
+    mailbox: str | None = None
+    pending: int | None = None
+    reason: RelayError | None = None
+    connects: int = 0
+
+    @property
+    def code(self) -> int | None:
+        """The error code that ended the session (``reason.code``), if any."""
+        return self.reason.code if self.reason is not None else None
+
+
+ConnectionCallback = Callable[[ConnectionEvent], None]
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword options of :func:`open_client` and :class:`RelayClient` (defaults in ``RelayClient.__init__``)."""
+
+    local_store: LocalStore | None
+    """Save deliveries there before ACKing them, and record sent messages (default: none)."""
+    agent: str | None
+    """Sent in HELLO to name this client in the broker's logs."""
+    reconnect: bool
+    """Reconnect after a transient failure (default True); with False the first failure stops the client."""
+    backoff_initial_s: float
+    """First reconnect delay (default 0.1 s); it doubles per failed attempt, with jitter."""
+    backoff_max_s: float
+    """Longest reconnect delay (default 10 s)."""
+    transport_factory: TransportFactory | None
+    """How to open a transport for the parsed URL (tests, custom transports); default ``open_transport``."""
+    on_connection_change: ConnectionCallback | None
+    """Called with a :class:`ConnectionEvent` once for each change of connection state."""
+
+
+_OPTION_NAMES = frozenset(ClientOptions.__optional_keys__)
+
+
+def _new_ids(n: int) -> list[str]:
+    """``n`` ids of 128 random bits (32 hex digits) from one getrandom call."""
+    h = os.urandom(16 * n).hex()
+    return [h[i : i + 32] for i in range(0, 32 * n, 32)]
+
+
+def _item(mid: str, to: str | Sequence[str], body: bytes, ttl_s: int | None) -> SendItem:
+    return (mid, (to,) if type(to) is str else tuple(to), body, ttl_s)
+
+
+class RelayClient:
+    """A connection to a Relay broker, kept up across failures. Made by :func:`open_client`.
+
+    Attributes: ``welcome`` (the latest WELCOME, with the broker's limits), ``mailbox`` (this
+    session's mailbox id; None for operator tokens), ``connects`` (sessions established so far).
+    ``on_connection_change`` (see :func:`open_client`) is called with a :class:`ConnectionEvent`
+    once for each change of state.
+    """
+
+    def __init__(self, endpoint: Endpoint, token: str, **options: Unpack[ClientOptions]) -> None:
+        """Raises TypeError for an unknown option. Use :func:`open_client`, which also connects."""
+        unknown = options.keys() - _OPTION_NAMES
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        self.endpoint = endpoint
+        self.welcome: Welcome | None = None
+        self.connects = 0
+        """How many times a session was established (1 + reconnects)."""
+        self._token = token
+        self._agent = options.get("agent")
+        self._store = options.get("local_store")
+        self._reconnect = options.get("reconnect", True)
+        self._backoff_initial_s = options.get("backoff_initial_s", 0.1)
+        self._backoff_max_s = max(options.get("backoff_max_s", 10.0), self._backoff_initial_s)
+        self._open_transport: TransportFactory = options.get("transport_factory") or open_transport
+        self._on_connection_change = options.get("on_connection_change")
+        self._state = ClientState()
+        self._pending = PendingTable()
+        self._outbound = Outbound()
+        self._inbox = Inbox(self._store, self._state, self._outbound.add_acks, self._fail)
+        self._link: Link | None = None
+        self._gen = 0
+        self._stopped = False
+        self._bg_scope = trio.CancelScope()
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def mailbox(self) -> str | None:
+        """This session's mailbox id (None for an operator session)."""
+        return self.welcome.mailbox if self.welcome is not None else None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a session is established right now."""
+        return self._state.connected
+
+    async def send(
+        self, to: str | Sequence[str], body: bytes, *, ttl_s: int | None = None, id: str | None = None
+    ) -> Receipt:
+        """Send one message and wait for its RECEIPT (one result per distinct recipient).
+
+        ``id`` defaults to ``uuid4().hex``. If the connection drops first, the message is re-sent
+        with the same id after reconnecting (the broker answers "duplicate" if it had stored it); while
+        the broker is unreachable it keeps waiting, so bound it with ``trio.fail_after`` if needed.
+        Raises ValueError for an invalid message, RelayError(FRAME_TOO_LARGE) for a body the broker
+        cannot take, ForbiddenError for operator sessions, and the fatal error (e.g.
+        AuthenticationError, ConnectedElsewhere, or ConnectionLost with ``reconnect=False``) if the
+        client stops before the receipt arrives.
+        """
+        receipts = await self._submit([_item(id if id is not None else uuid.uuid4().hex, to, body, ttl_s)])
+        return receipts[0]
+
+    async def send_batch(self, items: Sequence[OutgoingMessage]) -> list[Receipt]:
+        """Send many messages in one write and wait for all their receipts (same order as ``items``).
+
+        Same guarantees and errors as :meth:`send`. Nothing is queued if any item is invalid.
+        """
+        if not items:
+            return []
+        missing = sum(1 for m in items if m.id is None)
+        fresh = iter(_new_ids(missing)) if missing else iter(())
+        return await self._submit(
+            [_item(m.id if m.id is not None else next(fresh), m.to, m.body, m.ttl_s) for m in items]
+        )
+
+    def deliveries(self, *, until_drained: bool = False) -> AsyncIterator[Delivery]:
+        """Delivered messages in arrival order. With a local store, only messages new in the store
+        (already saved and ACKed); without one, every delivery (ACK it with :meth:`ack`).
+
+        Ends when the client is closed, or with ``until_drained`` once every message held at the
+        last connect or :meth:`pull` has been yielded. Raises the fatal error if the client fails
+        (after yielding what had arrived).
+        """
+        return InboxIterator(self._inbox, self._inbox.take_one, until_drained)
+
+    def delivery_batches(self, *, until_drained: bool = False) -> AsyncIterator[list[Delivery]]:
+        """Like :meth:`deliveries`, but each step yields every delivery buffered so far (a non-empty list)."""
+        return InboxIterator(self._inbox, self._inbox.take_all, until_drained)
+
+    def ack(self, ids: str | Iterable[str]) -> None:
+        """Queue ACKs for delivered messages. ACKs queued before the writer next runs go out in one frame;
+        ACKs not yet written when a connection fails are written after reconnecting. Does not block.
+
+        With a local store the client ACKs by itself after saving; calling this too is harmless.
+        Raises ValueError for an invalid id, ForbiddenError for operator sessions.
+        """
+        self._check_usable(needs_mailbox=True)
+        new = [ids] if isinstance(ids, str) else list(ids)
+        for i in new:
+            if not is_valid_message_id(i):
+                raise ValueError(f"invalid message id {i!r}")
+        self._outbound.add_acks(new)
+
+    async def pull(self) -> None:
+        """Ask for every un-ACKed message again (oldest first, then DRAINED; see :meth:`wait_drained`).
+
+        Raises ForbiddenError for operator sessions, the fatal error if the client failed,
+        ConnectionLost if it is closed."""
+        self._check_usable(needs_mailbox=True)
+        if self._link is not None:
+            self._link.queue(Pull())
+            self._inbox.pull_sent()
+            self._state.fire()
+        # No link: the reconnect delivers the whole mailbox again anyway.
+        await trio.lowlevel.checkpoint()
+
+    async def wait_drained(self) -> int:
+        """Wait until the broker has delivered everything it held at the last connect or :meth:`pull`
+        (the matching DRAINED arrived; with a local store, those deliveries are also saved and their
+        ACKs queued). Returns DRAINED's ``pending``: messages still un-ACKed at that moment.
+
+        Returns at once if that has already happened. Raises the fatal error if the client fails,
+        ConnectionLost if it is closed.
+        """
+        while True:
+            self._state.raise_if_done()
+            if self._inbox.is_drained():
+                await trio.lowlevel.checkpoint()
+                return self._inbox.drained_pending
+            await self._state.changed()
+
+    async def stats(self) -> dict[str, int]:
+        """The broker's statistics (operator tokens). Raises ForbiddenError otherwise."""
+        result = await self._request(Stats())
+        assert isinstance(result, StatsResult)
+        return dict(result.stats)
+
+    async def cleanup(self) -> int:
+        """Make the broker purge expired messages now; returns how many (operator tokens).
+        Raises ForbiddenError otherwise."""
+        result = await self._request(Cleanup())
+        assert isinstance(result, CleanupResult)
+        return result.purged
+
+    async def close(self) -> None:
+        """Finish gracefully: let the saver finish, write queued ACKs and BYE (bounded by CLOSE_TIMEOUT_S),
+        then stop. Pending sends and requests raise ConnectionLost; the iterators end. Idempotent."""
+        state = self._state
+        if state.closed:
+            return
+        state.closed = True
+        state.fire()
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            while state.failure is None and not self._inbox.settled:
+                await state.changed()
+            await self._say_bye()
+        self._stop(ConnectionLost("the client was closed"))
+
+    # ------------------------------------------------------------ internals: API support
+
+    @property
+    def _writing(self) -> bool:
+        """Whether the current link's writer is in ``send_all`` (for tests of the direct write)."""
+        return self._link is not None and self._link.writing
+
+    def _check_usable(self, *, needs_mailbox: bool = False) -> None:
+        self._state.raise_if_done()
+        if needs_mailbox and self.welcome is not None and self.welcome.mailbox is None:
+            raise ForbiddenError(ErrorCode.FORBIDDEN, "operator sessions have no mailbox: send, ack and pull need one")
+
+    async def _submit(self, items: list[SendItem]) -> list[Receipt]:
+        """Encode (through the current link, else judge) ``items``, register them, write them, await the receipts."""
+        self._check_usable(needs_mailbox=True)
+        link = self._link
+        encoded = link.encode_sends(items) if link is not None else []
+        if not encoded:  # no link to encode them now: the next one will
+            assert self.welcome is not None
+            check_sends(items, self.welcome.max_frame_bytes + 4)
+        batch = self._pending.add_sends(items)
+        if encoded:
+            assert link is not None
+            link.write_sends(encoded)
+        receipts = await self._pending.wait(batch, items)
+        if self._store is not None and self.mailbox is not None:
+            await self._record_outgoing(self.mailbox, items, receipts)
+        return receipts
+
+    async def _record_outgoing(self, mailbox: str, items: list[SendItem], receipts: list[Receipt]) -> None:
+        rows = []
+        for (mid, _to, body, _ttl), receipt in zip(items, receipts, strict=True):
+            accepted = [r for r, res in receipt.results.items() if res.status is not Status.REFUSED]
+            if accepted:
+                rows.append((mid, accepted, body))
+        if rows and self._store is not None:
+            try:
+                await trio.to_thread.run_sync(self._store.record_outgoing, mailbox, rows)
+            except Exception:
+                log.exception("recording %d sent messages in the local store failed", len(rows))
+
+    async def _request(self, frame: Frame) -> Frame:
+        self._check_usable()
+        req = self._pending.add_request(frame)
+        self._outbound.wake()
+        return await self._pending.wait_request(req)
+
+    async def _say_bye(self) -> None:
+        """Write BYE on the current link once queued ACKs can go out (waiting through a reconnect for them)."""
+        state = self._state
+        while state.failure is None:
+            link = self._link
+            if link is None:
+                if not self._outbound.ack_ids or not self._reconnect:
+                    return
+                await state.changed()  # reconnecting: the ACKs go out first
+                continue
+            link.say_bye()
+            await link.quiet.wait()
+            if link.bye_written:
+                return
+
+    def _stop(self, error: RelayError) -> None:
+        """Release every waiter with ``error`` and stop the background tasks."""
+        self._pending.fail_all(error)
+        self._stopped = True
+        self._bg_scope.cancel()
+        self._inbox.stop()
+        self._state.fire()
+
+    def _fail(self, error: RelayError) -> None:
+        if self._state.failure is None and not self._state.closed:
+            log.warning("relay client stopped: %s", error)
+            self._state.failure = error
+        self._stop(error)
+
+    def _abandon(self) -> None:
+        """The body of ``open_client`` raised or was cancelled: drop everything at once."""
+        self._state.closed = True
+        self._stop(ConnectionLost("the client was abandoned"))
+
+    # ------------------------------------------------------------ the supervisor
+
+    async def _supervise(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve links one after another until closed or a fatal error. The first connect's errors are
+        raised (before ``task_status.started()``); later ones are retried or end the client."""
+        with self._bg_scope:
+            reason: RelayError | None = await self._serve_link(task_status)
+            while reason is not None and self._carry_on(reason):
+                reason = await self._reconnect_once()
+
+    async def _serve_link(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> RelayError:
+        """Connect, complete the handshake and serve the link until it ends; returns why it ended.
+
+        Raises ConnectionLost if the transport failed or no WELCOME came in time, ProtocolViolation for a
+        bad answer, AuthenticationError etc. if the broker refused (ValueError for an unknown scheme)."""
+        hello = Hello(version=PROTOCOL_VERSION, token=self._token, agent=self._agent)
+        with trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S) as connecting:
+            try:
+                async with opened(self._open_transport, self.endpoint) as transport:
+                    conn, welcome, leftover = await handshake(transport, self.endpoint, hello)
+                    connecting.deadline = math.inf
+                    link = Link(
+                        transport,
+                        conn,
+                        welcome,
+                        gen=self._gen + 1,
+                        endpoint=self.endpoint,
+                        outbound=self._outbound,
+                        pending=self._pending,
+                        inbox=self._inbox,
+                    )
+                    self._open_link(link)
+                    task_status.started()
+                    try:
+                        return await link.run(leftover)
+                    finally:
+                        self._link = None
+                        self._state.connected = False
+                        self._state.fire()
+            except TransportClosed as exc:
+                raise ConnectionLost(str(exc)) from None
+        raise ConnectionLost(f"no WELCOME from {self.endpoint} within {HANDSHAKE_TIMEOUT_S:g} s")
+
+    def _open_link(self, link: Link) -> None:
+        welcome = link.welcome
+        self._gen = link.gen
+        self.connects += 1
+        self.welcome = welcome
+        self._inbox.link_opened(link.gen, welcome.mailbox)
+        # Everything unanswered goes out again: SEND and ACK are idempotent, requests are answered in order.
+        self._pending.relink()
+        link.resend_pending()
+        self._link = link
+        self._state.connected = True
+        log.info("session %s open on %s (mailbox %s)", welcome.session, self.endpoint, welcome.mailbox)
+        self._state.fire()
+        self._report(
+            ConnectionState.CONNECTED if self.connects == 1 else ConnectionState.RECONNECTED,
+            mailbox=welcome.mailbox,
+            pending=welcome.pending,
+        )
+
+    def _carry_on(self, reason: RelayError) -> bool:
+        """A link ended with ``reason``: whether to reconnect (else the client stops here)."""
+        if self._stopped or self._state.failure is not None:
+            return False
+        if (reason.code is not None and is_fatal(reason.code)) or not self._reconnect:
+            self._give_up(reason)
+            return False
+        log.info("connection to %s lost (%s); reconnecting", self.endpoint, reason)
+        if not self._state.closed:  # while closing, the end of the link is the client's own doing
+            self._report(ConnectionState.DISCONNECTED, reason=reason)
+        return True
+
+    async def _reconnect_once(self) -> RelayError | None:
+        """Retry with backoff until a link is served (returns why it ended) or a fatal error (None)."""
+        attempt = 0
+        while True:
+            delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(attempt, _MAX_BACKOFF_DOUBLINGS))
+            attempt += 1
+            await trio.sleep(random.uniform(delay / 2, delay))
+            try:
+                return await self._serve_link()
+            except RelayError as exc:
+                if exc.code is not None and is_fatal(exc.code):
+                    self._give_up(exc)
+                    return None
+                log.info("reconnect attempt %d to %s failed: %s", attempt, self.endpoint, exc)
+
+    def _give_up(self, error: RelayError) -> None:
+        self._fail(error)
+        self._report(ConnectionState.STOPPED, reason=error)
+
+    def _report(self, state: ConnectionState, **fields: Any) -> None:
+        """Tell ``on_connection_change``; a callback that raises is logged, never allowed to stop the client."""
+        callback = self._on_connection_change
+        if callback is None:
+            return
+        try:
+            callback(ConnectionEvent(state=state, url=str(self.endpoint), connects=self.connects, **fields))
+        except Exception:
+            log.exception("on_connection_change callback failed for %s", state)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+@asynccontextmanager
+async def open_client(url: str, token: str, **options: Unpack[ClientOptions]) -> AsyncIterator[RelayClient]:
+    """Connect to the broker at ``url`` (``tcp://host[:port]``, default port 7700, or
+    ``ws://host[:port][/path]``) with ``token`` and yield a :class:`RelayClient`; on normal exit it
+    closes gracefully (BYE), on an exception or cancellation it drops the connection at once
+    (un-ACKed messages stay with the broker).
+
+    The first connection is made before this yields: raises ValueError for a bad URL or token,
+    ConnectionLost if the broker is unreachable, AuthenticationError / ProtocolViolation if it
+    refuses. Later failures are retried (``reconnect=True``) with backoff from
+    ``backoff_initial_s`` doubling to ``backoff_max_s``, except the fatal ones.
+
+    Options (:class:`ClientOptions`): ``local_store``: save deliveries there before ACKing them,
+    and record sent messages. ``agent``: a name for this client in HELLO. ``transport_factory``:
+    how to open a transport for the parsed URL (tests, custom transports).
+    ``on_connection_change``: called with a frozen :class:`ConnectionEvent` once for each change of
+    connection state: CONNECTED (before this yields), then DISCONNECTED (with the reason, e.g.
+    SHUTTING_DOWN 4004 or a broken transport) and RECONNECTED for each reconnect, and STOPPED
+    (with the fatal error, e.g. CONNECTED_ELSEWHERE 4001) if the client gives up. It runs in the
+    client's own task: it must not block (an exception from it is logged and ignored). An unknown
+    option raises TypeError.
+    """
+    endpoint = parse_url(url)
+    if not isinstance(token, str) or not token or len(token) > 4096:
+        raise ValueError("the token must be a non-empty string (a JWT from `relay-broker token`)")
+    client = RelayClient(endpoint, token, **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._supervise)
+            if client._store is not None:
+                nursery.start_soon(client._inbox.run_saver)
+            try:
+                yield client
+            except BaseException:
+                client._abandon()
+                raise
+            await client.close()
+    except BaseExceptionGroup as group:
+        # Background tasks never raise (failures are reported to the waiters), so a group here
+        # wraps the one exception from the body or the first connect: raise that, not the group.
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if exc is group:
+            raise
+        raise exc from None

@@ -1,0 +1,467 @@
+"""One connection to the broker, from WELCOME to its end: the reader, the writer and the watchdog.
+
+Theory of operation. :func:`handshake` writes HELLO on a fresh transport and reads until the
+broker answers; a WELCOME makes a :class:`Link`, which :meth:`Link.run` serves with three tasks:
+
+- The **reader** feeds received bytes to the sans-IO :class:`wire.Connection` and acts on each
+  chunk's frames in one synchronous pass: RECEIPTs and request answers release the
+  :class:`~client._pending.PendingTable`, DELIVERs (one list per chunk) and DRAINED go to the
+  :class:`~client._inbox.Inbox`.
+- The **writer** takes everything queued (the unwritten rest of a direct write, ACK ids, control
+  frames, requests, SENDs, BYE; in that order) and writes it with one ``send_all``. Every frame is
+  encoded by the link's state machine, SENDs too (``send_send``), so the state rules are the
+  wire's alone: once the connection is CLOSED (BYE sent, closing ERROR received) encoding gives
+  ``b""`` and nothing more goes out.
+- The **watchdog** queues a PING after ``keepalive_s / 3`` without writing and ends the link
+  after ``keepalive_s`` without receiving, judged from timestamps a few times per period.
+
+The ONE direct write: :meth:`Link.write_sends`, called by ``send`` while the writer is idle, puts
+the encoded SENDs on the transport with ``send_some_nowait`` (never blocking, no task switch: what
+online latency is made of) and leaves only what the transport did not take for the writer, as
+the first bytes it writes, ahead of anything newer. The writer and the direct write never
+overlap (``writing``).
+
+Whatever ends a task ends the link, with the reason translated once (:meth:`Link._guard`).
+What outlives a link lives in :class:`Outbound` (ACK ids: idempotent, so ids a failed write
+took are given back) and in the pending table (SENDs and requests are written again on the
+next link).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import trio
+
+from wire import (
+    DEFAULT_MAX_FRAME_BYTES,
+    Ack,
+    Bye,
+    CleanupResult,
+    Connection,
+    Deliver,
+    Drained,
+    Error,
+    ErrorCode,
+    Frame,
+    Hello,
+    LocalProtocolError,
+    Ping,
+    Pong,
+    Receipt,
+    RemoteProtocolError,
+    Role,
+    Send,
+    State,
+    StatsResult,
+    Welcome,
+    encode_frame,
+    encode_send,
+)
+
+from ._inbox import Delivery, Inbox
+from ._pending import PendingTable, SendItem
+from .errors import ConnectionLost, ProtocolViolation, RelayError, error_from_code
+from .transport import Endpoint, Transport, TransportClosed
+
+__all__ = [
+    "MAX_ACK_IDS_PER_FRAME",
+    "RECEIVE_SLACK_BYTES",
+    "Link",
+    "Outbound",
+    "TransportFactory",
+    "check_sends",
+    "handshake",
+    "opened",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_ACK_IDS_PER_FRAME = 4096
+"""ACK ids per frame: 4096 ids of at most 64 characters stay far below the 1 MiB frame limit."""
+RECEIVE_SLACK_BYTES = 4096
+"""Accepted beyond the broker's max_frame_bytes: a DELIVER carries a few more fields than the SEND it came from."""
+
+
+class TransportFactory(Protocol):
+    """How the client opens a transport for a parsed URL (``open_client(transport_factory=...)``)."""
+
+    async def __call__(self, endpoint: Endpoint) -> Transport: ...
+
+
+@asynccontextmanager
+async def opened(factory: TransportFactory, endpoint: Endpoint) -> AsyncIterator[Transport]:
+    """A transport from ``factory`` for the life of the block, closed on exit. Raises TransportClosed on entry.
+
+    Transition: until ``client.transport.open_transport`` is an async context manager itself,
+    this adapts today's factories (which return a connected transport)."""
+    transport = await factory(endpoint)
+    try:
+        yield transport
+    finally:
+        await transport.aclose()
+
+
+def _send_send(conn: Connection, mid: str, to: tuple[str, ...], body: bytes, ttl_s: int | None) -> bytes:
+    """Transition until wire's ``Connection.send_send`` lands: the same contract (b"" once CLOSED)."""
+    if conn.state is State.CLOSED:
+        return b""
+    if conn.state is not State.OPEN:
+        raise LocalProtocolError(ErrorCode.UNEXPECTED_FRAME, f"cannot send send in state {conn.state.value}")
+    if not Send.valid_fields(mid, to, body, ttl_s):
+        Send(id=mid, to=to, body=body, ttl_s=ttl_s)  # raises, saying what is wrong
+    return encode_send(mid, to, body, ttl_s)
+
+
+def _too_large(mid: str, size: int, limit: int) -> RelayError:
+    return RelayError(
+        ErrorCode.FRAME_TOO_LARGE,
+        f"message {mid!r} needs a {size - 4}-byte frame; the broker accepts at most {limit - 4}",
+    )
+
+
+def check_sends(items: Sequence[SendItem], limit: int) -> None:
+    """Judge SENDs while no link can encode them: raises ValueError for an invalid message and
+    RelayError(FRAME_TOO_LARGE) for one whose frame would exceed ``limit`` bytes (prefix included)."""
+    for mid, to, body, ttl_s in items:
+        try:
+            frame = Send(id=mid, to=to, body=body, ttl_s=ttl_s)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid message {mid!r}: {exc}") from None
+        size = len(encode_frame(frame))
+        if size > limit:
+            raise _too_large(mid, size, limit)
+
+
+async def handshake(transport: Transport, endpoint: Endpoint, hello: Hello) -> tuple[Connection, Welcome, list[Frame]]:
+    """Write HELLO and read the answer: the connection, the WELCOME and any frames that came with it.
+
+    Raises ConnectionLost if the transport fails or ends, ProtocolViolation for an invalid answer, and
+    the error an ERROR frame names (e.g. AuthenticationError) if the broker refuses."""
+    conn = Connection(Role.CLIENT)
+    try:
+        await transport.send_all(conn.send(hello))
+        frames: list[Frame] = []
+        while not frames:
+            data = await transport.receive_some()
+            if not data:
+                raise ConnectionLost(f"{endpoint} closed the connection during the handshake")
+            frames = conn.receive_data(data)
+    except TransportClosed as exc:
+        raise ConnectionLost(f"{endpoint}: {exc}") from None
+    except RemoteProtocolError as exc:
+        raise ProtocolViolation(exc.code, f"bad answer to HELLO from {endpoint}: {exc.message}") from None
+    first = frames[0]
+    if isinstance(first, Error):
+        raise error_from_code(first.code, first.message)
+    assert isinstance(first, Welcome)  # the state table admits nothing else
+    conn.max_frame_bytes = max(first.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES) + RECEIVE_SLACK_BYTES
+    return conn, first, frames[1:]
+
+
+class Outbound:
+    """What the client wants written that outlives a link: ACK ids, and the writer's wake-up call."""
+
+    __slots__ = ("_wake", "ack_ids")
+
+    def __init__(self) -> None:
+        self.ack_ids: list[str] = []
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        """Something was queued: the writer runs."""
+        self._wake.set()
+
+    def add_acks(self, ids: list[str]) -> None:
+        self.ack_ids += ids
+        self._wake.set()
+
+    def _rearm(self) -> trio.Event:
+        self._wake = trio.Event()
+        return self._wake
+
+    def _take_acks(self) -> list[str]:
+        ids, self.ack_ids = self.ack_ids, []
+        return ids
+
+    def _give_back(self, ids: list[str]) -> None:
+        """ACK ids a failed write took: first on the next link."""
+        if ids:
+            self.ack_ids[:0] = ids
+
+
+class Link:
+    """One connection from WELCOME to its end (see the module docstring)."""
+
+    __slots__ = (
+        "_bye_sent",
+        "_bye_wanted",
+        "_ctrl",
+        "_inbox",
+        "_outbound",
+        "_outbox",
+        "_pending",
+        "_unwritten",
+        "_writing",
+        "bye_written",
+        "conn",
+        "endpoint",
+        "gen",
+        "last_rx",
+        "last_tx",
+        "limit",
+        "quiet",
+        "reason",
+        "scope",
+        "transport",
+        "welcome",
+    )
+
+    def __init__(
+        self,
+        transport: Transport,
+        conn: Connection,
+        welcome: Welcome,
+        *,
+        gen: int,
+        endpoint: Endpoint,
+        outbound: Outbound,
+        pending: PendingTable,
+        inbox: Inbox,
+    ) -> None:
+        self.transport = transport
+        self.conn = conn
+        self.welcome = welcome
+        self.gen = gen
+        self.endpoint = endpoint
+        self.limit = welcome.max_frame_bytes + 4
+        """The largest frame (prefix included) the broker takes."""
+        self.scope = trio.CancelScope()
+        self.reason: RelayError | None = None
+        self.bye_written = False
+        self.quiet = trio.Event()
+        """Set once BYE is written or the link has ended: nothing more will go out on it."""
+        self.last_rx = self.last_tx = trio.current_time()
+        self._outbound = outbound
+        self._pending = pending
+        self._inbox = inbox
+        self._ctrl: list[Frame] = []
+        self._outbox: list[bytes] = []
+        self._unwritten = b""
+        """The rest of a direct write the transport did not take: the next bytes on the wire."""
+        self._writing = False
+        self._bye_wanted = False
+        self._bye_sent = False
+
+    # ------------------------------------------------------------ sending (from the client's tasks)
+
+    @property
+    def writing(self) -> bool:
+        """Whether the writer is in ``send_all`` right now."""
+        return self._writing
+
+    def encode_sends(self, items: Sequence[SendItem]) -> list[bytes]:
+        """The SEND frames for ``items``, encoded by this link's state machine; [] if the link is over.
+        Raises ValueError for an invalid message, RelayError(FRAME_TOO_LARGE) for one the broker cannot take."""
+        conn, limit = self.conn, self.limit
+        out: list[bytes] = []
+        for mid, to, body, ttl_s in items:
+            try:
+                data = _send_send(conn, mid, to, body, ttl_s)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"invalid message {mid!r}: {exc}") from None
+            if not data:
+                return []
+            if len(data) > limit:
+                raise _too_large(mid, len(data), limit)
+            out.append(data)
+        return out
+
+    def write_sends(self, encoded: list[bytes]) -> None:
+        """Write encoded SENDs now if the writer is idle (the one direct write), else leave them to it."""
+        self._outbox += encoded
+        if self._writing or self._unwritten:
+            self._outbound.wake()
+            return
+        outbox, self._outbox = self._outbox, []
+        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        sent = self.transport.try_send(data)
+        if sent < len(data):
+            self._unwritten = data[sent:]
+            self._outbound.wake()
+        else:
+            self.last_tx = trio.current_time()
+
+    def resend_pending(self) -> None:
+        """Queue every SEND still waiting for its receipt (a new link: SEND is idempotent). A batch with a
+        message this broker cannot take fails with FRAME_TOO_LARGE and none of it goes out again."""
+        pending = self._pending
+        encoded = []
+        for mid, (to, body, ttl_s, batch, _index) in pending.sends():
+            try:
+                encoded.append((batch, self.encode_sends([(mid, to, body, ttl_s)])))
+            except RelayError as exc:
+                pending.drop_batch(batch, exc)
+        self._outbox += [data for batch, frames in encoded if batch.error is None for data in frames]
+        self._outbound.wake()
+
+    def queue(self, frame: Frame) -> None:
+        """Queue a control frame (PULL, PING) for the writer."""
+        self._ctrl.append(frame)
+        self._outbound.wake()
+
+    def say_bye(self) -> None:
+        """Queue BYE, the last frame this link writes."""
+        self._bye_wanted = True
+        self._outbound.wake()
+
+    def end(self, reason: RelayError) -> None:
+        """End the link (the first reason given is the one reported)."""
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, leftover: list[Frame]) -> RelayError:
+        """Serve the link until it ends (the reader acts on ``leftover`` first); returns why it ended."""
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._write_loop)
+                    nursery.start_soon(self._guard, self._watchdog)
+                    await self._guard(self._read_loop, leftover)
+        finally:
+            self.quiet.set()
+        return self.reason or ConnectionLost(f"the connection to {self.endpoint} ended")
+
+    async def _guard(self, part: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run one task; whatever ends it ends the link, with the reason translated once."""
+        try:
+            await part(*args)
+        except TransportClosed as exc:
+            self.end(ConnectionLost(f"connection to {self.endpoint} lost: {exc}"))
+        except RemoteProtocolError as exc:
+            self.end(ProtocolViolation(exc.code, f"the broker sent an invalid frame: {exc.message}"))
+        except RelayError as exc:
+            self.end(exc)
+
+    # ------------------------------------------------------------ the writer
+
+    async def _write_loop(self) -> None:
+        outbound = self._outbound
+        transport = self.transport
+        while True:
+            wake = outbound._rearm()
+            acks = outbound._take_acks()
+            data = self._collect(acks)
+            if not data:
+                await wake.wait()
+                continue
+            self._writing = True
+            try:
+                await transport.send_all(data)
+            except BaseException:
+                outbound._give_back(acks)  # unwritten (or half-written) ACKs go out on the next link
+                raise
+            finally:
+                self._writing = False
+            self.last_tx = trio.current_time()
+            if self._bye_sent:
+                self.bye_written = True
+                self.quiet.set()
+                return
+
+    def _collect(self, acks: list[str]) -> bytes:
+        """Everything queued, as one byte string: the unwritten rest, ACKs, control frames, requests, SENDs, BYE."""
+        conn = self.conn
+        parts: list[bytes] = []
+        if self._unwritten:
+            parts.append(self._unwritten)
+            self._unwritten = b""
+        for i in range(0, len(acks), MAX_ACK_IDS_PER_FRAME):
+            parts.append(conn.send(Ack(ids=tuple(acks[i : i + MAX_ACK_IDS_PER_FRAME]))))
+        if self._ctrl:
+            ctrl, self._ctrl = self._ctrl, []
+            parts += [conn.send(frame) for frame in ctrl]
+        parts += [conn.send(req.frame) for req in self._pending.take_requests()]
+        if self._outbox:
+            parts += self._outbox
+            self._outbox = []
+        if self._bye_wanted and not self._bye_sent:
+            parts.append(conn.send(Bye()))
+            self._bye_sent = True
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _watchdog(self) -> None:
+        """PING after ``keepalive_s / 3`` without writing; end the link after ``keepalive_s`` without receiving.
+        Judged from timestamps a few times per period, so no read or write pays for a timer of its own."""
+        keepalive_s = float(self.welcome.keepalive_s)
+        idle_s = max(keepalive_s / 3, 0.01)
+        while True:
+            await trio.sleep(idle_s / 4)
+            now = trio.current_time()
+            if now - self.last_rx >= keepalive_s:
+                raise ConnectionLost(f"nothing received from {self.endpoint} for {keepalive_s:g} s")
+            if now - self.last_tx >= idle_s:
+                self.last_tx = now
+                self.queue(Ping())
+
+    # ------------------------------------------------------------ the reader
+
+    async def _read_loop(self, frames: list[Frame]) -> None:
+        transport = self.transport
+        conn = self.conn
+        while True:
+            if frames:
+                self._handle(frames)
+            data = await transport.receive_some()
+            self.last_rx = trio.current_time()
+            if not data:
+                raise ConnectionLost(f"{self.endpoint} closed the connection")
+            if conn.state is State.CLOSED:
+                frames = []  # transition until wire ignores bytes in CLOSED itself
+                continue
+            frames = conn.receive_data(data)
+
+    def _handle(self, frames: list[Frame]) -> None:
+        """Act on one chunk's frames, in order, without awaiting; deliveries go to the inbox together."""
+        deliveries: list[Delivery] = []
+        release = self._pending.release
+        try:
+            for f in frames:
+                kind = type(f)
+                if kind is Deliver:
+                    d: Deliver = f  # type: ignore[assignment]
+                    deliveries.append(Delivery(d.id, d.sender, d.sent_at, d.expires_at, d.attempt, d.body))
+                elif kind is Receipt:
+                    release(f)  # type: ignore[arg-type]
+                else:
+                    if deliveries:
+                        self._inbox.accept(deliveries)
+                        deliveries = []
+                    self._on_other(f)
+        finally:
+            if deliveries:
+                self._inbox.accept(deliveries)
+
+    def _on_other(self, f: Frame) -> None:
+        """A frame other than DELIVER and RECEIPT. Raises the error a closing ERROR names."""
+        if isinstance(f, Drained):
+            self._inbox.drained(self.gen, f.pending)
+        elif isinstance(f, StatsResult | CleanupResult):
+            if not self._pending.answer(f, None):
+                log.warning("unexpected %s from %s: no request outstanding", f.TYPE, self.endpoint)
+        elif isinstance(f, Error):
+            error = error_from_code(f.code, f.message)
+            if f.close:
+                raise error
+            if f.code == ErrorCode.FORBIDDEN and self._pending.answers_expected:
+                self._pending.answer(None, error)  # the only frames we let reach the broker that it may forbid
+            else:
+                log.warning("error from %s: %s", self.endpoint, error)
+        elif not isinstance(f, Pong):
+            log.warning("unexpected %s from %s", f.TYPE, self.endpoint)
