@@ -48,18 +48,15 @@ from wire import (
     ErrorCode,
     Frame,
     Hello,
-    LocalProtocolError,
     Ping,
     Pong,
     Receipt,
     RemoteProtocolError,
     Role,
     Send,
-    State,
     StatsResult,
     Welcome,
     encode_frame,
-    encode_send,
 )
 
 from ._inbox import Delivery, Inbox
@@ -103,17 +100,6 @@ async def opened(factory: TransportFactory, endpoint: Endpoint) -> AsyncIterator
         yield transport
     finally:
         await transport.aclose()
-
-
-def _send_send(conn: Connection, mid: str, to: tuple[str, ...], body: bytes, ttl_s: int | None) -> bytes:
-    """Transition until wire's ``Connection.send_send`` lands: the same contract (b"" once CLOSED)."""
-    if conn.state is State.CLOSED:
-        return b""
-    if conn.state is not State.OPEN:
-        raise LocalProtocolError(ErrorCode.UNEXPECTED_FRAME, f"cannot send send in state {conn.state.value}")
-    if not Send.valid_fields(mid, to, body, ttl_s):
-        Send(id=mid, to=to, body=body, ttl_s=ttl_s)  # raises, saying what is wrong
-    return encode_send(mid, to, body, ttl_s)
 
 
 def _too_large(mid: str, size: int, limit: int) -> RelayError:
@@ -270,7 +256,7 @@ class Link:
         out: list[bytes] = []
         for mid, to, body, ttl_s in items:
             try:
-                data = _send_send(conn, mid, to, body, ttl_s)
+                data = conn.send_send(mid, to, body, ttl_s)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"invalid message {mid!r}: {exc}") from None
             if not data:
@@ -422,10 +408,7 @@ class Link:
             self.last_rx = trio.current_time()
             if not data:
                 raise ConnectionLost(f"{self.endpoint} closed the connection")
-            if conn.state is State.CLOSED:
-                frames = []  # transition until wire ignores bytes in CLOSED itself
-                continue
-            frames = conn.receive_data(data)
+            frames = conn.receive_data(data)  # [] once CLOSED (after BYE): stragglers are ignored
 
     def _handle(self, frames: list[Frame]) -> None:
         """Act on one chunk's frames, in order, without awaiting; deliveries go to the inbox together."""
