@@ -1,11 +1,10 @@
 """Relay's sans-IO protocol core, shared by the broker and every Python client.
 
-Frames, the length-prefixed CBOR codec, the connection state machine and the error
-codes. Nothing here does I/O or imports trio.
+Frames, the length-prefixed CBOR codec, the connection state machine, the error codes
+and the protocol's fixed limits (``wire.limits``). Nothing here does I/O or imports trio.
 """
 
 from .codec import (
-    DEFAULT_MAX_FRAME_BYTES,
     FrameDecoder,
     decode_body,
     decode_item,
@@ -15,13 +14,10 @@ from .codec import (
     encode_receipt,
     encode_send,
 )
-from .connection import MAX_ERROR_MESSAGE_CHARS, MAX_HELLO_FRAME_BYTES, TRANSITIONS, Connection, Role, State
+from .connection import TRANSITIONS, Connection, Role, State
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
-    DELIVER_OVERHEAD_BYTES,
     FRAME_TYPES,
-    MAX_RECIPIENT_CHARS,
-    PROTOCOL_VERSION,
     Ack,
     Bye,
     Cleanup,
@@ -43,6 +39,14 @@ from .frames import (
     Welcome,
     is_valid_mailbox_id,
     is_valid_message_id,
+)
+from .limits import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DELIVER_OVERHEAD_BYTES,
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_HELLO_FRAME_BYTES,
+    MAX_RECIPIENT_CHARS,
+    PROTOCOL_VERSION,
     max_recipients_within,
     receipt_bound_bytes,
 )

@@ -18,10 +18,10 @@ from typing import Any, NoReturn
 import cbor2
 
 from .errors import ErrorCode, RemoteProtocolError
-from .frames import FRAME_TYPES, Frame, RecipientResult
+from .frames import FRAME_TYPES, Frame, RecipientResult, Status
+from .limits import DEFAULT_MAX_FRAME_BYTES, MAX_DEPTH
 
 __all__ = [
-    "DEFAULT_MAX_FRAME_BYTES",
     "FrameDecoder",
     "decode_body",
     "decode_item",
@@ -32,10 +32,6 @@ __all__ = [
     "encode_send",
 ]
 
-DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
-"""Default largest frame body (not counting the 4-byte prefix): room for a 1 MiB-less-overhead message body."""
-MAX_DEPTH = 4
-"""Deepest nesting any frame needs is 3 (receipt -> results -> result); one spare."""
 _PREFIX = struct.Struct(">I")
 
 # Tags that cbor2 decodes itself without consulting tag_hook: refuse each explicitly.
@@ -59,8 +55,11 @@ def encode_frame(frame: Frame) -> bytes:
 #
 # SEND (client), RECEIPT and DELIVER (broker) are encoded once per message, so they skip
 # the frame object and its to_wire() and give cbor2 the map straight away. Each is
-# byte-identical to ``encode_frame`` of the same frame (tests hold them together), and
-# each takes values that are valid already: nothing is checked here.
+# byte-identical to ``encode_frame`` of the same frame (a test holds them together), and
+# each takes values that are valid already: nothing is checked here. They are called by
+# ``Connection.send_send``, ``send_receipt`` and ``send_deliver``, after the state table.
+# (Exported under these names as transition aliases until broker and client call the
+# Connection methods.)
 
 
 def encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None) -> bytes:
@@ -73,31 +72,26 @@ def encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = Non
 
 
 _RECEIPT_HEAD = b"\xa3" + cbor2.dumps("type") + cbor2.dumps("receipt") + cbor2.dumps("id")
-_RECEIPT_TAILS: dict[tuple[str, RecipientResult], bytes] = {}
-"""``"results": {recipient: result}`` encoded, for single-recipient receipts: a sender's
-receipts repeat a few recipients and results. At most ``_RECEIPT_TAILS_MAX`` of them; a
-recipient is at most 64 code points (``MAX_RECIPIENT_CHARS``), so the cache stays near a
-megabyte whatever senders write."""
-_RECEIPT_TAILS_MAX = 4096
+"""A RECEIPT body up to the id: a three-key map (``type``, ``id``, ``results``), canonical key order."""
+_RESULTS_OF_ONE = cbor2.dumps("results") + b"\xa1"
+"""The ``results`` key and the head of a one-entry map."""
+_PLAIN_RESULT_CBOR = {s: cbor2.dumps({"status": s.value}) for s in (Status.QUEUED, Status.DELIVERED, Status.DUPLICATE)}
+"""The encoded result of each status without a code (three constants, not a cache)."""
 
 
 def encode_receipt(id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
     """``encode_frame(Receipt(...))`` without building the frame: the broker's receipt hot path.
 
-    A single-recipient receipt reuses the encoded tail of an earlier one: half the cost.
-    With ``code`` (a SEND refused as a whole) ``results`` is empty and not encoded.
+    A single-recipient receipt (the usual one) is assembled from constant pieces and
+    two small encodes, half the cost of encoding its nested map. With ``code`` (a SEND
+    refused as a whole) ``results`` is empty and not encoded.
     """
     if code is not None:
         data = cbor2.dumps({"type": "receipt", "id": id, "code": code})
     elif len(results) == 1:
-        (item,) = results.items()
-        tail = _RECEIPT_TAILS.get(item)
-        if tail is None:
-            tail = cbor2.dumps("results") + cbor2.dumps({item[0]: item[1].to_wire()})
-            if len(_RECEIPT_TAILS) >= _RECEIPT_TAILS_MAX:
-                _RECEIPT_TAILS.clear()
-            _RECEIPT_TAILS[item] = tail
-        data = _RECEIPT_HEAD + cbor2.dumps(id) + tail
+        ((rcpt, result),) = results.items()
+        encoded = _PLAIN_RESULT_CBOR[result.status] if result.code is None else cbor2.dumps(result.to_wire())
+        data = _RECEIPT_HEAD + cbor2.dumps(id) + _RESULTS_OF_ONE + cbor2.dumps(rcpt) + encoded
     else:
         data = cbor2.dumps({"type": "receipt", "id": id, "results": {k: v.to_wire() for k, v in results.items()}})
     return _PREFIX.pack(len(data)) + data
@@ -177,8 +171,7 @@ def _misfit(stop: int, end: int) -> RemoteProtocolError:
 def _frame_from_item(item: Any) -> Frame:
     """The frame a decoded CBOR item stands for; raises RemoteProtocolError.
 
-    :meth:`FrameDecoder.feed` makes the same checks inline for the usual frame and calls
-    this only to word the error (a test holds the two to the same decisions).
+    The one check path from item to frame, for :func:`decode_body` and :class:`FrameDecoder` alike.
     """
     if type(item) is not dict:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
@@ -232,21 +225,35 @@ class FrameDecoder:
             raise
 
     def _feed(self, data: bytes, frames: list[Frame]) -> list[Frame]:
+        whole = self._with_buffered(data)
+        if whole is not None:
+            try:
+                pos = self._decode_frames(whole, frames)
+            finally:
+                self._decoder.fp = _NO_INPUT  # do not keep the chunk alive through the decoder
+            self._keep_tail(whole, pos)
+        return frames
+
+    def _with_buffered(self, data: bytes) -> bytes | None:
+        """``data`` after what is buffered, or None while the first frame is still arriving (and within the limit)."""
+        if not self._buf:
+            return data
+        buf = self._buf
+        buf += data
+        if len(buf) < 4:
+            return None
+        (n,) = _PREFIX.unpack_from(buf, 0)
+        if n <= self.max_frame_bytes and len(buf) - 4 < n:
+            return None  # a large frame still arriving: no copy until it is whole
+        return bytes(buf)
+
+    def _decode_frames(self, data: bytes, frames: list[Frame]) -> int:
+        """Append every whole frame in ``data`` to ``frames``; the offset where the unfinished rest starts."""
         limit = self.max_frame_bytes
-        if self._buf:
-            buf = self._buf
-            buf += data
-            if len(buf) < 4:
-                return []
-            (n,) = _PREFIX.unpack_from(buf, 0)
-            if n <= limit and len(buf) - 4 < n:
-                return []  # a large frame still arriving: no copy until it is whole
-            data = bytes(buf)
         end = len(data)
         pos = 0
         fp: io.BytesIO | None = None
         decoder = self._decoder
-        decode = decoder.decode
         while end - pos >= 4:
             (n,) = _PREFIX.unpack_from(data, pos)
             if n > limit:
@@ -257,33 +264,22 @@ class FrameDecoder:
                 break
             if fp is None:
                 # One read-only view of the whole chunk for every frame in it: no copy per frame.
-                fp = io.BytesIO(data)
-                decoder.fp = fp
+                fp = decoder.fp = io.BytesIO(data)
             pos += 4
             fp.seek(pos)
             try:
-                item = decode()
+                item = decoder.decode()
             except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, RecursionError, ...)
                 raise _invalid_cbor(exc) from None
             pos += n
             if fp.tell() != pos:
                 raise _misfit(fp.tell(), pos)
-            if (
-                type(item) is dict
-                and type(name := item.get("type")) is str
-                and (cls := FRAME_TYPES.get(name)) is not None
-            ):
-                for key in item:
-                    if type(key) is not str:
-                        break
-                else:
-                    frames.append(cls.from_wire(item))
-                    continue
-            frames.append(_frame_from_item(item))  # raises with the reason
-        if fp is not None:
-            decoder.fp = _NO_INPUT  # do not keep the chunk alive through the decoder
-        if pos == end:
+            frames.append(_frame_from_item(item))
+        return pos
+
+    def _keep_tail(self, data: bytes, pos: int) -> None:
+        """Buffer ``data[pos:]``, the start of a frame still arriving."""
+        if pos == len(data):
             self._buf.clear()
         elif pos or not self._buf:
             self._buf = bytearray(data[pos:])
-        return frames

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from enum import Enum
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_deliver, encode_frame, encode_receipt, encode_send
+from .codec import FrameDecoder, encode_deliver, encode_frame, encode_receipt, encode_send
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     Ack,
@@ -50,16 +50,9 @@ from .frames import (
     Welcome,
     _check_send,
 )
+from .limits import DEFAULT_MAX_FRAME_BYTES, MAX_ERROR_MESSAGE_CHARS, MAX_HELLO_FRAME_BYTES
 
-__all__ = ["MAX_ERROR_MESSAGE_CHARS", "MAX_HELLO_FRAME_BYTES", "TRANSITIONS", "Connection", "Role", "State"]
-
-MAX_HELLO_FRAME_BYTES = 8192
-"""Largest frame a broker accepts before it has sent WELCOME. A HELLO needs at most about 4.5 KB (a
-4096-character JWT is ASCII, plus a 256-character agent and the keys), so this bounds what an
-unauthenticated connection can make the broker buffer: 8 KiB, not ``max_frame_bytes``."""
-MAX_ERROR_MESSAGE_CHARS = 200
-"""ERROR messages a broker sends are cut to this many characters (at most 800 bytes of UTF-8), so an
-ERROR frame, whatever it quotes, fits the smallest frame limit a broker can be configured with."""
+__all__ = ["TRANSITIONS", "Connection", "Role", "State"]
 
 
 class Role(Enum):
@@ -68,11 +61,19 @@ class Role(Enum):
     CLIENT = "client"
     BROKER = "broker"
 
-    # Enum hashes by name in Python code; identity is equivalent for members and hashes in C.
+    # Members hash by identity (what equality is for them anyway): Enum's own __hash__ is Python code that
+    # hashes the name. Role and State key the state table, looked up once per frame sent or received.
+    # Measured (timeit, thread time, this repo's 2-core box under load): a dict lookup keyed by a member
+    # 153 ns with Enum's hash, 49 ns with this; Connection.send_deliver 2.65 us without, 2.50 us with.
     __hash__ = object.__hash__
 
 
 class State(Enum):
+    """Where a connection is in its life; both ends pass through the same states (see the module docstring).
+
+    The state decides which frames each side may send (:data:`TRANSITIONS`).
+    """
+
     HANDSHAKE = "handshake"
     """Connected; the client has not sent HELLO yet."""
     AUTHENTICATING = "authenticating"
@@ -80,9 +81,9 @@ class State(Enum):
     OPEN = "open"
     """WELCOME sent: messages flow."""
     CLOSED = "closed"
-    """Nothing more may be sent or received."""
+    """Over: sends give ``b""`` and received bytes are ignored."""
 
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # see Role
 
 
 _C, _B = Role.CLIENT, Role.BROKER
@@ -213,9 +214,8 @@ class Connection:
         """
         _check_send(id, to, body, ttl_s)
         nxt = self._sendable[self.state].get(Send)
-        if nxt is None:
-            return self._refuse(Send.TYPE)
-        self._enter(nxt)
+        if nxt is not self.state and not self._move(nxt, Send.TYPE):
+            return b""
         return encode_send(id, to, body, ttl_s)
 
     def send_receipt(self, id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
@@ -226,9 +226,8 @@ class Connection:
         is not allowed now; ``b""`` in CLOSED.
         """
         nxt = self._sendable[self.state].get(Receipt)
-        if nxt is None:
-            return self._refuse(Receipt.TYPE)
-        self._enter(nxt)
+        if nxt is not self.state and not self._move(nxt, Receipt.TYPE):
+            return b""
         return encode_receipt(id, results, code)
 
     def send_deliver(self, id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> bytes:
@@ -239,10 +238,17 @@ class Connection:
         checked. Raises LocalProtocolError if DELIVER is not allowed now; ``b""`` in CLOSED.
         """
         nxt = self._sendable[self.state].get(Deliver)
-        if nxt is None:
-            return self._refuse(Deliver.TYPE)
-        self._enter(nxt)
+        if nxt is not self.state and not self._move(nxt, Deliver.TYPE):
+            return b""
         return encode_deliver(id, sender, sent_at, expires_at, attempt, body)
+
+    def _move(self, nxt: State | None, frame_type: str) -> bool:
+        """After the table gave ``nxt`` for sending ``frame_type``: enter it (True), or refuse (see :meth:`_refuse`)."""
+        if nxt is None:
+            self._refuse(frame_type)  # raises unless CLOSED
+            return False
+        self._enter(nxt)
+        return True
 
     def _refuse(self, frame_type: str) -> bytes:
         """What sending a frame the table does not allow gives: ``b""`` in CLOSED, else LocalProtocolError."""

@@ -22,6 +22,13 @@ __all__ = [
 
 
 class ErrorCode(IntEnum):
+    """The error codes of protocol.md's error table, by name; the value is what goes on the wire.
+
+    An IntEnum, so a code compares equal to its number. Peers may send codes this version
+    does not know: frames keep codes as plain integers (``Error.code``,
+    ``RecipientResult.code``) and ``ErrorCode(n)`` raises ValueError for an unknown ``n``.
+    """
+
     # 1xxx: protocol violations. The connection is always closed.
     MALFORMED_FRAME = 1001
     """The frame body is not exactly one valid CBOR map with text keys."""

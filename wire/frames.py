@@ -4,8 +4,15 @@ Theory of operation: a frame validates itself when it is built, so an illegal fr
 cannot exist. ``to_wire()`` gives the CBOR map (text keys, ``type`` first) and
 ``FRAME_TYPES[name].from_wire(map)`` builds a frame from a decoded map, turning any
 validation failure into :class:`~wire.errors.RemoteProtocolError` with
-``INVALID_FIELD``. Unknown keys are ignored (forward compatibility); missing or
+``INVALID_FIELD``. Unknown keys are ignored (forward compatibility); missing, null or
 ill-typed keys are refused.
+
+Each frame's rules are written once. Most frames keep them in ``__post_init__`` and
+decode through the constructor. The four frames that carry messages (SEND, RECEIPT,
+DELIVER, ACK) keep them in one ``_check_<frame>`` function that both ``__post_init__``
+and ``from_wire`` call; ``from_wire`` then builds the frame with a hand-written trusted
+constructor (``_trusted_<frame>``, like h11's ``_parsed=True``) that stores the checked
+values in the slots without going through the frozen ``__init__`` and checking again.
 """
 
 from __future__ import annotations
@@ -17,14 +24,20 @@ from enum import StrEnum
 from typing import Any, ClassVar, Self, TypeVar, dataclass_transform
 
 from .errors import ErrorCode, RemoteProtocolError
+from .limits import (
+    MAX_AGENT_CHARS,
+    MAX_ID_CHARS,
+    MAX_RECIPIENT_CHARS,
+    MAX_STATS_KEY_CHARS,
+    MAX_TEXT,
+    MIN_MAX_FRAME_BYTES,
+    UINT_MAX,
+)
 
 F = TypeVar("F", bound="Frame")
 
 __all__ = [
-    "DELIVER_OVERHEAD_BYTES",
-    "MAX_RECIPIENT_CHARS",
     "FRAME_TYPES",
-    "PROTOCOL_VERSION",
     "Ack",
     "Cleanup",
     "CleanupResult",
@@ -46,44 +59,9 @@ __all__ = [
     "Bye",
     "is_valid_mailbox_id",
     "is_valid_message_id",
-    "max_recipients_within",
-    "receipt_bound_bytes",
 ]
 
-PROTOCOL_VERSION = 1
-UINT_MAX = 2**63 - 1
-"""Largest integer any field may carry (fits a signed 64-bit integer in every language)."""
-DELIVER_OVERHEAD_BYTES = 256
-"""Room a DELIVER needs besides its body: at most 222 bytes (keys, a 64-character id and
-sender, three 64-bit integers, the body's header), rounded up. A body longer than
-``max_frame_bytes - DELIVER_OVERHEAD_BYTES`` is refused (BODY_TOO_LARGE) so that every
-accepted message can be delivered within ``max_frame_bytes``."""
-MAX_TEXT = 4096
-"""Longest free-text field (tokens, error messages), in characters."""
-MAX_RECIPIENT_CHARS = 64
-"""Longest element of SEND ``to`` (and so of a RECEIPT ``results`` key), in code points: as long as the
-longest mailbox id. It bounds what a RECEIPT echoes per recipient, which is what keeps every RECEIPT within
-the frame limit (see :func:`receipt_bound_bytes`)."""
-RECEIPT_ENTRY_MAX_BYTES = 2 + 4 * MAX_RECIPIENT_CHARS + 24
-"""Most bytes one ``results`` entry can take: the key (a head and up to 4 UTF-8 bytes a code point) and
-``{"status": "refused", "code": <uint16>}`` (24 bytes)."""
-RECEIPT_BASE_MAX_BYTES = 96
-"""Most bytes a RECEIPT takes besides its entries: the map head, ``type``, ``id`` (a 64-character id),
-the ``results`` key and the results map's head (85 bytes), rounded up."""
-
-
-def receipt_bound_bytes(max_recipients: int) -> int:
-    """The largest RECEIPT body a broker allowing ``max_recipients`` recipients per SEND can emit."""
-    return RECEIPT_BASE_MAX_BYTES + max_recipients * RECEIPT_ENTRY_MAX_BYTES
-
-
-def max_recipients_within(max_frame_bytes: int) -> int:
-    """The most recipients per SEND whose largest RECEIPT still fits ``max_frame_bytes`` (the inverse of
-    :func:`receipt_bound_bytes`)."""
-    return max(0, (max_frame_bytes - RECEIPT_BASE_MAX_BYTES) // RECEIPT_ENTRY_MAX_BYTES)
-
-
-_MAILBOX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}")
+_MAILBOX_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@+\-]{{0,{MAX_ID_CHARS - 1}}}")
 
 
 def is_valid_mailbox_id(value: object) -> bool:
@@ -94,7 +72,16 @@ def is_valid_mailbox_id(value: object) -> bool:
 def is_valid_message_id(value: object) -> bool:
     """A message id: 1-64 printable ASCII characters (0x21-0x7E), no spaces."""
     # Same set as the regex [\x21-\x7e]{1,64}, at a third of the cost (it runs per SEND and per ACKed id).
-    return type(value) is str and 0 < len(value) <= 64 and value.isascii() and value.isprintable() and " " not in value
+    return (
+        type(value) is str
+        and 0 < len(value) <= MAX_ID_CHARS
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    )
+
+
+# ---------------------------------------------------------------- field rules (each raises ValueError)
 
 
 def _uint(name: str, value: object, *, minimum: int = 0) -> None:
@@ -122,26 +109,26 @@ def _mailbox(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a mailbox id (1-64 of A-Z a-z 0-9 . _ @ + -)")
 
 
-def _tuple_of_text(name: str, value: object, *, min_len: int = 1, max_chars: int | None = None) -> tuple[str, ...]:
-    if type(value) is list:
-        value = tuple(value)
-    if type(value) is not tuple or len(value) < min_len:
-        raise ValueError(f"{name} must be an array of at least {min_len} text strings")
-    for item in value:
-        if type(item) is not str:
-            raise ValueError(f"{name} must contain only text strings")
-        if max_chars is not None and len(item) > max_chars:
-            raise ValueError(f"{name} elements must be at most {max_chars} characters")
+def _array(name: str, value: object) -> list[Any] | tuple[Any, ...]:
+    """``value`` if it is a non-empty array (a list, or a tuple as frames hold them); raises ValueError."""
+    if not (type(value) is tuple or type(value) is list) or not value:
+        raise ValueError(f"{name} must be a non-empty array")
     return value
 
 
-def _check_send(id: object, to: object, body: object, ttl_s: object) -> None:
-    """SEND's rules (its one validator); raises ValueError. ``to`` may be a list or a tuple."""
-    _message_id("id", id)
-    _tuple_of_text("to", to, max_chars=MAX_RECIPIENT_CHARS)
-    _bytes("body", body)
-    if ttl_s is not None:
-        _uint("ttl_s", ttl_s, minimum=1)
+def _optional(m: Mapping[str, Any], key: str) -> Any:
+    """``m[key]``, or None if absent; an optional field is absent or well-typed, so a CBOR null is refused."""
+    value = m.get(key)
+    if value is None and key in m:
+        raise ValueError(f"{key} may not be null")
+    return value
+
+
+def _invalid(type_name: str, exc: Exception) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.INVALID_FIELD, f"{type_name}: {exc}")
+
+
+# ---------------------------------------------------------------- the frame base and its decorator
 
 
 class Frame:
@@ -152,8 +139,6 @@ class Frame:
     # (wire key, attribute name) for every field; wire keys differ only where the
     # wire name is a Python keyword ("from").
     _WIRE: ClassVar[tuple[tuple[str, str], ...]] = ()
-    _unchecked: ClassVar[Callable[..., Any]]
-    """Builds the frame from already-validated field values (see :func:`_unchecked_constructor`)."""
 
     def to_wire(self) -> dict[str, Any]:
         """The frame as a CBOR-ready map; optional fields that are ``None`` are left out."""
@@ -169,21 +154,16 @@ class Frame:
         """Build the frame from a decoded map; raises RemoteProtocolError(INVALID_FIELD).
 
         An optional field is either absent or well-typed: a CBOR null is refused, not
-        taken as "absent". The frames that carry messages (SEND, DELIVER, ACK, RECEIPT)
-        check the usual shape inline and build the frame with :meth:`_unchecked`; anything
-        else takes this general path, which also words the error.
+        taken as "absent". This general path goes through the constructor; the frames
+        that carry messages override it with their checker and trusted constructor.
         """
-        return cls._checked_from_wire(m)
-
-    @classmethod
-    def _checked_from_wire(cls, m: Mapping[str, Any]) -> Self:
         kwargs = {attr: m[key] for key, attr in cls._WIRE if key in m}
         try:
             if None in kwargs.values():
                 raise ValueError("fields may not be null")
             return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise RemoteProtocolError(ErrorCode.INVALID_FIELD, f"{cls.TYPE}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # TypeError: a required field is missing
+            raise _invalid(cls.TYPE, exc) from None
 
 
 @dataclass_transform(frozen_default=True, kw_only_default=True)
@@ -194,29 +174,18 @@ def _frame(type_name: str, *wire: str | tuple[str, str]) -> Callable[[type[F]], 
         cls.TYPE = type_name
         cls._WIRE = tuple((w, w) if isinstance(w, str) else w for w in wire)
         cls = dataclass(frozen=True, slots=True, kw_only=True)(cls)
-        cls._unchecked = staticmethod(_unchecked_constructor(cls, [attr for _, attr in cls._WIRE]))
         FRAME_TYPES[type_name] = cls
         return cls
 
     return wrap
 
 
-def _unchecked_constructor(cls: type, attrs: list[str]) -> Callable[..., Any]:
-    """``make(*values)``: a frame of ``cls`` with the fields in ``attrs`` order, skipping ``__init__``.
+def _slot_setters(cls: type, *attrs: str) -> tuple[Callable[[object, object], None], ...]:
+    """The slot descriptors' setters of ``cls`` for ``attrs``: what a trusted constructor stores with."""
+    return tuple(cls.__dict__[attr].__set__ for attr in attrs)
 
-    No validation at all: only for values checked exactly as ``__post_init__`` would, or
-    built from values that were (a decoder's fast path, the broker's receipts). It stores
-    each slot directly, a quarter of the cost of the frozen ``__init__``. Generated source,
-    as dataclasses generates ``__init__``, so there is no loop per field.
-    """
-    names = [f"v{i}" for i in range(len(attrs))]
-    stores = "".join(f"    s{i}(obj, v{i})\n" for i in range(len(attrs)))
-    source = f"def make({', '.join(names)}):\n    obj = new(cls)\n{stores}    return obj\n"
-    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
-    namespace.update({f"s{i}": getattr(cls, attr).__set__ for i, attr in enumerate(attrs)})
-    exec(source, namespace)
-    return namespace["make"]  # type: ignore[no-any-return]
 
+_new = object.__new__
 
 FRAME_TYPES: dict[str, type[Frame]] = {}
 """Every frame class by its wire ``type`` name."""
@@ -237,7 +206,7 @@ class Hello(Frame):
         _uint("version", self.version, minimum=1)
         _text("token", self.token, min_len=1)
         if self.agent is not None:
-            _text("agent", self.agent, max_len=256)
+            _text("agent", self.agent, max_len=MAX_AGENT_CHARS)
 
 
 @_frame(
@@ -272,16 +241,27 @@ class Welcome(Frame):
 
     def __post_init__(self) -> None:
         _uint("version", self.version, minimum=1)
-        _text("session", self.session, min_len=1, max_len=64)
+        _text("session", self.session, min_len=1, max_len=MAX_ID_CHARS)
         if self.mailbox is not None:
             _mailbox("mailbox", self.mailbox)
         _uint("pending", self.pending)
-        _uint("max_frame_bytes", self.max_frame_bytes, minimum=64)
+        _uint("max_frame_bytes", self.max_frame_bytes, minimum=MIN_MAX_FRAME_BYTES)
         for name in ("max_inflight", "max_recipients", "default_ttl_s", "max_ttl_s", "keepalive_s"):
             _uint(name, getattr(self, name), minimum=1)
 
 
 # ---------------------------------------------------------------- messages
+
+
+def _check_send(id: object, to: object, body: object, ttl_s: object) -> None:
+    """SEND's rules; raises ValueError. ``to`` may be a list or a tuple."""
+    _message_id("id", id)
+    for rcpt in _array("to", to):
+        if type(rcpt) is not str or len(rcpt) > MAX_RECIPIENT_CHARS:
+            raise ValueError(f"to must hold text strings of at most {MAX_RECIPIENT_CHARS} characters")
+    _bytes("body", body)
+    if ttl_s is not None:
+        _uint("ttl_s", ttl_s, minimum=1)
 
 
 @_frame("send", "id", "to", "body", "ttl_s")
@@ -303,22 +283,31 @@ class Send(Frame):
         if type(self.to) is not tuple:
             object.__setattr__(self, "to", tuple(self.to))
 
-    @staticmethod
-    def valid_fields(id: object, to: object, body: object, ttl_s: object = None) -> bool:
-        """Whether ``Send(id=..., to=..., body=..., ttl_s=...)`` would accept these values (transition alias:
-        use ``Connection.send_send``, which validates with the same rules)."""
-        try:
-            _check_send(id, to, body, ttl_s)
-        except ValueError:
-            return False
-        return True
-
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
-        mid, to, body, ttl_s = m.get("id"), m.get("to"), m.get("body"), m.get("ttl_s")
-        if type(to) is list and (ttl_s is not None or "ttl_s" not in m) and cls.valid_fields(mid, to, body, ttl_s):
-            return cls._unchecked(mid, tuple(to), body, ttl_s)  # type: ignore[no-any-return]
-        return cls._checked_from_wire(m)
+        mid: Any = m.get("id")
+        to: Any = m.get("to")
+        body: Any = m.get("body")
+        try:
+            ttl_s = _optional(m, "ttl_s")
+            _check_send(mid, to, body, ttl_s)
+        except ValueError as exc:
+            raise _invalid(cls.TYPE, exc) from None
+        return _trusted_send(mid, tuple(to), body, ttl_s)  # type: ignore[return-value]
+
+
+_SEND_SET = _slot_setters(Send, "id", "to", "body", "ttl_s")
+
+
+def _trusted_send(id: str, to: tuple[str, ...], body: bytes, ttl_s: int | None) -> Send:
+    """A SEND from values :func:`_check_send` accepted (``to`` a tuple), without checking again."""
+    obj = _new(Send)
+    set_id, set_to, set_body, set_ttl_s = _SEND_SET
+    set_id(obj, id)
+    set_to(obj, to)
+    set_body(obj, body)
+    set_ttl_s(obj, ttl_s)
+    return obj
 
 
 class Status(StrEnum):
@@ -336,34 +325,64 @@ class Status(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
-    """The outcome of a SEND for one recipient: a status and, for REFUSED, an error code."""
+    """The outcome of a SEND for one recipient: a status and, for REFUSED, an error code.
+
+    Raises ValueError when built with a status that is not a :class:`Status`, or with a
+    code that is not there exactly when the status is REFUSED.
+    """
 
     status: Status
     code: int | None = None
     """An :class:`ErrorCode` value; kept as a plain integer so codes newer than this client still decode."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.status, Status):
+            raise ValueError(f"status must be one of {', '.join(Status)}")
         if (self.status is Status.REFUSED) != (self.code is not None):
             raise ValueError("a result has a code exactly when its status is refused")
         if self.code is not None:
             _uint("code", self.code, minimum=1000)
 
     def to_wire(self) -> dict[str, Any]:
-        # Results repeat (a handful of statuses and codes): share one read-only map per value.
-        wire = _RESULT_WIRE.get((self.status, self.code))
-        if wire is None:
-            wire = {"status": self.status.value}
-            if self.code is not None:
-                wire["code"] = int(self.code)
-            if len(_RESULT_WIRE) < 256:
-                _RESULT_WIRE[(self.status, self.code)] = wire
-        return wire
+        """The result as a CBOR-ready map (a new one each time)."""
+        if self.code is None:
+            return {"status": self.status.value}
+        return {"status": self.status.value, "code": self.code}
+
+    @staticmethod
+    def _from_wire(value: object) -> RecipientResult:
+        """The result a decoded ``results`` value stands for; raises ValueError."""
+        if type(value) is not dict:
+            raise ValueError("each result must be a map")
+        status: Any = value.get("status")
+        code = _optional(value, "code")
+        if code is None and type(status) is str:
+            plain = _PLAIN_RESULTS.get(status)
+            if plain is not None:
+                return plain
+        return RecipientResult(Status(status), code)  # Status() raises ValueError for an unknown status
 
 
-_RESULT_WIRE: dict[tuple[Status, int | None], dict[str, Any]] = {}
-_DECODED_RESULTS: dict[tuple[str, int | None], RecipientResult] = {}
-"""Results already decoded and validated, by (status, code): receipts repeat a handful of them."""
-_CODE_TYPES = (int, type(None))
+_PLAIN_RESULTS = {s.value: RecipientResult(s) for s in (Status.QUEUED, Status.DELIVERED, Status.DUPLICATE)}
+"""The three results without a code, built once (they are immutable): most results of most receipts."""
+
+
+def _check_receipt(id: object, results: object, code: object) -> None:
+    """RECEIPT's rules; raises ValueError."""
+    _message_id("id", id)
+    if not (type(results) is dict or isinstance(results, Mapping)):
+        raise ValueError("results must be a map")
+    if code is not None:
+        _uint("code", code, minimum=1000)
+        if results:
+            raise ValueError("a receipt has either results or a code, not both")
+    elif not results:
+        raise ValueError("results must be a non-empty map (or the receipt must have a code)")
+    for key, value in results.items():
+        if type(key) is not str or not isinstance(value, RecipientResult):
+            raise ValueError("results must map recipients to results")
+        if len(key) > MAX_RECIPIENT_CHARS:
+            raise ValueError(f"results keys must be at most {MAX_RECIPIENT_CHARS} characters")
 
 
 @_frame("receipt", "id", "results", "code")
@@ -382,20 +401,7 @@ class Receipt(Frame):
     """The whole SEND was refused with this code; nothing was stored for anyone."""
 
     def __post_init__(self) -> None:
-        _message_id("id", self.id)
-        if not (type(self.results) is dict or isinstance(self.results, Mapping)):
-            raise ValueError("results must be a map")
-        if self.code is not None:
-            _uint("code", self.code, minimum=1000)
-            if self.results:
-                raise ValueError("a receipt has either results or a code, not both")
-        elif not self.results:
-            raise ValueError("results must be a non-empty map (or the receipt must have a code)")
-        for key, value in self.results.items():
-            if type(key) is not str or not isinstance(value, RecipientResult):
-                raise ValueError("results must map recipients to results")
-            if len(key) > MAX_RECIPIENT_CHARS:
-                raise ValueError(f"results keys must be at most {MAX_RECIPIENT_CHARS} characters")
+        _check_receipt(self.id, self.results, self.code)
 
     def to_wire(self) -> dict[str, Any]:
         if self.code is not None:
@@ -408,40 +414,47 @@ class Receipt(Frame):
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
-        results = m.get("results")
-        if "results" not in m:
-            return cls._checked_from_wire(m)  # a whole-SEND refusal (or a receipt missing both)
+        mid: Any = m.get("id")
         try:
-            if "code" in m:
-                raise ValueError("a receipt has either results or a code, not both")
-            if type(results) is not dict:
-                raise ValueError("results must be a map")
-            parsed = {}
-            for key, value in results.items():
-                if type(value) is not dict:
-                    raise ValueError("each result must be a map")
-                if "code" in value and value["code"] is None:
-                    raise ValueError("code may not be null")
-                status, code = value.get("status"), value.get("code")
-                result = (
-                    _DECODED_RESULTS.get((status, code)) if type(status) is str and type(code) in _CODE_TYPES else None
-                )
-                if result is None:
-                    result = RecipientResult(Status(str(status)), code)
-                    if len(_DECODED_RESULTS) < 256:
-                        _DECODED_RESULTS[(result.status.value, result.code)] = result
-                if type(key) is not str:
-                    raise ValueError("results must map recipients to results")
-                if len(key) > MAX_RECIPIENT_CHARS:
-                    raise ValueError(f"results keys must be at most {MAX_RECIPIENT_CHARS} characters")
-                parsed[key] = result
-            if not parsed:
-                raise ValueError("results must be a non-empty map (or the receipt must have a code)")
-            mid = m.get("id")
-            _message_id("id", mid)
-            return cls._unchecked(mid, parsed, None)  # type: ignore[no-any-return]
-        except (TypeError, ValueError) as exc:
-            raise RemoteProtocolError(ErrorCode.INVALID_FIELD, f"receipt: {exc}") from None
+            code = _optional(m, "code")
+            if "results" in m:
+                if "code" in m:
+                    raise ValueError("a receipt has either results or a code, not both")
+                raw = m["results"]
+                if type(raw) is not dict:
+                    raise ValueError("results must be a map")
+                results = {key: RecipientResult._from_wire(value) for key, value in raw.items()}
+            else:
+                results = {}
+            _check_receipt(mid, results, code)
+        except ValueError as exc:
+            raise _invalid(cls.TYPE, exc) from None
+        return _trusted_receipt(mid, results, code)  # type: ignore[return-value]
+
+
+_RECEIPT_SET = _slot_setters(Receipt, "id", "results", "code")
+
+
+def _trusted_receipt(id: str, results: Mapping[str, RecipientResult], code: int | None) -> Receipt:
+    """A RECEIPT from values :func:`_check_receipt` accepts, without checking them."""
+    obj = _new(Receipt)
+    set_id, set_results, set_code = _RECEIPT_SET
+    set_id(obj, id)
+    set_results(obj, results)
+    set_code(obj, code)
+    return obj
+
+
+def _check_deliver(
+    id: object, sender: object, sent_at: object, expires_at: object, attempt: object, body: object
+) -> None:
+    """DELIVER's rules; raises ValueError."""
+    _message_id("id", id)
+    _mailbox("from", sender)
+    _uint("sent_at", sent_at)
+    _uint("expires_at", expires_at)
+    _uint("attempt", attempt, minimum=1)
+    _bytes("body", body)
 
 
 @_frame("deliver", "id", ("from", "sender"), "sent_at", "expires_at", "attempt", "body")
@@ -460,30 +473,45 @@ class Deliver(Frame):
     body: bytes
 
     def __post_init__(self) -> None:
-        _message_id("id", self.id)
-        _mailbox("from", self.sender)
-        _uint("sent_at", self.sent_at)
-        _uint("expires_at", self.expires_at)
-        _uint("attempt", self.attempt, minimum=1)
-        _bytes("body", self.body)
+        _check_deliver(self.id, self.sender, self.sent_at, self.expires_at, self.attempt, self.body)
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
-        mid, sender, sent_at, expires_at = m.get("id"), m.get("from"), m.get("sent_at"), m.get("expires_at")
-        attempt, body = m.get("attempt"), m.get("body")
-        if (
-            type(body) is bytes
-            and type(sent_at) is int
-            and type(expires_at) is int
-            and type(attempt) is int
-            and 0 <= sent_at <= UINT_MAX
-            and 0 <= expires_at <= UINT_MAX
-            and 1 <= attempt <= UINT_MAX
-            and is_valid_message_id(mid)
-            and is_valid_mailbox_id(sender)
-        ):
-            return cls._unchecked(mid, sender, sent_at, expires_at, attempt, body)  # type: ignore[no-any-return]
-        return cls._checked_from_wire(m)
+        values: tuple[Any, ...] = (
+            m.get("id"),
+            m.get("from"),
+            m.get("sent_at"),
+            m.get("expires_at"),
+            m.get("attempt"),
+            m.get("body"),
+        )
+        try:
+            _check_deliver(*values)
+        except ValueError as exc:
+            raise _invalid(cls.TYPE, exc) from None
+        return _trusted_deliver(*values)  # type: ignore[return-value]
+
+
+_DELIVER_SET = _slot_setters(Deliver, "id", "sender", "sent_at", "expires_at", "attempt", "body")
+
+
+def _trusted_deliver(id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> Deliver:
+    """A DELIVER from values :func:`_check_deliver` accepted, without checking again."""
+    obj = _new(Deliver)
+    set_id, set_sender, set_sent_at, set_expires_at, set_attempt, set_body = _DELIVER_SET
+    set_id(obj, id)
+    set_sender(obj, sender)
+    set_sent_at(obj, sent_at)
+    set_expires_at(obj, expires_at)
+    set_attempt(obj, attempt)
+    set_body(obj, body)
+    return obj
+
+
+def _check_ack(ids: object) -> None:
+    """ACK's rules; raises ValueError. ``ids`` may be a list or a tuple."""
+    for item in _array("ids", ids):
+        _message_id("ids[]", item)
 
 
 @_frame("ack", "ids")
@@ -493,21 +521,29 @@ class Ack(Frame):
     ids: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        ids = _tuple_of_text("ids", self.ids)
-        for item in ids:
-            _message_id("ids[]", item)
-        object.__setattr__(self, "ids", ids)
+        _check_ack(self.ids)
+        if type(self.ids) is not tuple:
+            object.__setattr__(self, "ids", tuple(self.ids))
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
-        ids = m.get("ids")
-        if type(ids) is list and ids:
-            for item in ids:
-                if not is_valid_message_id(item):
-                    break
-            else:
-                return cls._unchecked(tuple(ids))  # type: ignore[no-any-return]
-        return cls._checked_from_wire(m)
+        ids: Any = m.get("ids")
+        try:
+            _check_ack(ids)
+        except ValueError as exc:
+            raise _invalid(cls.TYPE, exc) from None
+        return _trusted_ack(tuple(ids))  # type: ignore[return-value]
+
+
+_ACK_SET = _slot_setters(Ack, "ids")
+
+
+def _trusted_ack(ids: tuple[str, ...]) -> Ack:
+    """An ACK from ids :func:`_check_ack` accepted (a tuple), without checking again."""
+    obj = _new(Ack)
+    (set_ids,) = _ACK_SET
+    set_ids(obj, ids)
+    return obj
 
 
 @_frame("pull")
@@ -579,7 +615,7 @@ class StatsResult(Frame):
         if not isinstance(self.stats, Mapping):
             raise ValueError("stats must be a map")
         for key, value in self.stats.items():
-            _text("stats key", key, min_len=1, max_len=64)
+            _text("stats key", key, min_len=1, max_len=MAX_STATS_KEY_CHARS)
             _uint(f"stats[{key}]", value)
 
     def to_wire(self) -> dict[str, Any]:

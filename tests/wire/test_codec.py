@@ -169,10 +169,6 @@ def test_mutated_frames_only_raise_protocol_errors(frame: Frame, pos: int, byte:
     body[pos % len(body)] = byte
     body += extra
     _feed_only_protocol_errors(struct.pack(">I", len(body)) + bytes(body))
-    # The stream decoder's inlined checks decide as decode_body's general path does.
-    assert _outcome(lambda b: FrameDecoder().feed(struct.pack(">I", len(b)) + b)[0], bytes(body)) == _outcome(
-        decode_body, bytes(body)
-    )
 
 
 @pytest.mark.parametrize("type_name", sorted(FRAME_TYPES))
@@ -230,115 +226,6 @@ def test_optional_fields_absent_are_left_out_of_the_map() -> None:
     assert decode_body(encode_frame(operator)[4:]) == operator
 
 
-# Values of every kind a field may hold on the wire, right or wrong, for the fast-path equivalence test.
-EDGE_VALUES = [
-    0,
-    1,
-    -1,
-    2**63 - 1,
-    2**63,
-    False,
-    None,
-    1.0,
-    "",
-    " ",
-    "a b",
-    "x" * 65,
-    "-lead",
-    "ok",
-    b"",
-    [],
-    ["ok"],
-    [1],
-    {},
-]
-"""Values at and past every field's limits, for the fast-path equivalence tests."""
-ANY_VALUE = st.one_of(
-    st.sampled_from(EDGE_VALUES),
-    st.booleans(),
-    st.integers(-(2**64), 2**64),
-    st.floats(allow_nan=False),
-    TEXT,
-    MESSAGE_ID,
-    MAILBOX,
-    BODY,
-    st.lists(st.one_of(MESSAGE_ID, st.integers(), st.none(), TEXT), max_size=4),
-)
-SAMPLE_MAPS = {
-    Send: {"type": "send", "id": "m1", "to": ["bob", "carol"], "body": b"x", "ttl_s": 60},
-    Deliver: {
-        "type": "deliver",
-        "id": "m1",
-        "from": "alice",
-        "sent_at": 1,
-        "expires_at": 2,
-        "attempt": 1,
-        "body": b"x",
-    },
-    Ack: {"type": "ack", "ids": ["m1", "m2"]},
-    Receipt: {"type": "receipt", "id": "m1", "results": {"bob": {"status": "queued"}}},
-}
-"""A valid map per frame type with a fast path (SEND, DELIVER, ACK, RECEIPT)."""
-
-
-def _outcome(build: Any, m: dict[str, Any]) -> Any:
-    try:
-        frame = build(m)
-    except RemoteProtocolError as exc:
-        return ("error", exc.code)
-    return ("frame", type(frame), frame.to_wire())
-
-
-def _checked(cls: Any, m: dict[str, Any]) -> Any:
-    """The general path: the constructor with every check in ``__post_init__``."""
-    if cls is Receipt:  # its from_wire parses the results itself; rebuild the frame through __init__
-        frame = cls.from_wire(m)
-        return Receipt(id=frame.id, results=dict(frame.results), code=frame.code)
-    return cls._checked_from_wire(m)
-
-
-def _variants() -> list[tuple[Any, dict[str, Any]]]:
-    out = []
-    for cls, sample in SAMPLE_MAPS.items():
-        out.append((cls, dict(sample)))
-        for key in sample:
-            if key == "type":
-                continue
-            out.append((cls, {k: v for k, v in sample.items() if k != key}))
-            for value in EDGE_VALUES:
-                out.append((cls, {**sample, key: value}))
-                if isinstance(sample[key], list):
-                    out.append((cls, {**sample, key: [*sample[key], value]}))
-                if isinstance(sample[key], dict):
-                    out.append((cls, {**sample, key: {**sample[key], "dave": value}}))
-                    out.append((cls, {**sample, key: {value if type(value) is int else "x": {"status": "queued"}}}))
-    return out
-
-
-def test_fast_paths_decide_exactly_as_the_checked_constructors_at_every_edge() -> None:
-    """Each field of each fast-path frame, dropped or set to each edge value: same frame or same error."""
-    variants = _variants()
-    assert len(variants) > 300
-    for cls, m in variants:
-        assert _outcome(cls.from_wire, m) == _outcome(lambda m, cls=cls: _checked(cls, m), m), m
-
-
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_fast_paths_decide_exactly_as_the_checked_constructors(data: st.DataObject) -> None:
-    """The same for random valid frames with random fields replaced or dropped."""
-    cls = data.draw(st.sampled_from(list(SAMPLE_MAPS)))
-    m = dict(data.draw(FRAMES[cls]).to_wire())
-    for key in data.draw(st.lists(st.sampled_from([k for k in SAMPLE_MAPS[cls] if k != "type"]), max_size=2)):
-        if data.draw(st.integers(0, 3)) == 0:
-            m.pop(key, None)
-        elif key == "results":
-            m[key] = data.draw(st.dictionaries(st.one_of(TEXT, st.integers()), ANY_VALUE, max_size=3))
-        else:
-            m[key] = data.draw(ANY_VALUE)
-    assert _outcome(cls.from_wire, m) == _outcome(lambda m: _checked(cls, m), m)
-
-
 @settings(max_examples=300)
 @given(frame=st.one_of(FRAMES[Send], FRAMES[Receipt], FRAMES[Deliver]))
 def test_hot_sends_are_byte_identical_to_the_frame_path(frame: Frame) -> None:
@@ -357,22 +244,6 @@ def test_hot_sends_are_byte_identical_to_the_frame_path(frame: Frame) -> None:
     assert fast == encode_frame(frame)
 
 
-def test_send_valid_fields_agrees_with_the_constructor_at_every_edge() -> None:
-    """The client encodes a SEND without building it when Send.valid_fields says the constructor would accept it."""
-    sample = {"id": "m1", "to": ("bob", "carol"), "body": b"x", "ttl_s": 60}
-    cases = [dict(sample), {**sample, "ttl_s": None}]
-    for key in sample:
-        for value in [*EDGE_VALUES, ("ok",), ("ok", 1), ()]:
-            cases.append({**sample, key: value})
-    for fields in cases:
-        try:
-            Send(**fields)
-            accepted = True
-        except (TypeError, ValueError):
-            accepted = False
-        assert Send.valid_fields(**fields) is accepted, fields
-
-
 @pytest.mark.parametrize("type_value", [[1], {"a": 1}, 7, b"send", None, True, 1.5, "", "SEND"])
 def test_a_type_that_is_not_a_frame_name_is_an_unknown_frame_type(type_value: Any) -> None:
     """Unhashable values (arrays, maps) included: a protocol error, never a crash."""
@@ -382,16 +253,18 @@ def test_a_type_that_is_not_a_frame_name_is_an_unknown_frame_type(type_value: An
     assert info.value.code == ErrorCode.UNKNOWN_FRAME_TYPE
 
 
-def test_the_receipt_tail_cache_stays_bounded() -> None:
-    """Refused recipients may be any short text: the cache of encoded tails never passes its cap."""
-    from wire import codec
-
-    refused = RecipientResult(Status.REFUSED, int(ErrorCode.INVALID_RECIPIENT))
-    for i in range(codec._RECEIPT_TAILS_MAX + 10):
-        encode_receipt("m", {f"r{i}": refused})
-        assert len(codec._RECEIPT_TAILS) <= codec._RECEIPT_TAILS_MAX
+def test_a_single_recipient_receipt_is_byte_identical_for_every_result() -> None:
+    """send_receipt assembles one-recipient receipts from pieces: every status, a refusal, the longest name."""
+    broker = Connection(Role.BROKER)
+    broker.state = State.OPEN
     longest = "\U0001f600" * 64  # 64 code points, 256 bytes of UTF-8
-    assert encode_receipt("m", {longest: refused}) == encode_frame(Receipt(id="m", results={longest: refused}))
+    for result in [
+        *(RecipientResult(s) for s in Status if s is not Status.REFUSED),
+        RecipientResult(Status.REFUSED, 3006),
+    ]:
+        for rcpt in ("bob", "", longest):
+            receipt = Receipt(id="m", results={rcpt: result})
+            assert broker.send_receipt("m", {rcpt: result}) == encode_frame(receipt)
 
 
 def test_a_recipient_longer_than_64_code_points_cannot_be_sent_or_echoed() -> None:
@@ -443,3 +316,31 @@ def test_max_recipients_within_is_the_inverse_of_the_receipt_bound(max_frame_byt
     n = max_recipients_within(max_frame_bytes)
     assert n == 0 or receipt_bound_bytes(n) <= max_frame_bytes
     assert receipt_bound_bytes(n + 1) > max_frame_bytes
+
+
+@pytest.mark.parametrize(
+    "m",
+    [
+        {"type": "send", "id": "m", "to": ["bob"], "body": b"", "ttl_s": None},
+        {"type": "receipt", "id": "m", "results": {"bob": {"status": "queued", "code": None}}},
+        {"type": "receipt", "id": "m", "code": None},
+        {"type": "deliver", "id": "m", "from": "alice", "sent_at": None, "expires_at": 1, "attempt": 1, "body": b""},
+        {"type": "ack", "ids": None},
+    ],
+)
+def test_a_null_field_is_refused_not_taken_as_absent(m: dict[str, Any]) -> None:
+    body = cbor2.dumps(m)
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_decoded_frames_hold_tuples_and_fresh_maps() -> None:
+    """The trusted path builds what the constructor would: tuples for arrays, a map per receipt (none shared)."""
+    send = Send.from_wire({"type": "send", "id": "m", "to": ["bob"], "body": b""})
+    ack = Ack.from_wire({"type": "ack", "ids": ["m"]})
+    assert type(send.to) is tuple and type(ack.ids) is tuple
+    refusal = {"type": "receipt", "id": "m", "code": 3004}
+    assert Receipt.from_wire(refusal).results is not Receipt.from_wire(refusal).results
+    result = RecipientResult(Status.QUEUED)
+    assert result.to_wire() is not result.to_wire()
