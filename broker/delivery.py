@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import trio
 
-from wire import Connection, Drained, State, encode_deliver
+from wire import Connection, Drained
 
 from .outbox import Outbox
 from .stats import Counters
@@ -95,7 +95,7 @@ class Delivery:
         """New messages were queued for this mailbox (called from the sender's task)."""
         if self.outbox.closing:
             return  # it stays queued for the next session: the mailbox task is cancelled, writes are dropped
-        if self._inline and self.conn.state is State.OPEN:
+        if self._inline:
             await self.pump()
         else:
             self._signal.set()
@@ -153,24 +153,25 @@ class Delivery:
             if batch.messages and not self._write(batch.messages):
                 return  # closing: what was fetched goes back to the queue at release
             if batch.queued == 0:
-                if self._drain_wanted and not outbox.closing and self.conn.state is State.OPEN:
+                if self._drain_wanted:
                     self._drain_wanted = False
-                    outbox.push(self.conn.send(Drained(pending=batch.inflight)))
+                    outbox.push(self.conn.send(Drained(pending=batch.inflight)))  # b"" once CLOSED
                 return
             if not batch.messages and room > 0:
                 return  # (a resync fetch with no room only recounted the window: go round again)
 
     def _write(self, messages: Sequence[StoredMessage]) -> bool:
-        """Push DELIVERs for ``messages``; False (nothing written) if the connection is closing."""
-        if self.outbox.closing or self.conn.state is not State.OPEN:
-            self._unwritten.extend(m.id for m in messages)
-            return False
-        self.outbox.push_all(
-            [encode_deliver(m.id, m.sender, m.sent_at, m.expires_at, m.attempt, m.body) for m in messages]
-        )
-        counters = self._counters
-        counters.delivered += len(messages)
-        redelivered = sum(m.attempt > 1 for m in messages)
-        if redelivered:
-            counters.redelivered += redelivered
-        return True
+        """Push DELIVERs for ``messages``; False (nothing written) if the connection is closing or closed."""
+        if not self.outbox.closing:
+            deliver = self.conn.send_deliver
+            frames = [deliver(m.id, m.sender, m.sent_at, m.expires_at, m.attempt, m.body) for m in messages]
+            if frames[0]:  # b"": the connection is CLOSED
+                self.outbox.push_all(frames)
+                counters = self._counters
+                counters.delivered += len(messages)
+                redelivered = sum(m.attempt > 1 for m in messages)
+                if redelivered:
+                    counters.redelivered += redelivered
+                return True
+        self._unwritten.extend(m.id for m in messages)
+        return False

@@ -52,7 +52,6 @@ from wire import (
     StatsResult,
     Welcome,
     encode_frame,
-    encode_receipt,
 )
 
 from . import authz
@@ -331,8 +330,10 @@ class Session:
         assert self.mailbox is not None
         routed = await self._router.route(self.mailbox, cast(Sequence[Send], sends))
         await self._presence.wake(routed.wake)  # deliveries go out before the receipts
-        if self.conn.state is State.OPEN:  # the state table allows RECEIPT exactly in OPEN
-            self.outbox.push_all([encode_receipt(r.id, r.results, r.code) for r in routed.receipts])
+        receipt = self.conn.send_receipt
+        frames = [receipt(r.id, r.results, r.code) for r in routed.receipts]
+        if frames[0]:  # b"": the connection is CLOSED
+            self.outbox.push_all(frames)
         return True
 
     async def _on_acks(self, frames: Sequence[Frame]) -> bool:
