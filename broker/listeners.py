@@ -32,8 +32,8 @@ AnyListener = trio.abc.Listener[trio.abc.Stream]
 class Listeners:
     """What the broker accepts connections on: frame byte streams (``tcp``) and WebSockets (``ws``)."""
 
-    tcp: Sequence[AnyListener]
-    ws: Sequence[AnyListener]
+    tcp: list[AnyListener]
+    ws: list[AnyListener]
 
     @property
     def tcp_port(self) -> int | None:

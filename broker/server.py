@@ -28,6 +28,7 @@ from wire import ErrorCode, Receipt, Send, encode_frame
 
 from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig
+from .listeners import open_listeners, port_of
 from .presence import LocalPresence
 from .router import Router
 from .session import Session
@@ -91,8 +92,9 @@ class Broker:
         session is told SHUTTING_DOWN and given ``shutdown_grace_s`` to flush, and only
         then is what remains cancelled.
         """
-        listeners = await trio.open_tcp_listeners(self.config.tcp_port, host=self.config.host)
-        self.tcp_port = listeners[0].socket.getsockname()[1]
+        opened = await open_listeners(self.config)
+        listeners = opened.tcp
+        self.tcp_port = opened.tcp_port
         log.info("listening on tcp://%s:%d", self.config.host, self.tcp_port)
         async with trio.open_nursery() as outer:
             handlers: trio.Nursery = await outer.start(self._run_handlers)
@@ -102,7 +104,7 @@ class Broker:
                     await nursery.start(
                         partial(trio.serve_listeners, self._handle_stream, listeners, handler_nursery=handlers)
                     )
-                    await self._serve_browsers(handlers)
+                    await self._serve_browsers(handlers, opened.ws)
                     task_status.started(self)
                     await trio.sleep_forever()
             finally:
@@ -120,7 +122,9 @@ class Broker:
             await self._handlers_done.wait()
             handlers.cancel_scope.cancel()
 
-    async def _serve_browsers(self, nursery: trio.Nursery) -> None:
+    async def _serve_browsers(
+        self, nursery: trio.Nursery, ws_listeners: list[trio.abc.Listener[trio.abc.Stream]]
+    ) -> None:
         """Start the HTTP listener (API, demo page), then the WebSocket listener that trusts its origin."""
         from .http import serve_http
         from .websocket import OriginPolicy, serve_websocket
@@ -128,12 +132,12 @@ class Broker:
         host = self.config.host
         self.http_port = await nursery.start(serve_http, self, host, self.config.http_port)
         own = [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
-        self.ws_port = await nursery.start(
+        self.ws_port = port_of(ws_listeners)
+        await nursery.start(
             partial(
                 serve_websocket,
                 self.handle_transport,
-                host,
-                self.config.ws_port,
+                ws_listeners,
                 max_frame_bytes=self.config.max_frame_bytes,
                 origins=OriginPolicy([*own, *self.config.allowed_origins]),
             )

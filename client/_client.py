@@ -52,7 +52,7 @@ from wire import (
 )
 
 from ._inbox import ClientState, Delivery, Inbox, InboxIterator
-from ._link import Link, Outbound, TransportFactory, check_sends, handshake, opened
+from ._link import Link, Outbound, TransportFactory, check_sends, handshake
 from ._pending import PendingTable, SendItem
 from .errors import ConnectionLost, ForbiddenError, RelayError, is_fatal
 from .localstore import LocalStore
@@ -419,7 +419,7 @@ class RelayClient:
         hello = Hello(version=PROTOCOL_VERSION, token=self._token, agent=self._agent)
         with trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S) as connecting:
             try:
-                async with opened(self._open_transport, self.endpoint) as transport:
+                async with self._open_transport(self.endpoint) as transport:
                     conn, welcome, leftover = await handshake(transport, self.endpoint, hello)
                     connecting.deadline = math.inf
                     link = Link(

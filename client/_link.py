@@ -30,9 +30,7 @@ next link).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -62,7 +60,7 @@ from wire import (
 from ._inbox import Delivery, Inbox
 from ._pending import PendingTable, SendItem
 from .errors import ConnectionLost, ProtocolViolation, RelayError, error_from_code
-from .transport import Endpoint, Transport, TransportClosed
+from .transport import Endpoint, Opener, Transport, TransportClosed
 
 __all__ = [
     "MAX_ACK_IDS_PER_FRAME",
@@ -72,7 +70,6 @@ __all__ = [
     "TransportFactory",
     "check_sends",
     "handshake",
-    "opened",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,23 +80,9 @@ RECEIVE_SLACK_BYTES = 4096
 """Accepted beyond the broker's max_frame_bytes: a DELIVER carries a few more fields than the SEND it came from."""
 
 
-class TransportFactory(Protocol):
-    """How the client opens a transport for a parsed URL (``open_client(transport_factory=...)``)."""
-
-    async def __call__(self, endpoint: Endpoint) -> Transport: ...
-
-
-@asynccontextmanager
-async def opened(factory: TransportFactory, endpoint: Endpoint) -> AsyncIterator[Transport]:
-    """A transport from ``factory`` for the life of the block, closed on exit. Raises TransportClosed on entry.
-
-    Transition: until ``client.transport.open_transport`` is an async context manager itself,
-    this adapts today's factories (which return a connected transport)."""
-    transport = await factory(endpoint)
-    try:
-        yield transport
-    finally:
-        await transport.aclose()
+TransportFactory = Opener
+"""How the client opens a transport for a parsed URL (``open_client(transport_factory=...)``): an async
+context manager yielding a connected transport, closed on exit (``client.transport.open_transport``'s shape)."""
 
 
 def _too_large(mid: str, size: int, limit: int) -> RelayError:
@@ -144,6 +127,7 @@ async def handshake(transport: Transport, endpoint: Endpoint, hello: Hello) -> t
     if isinstance(first, Error):
         raise error_from_code(first.code, first.message)
     assert isinstance(first, Welcome)  # the state table admits nothing else
+    transport.set_peer_limit(first.max_frame_bytes)  # a WebSocket packs messages up to the broker's limit
     conn.max_frame_bytes = max(first.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES) + RECEIVE_SLACK_BYTES
     return conn, first, frames[1:]
 
@@ -274,7 +258,7 @@ class Link:
             return
         outbox, self._outbox = self._outbox, []
         data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
-        sent = self.transport.try_send(data)
+        sent = self.transport.send_some_nowait(data)
         if sent < len(data):
             self._unwritten = data[sent:]
             self._outbound.wake()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -9,14 +11,14 @@ import trio
 
 from broker.config import BrokerConfig
 from broker.server import Broker
-from client.transport import Endpoint, Transport, TransportClosed, open_tcp_transport
+from client.transport import Endpoint, Transport, TransportClosed, open_transport
 from wire import Ack, Frame, FrameDecoder, Receipt
 
 _TAP_LIMIT = 64 * 1024 * 1024
 
 
 class FaultyTransport:
-    """A real TCP transport that records the frames passing each way and can be broken on purpose."""
+    """A real transport (whatever the URL names) that records the frames passing each way and can be broken."""
 
     def __init__(self, inner: Transport, network: FaultyNetwork) -> None:
         self.inner = inner
@@ -44,8 +46,11 @@ class FaultyTransport:
         self.network.sent += frames
         await self.inner.send_all(data)
 
-    def try_send(self, data: bytes) -> int:
+    def send_some_nowait(self, data: bytes) -> int:
         return 0  # every write goes through send_all, so the tap sees it
+
+    def set_peer_limit(self, max_frame_bytes: int) -> None:
+        self.inner.set_peer_limit(max_frame_bytes)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -70,10 +75,12 @@ class FaultyNetwork:
         self.lose_acks = 0
         self.lose_receipts = 0
 
-    async def __call__(self, endpoint: Endpoint) -> Transport:
-        transport = FaultyTransport(await open_tcp_transport(endpoint), self)
-        self.transports.append(transport)
-        return transport
+    @asynccontextmanager
+    async def __call__(self, endpoint: Endpoint) -> AsyncIterator[Transport]:
+        async with open_transport(endpoint) as inner:
+            transport = FaultyTransport(inner, self)
+            self.transports.append(transport)
+            yield transport
 
     async def cut(self) -> None:
         await self.transports[-1].break_()

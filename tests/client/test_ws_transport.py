@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import trio
-from relay_testing import BrokerRunner, FaultyNetwork, FaultyTransport, url_of
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from relay_testing import BrokerRunner, FaultyNetwork, url_of
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket, wrap_server_stream
 
 import client.transport as transport_module
 from broker.config import BrokerConfig
@@ -23,7 +23,7 @@ from client.transport import (
     Endpoint,
     Transport,
     TransportClosed,
-    open_ws_transport,
+    open_transport,
     parse_url,
 )
 from wire import Deliver, ErrorCode, RemoteProtocolError, Send
@@ -149,10 +149,11 @@ async def test_ws_client_reconnects_after_a_broker_restart_on_the_same_port(tmp_
 class FaultyWsNetwork(FaultyNetwork):
     """FaultyNetwork over WebSocket: its frame taps see the same bytes as on TCP."""
 
-    async def __call__(self, endpoint: Endpoint) -> Transport:
-        transport = FaultyTransport(await open_ws_transport(endpoint), self)
-        self.transports.append(transport)
-        return transport
+    @asynccontextmanager
+    async def __call__(self, endpoint: Endpoint) -> AsyncIterator[Transport]:
+        assert endpoint.scheme == "ws"
+        async with super().__call__(endpoint) as transport:
+            yield transport
 
 
 async def test_ws_reconnects_recover_2000_messages_with_one_copy_each(broker_factory: Any, tmp_path: Path) -> None:
@@ -236,7 +237,7 @@ async def read_until_end(transport: Transport) -> bytes:
 
 
 async def test_messages_arrive_as_the_tcp_byte_stream_and_a_normal_close_ends_it() -> None:
-    frames = [frame(b"one"), frame(b""), frame(b"x" * 200_000)]
+    frames = [frame(b"one"), frame(b""), frame(b"x" * 200_000), frame(b"a") + frame(b"b")]
 
     async def handler(ws: WebSocketConnection) -> None:
         for f in frames:
@@ -244,14 +245,12 @@ async def test_messages_arrive_as_the_tcp_byte_stream_and_a_normal_close_ends_it
         await ws.aclose()
 
     with trio.fail_after(TIMEOUT_S):
-        async with ws_server(handler) as endpoint:
-            transport = await open_ws_transport(endpoint)
+        async with ws_server(handler) as endpoint, open_transport(endpoint) as transport:
             assert await read_until_end(transport) == b"".join(frames)
             assert await transport.receive_some() == b""
-            await transport.aclose()
 
 
-async def test_send_all_sends_one_binary_message_per_frame() -> None:
+async def test_send_all_packs_whole_frames_into_messages_up_to_the_peer_limit() -> None:
     got: list[bytes | str] = []
     done = trio.Event()
 
@@ -260,53 +259,52 @@ async def test_send_all_sends_one_binary_message_per_frame() -> None:
             while True:
                 got.append(await ws.get_message())
         except ConnectionClosed as exc:
+            assert exc.reason is not None
             got.append(f"closed {exc.reason.code}")
             done.set()
 
-    frames = [frame(b"a"), frame(b"bb" * 100_000), frame(b"")]
+    small = [frame(b"s" * 500) for _ in range(4)]  # 504 bytes each
+    big = frame(b"bb" * 100_000)
     with trio.fail_after(TIMEOUT_S):
         async with ws_server(handler) as endpoint:
-            transport = await open_ws_transport(endpoint)
-            await transport.send_all(b"".join(frames))
-            await transport.send_all(frames[0])
-            with pytest.raises(ValueError, match="whole frames"):
-                await transport.send_all(frames[0] + frames[1][:10])
-            with pytest.raises(ValueError, match="whole frames"):
-                await transport.send_all(b"\x00\x00")
-            await transport.aclose()  # a close frame with code 1000
-            await transport.aclose()
-            await done.wait()
+            async with open_transport(endpoint) as transport:
+                await transport.send_all(b"".join(small))  # before WELCOME: at most 1,028 bytes a message
+                transport.set_peer_limit(1024 * 1024)
+                await transport.send_all(b"".join([*small, big]))
+                with pytest.raises(ValueError, match="whole frames"):
+                    await transport.send_all(small[0] + small[1][:10])
+                with pytest.raises(ValueError, match="whole frames"):
+                    await transport.send_all(b"\x00\x00")
+            await done.wait()  # leaving the block closed it with code 1000
             with pytest.raises(TransportClosed):
-                await transport.send_all(frames[0])
-    assert got == [*frames, frames[0], "closed 1000"]
+                await transport.send_all(small[0])
+    assert got == [small[0] + small[1], small[2] + small[3], b"".join([*small, big]), "closed 1000"]
 
 
 @pytest.mark.parametrize(
     ("messages", "good"),
     [
         ([frame(b"ok"), "text"], frame(b"ok")),
-        ([frame(b"ok"), frame(b"a") + frame(b"b")], frame(b"ok")),  # two frames in one message
+        ([frame(b"ok"), frame(b"a") + frame(b"b")[:-1]], frame(b"ok")),  # ends mid-frame
         ([frame(b"abc")[:-1]], b""),  # shorter than its prefix
         ([b"\x00\x00"], b""),  # fewer than 4 bytes
         ([b""], b""),
     ],
 )
-async def test_a_message_that_is_not_exactly_one_frame_is_malformed(messages: list[bytes | str], good: bytes) -> None:
+async def test_a_message_that_is_not_whole_frames_is_malformed(messages: list[bytes | str], good: bytes) -> None:
     async def handler(ws: WebSocketConnection) -> None:
         for m in messages:
             await ws.send_message(m)
         await trio.sleep_forever()
 
     with trio.fail_after(TIMEOUT_S):
-        async with ws_server(handler) as endpoint:
-            transport = await open_ws_transport(endpoint)
+        async with ws_server(handler) as endpoint, open_transport(endpoint) as transport:
             data = b""
             with pytest.raises(RemoteProtocolError) as info:
                 while True:
                     data += await transport.receive_some()
             assert info.value.code == ErrorCode.MALFORMED_FRAME
-            assert data in {b"", good}  # frames before the bad message may be passed on first
-            await transport.aclose()
+            assert data == good  # the messages before the bad one are passed on first
 
 
 async def test_a_malformed_message_from_the_broker_stops_the_client() -> None:
@@ -331,25 +329,31 @@ async def test_pings_are_answered_and_an_abnormal_close_is_reported() -> None:
         await ws.aclose(code=1011, reason="internal error")
 
     with trio.fail_after(TIMEOUT_S):
-        async with ws_server(handler) as endpoint:
-            transport = await open_ws_transport(endpoint)
+        async with ws_server(handler) as endpoint, open_transport(endpoint) as transport:
             assert await transport.receive_some() == frame(b"hi")
             with pytest.raises(TransportClosed, match="code 1011 \\(internal error\\)"):
                 await transport.receive_some()
-            await transport.aclose()
 
 
 async def test_a_dropped_connection_is_transport_closed() -> None:
-    async def handler(ws: WebSocketConnection) -> None:
-        await ws.send_message(frame(b"hi"))
-        await ws._stream.aclose()  # no close frame: the TCP connection just ends
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            request = await wrap_server_stream(nursery, stream)
+            ws = await request.accept()
+            await ws.send_message(frame(b"hi"))
+            await stream.aclose()  # no close frame: the TCP connection just ends
+            nursery.cancel_scope.cancel()
 
     with trio.fail_after(TIMEOUT_S):
-        async with ws_server(handler) as endpoint:
-            transport = await open_ws_transport(endpoint)
-            with pytest.raises(TransportClosed, match="without a WebSocket close"):
-                await read_until_end(transport)
-            await transport.aclose()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, handle, listeners)
+            async with open_transport(Endpoint("ws", "127.0.0.1", port, "/relay")) as transport:
+                with pytest.raises(TransportClosed, match="without a WebSocket close"):
+                    await read_until_end(transport)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_server_that_never_answers_the_upgrade_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -360,5 +364,15 @@ async def test_a_server_that_never_answers_the_upgrade_times_out(monkeypatch: py
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, lambda stream: trio.sleep_forever(), listeners)
             with pytest.raises(TransportClosed, match=r"no WebSocket upgrade within 0\.2 s"):
-                await open_ws_transport(Endpoint("ws", "127.0.0.1", port, "/relay"))
+                async with open_transport(Endpoint("ws", "127.0.0.1", port, "/relay")):
+                    pass  # pragma: no cover
             nursery.cancel_scope.cancel()
+
+
+async def test_no_wsproto_in_the_client() -> None:
+    import client
+    import client._client
+    import client._link
+
+    for module in (client, client._client, client._link, transport_module):
+        assert "wsproto" not in (module.__file__ and open(module.__file__).read())

@@ -1,4 +1,5 @@
-"""The WebSocket listener: the same protocol as TCP, one frame per binary message, and its abuse cases."""
+"""The WebSocket listener: the same protocol as TCP, whole frames in binary messages (protocol.md 2.5),
+and its abuse cases."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
+import broker.websocket as broker_websocket
 from broker.server import Broker
 from wire import (
     DELIVER_OVERHEAD_BYTES,
+    MAX_HELLO_FRAME_BYTES,
     Ack,
     Deliver,
     Drained,
     Error,
     ErrorCode,
+    FrameDecoder,
     Hello,
     Ping,
     Pong,
@@ -25,7 +29,6 @@ from wire import (
     Send,
     Status,
     Welcome,
-    decode_body,
     encode_frame,
 )
 
@@ -120,7 +123,7 @@ async def test_text_message_after_welcome_gets_malformed_frame_and_close(broker:
 BAD_MESSAGES = [
     pytest.param(frame({"type": "ping"})[:-1], ErrorCode.MALFORMED_FRAME, id="prefix-longer-than-message"),
     pytest.param(frame({"type": "ping"}) + b"\x00", ErrorCode.MALFORMED_FRAME, id="prefix-shorter-than-message"),
-    pytest.param(frame({"type": "ping"}) * 2, ErrorCode.MALFORMED_FRAME, id="two-frames-in-one-message"),
+    pytest.param(frame({"type": "ping"}) + frame({"type": "ping"})[:5], ErrorCode.MALFORMED_FRAME, id="ends-mid-frame"),
     pytest.param(b"\x00\x00", ErrorCode.MALFORMED_FRAME, id="shorter-than-a-prefix"),
     pytest.param(b"", ErrorCode.MALFORMED_FRAME, id="empty"),
     pytest.param(frame({"type": "warp"}), ErrorCode.UNKNOWN_FRAME_TYPE, id="unknown-type"),
@@ -156,9 +159,10 @@ async def test_no_hello_times_out(broker_factory: Callable[..., Any]) -> None:
 
 
 @pytest.mark.parametrize("excess", [1, 1024, 64 * 1024], ids=["one-byte-over", "twice", "far-over"])
-async def test_oversized_message_gets_frame_too_large_and_close(
+async def test_oversized_message_is_closed_with_1009_and_no_error_frame(
     broker_factory: Callable[..., Any], excess: int
 ) -> None:
+    """protocol.md 2.5: a message above max_frame_bytes + 4 is refused by the WebSocket layer itself."""
     async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024, max_recipients=3) as broker:
         with trio.fail_after(TIMEOUT):
             async with login_ws(broker.ws_port, broker.auth.issue("erin")) as (client, welcome):
@@ -166,10 +170,72 @@ async def test_oversized_message_gets_frame_too_large_and_close(
                 await client.expect(Drained)
                 message = (1024 + excess).to_bytes(4, "big") + b"\x00" * (1024 + excess)
                 await client.send_raw(message)
-                await expect_error(client, ErrorCode.FRAME_TOO_LARGE)
+                assert await client.expect_closed() == 1009
+                assert not client.frames  # nothing after DRAINED: no ERROR frame
             # The broker still serves everyone else.
             async with login_ws(broker.ws_port, broker.auth.issue("erin")) as (client, _):
                 await client.expect(Drained)
+
+
+async def test_oversized_message_before_welcome_is_closed_with_1009(broker_factory: Callable[..., Any]) -> None:
+    async with broker_factory(max_frame_bytes=1024, max_outbound_bytes=64 * 1024, max_recipients=3) as broker:
+        with trio.fail_after(TIMEOUT):
+            async with open_ws(broker.ws_port) as client:
+                await client.send_raw(b"\x00\x00\x04\x01" + b"\x00" * 1025)
+                assert await client.expect_closed() == 1009
+                assert client.messages == 0
+
+
+async def test_a_hello_above_the_pre_welcome_limit_in_one_message_is_frame_too_large(broker: Broker) -> None:
+    """The message fits the WebSocket limit (max_frame_bytes + 4); the decoder refuses the frame by its prefix."""
+    assert broker.config.max_frame_bytes > MAX_HELLO_FRAME_BYTES
+    with trio.fail_after(TIMEOUT):
+        async with open_ws(broker.ws_port) as client:
+            size = MAX_HELLO_FRAME_BYTES + 1
+            await client.send_raw(size.to_bytes(4, "big") + b"\x00" * size)
+            await expect_error(client, ErrorCode.FRAME_TOO_LARGE)
+
+
+async def test_one_message_carrying_several_frames_works(broker: Broker) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with login_ws(broker.ws_port, broker.auth.issue("ivy")) as (client, welcome):
+            assert welcome.mailbox == "ivy"
+            await client.expect(Drained)
+            sends = [Send(id=f"p{i}", to=("ivy",), body=b"packed %d" % i) for i in range(20)]
+            await client.send_packed(*sends, Ping())
+            got = [await client.next() for _ in range(41)]
+            assert [f.id for f in got if isinstance(f, Receipt)] == [s.id for s in sends]
+            assert [f.body for f in got if isinstance(f, Deliver)] == [s.body for s in sends]
+            assert sum(isinstance(f, Pong) for f in got) == 1
+            await client.send_packed(Ack(ids=tuple(s.id for s in sends)), Ping())
+            await client.expect(Pong)
+            assert await broker.store.pending("ivy") == 0
+
+
+async def test_the_broker_packs_several_frames_into_one_message(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker_websocket, "PACK_FRAMES", True)  # transition: the default once every client unpacks
+    for i in range(200):
+        await broker.route("alice", [Send(id=f"q{i}", to=("jo",), body=b"queued")])
+    with trio.fail_after(TIMEOUT):
+        async with login_ws(broker.ws_port, broker.auth.issue("jo")) as (client, welcome):
+            assert welcome.pending == 200
+            before, _ = await client.until(Drained)
+            assert [f.id for f in before if isinstance(f, Deliver)] == [f"q{i}" for i in range(200)]
+            assert client.messages < 100  # 201 frames (plus WELCOME) in fewer messages: packed
+
+
+@pytest.mark.parametrize("after_welcome", [False, True], ids=["before-hello", "after-welcome"])
+async def test_a_message_ending_mid_frame_is_malformed_frame(broker: Broker, after_welcome: bool) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_ws(broker.ws_port) as client:
+            if after_welcome:
+                await client.hello(broker.auth.issue("kim"))
+                await client.expect(Drained)
+            ping = encode_frame(Ping())
+            await client.send_raw(ping + ping[:-1])
+            await expect_error(client, ErrorCode.MALFORMED_FRAME)
 
 
 async def test_frame_at_the_limit_is_accepted(broker_factory: Callable[..., Any]) -> None:
@@ -267,9 +333,12 @@ async def test_a_text_message_that_is_not_utf8_closes_without_an_error_frame(
                 hello = encode_frame(Hello(version=1, token=broker.auth.issue("eve")))
                 await stream.send_all(ws.send(BytesMessage(data=hello)))
                 opened: list[Any] = []
-                while len(opened) < 2:  # WELCOME, then DRAINED
+                decoder = FrameDecoder()
+                while len(opened) < 2:  # WELCOME, then DRAINED (perhaps in one message)
                     ws.receive_data(await stream.receive_some(65536))
-                    opened += [decode_body(bytes(e.data)[4:]) for e in ws.events() if isinstance(e, BytesMessage)]
+                    for e in ws.events():
+                        if isinstance(e, BytesMessage):
+                            opened += decoder.feed(bytes(e.data))
                 assert [type(f) for f in opened] == [Welcome, Drained]
             payload, mask = b"\xff\xfeA\xc3", b"\x01\x02\x03\x04"  # invalid UTF-8 in a single text frame
             masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
@@ -284,7 +353,7 @@ async def test_a_text_message_that_is_not_utf8_closes_without_an_error_frame(
                     break
                 ws.receive_data(data)
                 events += list(ws.events())
-            frames = [decode_body(bytes(e.data)[4:]) for e in events if isinstance(e, BytesMessage)]
+            frames = [f for e in events if isinstance(e, BytesMessage) for f in FrameDecoder().feed(bytes(e.data))]
             closes = [e.code for e in events if isinstance(e, CloseConnection)]
             assert frames == [], "no Relay ERROR (nor anything else) for a message Relay never saw"
             assert closes in ([], [1007]), closes

@@ -1,10 +1,13 @@
-"""A bare WebSocket protocol client for tests: one binary message per frame, the sans-IO Connection.
+"""A bare WebSocket protocol client for tests: whole frames in binary messages, the sans-IO Connection.
 
-Like tests/broker/raw.py, it checks nothing on its own.
+Like tests/broker/raw.py, it checks nothing on its own beyond protocol.md 2.5's framing: each
+message from the broker must hold whole frames (one or more). ``send`` writes one frame per
+message; ``send_packed`` puts several frames in one message.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,33 +22,48 @@ class WsClient(FrameClient):
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         self.conn = Connection(Role.CLIENT)
+        self.frames: deque[Frame] = deque()
+        self.messages = 0
+        """Binary messages received so far."""
 
     async def send(self, *frames: Frame) -> None:
         for frame in frames:
             await self.ws.send_message(self.conn.send(frame))
 
+    async def send_packed(self, *frames: Frame) -> None:
+        """All ``frames`` in one binary message."""
+        await self.ws.send_message(b"".join(self.conn.send(frame) for frame in frames))
+
     async def send_raw(self, message: bytes | str) -> None:
         await self.ws.send_message(message)
 
     async def next(self) -> Frame:
-        """The next frame; each message must hold exactly one."""
-        try:
-            message = await self.ws.get_message()
-        except ConnectionClosed:
-            raise EOFError("the broker closed the WebSocket") from None
-        assert isinstance(message, bytes), "the broker sent a text message"
-        assert int.from_bytes(message[:4], "big") == len(message) - 4, "message is not exactly one frame"
-        frames = self.conn.receive_data(message)
-        assert len(frames) == 1
-        return frames[0]
+        """The next frame; each message must end at a frame boundary."""
+        while not self.frames:
+            try:
+                message = await self.ws.get_message()
+            except ConnectionClosed:
+                raise EOFError("the broker closed the WebSocket") from None
+            assert isinstance(message, bytes), "the broker sent a text message"
+            assert _whole(message), "the broker sent a message that ends mid-frame"
+            self.messages += 1
+            self.frames.extend(self.conn.receive_data(message))
+        return self.frames.popleft()
 
-    async def expect_closed(self) -> None:
-        """The broker closes the WebSocket (after any frames still queued)."""
+    async def expect_closed(self) -> int | None:
+        """The broker closes the WebSocket (after any frames still queued): its close code."""
         while True:
             try:
                 await self.ws.get_message()
-            except ConnectionClosed:
-                return
+            except ConnectionClosed as exc:
+                return exc.reason.code if exc.reason is not None else None
+
+
+def _whole(message: bytes) -> bool:
+    pos = 0
+    while pos + 4 <= len(message):
+        pos += 4 + int.from_bytes(message[pos : pos + 4], "big")
+    return pos == len(message)
 
 
 def ws_url(port: int | None) -> str:
