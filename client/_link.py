@@ -346,14 +346,24 @@ class Link:
                 return
 
     def _collect(self, acks: list[str]) -> bytes:
-        """Everything queued, as one byte string: the unwritten rest, ACKs, control frames, requests, SENDs, BYE."""
+        """Everything queued, as one byte string: the unwritten rest, ACKs, control frames, requests, SENDs, BYE.
+
+        ``acks`` are the ids taken for this write; it is emptied if they could not be encoded."""
         conn = self.conn
         parts: list[bytes] = []
         if self._unwritten:
             parts.append(self._unwritten)
             self._unwritten = b""
-        for i in range(0, len(acks), MAX_ACK_IDS_PER_FRAME):
-            parts.append(conn.send(Ack(ids=tuple(acks[i : i + MAX_ACK_IDS_PER_FRAME]))))
+        if acks:
+            frames = [
+                conn.send(Ack(ids=tuple(acks[i : i + MAX_ACK_IDS_PER_FRAME])))
+                for i in range(0, len(acks), MAX_ACK_IDS_PER_FRAME)
+            ]
+            if frames[0]:
+                parts += frames
+            else:  # the connection is over (b"" once CLOSED): the ids go out on the next link
+                self._outbound._give_back(acks[:])
+                acks.clear()
         if self._ctrl:
             ctrl, self._ctrl = self._ctrl, []
             parts += [conn.send(frame) for frame in ctrl]
