@@ -18,7 +18,9 @@ recount it with a fetch even when the window looks full.
 
 ``attempt`` counts DELIVERs actually written: messages fetched while the connection was
 already closing are not written and not counted (they go back to the queue when the
-session ends: ``store.release``).
+session ends, named in ``store.release(..., unwritten=)`` so their attempt goes back
+down). Every fetch carries the session's claim: once a newer session has fetched from
+the mailbox, the store answers ``fenced`` and this pump stops.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from wire import Connection, Drained
 
 from .outbox import Outbox
 from .stats import Counters
-from .store.base import AckResult, Claim, Store, StoredMessage
+from .store.base import AckResult, Claim, Clock, Message, Store
 
 __all__ = ["Delivery"]
 
@@ -44,6 +46,7 @@ class Delivery:
 
     __slots__ = (
         "_blocked",
+        "_clock",
         "_counters",
         "_drain_wanted",
         "_fetch_bytes",
@@ -70,6 +73,7 @@ class Delivery:
         outbox: Outbox,
         counters: Counters,
         max_inflight: int,
+        clock: Clock,
     ) -> None:
         self.mailbox = mailbox
         self.claim = claim
@@ -77,6 +81,7 @@ class Delivery:
         self.conn = conn
         self.outbox = outbox
         self._counters = counters
+        self._clock = clock  # epoch ms, for the store's expiry judgement
         self._window = max_inflight
         # Deliveries fetched at once: with the reader's share this keeps unsent data under the cap.
         self._fetch_bytes = outbox.soft_limit // 2
@@ -113,14 +118,14 @@ class Delivery:
 
     async def pull(self) -> None:
         """PULL: every in-flight message goes back to the queue and is delivered again, then DRAINED."""
-        await self.store.release(self.mailbox)
+        await self.store.release(self.mailbox, self.claim)
         self.inflight = 0
         self._drain_wanted = True
         self._signal.set()
 
     async def release(self) -> None:
         """The session ends: its un-ACKed deliveries go back to the queue for the next one."""
-        await self.store.release(self.mailbox)
+        await self.store.release(self.mailbox, self.claim, self._unwritten)
 
     # ------------------------------------------------------------ the mailbox task
 
@@ -148,7 +153,11 @@ class Delivery:
                 self._blocked = True  # an ACK wakes the mailbox task
                 return
             self._resync = False
-            batch = await self.store.fetch_many(self.mailbox, max(room, 0), self._fetch_bytes)
+            batch = await self.store.fetch_many(
+                self.mailbox, self.claim, max(room, 0), self._fetch_bytes, self._clock()
+            )
+            if batch.fenced:
+                return  # taken over: the newer session has the mailbox's deliveries
             self.inflight = batch.inflight
             if batch.messages and not self._write(batch.messages):
                 return  # closing: what was fetched goes back to the queue at release
@@ -160,7 +169,7 @@ class Delivery:
             if not batch.messages and room > 0:
                 return  # (a resync fetch with no room only recounted the window: go round again)
 
-    def _write(self, messages: Sequence[StoredMessage]) -> bool:
+    def _write(self, messages: Sequence[Message]) -> bool:
         """Push DELIVERs for ``messages``; False (nothing written) if the connection is closing or closed."""
         if not self.outbox.closing:
             deliver = self.conn.send_deliver

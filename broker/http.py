@@ -482,7 +482,7 @@ class _Api:
                 f'the query parameter "limit" must be a whole number from 1 to {MAX_PENDING_LIMIT}, got {raw!r}'
             )
         messages = await self.broker.pending_messages(mailbox, int(raw))
-        held = await self.broker.store.pending(mailbox)
+        held = await self.broker.store.pending(mailbox, self.broker.clock())
         return _respond(
             request,
             {

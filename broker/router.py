@@ -26,7 +26,7 @@ from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, RecipientResult, Send, Statu
 from .config import BrokerConfig
 from .presence import Presence
 from .stats import Counters
-from .store.base import DUPLICATE, STORED, AckResult, Clock, NewMessage, Outcome, Store, StoredMessage
+from .store.base import AckResult, Clock, Message, NewMessage, Outcome, Store
 
 __all__ = ["Acked", "Plan", "Routed", "Router", "SendOutcome", "plan_send", "recipient_result"]
 
@@ -132,10 +132,6 @@ class Acked:
     unless the ACK came over that session, which applies ``result`` itself."""
 
 
-_OUTCOMES = {STORED: Outcome.STORED, DUPLICATE: Outcome.DUPLICATE} | {o.code: o for o in Outcome if o.code is not None}
-"""(transition until the store returns Outcome itself)"""
-
-
 class Router:
     """SEND and ACK from any transport, and the expiry sweep; see the module docstring."""
 
@@ -149,10 +145,9 @@ class Router:
         self.clock = clock
         self._max_body_bytes = config.max_frame_bytes - DELIVER_OVERHEAD_BYTES
 
-    def plan(self, sends: Sequence[Send], sender: str) -> list[Plan]:
-        """Plan each SEND of a batch at the router's clock (pure but for reading the clock)."""
+    def plan(self, sends: Sequence[Send], sender: str, now: int) -> list[Plan]:
+        """Plan each SEND of a batch at ``now`` (the router's clock, epoch ms). Pure."""
         config = self.config
-        now = self.clock()
         expiries: dict[int, int] = {}
         return [
             plan_send(
@@ -174,12 +169,12 @@ class Router:
         Raises whatever the store or presence raises (nothing is half-reported: the caller's
         connection ends).
         """
-        plans = self.plan(sends, sender)
+        now = self.clock()
+        plans = self.plan(sends, sender, now)
         messages = [p.message for p in plans if p.message is not None]
         if not messages:
             return Routed([self._refused_only(s, p) for s, p in zip(sends, plans, strict=True)], [])
-        raw = await self.store.enqueue_many(messages)
-        stored = [[_OUTCOMES[o] for o in row] for row in raw]  # (transition until the store returns Outcome)
+        stored = await self.store.enqueue_many(messages, now)
         online = await self.presence.online({r for m in messages for r in m.recipients})
         counters = self.counters
         outcomes = iter(stored)
@@ -225,13 +220,13 @@ class Router:
         result = await self.store.ack_many(mailbox, ids)
         return Acked(result, (mailbox,) if result.deleted else ())
 
-    async def peek(self, mailbox: str, limit: int) -> list[StoredMessage]:
+    async def peek(self, mailbox: str, limit: int) -> list[Message]:
         """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""
-        return await self.store.peek(mailbox, limit)
+        return await self.store.peek(mailbox, limit, self.clock())
 
     async def pending(self, mailbox: str) -> int:
         """How many unexpired messages ``mailbox`` holds (queued and in flight)."""
-        return await self.store.pending(mailbox)
+        return await self.store.pending(mailbox, self.clock())
 
     async def cleanup(self) -> int:
         """Purge expired messages now and have their mailboxes' sessions recount; returns how many.
@@ -239,8 +234,8 @@ class Router:
         The one expiry path: the sweeper, operator CLEANUP and the HTTP API all call it.
         Raises what the store or presence raises.
         """
-        purged = await self.store.purge_expired()
-        if purged:
-            await self.presence.resync(None)  # (transition: the store's Purged will name the mailboxes)
-        log.info("sweep purged %d expired messages", purged)
-        return purged
+        purged = await self.store.purge_expired(self.clock())
+        if purged.mailboxes:
+            await self.presence.resync(purged.mailboxes)
+        log.info("sweep purged %d expired messages", purged.count)
+        return purged.count

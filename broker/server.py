@@ -16,9 +16,11 @@ tests and callers outside a session.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 
 import trio
@@ -33,25 +35,24 @@ from .presence import LocalPresence
 from .router import Router
 from .session import Session
 from .stats import Counters, Stats
-from .store.base import AckResult, Clock, Store, StoredMessage, wall_clock_ms
-from .store.memory import MemoryStore
+from .store import open_store
+from .store.base import AckResult, Clock, Message, Store, wall_clock_ms
 from .transport import StreamTransport, Transport
 
-__all__ = ["Broker", "Counters", "open_store"]
+__all__ = ["Broker", "Counters"]
 
 log = logging.getLogger(__name__)
-
-
-def open_store(config: BrokerConfig, clock: Clock) -> Store:
-    """The store the configuration names (``memory``; config validation refuses anything else)."""
-    return MemoryStore(config.store_limits, clock=clock)
 
 
 class Broker:
     """A Relay broker. Create it, then run :meth:`serve` in a nursery (``await nursery.start(broker.serve)``).
 
-    ``clock`` (Unix epoch ms) is injectable so TTL logic can run under trio's MockClock;
-    ``store`` and ``auth`` default to the configuration's.
+    ``clock`` (Unix epoch ms) is injectable so TTL logic can run under trio's MockClock; it
+    stamps messages and is passed to every store call that judges time. ``auth`` defaults to
+    the configuration's. Without ``store``, :meth:`serve` opens the configured one
+    (:func:`broker.store.open_store`) and closes it when it stops, and the parts that use it
+    (``store``, ``router``, ``stats``, ``counters``) exist from then on; an injected store
+    makes them at once, and stays the caller's to close.
     """
 
     def __init__(
@@ -64,7 +65,6 @@ class Broker:
     ) -> None:
         self.config = config or BrokerConfig()
         self.clock = clock
-        self.store: Store = store if store is not None else open_store(self.config, clock)
         self.auth = (
             auth
             if auth is not None
@@ -72,14 +72,30 @@ class Broker:
         )
         self.sessions: set[Session] = set()
         self.presence = LocalPresence()
-        self.stats = Stats(self.store, self.presence, self.sessions.__len__, clock=clock)
-        self.counters = self.stats.counters
-        self.router = Router(self.config, self.store, self.presence, self.counters, clock=clock)
+        self.store: Store
+        self.stats: Stats
+        self.counters: Counters
+        self.router: Router
+        self._store_injected = store is not None
+        if store is not None:
+            self._use_store(store)
         self.tcp_port: int | None = None
         self._stopping = False
         self._handlers_done = trio.Event()
         self.ws_port: int | None = None
         self.http_port: int | None = None
+
+    def _use_store(self, store: Store) -> None:
+        """Make the parts that work on the store."""
+        self.store = store
+        self.stats = Stats(store, self.presence, self.sessions.__len__, clock=self.clock)
+        self.counters = self.stats.counters
+        self.router = Router(self.config, store, self.presence, self.counters, clock=self.clock)
+
+    def _open_store(self) -> AbstractAsyncContextManager[Store]:
+        if self._store_injected:
+            return contextlib.nullcontext(self.store)
+        return open_store(self.config)
 
     # ------------------------------------------------------------ serving
 
@@ -90,8 +106,14 @@ class Broker:
         not a cancel storm: sessions and the browser listeners run in a handler nursery
         that the cancellation does not reach; once the TCP listener has stopped, every
         session is told SHUTTING_DOWN and given ``shutdown_grace_s`` to flush, and only
-        then is what remains cancelled.
+        then is what remains cancelled. The store is opened first and closed last.
         """
+        async with self._open_store() as store:
+            if not self._store_injected:
+                self._use_store(store)
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: trio.TaskStatus[Broker]) -> None:
         opened = await open_listeners(self.config)
         listeners = opened.tcp
         self.tcp_port = opened.tcp_port
@@ -213,7 +235,7 @@ class Broker:
         await self.presence.resync(acked.resync)
         return acked.result
 
-    async def pending_messages(self, mailbox: str, limit: int) -> list[StoredMessage]:
+    async def pending_messages(self, mailbox: str, limit: int) -> list[Message]:
         """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""
         return await self.router.peek(mailbox, limit)
 

@@ -217,6 +217,7 @@ class Session:
                 outbox=self.outbox,
                 counters=self._stats.counters,
                 max_inflight=config.max_inflight,
+                clock=self._router.clock,
             )
             pending = await self._router.pending(identity.name)
         self._send(

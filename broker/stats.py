@@ -165,8 +165,7 @@ class Stats:
 
     async def snapshot(self) -> Statistics:
         """Every figure now. Raises whatever the store's ``statistics`` raises."""
-        figures = await self._store.statistics()
-        relay = figures if isinstance(figures, StoreStatistics) else StoreStatistics(**figures)  # (until the flip)
+        relay = await self._store.statistics(self._clock())
         c = self.counters
         refused = {ErrorCode(code): n for code, n in c.refused.items()}
         node = NodeStatistics(

@@ -1,39 +1,52 @@
 """The store interface: where messages wait between SEND and ACK.
 
 Theory of operation: the store owns every held message and each mailbox's delivery
-state (which messages are queued, which are in flight on the mailbox's connection).
+state (which messages are queued, which are in flight to the mailbox's session).
 Calls are async and batch-oriented because a networked store (Redis) pays a round trip
-per call; the in-memory store never yields inside them. Time comes from an injected
-clock returning Unix epoch milliseconds, so TTL logic runs under trio's MockClock.
+per call; the in-memory store never yields inside them. The store has no clock: every
+call that judges time takes ``now_ms`` (Unix epoch milliseconds) from the broker, whose
+one clock also stamps ``sent_at`` and ``expires_at``. Delivery state is fenced by a
+:class:`Claim` (from presence): the newest claim that fetched from a mailbox is its
+*fence*, and an older claim can neither fetch nor give messages back, so a session that
+was taken over (on this node or another) cannot disturb its successor's deliveries.
 
-Contract (checked by ``tests/broker/store_contract.py`` against every implementation):
+Contract (checked by ``tests/store/test_contract.py`` against every implementation):
 - ``enqueue_many`` stores each message for each recipient atomically per recipient and
-  reports, per recipient, STORED, DUPLICATE or a 3xxx ErrorCode; nothing else happens
-  to a message it reports as refused.
+  reports, per recipient, an :class:`Outcome`: STORED, DUPLICATE (held or tombstoned,
+  same sender), ID_CONFLICT (the same, another sender), then the capacity refusals
+  MAILBOX_FULL, MAILBOX_BYTES_FULL, BROKER_FULL in that order. Nothing else happens to
+  a message it reports as refused.
 - ``fetch_many`` hands out queued messages of one mailbox, oldest accepted first (at
   most ``limit`` of them and about ``max_bytes`` of bodies), marks them in flight and
-  increments their attempt; expired messages are never returned
-  (they are removed and counted as expired).
-- ``ack_many`` deletes messages of that mailbox only; unknown ids are ignored. An ACKed
-  id is remembered (a tombstone) until the message would have expired, so a retried
-  SEND of it is a DUPLICATE.
-- ``release`` puts every in-flight message back at the front of the queue, in order.
-- A mailbox with no messages holds no memory.
+  increments their attempt. A message is expired when ``now_ms`` >= ``expires_at``;
+  expired messages are never returned (they are removed and counted as expired).
+  A claim with a newer epoch than the fence first returns every in-flight message to
+  the queue (the old owner's deliveries go to the new one) and becomes the fence; a
+  claim that is not the fence and not newer gets ``Batch(fenced=True)`` and changes
+  nothing.
+- ``release`` (the fence only) puts every in-flight message back at the front of the
+  queue, in order; those in ``unwritten`` were never written to the peer, so their
+  attempt goes back down. A stale claim's release changes nothing.
+- ``ack_many`` deletes messages of that mailbox only, whoever asks (an ACK may come
+  over HTTP); unknown ids are ignored. An ACKed id is remembered (a tombstone) until the
+  message would have expired, at most ``max_tombstones`` of them (oldest ACK forgotten
+  first), so a retried SEND of it is a DUPLICATE (or ID_CONFLICT from another sender).
+- Messages handed out (:class:`Message`) are immutable snapshots: nothing the store
+  does later changes them.
+- A mailbox with no messages holds no memory (its fence may be forgotten with it).
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from wire import ErrorCode
 
 __all__ = [
-    "DUPLICATE",
-    "STORED",
     "AckResult",
     "Batch",
     "Claim",
@@ -45,23 +58,16 @@ __all__ = [
     "Store",
     "StoreLimits",
     "StoreStatistics",
-    "StoredMessage",
     "wall_clock_ms",
 ]
 
 Clock = Callable[[], int]
-"""Returns the current time as Unix epoch milliseconds."""
+"""Returns the current time as Unix epoch milliseconds (the broker's; the store takes ``now_ms``)."""
 
 
 def wall_clock_ms() -> int:
-    """The real clock: Unix epoch milliseconds."""
+    """The real clock: Unix epoch milliseconds. Never raises."""
     return time.time_ns() // 1_000_000
-
-
-STORED = 0
-"""enqueue outcome: the message is now held for the recipient."""
-DUPLICATE = 1
-"""enqueue outcome: the same sender's message with this id is held (or was ACKed); nothing stored."""
 
 
 class Outcome(enum.Enum):
@@ -75,8 +81,11 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"
     """The same sender's message with this id is held (or was ACKed and is tombstoned); nothing stored."""
     MAILBOX_FULL = ErrorCode.MAILBOX_FULL
+    """The recipient's mailbox holds ``max_mailbox_messages`` already."""
     MAILBOX_BYTES_FULL = ErrorCode.MAILBOX_BYTES_FULL
+    """The body would take the recipient's mailbox past ``max_mailbox_bytes``."""
     BROKER_FULL = ErrorCode.BROKER_FULL
+    """The body would take the store past ``max_total_bytes``."""
     ID_CONFLICT = ErrorCode.ID_CONFLICT
     """Another sender's message with this id is held or tombstoned for the recipient."""
 
@@ -91,8 +100,10 @@ class Outcome(enum.Enum):
 class Claim:
     """Who may take a mailbox's deliveries: its owner (a session) and the epoch presence gave it.
 
-    A store keeps, per mailbox, the newest epoch it has seen (the fence): a fetch with a newer
-    claim takes over the in-flight messages; an older claim is stale and changes nothing.
+    A store keeps, per mailbox, the newest claim that fetched from it (the fence): a fetch with
+    a newer epoch takes over the in-flight messages; any other claim that is not equal to the
+    fence (an older epoch, or the same epoch for another owner) is stale and changes nothing.
+    Epochs must grow for each mailbox (a broker-wide counter will do).
     """
 
     owner: str
@@ -140,7 +151,11 @@ class StoreStatistics:
 
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
-    """Per-mailbox and global bounds the store enforces at enqueue time."""
+    """Per-mailbox and global bounds the store enforces at enqueue time.
+
+    The one place these defaults are written: the broker configuration derives its
+    fields' defaults from this class (keep the field names in step).
+    """
 
     max_mailbox_messages: int = 100_000
     max_mailbox_bytes: int = 64 * 1024 * 1024
@@ -148,9 +163,11 @@ class StoreLimits:
     max_tombstones: int = 100_000
 
 
-@dataclass(slots=True)
-class NewMessage:
-    """One accepted SEND: the same message for one or more recipients."""
+class NewMessage(NamedTuple):
+    """One accepted SEND: the same message for one or more recipients (distinct, valid ids).
+
+    Immutable; a NamedTuple because the router makes one per SEND (the cheapest immutable record).
+    """
 
     id: str
     sender: str
@@ -160,30 +177,17 @@ class NewMessage:
     expires_at: int
 
 
-@dataclass(slots=True, eq=False)
-class StoredMessage:
-    """A message held for one recipient. ``attempt`` counts deliveries so far."""
-
-    id: str
-    sender: str
-    recipient: str
-    body: bytes
-    sent_at: int
-    expires_at: int
-    attempt: int = 0
-    inflight: bool = False
-    alive: bool = True
-
-
 @dataclass(frozen=True, slots=True)
 class Batch:
     """What ``fetch_many`` handed out, and the mailbox's state after it."""
 
-    messages: list[StoredMessage]
+    messages: Sequence[Message]
     queued: int
     """Messages still waiting to be delivered (not in flight)."""
     inflight: int
-    """Messages delivered and not yet ACKed."""
+    """Messages handed out to the fence and not yet ACKed or released."""
+    fenced: bool = False
+    """True if the claim was stale: nothing was handed out (``queued`` and ``inflight`` say 0)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,50 +199,53 @@ class AckResult:
 
 
 class Store(Protocol):
-    """Where messages wait. See the module docstring for the contract."""
+    """Where messages wait. See the module docstring for the contract. No method raises for an
+    unknown mailbox or id; a networked store's methods raise its connection errors (OSError)."""
 
     synchronous: bool
     """True if no method ever yields to the scheduler (no checkpoint: the in-memory store).
     The broker then delivers a new message from the sender's task, since nothing can
     interleave with it; otherwise each mailbox's own task does all of its delivering."""
 
-    async def enqueue_many(self, messages: Sequence[NewMessage]) -> list[list[int]]:
-        """For each message, one outcome per recipient (same order): STORED, DUPLICATE or an ErrorCode."""
+    async def enqueue_many(self, messages: Sequence[NewMessage], now_ms: int) -> list[list[Outcome]]:
+        """For each message, one outcome per recipient (same order). ``now_ms`` judges tombstones."""
         ...
 
-    async def fetch_many(self, mailbox: str, limit: int, max_bytes: int) -> Batch:
+    async def fetch_many(self, mailbox: str, claim: Claim, limit: int, max_bytes: int, now_ms: int) -> Batch:
         """Up to ``limit`` queued, unexpired messages, oldest first, now in flight with attempt + 1.
 
         Stops before the bodies would pass ``max_bytes``, but always returns at least one
-        message if any is queued and ``limit`` > 0.
+        message if any is queued and ``limit`` > 0. ``limit`` 0 only recounts (and fences).
+        A newer claim than the fence takes over the in-flight messages first; a stale claim
+        gets ``Batch((), 0, 0, fenced=True)``.
         """
         ...
 
-    async def peek(self, mailbox: str, limit: int) -> list[StoredMessage]:
-        """Up to ``limit`` unexpired held messages (in flight or not), oldest first, changing nothing."""
+    async def release(self, mailbox: str, claim: Claim, unwritten: Collection[str] = ()) -> int:
+        """If ``claim`` is the fence: every in-flight message back to the front of the queue, in
+        order, the attempt of those in ``unwritten`` lowered by one; returns how many. Else 0."""
         ...
 
     async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
-        """Delete these messages of ``mailbox``; ids not held there are ignored."""
+        """Delete these messages of ``mailbox`` (in flight or queued); ids not held there are ignored."""
         ...
 
-    async def release(self, mailbox: str) -> int:
-        """Return every in-flight message to the front of the queue, in order; returns how many."""
+    async def peek(self, mailbox: str, limit: int, now_ms: int) -> list[Message]:
+        """Up to ``limit`` unexpired held messages (in flight first, then queued), oldest first, changing nothing."""
         ...
 
-    async def pending(self, mailbox: str) -> int:
+    async def pending(self, mailbox: str, now_ms: int) -> int:
         """How many unexpired messages the mailbox holds (queued and in flight)."""
         ...
 
-    async def purge_expired(self) -> int:
-        """Delete every expired message; returns how many. Cost O(expired * log n)."""
+    async def purge_expired(self, now_ms: int) -> Purged:
+        """Delete every expired message and tombstone; returns how many messages and whose."""
         ...
 
-    async def statistics(self) -> Mapping[str, int]:
-        """messages_total, messages_deliverable, messages_expired_unswept, acknowledged_total,
-        unique_recipients, queued_bytes, expired_total, tombstones, inflight."""
+    async def statistics(self, now_ms: int) -> StoreStatistics:
+        """The store's statistics now (protocol.md section 10)."""
         ...
 
     async def aclose(self) -> None:
-        """Release resources (connections); the store is unusable afterwards."""
+        """Release resources (connections); the store is unusable afterwards. Never raises."""
         ...

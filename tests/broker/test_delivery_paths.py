@@ -9,13 +9,13 @@ take at once is queued for the session's writer behind what is already queued.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import pytest
 import trio
 
-from broker.store.base import AckResult, Batch, NewMessage
+from broker.store.base import AckResult, Batch, Claim, NewMessage, Outcome
 from broker.store.memory import MemoryStore
 from wire import Ack, Deliver, Drained, Receipt, Send, Status
 
@@ -29,21 +29,21 @@ class YieldingStore(MemoryStore):
 
     synchronous = False
 
-    async def enqueue_many(self, messages: Sequence[NewMessage]) -> list[list[int]]:
+    async def enqueue_many(self, messages: Sequence[NewMessage], now_ms: int) -> list[list[Outcome]]:
         await trio.lowlevel.checkpoint()
-        return await super().enqueue_many(messages)
+        return await super().enqueue_many(messages, now_ms)
 
-    async def fetch_many(self, mailbox: str, limit: int, max_bytes: int) -> Batch:
+    async def fetch_many(self, mailbox: str, claim: Claim, limit: int, max_bytes: int, now_ms: int) -> Batch:
         await trio.lowlevel.checkpoint()
-        return await super().fetch_many(mailbox, limit, max_bytes)
+        return await super().fetch_many(mailbox, claim, limit, max_bytes, now_ms)
 
     async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
         await trio.lowlevel.checkpoint()
         return await super().ack_many(mailbox, ids)
 
-    async def release(self, mailbox: str) -> int:
+    async def release(self, mailbox: str, claim: Claim, unwritten: Collection[str] = ()) -> int:
         await trio.lowlevel.checkpoint()
-        return await super().release(mailbox)
+        return await super().release(mailbox, claim, unwritten)
 
 
 async def login(broker: Any, name: str) -> RawClient:

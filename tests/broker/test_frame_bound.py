@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from broker.auth import Authenticator
 from broker.config import BrokerConfig, ConfigError
 from broker.server import Broker
+from broker.store.memory import MemoryStore
 from broker.transport import StreamTransport
 from wire import (
     PROTOCOL_VERSION,
@@ -142,7 +143,7 @@ async def test_every_frame_the_broker_emits_fits_its_announced_limit(
         assume(False)  # the broker refuses this configuration at start-up
         return
     assert receipt_bound_bytes(config.max_recipients) <= config.max_frame_bytes
-    broker = Broker(config, auth=Authenticator(SECRET))
+    broker = Broker(config, auth=Authenticator(SECRET), store=MemoryStore(config.store_limits))
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             if online_bob:  # so that receipts say "delivered" and DELIVERs go out while alice sends

@@ -30,7 +30,7 @@ async def test_pong_comes_after_every_earlier_frame_has_been_applied(broker: Bro
         await bob.expect(Drained)
         await bob.send(Ack(ids=ids[:30]), Ack(ids=ids[30:]), Ping())
         await bob.expect(Pong)
-        assert await broker.store.pending("bob") == 0  # no wait: the ACKs were applied before the PONG
+        assert await broker.store.pending("bob", broker.clock()) == 0  # no wait: the ACKs were applied before the PONG
 
 
 async def test_drained_comes_for_an_empty_mailbox_and_never_to_an_operator(broker: Broker) -> None:

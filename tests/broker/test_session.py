@@ -19,6 +19,7 @@ import trio.testing
 from broker.config import BrokerConfig
 from broker.server import Broker
 from broker.stats import STATS_NAMES
+from broker.store.memory import MemoryStore
 from wire import (
     Ack,
     Bye,
@@ -63,7 +64,8 @@ class Relay:
 
 @asynccontextmanager
 async def relay(tmp_path: Path, **overrides: Any) -> AsyncIterator[Relay]:
-    broker = Broker(BrokerConfig(data_dir=tmp_path, **overrides))
+    config = BrokerConfig(data_dir=tmp_path, **overrides)
+    broker = Broker(config, store=MemoryStore(config.store_limits))
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             yield Relay(broker, nursery)
@@ -85,7 +87,7 @@ async def test_frames_are_refused_by_role_and_the_session_goes_on(tmp_path: Path
         refusals = [await bob.expect(Error), await bob.expect(Error)]
         assert [e.message for e in refusals] == ["stats needs an operator token", "cleanup needs an operator token"]
         await bob.expect(Pong)
-        assert await r.broker.store.pending("bob") == 0
+        assert await r.broker.store.pending("bob", r.broker.clock()) == 0
 
 
 async def test_operator_stats_carry_every_name_in_wire_order_and_cleanup_answers(tmp_path: Path) -> None:

@@ -9,11 +9,12 @@ import trio.testing
 
 from broker.config import BrokerConfig
 from broker.server import Broker
+from broker.store.memory import MemoryStore
 from broker.transport import StreamTransport
 from wire import Ack, Deliver, Drained, Receipt, Send
 
+from ..store.clock import trio_clock_ms
 from .raw import RawClient
-from .store_contract import trio_clock_ms
 
 DAY_S = 86400
 
@@ -31,7 +32,7 @@ async def test_week_old_message_is_never_delivered_and_the_hourly_sweep_purges_i
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = BrokerConfig(data_dir=tmp_path, keepalive_s=30 * DAY_S, cleanup_interval_s=3600)
-    broker = Broker(config, clock=trio_clock_ms)
+    broker = Broker(config, clock=trio_clock_ms, store=MemoryStore(config.store_limits))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(broker.sweep_forever)
         await trio.sleep(1800)  # half-way between sweeps, so expiry and sweep do not coincide
@@ -62,7 +63,7 @@ async def test_inflight_message_that_expires_frees_the_window(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = BrokerConfig(data_dir=tmp_path, keepalive_s=30 * DAY_S, max_inflight=1, cleanup_interval_s=60)
-    broker = Broker(config, clock=trio_clock_ms)
+    broker = Broker(config, clock=trio_clock_ms, store=MemoryStore(config.store_limits))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(broker.sweep_forever)
         alice = await memory_client(broker, nursery, "alice")

@@ -38,12 +38,12 @@ async def test_both_online_instant_delivery_and_ack_deletes(broker: Broker) -> N
             (message,) = wait_inbox(bob, 1)
             assert (message["from"], message["body"], message["state"]) == ("alice", "hello bob", "acked")
             bob.wait_for_selector(".msg.in .chip.acked", timeout=WAIT_MS)
-            assert from_trio(broker.store.pending, "bob") == 0  # the ACK deleted it
+            assert from_trio(broker.store.pending, "bob", broker.clock()) == 0  # the ACK deleted it
             # And back, through the client API.
             receipt = bob.evaluate("async () => await window.relay.client.sendMessage('alice', 'hi alice')")
             assert receipt["results"] == {"alice": {"status": "delivered"}}
             assert [m["body"] for m in wait_inbox(alice, 1)] == ["hi alice"]
-            assert from_trio(broker.store.pending, "alice") == 0
+            assert from_trio(broker.store.pending, "alice", broker.clock()) == 0
 
     await run_in_browser(scenario)
 
@@ -61,7 +61,7 @@ async def test_offline_recipient_gets_everything_when_the_page_opens(broker: Bro
             messages = wait_inbox(carol, 5)
             assert [m["body"] for m in messages] == [f"note {i}" for i in range(5)]
             carol.wait_for_function("document.querySelectorAll('.msg.in').length === 5", timeout=WAIT_MS)
-            assert from_trio(broker.store.pending, "carol") == 0
+            assert from_trio(broker.store.pending, "carol", broker.clock()) == 0
             # Messages persist across reloads (IndexedDB).
             carol.reload()
             carol.wait_for_function("document.querySelectorAll('.msg.in .chip.acked').length === 5", timeout=WAIT_MS)
@@ -96,7 +96,7 @@ async def test_reconnect_recovers_many_messages(broker: Broker) -> None:
             dave.evaluate("() => window.relay.client.dropConnection()")  # and once more from the page side
             messages = wait_inbox(dave, total)
             assert sorted(m["id"] for m in messages) == sorted(f"many-{i}" for i in range(total))
-            assert from_trio(broker.store.pending, "dave") == 0
+            assert from_trio(broker.store.pending, "dave", broker.clock()) == 0
 
     await run_in_browser(scenario)
     await sender.aclose()
@@ -117,7 +117,7 @@ async def test_expired_messages_are_never_fetched(broker: Broker) -> None:
             assert [m["id"] for m in inbox(erin)] == ["long"] == [m["id"] for m in messages]
 
     await run_in_browser(scenario)
-    assert await broker.store.pending("erin") == 0
+    assert await broker.store.pending("erin", broker.clock()) == 0
 
 
 async def test_page_closed_after_save_before_ack_gets_redelivery_and_keeps_one_copy(broker: Broker) -> None:
@@ -136,12 +136,12 @@ async def test_page_closed_after_save_before_ack_gets_redelivery_and_keeps_one_c
             while trio.from_thread.run_sync(lambda: "frank" in broker.presence):  # the broker saw the close
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            assert from_trio(broker.store.pending, "frank") == 1  # not ACKed: still held
+            assert from_trio(broker.store.pending, "frank", broker.clock()) == 1  # not ACKed: still held
             second = open_page(context, base, frank_token)
             (again,) = wait_inbox(second, 1)  # redelivered (attempt 2), recognised by id, ACKed
             # The stored copy is the first one (attempt 1); the redelivery only turned it "acked".
             assert (again["id"], again["attempt"], again["body"]) == ("fragile", 1, "save me once")
-            assert from_trio(broker.store.pending, "frank") == 0
+            assert from_trio(broker.store.pending, "frank", broker.clock()) == 0
             assert len(inbox(second)) == 1
 
     await run_in_browser(scenario)
@@ -174,7 +174,7 @@ async def test_failed_save_sends_no_ack_and_the_message_comes_again(broker: Brok
     await broker.route("alice", [Send(id="unlucky-1", to=("gus",), body=b"first try fails")])
 
     async def held() -> tuple[int, int]:
-        return await broker.store.pending("gus"), (await broker.statistics())["messages_total"]
+        return await broker.store.pending("gus", broker.clock()), (await broker.statistics())["messages_total"]
 
     def save_attempts(page: Any) -> dict[str, int]:
         attempts: dict[str, int] = page.evaluate("() => window.relayTestHooks.saveAttempts")

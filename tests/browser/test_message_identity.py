@@ -32,7 +32,7 @@ pytestmark = pytest.mark.browser
 def wait_pending(broker: Broker, mailbox: str, count: int) -> None:
     """From the browser thread: wait until the broker holds ``count`` messages for ``mailbox``."""
     deadline = time.monotonic() + WAIT_MS / 1000
-    while from_trio(broker.store.pending, mailbox) != count:
+    while from_trio(broker.store.pending, mailbox, broker.clock()) != count:
         assert time.monotonic() < deadline, f"{mailbox} still has messages held"
         time.sleep(0.05)
 
@@ -147,8 +147,8 @@ async def test_a_version_1_store_is_upgraded_in_place_and_keyed_by_sender_and_id
                 "async () => (await window.relay.store.outbox())[1].results !== null",
                 "the unconfirmed send has its receipt",
             )
-            assert from_trio(broker.store.pending, "alice") == 1
+            assert from_trio(broker.store.pending, "alice", broker.clock()) == 1
             hank.wait_for_function("document.querySelectorAll('.msg.in').length === 4", timeout=WAIT_MS)
 
     await run_in_browser(scenario)
-    assert await broker.store.pending("hank") == 0
+    assert await broker.store.pending("hank", broker.clock()) == 0

@@ -86,12 +86,12 @@ async def test_acknowledge_deletes_only_own_messages(broker: Broker, http: httpx
         "messages": [],
         "pending": 0,
     }
-    assert await broker.store.pending("bob") == 1
+    assert await broker.store.pending("bob", broker.clock()) == 1
     r = await http.post("/relay/acknowledge", json={"ids": ["for-bob", "unknown"]}, headers=bearer(broker, "bob"))
     assert r.json() == {"acknowledged": 1}
     r = await http.post("/relay/acknowledge", json={"ids": ["for-bob"]}, headers=bearer(broker, "bob"))
     assert r.json() == {"acknowledged": 0}  # idempotent
-    assert await broker.store.pending("bob") == 0
+    assert await broker.store.pending("bob", broker.clock()) == 0
 
 
 async def test_cbor_bodies_both_ways(broker: Broker, http: httpx.AsyncClient) -> None:
@@ -234,7 +234,7 @@ async def test_bad_send_bodies(
         headers["Content-Type"] = content_type
     r = await http.post("/relay/send", content=data, headers=headers)
     assert_error(r, status, code)
-    assert await broker.store.pending("b") == 0
+    assert await broker.store.pending("b", broker.clock()) == 0
 
 
 async def test_bad_acknowledge_bodies(broker: Broker, http: httpx.AsyncClient) -> None:

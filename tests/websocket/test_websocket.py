@@ -69,7 +69,7 @@ async def test_two_websocket_clients_exchange_a_message(broker: Broker) -> None:
                 )
                 await bob.send(Ack(ids=("m1",)), Ping())
                 await bob.expect(Pong)
-                assert await broker.store.pending("bob") == 0
+                assert await broker.store.pending("bob", broker.clock()) == 0
 
 
 async def test_pending_messages_are_pushed_on_open(broker: Broker) -> None:
@@ -101,8 +101,8 @@ async def test_websocket_and_tcp_clients_exchange_messages_both_ways(broker: Bro
             await ws.send(Ack(ids=(got.id,)), Ping())
             await ws.expect(Pong)
         await tcp.aclose()
-        assert await broker.store.pending("tcp-user") == 0
-        assert await broker.store.pending("ws-user") == 0
+        assert await broker.store.pending("tcp-user", broker.clock()) == 0
+        assert await broker.store.pending("ws-user", broker.clock()) == 0
 
 
 async def test_text_message_gets_malformed_frame_and_close(broker: Broker) -> None:
@@ -209,7 +209,7 @@ async def test_one_message_carrying_several_frames_works(broker: Broker) -> None
             assert sum(isinstance(f, Pong) for f in got) == 1
             await client.send_packed(Ack(ids=tuple(s.id for s in sends)), Ping())
             await client.expect(Pong)
-            assert await broker.store.pending("ivy") == 0
+            assert await broker.store.pending("ivy", broker.clock()) == 0
 
 
 async def test_the_broker_packs_several_frames_into_one_message(
