@@ -1,13 +1,17 @@
 """The HTTP API (a fallback for clients without WebSockets), the OpenAPI description and the demo page.
 
 Theory of operation. A small Starlette app served by hypercorn's trio worker in the
-broker's nursery. Every endpoint is a thin translation onto the same broker calls the
-sessions use, so semantics cannot drift: ``POST /relay/send`` is :meth:`Broker.route`
-(idempotency, limits, TTL, receipts, an online recipient is woken at once),
-``POST /relay/acknowledge`` is :meth:`Broker.acknowledge`, ``GET /relay/pending`` is
-:meth:`Broker.pending_messages` (changes nothing: messages stay held until ACKed),
-``/relay/stats`` and ``/relay/cleanup`` are :meth:`Broker.statistics` and
-:meth:`Broker.cleanup`. Tokens are the same JWTs, sent as ``Authorization: Bearer``.
+broker's nursery. It is given the broker's parts (:class:`BrokerParts`: router, presence,
+statistics, auth, config), the same ones a session gets, never the Broker itself. Every
+endpoint is a thin translation onto the funnel every transport uses, so semantics cannot
+drift: ``POST /relay/send`` is :meth:`Router.route <broker.router.Router.route>` then
+``presence.wake`` (idempotency, limits, TTL, receipts; an online recipient gets its
+DELIVER before the answer), ``POST /relay/acknowledge`` is ``router.acknowledge`` then
+``presence.resync`` (the mailbox's live session recounts its window), ``GET /relay/pending``
+is ``router.peek`` and ``router.pending`` (changes nothing: messages stay held until
+ACKed), ``/relay/stats`` is ``stats.snapshot().to_wire()`` (the STATS_RESULT map) and
+``/relay/cleanup`` is ``router.cleanup`` (the one expiry path). Tokens are the same JWTs,
+sent as ``Authorization: Bearer``.
 
 Bodies are JSON (``application/json``, byte strings as standard base64) or CBOR
 (``application/cbor``, byte strings native), chosen by ``Content-Type`` for requests
@@ -57,9 +61,10 @@ import json
 import logging
 import re
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import cbor2
 import trio
@@ -73,8 +78,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from wire import (
+    MAX_RECIPIENT_CHARS,
     Ack,
     ErrorCode,
+    Receipt,
     RemoteProtocolError,
     Send,
     decode_item,
@@ -82,14 +89,15 @@ from wire import (
     is_valid_message_id,
 )
 
-from .auth import AuthError, Identity
-from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, MAX_RECIPIENT_CHARS, UINT_MAX, openapi_spec
-from .transport import first_os_error
+from .auth import Authenticator, AuthError, Identity
+from .config import BrokerConfig
+from .listeners import first_os_error
+from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, UINT_MAX, openapi_spec
+from .presence import Presence
+from .router import Router, SendOutcome
+from .stats import Stats
 
-if TYPE_CHECKING:
-    from .server import Broker
-
-__all__ = ["ApiError", "JS_DIR", "create_app", "serve_http"]
+__all__ = ["ApiError", "BrokerParts", "JS_DIR", "create_app", "serve_http"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +123,19 @@ JS_DIR = Path(__file__).resolve().parent.parent / "client" / "js"
 sits beside this ``broker`` package. Found from this file, not by looking a ``client`` package up on
 ``sys.path``, so another installed ``client`` cannot change what the demo page serves."""
 _JS_FILE = re.compile(r"[A-Za-z0-9_-]+\.js|node_modules/cborg/(?:[A-Za-z0-9_-]+/)*[A-Za-z0-9_.-]+\.js")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerParts:
+    """What the HTTP API works with: the broker's parts (the ones a session gets), not the Broker."""
+
+    config: BrokerConfig
+    auth: Authenticator
+    router: Router
+    presence: Presence
+    stats: Stats
+    ws_port: Callable[[], int]
+    """The WebSocket listener's port, for the demo page (asked when the page is served)."""
 
 
 class ApiError(Exception):
@@ -413,9 +434,9 @@ def _frame_from(cls: type[_F], item: Mapping[str, Any]) -> _F:
 
 
 class _Api:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        limit = broker.config.max_frame_bytes
+    def __init__(self, parts: BrokerParts) -> None:
+        self.parts = parts
+        limit = parts.config.max_frame_bytes
         self.max_frame_bytes = limit
         # base64 in JSON grows a body by 4/3.
         self.max_request_bytes = limit * 4 // 3 + BODY_SLACK_BYTES
@@ -432,7 +453,7 @@ class _Api:
         if not token.strip():
             raise ApiError(401, ErrorCode.INVALID_TOKEN, "the Authorization header has no token after 'Bearer'")
         try:
-            identity = self.broker.auth.verify(token.strip())
+            identity = self.parts.auth.verify(token.strip())
         except AuthError as exc:
             raise ApiError(401, exc.code, f"the bearer token is refused ({exc.message})") from None
         return identity
@@ -454,7 +475,7 @@ class _Api:
     async def send(self, request: Request) -> Response:
         mailbox = self.mailbox(request)
         item, is_json = await _read_map(request, self.max_request_bytes)
-        send = _send_from(item, is_json, self.broker.config.max_ttl_s)
+        send = _send_from(item, is_json, self.parts.config.max_ttl_s)
         frame_bytes = len(encode_frame(send)) - 4
         if frame_bytes > self.max_frame_bytes:
             raise ApiError(
@@ -463,16 +484,18 @@ class _Api:
                 f"the message is {frame_bytes} bytes as a SEND frame; the limit is max_frame_bytes, "
                 f"{self.max_frame_bytes} bytes",
             )
-        (receipt,) = await self.broker.route(mailbox, [send])
-        # The RECEIPT frame's fields as they are: {id, results} or, for a SEND refused whole, {id, code}.
-        return _respond(request, {k: v for k, v in receipt.to_wire().items() if k != "type"})
+        routed = await self.parts.router.route(mailbox, [send])
+        await self.parts.presence.wake(routed.wake)  # an online recipient's DELIVER goes out before this answer
+        (outcome,) = routed.receipts
+        return _respond(request, _receipt_fields(outcome))
 
     async def acknowledge(self, request: Request) -> Response:
         mailbox = self.mailbox(request)
         item, is_json = await _read_map(request, self.max_request_bytes)
         ack = _ack_from(item, is_json)
-        result = await self.broker.acknowledge(mailbox, ack.ids)
-        return _respond(request, {"acknowledged": result.deleted})
+        acked = await self.parts.router.acknowledge(mailbox, ack.ids)
+        await self.parts.presence.resync(acked.resync)  # the mailbox's live session recounts its window
+        return _respond(request, {"acknowledged": acked.result.deleted})
 
     async def pending(self, request: Request) -> Response:
         mailbox = self.mailbox(request)
@@ -481,8 +504,8 @@ class _Api:
             raise _invalid(
                 f'the query parameter "limit" must be a whole number from 1 to {MAX_PENDING_LIMIT}, got {raw!r}'
             )
-        messages = await self.broker.pending_messages(mailbox, int(raw))
-        held = await self.broker.store.pending(mailbox, self.broker.clock())
+        messages = await self.parts.router.peek(mailbox, int(raw))
+        held = await self.parts.router.pending(mailbox)
         return _respond(
             request,
             {
@@ -503,11 +526,11 @@ class _Api:
 
     async def stats(self, request: Request) -> Response:
         self.operator(request)
-        return _respond(request, {"stats": await self.broker.statistics()})
+        return _respond(request, {"stats": (await self.parts.stats.snapshot()).to_wire()})
 
     async def cleanup(self, request: Request) -> Response:
         self.operator(request)
-        return _respond(request, {"purged": await self.broker.cleanup()})
+        return _respond(request, {"purged": await self.parts.router.cleanup()})
 
     async def openapi(self, request: Request) -> Response:
         return Response(json.dumps(openapi_spec(), indent=1), media_type=JSON)
@@ -517,11 +540,18 @@ STATIC_DIR = Path(__file__).parent / "static"
 """The demo page (package data)."""
 
 
-def _index(broker: Broker) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+def _receipt_fields(outcome: SendOutcome) -> dict[str, Any]:
+    """The RECEIPT frame's fields as they are: {id, results} or, for a SEND refused whole, {id, code}."""
+    receipt = Receipt(id=outcome.id, results=outcome.results, code=outcome.code).to_wire()
+    del receipt["type"]
+    return receipt
+
+
+def _index(ws_port: Callable[[], int]) -> Callable[[Request], Coroutine[Any, Any, Response]]:
     async def index(request: Request) -> Response:
         """The demo page, told where the WebSocket listener is (it runs on its own port)."""
         html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-        html = html.replace("__RELAY_WS_PORT__", str(broker.ws_port or broker.config.ws_port))
+        html = html.replace("__RELAY_WS_PORT__", str(ws_port()))
         return Response(html, media_type="text/html", headers={"Cache-Control": "no-cache"})
 
     return index
@@ -647,9 +677,9 @@ class _Upload:
                 discarded += len(message.get("body", b""))
 
 
-def create_app(broker: Broker) -> Starlette:
+def create_app(parts: BrokerParts) -> Starlette:
     """The ASGI app: API routes (in the OpenAPI description), then the demo page and JS modules."""
-    api = _Api(broker)
+    api = _Api(parts)
     routes = [
         Route("/relay/send", _guard(api.send), methods=["POST"]),
         Route("/relay/acknowledge", _guard(api.acknowledge), methods=["POST"]),
@@ -658,7 +688,7 @@ def create_app(broker: Broker) -> Starlette:
         Route("/relay/cleanup", _guard(api.cleanup), methods=["POST"]),
         Route("/openapi.json", _guard(api.openapi), methods=["GET"]),
         # Not API: the demo page and its modules (kept out of the OpenAPI description).
-        Route("/", _index(broker), methods=["GET"], include_in_schema=False),
+        Route("/", _index(parts.ws_port), methods=["GET"], include_in_schema=False),
         Route("/js/{path:path}", _guard(_js), methods=["GET"], include_in_schema=False),
         Mount("/static", StaticFiles(packages=[("broker", "static")]), name="static"),
     ]
@@ -670,7 +700,7 @@ def create_app(broker: Broker) -> Starlette:
 
 
 async def serve_http(
-    broker: Broker,
+    parts: BrokerParts,
     host: str,
     port: int,
     *,
@@ -687,11 +717,11 @@ async def serve_http(
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("broker.http.hypercorn")
-    config.graceful_timeout = broker.config.shutdown_grace_s
+    config.graceful_timeout = parts.config.shutdown_grace_s
     async with trio.open_nursery() as nursery:
         # Stopping is cancellation of the broker's nursery; the trigger only keeps hypercorn's hands off signals.
         try:
-            app: Any = create_app(broker)  # Starlette is an ASGI app; its signature is typed looser than hypercorn's
+            app: Any = create_app(parts)  # Starlette is an ASGI app; its signature is typed looser than hypercorn's
             binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
         except (OSError, BaseExceptionGroup) as exc:
             # hypercorn binds inside its own nurseries: name the address that failed, once, here.

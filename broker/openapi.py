@@ -3,7 +3,7 @@
 Hand-written, so it says what the API promises; ``test_openapi_matches_the_routes`` (tests/http/test_http.py) keeps it
 in step with the app's routes (every route here and there, with request and response
 schemas, error bodies and the bearer scheme). The HTTP API's own limits (``limit`` of
-``/relay/pending``, the length of a recipient) are defined here, once, and broker/http.py
+``/relay/pending``) are defined here, once, and broker/http.py
 checks requests against these same names. Object schemas are built by :func:`_object`
 (every property required unless named optional), so their shape is written once.
 """
@@ -13,12 +13,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["DEFAULT_PENDING_LIMIT", "MAX_PENDING_LIMIT", "MAX_RECIPIENT_CHARS", "UINT_MAX", "openapi_spec"]
+from wire import MAX_RECIPIENT_CHARS
+
+__all__ = ["DEFAULT_PENDING_LIMIT", "MAX_PENDING_LIMIT", "UINT_MAX", "openapi_spec"]
 
 UINT_MAX = 2**63 - 1
 """The protocol's largest integer."""
-MAX_RECIPIENT_CHARS = 64
-"""Longest element of ``to`` (code points), as in protocol.md: longer is INVALID_FIELD (1004)."""
 DEFAULT_PENDING_LIMIT = 100
 """Messages one ``GET /relay/pending`` returns unless ``limit`` says otherwise."""
 MAX_PENDING_LIMIT = 1000

@@ -148,11 +148,19 @@ class Broker:
         self, nursery: trio.Nursery, ws_listeners: list[trio.abc.Listener[trio.abc.Stream]]
     ) -> None:
         """Start the HTTP listener (API, demo page), then the WebSocket listener that trusts its origin."""
-        from .http import serve_http
+        from .http import BrokerParts, serve_http
         from .websocket import OriginPolicy, serve_websocket
 
         host = self.config.host
-        self.http_port = await nursery.start(serve_http, self, host, self.config.http_port)
+        parts = BrokerParts(
+            config=self.config,
+            auth=self.auth,
+            router=self.router,
+            presence=self.presence,
+            stats=self.stats,
+            ws_port=lambda: self.ws_port or self.config.ws_port,
+        )
+        self.http_port = await nursery.start(serve_http, parts, host, self.config.http_port)
         own = [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
         self.ws_port = port_of(ws_listeners)
         await nursery.start(

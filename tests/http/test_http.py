@@ -18,6 +18,7 @@ from broker.server import Broker
 from wire import Ack, Deliver, Drained, Receipt, Send, Status
 
 from ..broker.raw import RawClient
+from .parts import parts_of, queue
 
 TIMEOUT = 10
 
@@ -78,7 +79,7 @@ async def test_send_is_idempotent_by_id(broker: Broker, http: httpx.AsyncClient)
 
 
 async def test_acknowledge_deletes_only_own_messages(broker: Broker, http: httpx.AsyncClient) -> None:
-    await broker.route("alice", [Send(id="for-bob", to=("bob",), body=b"x")])
+    await queue(broker, "alice", [Send(id="for-bob", to=("bob",), body=b"x")])
     # Mallory knows the id but cannot ACK bob's message, nor see it.
     r = await http.post("/relay/acknowledge", json={"ids": ["for-bob"]}, headers=bearer(broker, "mallory"))
     assert r.json() == {"acknowledged": 0}
@@ -86,12 +87,12 @@ async def test_acknowledge_deletes_only_own_messages(broker: Broker, http: httpx
         "messages": [],
         "pending": 0,
     }
-    assert await broker.store.pending("bob", broker.clock()) == 1
+    assert await broker.router.pending("bob") == 1
     r = await http.post("/relay/acknowledge", json={"ids": ["for-bob", "unknown"]}, headers=bearer(broker, "bob"))
     assert r.json() == {"acknowledged": 1}
     r = await http.post("/relay/acknowledge", json={"ids": ["for-bob"]}, headers=bearer(broker, "bob"))
     assert r.json() == {"acknowledged": 0}  # idempotent
-    assert await broker.store.pending("bob", broker.clock()) == 0
+    assert await broker.router.pending("bob") == 0
 
 
 async def test_cbor_bodies_both_ways(broker: Broker, http: httpx.AsyncClient) -> None:
@@ -113,7 +114,7 @@ async def test_cbor_bodies_both_ways(broker: Broker, http: httpx.AsyncClient) ->
 
 
 async def test_pending_limit(broker: Broker, http: httpx.AsyncClient) -> None:
-    await broker.route("alice", [Send(id=f"m{i}", to=("bob",), body=b"x") for i in range(5)])
+    await queue(broker, "alice", [Send(id=f"m{i}", to=("bob",), body=b"x") for i in range(5)])
     r = await http.get("/relay/pending", params={"limit": 2}, headers=bearer(broker, "bob"))
     assert [m["id"] for m in r.json()["messages"]] == ["m0", "m1"]
     assert r.json()["pending"] == 5
@@ -159,7 +160,7 @@ async def test_stats_and_cleanup_need_an_operator(broker: Broker, http: httpx.As
 async def test_cleanup_purges_expired(broker_factory: Callable[..., Any]) -> None:
     now = [1_000_000]
     async with broker_factory(clock=lambda: now[0]) as broker:
-        await broker.route("alice", [Send(id="old", to=("bob",), body=b"x", ttl_s=1)])
+        await queue(broker, "alice", [Send(id="old", to=("bob",), body=b"x", ttl_s=1)])
         now[0] += 1000
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as http:
             assert (await http.get("/relay/pending", headers=bearer(broker, "bob"))).json()["messages"] == []
@@ -234,7 +235,7 @@ async def test_bad_send_bodies(
         headers["Content-Type"] = content_type
     r = await http.post("/relay/send", content=data, headers=headers)
     assert_error(r, status, code)
-    assert await broker.store.pending("b", broker.clock()) == 0
+    assert await broker.router.pending("b") == 0
 
 
 async def test_bad_acknowledge_bodies(broker: Broker, http: httpx.AsyncClient) -> None:
@@ -290,7 +291,7 @@ async def test_demo_page_and_js_modules_are_served(http: httpx.AsyncClient) -> N
 def app_routes(broker: Broker) -> set[tuple[str, str]]:
     """(path, method) of every API route in the app (the demo page and modules are not API)."""
     routes = set()
-    for route in create_app(broker).routes:
+    for route in create_app(parts_of(broker)).routes:
         if isinstance(route, Mount):
             assert route.path == "/static", f"unexpected mount {route.path}"
             continue
@@ -345,7 +346,7 @@ async def test_http_ack_of_a_message_in_flight_on_tcp_frees_that_session_window(
     """An ACK from another transport reaches the live session: its full in-flight window opens."""
     async with broker_factory(max_inflight=1) as broker:
         with trio.fail_after(TIMEOUT):
-            await broker.route("alice", [Send(id=f"m{i}", to=("bob",), body=b"x") for i in range(3)])
+            await queue(broker, "alice", [Send(id=f"m{i}", to=("bob",), body=b"x") for i in range(3)])
             bob, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("bob"))
             assert (await bob.expect(Deliver)).id == "m0"  # the window (1) is full: m1 and m2 wait
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as http:
