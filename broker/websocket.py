@@ -49,10 +49,10 @@ CONNECT_TIMEOUT_S = 10.0
 """Time a client has to complete the HTTP upgrade."""
 DISCONNECT_TIMEOUT_S = 2.0
 """Time given to the WebSocket closing handshake before the TCP connection is dropped."""
-PACK_FRAMES = False
-"""Transition switch: True packs the frames of one write into as few messages as the limit allows
-(protocol.md 2.5). False (until the JS and Python clients accept several frames per message) sends
-one frame per message, which every client accepts. Receiving accepts packed messages either way."""
+PACK_FRAMES = True
+"""True: the frames of one write go in as few messages as the limit allows (protocol.md 2.5). False
+sends one frame per message (what clients before issue 9 needed); receiving accepts packed messages
+either way."""
 
 
 class OriginPolicy:

@@ -11,7 +11,6 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
-import broker.websocket as broker_websocket
 from broker.server import Broker
 from wire import (
     DELIVER_OVERHEAD_BYTES,
@@ -212,10 +211,7 @@ async def test_one_message_carrying_several_frames_works(broker: Broker) -> None
             assert await broker.store.pending("ivy", broker.clock()) == 0
 
 
-async def test_the_broker_packs_several_frames_into_one_message(
-    broker: Broker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(broker_websocket, "PACK_FRAMES", True)  # transition: the default once every client unpacks
+async def test_the_broker_packs_several_frames_into_one_message(broker: Broker) -> None:
     for i in range(200):
         await broker.route("alice", [Send(id=f"q{i}", to=("jo",), body=b"queued")])
     with trio.fail_after(TIMEOUT):
