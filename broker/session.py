@@ -61,7 +61,7 @@ from .delivery import Delivery
 from .outbox import Outbox
 from .presence import Presence
 from .router import Router
-from .stats import Stats as Statistics
+from .stats import Stats as BrokerStats  # (wire.Stats is the STATS frame)
 from .store.base import Claim, Store
 from .transport import Transport, TransportClosed
 
@@ -87,7 +87,7 @@ class Session:
         auth: Authenticator,
         router: Router,
         presence: Presence,
-        stats: Statistics,
+        stats: BrokerStats,
         store: Store,
     ) -> None:
         self.transport = transport
