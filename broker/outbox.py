@@ -3,9 +3,10 @@
 Theory of operation. Every encoded frame a session sends goes through :meth:`Outbox.push`
 (or :meth:`push_all`). When nothing is queued and no write is in progress, the bytes go
 straight to the transport without blocking (the one direct write,
-``transport.try_send``); what it does not take at once is queued, and the writer task
-(:meth:`run`) writes everything queued in one call, so frames produced while a write is
-in progress are coalesced into the next one. Order is kept because the direct write is
+``transport.send_some_nowait``; a WebSocket takes nothing that way); what it does not
+take at once is queued, and the writer task (:meth:`run`) writes everything queued in
+one call, so frames produced while a write is in progress are coalesced into the next
+one. Order is kept because the direct write is
 only tried when nothing is ahead of it.
 
 The buffer is bounded: ``unsent`` counts queued bytes plus those of the write in
@@ -25,8 +26,7 @@ from collections.abc import Callable
 import trio
 
 from wire import ErrorCode
-
-from .transport import Transport, TransportClosed
+from wire.transport import Transport, TransportClosed
 
 __all__ = ["Outbox"]
 
@@ -41,7 +41,6 @@ class Outbox:
     """
 
     __slots__ = (
-        "_byte_stream",
         "_max_bytes",
         "_on_close",
         "_on_space",
@@ -62,7 +61,6 @@ class Outbox:
         self, transport: Transport, *, max_bytes: int, on_close: Callable[[ErrorCode | None, str], None]
     ) -> None:
         self.transport = transport
-        self._byte_stream = transport.byte_stream
         self._max_bytes = max_bytes
         self.soft_limit = max_bytes // 2
         """Producers stop at this many unsent bytes."""
@@ -94,14 +92,14 @@ class Outbox:
         without blocking, otherwise queued for the writer. Dropped once the outbox is closing."""
         if self.closing:
             return
-        if self._byte_stream and not self._out and self.writing_since is None:
+        if not self._out and self.writing_since is None:
             # Nothing queued and no write in progress, so order is kept; frames the socket buffer
             # takes at once cost no task switch (what online latency is made of).
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-            sent = self.transport.try_send(data)
+            sent = self.transport.send_some_nowait(data)
             if sent == len(data):
                 return
-            frames = [data[sent:]]  # a byte stream: any split of it will do
+            frames = [data[sent:] if sent else data]  # only a byte stream takes part: any split of it will do
         self._out += frames
         n = sum(map(len, frames)) if len(frames) > 1 else len(frames[0])
         self._out_bytes += n
@@ -153,7 +151,7 @@ class Outbox:
                 self._out, self._out_bytes = [], 0
                 self.writing_since = trio.current_time()  # the watchdog cuts off a write that stalls
                 try:
-                    await transport.send_frames(frames)
+                    await transport.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
                 except TransportClosed:
                     self.closing = True
                     self._on_close(None, "")

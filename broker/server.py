@@ -27,17 +27,17 @@ import trio
 
 from wire import Error as ErrorFrame
 from wire import ErrorCode, Receipt, Send, encode_frame
+from wire.transport import StreamTransport, Transport
 
 from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig
-from .listeners import open_listeners, port_of
+from .listeners import Listeners, open_listeners
 from .presence import LocalPresence
 from .router import Router
 from .session import Session
 from .stats import Counters, Stats
 from .store import open_store
 from .store.base import AckResult, Clock, Message, Store, wall_clock_ms
-from .transport import StreamTransport, Transport
 
 __all__ = ["Broker", "Counters"]
 
@@ -52,7 +52,9 @@ class Broker:
     the configuration's. Without ``store``, :meth:`serve` opens the configured one
     (:func:`broker.store.open_store`) and closes it when it stops, and the parts that use it
     (``store``, ``router``, ``stats``, ``counters``) exist from then on; an injected store
-    makes them at once, and stays the caller's to close.
+    makes them at once, and stays the caller's to close. ``listeners`` default to the
+    configuration's; given ones (memory listeners in tests) are served and closed like the
+    broker's own.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Broker:
         store: Store | None = None,
         auth: Authenticator | None = None,
         clock: Clock = wall_clock_ms,
+        listeners: Listeners | None = None,
     ) -> None:
         self.config = config or BrokerConfig()
         self.clock = clock
@@ -79,6 +82,7 @@ class Broker:
         self._store_injected = store is not None
         if store is not None:
             self._use_store(store)
+        self._listeners = listeners
         self.tcp_port: int | None = None
         self._stopping = False
         self._handlers_done = trio.Event()
@@ -114,17 +118,16 @@ class Broker:
             await self._serve(task_status)
 
     async def _serve(self, task_status: trio.TaskStatus[Broker]) -> None:
-        opened = await open_listeners(self.config)
-        listeners = opened.tcp
-        self.tcp_port = opened.tcp_port
-        log.info("listening on tcp://%s:%d", self.config.host, self.tcp_port)
+        opened = self._listeners or await open_listeners(self.config)
+        self.tcp_port, self.ws_port = opened.tcp_port, opened.ws_port
+        log.info("listening on tcp://%s:%s", self.config.host, self.tcp_port or "(memory)")
         async with trio.open_nursery() as outer:
             handlers: trio.Nursery = await outer.start(self._run_handlers)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.sweep_forever)
                     await nursery.start(
-                        partial(trio.serve_listeners, self._handle_stream, listeners, handler_nursery=handlers)
+                        partial(trio.serve_listeners, self._handle_stream, opened.tcp, handler_nursery=handlers)
                     )
                     await self._serve_browsers(handlers, opened.ws)
                     task_status.started(self)
@@ -145,7 +148,7 @@ class Broker:
             handlers.cancel_scope.cancel()
 
     async def _serve_browsers(
-        self, nursery: trio.Nursery, ws_listeners: list[trio.abc.Listener[trio.abc.Stream]]
+        self, nursery: trio.Nursery, ws_listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
     ) -> None:
         """Start the HTTP listener (API, demo page), then the WebSocket listener that trusts its origin."""
         from .http import BrokerParts, serve_http
@@ -162,7 +165,6 @@ class Broker:
         )
         self.http_port = await nursery.start(serve_http, parts, host, self.config.http_port)
         own = [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
-        self.ws_port = port_of(ws_listeners)
         await nursery.start(
             partial(
                 serve_websocket,
@@ -182,7 +184,7 @@ class Broker:
                 await session.finished.wait()
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        await self.handle_transport(StreamTransport(stream))
+        await self.handle_transport(StreamTransport(stream, linger=True))
 
     async def handle_transport(self, transport: Transport) -> None:
         """Serve one connection on any transport until it ends."""
@@ -199,7 +201,7 @@ class Broker:
                 )
             with trio.move_on_after(1):
                 try:
-                    await transport.send_frames([encode_frame(refusal)])
+                    await transport.send_all(encode_frame(refusal))
                 except Exception:
                     pass
             await transport.aclose()

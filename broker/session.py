@@ -53,6 +53,7 @@ from wire import (
     Welcome,
     encode_frame,
 )
+from wire.transport import Transport, TransportClosed
 
 from . import authz
 from .auth import Authenticator, AuthError, Identity
@@ -63,7 +64,6 @@ from .presence import Presence
 from .router import Router
 from .stats import Stats as BrokerStats  # (wire.Stats is the STATS frame)
 from .store.base import Claim, Store
-from .transport import Transport, TransportClosed
 
 __all__ = ["Session"]
 
@@ -234,7 +234,6 @@ class Session:
                 keepalive_s=max(1, int(config.keepalive_s)),
             )
         )
-        self.transport.open_limit(config.max_frame_bytes)
         log.info("%s open: %s%s", self.id, identity.name, " (operator)" if identity.operator else "")
         return True
 

@@ -21,7 +21,6 @@ from broker.auth import Authenticator
 from broker.config import BrokerConfig, ConfigError
 from broker.server import Broker
 from broker.store.memory import MemoryStore
-from broker.transport import StreamTransport
 from wire import (
     PROTOCOL_VERSION,
     Ack,
@@ -42,6 +41,7 @@ from wire import (
     encode_frame,
     receipt_bound_bytes,
 )
+from wire.transport import StreamTransport
 
 SECRET = b"s" * 32
 # Recipients that stress the receipt: mailbox ids (some online), and invalid names from one character to 64

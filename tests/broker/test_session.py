@@ -3,7 +3,8 @@
 Each client is a trio memory stream pair whose broker end goes to ``Broker.handle_transport``,
 the same entry point the listeners use. What is checked here is the session's own logic
 (authorisation by role, dispatch, takeover through presence, the window and its recount,
-the order of deliveries and receipts), where a socket would add nothing but time.
+the order of deliveries and receipts), where a socket would add nothing but time. The last
+test serves the whole broker on injected memory listeners, TCP-style and WebSocket.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 
 import trio
 import trio.testing
+from trio_websocket import wrap_client_stream
 
 from broker.config import BrokerConfig
+from broker.listeners import Listeners, MemoryListener
 from broker.server import Broker
 from broker.stats import STATS_NAMES
 from broker.store.memory import MemoryStore
@@ -25,22 +28,26 @@ from wire import (
     Bye,
     Cleanup,
     CleanupResult,
+    Connection,
     Deliver,
     Drained,
     Error,
     ErrorCode,
+    Frame,
     Ping,
     Pong,
     Pull,
     Receipt,
+    Role,
     Send,
     Stats,
     StatsResult,
     Status,
 )
 from wire.transport import StreamTransport
+from wire.websocket import WebSocketTransport
 
-from .raw import RawClient
+from .raw import FrameClient, RawClient
 
 TIMEOUT = 10
 
@@ -186,3 +193,42 @@ async def test_bye_ends_the_session_ignores_what_follows_and_frees_the_mailbox(t
         assert "bob" not in r.broker.presence
         receipts = await r.broker.route("alice", [Send(id="m1", to=("bob",), body=b"")])
         assert receipts[0].results["bob"].status is Status.QUEUED
+
+
+class WsClient(FrameClient):
+    """A test client over a WebSocket (wire.websocket's transport), frames in and out via a Connection."""
+
+    def __init__(self, transport: WebSocketTransport) -> None:
+        self.transport = transport
+        self.conn = Connection(Role.CLIENT)
+        self.frames: list[Frame] = []
+
+    async def send(self, *frames: Frame) -> None:
+        await self.transport.send_all(b"".join(self.conn.send(f) for f in frames))
+
+    async def next(self) -> Frame:
+        while not self.frames:
+            self.frames.extend(self.conn.receive_data(await self.transport.receive_some()))
+        return self.frames.pop(0)
+
+
+async def test_the_served_broker_takes_injected_memory_listeners_for_tcp_and_websocket(tmp_path: Path) -> None:
+    tcp, ws = MemoryListener(), MemoryListener()
+    config = BrokerConfig(data_dir=tmp_path, http_port=0)
+    broker = Broker(config, listeners=Listeners(tcp=[tcp], ws=[ws]))
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+            assert (broker.tcp_port, broker.ws_port) == (None, None)
+            bob = RawClient(await tcp.connect())
+            await bob.hello(broker.auth.issue("bob"))
+            await bob.expect(Drained)
+            stream: Any = await ws.connect()
+            ws_conn = await wrap_client_stream(nursery, stream, "relay.test", "/relay")
+            alice = WsClient(WebSocketTransport(ws_conn))
+            await alice.hello(broker.auth.issue("alice"))
+            await alice.expect(Drained)
+            await alice.send(Send(id="m1", to=("bob",), body=b"over memory"))
+            assert (await alice.expect(Receipt)).results["bob"].status is Status.DELIVERED
+            assert (await bob.expect(Deliver)).body == b"over memory"
+            nursery.cancel_scope.cancel()

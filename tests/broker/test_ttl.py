@@ -10,8 +10,8 @@ import trio.testing
 from broker.config import BrokerConfig
 from broker.server import Broker
 from broker.store.memory import MemoryStore
-from broker.transport import StreamTransport
 from wire import Ack, Deliver, Drained, Receipt, Send
+from wire.transport import StreamTransport
 
 from ..store.clock import trio_clock_ms
 from .raw import RawClient
