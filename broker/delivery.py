@@ -118,14 +118,19 @@ class Delivery:
 
     async def pull(self) -> None:
         """PULL: every in-flight message goes back to the queue and is delivered again, then DRAINED."""
-        await self.store.release(self.mailbox, self.claim)
+        await self._release()
         self.inflight = 0
         self._drain_wanted = True
         self._signal.set()
 
     async def release(self) -> None:
         """The session ends: its un-ACKed deliveries go back to the queue for the next one."""
-        await self.store.release(self.mailbox, self.claim, self._unwritten)
+        await self._release()
+
+    async def _release(self) -> None:
+        """In-flight messages back to the queue (a stale claim changes nothing), naming those never written."""
+        unwritten, self._unwritten = self._unwritten, []
+        await self.store.release(self.mailbox, self.claim, unwritten)
 
     # ------------------------------------------------------------ the mailbox task
 

@@ -88,8 +88,8 @@ class Presence(Protocol):
         """Tell each held mailbox's session that messages were queued for it (offline ones are skipped)."""
         ...
 
-    async def resync(self, mailboxes: Iterable[str] | None = None) -> None:
-        """Tell each held mailbox's session to recount its in-flight window (None: every mailbox held here)."""
+    async def resync(self, mailboxes: Iterable[str]) -> None:
+        """Tell each held mailbox's session to recount its in-flight window (offline ones are skipped)."""
         ...
 
     def count(self) -> int:
@@ -147,12 +147,8 @@ class LocalPresence:
             if held is not None:
                 await held[0].wake()
 
-    async def resync(self, mailboxes: Iterable[str] | None = None) -> None:
+    async def resync(self, mailboxes: Iterable[str]) -> None:
         holders = self._holders
-        if mailboxes is None:
-            for subscriber, _ in list(holders.values()):
-                subscriber.resync()
-            return
         for mailbox in mailboxes:
             held = holders.get(mailbox)
             if held is not None:

@@ -124,7 +124,7 @@ class PresenceContract:
         assert (a.wakes, b.wakes) == (2, 0)
         await presence.resync(["bob", "nobody"])
         assert (a.resyncs, b.resyncs) == (0, 1)
-        await presence.resync(None)
+        await presence.resync(frozenset({"alice", "bob"}))
         assert (a.resyncs, b.resyncs) == (1, 2)
 
     async def test_a_stale_release_leaves_the_holder(self, presence: Presence) -> None:

@@ -1,0 +1,136 @@
+"""The delivery pump on its own: a Delivery over the in-memory store and an outbox on a fake
+transport, no broker, no sockets. What it fetched it writes, or names as unwritten; how a new
+message reaches it depends on ``store.synchronous`` alone; a taken-over pump stops.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from broker.delivery import Delivery
+from broker.outbox import Outbox
+from broker.stats import Counters
+from broker.store.base import Claim, NewMessage
+from broker.store.memory import MemoryStore
+from wire import Connection, Deliver, Drained, ErrorCode, Frame, FrameDecoder, Hello, Role, Welcome
+
+from ..store.clock import ManualClock
+
+
+class TakeAll:
+    """A transport whose kernel buffer takes everything at once (every push is a direct write)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def receive_some(self) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def send_all(self, data: bytes) -> None:
+        self.data += data
+
+    def send_some_nowait(self, data: bytes) -> int:
+        self.data += data
+        return len(data)
+
+    def set_peer_limit(self, max_frame_bytes: int) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def frames(self) -> list[Frame]:
+        return FrameDecoder(1 << 20).feed(self.data)
+
+
+class YieldingStore(MemoryStore):
+    synchronous = False
+
+
+def open_connection() -> Connection:
+    """A broker-side Connection in OPEN (HELLO received, WELCOME sent)."""
+    conn = Connection(Role.BROKER)
+    conn.receive_data(Connection(Role.CLIENT).send(Hello(version=1, token="t")))
+    conn.send(
+        Welcome(
+            version=1, session="s", mailbox="bob", pending=0, max_frame_bytes=65536, max_inflight=8,
+            max_recipients=8, default_ttl_s=60, max_ttl_s=60, keepalive_s=60,
+        )
+    )  # fmt: skip
+    return conn
+
+
+class Pump:
+    def __init__(self, store: MemoryStore, claim: Claim, clock: ManualClock) -> None:
+        self.transport = TakeAll()
+        self.conn = open_connection()
+        self.closed: list[ErrorCode | None] = []
+        self.outbox = Outbox(self.transport, max_bytes=1 << 20, on_close=lambda code, _: self.closed.append(code))
+        self.counters = Counters()
+        self.delivery = Delivery(
+            "bob", claim, store=store, conn=self.conn, outbox=self.outbox, counters=self.counters,
+            max_inflight=8, clock=clock,
+        )  # fmt: skip
+
+
+async def put(store: MemoryStore, clock: ManualClock, *ids: str) -> None:
+    now = clock()
+    await store.enqueue_many([NewMessage(i, "alice", ("bob",), b"x", now, now + 60_000) for i in ids], now)
+
+
+async def test_what_a_closing_pump_fetched_is_not_counted_and_keeps_its_attempt() -> None:
+    clock, store = ManualClock(), MemoryStore()
+    await put(store, clock, "m1", "m2")
+    old = Pump(store, Claim("old", 1), clock)
+    old.outbox.close(b"", grace_s=1)  # the session is closing
+    await old.delivery.pump()
+    assert old.transport.frames() == []
+    assert (old.counters.delivered, old.delivery.inflight) == (0, 2), "fetched (in flight) but never written"
+    await old.delivery.release()
+    new = Pump(store, Claim("new", 2), clock)
+    await new.delivery.pump()
+    frames = new.transport.frames()
+    assert [(f.id, f.attempt) for f in frames if isinstance(f, Deliver)] == [("m1", 1), ("m2", 1)]
+    assert isinstance(frames[-1], Drained)
+    assert new.counters.delivered == 2
+
+
+async def test_a_synchronous_store_is_pumped_from_the_waking_task() -> None:
+    clock, store = ManualClock(), MemoryStore()
+    pump = Pump(store, Claim("s", 1), clock)
+    await pump.delivery.pump()  # connect: nothing queued, DRAINED
+    await put(store, clock, "m1")
+    await pump.delivery.wake()
+    assert [f.id for f in pump.transport.frames() if isinstance(f, Deliver)] == ["m1"]
+
+
+async def test_any_other_store_leaves_delivery_to_the_mailbox_task() -> None:
+    clock, store = ManualClock(), YieldingStore()
+    pump = Pump(store, Claim("s", 1), clock)
+    await put(store, clock, "m1")
+    await pump.delivery.wake()
+    assert pump.transport.frames() == [], "a yielding store is never pumped from the sender's task"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump.delivery.run)
+        while not any(isinstance(f, Drained) for f in pump.transport.frames()):
+            await trio.sleep(0)
+        nursery.cancel_scope.cancel()
+    assert [type(f) for f in pump.transport.frames()] == [Deliver, Drained]
+
+
+async def test_a_pump_whose_mailbox_was_taken_over_stops() -> None:
+    clock, store = ManualClock(), MemoryStore()
+    old = Pump(store, Claim("old", 1), clock)
+    await put(store, clock, "m1")
+    await old.delivery.pump()
+    new = Pump(store, Claim("new", 2), clock)
+    await new.delivery.pump()
+    await put(store, clock, "m2")
+    await old.delivery.pump()
+    old_ids = [f.id for f in old.transport.frames() if isinstance(f, Deliver)]
+    assert old_ids == ["m1"], "the fenced pump wrote nothing more"
+    await old.delivery.release()  # stale: changes nothing
+    await new.delivery.pump()
+    got = [(f.id, f.attempt) for f in new.transport.frames() if isinstance(f, Deliver)]
+    assert got == [("m1", 2), ("m2", 1)]
