@@ -27,7 +27,7 @@ import trio
 
 from wire import Error as ErrorFrame
 from wire import ErrorCode, Receipt, Send, encode_frame
-from wire.transport import StreamTransport, Transport
+from wire.transport import StreamTransport, Transport, TransportClosed
 
 from .auth import Authenticator, load_or_create_secret
 from .config import BrokerConfig
@@ -187,22 +187,13 @@ class Broker:
         await self.handle_transport(StreamTransport(stream, linger=True))
 
     async def handle_transport(self, transport: Transport) -> None:
-        """Serve one connection on any transport until it ends."""
-        if self._stopping or len(self.sessions) >= self.config.max_connections:
-            if self._stopping:
-                refusal = ErrorFrame(
-                    code=int(ErrorCode.SHUTTING_DOWN), message="the broker is shutting down", close=True
-                )
-            else:
-                refusal = ErrorFrame(
-                    code=int(ErrorCode.TOO_MANY_CONNECTIONS),
-                    message=f"the broker holds {self.config.max_connections} connections already",
-                    close=True,
-                )
+        """Serve one connection on any transport until it ends (refused at once when stopping or full)."""
+        refusal = self._refusal()
+        if refusal is not None:
             with trio.move_on_after(1):
                 try:
                     await transport.send_all(encode_frame(refusal))
-                except Exception:
+                except TransportClosed:
                     pass
             await transport.aclose()
             return
@@ -221,6 +212,18 @@ class Broker:
             await session.run()
         finally:
             self.sessions.discard(session)
+
+    def _refusal(self) -> ErrorFrame | None:
+        """The closing ERROR for a connection the broker will not serve now, or None."""
+        if self._stopping:
+            return ErrorFrame(code=int(ErrorCode.SHUTTING_DOWN), message="the broker is shutting down", close=True)
+        if len(self.sessions) >= self.config.max_connections:
+            return ErrorFrame(
+                code=int(ErrorCode.TOO_MANY_CONNECTIONS),
+                message=f"the broker holds {self.config.max_connections} connections already",
+                close=True,
+            )
+        return None
 
     async def sweep_forever(self) -> None:
         """Purge expired messages every ``cleanup_interval_s`` (started by :meth:`serve`)."""

@@ -205,21 +205,7 @@ class Session:
             self.close(exc.code, exc.message)
             return False
         self.identity = identity
-        pending = 0
-        if not identity.operator:
-            self.mailbox = identity.name
-            self.claim = await self._presence.claim(identity.name, self)
-            self.delivery = Delivery(
-                identity.name,
-                self.claim,
-                store=self._store,
-                conn=self.conn,
-                outbox=self.outbox,
-                counters=self._stats.counters,
-                max_inflight=config.max_inflight,
-                clock=self._router.clock,
-            )
-            pending = await self._router.pending(identity.name)
+        pending = 0 if identity.operator else await self._claim(identity.name)
         self._send(
             Welcome(
                 version=PROTOCOL_VERSION,
@@ -236,6 +222,22 @@ class Session:
         )
         log.info("%s open: %s%s", self.id, identity.name, " (operator)" if identity.operator else "")
         return True
+
+    async def _claim(self, mailbox: str) -> int:
+        """Take the mailbox over (presence), make its delivery pump; how many messages it holds."""
+        self.mailbox = mailbox
+        self.claim = claim = await self._presence.claim(mailbox, self)
+        self.delivery = Delivery(
+            mailbox,
+            claim,
+            store=self._store,
+            conn=self.conn,
+            outbox=self.outbox,
+            counters=self._stats.counters,
+            max_inflight=self.config.max_inflight,
+            clock=self._router.clock,
+        )
+        return await self._router.pending(mailbox)
 
     async def _watchdog(self) -> None:
         """Close an idle connection (KEEPALIVE_TIMEOUT) or one whose write stalls (SLOW_CONSUMER).
