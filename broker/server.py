@@ -1,11 +1,12 @@
 """The broker's lifecycle: listeners, the store, the parts a session is made of, shutdown, the sweeper.
 
 Theory of operation. A :class:`Broker` assembles the parts and runs them; it holds no
-routing, presence or statistics logic of its own. It opens the store (or takes one
-given), and builds one :class:`~broker.presence.LocalPresence`, one
-:class:`~broker.stats.Stats` and one :class:`~broker.router.Router` over it.
-:meth:`Broker.serve` opens the TCP listener, starts the HTTP and WebSocket listeners and
-the sweeper (:meth:`Router.cleanup` every ``cleanup_interval_s``); every accepted
+routing, presence or statistics logic of its own. It opens the store
+(``broker.store.open_store``, or takes one given), and builds one
+:class:`~broker.presence.LocalPresence`, one :class:`~broker.stats.Stats` and one
+:class:`~broker.router.Router` over it. :meth:`Broker.serve` opens the listeners
+(``broker.listeners.open_listeners``, or serves injected ones), starts TCP, HTTP and
+WebSocket serving and the sweeper (:meth:`Router.cleanup` every ``cleanup_interval_s``); every accepted
 connection becomes a :class:`~broker.session.Session`, given the router, presence,
 statistics, store, configuration and authenticator (not the broker), in a handler
 nursery. Shutdown is a deadline: each session is told SHUTTING_DOWN and given
