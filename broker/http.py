@@ -59,8 +59,9 @@ import base64
 import binascii
 import json
 import logging
+import os
 import re
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -91,7 +92,7 @@ from wire import (
 
 from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
-from .listeners import first_os_error
+from .listeners import port_of
 from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, UINT_MAX, openapi_spec
 from .presence import Presence
 from .router import Router, SendOutcome
@@ -134,8 +135,8 @@ class BrokerParts:
     router: Router
     presence: Presence
     stats: Stats
-    ws_port: Callable[[], int]
-    """The WebSocket listener's port, for the demo page (asked when the page is served)."""
+    ws_port: int
+    """The WebSocket listener's port, for the demo page."""
 
 
 class ApiError(Exception):
@@ -547,11 +548,11 @@ def _receipt_fields(outcome: SendOutcome) -> dict[str, Any]:
     return receipt
 
 
-def _index(ws_port: Callable[[], int]) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+def _index(ws_port: int) -> Callable[[Request], Coroutine[Any, Any, Response]]:
     async def index(request: Request) -> Response:
         """The demo page, told where the WebSocket listener is (it runs on its own port)."""
         html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-        html = html.replace("__RELAY_WS_PORT__", str(ws_port()))
+        html = html.replace("__RELAY_WS_PORT__", str(ws_port))
         return Response(html, media_type="text/html", headers={"Cache-Control": "no-cache"})
 
     return index
@@ -701,33 +702,36 @@ def create_app(parts: BrokerParts) -> Starlette:
 
 async def serve_http(
     parts: BrokerParts,
-    host: str,
-    port: int,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the app with hypercorn until cancelled; report the bound port. Never returns normally.
+    """Serve the app with hypercorn on ``listeners`` until cancelled; report their port. Never returns normally.
 
-    Raises OSError, with ``filename`` set to the address (``http://host:port``), if it cannot listen.
+    The listeners are bound by :func:`broker.listeners.open_listeners` (every listener is made
+    there). Hypercorn serves an already-bound socket through its public ``fd://N`` bind: it
+    gets a duplicate of each listener's file descriptor and owns that copy (closing it when it
+    is done); the listener keeps its own, which ``Listeners.aclose`` closes.
+
+    Raises TypeError if ``listeners`` is empty or holds a listener that is not a
+    ``trio.SocketListener`` (hypercorn serves sockets, not memory streams).
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    sockets = [listener.socket for listener in listeners if isinstance(listener, trio.SocketListener)]
+    if not sockets or len(sockets) != len(listeners):
+        raise TypeError("the HTTP API is served on socket listeners only (trio.SocketListener)")
+    port = port_of(listeners)
+    assert port is not None
     config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("broker.http.hypercorn")
     config.graceful_timeout = parts.config.shutdown_grace_s
+    config.bind = [f"fd://{os.dup(sock.fileno())}" for sock in sockets]
+    app: Any = create_app(parts)  # Starlette is an ASGI app; its signature is typed looser than hypercorn's
     async with trio.open_nursery() as nursery:
         # Stopping is cancellation of the broker's nursery; the trigger only keeps hypercorn's hands off signals.
-        try:
-            app: Any = create_app(parts)  # Starlette is an ASGI app; its signature is typed looser than hypercorn's
-            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
-        except (OSError, BaseExceptionGroup) as exc:
-            # hypercorn binds inside its own nurseries: name the address that failed, once, here.
-            if (failed := first_os_error(exc)) is None:
-                raise
-            raise OSError(failed.errno, failed.strerror, f"http://{config.bind[0]}") from exc
-        bound = int(binds[0].rsplit(":", 1)[1])
-        log.info("listening on http://%s:%d/", host, bound)
-        task_status.started(bound)
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
+        log.info("listening on %s/", binds[0])
+        task_status.started(port)

@@ -1,8 +1,9 @@
-"""The broker's listeners, created in one place: TCP and WebSocket, or memory listeners in tests.
+"""The broker's listeners, created in one place: TCP, WebSocket and HTTP, or memory listeners in tests.
 
 Theory of operation. :func:`open_listeners` binds the TCP and WebSocket ports named by the
 configuration and returns them as :class:`Listeners`, which the broker serves (TCP with
-``trio.serve_listeners``, WebSocket with trio-websocket's ``WebSocketServer``). Every
+``trio.serve_listeners``, WebSocket with trio-websocket's ``WebSocketServer``, HTTP with
+hypercorn through its ``fd://`` bind). Every
 listener the broker accepts on is made here, so TLS later is one ``trio.SSLListener``
 wrap in :func:`open_listeners` and nothing else changes. Tests inject :class:`Listeners`
 of :class:`MemoryListener`\\ s instead, to run the real broker over
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 import trio.testing
@@ -30,10 +31,12 @@ AnyListener = trio.abc.Listener[trio.abc.Stream]
 
 @dataclass(frozen=True, slots=True)
 class Listeners:
-    """What the broker accepts connections on: frame byte streams (``tcp``) and WebSockets (``ws``)."""
+    """What the broker accepts connections on: frame byte streams (``tcp``), WebSockets (``ws``) and the HTTP API
+    (``http``: socket listeners only, since hypercorn serves sockets; none for a broker without HTTP)."""
 
     tcp: list[AnyListener]
     ws: list[AnyListener]
+    http: list[AnyListener] = field(default_factory=list)
 
     @property
     def tcp_port(self) -> int | None:
@@ -45,26 +48,35 @@ class Listeners:
         """The bound WebSocket port (None for memory listeners)."""
         return port_of(self.ws)
 
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (None if there is no HTTP listener)."""
+        return port_of(self.http)
+
     async def aclose(self) -> None:
         """Close every listener; never raises."""
-        for listener in (*self.tcp, *self.ws):
+        for listener in (*self.tcp, *self.ws, *self.http):
             await trio.aclose_forcefully(listener)
 
 
 async def open_listeners(config: BrokerConfig) -> Listeners:
-    """Bind ``config.tcp_port`` and ``config.ws_port`` on ``config.host`` (0: a free port each).
+    """Bind ``config.tcp_port``, ``config.ws_port`` and ``config.http_port`` on ``config.host`` (0: a free port each).
 
-    Raises OSError, with ``filename`` set to the address (``tcp://host:port`` or
-    ``ws://host:port``), if a port cannot be bound; nothing stays bound then.
+    Raises OSError, with ``filename`` set to the address (``tcp://host:port``,
+    ``ws://host:port`` or ``http://host:port``), if a port cannot be bound; nothing stays bound then.
     """
-    tcp = await _bind("tcp", config.host, config.tcp_port)
+    bound: list[AnyListener] = []
     try:
+        tcp = await _bind("tcp", config.host, config.tcp_port)
+        bound += tcp
         ws = await _bind("ws", config.host, config.ws_port)
+        bound += ws
+        http = await _bind("http", config.host, config.http_port)
     except BaseException:
-        for listener in tcp:
+        for listener in bound:
             await trio.aclose_forcefully(listener)
         raise
-    return Listeners(tcp=tcp, ws=ws)
+    return Listeners(tcp=tcp, ws=ws, http=http)
 
 
 async def _bind(scheme: str, host: str, port: int) -> list[AnyListener]:

@@ -130,7 +130,7 @@ class Broker:
                     await nursery.start(
                         partial(trio.serve_listeners, self._handle_stream, opened.tcp, handler_nursery=handlers)
                     )
-                    await self._serve_browsers(handlers, opened.ws)
+                    await self._serve_browsers(handlers, opened)
                     task_status.started(self)
                     await trio.sleep_forever()
             finally:
@@ -148,10 +148,8 @@ class Broker:
             await self._handlers_done.wait()
             handlers.cancel_scope.cancel()
 
-    async def _serve_browsers(
-        self, nursery: trio.Nursery, ws_listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
-    ) -> None:
-        """Start the HTTP listener (API, demo page), then the WebSocket listener that trusts its origin."""
+    async def _serve_browsers(self, nursery: trio.Nursery, opened: Listeners) -> None:
+        """Start the HTTP listener (API, demo page) if there is one, then the WebSocket listener trusting its origin."""
         from .http import BrokerParts, serve_http
         from .websocket import OriginPolicy, serve_websocket
 
@@ -162,15 +160,17 @@ class Broker:
             router=self.router,
             presence=self.presence,
             stats=self.stats,
-            ws_port=lambda: self.ws_port or self.config.ws_port,
+            ws_port=opened.ws_port or self.config.ws_port,
         )
-        self.http_port = await nursery.start(serve_http, parts, host, self.config.http_port)
-        own = [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
+        own = []
+        if opened.http:  # injected listeners may have none
+            self.http_port = await nursery.start(serve_http, parts, opened.http)
+            own = [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
         await nursery.start(
             partial(
                 serve_websocket,
                 self.handle_transport,
-                ws_listeners,
+                opened.ws,
                 max_frame_bytes=self.config.max_frame_bytes,
                 origins=OriginPolicy([*own, *self.config.allowed_origins]),
             )

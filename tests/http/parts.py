@@ -17,7 +17,7 @@ def parts_of(broker: Broker) -> BrokerParts:
         router=broker.router,
         presence=broker.presence,
         stats=broker.stats,
-        ws_port=lambda: broker.ws_port or broker.config.ws_port,
+        ws_port=broker.ws_port or broker.config.ws_port,
     )
 
 

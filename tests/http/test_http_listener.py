@@ -1,0 +1,42 @@
+"""serve_http on listeners bound elsewhere (broker/listeners.py): hypercorn's public ``fd://`` bind."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+
+from broker.config import BrokerConfig
+from broker.http import serve_http
+from broker.listeners import MemoryListener, open_listeners
+from broker.server import Broker
+
+from .parts import parts_of
+
+TIMEOUT = 10
+
+
+async def test_the_api_is_served_on_the_listener_it_is_given_and_lets_go_of_it(broker: Broker) -> None:
+    """Served on the given socket's port; once stopped and the listener closed, nothing listens there any more."""
+    opened = await open_listeners(BrokerConfig(tcp_port=0, ws_port=0, http_port=0, data_dir=broker.config.data_dir))
+    port = opened.http_port
+    assert port is not None and port != broker.http_port
+    parts = parts_of(broker)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            assert await nursery.start(serve_http, parts, opened.http) == port
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                r = await http.get("/openapi.json")
+            assert r.status_code == 200 and r.json()["openapi"].startswith("3.")
+            nursery.cancel_scope.cancel()
+        await opened.aclose()
+        with trio.socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+            await probe.connect(("127.0.0.1", port))  # hypercorn's copy of the socket is closed too
+
+
+async def test_a_memory_listener_cannot_carry_the_http_api(broker: Broker) -> None:
+    parts = parts_of(broker)
+    with pytest.raises(TypeError, match="socket listeners only"):
+        await serve_http(parts, [MemoryListener()])
+    with pytest.raises(TypeError, match="socket listeners only"):
+        await serve_http(parts, [])
