@@ -3,7 +3,11 @@
 // Theory of operation. A WebSocket binary message carries one or more whole frames back to
 // back, each with its 4-byte length prefix (protocol.md 2.5): every frame of a message is
 // handled in order, and a message that ends inside a frame is refused (1001, like any
-// framing error: the socket is closed). This client sends one frame per message.
+// framing error: the socket is closed). Outgoing frames are encoded (so checked) at once
+// and queued; at the end of the current turn (a microtask) the queue goes out packed into as
+// few messages as WELCOME's `max_frame_bytes` + 4 allows, in order, no frame split, so a burst
+// of SENDs and ACKs made in one turn is one message. HELLO, the resends after WELCOME and
+// what precedes BYE are flushed at once. Before WELCOME every frame goes alone.
 //
 // The client says HELLO, waits for WELCOME, and the broker then pushes every pending
 // message followed by DRAINED. Each DELIVER goes through processRelayMessage: saved in
@@ -35,7 +39,7 @@
 //   drained   {pending}
 //   error     {code, message, close} for ERROR frames and local failures
 
-import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame } from './codec.js'
+import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame, packFrames } from './codec.js'
 
 export { MessageStore } from './store.js'
 
@@ -95,6 +99,9 @@ export class RelayClient extends EventTarget {
     this._retryTimer = null
     this._pingTimer = null
     this._lastSent = 0
+    this._outgoing = [] // encoded frames queued in this turn, sent by _flush
+    this._flushQueued = false
+    this._flushSoon = () => { this._flushQueued = false; this._flush() }
     this._sends = new Map() // id -> {frame, resolve, reject}
     this._statsWaiters = []
     this._cleanupWaiters = []
@@ -122,6 +129,7 @@ export class RelayClient extends EventTarget {
     this._stopped = true
     clearTimeout(this._retryTimer)
     if (this._ws && this.state === 'open') this._write({ type: 'bye' })
+    this._flush() // what is queued, then BYE, before the close
     if (this._ws) this._ws.close(1000)
     this._teardown()
     this._setState('closed')
@@ -145,7 +153,10 @@ export class RelayClient extends EventTarget {
     }
     ws.binaryType = 'arraybuffer'
     this._ws = ws
-    ws.onopen = () => this._write({ type: 'hello', version: PROTOCOL_VERSION, token: this.token, agent: this.agent })
+    ws.onopen = () => {
+      this._write({ type: 'hello', version: PROTOCOL_VERSION, token: this.token, agent: this.agent })
+      this._flush()
+    }
     ws.onmessage = (event) => this._onMessage(event.data)
     ws.onclose = () => {
       if (this._ws !== ws) return
@@ -163,6 +174,7 @@ export class RelayClient extends EventTarget {
     }
     this._ws = null
     this.welcome = null
+    this._outgoing = [] // unsent frames of a connection that is gone (sends go out again on WELCOME)
     const lost = new RelayError(0, 'connection lost')
     for (const w of this._statsWaiters.splice(0)) w.reject(lost)
     for (const w of this._cleanupWaiters.splice(0)) w.reject(lost)
@@ -189,12 +201,28 @@ export class RelayClient extends EventTarget {
 
   // ---------------------------------------------------------------- wire
 
+  /** Queue a frame for the end of this turn; false if there is no open socket. Throws LocalProtocolError. */
   _write (frame) {
     const ws = this._ws
     if (!ws || ws.readyState !== 1) return false
-    ws.send(encodeFrame(frame))
+    this._outgoing.push(encodeFrame(frame))
+    if (!this._flushQueued) {
+      this._flushQueued = true
+      queueMicrotask(this._flushSoon)
+    }
     this._lastSent = Date.now()
     return true
+  }
+
+  /** Send what is queued, packed into messages of at most max_frame_bytes + 4 (one frame each before WELCOME). */
+  _flush () {
+    if (this._outgoing.length === 0) return
+    const frames = this._outgoing
+    this._outgoing = []
+    const ws = this._ws
+    if (!ws || ws.readyState !== 1) return // the socket went in this turn: lost like any write to it
+    const limit = this.welcome ? this.welcome.max_frame_bytes + 4 : 0
+    for (const message of packFrames(frames, limit)) ws.send(message)
   }
 
   _onMessage (data) {
@@ -251,6 +279,7 @@ export class RelayClient extends EventTarget {
         pending.reject(err)
       }
     }
+    this._flush() // the resends, packed, at once
   }
 
   async _onReceipt (frame) {

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict'
 
 import { IDBFactory } from 'fake-indexeddb'
 
-import { ERROR_CODES, LocalProtocolError, decodeBody, encodeFrame } from '../codec.js'
+import { ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame } from '../codec.js'
 import { MessageStore, RelayClient } from '../client.js'
 
 const TOKEN = 'header.payload.signature'
@@ -42,15 +42,16 @@ function fakeWebSocket () {
       this.url = url
       this.readyState = 0
       this.sent = [] // decoded frames, in order
+      this.messages = [] // per binary message sent: {bytes, types}
       this.closeCode = null
       sockets.push(this)
     }
 
     send (data) {
       if (this.readyState !== 1) throw new Error('InvalidStateError: not open')
-      const declared = new DataView(data.buffer, data.byteOffset).getUint32(0)
-      assert.equal(declared, data.length - 4, 'one frame per message, with its length prefix')
-      this.sent.push(decodeBody(data.subarray(4)))
+      const frames = decodeMessage(data) // whole frames with their prefixes, or it throws
+      this.messages.push({ bytes: data.length, types: frames.map((f) => f.type) })
+      this.sent.push(...frames)
     }
 
     close (code) {
@@ -266,6 +267,7 @@ test('acknowledgeMessage says whether the ACK went out', async (t) => {
   assert.equal(client.acknowledgeMessage('m1'), false) // not connected
   const socket = await connect(client, ws)
   assert.equal(client.acknowledgeMessage(['m1', 'm2']), true)
+  await settle() // it goes out at the end of the turn
   assert.deepEqual(socket.sentOfType('ack'), [{ type: 'ack', ids: ['m1', 'm2'] }])
 })
 
@@ -326,6 +328,7 @@ test('fetchPendingMessages resolves with the DRAINED that answers its PULL', asy
   await assert.rejects(client.fetchPendingMessages(), /not connected/)
   const socket = await connect(client, ws)
   const pulled = client.fetchPendingMessages()
+  await settle() // it goes out at the end of the turn
   assert.deepEqual(socket.sentOfType('pull'), [{ type: 'pull' }])
   socket.receive({ type: 'drained', pending: 7 }) // the connect-time DRAINED, before the PULL's
   socket.receive({ type: 'drained', pending: 3 })
@@ -410,6 +413,80 @@ test('frames after one whose handler closed the client are not handled', async (
   await settle()
   assert.deepEqual(named('drained'), [{ pending: 0 }])
   assert.deepEqual(named('message'), [], 'the DELIVER after it belongs to a closed connection')
+})
+
+test('frames made in one turn go out in one message, in order, at the end of the turn', async (t) => {
+  const { client, ws } = makeClient(t)
+  const socket = await connect(client, ws)
+  assert.deepEqual(socket.messages.map((m) => m.types), [['hello']], 'HELLO alone, at once')
+  client.sendMessage('alice', 'one', { id: 'b1' })
+  client.sendMessage(['alice', 'carol'], 'two', { id: 'b2' })
+  assert.equal(client.acknowledgeMessage(['d1', 'd2']), true)
+  client.sendMessage('carol', 'three', { id: 'b3' })
+  client.fetchPendingMessages().catch(() => {}) // rejected by the close at the end of the test
+  assert.equal(socket.messages.length, 1, 'nothing before the turn ends')
+  await settle()
+  assert.deepEqual(socket.messages.slice(1).map((m) => m.types), [['send', 'send', 'ack', 'send', 'pull']])
+  assert.deepEqual(socket.sent.slice(1).map((f) => f.id ?? f.ids), ['b1', 'b2', ['d1', 'd2'], 'b3', undefined])
+})
+
+test('packed messages stay within WELCOME\'s max_frame_bytes + 4 and no frame is split', async (t) => {
+  const { client, ws } = makeClient(t)
+  const socket = await connect(client, ws, { ...WELCOME, max_frame_bytes: 1024 })
+  const sizes = [300, 300, 300, 10, 700, 1100, 5, 5, 1000, 990, 0]
+  sizes.forEach((n, i) => client.sendMessage('alice', new Uint8Array(n), { id: `p${i}` }))
+  await settle()
+  const messages = socket.messages.slice(1)
+  assert.deepEqual(socket.sent.slice(1).map((f) => f.id), sizes.map((_, i) => `p${i}`), 'every frame once, in order')
+  const frameBytes = sizes.map((n, i) => encodeFrame({ type: 'send', id: `p${i}`, to: ['alice'], body: new Uint8Array(n) }).length)
+  let next = 0
+  for (const [i, m] of messages.entries()) {
+    const count = m.types.length
+    if (count > 1) assert.ok(m.bytes <= 1028, `a message of ${count} frames is ${m.bytes} bytes`)
+    else assert.equal(m.bytes, frameBytes[next], 'a frame above the limit goes alone, whole')
+    next += count
+    if (i + 1 < messages.length) assert.ok(m.bytes + frameBytes[next] > 1028, 'the next frame would not have fitted')
+  }
+  assert.ok(messages.length > 1 && messages.length < sizes.length, `${messages.length} messages`)
+
+  // Two frames of exactly 1,028 bytes together share a message; one byte more and they do not.
+  const frameOf = (id, n) => encodeFrame({ type: 'send', id, to: ['alice'], body: new Uint8Array(n) }).length
+  for (const extra of [0, 1]) {
+    const [a, b] = [`e1-${extra}`, `e2-${extra}`]
+    let n = 0
+    while (frameOf(a, 300) + frameOf(b, n) < 1028 + extra) n++
+    assert.equal(frameOf(a, 300) + frameOf(b, n), 1028 + extra)
+    const before = socket.messages.length
+    client.sendMessage('alice', new Uint8Array(300), { id: a })
+    client.sendMessage('alice', new Uint8Array(n), { id: b })
+    await settle()
+    assert.deepEqual(socket.messages.slice(before).map((m) => m.types.length), extra ? [1, 1] : [2])
+  }
+})
+
+test('frames queued for a socket that goes in the same turn are dropped, and the sends go out again after WELCOME', async (t) => {
+  const { client, ws } = makeClient(t, { minBackoffMs: 1 })
+  const first = await connect(client, ws)
+  client.sendMessage('alice', 'x', { id: 'lost-1' })
+  client.acknowledgeMessage('d1')
+  first.drop()
+  await settle()
+  assert.deepEqual(first.sent.map((f) => f.type), ['hello'], 'nothing written to a closed socket')
+  while (ws.sockets.length < 2) await new Promise((resolve) => setTimeout(resolve, 2))
+  const second = ws.last()
+  second.open()
+  assert.deepEqual(second.messages.map((m) => m.types), [['hello']], 'not the old connection\'s ACK')
+  second.receive(WELCOME)
+  assert.deepEqual(second.sent.map((f) => f.id ?? f.type), ['hello', 'lost-1'])
+})
+
+test('close() sends what is queued, then BYE, in one message before it closes', async (t) => {
+  const { client, ws } = makeClient(t)
+  const socket = await connect(client, ws)
+  client.sendMessage('alice', 'last words', { id: 'l1' })
+  client.close()
+  assert.deepEqual(socket.messages.slice(1).map((m) => m.types), [['send', 'bye']])
+  assert.equal(socket.closeCode, 1000)
 })
 
 test('a refused token stops the reconnecting', async (t) => {
