@@ -80,6 +80,7 @@ from starlette.staticfiles import StaticFiles
 
 from wire import (
     MAX_RECIPIENT_CHARS,
+    UINT_MAX,
     Ack,
     ErrorCode,
     Receipt,
@@ -93,7 +94,7 @@ from wire import (
 from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
 from .listeners import port_of
-from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, UINT_MAX, openapi_spec
+from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, openapi_spec
 from .presence import Presence
 from .router import Router, SendOutcome
 from .stats import Stats

@@ -13,12 +13,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from wire import MAX_RECIPIENT_CHARS
+from wire import MAX_RECIPIENT_CHARS, UINT_MAX
 
-__all__ = ["DEFAULT_PENDING_LIMIT", "MAX_PENDING_LIMIT", "UINT_MAX", "openapi_spec"]
+__all__ = ["DEFAULT_PENDING_LIMIT", "MAX_PENDING_LIMIT", "openapi_spec"]
 
-UINT_MAX = 2**63 - 1
-"""The protocol's largest integer."""
 DEFAULT_PENDING_LIMIT = 100
 """Messages one ``GET /relay/pending`` returns unless ``limit`` says otherwise."""
 MAX_PENDING_LIMIT = 1000

@@ -8,11 +8,8 @@ from .codec import (
     FrameDecoder,
     decode_body,
     decode_item,
-    encode_deliver,
     encode_frame,
     encode_frames,
-    encode_receipt,
-    encode_send,
 )
 from .connection import TRANSITIONS, Connection, Role, State
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -47,6 +44,7 @@ from .limits import (
     MAX_HELLO_FRAME_BYTES,
     MAX_RECIPIENT_CHARS,
     PROTOCOL_VERSION,
+    UINT_MAX,
     max_recipients_within,
     receipt_bound_bytes,
 )
@@ -60,6 +58,7 @@ __all__ = [
     "MAX_RECIPIENT_CHARS",
     "PROTOCOL_VERSION",
     "TRANSITIONS",
+    "UINT_MAX",
     "Ack",
     "Bye",
     "Cleanup",
@@ -89,9 +88,6 @@ __all__ = [
     "Welcome",
     "decode_body",
     "decode_item",
-    "encode_deliver",
-    "encode_receipt",
-    "encode_send",
     "encode_frame",
     "encode_frames",
     "is_valid_mailbox_id",

@@ -25,11 +25,8 @@ __all__ = [
     "FrameDecoder",
     "decode_body",
     "decode_item",
-    "encode_deliver",
     "encode_frame",
     "encode_frames",
-    "encode_receipt",
-    "encode_send",
 ]
 
 _PREFIX = struct.Struct(">I")
@@ -62,7 +59,7 @@ def encode_frame(frame: Frame) -> bytes:
 # Connection methods.)
 
 
-def encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None) -> bytes:
+def _encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None) -> bytes:
     """``encode_frame(Send(...))`` without building the frame: the client's sending hot path."""
     m: dict[str, Any] = {"type": "send", "id": id, "to": to, "body": body}
     if ttl_s is not None:
@@ -79,7 +76,7 @@ _PLAIN_RESULT_CBOR = {s: cbor2.dumps({"status": s.value}) for s in (Status.QUEUE
 """The encoded result of each status without a code (three constants, not a cache)."""
 
 
-def encode_receipt(id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
+def _encode_receipt(id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
     """``encode_frame(Receipt(...))`` without building the frame: the broker's receipt hot path.
 
     A single-recipient receipt (the usual one) is assembled from constant pieces and
@@ -97,7 +94,7 @@ def encode_receipt(id: str, results: Mapping[str, RecipientResult], code: int | 
     return _PREFIX.pack(len(data)) + data
 
 
-def encode_deliver(id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> bytes:
+def _encode_deliver(id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> bytes:
     """``encode_frame(Deliver(...))`` without building the frame: the broker's delivery hot path.
 
     A stored message's values are valid already: its id and body were validated when its

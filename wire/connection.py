@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from enum import Enum
 
-from .codec import FrameDecoder, encode_deliver, encode_frame, encode_receipt, encode_send
+from .codec import FrameDecoder, _encode_deliver, _encode_receipt, _encode_send, encode_frame
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     Ack,
@@ -216,7 +216,7 @@ class Connection:
         nxt = self._sendable[self.state].get(Send)
         if nxt is not self.state and not self._move(nxt, Send.TYPE):
             return b""
-        return encode_send(id, to, body, ttl_s)
+        return _encode_send(id, to, body, ttl_s)
 
     def send_receipt(self, id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
         """``send(Receipt(id=id, results=results, code=code))`` without building the frame.
@@ -228,7 +228,7 @@ class Connection:
         nxt = self._sendable[self.state].get(Receipt)
         if nxt is not self.state and not self._move(nxt, Receipt.TYPE):
             return b""
-        return encode_receipt(id, results, code)
+        return _encode_receipt(id, results, code)
 
     def send_deliver(self, id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> bytes:
         """``send(Deliver(...))`` without building the frame: the broker's delivery hot path.
@@ -240,7 +240,7 @@ class Connection:
         nxt = self._sendable[self.state].get(Deliver)
         if nxt is not self.state and not self._move(nxt, Deliver.TYPE):
             return b""
-        return encode_deliver(id, sender, sent_at, expires_at, attempt, body)
+        return _encode_deliver(id, sender, sent_at, expires_at, attempt, body)
 
     def _move(self, nxt: State | None, frame_type: str) -> bool:
         """After the table gave ``nxt`` for sending ``frame_type``: enter it (True), or refuse (see :meth:`_refuse`)."""

@@ -41,7 +41,6 @@ from wire import (
     decode_body,
     encode_frame,
     encode_frames,
-    encode_receipt,
 )
 
 from .support import welcome
@@ -295,7 +294,9 @@ def test_a_receipt_needs_exactly_one_of_results_and_code(fields: dict[str, Any])
 def test_a_whole_send_refusal_round_trips() -> None:
     receipt = Receipt(id="m", code=int(ErrorCode.TOO_MANY_RECIPIENTS))
     data = encode_frame(receipt)
-    assert data == encode_receipt("m", {}, int(ErrorCode.TOO_MANY_RECIPIENTS))
+    broker = Connection(Role.BROKER)
+    broker.state = State.OPEN
+    assert data == broker.send_receipt("m", {}, int(ErrorCode.TOO_MANY_RECIPIENTS))
     assert FrameDecoder().feed(data) == [receipt]
 
 
