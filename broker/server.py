@@ -122,22 +122,29 @@ class Broker:
         opened = self._listeners or await open_listeners(self.config)
         self.tcp_port, self.ws_port = opened.tcp_port, opened.ws_port
         log.info("listening on tcp://%s:%s", self.config.host, self.tcp_port or "(memory)")
-        async with trio.open_nursery() as outer:
-            handlers: trio.Nursery = await outer.start(self._run_handlers)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.sweep_forever)
-                    await nursery.start(
-                        partial(trio.serve_listeners, self._handle_stream, opened.tcp, handler_nursery=handlers)
-                    )
-                    await self._serve_browsers(handlers, opened)
-                    task_status.started(self)
-                    await trio.sleep_forever()
-            finally:
-                self._stopping = True
-                with trio.CancelScope(shield=True):
-                    await self.shutdown()
-                self._handlers_done.set()
+        try:
+            async with trio.open_nursery() as outer:
+                handlers: trio.Nursery = await outer.start(self._run_handlers)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self.sweep_forever)
+                        await nursery.start(
+                            partial(trio.serve_listeners, self._handle_stream, opened.tcp, handler_nursery=handlers)
+                        )
+                        await self._serve_browsers(handlers, opened)
+                        task_status.started(self)
+                        await trio.sleep_forever()
+                finally:
+                    self._stopping = True
+                    with trio.CancelScope(shield=True):
+                        await self.shutdown()
+                    self._handlers_done.set()
+        finally:
+            # serve_listeners closes the TCP and WebSocket listeners, hypercorn its copies of the HTTP ones; this
+            # closes what is left (the HTTP listeners themselves, or listeners never served after a failed start).
+            # Shielded: we are usually cancelled here, and each close checkpoints.
+            with trio.CancelScope(shield=True):
+                await opened.aclose()
 
     async def _run_handlers(self, *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
         """Hold the nursery that sessions and the browser listeners run in, out of reach of

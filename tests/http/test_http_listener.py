@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import httpx
 import pytest
 import trio
@@ -40,3 +43,22 @@ async def test_a_memory_listener_cannot_carry_the_http_api(broker: Broker) -> No
         await serve_http(parts, [MemoryListener()])
     with pytest.raises(TypeError, match="socket listeners only"):
         await serve_http(parts, [])
+
+
+async def test_a_stopped_broker_listens_nowhere(tmp_path: object) -> None:
+    """After serve is cancelled, none of its three ports accepts a connection (the HTTP listener it bound included)."""
+    config = BrokerConfig(tcp_port=0, ws_port=0, http_port=0, data_dir=tmp_path)  # type: ignore[arg-type]
+    stopped = Broker(config)
+    with trio.fail_after(TIMEOUT), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stopped.serve)
+            ports = [stopped.tcp_port, stopped.ws_port, stopped.http_port]
+            nursery.cancel_scope.cancel()
+        gc.collect()
+    # closed by the broker, not left for the garbage collector to find
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+    for port in ports:
+        assert port is not None
+        with trio.socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+            await probe.connect(("127.0.0.1", port))
