@@ -2,8 +2,8 @@
 
 Theory of operation. :func:`open_listeners` binds the TCP and WebSocket ports named by the
 configuration and returns them as :class:`Listeners`, which the broker serves (TCP with
-``trio.serve_listeners``, WebSocket with trio-websocket's ``WebSocketServer``, HTTP with
-hypercorn through its ``fd://`` bind). Every
+``trio.serve_listeners``, WebSocket through :func:`broker.websocket.serve_websocket`, HTTP
+with hypercorn through its ``fd://`` bind). Every
 listener the broker accepts on is made here, so TLS later is one ``trio.SSLListener``
 wrap in :func:`open_listeners` and nothing else changes. Tests inject :class:`Listeners`
 of :class:`MemoryListener`\\ s instead, to run the real broker over

@@ -220,6 +220,7 @@ class Session:
                 keepalive_s=max(1, int(config.keepalive_s)),
             )
         )
+        self.transport.welcome_sent()
         log.info("%s open: %s%s", self.id, identity.name, " (operator)" if identity.operator else "")
         return True
 

@@ -1,7 +1,9 @@
 """The WebSocket listener: browsers speak the same protocol as TCP clients.
 
-Theory of operation. :func:`serve_websocket` runs trio-websocket's ``WebSocketServer``
-(public API only) on listeners made by :mod:`broker.listeners`. Each upgrade request is
+Theory of operation. :func:`serve_websocket` accepts connections on listeners made by
+:mod:`broker.listeners` (``trio.serve_listeners``) and runs trio-websocket's server side on
+each with ``wrap_server_stream`` (public API only), bounding the upgrade with
+:data:`CONNECT_TIMEOUT_S` as ``WebSocketServer`` would. Each upgrade request is
 checked before it is accepted: the path must be ``/relay`` (else HTTP 404) and a
 browser's ``Origin`` must be allowed (else HTTP 403). A request without an ``Origin``
 header is not from a browser page (browsers always send one on WebSocket handshakes) and
@@ -13,15 +15,27 @@ is allowed: the token in HELLO is what authenticates. An accepted WebSocket is w
 Framing (protocol.md 2.5): a binary message carries one or more whole frames; the
 transport checks each message ends at a frame boundary and the session's decoder judges
 each frame, exactly as on TCP. The message size limit, ``max_frame_bytes + 4``, is fixed
-when the WebSocket is accepted (trio-websocket cannot change it later), so it holds
-before WELCOME too; a HELLO above 8,192 bytes is still refused by the decoder
+when the WebSocket is accepted (trio-websocket cannot change it later); a HELLO above
+8,192 bytes in a message read before WELCOME is still refused by the decoder
 (FRAME_TOO_LARGE). A message above the limit is closed by trio-websocket with WebSocket
 code 1009 before Relay sees it: no ERROR frame (protocol decision 1). A text message that
 is not valid UTF-8 is refused by the WebSocket layer too (1007, or no close frame at all).
 
-Memory per connection before WELCOME: trio-websocket assembles a message whole, and
-holds at most ``MESSAGE_QUEUE_SIZE`` more, so an unauthenticated connection can make the
-broker hold about two messages of ``max_frame_bytes + 4`` until the session refuses it.
+Memory per connection before WELCOME (the same kind of bound as TCP's 8,192-byte limit).
+Each accepted connection is served through :func:`trio_websocket.wrap_server_stream` (public
+API) on a :class:`ReadBudget` stream that lets at most :data:`PREWELCOME_READ_BYTES` be read:
+enough for any upgrade request, one message with a HELLO of up to 8,192 bytes and a close
+frame. Beyond it
+the stream simply stops reading (the bytes wait in the kernel) until the session has sent
+WELCOME and calls ``transport.welcome_sent()``, which releases it; after that a read is one
+attribute test and the delegate call. So an unauthenticated connection makes the broker buffer
+at most that budget, whatever it sends: a pre-WELCOME message that does not fit is never
+completed, and the session ends at ``handshake_timeout_s`` with HANDSHAKE_TIMEOUT, as when no
+HELLO comes (its close handshake cannot complete, as the rest is never read: the TCP connection
+is dropped within the transport's 2 s close bound). Nothing may follow HELLO before WELCOME
+(protocol.md 5), so a conforming client never reaches the budget. Serving the stream ourselves, rather than through
+``WebSocketServer``, keeps each connection's budget and WebSocket in one scope: nothing has
+to find one from the other.
 """
 
 from __future__ import annotations
@@ -31,11 +45,18 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 import trio
-from trio_websocket import WebSocketRequest, WebSocketServer
+from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from wire.websocket import WebSocketTransport
 
-__all__ = ["WEBSOCKET_PATH", "OriginPolicy", "WebSocketTransport", "serve_websocket"]
+__all__ = [
+    "PREWELCOME_READ_BYTES",
+    "WEBSOCKET_PATH",
+    "OriginPolicy",
+    "ReadBudget",
+    "WebSocketTransport",
+    "serve_websocket",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +68,10 @@ RECEIVE_BUFFER_BYTES = 65536
 """Bytes per socket read (trio-websocket's default is 4 KiB: a syscall every few frames)."""
 CONNECT_TIMEOUT_S = 10.0
 """Time a client has to complete the HTTP upgrade."""
-DISCONNECT_TIMEOUT_S = 2.0
-"""Time given to the WebSocket closing handshake before the TCP connection is dropped."""
+PREWELCOME_READ_BYTES = 32 * 1024
+"""Bytes a WebSocket connection may have read before WELCOME: the largest upgrade request the
+handshake parser accepts (h11, 16 KiB), one message with a HELLO of MAX_HELLO_FRAME_BYTES (+ 4 + a
+14-byte WebSocket header) and a close frame fit, with room to spare."""
 PACK_FRAMES = True
 """True: the frames of one write go in as few messages as the limit allows (protocol.md 2.5). False
 sends one frame per message (what clients before issue 9 needed); receiving accepts packed messages
@@ -66,6 +89,61 @@ class OriginPolicy:
         return origin is None or origin.rstrip("/").lower() in self.allowed
 
 
+class ReadBudget(trio.abc.Stream):
+    """A Stream over ``stream`` that lets at most ``budget`` bytes be read until :meth:`release`.
+
+    Reads ask the inner stream for no more than what is left of the budget; once it is
+    spent, a read waits (reading nothing) until :meth:`release` or :meth:`aclose`. After
+    release every read is the inner stream's. Writes and close go to the inner stream.
+    ``receive_some`` raises what the inner stream raises, and ClosedResourceError if this
+    stream is closed while it waits.
+    """
+
+    __slots__ = ("_closed", "_left", "_lifted", "_released", "stream")
+
+    def __init__(self, stream: trio.abc.Stream, budget: int) -> None:
+        self.stream = stream
+        self._released = False
+        self._left = budget
+        self._lifted = trio.Event()
+        self._closed = False
+
+    def release(self) -> None:
+        """Lift the budget: from now on reads are the inner stream's (a waiting read resumes). Never raises."""
+        self._released = True
+        self._lifted.set()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """At most ``max_bytes`` (and, before release, at most what is left of the budget)."""
+        if self._released:
+            return await self.stream.receive_some(max_bytes)
+        return await self._receive_within_budget(max_bytes)
+
+    async def _receive_within_budget(self, max_bytes: int | None) -> bytes | bytearray:
+        if self._left == 0:
+            await self._lifted.wait()
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            return await self.stream.receive_some(max_bytes)
+        data = await self.stream.receive_some(self._left if max_bytes is None else min(max_bytes, self._left))
+        self._left -= len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """The inner stream's ``send_all``."""
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """The inner stream's."""
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Close the inner stream; a read waiting for release raises ClosedResourceError."""
+        self._closed = True
+        self._lifted.set()
+        await self.stream.aclose()
+
+
 def _header(request: WebSocketRequest, name: bytes) -> str | None:
     for key, value in request.headers:
         if key.lower() == name:
@@ -80,16 +158,16 @@ async def serve_websocket(
     max_frame_bytes: int,
     origins: OriginPolicy | Callable[[], OriginPolicy],
     handler_nursery: trio.Nursery | None = None,
-    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve WebSocket upgrades on ``listeners`` until cancelled; reports readiness with the server.
+    """Serve WebSocket upgrades on ``listeners`` until cancelled; reports readiness with the listeners.
 
     ``origins`` may be a callable, read per handshake. Connection tasks run in
     ``handler_nursery`` if given. Never returns; raises nothing of its own (a listener's
     errors propagate).
     """
 
-    async def handle_request(request: WebSocketRequest) -> None:
+    async def handle_request(request: WebSocketRequest, budget: ReadBudget) -> None:
         path = request.path.split("?", 1)[0]
         if path != WEBSOCKET_PATH:
             await request.reject(404, body=b"not found: the WebSocket endpoint is /relay\n")
@@ -103,16 +181,29 @@ async def serve_websocket(
         ws = await request.accept()
         # A limit of 0 + 4 bytes puts each (non-empty) frame in a message of its own.
         peer_limit = max_frame_bytes if PACK_FRAMES else 0
-        await handle_transport(WebSocketTransport(ws, peer_max_frame_bytes=peer_limit))
+        transport = WebSocketTransport(ws, peer_max_frame_bytes=peer_limit, on_welcome=budget.release)
+        try:
+            await handle_transport(transport)
+        finally:
+            await transport.aclose()
 
-    server = WebSocketServer(
-        handle_request,
-        listeners,  # type: ignore[arg-type]  # any trio Listener works (the annotation names the socket kinds)
-        handler_nursery=handler_nursery,
-        message_queue_size=MESSAGE_QUEUE_SIZE,
-        max_message_size=max_frame_bytes + 4,
-        receive_buffer_size=RECEIVE_BUFFER_BYTES,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        disconnect_timeout=DISCONNECT_TIMEOUT_S,
-    )
-    await server.run(task_status=task_status)
+    async def handle_stream(stream: trio.abc.Stream) -> None:
+        budget = ReadBudget(stream, PREWELCOME_READ_BYTES)
+        try:
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader task runs in it
+                request = None
+                with trio.move_on_after(CONNECT_TIMEOUT_S):
+                    request = await wrap_server_stream(
+                        nursery,
+                        budget,
+                        message_queue_size=MESSAGE_QUEUE_SIZE,
+                        max_message_size=max_frame_bytes + 4,
+                        receive_buffer_size=RECEIVE_BUFFER_BYTES,
+                    )
+                if request is not None:
+                    await handle_request(request, budget)
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(budget)
+
+    await trio.serve_listeners(handle_stream, list(listeners), handler_nursery=handler_nursery, task_status=task_status)

@@ -91,6 +91,16 @@ class Transport(Protocol):
         """
         ...
 
+    def welcome_sent(self) -> None:
+        """The broker has sent WELCOME: lift whatever bound this transport keeps on reading before it.
+
+        A WebSocket accepted by the broker lets only a small budget of bytes be read until
+        then (:mod:`broker.websocket`); a stream transport has nothing to lift (the decoder
+        bounds what it buffers). The broker's session calls it once, right after WELCOME;
+        clients never do. Never raises.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Close: bounded in time, never raises (idempotent)."""
         ...
@@ -141,6 +151,9 @@ class StreamTransport:
 
     def set_peer_limit(self, max_frame_bytes: int) -> None:
         """Nothing to do: a byte stream has no message size."""
+
+    def welcome_sent(self) -> None:
+        """Nothing to do: the decoder bounds what a byte stream buffers before WELCOME (8,192 bytes)."""
 
     async def aclose(self) -> None:
         """Close (after the linger, if asked for); bounded by :data:`LINGER_S`; never raises."""

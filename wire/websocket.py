@@ -16,6 +16,9 @@ decoder, not this module, judges each frame's size against the limit in force (s
 above 8,192 bytes arriving whole in one message is still FRAME_TOO_LARGE 1002). A message
 above the receiving side's ``max_message_size`` never gets here: trio-websocket closes
 the WebSocket with code 1009 itself (no ERROR frame; protocol decision 1).
+Before WELCOME the broker reads its side through a small read budget
+(:class:`broker.websocket.ReadBudget`); :meth:`WebSocketTransport.welcome_sent`, the
+session's call right after WELCOME, lifts it through the ``on_welcome`` it was given.
 
 Sending: :meth:`WebSocketTransport.send_all` packs the frames it is given into as few
 messages as the peer's limit (``max_frame_bytes + 4``) allows, cutting only between
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
@@ -111,14 +115,23 @@ class WebSocketTransport:
     packs at most that plus 4 bytes into one message (the broker passes its own
     ``max_frame_bytes``, which its clients accept; the client starts from
     :data:`MIN_PEER_FRAME_BYTES` and raises it with :meth:`set_peer_limit` after WELCOME).
-    The receiving limit is the connection's own ``max_message_size``.
+    The receiving limit is the connection's own ``max_message_size``. ``on_welcome``: what
+    :meth:`welcome_sent` calls (the broker passes the release of the connection's
+    pre-WELCOME read budget, :class:`broker.websocket.ReadBudget`); None: nothing.
     """
 
-    __slots__ = ("_send_limit", "ws")
+    __slots__ = ("_on_welcome", "_send_limit", "ws")
 
-    def __init__(self, ws: WebSocketConnection, *, peer_max_frame_bytes: int = MIN_PEER_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        *,
+        peer_max_frame_bytes: int = MIN_PEER_FRAME_BYTES,
+        on_welcome: Callable[[], None] | None = None,
+    ) -> None:
         self.ws = ws
         self._send_limit = peer_max_frame_bytes + 4
+        self._on_welcome = on_welcome
 
     async def receive_some(self) -> bytes:
         """The next message's bytes (whole frames); ``b""`` after a clean close (1000, 1001).
@@ -159,6 +172,11 @@ class WebSocketTransport:
     def set_peer_limit(self, max_frame_bytes: int) -> None:
         """Pack at most ``max_frame_bytes + 4`` bytes into one message from now on."""
         self._send_limit = max_frame_bytes + 4
+
+    def welcome_sent(self) -> None:
+        """Call ``on_welcome`` (the broker: lift the pre-WELCOME read budget), if given. Never raises."""
+        if self._on_welcome is not None:
+            self._on_welcome()
 
     async def aclose(self) -> None:
         """Close handshake (code 1000), bounded by :data:`DISCONNECT_TIMEOUT_S`; never raises."""

@@ -49,9 +49,10 @@ async def ws_pair(
         await accepted_send.send(await request.accept())
         await done.wait()
 
+    listeners: Any = [listener]  # any trio Listener works (the annotation names the socket kinds)
     server = WebSocketServer(
-        handler, [listener], max_message_size=server_max_message, connect_timeout=5, disconnect_timeout=2
-    )  # type: ignore[list-item]
+        handler, listeners, max_message_size=server_max_message, connect_timeout=5, disconnect_timeout=2
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         stream: Any = await listener.connect()
@@ -252,3 +253,12 @@ async def test_connection_closed_is_never_raised_to_the_caller() -> None:
                 pytest.fail("trio-websocket's ConnectionClosed leaked")
             except TransportClosed:
                 pass
+
+
+async def test_welcome_sent_calls_on_welcome_if_given() -> None:
+    """The broker's session lifts the pre-WELCOME read budget through this hook (broker.websocket)."""
+    async with ws_pair() as pair:
+        calls: list[str] = []
+        WebSocketTransport(pair.server_ws, on_welcome=lambda: calls.append("lifted")).welcome_sent()
+        assert calls == ["lifted"]
+        pair.client.welcome_sent()  # none given: nothing happens
