@@ -6,10 +6,10 @@ limit, and connections that stay within it while waiting for the handshake timeo
 each. The broker runs in its own process so that its resident memory can be read.
 
 WebSocket (protocol.md 2.5): the message limit is fixed at max_frame_bytes + 4 when the WebSocket is
-accepted, so before WELCOME a connection can make the broker assemble one message of up to that size; a
-HELLO above 8,192 bytes in it is refused by the decoder (FRAME_TOO_LARGE) and a larger message is closed
-with 1009 by trio-websocket. That flood runs after the memory is measured: its transient buffers are
-bounded by max_frame_bytes + 4 per connection, not by the pre-WELCOME limit.
+accepted, so trio-websocket alone would assemble a message of about a megabyte before WELCOME. The broker
+reads a WebSocket connection through a budget (broker.websocket.PREWELCOME_READ_BYTES, 32 KiB: the upgrade
+request and one HELLO message) until WELCOME, so a flood of connections each sending most of a ~1 MiB
+message (within the limit: no 1009) holds at most that budget each, and the same bound as TCP applies.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import trio
 from broker.auth import Authenticator, load_or_create_secret
 from wire import MAX_HELLO_FRAME_BYTES, Drained, Error, ErrorCode
 
+from ..websocket.wsclient import login_ws
 from .process import start_broker_process
 from .raw import RawClient
 
@@ -44,17 +45,33 @@ async def _huge_tcp_frame(port: int) -> int:
         await client.aclose()
 
 
-async def _huge_websocket_message(port: int, size: int) -> None:
-    from trio_websocket import ConnectionClosed, open_websocket_url
+async def _upgraded(port: int) -> trio.SocketStream:
+    """A TCP connection upgraded to WebSocket (a sans-IO wsproto client: the flood writes raw frames)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
 
-    async with open_websocket_url(f"ws://127.0.0.1:{port}/relay", max_message_size=2**21) as ws:
-        try:
-            await ws.send_message(size.to_bytes(4, "big") + b"\x00" * size)
-            message = await ws.get_message()
-        except ConnectionClosed as exc:
-            assert size > HUGE and exc.reason is not None and exc.reason.code == 1009  # over the message limit
-            return
-        assert isinstance(message, bytes) and b"\x19\x03\xea" in message  # ERROR code 1002 (0x3ea)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/relay")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        data = await stream.receive_some(65536)
+        assert data, "the broker closed the connection during the upgrade"
+        ws.receive_data(data)
+    return stream
+
+
+async def _most_of_a_huge_websocket_message(stream: trio.SocketStream, sent: list[int]) -> None:
+    """Start one binary message of HUGE + 4 bytes (within max_frame_bytes + 4: no 1009) and send all but its
+    last byte; blocks once the broker stops reading. Masked with the key 0, so the payload is sent as is."""
+    size = HUGE + 4
+    header = bytes([0x82, 0x80 | 127]) + size.to_bytes(8, "big") + b"\x00" * 4
+    await stream.send_all(header + HUGE.to_bytes(4, "big"))
+    sent.append(1)
+    chunk = b"\x00" * 65536
+    left = size - 4 - 1
+    while left > 0:
+        await stream.send_all(chunk[:left])
+        left -= len(chunk)
 
 
 async def test_a_flood_of_unauthenticated_large_frames_leaves_broker_memory_flat(tmp_path: Path) -> None:
@@ -91,9 +108,25 @@ async def test_a_flood_of_unauthenticated_large_frames_leaves_broker_memory_flat
             assert codes == [ErrorCode.FRAME_TOO_LARGE] * CONNECTIONS
             # Without the pre-WELCOME limit the broker held ~1 MiB per flooding connection (450 MiB here).
             assert grown < 48 * 1024 * 1024, f"broker RSS grew by {grown / 2**20:.1f} MiB"
-            async with trio.open_nursery() as nursery:
-                for i in range(CONNECTIONS):  # within the message limit (1002), and over it (1009)
-                    nursery.start_soon(_huge_websocket_message, ws_port, HUGE if i % 2 else 2 * HUGE)
+            before = broker.memory_info().rss
+            streams = [await _upgraded(ws_port) for _ in range(CONNECTIONS)]
+            started: list[int] = []
+            async with trio.open_nursery() as flood:
+                for stream in streams:
+                    flood.start_soon(_most_of_a_huge_websocket_message, stream, started)
+                await trio.sleep(1.0)  # let the broker read what it will of the messages
+                grown = broker.memory_info().rss - before
+                assert len(started) == CONNECTIONS
+                # Without the pre-WELCOME read budget the broker held ~1 MiB per connection (150 MiB here).
+                assert grown < 48 * 1024 * 1024, f"broker RSS grew by {grown / 2**20:.1f} MiB (WebSocket)"
+
+                # A real WebSocket client is still served while the flood waits.
+                token = Authenticator(load_or_create_secret(tmp_path / "data")).issue("wes")
+                async with login_ws(ws_port, token) as (wes, _):
+                    await wes.expect(Drained)
+                flood.cancel_scope.cancel()
+            for stream in streams:
+                await trio.aclose_forcefully(stream)
 
             # A real client is still served while the holders wait.
             token = Authenticator(load_or_create_secret(tmp_path / "data")).issue("bob")
