@@ -37,6 +37,9 @@ class TakeAll:
     def set_peer_limit(self, max_frame_bytes: int) -> None:
         pass
 
+    def welcome_sent(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 

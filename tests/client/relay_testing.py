@@ -52,6 +52,9 @@ class FaultyTransport:
     def set_peer_limit(self, max_frame_bytes: int) -> None:
         self.inner.set_peer_limit(max_frame_bytes)
 
+    def welcome_sent(self) -> None:
+        self.inner.welcome_sent()
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
