@@ -72,10 +72,6 @@ PREWELCOME_READ_BYTES = 32 * 1024
 """Bytes a WebSocket connection may have read before WELCOME: the largest upgrade request the
 handshake parser accepts (h11, 16 KiB), one message with a HELLO of MAX_HELLO_FRAME_BYTES (+ 4 + a
 14-byte WebSocket header) and a close frame fit, with room to spare."""
-PACK_FRAMES = True
-"""True: the frames of one write go in as few messages as the limit allows (protocol.md 2.5). False
-sends one frame per message (what clients before issue 9 needed); receiving accepts packed messages
-either way."""
 
 
 class OriginPolicy:
@@ -179,9 +175,8 @@ async def serve_websocket(
             await request.reject(403, body=b"origin not allowed\n")
             return
         ws = await request.accept()
-        # A limit of 0 + 4 bytes puts each (non-empty) frame in a message of its own.
-        peer_limit = max_frame_bytes if PACK_FRAMES else 0
-        transport = WebSocketTransport(ws, peer_max_frame_bytes=peer_limit, on_welcome=budget.release)
+        # Our frames go in as few messages as the limit allows (protocol.md 2.5): the client takes max_frame_bytes + 4.
+        transport = WebSocketTransport(ws, peer_max_frame_bytes=max_frame_bytes, on_welcome=budget.release)
         try:
             await handle_transport(transport)
         finally:

@@ -174,22 +174,6 @@ class StreamTransport:
         finally:
             await trio.aclose_forcefully(stream)
 
-    # ------------------------------------------------------------ transition aliases (removed when callers switch)
-
-    byte_stream = True
-    """Transition alias: True (bytes may be split anywhere)."""
-
-    def try_send(self, data: bytes) -> int:
-        """Transition alias of :meth:`send_some_nowait`."""
-        return self.send_some_nowait(data)
-
-    async def send_frames(self, frames: list[bytes]) -> None:
-        """Transition alias: ``send_all`` of the frames joined. Raises TransportClosed."""
-        await self.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def open_limit(self, max_frame_bytes: int) -> None:
-        """Transition alias: nothing to do (the decoder holds the limit)."""
-
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:

@@ -185,19 +185,3 @@ class WebSocketTransport:
                 await self.ws.aclose()
             except Exception:  # closing must never fail the caller's cleanup
                 log.debug("websocket close failed", exc_info=True)
-
-    # ------------------------------------------------------------ transition aliases (removed when callers switch)
-
-    byte_stream = False
-    """Transition alias: False (the broker session then skips the direct write)."""
-
-    def try_send(self, data: bytes) -> int:
-        """Transition alias of :meth:`send_some_nowait`."""
-        return 0
-
-    async def send_frames(self, frames: list[bytes]) -> None:
-        """Transition alias: ``send_all`` of the frames joined. Raises TransportClosed."""
-        await self.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def open_limit(self, max_frame_bytes: int) -> None:
-        """Transition alias: nothing to do (the receiving limit is fixed when the WebSocket is accepted)."""
