@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up for scripts/serve.sh and scripts/test.sh: Debian packages (only those missing),
 # a virtualenv in .venv, Relay installed into it in editable mode, and the browser client's
-# npm packages (the demo page loads cborg from client/js/node_modules).
+# npm packages (the demo page loads cborg from client/js/node_modules). The tests also need
+# Chromium and redis-server (started by the test run itself, on loopback; nothing runs it as a service).
 #   usage: source scripts/setup.sh [extra]   (extra: "" for the broker alone, "test" for everything)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +14,7 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || apt_need+=(python3-venv)
 command -v npm >/dev/null || apt_need+=(nodejs npm)
 if [ "${1:-}" = "test" ]; then
   command -v chromium >/dev/null || apt_need+=(chromium)
+  command -v redis-server >/dev/null || apt_need+=(redis-server)
 fi
 if [ ${#apt_need[@]} -gt 0 ]; then
   # One line when all is well; apt's whole output only if it fails.

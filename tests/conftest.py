@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,13 @@ import trio
 from broker.config import BrokerConfig
 from broker.server import Broker
 
+from .redis_servers import REDIS_SERVER, RedisCluster, RedisServer, running_cluster, running_redis
+
 IN_CI = os.environ.get("CI") == "true"
 """Under CI a missing service (Redis, Chromium) is a failure, never a skip."""
+
+
+_PREFIXES = itertools.count(1)
 
 
 def require_service(available: bool, what: str) -> None:
@@ -69,3 +75,25 @@ def broker_factory(tmp_path: Path) -> Callable[..., Any]:
 
 def url_of(broker: Broker) -> str:
     return f"tcp://127.0.0.1:{broker.tcp_port}"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One standalone redis-server on loopback for the whole run (tests keep apart by key prefix)."""
+    require_service(REDIS_SERVER is not None, "redis-server")
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A three-master Redis Cluster on loopback for the whole run (tests keep apart by key prefix)."""
+    require_service(REDIS_SERVER is not None, "redis-server")
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A Redis key prefix no other test uses."""
+    return f"t{next(_PREFIXES)}"
