@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["REDIS_SERVER", "RedisCluster", "RedisServer", "running_cluster", "running_redis"]
+__all__ = ["REDIS_SERVER", "RedisCluster", "RedisServer", "running_cluster", "running_redis", "running_tls_redis"]
 
 REDIS_SERVER = shutil.which("redis-server")
 """The redis-server binary, or None when it is not installed."""
@@ -94,6 +94,19 @@ def running_redis(directory: Path) -> Iterator[RedisServer]:
     server = _start(directory)
     try:
         yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def running_tls_redis(directory: Path, cert: Path, key: Path, ca: Path) -> Iterator[tuple[RedisServer, int]]:
+    """A standalone redis-server that also serves TLS (``cert``/``key``; clients need no certificate):
+    yields the server (its plain port answers the start-up PING) and its TLS port."""
+    tls_port = _free_port()
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    server = _start(directory, *tls, "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no")
+    try:
+        yield server, tls_port
     finally:
         server.stop()
 
