@@ -200,7 +200,8 @@ class AckResult:
 
 class Store(Protocol):
     """Where messages wait. See the module docstring for the contract. No method raises for an
-    unknown mailbox or id; a networked store's methods raise its connection errors (OSError)."""
+    unknown mailbox or id; a networked store's methods raise its connection errors as OSError
+    (the Redis store: :class:`broker.redis_client.RedisUnavailable`, a ConnectionError)."""
 
     synchronous: bool
     """True if no method ever yields to the scheduler (no checkpoint: the in-memory store).

@@ -8,24 +8,24 @@ contract suite; the scripts are written to make the same decisions in the same o
 
 Keys (``T`` = ``{prefix:mailbox}``, ``G`` = ``{prefix}``; TTL = Redis key expiry):
 
-============  =====  ===========================================================  =====================
-key           type   holds                                                        TTL
-============  =====  ===========================================================  =====================
-``T:meta``    hash   ``nb`` body bytes, ``sq`` last accept number, ``fo``/``fe``  latest message expiry
-                     the fence (owner, epoch)                                     + margin
-``T:m``       hash   id -> msgpack(sender, sent_at, expires_at, body): the held   same
-                     messages (queued and in flight), bodies as raw bytes
-``T:a``       hash   id -> attempt (absent: 0)                                    same
-``T:q``       zset   queued ids, score = accept number (oldest first)             same
-``T:f``       zset   in-flight ids, score = accept number                         same
-``T:x``       zset   held ids, score = expires_at (the mailbox's expiry order)    same
-``T:t``       hash   tombstones: id -> msgpack(sender, expires_at)                extended to the
-``T:o``       zset   tombstone ids, score = ACK order (oldest ACK first)          mailbox's on each ACK
-``G:counters``hash   relay-wide figures: bytes, messages, inflight, tombstones,   none
-                     acknowledged, expired, mailboxes
-``G:due``     zset   expiry index: member ``<bucket>:<mailbox>``, score = bucket  none
-                     start (ms); bucket = expires_at // 10 s
-============  =====  ===========================================================  =====================
+==============  =====  =========================================================  ======================
+key             type   holds                                                      TTL
+==============  =====  =========================================================  ======================
+``T:meta``      hash   ``nb`` body bytes, ``sq`` last accept number,              latest message expiry
+                       ``fo``/``fe`` the fence (owner, epoch)                     + margin
+``T:m``         hash   id -> msgpack(sender, sent_at, expires_at, body): every    as ``T:meta``
+                       held message (queued or in flight), the body raw bytes
+``T:a``         hash   id -> attempt (absent: 0)                                  as ``T:meta``
+``T:q``         zset   queued ids, score = accept number (oldest first)           as ``T:meta``
+``T:f``         zset   in-flight ids, score = accept number                       as ``T:meta``
+``T:x``         zset   held ids, score = expires_at (the mailbox's expiry order)  as ``T:meta``
+``T:t``         hash   tombstones: id -> msgpack(sender, expires_at)              raised to ``T:meta``'s
+``T:o``         zset   tombstone ids, score = ACK order (oldest ACK first)        on each ACK
+``G:counters``  hash   relay-wide figures: bytes, messages, inflight,             none
+                       tombstones, acknowledged, expired, mailboxes
+``G:due``       zset   the expiry index: member ``<bucket>:<mailbox>``, score =   none
+                       the bucket's start (ms); bucket = expires_at // 10 s
+==============  =====  =========================================================  ======================
 
 Scripts (each takes the mailbox's keys and ``now_ms`` where time is judged; no script
 reads Redis's clock, so the broker's one clock decides, as with the memory store):
@@ -73,37 +73,43 @@ do not count them as unswept, and the key TTL deletes the mailbox at last.
 BROKER_FULL (``max_total_bytes``). No script can see every shard, so the relay-wide
 byte count is a counter (``G:counters`` ``bytes``) that each store updates with its own
 changes (below). Admission uses this node's view: the counter as last read plus this
-node's changes since. If the view plus every body of the batch fits, the batch goes in
-one pipeline with no byte check (nothing in it can be BROKER_FULL); otherwise the store
-re-reads the counter (one round trip) and, if it still does not fit, sends the batch as
-runs of consecutive same-mailbox recipients, one round trip each, each run's script
-given the remaining budget, so outcomes are exactly the memory store's for one node.
-Cost: nothing extra until the relay is within one batch of full. Several nodes each
-admit against a view at most ``sync_interval_s`` old, so the relay can overshoot by
-what the other nodes stored within one interval (plus one batch each).
+node's changes since. An enqueue first re-reads the counter if the view is older than
+``sync_interval_s`` (one extra round trip, at most 20 a second at the default 50 ms) or
+if the batch's bodies do not fit the view. If they fit, the batch goes in one pipeline
+with no byte check (nothing in it can be BROKER_FULL); if not, it goes as runs of
+consecutive same-mailbox recipients, one round trip each, each run's script given the
+remaining budget, so outcomes are exactly the memory store's for one node. So nothing
+extra is paid until the relay is within one batch of full. Across nodes the view lags
+by what the other nodes stored and have not flushed yet: the relay can overshoot by at
+most what the other nodes stored in their last ``sync_interval_s`` (plus one batch
+each). Freed bytes that are not flushed yet make the counter too high, never too low.
 
 Statistics. Scripts return what they changed (bytes, messages, in flight, tombstones,
 acknowledged, expired, mailboxes); the store adds these up locally and flushes them to
-``G:counters`` with the ``sync`` script, piggybacked on the next pipeline once
-``sync_interval_s`` (50 ms) has passed, and always in :meth:`statistics` (which also
-reads them back) and :meth:`aclose`. For one node they are exact. They may drift when
-(a) a pipeline fails after Redis ran some of its scripts (their changes are unknown),
-(b) a node dies with changes not flushed (at most one interval's worth), (c) Redis key
-expiry removes a mailbox the sweep did not (its bytes and messages are never taken
-off), (d) Redis loses writes (no persistence, failover). ``messages_expired_unswept`` is
-counted at each call from the due mailboxes' ``T:x`` (exact when the index is), and
-``messages_deliverable`` is the total minus that; ``_total`` figures are relay-wide
+``G:counters`` with the ``sync`` script, which rides along in the next pipeline once
+``sync_interval_s`` has passed, and always in :meth:`RedisStore.flush` (for a timer: an
+idle node's last changes otherwise wait for its next call), :meth:`RedisStore.statistics`
+(which reads them back) and :meth:`RedisStore.aclose`. With one node they are exact. They
+may drift when (a) a pipeline fails after Redis ran some of its scripts (their changes
+are unknown here), (b) a node dies with changes not flushed (at most one interval's
+worth), (c) Redis key expiry removes a mailbox the sweep did not reach (its bytes and
+messages are never taken off), (d) Redis loses writes (no persistence, a failover). Other
+nodes' figures are as fresh as their last flush. ``messages_expired_unswept`` is counted
+at each call from the due mailboxes' ``T:x`` (exact when the index is complete), and
+``messages_deliverable`` is the total minus that; the ``_total`` figures are relay-wide
 since the counters were created (they survive broker restarts). ``max_tombstones`` is
-enforced per mailbox here (a relay-wide oldest-first order would need a cross-slot
-index), so the relay may hold up to that many per mailbox; each still lapses with its
+enforced per mailbox here (a relay-wide oldest-first order would need an index across
+slots), so the relay may hold up to that many per mailbox; each still lapses with its
 message.
 
 Round trips (:attr:`RedisStore.round_trips` counts pipelines and single calls; on a
-cluster, coredis 6.9 sends one pipeline to its shards one after another, so a pipeline
-costs one round trip per shard it touches): enqueue_many 1 (a pipeline of one script
-per mailbox, plus index members and the sync when due); fetch_many, release, ack_many,
-peek, pending 1; purge_expired 2 per page of 500 due members (+1 to read the first);
-statistics 2-3.
+cluster coredis 6.9 sends one pipeline to its shards one after another, so a pipeline
+costs one network round trip per shard it touches): enqueue_many 1 (a pipeline of one
+script per mailbox, plus new index members and the counter sync when due; +1 for a stale
+view, above; near full, 1 + one per run); fetch_many, release, ack_many, peek, pending 1;
+purge_expired 1 + 2 per page of 500 due index members; statistics 2-3. Measured by
+``tests/store/test_redis_store.py``: SENDs in batches of 50, fetches of 100, ACKs of 50 make
+0.051 round trips per delivered-and-ACKed message.
 
 Failures: every method raises :class:`~broker.redis_client.RedisUnavailable` (an
 OSError) when Redis cannot be reached or cannot serve (:func:`~broker.redis_client.redis_errors`);
@@ -299,7 +305,7 @@ end
 local got, ngot, nbytes, expired, expired_bytes = {}, 0, 0, 0, 0
 local full = false
 while ngot < limit and not full do
-  local ids = redis.call('ZRANGE', QUEUE, 0, limit - ngot - 1, 'WITHSCORES')
+  local ids = redis.call('ZRANGE', QUEUE, 0, math.min(limit - ngot, 256) - 1, 'WITHSCORES')
   if #ids == 0 then break end
   for i = 1, #ids, 2 do
     local id, seq = ids[i], ids[i + 1]
@@ -673,7 +679,8 @@ class RedisStore:
         """Flush this node's counter changes (best effort). The client stays open: its owner closes it."""
         if any(self._deltas):
             try:
-                with trio.move_on_after(5):
+                with trio.move_on_after(5) as scope:
+                    scope.shield = True  # closing at shutdown is closing in a cancelled scope
                     await self.flush()
             except Exception as exc:  # never raises: the relay-wide counters then drift (module docstring)
                 log.warning("redis store %s: counter changes not flushed at close: %s", self.prefix, exc)
