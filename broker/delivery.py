@@ -177,9 +177,8 @@ class Delivery:
     def _write(self, messages: Sequence[Message]) -> bool:
         """Push DELIVERs for ``messages``; False (nothing written) if the connection is closing or closed."""
         if not self.outbox.closing:
-            deliver = self.conn.send_deliver
-            frames = [deliver(m.id, m.sender, m.sent_at, m.expires_at, m.attempt, m.body) for m in messages]
-            if frames[0]:  # b"": the connection is CLOSED
+            frames = self.conn.send_delivers(messages)
+            if frames:  # []: the connection is CLOSED
                 self.outbox.push_all(frames)
                 counters = self._counters
                 counters.delivered += len(messages)

@@ -333,9 +333,8 @@ class Session:
         assert self.mailbox is not None
         routed = await self._router.route(self.mailbox, cast(Sequence[Send], sends))
         await self._presence.wake(routed.wake)  # deliveries go out before the receipts
-        receipt = self.conn.send_receipt
-        frames = [receipt(r.id, r.results, r.code) for r in routed.receipts]
-        if frames[0]:  # b"": the connection is CLOSED
+        frames = self.conn.send_receipts(routed.receipts)
+        if frames:  # []: the connection is CLOSED
             self.outbox.push_all(frames)
         return True
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn, Protocol
 
 import cbor2
 
@@ -22,7 +22,9 @@ from .frames import FRAME_TYPES, Frame, RecipientResult, Status
 from .limits import DEFAULT_MAX_FRAME_BYTES, MAX_DEPTH
 
 __all__ = [
+    "DeliverFields",
     "FrameDecoder",
+    "ReceiptFields",
     "decode_body",
     "decode_item",
     "encode_frame",
@@ -54,9 +56,38 @@ def encode_frame(frame: Frame) -> bytes:
 # the frame object and its to_wire() and give cbor2 the map straight away. Each is
 # byte-identical to ``encode_frame`` of the same frame (a test holds them together), and
 # each takes values that are valid already: nothing is checked here. They are called by
-# ``Connection.send_send``, ``send_receipt`` and ``send_deliver``, after the state table.
-# (Exported under these names as transition aliases until broker and client call the
-# Connection methods.)
+# ``Connection.send_send``, ``send_receipts`` and ``send_delivers``, after the state table
+# (once per batch for the broker's two: the loop over a batch is here, not one call per frame).
+
+
+class DeliverFields(Protocol):
+    """What a DELIVER is encoded from: a :class:`~wire.frames.Deliver`, or any record with its fields
+    (the broker's stored messages)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def sender(self) -> str: ...
+    @property
+    def sent_at(self) -> int: ...
+    @property
+    def expires_at(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+class ReceiptFields(Protocol):
+    """What a RECEIPT is encoded from: a :class:`~wire.frames.Receipt`, or any record with its fields
+    (the router's outcomes)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def results(self) -> Mapping[str, RecipientResult]: ...
+    @property
+    def code(self) -> int | None: ...
 
 
 def _encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None) -> bytes:
@@ -76,42 +107,51 @@ _PLAIN_RESULT_CBOR = {s: cbor2.dumps({"status": s.value}) for s in (Status.QUEUE
 """The encoded result of each status without a code (three constants, not a cache)."""
 
 
-def _encode_receipt(id: str, results: Mapping[str, RecipientResult], code: int | None = None) -> bytes:
-    """``encode_frame(Receipt(...))`` without building the frame: the broker's receipt hot path.
+def _encode_receipts(receipts: Iterable[ReceiptFields]) -> list[bytes]:
+    """``[encode_frame(Receipt(...)) for each]`` without building the frames: the broker's receipt hot path.
 
     A single-recipient receipt (the usual one) is assembled from constant pieces and
     two small encodes, half the cost of encoding its nested map. With ``code`` (a SEND
     refused as a whole) ``results`` is empty and not encoded.
     """
-    if code is not None:
-        data = cbor2.dumps({"type": "receipt", "id": id, "code": code})
-    elif len(results) == 1:
-        ((rcpt, result),) = results.items()
-        encoded = _PLAIN_RESULT_CBOR[result.status] if result.code is None else cbor2.dumps(result.to_wire())
-        data = _RECEIPT_HEAD + cbor2.dumps(id) + _RESULTS_OF_ONE + cbor2.dumps(rcpt) + encoded
-    else:
-        data = cbor2.dumps({"type": "receipt", "id": id, "results": {k: v.to_wire() for k, v in results.items()}})
-    return _PREFIX.pack(len(data)) + data
+    dumps, pack, plain = cbor2.dumps, _PREFIX.pack, _PLAIN_RESULT_CBOR
+    out: list[bytes] = []
+    for r in receipts:
+        results = r.results
+        if r.code is not None:
+            data = dumps({"type": "receipt", "id": r.id, "code": r.code})
+        elif len(results) == 1:
+            ((rcpt, result),) = results.items()
+            encoded = plain[result.status] if result.code is None else dumps(result.to_wire())
+            data = _RECEIPT_HEAD + dumps(r.id) + _RESULTS_OF_ONE + dumps(rcpt) + encoded
+        else:
+            data = dumps({"type": "receipt", "id": r.id, "results": {k: v.to_wire() for k, v in results.items()}})
+        out.append(pack(len(data)) + data)
+    return out
 
 
-def _encode_deliver(id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> bytes:
-    """``encode_frame(Deliver(...))`` without building the frame: the broker's delivery hot path.
+def _encode_delivers(messages: Iterable[DeliverFields]) -> list[bytes]:
+    """``[encode_frame(Deliver(...)) for each]`` without building the frames: the broker's delivery hot path.
 
     A stored message's values are valid already: its id and body were validated when its
     SEND was decoded, and its sender is an authenticated mailbox id.
     """
-    data = cbor2.dumps(
-        {
-            "type": "deliver",
-            "id": id,
-            "from": sender,
-            "sent_at": sent_at,
-            "expires_at": expires_at,
-            "attempt": attempt,
-            "body": body,
-        }
-    )
-    return _PREFIX.pack(len(data)) + data
+    dumps, pack = cbor2.dumps, _PREFIX.pack
+    out: list[bytes] = []
+    for m in messages:
+        data = dumps(
+            {
+                "type": "deliver",
+                "id": m.id,
+                "from": m.sender,
+                "sent_at": m.sent_at,
+                "expires_at": m.expires_at,
+                "attempt": m.attempt,
+                "body": m.body,
+            }
+        )
+        out.append(pack(len(data)) + data)
+    return out
 
 
 def encode_frames(frames: list[Frame]) -> bytes:
@@ -165,6 +205,9 @@ def _misfit(stop: int, end: int) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.MALFORMED_FRAME, why)
 
 
+_TEXT_ONLY = frozenset({str})
+
+
 def _frame_from_item(item: Any) -> Frame:
     """The frame a decoded CBOR item stands for; raises RemoteProtocolError.
 
@@ -172,9 +215,8 @@ def _frame_from_item(item: Any) -> Frame:
     """
     if type(item) is not dict:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
-    for key in item:
-        if type(key) is not str:
-            raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame map keys must be text strings")
+    if not _TEXT_ONLY.issuperset(map(type, item)):  # every key a text string, in one C-level pass
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame map keys must be text strings")
     type_name = item.get("type")
     cls = FRAME_TYPES.get(type_name) if type(type_name) is str else None
     if cls is None:

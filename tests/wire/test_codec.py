@@ -228,18 +228,19 @@ def test_optional_fields_absent_are_left_out_of_the_map() -> None:
 @settings(max_examples=300)
 @given(frame=st.one_of(FRAMES[Send], FRAMES[Receipt], FRAMES[Deliver]))
 def test_hot_sends_are_byte_identical_to_the_frame_path(frame: Frame) -> None:
-    """Connection.send_send (client), send_receipt and send_deliver (broker) skip the frame object."""
+    """Connection.send_send (client), send_receipts and send_delivers (broker) skip the frame object."""
     client, broker = Connection(Role.CLIENT), Connection(Role.BROKER)
     client.state = broker.state = State.OPEN
     if isinstance(frame, Send):
         fast = client.send_send(frame.id, frame.to, frame.body, frame.ttl_s)
         assert client.send_send(frame.id, list(frame.to), frame.body, frame.ttl_s) == fast  # to as a list
     elif isinstance(frame, Receipt):
-        fast = broker.send_receipt(frame.id, frame.results)
-        assert broker.send_receipt(frame.id, frame.results) == fast  # again (a cache must not change it)
+        (fast,) = broker.send_receipts([frame])
+        assert broker.send_receipts([frame, frame]) == [fast, fast]  # again (a cache must not change it)
     else:
         assert isinstance(frame, Deliver)
-        fast = broker.send_deliver(frame.id, frame.sender, frame.sent_at, frame.expires_at, frame.attempt, frame.body)
+        (fast,) = broker.send_delivers([frame])
+        assert broker.send_delivers([frame, frame]) == [fast, fast]
     assert fast == encode_frame(frame)
 
 
@@ -253,7 +254,7 @@ def test_a_type_that_is_not_a_frame_name_is_an_unknown_frame_type(type_value: An
 
 
 def test_a_single_recipient_receipt_is_byte_identical_for_every_result() -> None:
-    """send_receipt assembles one-recipient receipts from pieces: every status, a refusal, the longest name."""
+    """send_receipts assembles one-recipient receipts from pieces: every status, a refusal, the longest name."""
     broker = Connection(Role.BROKER)
     broker.state = State.OPEN
     longest = "\U0001f600" * 64  # 64 code points, 256 bytes of UTF-8
@@ -263,7 +264,7 @@ def test_a_single_recipient_receipt_is_byte_identical_for_every_result() -> None
     ]:
         for rcpt in ("bob", "", longest):
             receipt = Receipt(id="m", results={rcpt: result})
-            assert broker.send_receipt("m", {rcpt: result}) == encode_frame(receipt)
+            assert broker.send_receipts([receipt]) == [encode_frame(receipt)]
 
 
 def test_a_recipient_longer_than_64_code_points_cannot_be_sent_or_echoed() -> None:
@@ -296,7 +297,7 @@ def test_a_whole_send_refusal_round_trips() -> None:
     data = encode_frame(receipt)
     broker = Connection(Role.BROKER)
     broker.state = State.OPEN
-    assert data == broker.send_receipt("m", {}, int(ErrorCode.TOO_MANY_RECIPIENTS))
+    assert [data] == broker.send_receipts([receipt])
     assert FrameDecoder().feed(data) == [receipt]
 
 
