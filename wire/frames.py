@@ -82,11 +82,31 @@ def is_valid_message_id(value: object) -> bool:
 
 
 # ---------------------------------------------------------------- field rules (each raises ValueError)
+#
+# The validators of the four frames that carry messages (``_check_send`` and the others below)
+# run once per message and per frame decoded, so they state their fields' rules inline, each
+# raising the error one of these builders words; the other frames call the helpers.
+
+
+def _uint_error(name: str, minimum: int = 0) -> ValueError:
+    return ValueError(f"{name} must be an integer from {minimum} to {UINT_MAX}")
+
+
+def _bytes_error(name: str) -> ValueError:
+    return ValueError(f"{name} must be a byte string")
+
+
+def _message_id_error(name: str) -> ValueError:
+    return ValueError(f"{name} must be 1-64 printable ASCII characters without spaces")
+
+
+def _array_error(name: str) -> ValueError:
+    return ValueError(f"{name} must be a non-empty array")
 
 
 def _uint(name: str, value: object, *, minimum: int = 0) -> None:
     if type(value) is not int or not minimum <= value <= UINT_MAX:
-        raise ValueError(f"{name} must be an integer from {minimum} to {UINT_MAX}")
+        raise _uint_error(name, minimum)
 
 
 def _text(name: str, value: object, *, min_len: int = 0, max_len: int = MAX_TEXT) -> None:
@@ -94,34 +114,23 @@ def _text(name: str, value: object, *, min_len: int = 0, max_len: int = MAX_TEXT
         raise ValueError(f"{name} must be a text string of {min_len} to {max_len} characters")
 
 
-def _bytes(name: str, value: object) -> None:
-    if type(value) is not bytes:
-        raise ValueError(f"{name} must be a byte string")
-
-
 def _message_id(name: str, value: object) -> None:
     if not is_valid_message_id(value):
-        raise ValueError(f"{name} must be 1-64 printable ASCII characters without spaces")
+        raise _message_id_error(name)
+
+
+def _mailbox_error(name: str) -> ValueError:
+    return ValueError(f"{name} must be a mailbox id (1-64 of A-Z a-z 0-9 . _ @ + -)")
 
 
 def _mailbox(name: str, value: object) -> None:
     if not is_valid_mailbox_id(value):
-        raise ValueError(f"{name} must be a mailbox id (1-64 of A-Z a-z 0-9 . _ @ + -)")
+        raise _mailbox_error(name)
 
 
-def _array(name: str, value: object) -> list[Any] | tuple[Any, ...]:
-    """``value`` if it is a non-empty array (a list, or a tuple as frames hold them); raises ValueError."""
-    if not (type(value) is tuple or type(value) is list) or not value:
-        raise ValueError(f"{name} must be a non-empty array")
-    return value
-
-
-def _optional(m: Mapping[str, Any], key: str) -> Any:
-    """``m[key]``, or None if absent; an optional field is absent or well-typed, so a CBOR null is refused."""
-    value = m.get(key)
-    if value is None and key in m:
-        raise ValueError(f"{key} may not be null")
-    return value
+def _null_error(key: str) -> ValueError:
+    """An optional field is absent or well-typed: a CBOR null for it is refused (``key in m`` with ``m[key]`` None)."""
+    return ValueError(f"{key} may not be null")
 
 
 def _invalid(type_name: str, exc: Exception) -> RemoteProtocolError:
@@ -255,13 +264,17 @@ class Welcome(Frame):
 
 def _check_send(id: object, to: object, body: object, ttl_s: object) -> None:
     """SEND's rules; raises ValueError. ``to`` may be a list or a tuple."""
-    _message_id("id", id)
-    for rcpt in _array("to", to):
+    if not is_valid_message_id(id):
+        raise _message_id_error("id")
+    if not (type(to) is tuple or type(to) is list) or not to:
+        raise _array_error("to")
+    for rcpt in to:
         if type(rcpt) is not str or len(rcpt) > MAX_RECIPIENT_CHARS:
             raise ValueError(f"to must hold text strings of at most {MAX_RECIPIENT_CHARS} characters")
-    _bytes("body", body)
-    if ttl_s is not None:
-        _uint("ttl_s", ttl_s, minimum=1)
+    if type(body) is not bytes:
+        raise _bytes_error("body")
+    if ttl_s is not None and (type(ttl_s) is not int or not 1 <= ttl_s <= UINT_MAX):
+        raise _uint_error("ttl_s", 1)
 
 
 @_frame("send", "id", "to", "body", "ttl_s")
@@ -285,11 +298,14 @@ class Send(Frame):
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
-        mid: Any = m.get("id")
-        to: Any = m.get("to")
-        body: Any = m.get("body")
+        get = m.get
+        mid: Any = get("id")
+        to: Any = get("to")
+        body: Any = get("body")
+        ttl_s: Any = get("ttl_s")
         try:
-            ttl_s = _optional(m, "ttl_s")
+            if ttl_s is None and "ttl_s" in m:
+                raise _null_error("ttl_s")
             _check_send(mid, to, body, ttl_s)
         except ValueError as exc:
             raise _invalid(cls.TYPE, exc) from None
@@ -355,11 +371,14 @@ class RecipientResult:
         if type(value) is not dict:
             raise ValueError("each result must be a map")
         status: Any = value.get("status")
-        code = _optional(value, "code")
-        if code is None and type(status) is str:
-            plain = _PLAIN_RESULTS.get(status)
-            if plain is not None:
-                return plain
+        code = value.get("code")
+        if code is None:
+            if "code" in value:
+                raise _null_error("code")
+            if type(status) is str:
+                plain = _PLAIN_RESULTS.get(status)
+                if plain is not None:
+                    return plain
         return RecipientResult(Status(status), code)  # Status() raises ValueError for an unknown status
 
 
@@ -369,11 +388,13 @@ _PLAIN_RESULTS = {s.value: RecipientResult(s) for s in (Status.QUEUED, Status.DE
 
 def _check_receipt(id: object, results: object, code: object) -> None:
     """RECEIPT's rules; raises ValueError."""
-    _message_id("id", id)
+    if not is_valid_message_id(id):
+        raise _message_id_error("id")
     if not (type(results) is dict or isinstance(results, Mapping)):
         raise ValueError("results must be a map")
     if code is not None:
-        _uint("code", code, minimum=1000)
+        if type(code) is not int or not 1000 <= code <= UINT_MAX:
+            raise _uint_error("code", 1000)
         if results:
             raise ValueError("a receipt has either results or a code, not both")
     elif not results:
@@ -415,8 +436,10 @@ class Receipt(Frame):
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
         mid: Any = m.get("id")
+        code: Any = m.get("code")
         try:
-            code = _optional(m, "code")
+            if code is None and "code" in m:
+                raise _null_error("code")
             if "results" in m:
                 if "code" in m:
                     raise ValueError("a receipt has either results or a code, not both")
@@ -449,12 +472,18 @@ def _check_deliver(
     id: object, sender: object, sent_at: object, expires_at: object, attempt: object, body: object
 ) -> None:
     """DELIVER's rules; raises ValueError."""
-    _message_id("id", id)
-    _mailbox("from", sender)
-    _uint("sent_at", sent_at)
-    _uint("expires_at", expires_at)
-    _uint("attempt", attempt, minimum=1)
-    _bytes("body", body)
+    if not is_valid_message_id(id):
+        raise _message_id_error("id")
+    if not is_valid_mailbox_id(sender):
+        raise _mailbox_error("from")
+    if type(sent_at) is not int or not 0 <= sent_at <= UINT_MAX:
+        raise _uint_error("sent_at")
+    if type(expires_at) is not int or not 0 <= expires_at <= UINT_MAX:
+        raise _uint_error("expires_at")
+    if type(attempt) is not int or not 1 <= attempt <= UINT_MAX:
+        raise _uint_error("attempt", 1)
+    if type(body) is not bytes:
+        raise _bytes_error("body")
 
 
 @_frame("deliver", "id", ("from", "sender"), "sent_at", "expires_at", "attempt", "body")
@@ -477,13 +506,14 @@ class Deliver(Frame):
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
+        get = m.get
         values: tuple[Any, ...] = (
-            m.get("id"),
-            m.get("from"),
-            m.get("sent_at"),
-            m.get("expires_at"),
-            m.get("attempt"),
-            m.get("body"),
+            get("id"),
+            get("from"),
+            get("sent_at"),
+            get("expires_at"),
+            get("attempt"),
+            get("body"),
         )
         try:
             _check_deliver(*values)
@@ -510,9 +540,10 @@ def _trusted_deliver(id: str, sender: str, sent_at: int, expires_at: int, attemp
 
 def _check_ack(ids: object) -> None:
     """ACK's rules; raises ValueError. ``ids`` may be a list or a tuple."""
-    items = _array("ids", ids)
-    if not all(map(is_valid_message_id, items)):  # one C-level pass over the ids (they come by the thousand)
-        for item in items:
+    if not (type(ids) is tuple or type(ids) is list) or not ids:
+        raise _array_error("ids")
+    if not all(map(is_valid_message_id, ids)):  # one C-level pass over the ids (they come by the thousand)
+        for item in ids:
             _message_id("ids[]", item)  # the same rule again, only to name the first bad id
 
 
