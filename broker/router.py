@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, RecipientResult, Send, Status, is_valid_mailbox_id
 
@@ -36,11 +37,11 @@ _QUEUED = RecipientResult(Status.QUEUED)
 _DELIVERED = RecipientResult(Status.DELIVERED)
 _DUPLICATE = RecipientResult(Status.DUPLICATE)
 _REFUSED = {code: RecipientResult(Status.REFUSED, int(code)) for code in ErrorCode}
+_STORED = Outcome.STORED
 
 
-@dataclass(slots=True)
-class Plan:
-    """What :func:`plan_send` decided for one SEND."""
+class Plan(NamedTuple):
+    """What :func:`plan_send` decided for one SEND (a NamedTuple: one per SEND, the cheapest immutable record)."""
 
     message: NewMessage | None
     """What to store, for the recipients that passed; None if none did."""
@@ -96,7 +97,7 @@ def plan_send(
 
 def recipient_result(outcome: Outcome, online: bool) -> RecipientResult:
     """The result a sender sees for one recipient, from the store's outcome. Raises nothing."""
-    if outcome is Outcome.STORED:
+    if outcome is _STORED:
         return _DELIVERED if online else _QUEUED
     if outcome is Outcome.DUPLICATE:
         return _DUPLICATE
@@ -104,9 +105,10 @@ def recipient_result(outcome: Outcome, online: bool) -> RecipientResult:
     return _REFUSED[outcome.code]
 
 
-@dataclass(frozen=True, slots=True)
-class SendOutcome:
-    """What became of one SEND: a RECEIPT's fields (``results`` per recipient, or ``code`` if refused whole)."""
+class SendOutcome(NamedTuple):
+    """What became of one SEND: a RECEIPT's fields (``results`` per recipient, or ``code`` if refused whole).
+
+    A NamedTuple, as :class:`Plan`: one per SEND."""
 
     id: str
     results: Mapping[str, RecipientResult]
@@ -180,16 +182,18 @@ class Router:
         outcomes = iter(stored)
         receipts = []
         wake: dict[str, None] = {}
+        sent = 0  # counted once per batch
         for send, plan in zip(sends, plans, strict=True):
-            if plan.message is None:
+            message = plan.message
+            if message is None:
                 receipts.append(self._refused_only(send, plan))
                 continue
-            results = self._refusals(plan)
-            for rcpt, outcome in zip(plan.message.recipients, next(outcomes), strict=True):
+            results = self._refusals(plan) if plan.refused else {}
+            for rcpt, outcome in zip(message.recipients, next(outcomes), strict=True):
                 is_online = rcpt in online
                 results[rcpt] = recipient_result(outcome, is_online)
-                if outcome is Outcome.STORED:
-                    counters.sent += 1
+                if outcome is _STORED:
+                    sent += 1
                     if is_online:
                         wake[rcpt] = None
                 elif outcome is Outcome.DUPLICATE:
@@ -198,6 +202,7 @@ class Router:
                     assert outcome.code is not None
                     counters.refuse(outcome.code)
             receipts.append(SendOutcome(send.id, results))
+        counters.sent += sent
         return Routed(receipts, list(wake))
 
     def _refusals(self, plan: Plan) -> dict[str, RecipientResult]:

@@ -107,6 +107,7 @@ TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
 }
 """(sender role, state, frame class) -> next state. Anything else is a protocol error."""
 
+assert all(kind is not Error for _, _, kind in TRANSITIONS), "ERROR has its own rules (Connection._next_state)"
 _ROWS: dict[Role, dict[State, dict[type[Frame], State]]] = {r: {st: {} for st in State} for r in Role}
 for (_sender, _state, _kind), _next in TRANSITIONS.items():
     _ROWS[_sender][_state][_kind] = _next
@@ -188,16 +189,22 @@ class Connection:
     def _apply(self, frames: list[Frame]) -> None:
         """Move through the state table for each received frame; raises UNEXPECTED_FRAME on the first misfit."""
         peer = self.peer_role
+        rows = self._receivable
+        row = rows[self.state]  # the state's row, looked up again only when the state changes
         for frame in frames:
-            nxt = self._next_state(peer, frame)
-            if nxt is None:
-                was = self.state
-                self.state = State.CLOSED
-                raise RemoteProtocolError(
-                    ErrorCode.UNEXPECTED_FRAME,
-                    f"{frame.TYPE} frame not allowed from the {peer.value} in state {was.value}",
-                )
-            self.state = nxt
+            nxt = row.get(type(frame))
+            if nxt is None:  # ERROR (in no row: _next_state judges it), or a frame the table refuses
+                nxt = self._next_state(peer, frame)
+                if nxt is None:
+                    was = self.state
+                    self.state = State.CLOSED
+                    raise RemoteProtocolError(
+                        ErrorCode.UNEXPECTED_FRAME,
+                        f"{frame.TYPE} frame not allowed from the {peer.value} in state {was.value}",
+                    )
+            if nxt is not self.state:
+                self.state = nxt
+                row = rows[nxt]
 
     def send(self, frame: Frame) -> bytes:
         """The bytes that carry ``frame``; ``b""`` in CLOSED.

@@ -116,15 +116,15 @@ class MemoryStore:
 
     # ------------------------------------------------------------ internals
 
-    def _index_expiry(self, entry: _Entry) -> None:
-        key = entry.expires_at // 1000
+    def _bucket(self, key: int) -> _Bucket:
+        """The expiry bucket of second ``key``, made (its key on the heap) if there is none."""
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket()
             if key not in self._bucket_keys:
                 self._bucket_keys.add(key)
                 heapq.heappush(self._bucket_heap, key)
-        bucket.items.append(entry)
+        return bucket
 
     def _drop(self, box: _Mailbox, entry: _Entry) -> int:
         """Forget a held entry in every index (by id, queue or in flight, expiry bucket); returns its body size.
@@ -175,9 +175,10 @@ class MemoryStore:
 
     def _refusal(self, box: _Mailbox | None, rcpt: str, new: NewMessage, now_ms: int) -> Outcome | None:
         """Why ``new`` cannot be stored for ``rcpt`` (protocol.md section 9 rule 3's order), or None."""
-        held = box.by_id.get(new.id) if box is not None else None
-        if held is not None:
-            return _DUPLICATE if held.sender == new.sender else _ID_CONFLICT
+        if box is not None:
+            held = box.by_id.get(new.id)
+            if held is not None:
+                return _DUPLICATE if held.sender == new.sender else _ID_CONFLICT
         stones = self._tombstones
         if stones:
             stone = stones.get((rcpt, new.id))
@@ -187,9 +188,13 @@ class MemoryStore:
                 del stones[(rcpt, new.id)]  # expired: the id is free again
         limits = self.limits
         size = len(new.body)
-        if box is not None and len(box.by_id) >= limits.max_mailbox_messages:
+        if box is None:
+            held_bytes = 0
+        elif len(box.by_id) >= limits.max_mailbox_messages:
             return _MAILBOX_FULL
-        if (box.nbytes if box is not None else 0) + size > limits.max_mailbox_bytes:
+        else:
+            held_bytes = box.nbytes
+        if held_bytes + size > limits.max_mailbox_bytes:
             return _MAILBOX_BYTES_FULL
         if self._total_bytes + size > limits.max_total_bytes:
             return _BROKER_FULL
@@ -213,6 +218,10 @@ class MemoryStore:
         mailboxes = self._mailboxes
         refusal = self._refusal
         out: list[list[Outcome]] = []
+        stored = 0
+        # The expiry bucket the last entry went to: a batch's messages mostly share their expiry.
+        bucket_key = -1
+        bucket_items: list[_Entry] = []
         for new in messages:
             outcomes: list[Outcome] = []
             for rcpt in new.recipients:
@@ -228,11 +237,15 @@ class MemoryStore:
                 box.queue.append(entry)
                 size = len(new.body)
                 box.nbytes += size
-                self._total_bytes += size
-                self._total_messages += 1
-                self._index_expiry(entry)
+                self._total_bytes += size  # (at once: the next refusal judges it)
+                key = new.expires_at // 1000
+                if key != bucket_key:
+                    bucket_key, bucket_items = key, self._bucket(key).items
+                bucket_items.append(entry)
+                stored += 1
                 outcomes.append(_STORED)
             out.append(outcomes)
+        self._total_messages += stored
         return out
 
     async def fetch_many(self, mailbox: str, claim: Claim, limit: int, max_bytes: int, now_ms: int) -> Batch:
