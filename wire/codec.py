@@ -217,13 +217,14 @@ def _frame_from_item(item: Any) -> Frame:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
     if not _TEXT_ONLY.issuperset(map(type, item)):  # every key a text string, in one C-level pass
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame map keys must be text strings")
-    type_name = item.get("type")
-    cls = FRAME_TYPES.get(type_name) if type(type_name) is str else None
-    if cls is None:
+    type_name: Any = item.get("type")
+    try:
+        cls = FRAME_TYPES[type_name]  # the keys are text: any other value misses (KeyError, or TypeError if unhashable)
+    except (KeyError, TypeError):
         shown = repr(type_name)
         if len(shown) > 64:  # it is the peer's text: quote a bounded part of it
             shown = shown[:61] + "..."
-        raise RemoteProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE, f"unknown frame type {shown}")
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE, f"unknown frame type {shown}") from None
     return cls.from_wire(item)
 
 
@@ -293,27 +294,28 @@ class FrameDecoder:
         pos = 0
         fp: io.BytesIO | None = None
         decoder = self._decoder
+        unpack, decode, append = _PREFIX.unpack_from, decoder.decode, frames.append
         while end - pos >= 4:
-            (n,) = _PREFIX.unpack_from(data, pos)
+            (n,) = unpack(data, pos)
             if n > limit:
                 raise RemoteProtocolError(
                     ErrorCode.FRAME_TOO_LARGE, f"declared frame length {n} exceeds the limit of {limit} bytes"
                 )
-            if end - pos - 4 < n:
+            stop = pos + 4 + n
+            if stop > end:
                 break
             if fp is None:
                 # One read-only view of the whole chunk for every frame in it: no copy per frame.
                 fp = decoder.fp = io.BytesIO(data)
-            pos += 4
-            fp.seek(pos)
+            fp.seek(pos + 4)
             try:
-                item = decoder.decode()
+                item = decode()
             except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, RecursionError, ...)
                 raise _invalid_cbor(exc) from None
-            pos += n
-            if fp.tell() != pos:
-                raise _misfit(fp.tell(), pos)
-            frames.append(_frame_from_item(item))
+            pos = fp.tell()
+            if pos != stop:
+                raise _misfit(pos, stop)
+            append(_frame_from_item(item))
         return pos
 
     def _keep_tail(self, data: bytes, pos: int) -> None:
