@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, RecipientResult, Send, Status, is_valid_mailbox_id
 
@@ -40,8 +39,9 @@ _REFUSED = {code: RecipientResult(Status.REFUSED, int(code)) for code in ErrorCo
 _STORED = Outcome.STORED
 
 
-class Plan(NamedTuple):
-    """What :func:`plan_send` decided for one SEND (a NamedTuple: one per SEND, the cheapest immutable record)."""
+@dataclass(slots=True)
+class Plan:
+    """What :func:`plan_send` decided for one SEND."""
 
     message: NewMessage | None
     """What to store, for the recipients that passed; None if none did."""
@@ -105,10 +105,9 @@ def recipient_result(outcome: Outcome, online: bool) -> RecipientResult:
     return _REFUSED[outcome.code]
 
 
-class SendOutcome(NamedTuple):
-    """What became of one SEND: a RECEIPT's fields (``results`` per recipient, or ``code`` if refused whole).
-
-    A NamedTuple, as :class:`Plan`: one per SEND."""
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What became of one SEND: a RECEIPT's fields (``results`` per recipient, or ``code`` if refused whole)."""
 
     id: str
     results: Mapping[str, RecipientResult]

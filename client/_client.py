@@ -260,9 +260,9 @@ class RelayClient:
         """
         self._check_usable(needs_mailbox=True)
         new = [ids] if isinstance(ids, str) else list(ids)
-        if not all(map(is_valid_message_id, new)):  # one C-level pass (ACKs come by the batch)
-            bad = next(i for i in new if not is_valid_message_id(i))
-            raise ValueError(f"invalid message id {bad!r}")
+        for i in new:
+            if not is_valid_message_id(i):
+                raise ValueError(f"invalid message id {i!r}")
         self._outbound.add_acks(new)
 
     async def pull(self) -> None:

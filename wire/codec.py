@@ -205,9 +205,6 @@ def _misfit(stop: int, end: int) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.MALFORMED_FRAME, why)
 
 
-_TEXT_ONLY = frozenset({str})
-
-
 def _frame_from_item(item: Any) -> Frame:
     """The frame a decoded CBOR item stands for; raises RemoteProtocolError.
 
@@ -215,8 +212,9 @@ def _frame_from_item(item: Any) -> Frame:
     """
     if type(item) is not dict:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body must be a CBOR map")
-    if not _TEXT_ONLY.issuperset(map(type, item)):  # every key a text string, in one C-level pass
-        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame map keys must be text strings")
+    for key in item:
+        if type(key) is not str:
+            raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame map keys must be text strings")
     type_name: Any = item.get("type")
     try:
         cls = FRAME_TYPES[type_name]  # the keys are text: any other value misses (KeyError, or TypeError if unhashable)

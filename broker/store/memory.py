@@ -173,21 +173,23 @@ class MemoryStore:
         self._inflight -= len(back)
         return len(back)
 
-    def _refusal(self, box: _Mailbox | None, rcpt: str, new: NewMessage, now_ms: int) -> Outcome | None:
-        """Why ``new`` cannot be stored for ``rcpt`` (protocol.md section 9 rule 3's order), or None."""
+    def _refusal(
+        self, box: _Mailbox | None, rcpt: str, mid: str, sender: str, size: int, now_ms: int
+    ) -> Outcome | None:
+        """Why message ``mid`` of ``sender`` (``size`` bytes of body) cannot be stored for ``rcpt``
+        (protocol.md section 9 rule 3's order), or None."""
         if box is not None:
-            held = box.by_id.get(new.id)
+            held = box.by_id.get(mid)
             if held is not None:
-                return _DUPLICATE if held.sender == new.sender else _ID_CONFLICT
+                return _DUPLICATE if held.sender == sender else _ID_CONFLICT
         stones = self._tombstones
         if stones:
-            stone = stones.get((rcpt, new.id))
+            stone = stones.get((rcpt, mid))
             if stone is not None:
                 if stone[1] > now_ms:
-                    return _DUPLICATE if stone[0] == new.sender else _ID_CONFLICT
-                del stones[(rcpt, new.id)]  # expired: the id is free again
+                    return _DUPLICATE if stone[0] == sender else _ID_CONFLICT
+                del stones[(rcpt, mid)]  # expired: the id is free again
         limits = self.limits
-        size = len(new.body)
         if box is None:
             held_bytes = 0
         elif len(box.by_id) >= limits.max_mailbox_messages:
@@ -223,22 +225,24 @@ class MemoryStore:
         bucket_key = -1
         bucket_items: list[_Entry] = []
         for new in messages:
+            # Unpacked once: a NamedTuple's fields read by name are not specialised by CPython 3.11.
+            mid, sender, recipients, body, sent_at, expires_at = new
+            size = len(body)
+            key = expires_at // 1000
             outcomes: list[Outcome] = []
-            for rcpt in new.recipients:
+            for rcpt in recipients:
                 box = mailboxes.get(rcpt)
-                refused = refusal(box, rcpt, new, now_ms)
+                refused = refusal(box, rcpt, mid, sender, size, now_ms)
                 if refused is not None:
                     outcomes.append(refused)
                     continue
                 if box is None:
                     box = mailboxes[rcpt] = _Mailbox(rcpt)
-                entry = _Entry(new.id, new.sender, box.name, new.body, new.sent_at, new.expires_at)
-                box.by_id[new.id] = entry
+                entry = _Entry(mid, sender, box.name, body, sent_at, expires_at)
+                box.by_id[mid] = entry
                 box.queue.append(entry)
-                size = len(new.body)
                 box.nbytes += size
                 self._total_bytes += size  # (at once: the next refusal judges it)
-                key = new.expires_at // 1000
                 if key != bucket_key:
                     bucket_key, bucket_items = key, self._bucket(key).items
                 bucket_items.append(entry)
