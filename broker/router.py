@@ -105,9 +105,13 @@ def recipient_result(outcome: Outcome, online: bool) -> RecipientResult:
     return _REFUSED[outcome.code]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendOutcome:
-    """What became of one SEND: a RECEIPT's fields (``results`` per recipient, or ``code`` if refused whole)."""
+    """What became of one SEND: a RECEIPT's fields (``results`` per recipient, or ``code`` if refused whole).
+
+    Not frozen, as :class:`Plan`: one is made per SEND, and a frozen dataclass pays a generic
+    ``object.__setattr__`` per field to be built. Nothing changes one after it is returned.
+    """
 
     id: str
     results: Mapping[str, RecipientResult]

@@ -123,7 +123,7 @@ def _encode_receipts(receipts: Iterable[ReceiptFields]) -> list[bytes]:
         elif len(results) == 1:
             ((rcpt, result),) = results.items()
             encoded = plain[result.status] if result.code is None else dumps(result.to_wire())
-            data = _RECEIPT_HEAD + dumps(r.id) + _RESULTS_OF_ONE + dumps(rcpt) + encoded
+            data = b"".join((_RECEIPT_HEAD, dumps(r.id), _RESULTS_OF_ONE, dumps(rcpt), encoded))  # one copy
         else:
             data = dumps({"type": "receipt", "id": r.id, "results": {k: v.to_wire() for k, v in results.items()}})
         out.append(pack(len(data)) + data)
