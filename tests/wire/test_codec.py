@@ -267,6 +267,36 @@ def test_a_single_recipient_receipt_is_byte_identical_for_every_result() -> None
             assert broker.send_receipts([receipt]) == [encode_frame(receipt)]
 
 
+def test_a_batch_of_receipts_is_byte_identical_whatever_repeats_in_it() -> None:
+    """send_receipts encodes a recipient's end of a receipt once per batch: a recipient again with another
+    result, an equal result that is another object, a refusal, a whole-SEND refusal and several recipients
+    between them must each still come out as encode_frame would make them."""
+    broker = Connection(Role.BROKER)
+    broker.state = State.OPEN
+    queued, refused = RecipientResult(Status.QUEUED), RecipientResult(Status.REFUSED, 3006)
+    batch = [
+        Receipt(id="m1", results={"bob": queued}),
+        Receipt(id="m2", results={"bob": queued}),
+        Receipt(id="m3", results={"bob": RecipientResult(Status.DELIVERED)}),
+        Receipt(id="m4", results={"bob": RecipientResult(Status.QUEUED)}),
+        Receipt(id="m5", results={"bob": refused}),
+        Receipt(id="m6", results={"bob": RecipientResult(Status.REFUSED, 3007)}),
+        Receipt(id="m7", code=int(ErrorCode.TOO_MANY_RECIPIENTS)),
+        Receipt(id="m8", results={"bob": queued, "carol": refused}),
+        Receipt(id="m9", results={"carol": queued}),
+        Receipt(id="m10", results={"bob": queued}),
+    ]
+    assert broker.send_receipts(batch) == [encode_frame(r) for r in batch]
+
+
+@settings(max_examples=100)
+@given(batch=st.lists(FRAMES[Receipt], max_size=8))
+def test_any_batch_of_receipts_is_byte_identical_to_the_frame_path(batch: list[Receipt]) -> None:
+    broker = Connection(Role.BROKER)
+    broker.state = State.OPEN
+    assert broker.send_receipts(batch) == [encode_frame(r) for r in batch]
+
+
 def test_a_recipient_longer_than_64_code_points_cannot_be_sent_or_echoed() -> None:
     """Length counts code points: 64 four-byte characters pass, a 65th is an invalid field both ways."""
     ok = "\U0001f600" * 64
