@@ -9,7 +9,7 @@ Keys (every key of a mailbox under the hash tag ``{<prefix>:<mailbox>}``, the st
 so each script touches one slot and runs on a cluster):
 
 - ``{<prefix>:<mailbox>}:epoch``, a string: the newest epoch given out for the mailbox.
-  TTL ``EPOCH_KEEP_S`` (a day), renewed by every claim.
+  TTL ``EPOCH_KEEP_S`` (a day), renewed by every claim and every lease renewal.
 - ``{<prefix>:<mailbox>}:holder``, a string ``"<epoch>|<node_id>|<session_id>"``: the
   claim that holds the mailbox. TTL the lease (``lease_s``, 15 s by default), renewed by
   the holding node every ``lease_s / 3``; it expires by itself when its node dies.
@@ -52,9 +52,10 @@ release changes nothing), and the local entry goes. A release never raises for a
 failure (it is logged; the lease ends the holding).
 
 Leases: every ``lease_s / 3`` the node renews every holder key it owns, one script per
-mailbox, pipelined. The script extends the lease if the key still names the claim, and
-sets it again if the key had expired but no newer epoch was given out (Redis was away
-for longer than the lease: nobody took over). Otherwise the claim was taken over (a
+mailbox, pipelined. The script extends the lease (and the epoch key's TTL) if the key
+still names the claim, and sets both again if the holder key is gone but no newer epoch
+was given out (the epoch key is this claim's or gone too: Redis was away for longer than
+the lease, or restarted empty; nobody took over). Otherwise the claim was taken over (a
 ``kick`` that never arrived, or a partition that healed): the local session is dropped,
 kicked, and the new holder's node gets a ``done`` when it has finished.
 
@@ -183,19 +184,21 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# KEYS: holder, epoch. ARGV: holder value, epoch, lease ms.
-# 1 if still held, 2 if set again (it had expired, no newer epoch), else the holder now (or false).
+# KEYS: holder, epoch. ARGV: holder value, epoch, lease ms, epoch keep ms.
+# 1 if still held, 2 if set again (it had gone, and no newer epoch was given out), else the holder now (or false).
 _RENEW_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
   return 1
 end
-if not cur and redis.call('GET', KEYS[2]) == ARGV[2] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-  return 2
-end
-return cur
+if cur then return cur end
+local epoch = redis.call('GET', KEYS[2])
+if epoch and epoch ~= ARGV[2] then return false end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 2
 """
 
 
@@ -632,7 +635,7 @@ class RedisPresence:
             requests: list[Awaitable[Any]] = [
                 self._renew_script(
                     keys=[self._key(m, "holder"), self._key(m, "epoch")],
-                    args=[h.value, str(h.claim.epoch), lease_ms],
+                    args=[h.value, str(h.claim.epoch), lease_ms, EPOCH_KEEP_S * 1000],
                     client=pipe,
                 )
                 for m, h in held

@@ -240,12 +240,20 @@ async def test_renewal_restores_an_expired_holding_nobody_took(client: Client, k
     with trio.fail_after(TIMEOUT):
         async with nodes(client, key_prefix, 2, lease_s=0.6) as (a, b):
             sub = FakeSubscriber("s1")
-            await a.claim("gina", sub)
-            await client.delete([f"{{{key_prefix}:gina}}:holder"])  # Redis lost it (away longer than the lease)
-            assert await b.online(["gina"]) == set()
-            while not await b.online(["gina"]):
-                await trio.sleep(0.05)
-            assert sub.kicks == [] and a.count() == 1
+            claim = await a.claim("gina", sub)
+            lost = [
+                [f"{{{key_prefix}:gina}}:holder"],
+                [f"{{{key_prefix}:gina}}:holder", f"{{{key_prefix}:gina}}:epoch"],
+            ]
+            for keys in lost:  # Redis was away longer than the lease; then, Redis restarted empty
+                await client.delete(keys)
+                assert await b.online(["gina"]) == set()
+                while not await b.online(["gina"]):
+                    await trio.sleep(0.05)
+                assert sub.kicks == [] and a.count() == 1
+            again = await b.claim("gina", FakeSubscriber("s2"))
+            assert again.epoch > claim.epoch
+            await until(lambda: bool(sub.kicks))
 
 
 async def test_a_cancelled_cross_node_takeover_holds_nothing(client: Client, key_prefix: str) -> None:
