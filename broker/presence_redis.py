@@ -93,8 +93,9 @@ fetch takes every in-flight message over, and the older claim's fetches and rele
 change nothing, so neither can lose or double-hand a message; the older session ends at
 its next kick or renewal. Presence decides only who is woken and what a receipt says.
 
-Round trips (``round_trips`` counts each command or pipeline sent; on a cluster a
-pipeline is one exchange per shard it touches, counted once):
+Round trips (``round_trips`` counts each command or pipeline sent for a caller's call,
+``background_round_trips`` those of the node's upkeep, the last item below; on a cluster
+a pipeline is one exchange per shard it touches, counted once):
 
 - claim: 1 script, plus 1 PUBLISH when another node held the mailbox; release: 1 script.
 - online(batch): 0 if every mailbox is held here, else 1 pipeline of GETs.
@@ -226,7 +227,8 @@ class RedisPresence:
 
     Made from an open coredis client (``coredis.Redis`` or ``coredis.RedisCluster``, either
     ``decode_responses``); its background tasks run in :meth:`run`. Use it through
-    :func:`open_redis_presence`. ``round_trips`` counts the commands and pipelines it sent.
+    :func:`open_redis_presence`. ``round_trips`` counts the commands and pipelines its callers'
+    calls sent, ``background_round_trips`` those of its upkeep.
     """
 
     def __init__(
@@ -249,7 +251,9 @@ class RedisPresence:
         self.lease_s = lease_s
         self.takeover_wait_s = takeover_wait_s
         self.round_trips = 0
-        """Commands and pipelines sent to Redis so far (a cluster pipeline counts once)."""
+        """Commands and pipelines sent to Redis for the callers' calls so far (a cluster pipeline counts once)."""
+        self.background_round_trips = 0
+        """The same for the node's upkeep: lease renewals, listener probes, ``done`` answers."""
         self._cluster = isinstance(client, coredis.RedisCluster)
         self._channel = self.channel_of(node_id)
         self._lease_ms = max(1, int(lease_s * 1000))
@@ -367,11 +371,11 @@ class RedisPresence:
             del self._held[mailbox]
         await self._release_value(mailbox, f"|{self.node_id}|{claim.owner}", str(claim.epoch))
 
-    async def _release_value(self, mailbox: str, suffix: str, epoch: str) -> None:
+    async def _release_value(self, mailbox: str, suffix: str, epoch: str, *, background: bool = False) -> None:
         """Delete the holder key if it names this node's session (and ``epoch``, unless ""). Shielded, bounded."""
         with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_S) as scope:
             try:
-                self.round_trips += 1
+                self._count(background)
                 await self._release_script(keys=[self._key(mailbox, "holder")], args=[suffix, epoch])
             except _REDIS_ERRORS as exc:
                 log.warning("release of %s failed (its lease will end it): %r", mailbox, exc)
@@ -450,9 +454,15 @@ class RedisPresence:
 
     # ------------------------------------------------------------ publishing
 
-    async def _publish(self, node: str, message: dict[str, Any]) -> int:
+    def _count(self, background: bool) -> None:
+        if background:
+            self.background_round_trips += 1
+        else:
+            self.round_trips += 1
+
+    async def _publish(self, node: str, message: dict[str, Any], *, background: bool = False) -> int:
         """Send ``message`` to ``node``'s channel; how many listeners got it (0: nobody listens)."""
-        self.round_trips += 1
+        self._count(background)
         data = json.dumps(message, separators=(",", ":"))
         if isinstance(self.client, coredis.RedisCluster):
             return int(await self.client.spublish(self.channel_of(node), data))
@@ -477,7 +487,7 @@ class RedisPresence:
 
         async def send() -> None:
             try:
-                await self._publish(node, message)
+                await self._publish(node, message, background=True)
             except _REDIS_ERRORS as exc:
                 log.warning("could not send %s to node %s: %r", message.get("op"), node, exc)
 
@@ -592,7 +602,7 @@ class RedisPresence:
             with trio.move_on_after(self.takeover_wait_s):
                 await local.subscriber.finished.wait()
             try:
-                await self._publish(node, {"op": "done", "mailbox": mailbox, "epoch": epoch})
+                await self._publish(node, {"op": "done", "mailbox": mailbox, "epoch": epoch}, background=True)
             except _REDIS_ERRORS as exc:
                 log.warning("could not tell node %s that %s is free: %r", node, mailbox, exc)
 
@@ -629,7 +639,7 @@ class RedisPresence:
         held = list(self._held.items())
         if not held:
             return
-        self.round_trips += 1
+        self.background_round_trips += 1
         lease_ms = self._lease_ms
         async with self.client.pipeline(transaction=False) as pipe:
             requests: list[Awaitable[Any]] = [
@@ -644,7 +654,8 @@ class RedisPresence:
             result = await request
             if self._held.get(mailbox) is not local:
                 if result == 2:  # released meanwhile, maybe before the renewal set it again: release it again
-                    await self._release_value(mailbox, local.value[local.value.index("|") :], str(local.claim.epoch))
+                    suffix = local.value[local.value.index("|") :]
+                    await self._release_value(mailbox, suffix, str(local.claim.epoch), background=True)
                 continue
             if result == 1 or result == 2:
                 continue
@@ -671,7 +682,7 @@ class RedisPresence:
         now = trio.current_time()
         behind = self._pings_heard < self._ping_expected and now - self._ping_expected_at >= PING_GRACE_S
         self._pings_sent += 1
-        receivers = await self._publish(self.node_id, {"op": "ping", "n": self._pings_sent})
+        receivers = await self._publish(self.node_id, {"op": "ping", "n": self._pings_sent}, background=True)
         if receivers and not self._pings_heard < self._ping_expected:
             self._ping_expected, self._ping_expected_at = self._pings_sent, now
         if not receivers or behind:
