@@ -106,9 +106,12 @@ a pipeline is one exchange per shard it touches, counted once):
 - per ``lease_s / 3``: 1 pipeline of renewal scripts (one per mailbox held) + 1 ping (and
   1 ping after each subscription).
 
-Errors: ``claim`` and ``online`` raise what coredis raises (Redis unreachable: the caller
-fails); ``release``, ``wake`` and ``resync`` log Redis failures and return (what is queued
-is delivered by the session's next pump: reconnect, resync, renewal-detected takeover).
+Errors: ``claim`` and ``online`` raise :class:`~broker.redis_client.RedisUnavailable` (an
+OSError, as the store does) when Redis cannot be reached or serve; ``release``, ``wake``
+and ``resync`` log Redis failures and return (what is queued is delivered by the session's
+next pump: reconnect, resync, a renewal that finds the claim gone). The background tasks
+log and carry on; the client's own timeouts (``broker.redis_client`` sets them) bound
+every call.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ from coredis.exceptions import RedisError
 from wire import ErrorCode
 
 from .presence import TAKEOVER_WAIT_S, Subscriber
+from .redis_client import redis_errors
 from .store.base import Claim
 
 __all__ = ["EPOCH_KEEP_S", "HINT_VALID_S", "LEASE_S", "RedisPresence", "open_redis_presence"]
@@ -304,15 +308,17 @@ class RedisPresence:
     async def claim(self, mailbox: str, subscriber: Subscriber) -> Claim:
         """Make ``subscriber`` the holder of ``mailbox`` on every node; see the module docstring.
 
-        Raises what coredis raises when Redis cannot be reached (nothing is then held).
+        Raises :class:`~broker.redis_client.RedisUnavailable` (an OSError) when Redis cannot
+        be reached or serve (nothing is then held).
         """
         suffix = f"|{self.node_id}|{subscriber.id}"
         try:
             self.round_trips += 1
-            reply: Any = await self._claim_script(
-                keys=[self._key(mailbox, "epoch"), self._key(mailbox, "holder")],
-                args=[self.node_id, subscriber.id, self._lease_ms, EPOCH_KEEP_S * 1000],
-            )
+            with redis_errors():
+                reply: Any = await self._claim_script(
+                    keys=[self._key(mailbox, "epoch"), self._key(mailbox, "holder")],
+                    args=[self.node_id, subscriber.id, self._lease_ms, EPOCH_KEEP_S * 1000],
+                )
         except BaseException:
             await self._release_value(mailbox, suffix, "")  # the script may have run: undo it
             raise
@@ -349,7 +355,9 @@ class RedisPresence:
                     log.info("%s takes over %s from %s on node %s", held.claim.owner, mailbox, session, node)
                     done = self._done[key] = trio.Event()
                     message = {"op": "kick", "mailbox": mailbox, "epoch": epoch, "node": self.node_id}
-                    if await self._publish(node, message):  # (0: nobody listens there, e.g. a crashed node)
+                    with redis_errors():
+                        listening = await self._publish(node, message)
+                    if listening:  # (0: nobody listens there, e.g. a crashed node)
                         waits.append(done)
             with trio.move_on_after(self.takeover_wait_s):
                 for event in waits:
@@ -383,13 +391,15 @@ class RedisPresence:
             log.warning("release of %s timed out (its lease will end it)", mailbox)
 
     async def online(self, mailboxes: Collection[str]) -> Set[str]:
-        """Those of ``mailboxes`` held by a live session on some node. Raises what coredis raises."""
+        """Those of ``mailboxes`` held by a live session on some node. Raises RedisUnavailable (OSError)."""
         held = self._held
         found = {m for m in mailboxes if m in held}
         rest = [m for m in mailboxes if m not in held]
         if rest:
             sent_at = trio.current_time()
-            for mailbox, value in zip(rest, await self._holders(rest), strict=True):
+            with redis_errors():
+                values = await self._holders(rest)
+            for mailbox, value in zip(rest, values, strict=True):
                 if value is not None:
                     found.add(mailbox)
                     self._hint(mailbox, value, sent_at)

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from broker.presence_redis import RedisPresence, open_redis_presence
+from broker.redis_client import RedisUnavailable
 from broker.store.base import Claim
 from wire import ErrorCode
 
@@ -346,17 +347,17 @@ async def test_a_routed_batch_costs_one_round_trip_for_online_and_one_for_wakes_
             await until(lambda: all(s.wakes == 1 for s in subs.values()))
 
 
-async def test_redis_unreachable_claim_and_online_raise_the_rest_does_not() -> None:
+async def test_redis_unreachable_claim_and_online_raise_oserror_the_rest_does_not() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
     with trio.fail_after(TIMEOUT):
         async with coredis.Redis("127.0.0.1", port) as dead:
             presence = RedisPresence(dead, node_id=_node_id())
-            with pytest.raises(coredis.exceptions.ConnectionError):
+            with pytest.raises(RedisUnavailable):
                 await presence.claim("alice", FakeSubscriber("s1"))
             assert presence.count() == 0
-            with pytest.raises(coredis.exceptions.ConnectionError):
+            with pytest.raises(RedisUnavailable):
                 await presence.online(["alice"])
             await presence.wake(["alice"])
             await presence.resync(["alice"])
