@@ -333,7 +333,7 @@ end
 local emptied = 0
 if expired > 0 then
   emptied = forget_if_empty()
-  if emptied == 0 then redis.call('HINCRBY', META, 'nb', -expired_bytes) end
+  if emptied == 0 and expired_bytes > 0 then redis.call('HINCRBY', META, 'nb', -expired_bytes) end
 end
 if ngot > 0 or requeued > 0 then copy_ttl({FLIGHT, ATT, QUEUE}) end
 local inflight = redis.call('ZCARD', FLIGHT)
@@ -393,7 +393,7 @@ end
 local emptied = 0
 if deleted > 0 then
   emptied = forget_if_empty()
-  if emptied == 0 then redis.call('HINCRBY', META, 'nb', -nbytes) end
+  if emptied == 0 and nbytes > 0 then redis.call('HINCRBY', META, 'nb', -nbytes) end
 end
 return {deleted, redis.call('ZCARD', FLIGHT), nbytes, was_inflight, stones, emptied}
 """
@@ -418,7 +418,7 @@ end
 local emptied = 0
 if removed > 0 then
   emptied = forget_if_empty()
-  if emptied == 0 then redis.call('HINCRBY', META, 'nb', -nbytes) end
+  if emptied == 0 and nbytes > 0 then redis.call('HINCRBY', META, 'nb', -nbytes) end
 end
 local dropped = 0
 local stop = false

@@ -486,6 +486,24 @@ async def test_many_acks_before_delivery(store: Store, clock: ManualClock) -> No
     assert await store.pending("bob", clock.now) == 1
 
 
+async def test_empty_bodies_are_messages_like_any_other(store: Store, clock: ManualClock) -> None:
+    """A zero-byte body is held, delivered, ACKed, expired and swept like any other (and counts 0 bytes)."""
+    batch = [msg(clock, "a", ("bob", "carol"), body=b""), msg(clock, "b", body=b"", ttl_s=1), msg(clock, "c", body=b"")]
+    assert await store.enqueue_many(batch, clock.now) == [[STORED, STORED], [STORED], [STORED]]
+    assert ids(await fetch(store, clock, limit=1)) == ["a"]
+    assert (await store.ack_many("bob", ["a"])).deleted == 1
+    clock.advance(2)
+    assert ids(await fetch(store, clock)) == ["c"]  # "b" expired: removed at fetch
+    assert (await store.ack_many("bob", ["c"])).deleted == 1
+    await store.enqueue_many([msg(clock, "d", "dave", body=b"", ttl_s=1)], clock.now)
+    clock.advance(2)
+    purged = await store.purge_expired(clock.now)
+    assert (purged.count, purged.mailboxes) == (1, frozenset({"dave"}))
+    stats = await store.statistics(clock.now)
+    assert (stats.messages_total, stats.queued_bytes, stats.acknowledged_total, stats.expired_total) == (1, 0, 2, 2)
+    assert [m.body for m in await store.peek("carol", 10, clock.now)] == [b""]
+
+
 async def test_a_synchronous_store_never_yields(store: Store, clock: ManualClock) -> None:
     """``synchronous`` lets the broker deliver from the sender's task: no call may checkpoint."""
     if not store.synchronous:
