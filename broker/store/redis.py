@@ -622,6 +622,9 @@ class RedisStore:
         """Run script calls in one round trip (again for any whose script Redis lost); their results.
 
         The counter sync rides along when it is due (or ``sync``). Raises RedisUnavailable (OSError).
+        Shielded from cancellation (bounded by the client's command timeout): once the scripts are
+        sent their changes happen, so their results are always read and counted, even when the
+        caller's session is being cancelled (a client that cut its connection mid-SEND).
         """
         do_sync = sync or self._sync_due()
         deltas = self._deltas
@@ -629,7 +632,7 @@ class RedisStore:
             self._deltas = [0] * len(_COUNTERS)
             calls = [*calls, self._sync_call(deltas)]
         try:
-            with redis_errors():
+            with trio.CancelScope(shield=True), redis_errors():
                 results = await self._pipeline(calls)
                 missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
                 if missing:

@@ -257,3 +257,20 @@ def test_a_prefix_must_not_break_the_hash_tags() -> None:
     for prefix in ("", "a{b", "a}b"):
         with pytest.raises(ValueError, match="prefix"):
             RedisStore(None, prefix=prefix)  # type: ignore[arg-type]
+
+
+async def test_a_call_cancelled_in_flight_still_counts_what_it_changed(redis_url: str, key_prefix: str) -> None:
+    """A session cancelled mid-SEND (its client cut the connection) must not make the relay-wide figures drift:
+    once the scripts are sent their changes happen, so the store reads and counts their results regardless."""
+    clock = ManualClock()
+    async with redis_store(redis_url, key_prefix) as (store, _client):
+        for round_ in range(30):
+            batch = [msg(clock, f"r{round_}-{i}", ("bob", f"u{i % 7}")) for i in range(50)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.enqueue_many, batch, clock.now)
+                for _ in range(round_ % 6):
+                    await trio.sleep(0)
+                nursery.cancel_scope.cancel()
+            held = sum([await store.pending(m, clock.now) for m in ("bob", *(f"u{i}" for i in range(7)))])
+            stats = await store.statistics(clock.now)
+            assert stats.messages_total == held, f"round {round_}: counters drifted from what Redis holds"
