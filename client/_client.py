@@ -307,8 +307,9 @@ class RelayClient:
         return result.purged
 
     async def close(self) -> None:
-        """Finish gracefully: let the saver finish, write queued ACKs and BYE (bounded by CLOSE_TIMEOUT_S),
-        then stop. Pending sends and requests raise ConnectionLost; the iterators end. Idempotent."""
+        """Finish gracefully: let the saver finish, write queued ACKs and BYE, and wait for the broker to close
+        the connection, so every ACK written has taken effect (all bounded by CLOSE_TIMEOUT_S); then stop.
+        Pending sends and requests raise ConnectionLost; the iterators end. Idempotent."""
         state = self._state
         if state.closed:
             return
@@ -368,7 +369,9 @@ class RelayClient:
         return await self._pending.wait_request(req)
 
     async def _say_bye(self) -> None:
-        """Write BYE on the current link once queued ACKs can go out (waiting through a reconnect for them)."""
+        """Write BYE on the current link once queued ACKs can go out (waiting through a reconnect for them), then
+        wait for the broker to close the connection: it applies every frame before BYE first (protocol.md 9.15),
+        so when this returns every ACK written has taken effect."""
         state = self._state
         while state.failure is None:
             link = self._link
@@ -380,6 +383,7 @@ class RelayClient:
             link.say_bye()
             await link.quiet.wait()
             if link.bye_written:
+                await link.ended.wait()
                 return
 
     def _stop(self, error: RelayError) -> None:

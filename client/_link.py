@@ -178,6 +178,7 @@ class Link:
         "_writing",
         "bye_written",
         "conn",
+        "ended",
         "endpoint",
         "gen",
         "last_rx",
@@ -214,6 +215,9 @@ class Link:
         self.bye_written = False
         self.quiet = trio.Event()
         """Set once BYE is written or the link has ended: nothing more will go out on it."""
+        self.ended = trio.Event()
+        """Set once the link has ended (after BYE: once the broker has closed the connection, having applied
+        every frame before BYE)."""
         self.last_rx = self.last_tx = trio.current_time()
         self._outbound = outbound
         self._pending = pending
@@ -306,6 +310,7 @@ class Link:
                     await self._guard(self._read_loop, leftover)
         finally:
             self.quiet.set()
+            self.ended.set()
         return self.reason or ConnectionLost(f"the connection to {self.endpoint} ended")
 
     async def _guard(self, part: Callable[..., Awaitable[None]], *args: object) -> None:
