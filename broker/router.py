@@ -36,7 +36,7 @@ _QUEUED = RecipientResult(Status.QUEUED)
 _DELIVERED = RecipientResult(Status.DELIVERED)
 _DUPLICATE = RecipientResult(Status.DUPLICATE)
 _REFUSED = {code: RecipientResult(Status.REFUSED, int(code)) for code in ErrorCode}
-_STORED = Outcome.STORED
+_STORED = Outcome.STORED  # a module constant: an Enum member read off its class is a generic lookup in 3.11
 
 
 @dataclass(slots=True)
