@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from .auth import Authenticator, load_or_create_secret
+from .backend import StoreUnreachable, redacted
 from .config import BrokerConfig, ConfigError, default_data_dir
 from .listeners import first_os_error
 from .server import Broker
@@ -138,6 +139,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, BaseExceptionGroup) as exc:  # a listener's OSError arrives inside the nurseries' groups
         if (failed := first_os_error(exc)) is None:
             raise
+        if isinstance(failed, StoreUnreachable):
+            print(f"relay-broker: {failed}", file=sys.stderr)
+            return 1
         # The WebSocket and HTTP listeners put their address in ``filename``; the TCP one does not.
         address = failed.filename or f"tcp://{_hostport(config.host, config.tcp_port)}"
         print(f"relay-broker: cannot listen on {address}: {failed.strerror or failed}", file=sys.stderr)
@@ -149,7 +153,7 @@ def _announce(config: BrokerConfig, broker: Broker) -> None:
     """Tell the person who started the broker where it listens and what to do next."""
     print(
         f"relay-broker listening on tcp://{config.host}:{broker.tcp_port}"
-        f" (store: {config.store}, data dir: {config.data_dir})\n"
+        f" (store: {redacted(config.store)}, data dir: {config.data_dir})\n"
         f"WebSocket ws://{config.host}:{broker.ws_port}/relay, HTTP API http://{config.host}:{broker.http_port}/relay\n"
         f"demo page: http://{config.host}:{broker.http_port}/\n"
         f"make a token with: relay-broker token <mailbox>",

@@ -106,7 +106,26 @@ def _frame_size(value: int) -> str | None:
 
 
 def _store_name(value: str) -> str | None:
-    return None if value == "memory" else f"must be 'memory' (the only store in this release), not {value!r}"
+    if value == "memory":
+        return None
+    from .redis_client import parse_redis_url  # the one Redis URL rule; loads coredis only for a Redis store
+
+    try:
+        parse_redis_url(value)
+    except ValueError as exc:
+        return f"must be 'memory' or a Redis URL (redis://, rediss://, redis+cluster://): {exc}"
+    return None
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def _key_prefix(value: str) -> str | None:
+    return None if _NAME.fullmatch(value) else "must be 1-64 letters, digits, '_', '.' or '-'"
+
+
+def _node_name(value: str | None) -> str | None:
+    return None if value is None or _NAME.fullmatch(value) else "must be 1-64 letters, digits, '_', '.' or '-'"
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -188,7 +207,16 @@ class BrokerConfig:
 
     # --- [broker.store] ---
     store: str = field(default="memory", metadata=_in(STORE, _store_name))
-    """Message store: ``memory`` (the only one in this release)."""
+    """Message store: ``memory`` (this process only), or Redis shared by every node of one relay.
+
+    Redis: ``redis://HOST:PORT/DB``, ``rediss://...`` (TLS), or Redis Cluster naming seed nodes,
+    ``redis+cluster://HOST:PORT,HOST:PORT`` (``rediss+cluster://`` with TLS)."""
+    store_prefix: str = field(default="relay", metadata=_in(STORE, _key_prefix))
+    """Prefix of every Redis key and channel: the nodes of one relay share it, two relays on one Redis do not."""
+    node_id: str | None = field(default=None, metadata=_in(STORE, _node_name))
+    """This node's name among the nodes sharing a Redis store (default: host name, process id and a random part)."""
+    presence_lease_s: float = field(default=15.0, metadata=_in(STORE, _positive))
+    """With Redis: how long a node's claim on a mailbox outlives the node (renewed every third of it)."""
 
     def __post_init__(self) -> None:
         """Raises ConfigError for a value of the wrong type or out of range, or settings that contradict each other."""

@@ -32,6 +32,7 @@ status cause                                                 code
 413    body above the limit (the SEND frame > max_frame_bytes) 1002 FRAME_TOO_LARGE
 415    Content-Type neither JSON nor CBOR                     1001 MALFORMED_FRAME
 500    broker fault                                           5001 INTERNAL_ERROR
+503    the store (Redis) cannot be reached (Retry-After: 1)   5002 STORE_UNAVAILABLE
 ====== ===================================================== ===================
 
 A SEND refused as a whole (more than ``max_recipients`` distinct recipients: 3004, a body
@@ -578,6 +579,10 @@ def _guard(
             return await handler(request)
         except ApiError as exc:
             return _error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        except OSError as exc:  # the store or presence (Redis) cannot be reached
+            log.warning("HTTP %s %s: the store is unavailable: %s", request.method, request.url.path, exc)
+            message = "the broker cannot reach its store; retry later"
+            return _error_response(request, 503, ErrorCode.STORE_UNAVAILABLE, message, {"Retry-After": "1"})
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.url.path)
             return _error_response(request, 500, ErrorCode.INTERNAL_ERROR, "internal error; the request may be retried")

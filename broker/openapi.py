@@ -139,6 +139,7 @@ _ERROR_TEXT = {
     "403": "Forbidden for this token (2003).",
     "413": "Body above the size limit, or the message above max_frame_bytes as a SEND frame (1002).",
     "415": "Content-Type is neither application/json nor application/cbor (1001).",
+    "503": "The broker cannot reach its store (5002): retry after the Retry-After seconds.",
 }
 
 
@@ -157,7 +158,8 @@ def _operation(
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
-        "responses": {"200": {"description": "OK", "content": _content(response)}, **_errors(*errors)},
+        # Every operation works on the store, so each may meet an unreachable one (503).
+        "responses": {"200": {"description": "OK", "content": _content(response)}, **_errors(*errors, "503")},
     }
     if request is not None:
         op["requestBody"] = {"required": True, "content": _content(request)}

@@ -1,18 +1,18 @@
 """The broker's lifecycle: listeners, the store, the parts a session is made of, shutdown, the sweeper.
 
 Theory of operation. A :class:`Broker` assembles the parts and runs them; it holds no
-routing, presence or statistics logic of its own. It opens the store
-(``broker.store.open_store``, or takes one given), and builds one
-:class:`~broker.presence.LocalPresence`, one :class:`~broker.stats.Stats` and one
-:class:`~broker.router.Router` over it. :meth:`Broker.serve` opens the listeners
-(``broker.listeners.open_listeners``, or serves injected ones), starts TCP, HTTP and
-WebSocket serving and the sweeper (:meth:`Router.cleanup` every ``cleanup_interval_s``); every accepted
-connection becomes a :class:`~broker.session.Session`, given the router, presence,
-statistics, store, configuration and authenticator (not the broker), in a handler
-nursery. Shutdown is a deadline: each session is told SHUTTING_DOWN and given
-``shutdown_grace_s`` to flush. The HTTP API gets the same parts; ``route``,
-``acknowledge``, ``statistics`` and friends here are thin conveniences over them for
-tests and callers outside a session.
+routing, presence or statistics logic of its own. It opens the store and presence
+(``broker.backend.open_backend``: in memory, or Redis shared with other nodes), or takes
+a store given (then with a :class:`~broker.presence.LocalPresence`), and builds one
+:class:`~broker.stats.Stats` and one :class:`~broker.router.Router` over them.
+:meth:`Broker.serve` opens the listeners (``broker.listeners.open_listeners``, or serves
+injected ones), starts TCP, HTTP and WebSocket serving and the sweeper
+(:meth:`Router.cleanup` every ``cleanup_interval_s``); every accepted connection becomes
+a :class:`~broker.session.Session`, given the router, presence, statistics, store,
+configuration and authenticator (not the broker), in a handler nursery. Shutdown is a
+deadline: each session is told SHUTTING_DOWN and given ``shutdown_grace_s`` to flush. The
+HTTP API gets the same parts; ``route``, ``acknowledge``, ``statistics`` and friends here
+are thin conveniences over them for tests and callers outside a session.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from wire import ErrorCode, Receipt, Send, encode_frame
 from wire.transport import StreamTransport, Transport, TransportClosed
 
 from .auth import Authenticator, load_or_create_secret
+from .backend import Backend, open_backend
 from .config import BrokerConfig
 from .listeners import Listeners, open_listeners
-from .presence import LocalPresence
+from .presence import LocalPresence, Presence
 from .router import Router
 from .session import Session
 from .stats import Counters, Stats
-from .store import open_store
 from .store.base import AckResult, Clock, Message, Store, wall_clock_ms
 
 __all__ = ["Broker", "Counters"]
@@ -50,10 +50,11 @@ class Broker:
 
     ``clock`` (Unix epoch ms) is injectable so TTL logic can run under trio's MockClock; it
     stamps messages and is passed to every store call that judges time. ``auth`` defaults to
-    the configuration's. Without ``store``, :meth:`serve` opens the configured one
-    (:func:`broker.store.open_store`) and closes it when it stops, and the parts that use it
-    (``store``, ``router``, ``stats``, ``counters``) exist from then on; an injected store
-    makes them at once, and stays the caller's to close. ``listeners`` default to the
+    the configuration's. Without ``store``, :meth:`serve` opens the configured store and
+    presence (:func:`broker.backend.open_backend`) and closes them when it stops, and the parts
+    that use them (``store``, ``presence``, ``router``, ``stats``, ``counters``) exist from then
+    on; an injected store comes with a :class:`LocalPresence` and makes them at once, and stays
+    the caller's to close. ``listeners`` default to the
     configuration's; given ones (memory listeners in tests) are served and closed like the
     broker's own.
     """
@@ -75,32 +76,33 @@ class Broker:
             else Authenticator(load_or_create_secret(self.config.data_dir), leeway_s=self.config.token_leeway_s)
         )
         self.sessions: set[Session] = set()
-        self.presence = LocalPresence()
+        self.presence: Presence
         self.store: Store
         self.stats: Stats
         self.counters: Counters
         self.router: Router
         self._store_injected = store is not None
         if store is not None:
-            self._use_store(store)
+            self._use(Backend(store, LocalPresence()))
         self._listeners = listeners
         self.tcp_port: int | None = None
         self._stopping = False
         self._handlers_done = trio.Event()
+        self._backend_done = trio.Event()
         self.ws_port: int | None = None
         self.http_port: int | None = None
 
-    def _use_store(self, store: Store) -> None:
-        """Make the parts that work on the store."""
-        self.store = store
-        self.stats = Stats(store, self.presence, self.sessions.__len__, clock=self.clock)
+    def _use(self, backend: Backend) -> None:
+        """Make the parts that work on the store and presence."""
+        self.store, self.presence = store, presence = backend.store, backend.presence
+        self.stats = Stats(store, presence, self.sessions.__len__, clock=self.clock, round_trips=backend.round_trips)
         self.counters = self.stats.counters
-        self.router = Router(self.config, store, self.presence, self.counters, clock=self.clock)
+        self.router = Router(self.config, store, presence, self.counters, clock=self.clock)
 
-    def _open_store(self) -> AbstractAsyncContextManager[Store]:
+    def _open_backend(self) -> AbstractAsyncContextManager[Backend]:
         if self._store_injected:
-            return contextlib.nullcontext(self.store)
-        return open_store(self.config)
+            return contextlib.nullcontext(Backend(self.store, self.presence))
+        return open_backend(self.config)
 
     # ------------------------------------------------------------ serving
 
@@ -111,12 +113,27 @@ class Broker:
         not a cancel storm: sessions and the browser listeners run in a handler nursery
         that the cancellation does not reach; once the TCP listener has stopped, every
         session is told SHUTTING_DOWN and given ``shutdown_grace_s`` to flush, and only
-        then is what remains cancelled. The store is opened first and closed last.
+        then is what remains cancelled. The store and presence are opened first and closed last.
         """
-        async with self._open_store() as store:
+        async with trio.open_nursery() as nursery:
+            backend: Backend = await nursery.start(self._hold_backend)
             if not self._store_injected:
-                self._use_store(store)
-            await self._serve(task_status)
+                self._use(backend)
+            try:
+                await self._serve(task_status)
+            finally:
+                self._backend_done.set()
+
+    async def _hold_backend(self, *, task_status: trio.TaskStatus[Backend]) -> None:
+        """Hold the store and presence open, out of reach of :meth:`serve`'s cancellation, until the sessions are done.
+
+        A networked backend's connections are tasks too: cancelled with :meth:`serve`, they
+        would be gone while the shutdown still needs them (sessions giving their deliveries back).
+        """
+        with trio.CancelScope(shield=True):
+            async with self._open_backend() as backend:
+                task_status.started(backend)
+                await self._backend_done.wait()
 
     async def _serve(self, task_status: trio.TaskStatus[Broker]) -> None:
         opened = self._listeners or await open_listeners(self.config)

@@ -153,6 +153,10 @@ class Session:
                         await self._serve()
                     except* TransportClosed:
                         pass
+                    except* OSError as group:
+                        # Transports raise TransportClosed: an OSError here is the store's or presence's (Redis).
+                        log.warning("%s: the store is unavailable: %s", self.id, group.exceptions[0])
+                        self.close(ErrorCode.STORE_UNAVAILABLE, "the broker cannot reach its store; retry later")
                     except* Exception:
                         # A broker bug must end this session only, never the broker.
                         log.exception("%s internal error", self.id)

@@ -65,6 +65,7 @@ STATS_NAMES: tuple[str, ...] = (
     "duplicates_total",
     "refused_total",
     *REFUSAL_NAMES.values(),
+    "store_round_trips",
 )
 """protocol.md section 10: every STATS_RESULT key, in wire order (the one list of these names)."""
 
@@ -85,6 +86,8 @@ class NodeStatistics:
     refused_total: int
     refused_by_code: Mapping[ErrorCode, int]
     """Refusals per code (every key of :data:`REFUSAL_NAMES`); their sum is ``refused_total``."""
+    store_round_trips: int = 0
+    """Round trips this node has made to a networked store and presence (0 in memory)."""
 
     def get(self, name: str) -> int:
         """The figure called ``name`` on the wire (a refusal counter is one entry of ``refused_by_code``).
@@ -146,7 +149,8 @@ class Counters:
 class Stats:
     """The node's statistics: its :class:`Counters` and a :meth:`snapshot` of everything.
 
-    ``connections`` tells how many connections the node holds now (the server's count).
+    ``connections`` tells how many connections the node holds now (the server's count);
+    ``round_trips`` how many round trips it has made to a networked backend (the backend's count).
     """
 
     def __init__(
@@ -156,12 +160,14 @@ class Stats:
         connections: Callable[[], int],
         *,
         clock: Clock,
+        round_trips: Callable[[], int] = lambda: 0,
     ) -> None:
         self.counters = Counters()
         self._store = store
         self._presence = presence
         self._connections = connections
         self._clock = clock
+        self._round_trips = round_trips
 
     async def snapshot(self) -> Statistics:
         """Every figure now. Raises whatever the store's ``statistics`` raises."""
@@ -177,5 +183,6 @@ class Stats:
             duplicates_total=c.duplicates,
             refused_total=sum(refused.values()),
             refused_by_code=refused,
+            store_round_trips=self._round_trips(),
         )
         return Statistics(node, relay)

@@ -37,7 +37,7 @@ def require_service(available: bool, what: str) -> None:
 async def running_broker(tmp_path: Path, **overrides: Any) -> AsyncIterator[Broker]:
     """A broker serving TCP, WebSocket and HTTP on 127.0.0.1:<free ports> until the block ends."""
     clock = overrides.pop("clock", None)
-    store = overrides.pop("store", None)
+    store = overrides.pop("inject_store", None)  # a Store object; ``store=`` is the setting (a URL)
     # Every listener (TCP, WebSocket, HTTP) on a free port unless the test names one.
     overrides = {"ws_port": 0, "http_port": 0, **overrides}
     config = BrokerConfig(tcp_port=0, data_dir=tmp_path / "broker-data", **overrides)
@@ -55,20 +55,52 @@ async def running_broker(tmp_path: Path, **overrides: Any) -> AsyncIterator[Brok
             nursery.cancel_scope.cancel()
 
 
+STORES = ("memory", "redis", "redis-cluster")
+"""Every store a broker can run on. A module whose behaviour could differ by store runs each of its tests that
+uses a broker on each: ``pytestmark = pytest.mark.stores(*STORES)`` (see :func:`pytest_generate_tests`)."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.stores(kind, ...)``: run the test once per store kind, if it uses a broker (``store_kind``)."""
+    marker = metafunc.definition.get_closest_marker("stores")
+    if marker is not None and "store_kind" in metafunc.fixturenames:
+        metafunc.parametrize("store_kind", marker.args, indirect=True)
+
+
 @pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    """A broker with the default configuration on a free port."""
-    async with running_broker(tmp_path) as b:
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The store the ``broker`` and ``broker_factory`` brokers run on: memory unless the module parametrises it."""
+    return str(getattr(request, "param", "memory"))
+
+
+@pytest.fixture
+def store_settings(store_kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The configuration selecting ``store_kind``: a real Redis (started once per run), a key prefix of its own."""
+    if store_kind == "memory":
+        return {}
+    if store_kind == "redis":
+        url = request.getfixturevalue("redis_server").url
+    elif store_kind == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        raise ValueError(f"unknown store kind {store_kind!r}")
+    return {"store": url, "store_prefix": request.getfixturevalue("key_prefix")}
+
+
+@pytest.fixture
+async def broker(tmp_path: Path, store_settings: dict[str, Any]) -> AsyncIterator[Broker]:
+    """A broker with the default configuration on a free port (on the store under test)."""
+    async with running_broker(tmp_path, **store_settings) as b:
         yield b
 
 
 @pytest.fixture
-def broker_factory(tmp_path: Path) -> Callable[..., Any]:
-    """``async with broker_factory(max_inflight=4) as b:`` — a broker with overrides."""
+def broker_factory(tmp_path: Path, store_settings: dict[str, Any]) -> Callable[..., Any]:
+    """``async with broker_factory(max_inflight=4) as b:`` — a broker with overrides (on the store under test)."""
     counter = iter(range(1000))
 
     def make(**overrides: Any) -> Any:
-        return running_broker(tmp_path / f"b{next(counter)}", **overrides)
+        return running_broker(tmp_path / f"b{next(counter)}", **{**store_settings, **overrides})
 
     return make
 

@@ -49,10 +49,17 @@ class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    args: list[str]
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def restart(self) -> None:
+        """Start it again on the same port (after :meth:`stop`), empty (nothing is persisted); wait for PONG."""
+        self.process = _launch(self.args)
+        if not _wait_for_pong(self.port, self.process):
+            raise RuntimeError(f"redis-server did not start again on port {self.port}")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -61,6 +68,19 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _launch(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_pong(port: int, process: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        if _ping(port):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _start(directory: Path, *extra: str) -> RedisServer:
@@ -73,12 +93,9 @@ def _start(directory: Path, *extra: str) -> RedisServer:
         log = directory / f"redis-{port}.log"
         args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(directory), "--logfile", str(log), *(a.replace("{port}", str(port)) for a in extra)]
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and process.poll() is None:
-            if _ping(port):
-                return RedisServer(port, process, log)
-            time.sleep(0.02)
+        process = _launch(args)
+        if _wait_for_pong(port, process):
+            return RedisServer(port, process, log, args)
         if process.poll() is None:
             process.kill()
         process.wait()

@@ -84,6 +84,8 @@ class ErrorCode(IntEnum):
     # 5xxx: the broker failed.
     INTERNAL_ERROR = 5001
     """An unexpected broker fault; the request may be retried."""
+    STORE_UNAVAILABLE = 5002
+    """The broker cannot reach its store (Redis) now; reconnect later (SEND is idempotent by id)."""
 
 
 class ProtocolError(Exception):

@@ -59,7 +59,8 @@ export const ERROR_CODES = Object.freeze({
   SLOW_CONSUMER: 4003,
   SHUTTING_DOWN: 4004,
   TOO_MANY_CONNECTIONS: 4005,
-  INTERNAL_ERROR: 5001
+  INTERNAL_ERROR: 5001,
+  STORE_UNAVAILABLE: 5002
 })
 
 const CODE_NAMES = new Map(Object.entries(ERROR_CODES).map(([name, code]) => [code, name]))

@@ -187,13 +187,13 @@ async def test_stalled_reader_is_cut_off_and_its_messages_stay_queued(broker_fac
             stalled, _ = await RawClient.login(broker.tcp_port, broker.auth.issue("bob"))
             # Never read; keep sending pings so only the stalled write can end the session.
             with trio.move_on_after(TIMEOUT - 2):
-                while broker.presence.get("bob") is not None:
+                while await broker.presence.online(["bob"]):
                     try:
                         await stalled.send_raw(frame({"type": "ping"}))
                     except trio.BrokenResourceError:
                         break
                     await trio.sleep(0.1)
-            assert broker.presence.get("bob") is None
+            assert not await broker.presence.online(["bob"])
             stats = await broker.statistics()
             assert (stats["messages_total"], stats["inflight"]) == (count, 0)
             await stalled.aclose()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker.auth import Authenticator, load_or_create_secret
+from broker.backend import redacted
 from broker.cli import main, parse_duration
 from broker.config import BROKER, LIMITS, STORE, BrokerConfig, ConfigError
 from broker.store.base import StoreLimits
@@ -45,7 +46,12 @@ def test_precedence_defaults_toml_environment_flags(tmp_path: Path) -> None:
         ({"max_inflight": "0"}, "max_inflight must be positive"),
         ({"max_inflight": "ten"}, "max_inflight must be of type int"),
         ({"no_such_setting": "1"}, "unknown setting"),
-        ({"store": "disk"}, "store must be 'memory'"),
+        ({"store": "disk"}, "store must be 'memory' or a Redis URL"),
+        ({"store": "redis://h:99999/0"}, "store must be 'memory' or a Redis URL .*bad port"),
+        ({"store": "redis://a:1,b:2"}, "store must be .*use redis\\+cluster://"),
+        ({"store_prefix": "a b"}, "store_prefix must be 1-64 letters"),
+        ({"node_id": "node/1"}, "node_id must be 1-64 letters"),
+        ({"presence_lease_s": "0"}, "presence_lease_s must be positive"),
         ({"tcp_port": "70000"}, "tcp_port must be 0-65535"),
         ({"default_ttl_s": "100", "max_ttl_s": "50"}, "default_ttl_s must not exceed max_ttl_s"),
         ({"max_outbound_bytes": "1048576"}, "max_outbound_bytes must be at least 4 \\* max_frame_bytes"),
@@ -240,7 +246,7 @@ def test_each_setting_has_its_section() -> None:
             "default_ttl_s", "max_ttl_s", "max_mailbox_messages", "max_mailbox_bytes", "max_total_bytes",
             "max_tombstones",
         ],
-        STORE: ["store"],
+        STORE: ["store", "store_prefix", "node_id", "presence_lease_s"],
     }  # fmt: skip
 
 
@@ -275,6 +281,7 @@ def test_print_config_reads_back_to_the_same_configuration(tmp_path: Path) -> No
         max_inflight=3,
         keepalive_s=1.5,
         max_tombstones=0,
+        node_id="node-1",  # every setting printed: an optional one only when set
     )
     printed = config.to_toml()
     assert BrokerConfig.from_toml(printed, source="printed") == config
@@ -409,7 +416,8 @@ def test_a_setting_of_an_unsupported_type_is_a_programming_error() -> None:
         Odd()
 
 
-# Every flag the broker had before settings had sections (issue 9): each must keep working.
+# Every flag the broker had before settings had sections (issue 9), and the Redis store's (issue 10): each must keep
+# working.
 TODAYS_FLAGS = {
     "--host": "::1",
     "--tcp-port": "7001",
@@ -418,6 +426,9 @@ TODAYS_FLAGS = {
     "--allowed-origins": "https://a.example",
     "--data-dir": "/tmp/relay-flags",
     "--store": "memory",
+    "--store-prefix": "relay-a",
+    "--node-id": "node-1",
+    "--presence-lease-s": "9.5",
     "--max-frame-bytes": "2048",
     "--max-inflight": "8",
     "--max-recipients": "3",
@@ -438,7 +449,7 @@ TODAYS_FLAGS = {
 
 
 def test_every_setting_has_todays_flag_and_environment_variable(capsys: pytest.CaptureFixture[str]) -> None:
-    assert sorted(s.flag for s in BrokerConfig.settings()) == sorted(TODAYS_FLAGS)
+    assert sorted(s.flag for s in BrokerConfig.settings()) == sorted(TODAYS_FLAGS)  # and issue 10's store settings
     argv = [item for pair in TODAYS_FLAGS.items() for item in pair]
     assert main(["serve", *argv, "--print-config"]) == 0
     from_flags = BrokerConfig.from_toml(capsys.readouterr().out, source="printed")
@@ -455,3 +466,37 @@ def test_serve_help_groups_the_settings_by_section(capsys: pytest.CaptureFixture
         group = text.split(f"\n[{section}] settings:\n")[1].split("\n\n")[0]
         listed = re.findall(r"^  (--[a-z-]+)", group, flags=re.MULTILINE)
         assert listed == [s.flag for s in settings], section
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "rediss://cache.example.org:6380/2",
+        "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+        "rediss+cluster://10.0.0.1:7000",
+    ],
+)
+def test_a_redis_store_url_is_accepted_from_a_flag(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--store", url, "--store-prefix", "chat", "--print-config"]) == 0
+    printed = BrokerConfig.from_toml(capsys.readouterr().out, source="printed")
+    assert (printed.store, printed.store_prefix, printed.node_id) == (url, "chat", None)
+
+
+def test_serve_says_when_the_redis_store_cannot_be_reached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        url = f"redis://relay:s3cret@127.0.0.1:{port}/0"
+        argv = ["serve", "--data-dir", str(tmp_path), "--log-level", "ERROR", "--store", url]
+        argv += ["--tcp-port", "0", "--ws-port", "0", "--http-port", "0"]
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"relay-broker: cannot reach the Redis store at redis://relay:***@127.0.0.1:{port}/0: " in err
+    assert "s3cret" not in err
+
+
+def test_a_store_url_is_shown_without_its_password() -> None:
+    assert redacted("rediss://app:pw@r.example:6380/1") == "rediss://app:***@r.example:6380/1"
+    assert redacted("redis+cluster://a:1,b:2") == "redis+cluster://a:1,b:2"
+    assert redacted("memory") == "memory"

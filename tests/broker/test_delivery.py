@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cbor2
+import pytest
 import trio
 
 from broker.server import Broker
@@ -21,7 +22,10 @@ from wire import (
     Welcome,
 )
 
+from ..conftest import STORES
 from .raw import RawClient
+
+pytestmark = pytest.mark.stores(*STORES)
 
 TIMEOUT = 10
 

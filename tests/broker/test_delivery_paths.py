@@ -56,7 +56,7 @@ async def login(broker: Any, name: str) -> RawClient:
 async def test_two_senders_interleaved_reach_the_recipient_once_each_in_order(
     broker_factory: Any, yielding: bool
 ) -> None:
-    extra = {"store": YieldingStore()} if yielding else {}
+    extra = {"inject_store": YieldingStore()} if yielding else {}
     async with broker_factory(max_inflight=64, **extra) as broker:
         assert broker.store.synchronous is not yielding
         with trio.fail_after(TIMEOUT):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from broker.server import Broker
 from wire import Ack, Deliver, Drained, Ping, Pong, Receipt, Send, Stats, StatsResult
 
+from ..conftest import STORES
 from .raw import RawClient
+
+pytestmark = pytest.mark.stores(*STORES)
 
 TIMEOUT = 10
 

@@ -59,3 +59,6 @@ async def test_a_snapshot_reads_the_store_presence_connections_and_counters() ->
     assert (snapshot.node.connections, snapshot.node.delivered_total, snapshot.node.refused_total) == (3, 5, 1)
     assert snapshot.to_wire()["refused_broker_full"] == 1
     assert snapshot.relay.messages_total == 0
+    assert snapshot.to_wire()["store_round_trips"] == 0  # nothing networked
+    counted = Stats(store, presence, lambda: 0, clock=lambda: 0, round_trips=lambda: 17)
+    assert (await counted.snapshot()).to_wire()["store_round_trips"] == 17

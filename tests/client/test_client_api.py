@@ -21,7 +21,10 @@ from client import (
     Status,
     open_client,
 )
+from tests.conftest import STORES
 from wire import Ack
+
+pytestmark = pytest.mark.stores(*STORES)
 
 TIMEOUT_S = 15
 

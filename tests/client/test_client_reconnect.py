@@ -21,7 +21,10 @@ from client import (
     Status,
     open_client,
 )
+from tests.conftest import STORES
 from wire import Ack, Deliver, Send
+
+pytestmark = pytest.mark.stores(*STORES)
 
 TIMEOUT_S = 20
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}

@@ -18,7 +18,10 @@ from broker.server import Broker
 from wire import Ack, Deliver, Drained, Receipt, Send, Status
 
 from ..broker.raw import RawClient
+from ..conftest import STORES
 from .parts import parts_of, queue
+
+pytestmark = pytest.mark.stores(*STORES)
 
 TIMEOUT = 10
 

@@ -9,10 +9,8 @@ against a store over real sockets.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
 
 import pytest
-import trio
 
 from broker.store.base import AckResult, Batch, Claim, Message, NewMessage, Outcome, Purged, Store, StoreLimits
 from wire import ErrorCode
@@ -502,27 +500,3 @@ async def test_empty_bodies_are_messages_like_any_other(store: Store, clock: Man
     stats = await store.statistics(clock.now)
     assert (stats.messages_total, stats.queued_bytes, stats.acknowledged_total, stats.expired_total) == (1, 0, 2, 2)
     assert [m.body for m in await store.peek("carol", 10, clock.now)] == [b""]
-
-
-async def test_a_synchronous_store_never_yields(store: Store, clock: ManualClock) -> None:
-    """``synchronous`` lets the broker deliver from the sender's task: no call may checkpoint."""
-    if not store.synchronous:
-        pytest.skip("this store yields; the broker uses only the mailbox tasks with it")
-    now = clock.now
-    calls: list[Callable[[], Awaitable[object]]] = [
-        lambda: store.enqueue_many([msg(clock, "a"), msg(clock, "b"), msg(clock, "c", ("bob", "carol"))], now),
-        lambda: store.fetch_many("bob", A1, 2, BIG, now),
-        lambda: store.fetch_many("bob", B2, 2, BIG, now),
-        lambda: store.fetch_many("bob", A1, 2, BIG, now),
-        lambda: store.peek("bob", 10, now),
-        lambda: store.ack_many("bob", ["a"]),
-        lambda: store.release("bob", B2, ["b"]),
-        lambda: store.pending("bob", now),
-        lambda: store.purge_expired(now + 8 * DAY_S * 1000),
-        lambda: store.statistics(now),
-    ]
-    for call in calls:
-        with trio.CancelScope() as scope:
-            scope.cancel()  # any checkpoint inside would raise Cancelled here
-            await call()
-        assert not scope.cancelled_caught

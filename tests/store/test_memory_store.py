@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+from collections.abc import Awaitable, Callable
 
+import trio
+
+from broker.backend import open_backend
 from broker.config import BrokerConfig
-from broker.store import open_store
+from broker.presence import LocalPresence
 from broker.store.base import Claim, NewMessage, StoreLimits
 from broker.store.memory import MemoryStore
 
-from .clock import ManualClock
-from .test_contract import msg
+from .clock import DAY_S, ManualClock
+from .test_contract import A1, B2, BIG, msg
 
 CLAIM = Claim("session", 1)
 
@@ -82,10 +86,37 @@ async def test_bytes_per_queued_message() -> None:
     assert per_message < BYTES_PER_MESSAGE_BOUND
 
 
-async def test_open_store_makes_the_configured_store_and_closes_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_open_backend_makes_the_configured_store_and_closes_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
     config = BrokerConfig(data_dir=tmp_path, max_mailbox_messages=3)
     clock = ManualClock()
-    async with open_store(config) as store:
+    async with open_backend(config) as backend:
+        store = backend.store
         assert isinstance(store, MemoryStore) and store.limits.max_mailbox_messages == 3
+        assert isinstance(backend.presence, LocalPresence)
         await store.enqueue_many([msg(clock, "a")], clock.now)
     assert await store.pending("bob", clock.now) == 0  # closed: nothing held any more
+
+
+async def test_the_memory_store_is_synchronous_and_never_yields() -> None:
+    """``synchronous`` lets the broker deliver from the sender's task: no call may checkpoint. (The Redis store
+    says it is not, so the broker uses only the mailbox tasks with it.)"""
+    store, clock = MemoryStore(), ManualClock()
+    assert store.synchronous
+    now = clock.now
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.enqueue_many([msg(clock, "a"), msg(clock, "b"), msg(clock, "c", ("bob", "carol"))], now),
+        lambda: store.fetch_many("bob", A1, 2, BIG, now),
+        lambda: store.fetch_many("bob", B2, 2, BIG, now),
+        lambda: store.fetch_many("bob", A1, 2, BIG, now),
+        lambda: store.peek("bob", 10, now),
+        lambda: store.ack_many("bob", ["a"]),
+        lambda: store.release("bob", B2, ["b"]),
+        lambda: store.pending("bob", now),
+        lambda: store.purge_expired(now + 8 * DAY_S * 1000),
+        lambda: store.statistics(now),
+    ]
+    for call in calls:
+        with trio.CancelScope() as scope:
+            scope.cancel()  # any checkpoint inside would raise Cancelled here
+            await call()
+        assert not scope.cancelled_caught

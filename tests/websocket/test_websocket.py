@@ -32,7 +32,10 @@ from wire import (
 )
 
 from ..broker.raw import RawClient
+from ..conftest import STORES
 from .wsclient import WsClient, login_ws, open_ws
+
+pytestmark = pytest.mark.stores(*STORES)
 
 TIMEOUT = 10
 
