@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -83,17 +84,20 @@ class Report:
         self.figures.update(figures)
 
     def target(self, figure: str, op: str, threshold: float, text: str) -> None:
-        """Record the issue's target for ``figure`` (op ``<`` or ``>=``) and whether it was met."""
+        """Record the issue's target for ``figure`` (op ``<``, ``<=`` or ``>=``) and whether it was met."""
         value = self.figures.get(figure)
         met: bool | None
         if value is None or (isinstance(value, float) and math.isnan(value)):
             met = None
         else:
-            met = bool(value < threshold) if op == "<" else bool(value >= threshold)
+            met = bool(_COMPARE[op](value, threshold))
         self.data["targets"].append({"figure": figure, "op": op, "threshold": threshold, "text": text, "met": met})
 
     def note(self, text: str) -> None:
         self.data["notes"].append(text)
+
+
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">=": operator.ge}
 
 
 # ---------------------------------------------------------------- output

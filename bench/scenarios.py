@@ -82,6 +82,14 @@ def _limit_note(
     return f"{label}: neither side was CPU-bound ({parts}); round trips and flow-control windows set the pace"
 
 
+def _round_trips_per_message(before: dict[str, int], after: dict[str, int], delivered: int) -> float | None:
+    """Round trips the broker made to its store (STATS ``store_round_trips``) per delivered message over a run:
+    0 for the in-memory store, None for a broker that does not report them."""
+    if "store_round_trips" not in after or not delivered:
+        return None
+    return round((after["store_round_trips"] - before.get("store_round_trips", 0)) / delivered, 4)
+
+
 async def _settle_acks(target: BrokerTarget, key: str, expect: int, timeout_s: float = 5.0) -> tuple[int, float]:
     """Poll the broker's stats until ``key`` reaches ``expect``; returns (value, seconds waited)."""
     t0 = time.perf_counter()
@@ -230,6 +238,7 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         )
         delivered = int(result.counts.get("delivered", 0))
         acked, _ = trio.run(_settle_acks, target, "acknowledged_total", before.get("acknowledged_total", 0) + delivered)
+        round_trips = _round_trips_per_message(before, trio.run(target.stats), delivered)
         window_s = opts.duration - opts.warmup
         rate = _delivered_between(result, specs[0].bin_s, opts.warmup, opts.duration) / window_s
         broker_cpu, bench_cpu, host_cpu = result.cpu_between(opts.warmup, opts.duration)
@@ -249,8 +258,11 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
                 f"{k}_acked_confirmed": acked - before.get("acknowledged_total", 0),
                 f"{k}_latency_p50_us": hist_figures(result.latency, "x")["x_p50_us"],
                 f"{k}_latency_p99_us": hist_figures(result.latency, "x")["x_p99_us"],
+                f"{k}_store_round_trips_per_msg": round_trips,
             }
         )
+        if round_trips:  # a networked store (Redis): its round trips per delivered-and-ACKed message
+            report.target(f"{k}_store_round_trips_per_msg", "<=", 0.2, f"{pairs} pair(s): at most 0.2 round trips/msg")
         for key, v in _counts(result).items():
             counts[f"{k}_{key}"] = v
         report.data["timelines"][f"{pairs} pair(s)"] = _timeline(result, specs[0].bin_s)
