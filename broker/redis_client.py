@@ -26,6 +26,7 @@ import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import coredis
@@ -149,31 +150,20 @@ def _ssl_context(target: RedisTarget) -> ssl.SSLContext | None:
 def make_client(target: RedisTarget) -> coredis.Redis[bytes] | coredis.RedisCluster[bytes]:
     """The (not yet opened) coredis client for ``target``. Raises OSError if the CA file cannot be read."""
     context = _ssl_context(target)
+    # The same credentials, timeouts, TLS and byte replies for either kind of client.
+    common: dict[str, Any] = {
+        "username": target.username,
+        "password": target.password,
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "stream_timeout": COMMAND_TIMEOUT_S,
+        "ssl": context is not None,
+        "ssl_context": context,
+        "decode_responses": False,
+    }
     if target.cluster:
-        seeds = [Node(host=host, port=port) for host, port in target.nodes]
-        return coredis.RedisCluster(
-            startup_nodes=seeds,
-            username=target.username,
-            password=target.password,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            stream_timeout=COMMAND_TIMEOUT_S,
-            ssl=context is not None,
-            ssl_context=context,
-            decode_responses=False,
-        )
+        return coredis.RedisCluster(startup_nodes=[Node(host=h, port=p) for h, p in target.nodes], **common)
     [(host, port)] = target.nodes
-    return coredis.Redis(
-        host,
-        port,
-        target.db,
-        username=target.username,
-        password=target.password,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        stream_timeout=COMMAND_TIMEOUT_S,
-        ssl=context is not None,
-        ssl_context=context,
-        decode_responses=False,
-    )
+    return coredis.Redis(host, port, target.db, **common)
 
 
 _FAILURES = (RedisConnectionError, RedisClusterError, ReadOnlyError, TimeoutError)

@@ -185,6 +185,15 @@ local function forget_if_empty()
   return 0
 end
 
+-- After removing `removed` messages of `nbytes` body bytes: forget the mailbox if it is empty, else take the
+-- bytes off its count (never HINCRBY by -0: Lua writes "-0", which Redis refuses). Returns 1 if forgotten.
+local function settle_removed(removed, nbytes)
+  if removed == 0 then return 0 end
+  local emptied = forget_if_empty()
+  if emptied == 0 and nbytes > 0 then redis.call('HINCRBY', META, 'nb', -nbytes) end
+  return emptied
+end
+
 local function requeue()
   local items = redis.call('ZRANGE', FLIGHT, 0, -1, 'WITHSCORES')
   for i = 1, #items, 1000 do
@@ -330,11 +339,7 @@ while ngot < limit and not full do
     end
   end
 end
-local emptied = 0
-if expired > 0 then
-  emptied = forget_if_empty()
-  if emptied == 0 and expired_bytes > 0 then redis.call('HINCRBY', META, 'nb', -expired_bytes) end
-end
+local emptied = settle_removed(expired, expired_bytes)
 if ngot > 0 or requeued > 0 then copy_ttl({FLIGHT, ATT, QUEUE}) end
 local inflight = redis.call('ZCARD', FLIGHT)
 return {0, redis.call('HLEN', MSGS) - inflight, inflight, ngot - requeued, expired, expired_bytes, emptied, got}
@@ -390,11 +395,7 @@ if deleted > 0 and max_stones > 0 then
     if ttl > 0 and redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
   end
 end
-local emptied = 0
-if deleted > 0 then
-  emptied = forget_if_empty()
-  if emptied == 0 and nbytes > 0 then redis.call('HINCRBY', META, 'nb', -nbytes) end
-end
+local emptied = settle_removed(deleted, nbytes)
 return {deleted, redis.call('ZCARD', FLIGHT), nbytes, was_inflight, stones, emptied}
 """
 )
@@ -415,11 +416,7 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', EXP, id)
   end
 end
-local emptied = 0
-if removed > 0 then
-  emptied = forget_if_empty()
-  if emptied == 0 and nbytes > 0 then redis.call('HINCRBY', META, 'nb', -nbytes) end
-end
+local emptied = settle_removed(removed, nbytes)
 local dropped = 0
 local stop = false
 while not stop do
