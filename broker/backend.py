@@ -12,8 +12,12 @@ connections before the broker serves and closes them after it stops:
   queued messages survive a restart of any node, a SEND on one node wakes its recipient's
   session on another, and a mailbox is held by one session across all of them.
 
-With Redis, the backend also runs a timer that flushes the node's share of the relay-wide
-counters every second (:meth:`RedisStore.flush`). The Redis modules are imported only when
+Either way the backend makes the node's :class:`~broker.health.StoreHealth`, whose probe
+is a cheap store call (Redis: :meth:`RedisStore.flush`, one round trip). With Redis, the
+backend also runs a timer that flushes the node's share of the relay-wide counters every
+second (:meth:`RedisStore.flush`); while the store is unavailable the timer leaves the
+retrying to the health's reconnect task, and a failed flush is reported to it (the log
+says so once per outage, not once a second). The Redis modules are imported only when
 a Redis URL is configured, so the embedded default never loads coredis.
 """
 
@@ -31,8 +35,9 @@ from urllib.parse import urlsplit
 
 import trio
 
+from .health import StoreHealth
 from .presence import TAKEOVER_WAIT_S, LocalPresence, Presence
-from .store.base import Store
+from .store.base import Store, wall_clock_ms
 from .store.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 1.0
 """How often a node with a Redis store sends its share of the relay-wide statistics (one round trip)."""
 
-__all__ = ["Backend", "StoreUnreachable", "default_node_id", "open_backend", "redacted"]
+__all__ = ["Backend", "StoreUnreachable", "default_node_id", "open_backend", "probed_health", "redacted"]
 
 
 class StoreUnreachable(ConnectionError):
@@ -57,6 +62,8 @@ class Backend:
 
     store: Store
     presence: Presence
+    health: StoreHealth
+    """Whether the store answers (the router, sessions, pumps and HTTP API report failures to it)."""
     round_trips: Callable[[], int] = lambda: 0
     """Round trips made to a networked store and presence so far (STATS ``store_round_trips``)."""
 
@@ -88,7 +95,7 @@ async def open_backend(config: BrokerConfig) -> AsyncIterator[Backend]:
     if config.store == "memory":
         store = MemoryStore(config.store_limits)
         try:
-            yield Backend(store, LocalPresence(takeover_wait_s=TAKEOVER_WAIT_S))
+            yield Backend(store, LocalPresence(takeover_wait_s=TAKEOVER_WAIT_S), probed_health(store))
         finally:
             await store.aclose()
         return
@@ -108,6 +115,7 @@ async def _open_redis_backend(config: BrokerConfig) -> AsyncIterator[Backend]:
             await store.open()  # fail at start, naming the URL, rather than at the first client's HELLO
         except OSError as exc:
             raise StoreUnreachable(f"cannot reach the Redis store at {redacted(config.store)}: {exc}") from exc
+        health = StoreHealth(store.flush)
         try:
             async with (
                 open_redis_presence(
@@ -119,22 +127,36 @@ async def _open_redis_backend(config: BrokerConfig) -> AsyncIterator[Backend]:
                 ) as presence,
                 trio.open_nursery() as nursery,
             ):
-                nursery.start_soon(_flush_forever, store)
+                nursery.start_soon(_flush_forever, store, health)
 
                 def round_trips() -> int:
                     return store.round_trips + presence.round_trips + presence.background_round_trips
 
-                yield Backend(store, presence, round_trips)
+                yield Backend(store, presence, health, round_trips)
                 nursery.cancel_scope.cancel()
         finally:
             await store.aclose()
 
 
-async def _flush_forever(store: RedisStore) -> None:
-    """Send this node's relay-wide counter changes every FLUSH_INTERVAL_S (an idle node's would wait otherwise)."""
+def probed_health(store: Store) -> StoreHealth:
+    """A :class:`StoreHealth` for any store, probing with ``store.statistics`` (for a store given to the broker)."""
+
+    async def probe() -> None:
+        await store.statistics(wall_clock_ms())
+
+    return StoreHealth(probe)
+
+
+async def _flush_forever(store: RedisStore, health: StoreHealth) -> None:
+    """Send this node's relay-wide counter changes every FLUSH_INTERVAL_S (an idle node's would wait otherwise).
+
+    While the store is unavailable the health's reconnect task probes (with flush) instead. A failed
+    flush keeps its changes for the next one (and starts an outage if it is the first failure).
+    """
     while True:
         await trio.sleep(FLUSH_INTERVAL_S)
+        await health.wait_available()
         try:
             await store.flush()
         except OSError as exc:
-            log.warning("store counters not flushed (will retry): %s", exc)
+            health.failed(exc)

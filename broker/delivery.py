@@ -21,6 +21,13 @@ already closing are not written and not counted (they go back to the queue when 
 session ends, named in ``store.release(..., unwritten=)`` so their attempt goes back
 down). Every fetch carries the session's claim: once a newer session has fetched from
 the mailbox, the store answers ``fenced`` and this pump stops.
+
+A store that cannot be reached (OSError from a fetch or release) does not end the
+mailbox task: it reports the failure to the node's :class:`~broker.health.StoreHealth`,
+waits until the health's reconnect task finds the store answering, and pumps again
+(recounting the window). A failure right after a recovery waits longer each time (0.1 s
+doubling to 5 s), so a store that answers the probe but not the fetch is no busy loop. A
+PULL whose release failed is completed by the mailbox task before its next pump.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import trio
 
 from wire import Connection, Drained
 
+from .health import StoreHealth
 from .outbox import Outbox
 from .stats import Counters
 from .store.base import AckResult, Claim, Clock, Message, Store
@@ -50,7 +58,9 @@ class Delivery:
         "_counters",
         "_drain_wanted",
         "_fetch_bytes",
+        "_health",
         "_inline",
+        "_pull_wanted",
         "_resync",
         "_signal",
         "_unwritten",
@@ -74,6 +84,7 @@ class Delivery:
         counters: Counters,
         max_inflight: int,
         clock: Clock,
+        health: StoreHealth,
     ) -> None:
         self.mailbox = mailbox
         self.claim = claim
@@ -81,6 +92,7 @@ class Delivery:
         self.conn = conn
         self.outbox = outbox
         self._counters = counters
+        self._health = health
         self._clock = clock  # epoch ms, for the store's expiry judgement
         self._window = max_inflight
         # Deliveries fetched at once: with the reader's share this keeps unsent data under the cap.
@@ -92,6 +104,7 @@ class Delivery:
         self._drain_wanted = True  # the first pump (at connect) ends with DRAINED
         self._resync = False
         self._blocked = False  # stopped on a full window
+        self._pull_wanted = False  # a PULL's release failed: the mailbox task does it before pumping
         self._unwritten: list[str] = []  # fetched while closing, never written: attempt goes back down
 
     # ------------------------------------------------------------ from other tasks
@@ -117,8 +130,15 @@ class Delivery:
             self._signal.set()
 
     async def pull(self) -> None:
-        """PULL: every in-flight message goes back to the queue and is delivered again, then DRAINED."""
-        await self._release()
+        """PULL: every in-flight message goes back to the queue and is delivered again, then DRAINED.
+
+        If the store cannot be reached, the mailbox task releases once it answers (module docstring).
+        """
+        try:
+            await self._release()
+        except OSError as exc:
+            self._health.failed(exc)
+            self._pull_wanted = True
         self.inflight = 0
         self._drain_wanted = True
         self._signal.set()
@@ -130,17 +150,36 @@ class Delivery:
     async def _release(self) -> None:
         """In-flight messages back to the queue (a stale claim changes nothing), naming those never written."""
         unwritten, self._unwritten = self._unwritten, []
-        await self.store.release(self.mailbox, self.claim, unwritten)
+        try:
+            await self.store.release(self.mailbox, self.claim, unwritten)
+        except OSError:
+            self._unwritten = unwritten + self._unwritten  # still to be named at the next release
+            raise
 
     # ------------------------------------------------------------ the mailbox task
 
     async def run(self) -> None:
-        """The mailbox task: pump at once (connect), then whenever signalled. Never returns."""
+        """The mailbox task: pump at once (connect), then whenever signalled. Never returns.
+
+        Survives a store that cannot be reached: waits for it and pumps again (module docstring).
+        """
         self._signal.set()
+        failures = 0
         while True:
             await self._signal.wait()
             self._signal = trio.Event()
-            await self.pump()
+            try:
+                if self._pull_wanted:
+                    await self._release()
+                    self._pull_wanted = False
+                await self.pump()
+                failures = 0
+            except OSError as exc:
+                self._health.failed(exc)
+                self._resync = True  # the window as the store counts it, once it answers
+                failures += 1
+                await self._health.wait_to_retry(failures)
+                self._signal.set()
 
     def _wake_for_space(self) -> None:
         self._signal.set()

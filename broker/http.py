@@ -33,11 +33,13 @@ status cause                                                 code
 415    Content-Type neither JSON nor CBOR                     1001 MALFORMED_FRAME
 500    broker fault                                           5001 INTERNAL_ERROR
 503    the store (Redis) cannot be reached (Retry-After: 1)   5002 STORE_UNAVAILABLE
+       (not send: a 3008 receipt, as the RECEIPT frame; nor stats: the node's figures)
 ====== ===================================================== ===================
 
 A SEND refused as a whole (more than ``max_recipients`` distinct recipients: 3004, a body
 longer than ``max_frame_bytes`` - 256: 3007) is a 200 whose receipt has ``code`` instead
-of ``results``, exactly like the RECEIPT frame.
+of ``results``, exactly like the RECEIPT frame; so is one the store could not take (3008
+STORE_UNREACHABLE: the router answers it, whatever the transport).
 
 Answering before the request body is in. Many answers come before the body is read
 (401, 403, 404, 405, 415, and 413 as soon as a body passes the limit). Hypercorn then
@@ -94,6 +96,7 @@ from wire import (
 
 from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
+from .health import StoreHealth
 from .listeners import port_of
 from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, openapi_spec
 from .presence import Presence
@@ -570,17 +573,17 @@ async def _js(request: Request) -> Response:
 
 
 def _guard(
-    handler: Callable[[Request], Coroutine[Any, Any, Response]],
+    handler: Callable[[Request], Coroutine[Any, Any, Response]], health: StoreHealth
 ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-    """Turn ApiError (and any other failure) into the error body."""
+    """Turn ApiError (and any other failure) into the error body; a store failure is reported to ``health``."""
 
     async def guarded(request: Request) -> Response:
         try:
             return await handler(request)
         except ApiError as exc:
             return _error_response(request, exc.status, exc.code, exc.message, exc.headers)
-        except OSError as exc:  # the store or presence (Redis) cannot be reached
-            log.warning("HTTP %s %s: the store is unavailable: %s", request.method, request.url.path, exc)
+        except OSError as exc:  # the store or presence (Redis) cannot be reached: the health logs it once
+            health.failed(exc)
             message = "the broker cannot reach its store; retry later"
             return _error_response(request, 503, ErrorCode.STORE_UNAVAILABLE, message, {"Retry-After": "1"})
         except Exception:
@@ -687,16 +690,22 @@ class _Upload:
 def create_app(parts: BrokerParts) -> Starlette:
     """The ASGI app: API routes (in the OpenAPI description), then the demo page and JS modules."""
     api = _Api(parts)
+
+    def guard(
+        handler: Callable[[Request], Coroutine[Any, Any, Response]],
+    ) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return _guard(handler, parts.stats.health)
+
     routes = [
-        Route("/relay/send", _guard(api.send), methods=["POST"]),
-        Route("/relay/acknowledge", _guard(api.acknowledge), methods=["POST"]),
-        Route("/relay/pending", _guard(api.pending), methods=["GET"]),
-        Route("/relay/stats", _guard(api.stats), methods=["GET"]),
-        Route("/relay/cleanup", _guard(api.cleanup), methods=["POST"]),
-        Route("/openapi.json", _guard(api.openapi), methods=["GET"]),
+        Route("/relay/send", guard(api.send), methods=["POST"]),
+        Route("/relay/acknowledge", guard(api.acknowledge), methods=["POST"]),
+        Route("/relay/pending", guard(api.pending), methods=["GET"]),
+        Route("/relay/stats", guard(api.stats), methods=["GET"]),
+        Route("/relay/cleanup", guard(api.cleanup), methods=["POST"]),
+        Route("/openapi.json", guard(api.openapi), methods=["GET"]),
         # Not API: the demo page and its modules (kept out of the OpenAPI description).
         Route("/", _index(parts.ws_port), methods=["GET"], include_in_schema=False),
-        Route("/js/{path:path}", _guard(_js), methods=["GET"], include_in_schema=False),
+        Route("/js/{path:path}", guard(_js), methods=["GET"], include_in_schema=False),
         Mount("/static", StaticFiles(packages=[("broker", "static")]), name="static"),
     ]
     return Starlette(

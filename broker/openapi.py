@@ -92,7 +92,9 @@ _SCHEMAS: dict[str, Any] = {
         description=(
             "The RECEIPT frame: results per distinct recipient, or, for a SEND refused as a whole before any "
             "recipient was considered (nothing stored), code instead: 3004 (more than max_recipients distinct "
-            "recipients) or 3007 (body longer than max_frame_bytes - 256); 3004 wins if both apply."
+            "recipients) or 3007 (body longer than max_frame_bytes - 256); 3004 wins if both apply. Or 3008 "
+            "(STORE_UNREACHABLE): the broker could not reach its store, and the message may or may not be stored: "
+            "send it again later with the same id (where it was stored, the retry is duplicate)."
         ),
         one_of=[{"required": ["results"]}, {"required": ["code"]}],
     ),
@@ -139,7 +141,10 @@ _ERROR_TEXT = {
     "403": "Forbidden for this token (2003).",
     "413": "Body above the size limit, or the message above max_frame_bytes as a SEND frame (1002).",
     "415": "Content-Type is neither application/json nor application/cbor (1001).",
-    "503": "The broker cannot reach its store (5002): retry after the Retry-After seconds.",
+    "503": (
+        "The broker cannot reach its store (5002): retry after the Retry-After seconds. (send answers a 3008 "
+        "receipt instead, and stats the node's own figures.)"
+    ),
 }
 
 

@@ -13,6 +13,16 @@ as RECEIPT frames, the HTTP API as JSON: one rule set, whatever the transport.
 expiry path (the sweeper, operator CLEANUP over TCP/WebSocket and HTTP): purge, then
 tell presence which mailboxes must recount. The router's clock stamps and judges
 (``now_ms``); counters go to :class:`~broker.stats.Counters`.
+
+A store that cannot be reached (OSError from ``enqueue_many``) fails the batch, not the
+caller: every SEND of it that had something to store gets a RECEIPT refused as a whole
+with 3008 STORE_UNREACHABLE, which claims nothing either way (a pipeline that failed
+mid-way may have stored some of it: the sender resends with the same id and gets
+"duplicate" where it was); SENDs refused before storing keep their own outcome. If only
+``presence.online`` fails, the messages are stored: their results are "queued" (true),
+never "delivered" (not known), and every recipient is woken (a local session pumps at
+once; remote ones fetch at their next pump). Either failure is reported to the node's
+:class:`~broker.health.StoreHealth`. ACKs are not caught here: the session keeps them.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from dataclasses import dataclass
 from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, RecipientResult, Send, Status, is_valid_mailbox_id
 
 from .config import BrokerConfig
+from .health import StoreHealth
 from .presence import Presence
 from .stats import Counters
 from .store.base import AckResult, Clock, Message, NewMessage, Outcome, Store
@@ -141,9 +152,17 @@ class Router:
     """SEND and ACK from any transport, and the expiry sweep; see the module docstring."""
 
     def __init__(
-        self, config: BrokerConfig, store: Store, presence: Presence, counters: Counters, *, clock: Clock
+        self,
+        config: BrokerConfig,
+        store: Store,
+        presence: Presence,
+        counters: Counters,
+        *,
+        clock: Clock,
+        health: StoreHealth,
     ) -> None:
         self.config = config
+        self.health = health
         self.store = store
         self.presence = presence
         self.counters = counters
@@ -171,16 +190,28 @@ class Router:
     async def route(self, sender: str, sends: Sequence[Send]) -> Routed:
         """Store a batch of SENDs from ``sender``; their outcomes, in order, and whom to wake.
 
-        Raises whatever the store or presence raises (nothing is half-reported: the caller's
-        connection ends).
+        A store or presence that cannot be reached (OSError) is answered in the outcomes (module
+        docstring) and reported to the health; anything else they raise propagates.
         """
         now = self.clock()
         plans = self.plan(sends, sender, now)
         messages = [p.message for p in plans if p.message is not None]
         if not messages:
             return Routed([self._refused_only(s, p) for s, p in zip(sends, plans, strict=True)], [])
-        stored = await self.store.enqueue_many(messages, now)
-        online = await self.presence.online({r for m in messages for r in m.recipients})
+        try:
+            stored = await self.store.enqueue_many(messages, now)
+        except OSError as exc:
+            self.health.failed(exc)
+            return Routed([self._unconfirmed(s, p) for s, p in zip(sends, plans, strict=True)], [])
+        recipients = {r for m in messages for r in m.recipients}
+        try:
+            online = await self.presence.online(recipients)
+        except OSError as exc:  # stored, but who is online is not known: "queued", and wake them all
+            self.health.failed(exc)
+            online = frozenset()
+            wake_all = True
+        else:
+            wake_all = False
         counters = self.counters
         outcomes = iter(stored)
         receipts = []
@@ -206,7 +237,7 @@ class Router:
                     counters.refuse(outcome.code)
             receipts.append(SendOutcome(send.id, results))
         counters.sent += sent
-        return Routed(receipts, list(wake))
+        return Routed(receipts, list(recipients) if wake_all else list(wake))
 
     def _refusals(self, plan: Plan) -> dict[str, RecipientResult]:
         """The results of the recipients refused before storing (counted)."""
@@ -215,6 +246,12 @@ class Router:
             results[rcpt] = _REFUSED[ErrorCode(code)]
             self.counters.refuse(code)
         return results
+
+    def _unconfirmed(self, send: Send, plan: Plan) -> SendOutcome:
+        """The outcome of a SEND of a batch the store failed to take: 3008 if it had anything to store."""
+        if plan.message is None:
+            return self._refused_only(send, plan)
+        return SendOutcome(send.id, {}, int(ErrorCode.STORE_UNREACHABLE))
 
     def _refused_only(self, send: Send, plan: Plan) -> SendOutcome:
         """The outcome of a SEND that stored nothing: refused whole, or every recipient refused."""

@@ -7,7 +7,9 @@ a store given (then with a :class:`~broker.presence.LocalPresence`), and builds 
 :class:`~broker.stats.Stats` and one :class:`~broker.router.Router` over them.
 :meth:`Broker.serve` opens the listeners (``broker.listeners.open_listeners``, or serves
 injected ones), starts TCP, HTTP and WebSocket serving and the sweeper
-(:meth:`Router.cleanup` every ``cleanup_interval_s``); every accepted connection becomes
+(:meth:`Router.cleanup` every ``cleanup_interval_s``) and the store health's reconnect task
+(:class:`~broker.health.StoreHealth`: probes with backoff while the store is unreachable);
+every accepted connection becomes
 a :class:`~broker.session.Session`, given the router, presence, statistics, store,
 configuration and authenticator (not the broker), in a handler nursery. Shutdown is a
 deadline: each session is told SHUTTING_DOWN and given ``shutdown_grace_s`` to flush. The
@@ -31,8 +33,9 @@ from wire import ErrorCode, Receipt, Send, encode_frame
 from wire.transport import StreamTransport, Transport, TransportClosed
 
 from .auth import Authenticator, load_or_create_secret
-from .backend import Backend, open_backend
+from .backend import Backend, open_backend, probed_health
 from .config import BrokerConfig
+from .health import StoreHealth
 from .listeners import Listeners, open_listeners
 from .presence import LocalPresence, Presence
 from .router import Router
@@ -78,12 +81,13 @@ class Broker:
         self.sessions: set[Session] = set()
         self.presence: Presence
         self.store: Store
+        self.health: StoreHealth
         self.stats: Stats
         self.counters: Counters
         self.router: Router
         self._store_injected = store is not None
         if store is not None:
-            self._use(Backend(store, LocalPresence()))
+            self._use(Backend(store, LocalPresence(), probed_health(store)))
         self._listeners = listeners
         self.tcp_port: int | None = None
         self._stopping = False
@@ -95,13 +99,16 @@ class Broker:
     def _use(self, backend: Backend) -> None:
         """Make the parts that work on the store and presence."""
         self.store, self.presence = store, presence = backend.store, backend.presence
-        self.stats = Stats(store, presence, self.sessions.__len__, clock=self.clock, round_trips=backend.round_trips)
+        self.health = health = backend.health
+        self.stats = Stats(
+            store, presence, self.sessions.__len__, clock=self.clock, round_trips=backend.round_trips, health=health
+        )
         self.counters = self.stats.counters
-        self.router = Router(self.config, store, presence, self.counters, clock=self.clock)
+        self.router = Router(self.config, store, presence, self.counters, clock=self.clock, health=health)
 
     def _open_backend(self) -> AbstractAsyncContextManager[Backend]:
         if self._store_injected:
-            return contextlib.nullcontext(Backend(self.store, self.presence))
+            return contextlib.nullcontext(Backend(self.store, self.presence, self.health))
         return open_backend(self.config)
 
     # ------------------------------------------------------------ serving
@@ -145,6 +152,7 @@ class Broker:
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.sweep_forever)
+                        nursery.start_soon(self.health.run)
                         await nursery.start(
                             partial(trio.serve_listeners, self._handle_stream, opened.tcp, handler_nursery=handlers)
                         )
@@ -256,6 +264,8 @@ class Broker:
             await trio.sleep(self.config.cleanup_interval_s)
             try:
                 await self.router.cleanup()
+            except OSError as exc:  # the store is unreachable: the health says so, the next sweep tries again
+                self.health.failed(exc)
             except Exception:
                 log.exception("sweep failed; will try again")
 

@@ -20,6 +20,15 @@ soft limit. A watchdog task closes an idle connection (KEEPALIVE_TIMEOUT) or one
 write stalls (SLOW_CONSUMER), judged from timestamps, so no read or write sets a timer.
 Whatever ends the session, its claim is released and its un-ACKed deliveries go back to
 the queue.
+
+A store that cannot be reached (the store's or presence's OSError) ends the session only
+at the handshake (ERROR 5002: the claim cannot be made) and at CLEANUP; otherwise the
+session stays up: SENDs get RECEIPTs with 3008 (the router), STATS answers the node's
+figures (the statistics), the delivery pump waits for the store, and an ACK the store did
+not take is kept (at most ``max_inflight`` ids: beyond that the oldest are let go and
+their messages redelivered later, which a client's (sender, id) de-duplication absorbs)
+and applied again with the session's next ACK and by a retry task (one per session, only
+while ids are kept) once the store answers, and a last time as the session ends.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from . import authz
 from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
 from .delivery import Delivery
+from .health import StoreHealth
 from .outbox import Outbox
 from .presence import Presence
 from .router import Router
@@ -97,6 +107,7 @@ class Session:
         self._router = router
         self._presence = presence
         self._stats = stats
+        self._health: StoreHealth = stats.health
         self._store = store
         self.conn = Connection(Role.BROKER, max_frame_bytes=config.max_frame_bytes)
         self.outbox = Outbox(transport, max_bytes=config.max_outbound_bytes, on_close=self.close)
@@ -109,6 +120,9 @@ class Session:
         self._work_scope = trio.CancelScope()
         self._last_rx = trio.current_time()
         self._reading_paused = False
+        self._kept_acks: dict[str, None] = {}  # ACKed ids the store has not taken yet, oldest first
+        self._nursery: trio.Nursery | None = None  # the reader's, for the ACK retry task
+        self._retrying_acks = False
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.mailbox or (self.identity and self.identity.name) or '-'}>"
@@ -154,8 +168,10 @@ class Session:
                     except* TransportClosed:
                         pass
                     except* OSError as group:
-                        # Transports raise TransportClosed: an OSError here is the store's or presence's (Redis).
-                        log.warning("%s: the store is unavailable: %s", self.id, group.exceptions[0])
+                        # Transports raise TransportClosed: an OSError here is the store's or presence's (Redis),
+                        # at the handshake or CLEANUP (the health logs the outage once; close() logs the code).
+                        failure = group.exceptions[0]
+                        self._health.failed(failure if isinstance(failure, OSError) else OSError(str(failure)))
                         self.close(ErrorCode.STORE_UNAVAILABLE, "the broker cannot reach its store; retry later")
                     except* Exception:
                         # A broker bug must end this session only, never the broker.
@@ -170,14 +186,27 @@ class Session:
         try:
             if self.mailbox is not None and self.claim is not None:
                 await self._presence.release(self.mailbox, self.claim)
-                if self.delivery is not None:
-                    with trio.move_on_after(self.config.shutdown_grace_s):
-                        await self.delivery.release()
+                with trio.move_on_after(self.config.shutdown_grace_s):
+                    await self._finish_with_store()
         except Exception:
             log.exception("%s cleanup failed", self.id)
         finally:
             await self.transport.aclose()
             self.finished.set()
+
+    async def _finish_with_store(self) -> None:
+        """The session ends: apply the ACKs still kept, then give un-ACKed deliveries back to the queue.
+
+        If the store cannot be reached, the kept ACKs' messages are redelivered later (at least once) and
+        the deliveries go back to the queue at the mailbox's next claim (its fence).
+        """
+        try:
+            if self._kept_acks:
+                await self._apply_kept_acks()
+            if self.delivery is not None:
+                await self.delivery.release()
+        except OSError as exc:
+            self._health.failed(exc)
 
     async def _serve(self) -> None:
         config = self.config
@@ -191,6 +220,7 @@ class Session:
         if not await self._open(hello):
             return
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.delivery is not None:
                 nursery.start_soon(self.delivery.run)
             nursery.start_soon(self._watchdog)
@@ -241,6 +271,7 @@ class Session:
             counters=self._stats.counters,
             max_inflight=self.config.max_inflight,
             clock=self._router.clock,
+            health=self._health,
         )
         return await self._router.pending(mailbox)
 
@@ -346,9 +377,59 @@ class Session:
         assert self.mailbox is not None and self.delivery is not None
         acks = cast(Sequence[Ack], frames)
         ids = acks[0].ids if len(acks) == 1 else [i for ack in acks for i in ack.ids]
-        acked = await self._router.acknowledge(self.mailbox, ids)
+        kept = self._kept_acks
+        if kept:  # the store did not take earlier ones: they go along
+            ids = [*kept, *ids]
+        try:
+            acked = await self._router.acknowledge(self.mailbox, ids)
+        except OSError as exc:
+            self._keep_acks(exc, ids)
+            return True
+        if kept:
+            self._forget_acks(ids)
         self.delivery.acked(acked.result)
         return True
+
+    def _keep_acks(self, exc: OSError, ids: Sequence[str]) -> None:
+        """The store did not take these ACKed ids: keep them (bounded, oldest let go) and retry once it answers."""
+        self._health.failed(exc)
+        kept = self._kept_acks
+        kept.update(dict.fromkeys(ids))
+        excess = len(kept) - self.config.max_inflight
+        if excess > 0:
+            for old in list(kept)[:excess]:  # redelivered later (at least once): the client ACKs it again
+                del kept[old]
+        if not self._retrying_acks and self._nursery is not None:
+            self._retrying_acks = True
+            self._nursery.start_soon(self._retry_acks)
+
+    def _forget_acks(self, ids: Sequence[str]) -> None:
+        for i in ids:
+            self._kept_acks.pop(i, None)
+
+    async def _retry_acks(self) -> None:
+        """Apply the kept ACKs once the store answers (backing off if it keeps failing); then end."""
+        failures = 0
+        try:
+            while self._kept_acks:
+                await self._health.wait_to_retry(failures)
+                try:
+                    await self._apply_kept_acks()
+                    failures = 0
+                except OSError as exc:
+                    self._health.failed(exc)
+                    failures += 1
+        finally:
+            self._retrying_acks = False
+
+    async def _apply_kept_acks(self) -> None:
+        """ACK the kept ids now. Raises the store's OSError (they stay kept)."""
+        assert self.mailbox is not None
+        ids = list(self._kept_acks)
+        acked = await self._router.acknowledge(self.mailbox, ids)
+        self._forget_acks(ids)
+        if self.delivery is not None:
+            self.delivery.acked(acked.result)
 
     async def _on_ping(self, frames: Sequence[Frame]) -> bool:
         self.outbox.push(_PONG)

@@ -7,7 +7,9 @@ what the relay holds (messages, bytes, tombstones, in flight) belong to the stor
 one in-memory store they are this process's, with a shared store (Redis) they are the
 whole relay's, so they are kept apart. :meth:`Stats.snapshot` reads both into one frozen
 :class:`Statistics` (``node`` and ``relay``), which is what STATS_RESULT, the HTTP API
-and a metrics exporter render. :data:`STATS_NAMES` is protocol.md section 10's list of
+and a metrics exporter render. While the store cannot be reached, a snapshot still answers
+with what the node knows: ``relay`` is None and the map carries the node-local keys only
+(``store_available`` 0). :data:`STATS_NAMES` is protocol.md section 10's list of
 keys, in the order the STATS_RESULT map has always carried them (so its bytes do not
 change); :meth:`Statistics.to_wire` is the one place that builds that map.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 from wire import ErrorCode
 
+from .health import StoreHealth
 from .presence import Presence
 from .store.base import Clock, Store, StoreStatistics
 
@@ -66,6 +69,8 @@ STATS_NAMES: tuple[str, ...] = (
     "refused_total",
     *REFUSAL_NAMES.values(),
     "store_round_trips",
+    "store_available",
+    "store_errors_total",
 )
 """protocol.md section 10: every STATS_RESULT key, in wire order (the one list of these names)."""
 
@@ -88,6 +93,10 @@ class NodeStatistics:
     """Refusals per code (every key of :data:`REFUSAL_NAMES`); their sum is ``refused_total``."""
     store_round_trips: int = 0
     """Round trips this node has made to a networked store and presence (0 in memory)."""
+    store_available: int = 1
+    """1 while this node can reach its store, 0 from a failed call until its reconnect probe succeeds."""
+    store_errors_total: int = 0
+    """Store and presence calls of this node that failed because the store could not be reached."""
 
     def get(self, name: str) -> int:
         """The figure called ``name`` on the wire (a refusal counter is one entry of ``refused_by_code``).
@@ -113,12 +122,13 @@ class Statistics:
     """Everything STATS reports: ``node`` (this broker) and ``relay`` (the store, maybe shared by many nodes)."""
 
     node: NodeStatistics
-    relay: StoreStatistics
+    relay: StoreStatistics | None
+    """None when the store could not be reached for them."""
 
     def to_wire(self) -> dict[str, int]:
-        """The STATS_RESULT map: every name of :data:`STATS_NAMES`, in that order."""
+        """The STATS_RESULT map: every name of :data:`STATS_NAMES`, in order (without ``relay``: the node's only)."""
         relay, node = self.relay, self.node
-        wire = {name: getattr(relay, name) for name in RELAY_NAMES}
+        wire = {} if relay is None else {name: getattr(relay, name) for name in RELAY_NAMES}
         for name in NODE_NAMES:
             wire[name] = node.get(name)
         return wire
@@ -150,7 +160,8 @@ class Stats:
     """The node's statistics: its :class:`Counters` and a :meth:`snapshot` of everything.
 
     ``connections`` tells how many connections the node holds now (the server's count);
-    ``round_trips`` how many round trips it has made to a networked backend (the backend's count).
+    ``round_trips`` how many round trips it has made to a networked backend (the backend's count);
+    ``health`` whether the store answers (and how many calls failed).
     """
 
     def __init__(
@@ -160,9 +171,11 @@ class Stats:
         connections: Callable[[], int],
         *,
         clock: Clock,
+        health: StoreHealth,
         round_trips: Callable[[], int] = lambda: 0,
     ) -> None:
         self.counters = Counters()
+        self.health = health
         self._store = store
         self._presence = presence
         self._connections = connections
@@ -170,8 +183,14 @@ class Stats:
         self._round_trips = round_trips
 
     async def snapshot(self) -> Statistics:
-        """Every figure now. Raises whatever the store's ``statistics`` raises."""
-        relay = await self._store.statistics(self._clock())
+        """Every figure now; without the relay's (``relay`` None) if the store cannot be reached. Raises nothing
+        for the store's OSError (it is reported to the health)."""
+        health = self.health
+        relay: StoreStatistics | None = None
+        try:
+            relay = await self._store.statistics(self._clock())
+        except OSError as exc:
+            health.failed(exc)
         c = self.counters
         refused = {ErrorCode(code): n for code, n in c.refused.items()}
         node = NodeStatistics(
@@ -184,5 +203,7 @@ class Stats:
             refused_total=sum(refused.values()),
             refused_by_code=refused,
             store_round_trips=self._round_trips(),
+            store_available=int(health.available),
+            store_errors_total=health.errors,
         )
         return Statistics(node, relay)

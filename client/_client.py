@@ -211,7 +211,9 @@ class RelayClient:
     async def send(
         self, to: str | Sequence[str], body: bytes, *, ttl_s: int | None = None, id: str | None = None
     ) -> Receipt:
-        """Send one message and wait for its RECEIPT (one result per distinct recipient).
+        """Send one message and wait for its RECEIPT (one result per distinct recipient, or a ``code`` for
+        a SEND refused as a whole: 3004, 3007, or 3008 STORE_UNREACHABLE, after which the message may or may
+        not be stored: send it again with the same ``id``).
 
         ``id`` defaults to ``uuid4().hex``. If the connection drops first, the message is re-sent
         with the same id after reconnecting (the broker answers "duplicate" if it had stored it); while

@@ -109,7 +109,9 @@ recipient did:
   refused    not stored for this recipient; "code" says why (e.g. 3006 invalid mailbox id)
 A SEND refused as a whole (nothing stored for anyone) prints
   {"id": "9f0c...", "refused": {"code": 3004, "name": "TOO_MANY_RECIPIENTS"}}
-(3004 more recipients than the broker's max_recipients, 3007 BODY_TOO_LARGE).
+(3004 more recipients than the broker's max_recipients, 3007 BODY_TOO_LARGE; 3008
+STORE_UNREACHABLE: the broker could not reach its store, so the message may or may not be
+stored: send it again with the same --id, and a stored one comes back "duplicate").
 Exit status 1 if any recipient, or the whole message, was refused. The local store
 records the message with the recipients the relay accepted it for."""
 
@@ -363,6 +365,11 @@ async def _send(ctx: _Context) -> int:
         except (CliError, sqlite3.Error, OSError) as exc:
             ctx.note(f"warning: message sent but not recorded in the local store: {exc}")
     ctx.emit(_receipt_json(receipt))
+    if receipt.code == ErrorCode.STORE_UNREACHABLE:
+        ctx.note(
+            "the broker could not reach its store (3008): the message may or may not be stored; "
+            f"send it again later with --id {receipt.id} (if it was stored, the retry says duplicate)"
+        )
     refused = receipt.code is not None or len(accepted) < len(receipt.results)
     return EXIT_REFUSED if refused else EXIT_OK
 

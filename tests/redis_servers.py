@@ -1,7 +1,9 @@
 """Real Redis servers for the tests: one standalone server and one three-master cluster on loopback.
 
 Theory of operation. The test run starts each server it needs itself (nothing on the machine
-runs one), as a child ``redis-server`` with no persistence, bound to 127.0.0.1 on ports picked
+runs one), as a child ``redis-server`` with no persistence (``running_redis(..., aof=True)``:
+an append-only file fsynced on every write, so a restart, even after SIGKILL, keeps every
+write Redis acknowledged), bound to 127.0.0.1 on ports picked
 free at start, in a temporary directory, and stops it when the session ends. They are
 session-wide (starting a cluster takes seconds); tests stay apart by key prefix, never by
 flushing, so no test can see another's keys. Under CI=true a missing ``redis-server`` is a
@@ -56,10 +58,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def restart(self) -> None:
-        """Start it again on the same port (after :meth:`stop`), empty (nothing is persisted); wait for PONG."""
+        """Start it again on the same port (after :meth:`stop` or :meth:`kill`), empty unless it keeps an
+        append-only file (then with everything it acknowledged); wait for PONG."""
         self.process = _launch(self.args)
         if not _wait_for_pong(self.port, self.process):
             raise RuntimeError(f"redis-server did not start again on port {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to write anything more (what it acknowledged is in its AOF, if it has one)."""
+        self.process.kill()
+        self.process.wait()
 
     def stop(self) -> None:
         self.process.terminate()
@@ -105,10 +113,14 @@ def _start(directory: Path, *extra: str) -> RedisServer:
     raise RuntimeError(f"redis-server did not start:\n{last_error}")
 
 
+AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
+"""Persistence for restart tests: every write is in the append-only file before Redis answers it."""
+
+
 @contextlib.contextmanager
-def running_redis(directory: Path) -> Iterator[RedisServer]:
-    """A standalone redis-server for the block."""
-    server = _start(directory)
+def running_redis(directory: Path, *, aof: bool = False) -> Iterator[RedisServer]:
+    """A standalone redis-server for the block (with ``aof``: persisted in an fsynced append-only file)."""
+    server = _start(directory, *(AOF_ALWAYS if aof else ()))
     try:
         yield server
     finally:

@@ -68,6 +68,9 @@ class ErrorCode(IntEnum):
     """The recipient is not a syntactically valid mailbox id."""
     BODY_TOO_LARGE = 3007
     """The body is longer than ``max_frame_bytes - 256``: the DELIVER carrying it would not fit a frame."""
+    STORE_UNREACHABLE = 3008
+    """The broker could not reach its store for this SEND (a whole-SEND code): it may or may not be stored;
+    resend it with the same id (a retry of a stored one is "duplicate")."""
 
     # 4xxx: the broker ended the session.
     CONNECTED_ELSEWHERE = 4001

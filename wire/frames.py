@@ -407,14 +407,15 @@ class Receipt(Frame):
 
     Either one result per distinct recipient (``results``, keyed by the recipient as
     written), or, when the SEND was refused as a whole before any recipient was looked
-    at, only ``code`` (TOO_MANY_RECIPIENTS or BODY_TOO_LARGE) and an empty ``results``.
+    at, only ``code`` (TOO_MANY_RECIPIENTS, BODY_TOO_LARGE or STORE_UNREACHABLE) and an empty ``results``.
     Exactly one of the two is on the wire.
     """
 
     id: str
     results: Mapping[str, RecipientResult] = field(default_factory=dict)
     code: int | None = None
-    """The whole SEND was refused with this code; nothing was stored for anyone."""
+    """The whole SEND was refused with this code: nothing was stored for anyone, except after
+    STORE_UNREACHABLE, which leaves that unknown (resend with the same id)."""
 
     def __post_init__(self) -> None:
         _check_receipt(self.id, self.results, self.code)

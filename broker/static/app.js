@@ -167,7 +167,8 @@ function refusal (code) {
     3004: session?.client.welcome ? `more than ${session.client.welcome.max_recipients} recipients` : 'too many recipients',
     3005: 'id used by another sender',
     3006: 'not a mailbox name',
-    3007: 'message too large'
+    3007: 'message too large',
+    3008: 'relay store unreachable, maybe not stored: send again later'
   }[code]
   return `${words ?? CODE_NAMES.get(code) ?? 'refused'} (${code})`
 }

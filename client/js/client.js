@@ -333,7 +333,9 @@ export class RelayClient extends EventTarget {
    *   this sender for that recipient; nothing new stored) or "refused" with a 3xxx `code`.
    * - `{id, code}` without `results`: the broker refused the SEND as a whole and stored
    *   nothing for anyone: 3004 TOO_MANY_RECIPIENTS (more distinct recipients than WELCOME's
-   *   `max_recipients`) or 3007 BODY_TOO_LARGE (body longer than `max_frame_bytes` - 256).
+   *   `max_recipients`) or 3007 BODY_TOO_LARGE (body longer than `max_frame_bytes` - 256); or
+   *   3008 STORE_UNREACHABLE: the broker could not reach its store, and the message may or may
+   *   not be stored: send it again later with the same id (a stored one is then "duplicate").
    *   Test `receipt.code !== undefined` first.
    * While disconnected the send waits and goes out (same id) on reconnect.
    * Rejects with LocalProtocolError, storing and sending nothing, if the frame is not valid

@@ -15,11 +15,15 @@
 // An outbox entry whose `results` is null and that has no `code` is a send the broker has not
 // confirmed; the client sends it again, with the same id, after a reconnect or a page reload
 // (the broker answers "duplicate" if it already holds it). `code` marks a SEND the broker
-// refused as a whole (3004 TOO_MANY_RECIPIENTS, 3007 BODY_TOO_LARGE): nothing was stored.
+// refused as a whole (3004 TOO_MANY_RECIPIENTS, 3007 BODY_TOO_LARGE): nothing was stored. A receipt
+// with 3008 STORE_UNREACHABLE (the broker could not reach its store: maybe stored, maybe not) confirms
+// nothing, so it leaves the entry unconfirmed: it is sent again, with the same id, like any other.
 //
 // Versions. 1 keyed the inbox by id alone; opening a version-1 database upgrades it in place
 // (onupgradeneeded, one versionchange transaction: every record is copied under its new key,
 // or, if anything fails, nothing changes and the database stays at version 1).
+
+import { ERROR_CODES } from './codec.js'
 
 export const VERSION = 2
 /** The inbox's key path: a message's identity for this client. */
@@ -154,13 +158,16 @@ export class MessageStore {
   /**
    * Record the broker's receipt for an outgoing message: `{id, results}`, or `{id, code}` for a
    * SEND refused as a whole. Resolves the updated entry, or undefined if the id is not in the outbox.
+   * A STORE_UNREACHABLE (3008) receipt changes nothing: the entry stays unconfirmed (to be sent again).
    */
   async saveReceipt (receipt) {
     const tx = this.db.transaction('outbox', 'readwrite')
     const outbox = tx.objectStore('outbox')
     const entry = await promised(outbox.get(receipt.id))
     let updated
-    if (entry !== undefined) {
+    if (entry !== undefined && receipt.code === ERROR_CODES.STORE_UNREACHABLE) {
+      updated = entry
+    } else if (entry !== undefined) {
       updated = receipt.code !== undefined ? { ...entry, results: null, code: receipt.code } : { ...entry, results: receipt.results }
       outbox.put(updated)
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import trio
 
+from broker.backend import probed_health
 from broker.delivery import Delivery
 from broker.outbox import Outbox
 from broker.stats import Counters
@@ -73,7 +74,7 @@ class Pump:
         self.counters = Counters()
         self.delivery = Delivery(
             "bob", claim, store=store, conn=self.conn, outbox=self.outbox, counters=self.counters,
-            max_inflight=8, clock=clock,
+            max_inflight=8, clock=clock, health=probed_health(store),
         )  # fmt: skip
 
 

@@ -6,13 +6,16 @@ with fake subscribers, so each test sees exactly what the router returned and di
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence, Set
+
 import pytest
 
+from broker.backend import probed_health
 from broker.config import BrokerConfig
 from broker.presence import LocalPresence
 from broker.router import Plan, Router, SendOutcome, plan_send
 from broker.stats import Counters
-from broker.store.base import StoreLimits
+from broker.store.base import NewMessage, Outcome, StoreLimits
 from broker.store.memory import MemoryStore
 from wire import ErrorCode, RecipientResult, Send, Status
 
@@ -44,7 +47,9 @@ class Parts:
         self.store = MemoryStore(limits)
         self.presence = LocalPresence()
         self.counters = Counters()
-        self.router = Router(self.config, self.store, self.presence, self.counters, clock=self.clock)
+        self.router = Router(
+            self.config, self.store, self.presence, self.counters, clock=self.clock, health=probed_health(self.store)
+        )
 
 
 @pytest.fixture
@@ -140,3 +145,63 @@ async def test_cleanup_purges_expired_messages_and_has_sessions_recount(parts: P
     assert await parts.router.cleanup() == 1
     assert bob.resyncs == 1
     assert await parts.router.pending("bob") == 0
+
+
+class UnreachableStore(MemoryStore):
+    """A store whose enqueue fails as a Redis pipeline can, while ``down``: after storing the first message."""
+
+    down = True
+
+    async def enqueue_many(self, messages: Sequence[NewMessage], now_ms: int) -> list[list[Outcome]]:
+        if not self.down:
+            return await super().enqueue_many(messages, now_ms)
+        await super().enqueue_many(messages[:1], now_ms)
+        raise ConnectionError("the store went away mid-batch")
+
+
+class DeafPresence(LocalPresence):
+    """Presence that cannot say who is online (its Redis is unreachable)."""
+
+    async def online(self, mailboxes: Collection[str]) -> Set[str]:
+        raise ConnectionError("presence unreachable")
+
+
+async def test_a_batch_the_store_failed_to_take_is_3008_per_send_never_a_false_outcome() -> None:
+    parts = Parts()
+    store = UnreachableStore()
+    health = probed_health(store)
+    router = Router(parts.config, store, parts.presence, parts.counters, clock=parts.clock, health=health)
+    sends = [
+        Send(id="m1", to=("bob",), body=b"x"),
+        Send(id="m2", to=tuple(f"r{i}" for i in range(200)), body=b"x"),  # refused whole before storing
+        Send(id="m3", to=("carol", "not a mailbox!"), body=b"y"),
+        Send(id="m4", to=("not a mailbox!",), body=b"z"),  # nothing to store: its own outcome
+    ]
+    routed = await router.route("alice", sends)
+    assert routed.receipts == [
+        SendOutcome("m1", {}, ErrorCode.STORE_UNREACHABLE),  # (it was stored: a retry is "duplicate")
+        SendOutcome("m2", {}, ErrorCode.TOO_MANY_RECIPIENTS),
+        SendOutcome("m3", {}, ErrorCode.STORE_UNREACHABLE),
+        SendOutcome("m4", {"not a mailbox!": refused(ErrorCode.INVALID_RECIPIENT)}),
+    ]
+    assert routed.wake == []
+    assert (health.available, health.errors, parts.counters.sent) == (False, 1, 0)
+    assert await store.pending("bob", parts.clock()) == 1, "stored before the failure: 3008 claimed nothing"
+    store.down = False
+    retried = await router.route("alice", sends[:1])
+    assert retried.receipts[0].results == {"bob": DUPLICATE}
+
+
+async def test_stored_but_presence_unreachable_is_queued_not_delivered_and_everyone_is_woken() -> None:
+    parts = Parts()
+    presence = DeafPresence()
+    bob = FakeSubscriber("s-bob")
+    await presence.claim("bob", bob)
+    health = probed_health(parts.store)
+    router = Router(parts.config, parts.store, presence, parts.counters, clock=parts.clock, health=health)
+    routed = await router.route("alice", [Send(id="m1", to=("bob", "carol", "no!"), body=b"x")])
+    assert routed.receipts == [
+        SendOutcome("m1", {"no!": refused(ErrorCode.INVALID_RECIPIENT), "bob": QUEUED, "carol": QUEUED})
+    ]
+    assert sorted(routed.wake) == ["bob", "carol"], "a local holder still pumps at once"
+    assert (health.available, health.errors, parts.counters.sent) == (False, 1, 2)

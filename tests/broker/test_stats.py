@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from broker.backend import probed_health
 from broker.presence import LocalPresence
 from broker.stats import NODE_NAMES, REFUSAL_NAMES, RELAY_NAMES, STATS_NAMES, NodeStatistics, Statistics, Stats
 from broker.store.base import StoreStatistics
@@ -52,7 +53,7 @@ def test_the_names_are_protocol_md_section_10s() -> None:
 async def test_a_snapshot_reads_the_store_presence_connections_and_counters() -> None:
     store = MemoryStore()
     presence = LocalPresence()
-    stats = Stats(store, presence, lambda: 3, clock=lambda: 0)
+    stats = Stats(store, presence, lambda: 3, clock=lambda: 0, health=probed_health(store))
     stats.counters.delivered = 5
     stats.counters.refuse(ErrorCode.BROKER_FULL)
     snapshot = await stats.snapshot()
@@ -60,5 +61,5 @@ async def test_a_snapshot_reads_the_store_presence_connections_and_counters() ->
     assert snapshot.to_wire()["refused_broker_full"] == 1
     assert snapshot.relay.messages_total == 0
     assert snapshot.to_wire()["store_round_trips"] == 0  # nothing networked
-    counted = Stats(store, presence, lambda: 0, clock=lambda: 0, round_trips=lambda: 17)
+    counted = Stats(store, presence, lambda: 0, clock=lambda: 0, health=probed_health(store), round_trips=lambda: 17)
     assert (await counted.snapshot()).to_wire()["store_round_trips"] == 17

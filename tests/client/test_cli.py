@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,13 @@ from relay_testing import url_of
 
 from broker.auth import Authenticator
 from broker.server import Broker
+from broker.store.base import NewMessage, Outcome
+from broker.store.memory import MemoryStore
 from client import LocalStore, open_client
 from client.cli import main
 from client.localstore import SENT_NOTE
+from tests.conftest import running_broker
+from wire import ErrorCode
 
 TIMEOUT_S = 20
 
@@ -255,6 +260,36 @@ async def test_a_send_refused_as_a_whole_prints_its_code_and_exits_1(broker_fact
         assert run.lines == ['{"id": "r2", "refused": {"code": 3007, "name": "BODY_TOO_LARGE"}}']
         assert (await broker.statistics())["messages_total"] == 0
     assert not store.exists()  # nothing was accepted, so nothing is recorded as sent
+
+
+class UnreachableStore(MemoryStore):
+    """The in-memory store, except that enqueue fails (as a Redis store that cannot be reached does) while ``down``."""
+
+    down = True
+
+    async def enqueue_many(self, messages: Sequence[NewMessage], now_ms: int) -> list[list[Outcome]]:
+        if self.down:
+            raise ConnectionError("the store cannot be reached")
+        return await super().enqueue_many(messages, now_ms)
+
+
+async def test_a_send_the_store_could_not_take_returns_3008_and_relay_send_says_so(tmp_path: Path) -> None:
+    store = UnreachableStore()
+    async with running_broker(tmp_path, inject_store=store) as broker:
+        async with open_client(url_of(broker), broker.auth.issue("alice")) as client:
+            receipt = await client.send("bob", b"x", id="u1")
+            assert (receipt.code, receipt.results) == (ErrorCode.STORE_UNREACHABLE, {})
+            assert client.connected, "the session stays up"
+        run = await relay(*opts(broker, "alice", tmp_path / "alice.sqlite3"), "send", "--to", "bob", "--id", "u2", "y")
+        assert run.status == 1
+        assert run.lines == ['{"id": "u2", "refused": {"code": 3008, "name": "STORE_UNREACHABLE"}}']
+        assert run.err == (
+            "relay: the broker could not reach its store (3008): the message may or may not be stored; "
+            "send it again later with --id u2 (if it was stored, the retry says duplicate)\n"
+        )
+        store.down = False
+        run = await relay(*opts(broker, "alice", tmp_path / "alice.sqlite3"), "send", "--to", "bob", "--id", "u2", "y")
+        assert (run.status, run.lines) == (0, ['{"id": "u2", "results": {"bob": {"status": "queued"}}}'])
 
 
 def test_send_help_says_what_queued_and_delivered_mean(capsys: pytest.CaptureFixture[str]) -> None:

@@ -296,7 +296,7 @@ def build_valid() -> None:
             "unique_recipients queued_bytes sent_total delivered_total redelivered_total expired_total "
             "duplicates_total refused_total refused_mailbox_full refused_mailbox_bytes_full refused_broker_full "
             "refused_too_many_recipients refused_id_conflict refused_invalid_recipient connections inflight "
-            "tombstones store_round_trips".split()
+            "tombstones store_round_trips store_available store_errors_total".split()
         )
     }
     valid("stats_result", "STATS_RESULT with every key protocol.md lists", StatsResult(stats=stats))

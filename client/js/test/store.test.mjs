@@ -152,6 +152,8 @@ test('receipts: results, a whole-SEND refusal (code), and what stays unconfirmed
   const refused = await store.saveReceipt({ id: 'o-2', code: 3004 })
   assert.deepEqual([refused.results, refused.code], [null, 3004])
   assert.equal(await store.saveReceipt({ id: 'unknown', code: 3007 }), undefined)
+  const unreachable = await store.saveReceipt({ id: 'o-3', code: 3008 })  // maybe stored, maybe not: resend
+  assert.deepEqual([unreachable.results, unreachable.code], [null, undefined])
   assert.deepEqual((await store.unconfirmed()).map((e) => e.id), ['o-3'])
   assert.deepEqual((await store.outbox()).map((e) => [e.id, e.code]), [['o-1', undefined], ['o-2', 3004], ['o-3', undefined]])
 })
