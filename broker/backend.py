@@ -124,6 +124,7 @@ async def _open_redis_backend(config: BrokerConfig) -> AsyncIterator[Backend]:
                     prefix=config.store_prefix,
                     lease_s=config.presence_lease_s,
                     takeover_wait_s=TAKEOVER_WAIT_S,
+                    health=health,
                 ) as presence,
                 trio.open_nursery() as nursery,
             ):

@@ -110,8 +110,9 @@ Errors: ``claim`` and ``online`` raise :class:`~broker.redis_client.RedisUnavail
 OSError, as the store does) when Redis cannot be reached or serve; ``release``, ``wake``
 and ``resync`` log Redis failures and return (what is queued is delivered by the session's
 next pump: reconnect, resync, a renewal that finds the claim gone). The background tasks
-log and carry on; the client's own timeouts (``broker.redis_client`` sets them) bound
-every call.
+log and carry on (given the node's :class:`~broker.health.StoreHealth`, Redis being
+unreachable is told to it instead, which logs each outage once, not each failed call);
+the client's own timeouts (``broker.redis_client`` sets them) bound every call.
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ from coredis.exceptions import RedisError
 
 from wire import ErrorCode
 
+from .health import StoreHealth
 from .presence import TAKEOVER_WAIT_S, Subscriber
-from .redis_client import redis_errors
+from .redis_client import redis_errors, unreachable
 from .store.base import Claim
 
 __all__ = ["EPOCH_KEEP_S", "HINT_VALID_S", "LEASE_S", "RedisPresence", "open_redis_presence"]
@@ -243,6 +245,7 @@ class RedisPresence:
         prefix: str = "relay",
         lease_s: float = LEASE_S,
         takeover_wait_s: float = TAKEOVER_WAIT_S,
+        health: StoreHealth | None = None,
     ) -> None:
         for what, name in (("node_id", node_id), ("prefix", prefix)):
             if not _NAME_RE.fullmatch(name):
@@ -254,6 +257,7 @@ class RedisPresence:
         self.prefix = prefix
         self.lease_s = lease_s
         self.takeover_wait_s = takeover_wait_s
+        self._health = health
         self.round_trips = 0
         """Commands and pipelines sent to Redis for the callers' calls so far (a cluster pipeline counts once)."""
         self.background_round_trips = 0
@@ -273,6 +277,16 @@ class RedisPresence:
         self._pings_heard = 0
         self._ping_expected = 0
         self._ping_expected_at = 0.0
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """A Redis call that never raises to its caller failed: Redis being unreachable goes to the node's health
+        (which logs each outage once), anything else is logged here."""
+        down = unreachable(exc)
+        if down is not None and self._health is not None:
+            self._health.failed(down)
+            log.debug("%s failed: %r", what, exc)
+        else:
+            log.warning("%s failed: %r", what, exc)
 
     # ------------------------------------------------------------ names
 
@@ -386,7 +400,7 @@ class RedisPresence:
                 self._count(background)
                 await self._release_script(keys=[self._key(mailbox, "holder")], args=[suffix, epoch])
             except _REDIS_ERRORS as exc:
-                log.warning("release of %s failed (its lease will end it): %r", mailbox, exc)
+                self._failed(f"release of {mailbox} (its lease will end it)", exc)
         if scope.cancelled_caught:
             log.warning("release of %s timed out (its lease will end it)", mailbox)
 
@@ -456,7 +470,7 @@ class RedisPresence:
             if remote:
                 await self._publish_many([(node, {"op": op, "to": to}) for node, to in remote.items()])
         except _REDIS_ERRORS as exc:
-            log.warning("%s of %d remote mailboxes failed: %r", op, len(unknown) + len(remote), exc)
+            self._failed(f"{op} of {len(unknown) + len(remote)} remote mailboxes", exc)
 
     def count(self) -> int:
         """How many mailboxes are held on this node."""
@@ -499,7 +513,7 @@ class RedisPresence:
             try:
                 await self._publish(node, message, background=True)
             except _REDIS_ERRORS as exc:
-                log.warning("could not send %s to node %s: %r", message.get("op"), node, exc)
+                self._failed(f"sending {message.get('op')} to node {node}", exc)
 
         self._spawn(send)
 
@@ -614,7 +628,7 @@ class RedisPresence:
             try:
                 await self._publish(node, {"op": "done", "mailbox": mailbox, "epoch": epoch}, background=True)
             except _REDIS_ERRORS as exc:
-                log.warning("could not tell node %s that %s is free: %r", node, mailbox, exc)
+                self._failed(f"telling node {node} that {mailbox} is free", exc)
 
         self._spawn(finish)
 
@@ -641,7 +655,7 @@ class RedisPresence:
                 await self._renew()
                 await self._probe()
             except _REDIS_ERRORS as exc:
-                log.warning("presence renewal of node %s failed: %r", self.node_id, exc)
+                self._failed(f"presence renewal of node {self.node_id}", exc)
             self._prune_hints()
 
     async def _renew(self) -> None:
@@ -685,7 +699,7 @@ class RedisPresence:
         try:
             await self._probe()
         except _REDIS_ERRORS as exc:
-            log.warning("presence probe of node %s failed: %r", self.node_id, exc)
+            self._failed(f"presence probe of node {self.node_id}", exc)
 
     async def _probe(self) -> None:
         """Ping this node's own channel; reopen the subscription if nobody listens or the last ping was not heard."""
@@ -716,6 +730,7 @@ async def open_redis_presence(
     prefix: str = "relay",
     lease_s: float = LEASE_S,
     takeover_wait_s: float = TAKEOVER_WAIT_S,
+    health: StoreHealth | None = None,
 ) -> AsyncIterator[RedisPresence]:
     """A running :class:`RedisPresence` for the block: subscribed to its node's channel, renewing leases.
 
@@ -725,7 +740,9 @@ async def open_redis_presence(
     without releasing anything: sessions release their own claims, and whatever is left
     ends with its lease. Raises ValueError for a bad ``node_id`` or ``prefix``.
     """
-    presence = RedisPresence(client, node_id=node_id, prefix=prefix, lease_s=lease_s, takeover_wait_s=takeover_wait_s)
+    presence = RedisPresence(
+        client, node_id=node_id, prefix=prefix, lease_s=lease_s, takeover_wait_s=takeover_wait_s, health=health
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(presence.run)
         try:

@@ -17,7 +17,8 @@ that stops answering surfaces as an error instead of a hang. :func:`redis_errors
 the translation of coredis's failures to reach Redis (its ``ConnectionError``, which is
 not an ``OSError``, timeouts, a cluster that is down or re-sharding, a read-only replica
 after a failover) into :class:`RedisUnavailable`, an ``OSError``: the Store and Presence
-protocols promise their callers OSError for a networked backend that cannot be reached.
+protocols promise their callers OSError for a networked backend that cannot be reached;
+:func:`unreachable` is the same judgement for code that catches coredis's errors itself.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "open_redis",
     "parse_redis_url",
     "redis_errors",
+    "unreachable",
 ]
 
 DEFAULT_PORT = 6379
@@ -177,6 +179,16 @@ def redis_errors() -> Iterator[None]:
         yield
     except _FAILURES as exc:
         raise RedisUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+def unreachable(exc: BaseException) -> OSError | None:
+    """``exc`` as the OSError :func:`redis_errors` would make of it (or it is already), or None if it is not a
+    failure to reach or use Redis (e.g. a script error): for code that catches coredis's errors itself."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, _FAILURES):
+        return RedisUnavailable(f"Redis unavailable: {exc}")
+    return None
 
 
 def _lone_error(group: BaseExceptionGroup[BaseException]) -> Exception | None:
