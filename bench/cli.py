@@ -9,7 +9,10 @@
 
 Common options: ``--body-bytes 256``, ``--transport tcp|ws``, ``--json FILE``, ``--plot FILE.png``,
 ``--no-progress``; ``--url URL --data-dir DIR [--broker-pid PID]`` to use a running broker instead of
-starting one; ``--broker-arg=--max-inflight=512`` (repeatable) to pass settings to a started broker.
+starting one; ``--broker-arg=--max-inflight=512`` (repeatable) to pass settings to a started broker;
+``--store redis://HOST:PORT/DB`` (or ``--store redis``: a private Redis the bench starts and stops) for
+the started broker's store, and ``--nodes 2`` for two broker nodes over it (senders on the first,
+recipients on the second).
 
 ``main(argv) -> int`` is what the installed command runs; tests call it directly.
 """
@@ -72,6 +75,18 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ARG",
         help="extra argument for a started broker, repeatable",
+    )
+    g.add_argument(
+        "--store",
+        metavar="URL",
+        help="the started broker's store (its --store), or 'redis': start a private redis-server and use it "
+        "(default: the in-memory store)",
+    )
+    g.add_argument(
+        "--nodes",
+        type=_positive_int,
+        default=1,
+        help="broker nodes to start over --store (default 1); with 2, senders use node 1 and recipients node 2",
     )
     g.add_argument("--body-bytes", type=_positive_int, default=256, help="message body size (default 256, min 16)")
     g.add_argument("--json", type=Path, metavar="FILE", help="write every figure and the configuration as JSON")
@@ -137,13 +152,20 @@ def _check_transport(transport: str) -> None:
 
 
 def _config(args: argparse.Namespace, argv: Sequence[str], target: BrokerTarget) -> dict[str, Any]:
+    first = target.nodes[0]
     return {
         "command_line": shlex.join(["relay-bench", *argv]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "broker_version": relay_version(),
         "broker_mode": target.mode,
-        "broker_command": shlex.join(target.command) if target.command else None,
-        "broker_pid": target.pid,
+        "broker_command": shlex.join(first.command) if first.command else None,
+        "broker_pid": first.process.pid if first.process is not None else None,
+        "nodes": len(target.nodes),
+        "node_urls": [n.url for n in target.nodes],
+        "node_pids": [n.process.pid if n.process is not None else None for n in target.nodes],
+        "store": target.store or ("memory" if target.mode == "subprocess" else None),
+        "redis_command": shlex.join(target.redis.command) if target.redis is not None else None,
+        "redis_pid": target.redis_process.pid if target.redis_process is not None else None,
         "url": target.url,
         "transport": target.url.split("://", 1)[0],  # with --url, its scheme decides
         "body_bytes": args.body_bytes,
@@ -207,11 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_transport(args.url.split("://", 1)[0] if args.url else args.transport)
         if args.url:
+            if args.store is not None or args.nodes != 1:
+                parser.error("--store and --nodes are for a started broker, not --url")
             target = BrokerTarget.external(args.url, args.data_dir, args.broker_pid)
         else:
             if args.data_dir is not None:
                 parser.error("--data-dir goes with --url (a started broker gets a temporary data dir)")
-            target = BrokerTarget.start(args.transport, args.broker_arg)
+            target = BrokerTarget.start(args.transport, args.broker_arg, store=args.store, nodes=args.nodes)
         with target:
             with _progress(console, not args.no_progress) as progress:
                 report = SCENARIOS[args.scenario](args, target, progress)
@@ -220,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if transport != "tcp" and report.data["targets"]:
                 report.data["targets"] = []
                 report.note(f"the targets are set for TCP; this run used {transport}, so none is judged")
-            if target.mode == "external" and target.process is None:
+            if target.mode == "external" and target.nodes[0].process is None:
                 report.note(
                     "the broker's process is not watched (no --broker-pid, not found by port): no CPU/RSS figures"
                 )

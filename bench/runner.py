@@ -2,9 +2,10 @@
 
 :func:`run_load` starts one process per :class:`~bench.worker.WorkerSpec` (``spawn``: each has
 its own interpreter and trio loop), waits until all are connected, gives them a common start
-time, samples the broker's and the workers' CPU time every ``SAMPLE_S`` while updating the
-progress bar, tells them to stop once every accepted message has been delivered (or the drain
-deadline passes), and merges their histograms, counters and per-interval delivery counts.
+time, samples the CPU time of the broker's processes (each node, and Redis) and of the workers
+every ``SAMPLE_S`` while updating the progress bar, tells them to stop once every accepted
+message has been delivered (or the drain deadline passes), and merges their histograms,
+counters and per-interval delivery counts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hdrh.histogram import HdrHistogram
 from .target import BenchError, BrokerTarget
 from .worker import Shared, WorkerSpec, new_histogram, worker_main
 
-__all__ = ["LoadResult", "Progress", "Sample", "run_load"]
+__all__ = ["LoadResult", "Progress", "Sample", "cpu_delta", "host_busy_s", "run_load"]
 
 SAMPLE_S = 0.1
 """How often the parent samples CPU times and updates the progress bar."""
@@ -40,7 +41,7 @@ Progress = Callable[..., None]
 @dataclass
 class Sample:
     t_s: float  # seconds since the load started (negative before)
-    broker_cpu_s: float | None
+    cpu_s: dict[str, float | None]  # per watched process (BrokerTarget.cpu_times: node1..., redis)
     workers_cpu_s: float
     delivered: int
     host_busy_s: float  # CPU seconds spent by the whole host (all cores)
@@ -63,14 +64,11 @@ class LoadResult:
     held: dict[str, Any] = field(default_factory=dict)
     """What the ``while_held`` callback returned (the connections scenario's measurements)."""
 
-    def cpu_between(self, t0_s: float, t1_s: float) -> tuple[float | None, float, float]:
-        """(broker, workers, host) CPU seconds spent between two sample times (nearest samples)."""
+    def cpu_between(self, t0_s: float, t1_s: float) -> tuple[dict[str, float | None], float, float]:
+        """(per watched process, workers, host) CPU seconds spent between two sample times (nearest samples)."""
         a = min(self.samples, key=lambda s: abs(s.t_s - t0_s))
         b = min(self.samples, key=lambda s: abs(s.t_s - t1_s))
-        broker = None
-        if a.broker_cpu_s is not None and b.broker_cpu_s is not None:
-            broker = b.broker_cpu_s - a.broker_cpu_s
-        return broker, b.workers_cpu_s - a.workers_cpu_s, b.host_busy_s - a.host_busy_s
+        return cpu_delta(a.cpu_s, b.cpu_s), b.workers_cpu_s - a.workers_cpu_s, b.host_busy_s - a.host_busy_s
 
     def sample_span(self, t0_s: float, t1_s: float) -> float:
         a = min(self.samples, key=lambda s: abs(s.t_s - t0_s))
@@ -78,7 +76,17 @@ class LoadResult:
         return b.t_s - a.t_s
 
 
-def _host_busy_s() -> float:
+def cpu_delta(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float | None]:
+    """CPU seconds each process spent from reading ``a`` to reading ``b`` (None when either is unknown)."""
+    out: dict[str, float | None] = {}
+    for name, v in b.items():
+        v0 = a.get(name)
+        out[name] = None if v is None or v0 is None else v - v0
+    return out
+
+
+def host_busy_s() -> float:
+    """CPU seconds the whole host has spent so far (all cores)."""
     t = psutil.cpu_times()
     return float(t.user + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "nice", 0.0))
 
@@ -148,10 +156,10 @@ def run_load(
         def sample() -> Sample:
             s = Sample(
                 (time.time_ns() - start_ns) / 1e9,
-                target.cpu_s(),
+                target.cpu_times(),
                 _cpu(watched),
                 sum(shared.delivered[i] for i in range(n)),
-                _host_busy_s(),
+                host_busy_s(),
             )
             samples.append(s)
             return s

@@ -1,4 +1,4 @@
-"""The broker under test: one the bench starts as a subprocess, or one already running.
+"""The broker under test: one or more nodes the bench starts as subprocesses, or one already running.
 
 A started broker is ``python -m broker serve`` on free ports with a temporary data dir; its
 URL is read from the lines it prints: ``relay-broker listening on tcp://HOST:PORT`` (TCP) and
@@ -6,6 +6,14 @@ URL is read from the lines it prints: ``relay-broker listening on tcp://HOST:POR
 CPU time and RSS are the broker's alone. For a running broker (``--url``) the bench needs the
 signing secret to mint tokens (``--data-dir`` of that broker) and, for CPU/RSS figures, its
 process (``--broker-pid``, or found by the listening port).
+
+Over Redis (``store``), the bench can start Redis itself (:class:`RedisServer`: a private
+``redis-server`` on a free loopback port, no persistence, in the temp dir) and several nodes
+over it: each node gets the same data dir, so they share one token secret. Senders connect
+to the first node (:attr:`BrokerTarget.url`), recipients to the last
+(:attr:`BrokerTarget.receive_url`): with one node they are the same. Redis's process is
+watched like the nodes' (found by port for a Redis the bench did not start), so
+:meth:`BrokerTarget.cpu_times` gives CPU time per node and for Redis.
 """
 
 from __future__ import annotations
@@ -13,24 +21,27 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
-import trio
 
 from broker.auth import Authenticator, load_or_create_secret
 
-__all__ = ["BenchError", "BrokerTarget", "raise_nofile_limit", "relay_version"]
+__all__ = ["BenchError", "BrokerTarget", "Node", "RedisServer", "raise_nofile_limit", "relay_version"]
 
 BROKER_START_TIMEOUT_S = 20.0
-"""Longest a started broker may take to print its listening line."""
+"""Longest a started broker (or Redis) may take to print its listening line."""
+START_REDIS = "redis"
+"""``--store redis``: the bench starts a private Redis and uses it."""
 
 
 class BenchError(Exception):
@@ -74,37 +85,103 @@ def _pid_listening_on(port: int) -> int | None:
     return None
 
 
-class BrokerTarget:
-    """The broker a scenario runs against: URL, token minting, operator stats, CPU and RSS."""
+def _free_port() -> int:
+    import socket
 
-    def __init__(
-        self,
-        url: str,
-        secret: bytes,
-        *,
-        process: psutil.Process | None,
-        mode: str,
-        popen: subprocess.Popen[str] | None = None,
-        workdir: Path | None = None,
-        command: list[str] | None = None,
-    ) -> None:
-        self.url = url
-        self.mode = mode  # "subprocess" or "external"
-        self.process = process
-        self.command = command
-        self._auth = Authenticator(secret)
-        self.secret = secret
-        self._popen = popen
-        self._workdir = workdir
-        self.stdout_lines: list[str] = []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    # ------------------------------------------------------------ construction
+
+def _watch(pid: int | None) -> psutil.Process | None:
+    if pid is None:
+        return None
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def _stop(popen: subprocess.Popen[str]) -> None:
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+
+
+class RedisServer:
+    """A private ``redis-server`` the bench starts: loopback, a free port, no persistence, its own dir."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise BenchError("--store redis starts a private Redis, but redis-server is not on PATH")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "redis.log"
+        for _attempt in range(3):  # a free port can be taken between the probe and Redis's bind
+            self.port = _free_port()
+            self.command = [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                str(self.log),
+            ]
+            self.popen: subprocess.Popen[str] = subprocess.Popen(
+                self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True
+            )
+            if self._wait_ready():
+                self.process = psutil.Process(self.popen.pid)
+                return
+            _stop(self.popen)
+        raise BenchError(f"redis-server did not start ({shlex.join(self.command)}):\n{self.log_tail()}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while time.monotonic() < deadline and self.popen.poll() is None:
+            if "Ready to accept connections" in self.log_tail():
+                return True
+            time.sleep(0.01)
+        return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def log_tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        _stop(self.popen)
+
+
+@dataclass
+class Node:
+    """One broker process: its URL and, when watched, its process (and its Popen when the bench started it)."""
+
+    url: str
+    process: psutil.Process | None
+    popen: subprocess.Popen[str] | None = None
+    command: list[str] | None = None
+    log: Path | None = None
 
     @classmethod
-    def start(cls, transport: str = "tcp", broker_args: list[str] | None = None) -> BrokerTarget:
-        """Start ``python -m broker serve`` on free ports with a temporary data dir. Raises BenchError."""
-        workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-        data_dir = workdir / "data"
+    def start(cls, transport: str, data_dir: Path, log: Path, broker_args: list[str]) -> Node:
+        """Start ``python -m broker serve`` on free ports with ``data_dir``. Raises BenchError."""
         command = [
             sys.executable,
             "-m",
@@ -122,17 +199,21 @@ class BrokerTarget:
             "0",
             "--data-dir",
             str(data_dir),
-            *(broker_args or []),
+            *broker_args,
         ]
-        log = (workdir / "broker.log").open("w")
+        log_file = log.open("w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=Path(__file__).resolve().parent.parent
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
         )
-        log.close()
+        log_file.close()
         assert popen.stdout is not None
         url: str | None = None
-        lines: list[str] = []
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         got: list[str] = []
         reader_done = threading.Event()
@@ -156,25 +237,86 @@ class BrokerTarget:
             elif transport == "ws" and line.startswith("WebSocket ws://"):
                 url = line.split()[1].rstrip(",")
         if url is None or urlsplit(url).port is None:
-            popen.kill()
-            popen.wait()
-            log_text = (workdir / "broker.log").read_text(errors="replace")[-2000:]
-            shutil.rmtree(workdir, ignore_errors=True)
+            _stop(popen)
+            log_text = log.read_text(errors="replace")[-2000:]
             raise BenchError(f"the broker did not start ({' '.join(command)}):\n{''.join(lines)}{log_text}")
         # Keep draining its stdout so it never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in popen.stdout or ()], daemon=True).start()
-        secret = load_or_create_secret(data_dir)
-        target = cls(
-            url,
-            secret,
-            process=psutil.Process(popen.pid),
-            mode="subprocess",
-            popen=popen,
-            workdir=workdir,
-            command=command,
-        )
-        target.stdout_lines = lines
-        return target
+        return cls(url, psutil.Process(popen.pid), popen=popen, command=command, log=log)
+
+    def log_tail(self) -> str:
+        if self.log is None:
+            return ""
+        try:
+            return self.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+class BrokerTarget:
+    """The broker a scenario runs against: its node(s), token minting, operator stats, CPU and RSS."""
+
+    def __init__(
+        self,
+        nodes: list[Node],
+        secret: bytes,
+        *,
+        mode: str,
+        store: str | None = None,
+        redis: RedisServer | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.nodes = nodes
+        self.mode = mode  # "subprocess" or "external"
+        self.store = store
+        """The started nodes' store URL (None: the in-memory store, or an external broker's own)."""
+        self.redis = redis
+        """The Redis the bench started (``--store redis``), stopped with the nodes."""
+        self.redis_process = redis.process if redis is not None else None
+        if self.redis_process is None and store is not None:  # a Redis on this host: found by its port
+            seed = urlsplit(store.split(",")[0])
+            if seed.hostname in ("127.0.0.1", "localhost", "::1"):
+                self.redis_process = _watch(_pid_listening_on(seed.port or 6379))
+        self._auth = Authenticator(secret)
+        self.secret = secret
+        self._workdir = workdir
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def start(
+        cls,
+        transport: str = "tcp",
+        broker_args: list[str] | None = None,
+        *,
+        store: str | None = None,
+        nodes: int = 1,
+    ) -> BrokerTarget:
+        """Start ``nodes`` brokers (one data dir, so one secret) over ``store`` (``"redis"``: a private Redis the
+        bench starts first; None: the in-memory store, one node only). Raises BenchError."""
+        if nodes > 1 and store is None:
+            raise BenchError("several nodes need a shared store: add --store redis (or --store redis://HOST:PORT/DB)")
+        workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+        data_dir = workdir / "data"
+        redis: RedisServer | None = None
+        started: list[Node] = []
+        try:
+            if store == START_REDIS:
+                redis = RedisServer(workdir / "redis")
+                store = redis.url
+            args = [*(broker_args or []), *(["--store", store] if store else [])]
+            for i in range(nodes):  # one after the other: the first creates the secret the others read
+                started.append(Node.start(transport, data_dir, workdir / f"broker-{i + 1}.log", args))
+            secret = load_or_create_secret(data_dir)
+        except BaseException:
+            for node in reversed(started):
+                if node.popen is not None:
+                    _stop(node.popen)
+            if redis is not None:
+                redis.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return cls(started, secret, mode="subprocess", store=store, redis=redis, workdir=workdir)
 
     @classmethod
     def external(cls, url: str, data_dir: Path | None, broker_pid: int | None) -> BrokerTarget:
@@ -196,69 +338,84 @@ class BrokerTarget:
                 process = psutil.Process(pid)
             except psutil.Error as exc:
                 raise BenchError(f"cannot watch broker process {pid}: {exc}") from None
-        return cls(url, secret, process=process, mode="external")
+        return cls([Node(url, process)], secret, mode="external")
 
     # ------------------------------------------------------------ use
+
+    @property
+    def url(self) -> str:
+        """Where senders (and operator stats, idle connections) connect: the first node."""
+        return self.nodes[0].url
+
+    @property
+    def receive_url(self) -> str:
+        """Where recipients connect: the last node (the first when there is one)."""
+        return self.nodes[-1].url
 
     def token(self, name: str, *, operator: bool = False) -> str:
         return self._auth.issue(name, operator=operator, lifetime_s=24 * 3600)
 
-    async def stats(self) -> dict[str, int]:
-        """The broker's statistics, over an operator connection."""
+    async def stats(self, url: str | None = None) -> dict[str, int]:
+        """A node's statistics (default the first; the store's figures are the relay's), over an operator
+        connection."""
         from client import open_client
 
-        async with open_client(self.url, self.token("bench-operator", operator=True), reconnect=False) as c:
+        token = self.token("bench-operator", operator=True)
+        async with open_client(url or self.url, token, reconnect=False) as c:
             return await c.stats()
 
-    def stats_sync(self) -> dict[str, int]:
-        return trio.run(self.stats)
+    async def round_trips(self) -> int | None:
+        """Round trips to the store so far, summed over the nodes (STATS ``store_round_trips``; 0 in memory),
+        or None when a node does not report them."""
+        total = 0
+        for node in self.nodes:
+            value = (await self.stats(node.url)).get("store_round_trips")
+            if value is None:
+                return None
+            total += value
+        return total
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def cpu_s(self) -> float | None:
-        """The broker process's CPU time so far (user + system), or None if it is not watched."""
-        if self.process is None:
-            return None
-        try:
-            t = self.process.cpu_times()
-        except psutil.Error:
-            return None
-        return float(t.user + t.system)
+    def cpu_times(self) -> dict[str, float | None]:
+        """CPU seconds so far (user + system) of each watched process: ``node1``... and ``redis`` when there is
+        one; None for a process that is not watched."""
+        procs: dict[str, psutil.Process | None] = {f"node{i + 1}": n.process for i, n in enumerate(self.nodes)}
+        if self.store is not None or self.redis_process is not None:
+            procs["redis"] = self.redis_process
+        out: dict[str, float | None] = {}
+        for name, p in procs.items():
+            try:
+                t = p.cpu_times() if p is not None else None
+            except psutil.Error:
+                t = None
+            out[name] = None if t is None else float(t.user + t.system)
+        return out
 
     def rss(self) -> int | None:
-        """The broker process's resident set size in bytes, or None if it is not watched."""
-        if self.process is None:
-            return None
-        try:
-            return int(self.process.memory_info().rss)
-        except psutil.Error:
-            return None
+        """The broker nodes' resident set size in bytes, summed, or None if one is not watched."""
+        return _rss([n.process for n in self.nodes])
+
+    def redis_rss(self) -> int | None:
+        """Redis's resident set size in bytes, or None if it is not watched."""
+        return _rss([self.redis_process]) if self.redis_process is not None else None
 
     def check_alive(self) -> None:
-        if self._popen is not None and self._popen.poll() is not None:
-            raise BenchError(f"the broker exited with status {self._popen.returncode}; see {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        if self._workdir is None:
-            return ""
-        try:
-            return (self._workdir / "broker.log").read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
+        for i, node in enumerate(self.nodes):
+            if node.popen is not None and node.popen.poll() is not None:
+                raise BenchError(
+                    f"broker node {i + 1} exited with status {node.popen.returncode}; see {node.log_tail()}"
+                )
+        if self.redis is not None and self.redis.popen.poll() is not None:
+            raise BenchError(f"redis-server exited with status {self.redis.popen.returncode}; {self.redis.log_tail()}")
 
     def close(self) -> None:
-        """Stop a started broker (SIGTERM, then SIGKILL) and remove its data dir; nothing for external ones."""
-        if self._popen is not None:
-            if self._popen.poll() is None:
-                self._popen.terminate()
-                try:
-                    self._popen.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._popen.kill()
-                    self._popen.wait()
-            self._popen = None
+        """Stop started nodes (SIGTERM, then SIGKILL), then a started Redis, and remove the temp dir."""
+        for node in reversed(self.nodes):
+            if node.popen is not None:
+                _stop(node.popen)
+                node.popen = None
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -268,3 +425,15 @@ class BrokerTarget:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _rss(procs: list[psutil.Process | None]) -> int | None:
+    total = 0
+    for p in procs:
+        if p is None:
+            return None
+        try:
+            total += int(p.memory_info().rss)
+        except psutil.Error:
+            return None
+    return total

@@ -12,7 +12,8 @@ falls behind its schedule is charged for it (no coordinated omission).
 Two sending modes: ``rate`` (a fixed schedule per sender, catching up in one batch when late)
 and ``max`` (closed loop: ``depth`` concurrent ``send_batch`` calls per sender, paused while more
 than ``window`` messages are sent but not yet delivered, over all workers). Receivers take
-deliveries in batches and ACK each batch at once.
+deliveries in batches and ACK each batch at once. Senders connect to ``url`` and receivers to
+``receive_url``: the same node, or with two nodes the first and the last, so every message crosses.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class WorkerSpec:
 
     index: int
     url: str
+    """Where senders and idle connections connect (the first node)."""
+    receive_url: str
+    """Where receivers connect (the last node: with two nodes, every message crosses from one to the other)."""
     secret: bytes
     senders: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     """(own mailbox, recipients of each message) per sending client."""
@@ -134,8 +138,13 @@ class _Worker:
             if spec.idle:
                 await self._hold_idle(stack)
                 return
-            receivers = [(m, await stack.enter_async_context(self._open(open_client, m))) for m in spec.receivers]
-            senders = [(await stack.enter_async_context(self._open(open_client, m)), to) for m, to in spec.senders]
+            receivers = [
+                (m, await stack.enter_async_context(self._open(open_client, spec.receive_url, m)))
+                for m in spec.receivers
+            ]
+            senders = [
+                (await stack.enter_async_context(self._open(open_client, spec.url, m)), to) for m, to in spec.senders
+            ]
             shared.ready[i] = 1
             while shared.start_ns.value == 0 and not shared.stop.value:
                 await trio.sleep(0.002)
@@ -152,8 +161,8 @@ class _Worker:
                     shared.sending_done[i] = 1
             # Closing the clients says BYE after writing the queued ACKs.
 
-    def _open(self, open_client: Any, mailbox: str) -> Any:
-        return open_client(self.spec.url, self.token(mailbox), reconnect=False, agent="relay-bench")
+    def _open(self, open_client: Any, url: str, mailbox: str) -> Any:
+        return open_client(url, self.token(mailbox), reconnect=False, agent="relay-bench")
 
     async def _watch_stop(self, scope: trio.CancelScope) -> None:
         while not self.shared.stop.value:
