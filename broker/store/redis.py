@@ -33,15 +33,21 @@ reads Redis's clock, so the broker's one clock decides, as with the memory store
 - ``enqueue``: one mailbox's part of a batch. Per message, in the memory store's order:
   held (``T:m``) -> DUPLICATE if the sender is the same, else ID_CONFLICT; tombstoned and
   not lapsed -> the same (a lapsed tombstone is dropped); MAILBOX_FULL; MAILBOX_BYTES_FULL;
-  BROKER_FULL against the budget it was given (below); else stored at the tail.
+  BROKER_FULL against the budget it was given (below); else stored at the tail. By pages of
+  300 messages: one ``HMGET`` of the records and of the tombstones, one variadic write per
+  key (a message stored earlier in the same call counts as held).
 - ``fetch``: the fence, then the queue's head: expired messages are removed (counted
   expired), the rest move to ``T:f`` with attempt + 1 until ``limit`` or ``max_bytes``.
   The fence: a claim equal to ``fo``/``fe`` passes; a newer epoch first moves every
   in-flight id back to ``T:q`` (its accept number puts it back in order) and becomes the
   fence; anything else gets ``fenced`` and changes nothing.
+  It works a page of the queue at a time (at most 256 ids): one ``HMGET`` of the records
+  and of the attempts, then one variadic ``ZREM``/``ZADD``/``HSET`` per key for the page,
+  not one command per message (Redis's CPU per message is mostly per-command overhead).
 - ``release`` (the fence only): attempt - 1 for the unwritten ids, then in flight -> queue.
-- ``ack``: deletes held ids (unknown ones ignored), tombstones each (at most
-  ``max_tombstones`` per mailbox: the oldest ACK goes first).
+- ``ack``: deletes held ids (unknown ones ignored, one given twice counts once), tombstones
+  each (at most ``max_tombstones`` per mailbox: the oldest ACK goes first); like ``fetch``,
+  by pages of 500 ids with one read and one variadic write per key.
 - ``purge``: one mailbox's expired messages by ``T:x`` (at most 5,000 a call; the sweep
   calls again while more are due) and its expired tombstones from the oldest ACK on.
 - ``peek``, ``pending``, ``expired_count``: reads. ``sync`` and ``index``/``due``/``undue``
@@ -234,6 +240,7 @@ _ENQUEUE = (
     _PRELUDE
     + """
 local STORED, DUPLICATE, ID_CONFLICT, MAILBOX_FULL, MAILBOX_BYTES_FULL, BROKER_FULL = 0, 1, 2, 3, 4, 5
+local ENQUEUE_PAGE = 300
 local now, margin = tonumber(ARGV[1]), tonumber(ARGV[2])
 local max_msgs, max_bytes, budget = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local count = redis.call('HLEN', MSGS)
@@ -247,42 +254,61 @@ end
 local was_empty = count == 0
 local out = {}
 local stored, stored_bytes, stones_dropped = 0, 0, 0
-for i = 6, #ARGV, 5 do
-  local id, sender, body = ARGV[i], ARGV[i + 1], ARGV[i + 4]
-  local code = nil
-  local held = redis.call('HGET', MSGS, id)
-  if held then
-    if cmsgpack.unpack(held) == sender then code = DUPLICATE else code = ID_CONFLICT end
-  else
-    local stone = redis.call('HGET', STONES, id)
-    if stone then
-      local by, lapses = cmsgpack.unpack(stone)
+local added, unstoned = {}, {}  -- id -> sender of what this call stored; ids whose lapsed tombstone it dropped
+-- Pages of messages: one read of the records and tombstones and one write per key for each page.
+for first = 6, #ARGV, 5 * ENQUEUE_PAGE do
+  local last_arg = math.min(first + 5 * ENQUEUE_PAGE - 1, #ARGV)
+  local names = {}
+  for i = first, last_arg, 5 do names[#names + 1] = ARGV[i] end
+  local held = redis.call('HMGET', MSGS, unpack(names))
+  local stones = redis.call('HMGET', STONES, unpack(names))
+  local records, queued, expiring = {}, {}, {}
+  for k = 1, #names do
+    local i = first + 5 * (k - 1)
+    local id, sender, body = ARGV[i], ARGV[i + 1], ARGV[i + 4]
+    local code = nil
+    local by = added[id]
+    if not by and held[k] then by = cmsgpack.unpack(held[k]) end
+    if by then
+      if by == sender then code = DUPLICATE else code = ID_CONFLICT end
+    elseif stones[k] and not unstoned[id] then
+      local stoned_by, lapses = cmsgpack.unpack(stones[k])
       if lapses > now then
-        if by == sender then code = DUPLICATE else code = ID_CONFLICT end
+        if stoned_by == sender then code = DUPLICATE else code = ID_CONFLICT end
       else
         redis.call('HDEL', STONES, id)
         redis.call('ZREM', ORDER, id)
+        unstoned[id] = true
         stones_dropped = stones_dropped + 1
       end
     end
-  end
-  if not code then
-    local size = #body
-    if count > 0 and count >= max_msgs then code = MAILBOX_FULL
-    elseif nb + size > max_bytes then code = MAILBOX_BYTES_FULL
-    elseif budget >= 0 and stored_bytes + size > budget then code = BROKER_FULL
-    else
-      local expires_at = tonumber(ARGV[i + 3])
-      redis.call('HSET', MSGS, id, cmsgpack.pack(sender, tonumber(ARGV[i + 2]), expires_at, body))
-      sq = sq + 1
-      redis.call('ZADD', QUEUE, sq, id)
-      redis.call('ZADD', EXP, expires_at, id)
-      count, nb = count + 1, nb + size
-      stored, stored_bytes = stored + 1, stored_bytes + size
-      code = STORED
+    if not code then
+      local size = #body
+      if count > 0 and count >= max_msgs then code = MAILBOX_FULL
+      elseif nb + size > max_bytes then code = MAILBOX_BYTES_FULL
+      elseif budget >= 0 and stored_bytes + size > budget then code = BROKER_FULL
+      else
+        local expires_at = tonumber(ARGV[i + 3])
+        records[#records + 1] = id
+        records[#records + 1] = cmsgpack.pack(sender, tonumber(ARGV[i + 2]), expires_at, body)
+        sq = sq + 1
+        queued[#queued + 1] = sq
+        queued[#queued + 1] = id
+        expiring[#expiring + 1] = expires_at
+        expiring[#expiring + 1] = id
+        added[id] = sender
+        count, nb = count + 1, nb + size
+        stored, stored_bytes = stored + 1, stored_bytes + size
+        code = STORED
+      end
     end
+    out[#out + 1] = code
   end
-  out[#out + 1] = code
+  if #records > 0 then
+    redis.call('HSET', MSGS, unpack(records))
+    redis.call('ZADD', QUEUE, unpack(queued))
+    redis.call('ZADD', EXP, unpack(expiring))
+  end
 end
 if stored > 0 then
   redis.call('HSET', META, 'nb', nb, 'sq', sq)
@@ -316,11 +342,16 @@ local full = false
 while ngot < limit and not full do
   local ids = redis.call('ZRANGE', QUEUE, 0, math.min(limit - ngot, 256) - 1, 'WITHSCORES')
   if #ids == 0 then break end
-  for i = 1, #ids, 2 do
-    local id, seq = ids[i], ids[i + 1]
-    local rec = redis.call('HGET', MSGS, id)
+  local names = {}
+  for i = 1, #ids, 2 do names[#names + 1] = ids[i] end
+  -- One read of the records and attempts, and one write per key, for the whole page.
+  local recs = redis.call('HMGET', MSGS, unpack(names))
+  local attempts = redis.call('HMGET', ATT, unpack(names))
+  local dequeued, flight, counted = {}, {}, {}
+  for k = 1, #names do
+    local id, rec = names[k], recs[k]
     if not rec then
-      redis.call('ZREM', QUEUE, id)
+      dequeued[#dequeued + 1] = id
     else
       local sender, sent_at, expires_at, body = cmsgpack.unpack(rec)
       if expires_at <= now then
@@ -330,13 +361,21 @@ while ngot < limit and not full do
         full = true
         break
       else
-        redis.call('ZREM', QUEUE, id)
-        redis.call('ZADD', FLIGHT, seq, id)
-        local attempt = redis.call('HINCRBY', ATT, id, 1)
+        local attempt = (tonumber(attempts[k]) or 0) + 1
+        dequeued[#dequeued + 1] = id
+        flight[#flight + 1] = ids[2 * k]
+        flight[#flight + 1] = id
+        counted[#counted + 1] = id
+        counted[#counted + 1] = attempt
         ngot, nbytes = ngot + 1, nbytes + #body
         for _, v in ipairs({id, sender, sent_at, expires_at, attempt, body}) do got[#got + 1] = v end
       end
     end
+  end
+  if #dequeued > 0 then redis.call('ZREM', QUEUE, unpack(dequeued)) end
+  if #flight > 0 then
+    redis.call('ZADD', FLIGHT, unpack(flight))
+    redis.call('HSET', ATT, unpack(counted))
   end
 end
 local emptied = settle_removed(expired, expired_bytes)
@@ -365,22 +404,45 @@ return n
 _ACK = (
     _PRELUDE
     + """
+local ACK_PAGE = 500
 local max_stones = tonumber(ARGV[1])
 if redis.call('HLEN', MSGS) == 0 then return {0, 0, 0, 0, 0, 0} end
 local deleted, nbytes, was_inflight, stones = 0, 0, 0, 0
 local seq = 0
 if max_stones > 0 then seq = tonumber(redis.call('ZRANGE', ORDER, -1, -1, 'WITHSCORES')[2]) or 0 end
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local rec = redis.call('HGET', MSGS, id)
-  if rec then
-    local sender, _, expires_at, body = cmsgpack.unpack(rec)
-    was_inflight = was_inflight + drop(id, body)
-    deleted, nbytes = deleted + 1, nbytes + #body
+local seen = {}
+-- Pages of ids: one read of the records and one write per key for each (an id given twice counts once).
+for first = 2, #ARGV, ACK_PAGE do
+  local names = {}
+  for i = first, math.min(first + ACK_PAGE - 1, #ARGV) do names[#names + 1] = ARGV[i] end
+  local recs = redis.call('HMGET', MSGS, unpack(names))
+  local gone, stone_args, order_args = {}, {}, {}
+  for k = 1, #names do
+    local id, rec = names[k], recs[k]
+    if rec and not seen[id] then
+      seen[id] = true
+      local sender, _, expires_at, body = cmsgpack.unpack(rec)
+      gone[#gone + 1] = id
+      deleted, nbytes = deleted + 1, nbytes + #body
+      if max_stones > 0 then
+        stone_args[#stone_args + 1] = id
+        stone_args[#stone_args + 1] = cmsgpack.pack(sender, expires_at)
+        seq = seq + 1
+        order_args[#order_args + 1] = seq
+        order_args[#order_args + 1] = id
+      end
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', MSGS, unpack(gone))
+    redis.call('HDEL', ATT, unpack(gone))
+    redis.call('ZREM', EXP, unpack(gone))
+    local in_flight = redis.call('ZREM', FLIGHT, unpack(gone))
+    was_inflight = was_inflight + in_flight
+    if in_flight < #gone then redis.call('ZREM', QUEUE, unpack(gone)) end
     if max_stones > 0 then
-      stones = stones + redis.call('HSET', STONES, id, cmsgpack.pack(sender, expires_at))
-      seq = seq + 1
-      redis.call('ZADD', ORDER, seq, id)
+      stones = stones + redis.call('HSET', STONES, unpack(stone_args))
+      redis.call('ZADD', ORDER, unpack(order_args))
     end
   end
 end
