@@ -14,7 +14,9 @@ sender's task pump the recipient at once in :meth:`wake`, since nothing can inte
 (a task switch less per message, which is what online latency is made of); any other
 store leaves it to the mailbox task. Expiry or an ACK that did not come over this
 session changes the window behind the pump's back: :meth:`resync` makes the next pump
-recount it with a fetch even when the window looks full.
+recount it with a fetch even when the window looks full. So does an ACK heard while a
+fetch is awaited: the store may have applied the ACK after the fetch, so the fetch's count
+of in-flight messages can be older than the ACK's.
 
 ``attempt`` counts DELIVERs actually written: messages fetched while the connection was
 already closing are not written and not counted (they go back to the queue when the
@@ -126,8 +128,13 @@ class Delivery:
     def acked(self, result: AckResult) -> None:
         """Messages of this mailbox were ACKed over this session: the window may have room."""
         self.inflight = result.inflight
-        if self._blocked and self.inflight < self._window:
-            self._signal.set()
+        if self._blocked:
+            if self.inflight < self._window:
+                self._signal.set()
+        else:
+            # The pump may be awaiting a fetch (a store that yields): its count of in-flight messages may
+            # predate this ACK while its reply comes after it, so the pump recounts before it trusts a full window.
+            self._resync = True
 
     async def pull(self) -> None:
         """PULL: every in-flight message goes back to the queue and is delivered again, then DRAINED.

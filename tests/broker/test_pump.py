@@ -6,6 +6,7 @@ message reaches it depends on ``store.synchronous`` alone; a taken-over pump sto
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from broker.backend import probed_health
 from broker.delivery import Delivery
@@ -138,3 +139,48 @@ async def test_a_pump_whose_mailbox_was_taken_over_stops() -> None:
     await new.delivery.pump()
     got = [(f.id, f.attempt) for f in new.transport.frames() if isinstance(f, Deliver)]
     assert got == [("m1", 2), ("m2", 1)]
+
+
+class GatedStore(MemoryStore):
+    """A yielding store whose fetch is applied at once (as Redis runs the script) but whose reply can be held back."""
+
+    synchronous = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: trio.Event | None = None
+
+    async def fetch_many(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batch = await super().fetch_many(*args, **kwargs)
+        if self.gate is not None:
+            await self.gate.wait()  # the reply is on its way back; an ACK can be applied meanwhile
+        return batch
+
+
+async def test_an_ack_applied_while_a_fetch_reply_is_on_its_way_does_not_shrink_the_window() -> None:
+    """The fetch's count of in-flight messages predates an ACK that the store applied after it but that the session
+    heard of first: the pump must recount, not stop on a window it believes full (found by the node-crash tests)."""
+    clock, store = ManualClock(), GatedStore()
+    await put(store, clock, *(f"m{i}" for i in range(20)))
+    pump = Pump(store, Claim("s", 1), clock)
+
+    def delivered() -> list[str]:
+        return [f.id for f in pump.transport.frames() if isinstance(f, Deliver)]
+
+    async def ack(*ids: str) -> None:
+        pump.delivery.acked(await store.ack_many("bob", list(ids)))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.delivery.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(delivered()) == 8  # a full window
+            store.gate = gate = trio.Event()
+            await ack("m0", "m1", "m2", "m3")  # room for 4: the pump fetches m8-m11, its reply held back
+            await trio.testing.wait_all_tasks_blocked()
+            await ack("m4", "m5", "m6", "m7")  # applied after that fetch, heard of before its reply
+            store.gate = None
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert delivered() == [f"m{i}" for i in range(16)], "the window had room for m12-m15"
+            nursery.cancel_scope.cancel()
