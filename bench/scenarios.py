@@ -147,6 +147,25 @@ async def _settle_acks(target: BrokerTarget, key: str, expect: int, timeout_s: f
     return value, time.perf_counter() - t0
 
 
+# ---------------------------------------------------------------- worker specs
+
+
+def _spec(target: BrokerTarget, index: int, **kw: Any) -> WorkerSpec:
+    """Worker ``index``'s spec against ``target`` (where it connects, how it mints tokens); the rest from ``kw``."""
+    return WorkerSpec(index=index, url=target.url, receive_url=target.receive_url, secret=target.secret, **kw)
+
+
+def _at_rate(opts: argparse.Namespace) -> dict[str, Any]:
+    """The fixed-rate load of ``latency`` and ``fanout``: ``--rate`` per sender for warm-up plus ``--duration``."""
+    return {
+        "mode": "rate",
+        "rate_per_sender": opts.rate,
+        "duration_s": opts.warmup + opts.duration,
+        "spin": opts.timer == "spin",
+        "warmup_s": opts.warmup,
+    }
+
+
 # ---------------------------------------------------------------- latency
 
 
@@ -154,20 +173,7 @@ def latency(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFa
     p = _prefix()
     rx, tx = f"{p}-rx", f"{p}-tx"
     total_s = opts.warmup + opts.duration
-    spec = WorkerSpec(
-        index=0,
-        url=target.url,
-        receive_url=target.receive_url,
-        secret=target.secret,
-        senders=[(tx, (rx,))],
-        receivers=[rx],
-        body_bytes=opts.body_bytes,
-        mode="rate",
-        rate_per_sender=opts.rate,
-        duration_s=total_s,
-        spin=opts.timer == "spin",
-        warmup_s=opts.warmup,
-    )
+    spec = _spec(target, 0, senders=[(tx, (rx,))], receivers=[rx], body_bytes=opts.body_bytes, **_at_rate(opts))
     config = {"rate_msg_s": opts.rate, "duration_s": opts.duration, "warmup_s": opts.warmup, "timer": opts.timer}
     report = Report("latency", config)
     trips0 = trio.run(target.round_trips)
@@ -241,17 +247,7 @@ def _check_complete(report: Report, result: LoadResult) -> None:
 
 def _pair_specs(opts: argparse.Namespace, target: BrokerTarget, pairs: int, p: str, **kw: Any) -> list[WorkerSpec]:
     workers = max(1, min(opts.workers, 2 * pairs))
-    specs = [
-        WorkerSpec(
-            index=w,
-            url=target.url,
-            receive_url=target.receive_url,
-            secret=target.secret,
-            body_bytes=opts.body_bytes,
-            **kw,
-        )
-        for w in range(workers)
-    ]
+    specs = [_spec(target, w, body_bytes=opts.body_bytes, **kw) for w in range(workers)]
     for i in range(pairs):
         tx, rx = f"{p}-tx{i}", f"{p}-rx{i}"
         specs[i % workers].senders.append((tx, (rx,)))
@@ -511,21 +507,7 @@ def fanout(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFac
     recipients = tuple(f"{p}-rx{i}" for i in range(opts.recipients))
     workers = max(1, opts.workers)
     total_s = opts.warmup + opts.duration
-    specs = [
-        WorkerSpec(
-            index=w,
-            url=target.url,
-            receive_url=target.receive_url,
-            secret=target.secret,
-            body_bytes=opts.body_bytes,
-            mode="rate",
-            rate_per_sender=opts.rate,
-            duration_s=total_s,
-            spin=opts.timer == "spin",
-            warmup_s=opts.warmup,
-        )
-        for w in range(workers)
-    ]
+    specs = [_spec(target, w, body_bytes=opts.body_bytes, **_at_rate(opts)) for w in range(workers)]
     specs[0].senders.append((f"{p}-tx", recipients))
     for i, r in enumerate(recipients):
         specs[(i + 1) % workers].receivers.append(r)
@@ -575,17 +557,7 @@ def connections(opts: argparse.Namespace, target: BrokerTarget, progress: Progre
     p = _prefix()
     c = opts.connections
     workers = max(1, opts.workers)
-    specs = [
-        WorkerSpec(
-            index=w,
-            url=target.url,
-            receive_url=target.receive_url,
-            secret=target.secret,
-            connect_concurrency=opts.concurrency,
-            duration_s=0.0,
-        )
-        for w in range(workers)
-    ]
+    specs = [_spec(target, w, connect_concurrency=opts.concurrency, duration_s=0.0) for w in range(workers)]
     for i in range(c):
         specs[i % workers].idle.append(f"{p}-c{i}")
     config = {
