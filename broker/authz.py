@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from wire import Ack, Bye, Cleanup, Frame, Ping, Pull, Send, Stats
+from wire import Ack, Bye, Cleanup, Frame, Ping, Pull, Send, Stats, StatusAck
 
 from .auth import Identity
 
@@ -32,6 +32,7 @@ class Need(enum.Enum):
 RULES: Mapping[type[Frame], Need] = {
     Send: Need.MAILBOX,
     Ack: Need.MAILBOX,
+    StatusAck: Need.MAILBOX,
     Pull: Need.MAILBOX,
     Ping: Need.ANYONE,
     Bye: Need.ANYONE,

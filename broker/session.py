@@ -59,6 +59,7 @@ from wire import (
     State,
     Stats,
     StatsResult,
+    StatusAck,
     Welcome,
     encode_frame,
 )
@@ -435,6 +436,12 @@ class Session:
         self.outbox.push(_PONG)
         return True
 
+    async def _on_status_acks(self, frames: Sequence[Frame]) -> bool:
+        # This broker queues no statuses yet (issue 12: the store and the delivery of statuses come
+        # with their own commits), so every seq a STATUS_ACK names is unknown, and unknown seqs are
+        # ignored (protocol.md section 6, `status_ack`).
+        return True
+
     async def _on_pull(self, frames: Sequence[Frame]) -> bool:
         assert self.delivery is not None
         await self.delivery.pull()
@@ -462,6 +469,7 @@ _BATCHED = frozenset({Send, Ack})
 _HANDLERS: dict[type[Frame], Handler] = {
     Send: Session._on_sends,
     Ack: Session._on_acks,
+    StatusAck: Session._on_status_acks,
     Ping: Session._on_ping,
     Pull: Session._on_pull,
     Bye: Session._on_bye,

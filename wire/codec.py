@@ -18,13 +18,14 @@ from typing import Any, NoReturn, Protocol
 import cbor2
 
 from .errors import ErrorCode, RemoteProtocolError
-from .frames import FRAME_TYPES, Frame, RecipientResult, Status
+from .frames import FRAME_TYPES, Frame, RecipientResult, ReportState, Status
 from .limits import DEFAULT_MAX_FRAME_BYTES, MAX_DEPTH
 
 __all__ = [
     "DeliverFields",
     "FrameDecoder",
     "ReceiptFields",
+    "StatusFields",
     "decode_body",
     "decode_item",
     "encode_frame",
@@ -56,7 +57,7 @@ def encode_frame(frame: Frame) -> bytes:
 # the frame object and its to_wire() and give cbor2 the map straight away. Each is
 # byte-identical to ``encode_frame`` of the same frame (a test holds them together), and
 # each takes values that are valid already: nothing is checked here. They are called by
-# ``Connection.send_send``, ``send_receipts`` and ``send_delivers``, after the state table
+# ``Connection.send_send``, ``send_receipts``, ``send_delivers`` and ``send_statuses``, after the state table
 # (once per batch for the broker's two: the loop over a batch is here, not one call per frame).
 
 
@@ -90,11 +91,34 @@ class ReceiptFields(Protocol):
     def code(self) -> int | None: ...
 
 
-def _encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None) -> bytes:
+class StatusFields(Protocol):
+    """What a STATUS is encoded from: a :class:`~wire.frames.StatusReport`, or any record with its fields
+    (the broker's held statuses). ``id`` and ``recipient`` are None exactly for OVERFLOW, ``count``
+    and ``first_seq`` exactly for the others."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def state(self) -> ReportState: ...
+    @property
+    def at(self) -> int: ...
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def recipient(self) -> str | None: ...
+    @property
+    def count(self) -> int | None: ...
+    @property
+    def first_seq(self) -> int | None: ...
+
+
+def _encode_send(id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None, notify: bool = False) -> bytes:
     """``encode_frame(Send(...))`` without building the frame: the client's sending hot path."""
     m: dict[str, Any] = {"type": "send", "id": id, "to": to, "body": body}
     if ttl_s is not None:
         m["ttl_s"] = ttl_s
+    if notify:
+        m["notify"] = True
     data = cbor2.dumps(m)
     return _PREFIX.pack(len(data)) + data
 
@@ -162,6 +186,28 @@ def _encode_delivers(messages: Iterable[DeliverFields]) -> list[bytes]:
                 "body": m.body,
             }
         )
+        out.append(pack(len(data)) + data)
+    return out
+
+
+def _encode_statuses(statuses: Iterable[StatusFields]) -> list[bytes]:
+    """``[encode_frame(StatusReport(...)) for each]`` without building the frames: the broker's status path.
+
+    A held status's values are valid already (the store made it from a stored message's id
+    and recipient, or as the overflow record).
+    """
+    dumps, pack = cbor2.dumps, _PREFIX.pack
+    overflow = ReportState.OVERFLOW
+    out: list[bytes] = []
+    for s in statuses:
+        m: dict[str, Any] = {"type": "status", "seq": s.seq, "state": s.state.value, "at": s.at}
+        if s.state is overflow:
+            m["count"] = s.count
+            m["first_seq"] = s.first_seq
+        else:
+            m["id"] = s.id
+            m["recipient"] = s.recipient
+        data = dumps(m)
         out.append(pack(len(data)) + data)
     return out
 

@@ -16,12 +16,13 @@ In CLOSED the connection is over: every send returns ``b""`` (nothing more goes 
 wire) and ``receive_data`` ignores what still arrives (protocol.md section 5). Sending a
 frame the table does not allow in any other state raises LocalProtocolError.
 
-The frames sent once per message (SEND, RECEIPT, DELIVER) have their own methods,
-``send_send``, ``send_receipts`` and ``send_delivers``: the same table check, then an
-encoder that takes the field values without building a frame object (h11's
-``send_with_data_passthrough`` is the model: the fast path stays inside the state machine).
-The broker's two take a batch (whatever has the frame's fields: its stored messages, its
-routing outcomes) and consult the table once for it, since those frames never change the state.
+The frames sent once per message (SEND, RECEIPT, DELIVER, and STATUS for SENDs with
+``notify``) have their own methods, ``send_send``, ``send_receipts``, ``send_delivers`` and
+``send_statuses``: the same table check, then an encoder that takes the field values
+without building a frame object (h11's ``send_with_data_passthrough`` is the model: the
+fast path stays inside the state machine). The broker's three take a batch (whatever has
+the frame's fields: its stored messages, its routing outcomes, its held statuses) and
+consult the table once for it, since those frames never change the state.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from .codec import (
     DeliverFields,
     FrameDecoder,
     ReceiptFields,
+    StatusFields,
     _encode_delivers,
     _encode_receipts,
     _encode_send,
+    _encode_statuses,
     encode_frame,
 )
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -56,6 +59,8 @@ from .frames import (
     Send,
     Stats,
     StatsResult,
+    StatusAck,
+    StatusReport,
     Welcome,
     _check_send,
 )
@@ -101,8 +106,8 @@ _S = State
 TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
     (_C, _S.HANDSHAKE, Hello): _S.AUTHENTICATING,
     (_B, _S.AUTHENTICATING, Welcome): _S.OPEN,
-    **{(_C, _S.OPEN, t): _S.OPEN for t in (Send, Ack, Pull, Ping, Stats, Cleanup)},
-    **{(_B, _S.OPEN, t): _S.OPEN for t in (Receipt, Deliver, Drained, Pong, StatsResult, CleanupResult)},
+    **{(_C, _S.OPEN, t): _S.OPEN for t in (Send, Ack, StatusAck, Pull, Ping, Stats, Cleanup)},
+    **{(_B, _S.OPEN, t): _S.OPEN for t in (Receipt, Deliver, StatusReport, Drained, Pong, StatsResult, CleanupResult)},
     (_C, _S.OPEN, Bye): _S.CLOSED,
 }
 """(sender role, state, frame class) -> next state. Anything else is a protocol error."""
@@ -222,16 +227,18 @@ class Connection:
         self._enter(nxt)
         return encode_frame(frame)
 
-    def send_send(self, id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None) -> bytes:
-        """``send(Send(id=id, to=to, body=body, ttl_s=ttl_s))`` without building the frame.
+    def send_send(
+        self, id: str, to: Sequence[str], body: bytes, ttl_s: int | None = None, *, notify: bool = False
+    ) -> bytes:
+        """``send(Send(id=id, to=to, body=body, ttl_s=ttl_s, notify=notify))`` without building the frame.
 
         Raises ValueError (SEND's own validator) if a field is invalid, then, like
         :meth:`send`, LocalProtocolError if SEND is not allowed now; ``b""`` in CLOSED.
         """
-        _check_send(id, to, body, ttl_s)
+        _check_send(id, to, body, ttl_s, notify)
         if not self._may_send(Send):
             return b""
-        return _encode_send(id, to, body, ttl_s)
+        return _encode_send(id, to, body, ttl_s, notify)
 
     def send_receipts(self, receipts: Iterable[ReceiptFields]) -> list[bytes]:
         """``[send(Receipt(id=r.id, results=r.results, code=r.code)) for r in receipts]`` without building
@@ -256,6 +263,17 @@ class Connection:
         if not self._may_send(Deliver):
             return []
         return _encode_delivers(messages)
+
+    def send_statuses(self, statuses: Iterable[StatusFields]) -> list[bytes]:
+        """``[send(StatusReport(...)) for s in statuses]`` without building the frames, the state table
+        consulted once for the batch (STATUS keeps the state it is sent in).
+
+        The values must be valid already (the store's held statuses): only the state is
+        checked. Raises LocalProtocolError if STATUS is not allowed now; ``[]`` in CLOSED.
+        """
+        if not self._may_send(StatusReport):
+            return []
+        return _encode_statuses(statuses)
 
     def _may_send(self, kind: type[Frame]) -> bool:
         """Whether a frame of ``kind`` may be sent now, moving through the table: False in CLOSED,

@@ -8,8 +8,8 @@ validation failure into :class:`~wire.errors.RemoteProtocolError` with
 ill-typed keys are refused.
 
 Each frame's rules are written once. Most frames keep them in ``__post_init__`` and
-decode through the constructor. The four frames that carry messages (SEND, RECEIPT,
-DELIVER, ACK) keep them in one ``_check_<frame>`` function that both ``__post_init__``
+decode through the constructor (STATUS and STATUS_ACK too). The four frames that carry
+messages (SEND, RECEIPT, DELIVER, ACK) keep them in one ``_check_<frame>`` function that both ``__post_init__``
 and ``from_wire`` call; ``from_wire`` then builds the frame with a hand-written trusted
 constructor (``_trusted_<frame>``, like h11's ``_parsed=True``) that stores the checked
 values in the slots without going through the frozen ``__init__`` and checking again.
@@ -51,10 +51,13 @@ __all__ = [
     "Pull",
     "Receipt",
     "RecipientResult",
+    "ReportState",
     "Send",
     "Stats",
     "StatsResult",
     "Status",
+    "StatusAck",
+    "StatusReport",
     "Welcome",
     "Bye",
     "is_valid_mailbox_id",
@@ -257,7 +260,7 @@ class Welcome(Frame):
 # ---------------------------------------------------------------- messages
 
 
-def _check_send(id: object, to: object, body: object, ttl_s: object) -> None:
+def _check_send(id: object, to: object, body: object, ttl_s: object, notify: object = False) -> None:
     """SEND's rules; raises ValueError. ``to`` may be a list or a tuple."""
     if not is_valid_message_id(id):
         raise _message_id_error("id")
@@ -270,26 +273,40 @@ def _check_send(id: object, to: object, body: object, ttl_s: object) -> None:
         raise _bytes_error("body")
     if ttl_s is not None and (type(ttl_s) is not int or not 1 <= ttl_s <= UINT_MAX):
         raise _uint_error("ttl_s", 1)
+    if notify is not False and notify is not True:
+        raise ValueError("notify must be a boolean")
 
 
-@_frame("send", "id", "to", "body", "ttl_s")
+@_frame("send", "id", "to", "body", "ttl_s", "notify")
 class Send(Frame):
     """Client -> broker: one message (sender-chosen ``id``) to one or more recipients.
 
     ``to`` is kept exactly as sent (recipient syntax is judged per recipient by the
     broker, so one bad name refuses only that recipient); each element is at most
     ``MAX_RECIPIENT_CHARS`` characters. ``ttl_s`` absent means the broker's default.
+    ``notify`` true asks the broker for one STATUS per recipient the message is stored
+    for (protocol.md section 9, rule 19); it is on the wire only when true, so a SEND
+    without it has the bytes it had before the field existed.
     """
 
     id: str
     to: tuple[str, ...]
     body: bytes
     ttl_s: int | None = None
+    notify: bool = False
 
     def __post_init__(self) -> None:
-        _check_send(self.id, self.to, self.body, self.ttl_s)
+        _check_send(self.id, self.to, self.body, self.ttl_s, self.notify)
         if type(self.to) is not tuple:
             object.__setattr__(self, "to", tuple(self.to))
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "send", "id": self.id, "to": self.to, "body": self.body}
+        if self.ttl_s is not None:
+            out["ttl_s"] = self.ttl_s
+        if self.notify:
+            out["notify"] = True
+        return out
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
@@ -298,26 +315,30 @@ class Send(Frame):
         to: Any = get("to")
         body: Any = get("body")
         ttl_s: Any = get("ttl_s")
+        notify: Any = get("notify", False)
         try:
             if ttl_s is None and "ttl_s" in m:
                 raise _null_error("ttl_s")
-            _check_send(mid, to, body, ttl_s)
+            if notify is None:
+                raise _null_error("notify")
+            _check_send(mid, to, body, ttl_s, notify)
         except ValueError as exc:
             raise _invalid(cls.TYPE, exc) from None
-        return _trusted_send(mid, tuple(to), body, ttl_s)  # type: ignore[return-value]
+        return _trusted_send(mid, tuple(to), body, ttl_s, notify)  # type: ignore[return-value]
 
 
-_SEND_SET = _slot_setters(Send, "id", "to", "body", "ttl_s")
+_SEND_SET = _slot_setters(Send, "id", "to", "body", "ttl_s", "notify")
 
 
-def _trusted_send(id: str, to: tuple[str, ...], body: bytes, ttl_s: int | None) -> Send:
+def _trusted_send(id: str, to: tuple[str, ...], body: bytes, ttl_s: int | None, notify: bool) -> Send:
     """A SEND from values :func:`_check_send` accepted (``to`` a tuple), without checking again."""
     obj = _new(Send)
-    set_id, set_to, set_body, set_ttl_s = _SEND_SET
+    set_id, set_to, set_body, set_ttl_s, set_notify = _SEND_SET
     set_id(obj, id)
     set_to(obj, to)
     set_body(obj, body)
     set_ttl_s(obj, ttl_s)
+    set_notify(obj, notify)
     return obj
 
 
@@ -592,6 +613,113 @@ class Drained(Frame):
 
     def __post_init__(self) -> None:
         _uint("pending", self.pending)
+
+
+# ---------------------------------------------------------------- delivery status
+
+
+class ReportState(StrEnum):
+    """What a STATUS reports about a message the sender SENT with ``notify`` (protocol.md section 9, rule 19).
+
+    Not to be confused with the RECEIPT result :attr:`Status.DELIVERED` ("stored, and the
+    recipient is online, being pushed"): :attr:`ReportState.DELIVERED` means the recipient's
+    device ACKed (saved) it.
+    """
+
+    DELIVERED = "delivered"
+    """The recipient's ACK deleted the message: its device saved it."""
+    EXPIRED = "expired"
+    """The message expired before the recipient ACKed it."""
+    OVERFLOW = "overflow"
+    """The sender's mailbox held its bound of statuses: ``count`` statuses were folded into this one."""
+
+
+_REPORT_STATES: Mapping[str, ReportState] = {s.value: s for s in ReportState}
+
+
+@_frame("status", "seq", "state", "at", "id", "recipient", "count", "first_seq")
+class StatusReport(Frame):
+    """Broker -> client: what became of one message the session's mailbox sent with ``notify``, for one recipient.
+
+    ``seq`` numbers it in the mailbox's status lane (increasing in the order the broker
+    queued the statuses, not contiguous) and is what STATUS_ACK names. ``at`` is epoch ms.
+    DELIVERED and EXPIRED name the message (``id``) and the ``recipient``; OVERFLOW has
+    neither, but ``count`` (how many statuses were folded into it) and ``first_seq`` (the
+    ``seq`` it had when it was created, which it keeps as it grows). Raises ValueError for
+    any other combination.
+    """
+
+    seq: int
+    state: ReportState
+    at: int
+    id: str | None = None
+    recipient: str | None = None
+    count: int | None = None
+    first_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        _uint("seq", self.seq, minimum=1)
+        if not isinstance(self.state, ReportState):
+            raise ValueError(f"state must be one of {', '.join(ReportState)}")
+        _uint("at", self.at)
+        if self.state is ReportState.OVERFLOW:
+            if self.id is not None or self.recipient is not None:
+                raise ValueError("an overflow status has no id and no recipient")
+            if self.count is None or self.first_seq is None:
+                raise ValueError("an overflow status has a count and a first_seq")
+            _uint("count", self.count, minimum=1)
+            _uint("first_seq", self.first_seq, minimum=1)
+            if self.first_seq > self.seq:
+                raise ValueError("first_seq must not be above seq")
+        else:
+            if self.count is not None or self.first_seq is not None:
+                raise ValueError(f"a {self.state.value} status has no count and no first_seq")
+            if not is_valid_message_id(self.id):
+                raise _message_id_error("id")
+            _mailbox("recipient", self.recipient)
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "status", "seq": self.seq, "state": self.state.value, "at": self.at}
+        if self.state is ReportState.OVERFLOW:
+            out["count"] = self.count
+            out["first_seq"] = self.first_seq
+        else:
+            out["id"] = self.id
+            out["recipient"] = self.recipient
+        return out
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Self:
+        kwargs = {attr: m[key] for key, attr in cls._WIRE if key in m}
+        try:
+            if None in kwargs.values():
+                raise ValueError("fields may not be null")
+            state = kwargs.get("state")
+            if type(state) is str:
+                known = _REPORT_STATES.get(state)
+                if known is None:
+                    raise ValueError(f"state must be one of {', '.join(ReportState)}")
+                kwargs["state"] = known
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:  # TypeError: a required field is missing
+            raise _invalid(cls.TYPE, exc) from None
+
+
+@_frame("status_ack", "seqs")
+class StatusAck(Frame):
+    """Client -> broker: these statuses (by ``seq``) are saved; delete them. Unknown seqs are ignored."""
+
+    seqs: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        seqs: object = self.seqs  # a list is taken too (and kept as a tuple)
+        if not (type(seqs) is tuple or type(seqs) is list) or not seqs:
+            raise _array_error("seqs")
+        for seq in seqs:
+            if type(seq) is not int or not 1 <= seq <= UINT_MAX:
+                raise _uint_error("seqs[]", 1)
+        if type(seqs) is not tuple:
+            object.__setattr__(self, "seqs", tuple(seqs))
 
 
 # ---------------------------------------------------------------- session

@@ -19,6 +19,11 @@
 // Frames are plain objects: { type: "send", id: "m1", to: ["bob"], body: Uint8Array }.
 // A RECEIPT carries exactly one of `results` (one result per recipient) and `code` (the whole
 // SEND refused): { type: "receipt", id: "m1", code: 3004 } has no `results` key at all.
+// A SEND's `notify` is there only when true (false and absent are the same SEND and the same
+// bytes). A STATUS (protocol.md 9, rule 19) is { type: "status", seq, state, at, id, recipient }
+// for "delivered" and "expired", and { type: "status", seq, state: "overflow", at, count,
+// first_seq } for "overflow"; its "delivered" (the recipient's device ACKed the message) is not
+// the RECEIPT result "delivered" (stored, the recipient online).
 // Integers are JS numbers; a known field holding an integer above 2^53-1 is refused with
 // INVALID_FIELD (the protocol allows up to 2^63-1; see protocol.md 2.3).
 
@@ -334,6 +339,28 @@ function results (v, name) {
   return out
 }
 
+/** The states of a STATUS frame (not RECEIPT results: see protocol.md 6, `status`). */
+export const REPORT_STATES = Object.freeze(['delivered', 'expired', 'overflow'])
+const REPORT_STATE_SET = new Set(REPORT_STATES)
+
+function reportState (v, name) {
+  if (typeof v === 'string' && REPORT_STATE_SET.has(v)) return v
+  throw new FieldError(`${name} must be one of ${REPORT_STATES.join(', ')}`)
+}
+
+/** A STATUS carries id and recipient except for "overflow", which carries count and first_seq instead. */
+function statusFields (frame) {
+  if (frame.state === 'overflow') {
+    if (frame.id !== undefined || frame.recipient !== undefined) return 'an overflow status has no id and no recipient'
+    if (frame.count === undefined || frame.first_seq === undefined) return 'an overflow status has a count and a first_seq'
+    if (frame.first_seq > frame.seq) return 'first_seq must not be above seq'
+  } else {
+    if (frame.count !== undefined || frame.first_seq !== undefined) return `a ${frame.state} status has no count and no first_seq`
+    if (frame.id === undefined || frame.recipient === undefined) return `a ${frame.state} status has an id and a recipient`
+  }
+  return null
+}
+
 const statsKey = text(1, 64)
 const statsValue = uint(0)
 
@@ -350,7 +377,10 @@ function stats (v, name) {
 const R = true // required
 const O = false // optional
 
-/** Every frame type: [wire key, validator, required] in canonical (encoding) order. */
+/**
+ * Every frame type: [wire key, validator, required, default] in canonical (encoding) order. A field
+ * with a default is left out of the frame (and so of its encoding) when it holds that value.
+ */
 const SCHEMAS = {
   hello: [['version', uint(1), R], ['token', text(1), R], ['agent', text(0, 256), O]],
   welcome: [
@@ -365,7 +395,13 @@ const SCHEMAS = {
     ['max_ttl_s', uint(1), R],
     ['keepalive_s', uint(1), R]
   ],
-  send: [['id', messageId, R], ['to', arrayOf(recipientText), R], ['body', bytes, R], ['ttl_s', uint(1), O]],
+  send: [
+    ['id', messageId, R],
+    ['to', arrayOf(recipientText), R],
+    ['body', bytes, R],
+    ['ttl_s', uint(1), O],
+    ['notify', bool, O, false]
+  ],
   // Exactly one of results and code (RECEIPT_EXCLUSIVE): code is a refusal of the whole SEND.
   receipt: [['id', messageId, R], ['results', results, O], ['code', uint(1000), O]],
   deliver: [
@@ -377,6 +413,17 @@ const SCHEMAS = {
     ['body', bytes, R]
   ],
   ack: [['ids', arrayOf(messageId), R]],
+  // delivered/expired: id and recipient; overflow: count and first_seq (statusFields).
+  status: [
+    ['seq', uint(1), R],
+    ['state', reportState, R],
+    ['at', uint(0), R],
+    ['id', messageId, O],
+    ['recipient', mailbox, O],
+    ['count', uint(1), O],
+    ['first_seq', uint(1), O]
+  ],
+  status_ack: [['seqs', arrayOf(uint(1)), R]],
   pull: [],
   drained: [['pending', uint(0), R]],
   ping: [],
@@ -391,7 +438,8 @@ const SCHEMAS = {
 
 /** Checks across fields, after each field has passed its own: the frame as built so far -> error text or null. */
 const CROSS_CHECKS = {
-  receipt: (frame) => ((frame.results === undefined) === (frame.code === undefined) ? 'exactly one of results and code must be present' : null)
+  receipt: (frame) => ((frame.results === undefined) === (frame.code === undefined) ? 'exactly one of results and code must be present' : null),
+  status: statusFields
 }
 
 /** Every frame type name, as on the wire. */
@@ -410,14 +458,15 @@ function frameFromMap (item) {
   if (schema === undefined) throw new ProtocolError(UNKNOWN_FRAME_TYPE, `unknown frame type ${String(type)}`)
   const frame = { type }
   try {
-    for (const [key, check, required] of schema) {
+    for (const [key, check, required, fallback] of schema) {
       if (!fields.has(key)) {
         if (required) throw new FieldError(`${key} is required`)
         continue
       }
       const value = fields.get(key)
       if (value === null) throw new FieldError(`${key} may not be null`)
-      frame[key] = check(value, key)
+      const checked = check(value, key)
+      if (checked !== fallback) frame[key] = checked
     }
     const problem = CROSS_CHECKS[type]?.(frame)
     if (problem) throw new FieldError(problem)

@@ -43,6 +43,7 @@ from wire import (
     Stats,
     StatsResult,
     Status,
+    StatusAck,
 )
 from wire.transport import StreamTransport
 from wire.websocket import WebSocketTransport
@@ -83,14 +84,16 @@ async def test_frames_are_refused_by_role_and_the_session_goes_on(tmp_path: Path
     async with relay(tmp_path) as r:
         op = await r.connect("ops", operator=True)
         # Consecutive SENDs are one unit (one store call), so one refusal answers them.
-        await op.send(Send(id="a", to=("bob",), body=b""), Send(id="b", to=("bob",), body=b""), Pull(), Ping())
-        errors = [await op.expect(Error), await op.expect(Error)]
-        assert [(e.code, e.close) for e in errors] == [(ErrorCode.FORBIDDEN, False)] * 2
+        sends = (Send(id="a", to=("bob",), body=b""), Send(id="b", to=("bob",), body=b""))
+        await op.send(*sends, Pull(), StatusAck(seqs=(1,)), Ping())
+        errors = [await op.expect(Error), await op.expect(Error), await op.expect(Error)]
+        assert [(e.code, e.close) for e in errors] == [(ErrorCode.FORBIDDEN, False)] * 3
         assert errors[0].message == "send needs a mailbox; operator sessions have none"
         assert errors[1].message == "pull needs a mailbox; operator sessions have none"
+        assert errors[2].message == "status_ack needs a mailbox; operator sessions have none"
         await op.expect(Pong)
         bob = await r.connect("bob")
-        await bob.send(Stats(), Cleanup(), Ping())
+        await bob.send(StatusAck(seqs=(7,)), Stats(), Cleanup(), Ping())  # an unknown seq: ignored, no answer
         refusals = [await bob.expect(Error), await bob.expect(Error)]
         assert [e.message for e in refusals] == ["stats needs an operator token", "cleanup needs an operator token"]
         await bob.expect(Pong)

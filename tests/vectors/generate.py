@@ -36,10 +36,13 @@ from wire import (
     Receipt,
     RecipientResult,
     RemoteProtocolError,
+    ReportState,
     Send,
     Stats,
     StatsResult,
     Status,
+    StatusAck,
+    StatusReport,
     Welcome,
     encode_frame,
 )
@@ -175,7 +178,21 @@ def build_valid() -> None:
         "WELCOME for an operator session: no mailbox key",
         Welcome(version=1, session="s-op-1", **{**limits, "pending": 0}),
     )
-    valid("send", "SEND to one recipient, default TTL", Send(id=MSG_ID, to=("bob",), body=b"hello bob"))
+    valid(
+        "send",
+        "SEND to one recipient, default TTL, no notify (absent: false): the bytes a SEND had before notify existed",
+        Send(id=MSG_ID, to=("bob",), body=b"hello bob"),
+    )
+    valid(
+        "send_notify",
+        "SEND with notify true: the sender asks for one STATUS per recipient the message is stored for",
+        Send(id=MSG_ID, to=("bob",), body=b"hello bob", notify=True),
+    )
+    valid(
+        "send_notify_ttl_multi",
+        "SEND to two recipients with ttl_s and notify true (notify after ttl_s in the canonical order)",
+        Send(id=UUID_ID, to=("bob", "carol@example.org"), body=b"hi all", ttl_s=3600, notify=True),
+    )
     valid(
         "send_multi_ttl",
         "SEND to several recipients (one repeated, one not a valid mailbox id: both legal on the wire) with ttl_s",
@@ -263,6 +280,48 @@ def build_valid() -> None:
         "DELIVER, third attempt, expires_at = 2^53-1 (the largest integer JS clients accept)",
         Deliver(id="m3", sender="carol@example.org", sent_at=0, expires_at=2**53 - 1, attempt=3, body=b"\x00\xff"),
     )
+    valid(
+        "status_delivered",
+        "STATUS delivered: bob's ACK of the message reached the broker at `at`",
+        StatusReport(seq=1732550401234000, state=ReportState.DELIVERED, at=1732550401234, id=MSG_ID, recipient="bob"),
+    )
+    valid(
+        "status_expired",
+        "STATUS expired: the message expired un-ACKed for carol@example.org; at is its expires_at",
+        StatusReport(
+            seq=1733155200000000,
+            state=ReportState.EXPIRED,
+            at=1733155200000,
+            id=UUID_ID,
+            recipient="carol@example.org",
+        ),
+    )
+    valid(
+        "status_overflow",
+        "STATUS overflow: 42 statuses were folded into it (not kept one by one); first_seq is the seq it was "
+        "created with",
+        StatusReport(
+            seq=1732550409999001, state=ReportState.OVERFLOW, at=1732550409999, count=42, first_seq=1732550401000000
+        ),
+    )
+    valid(
+        "status_overflow_new",
+        "STATUS overflow just created: count 1, first_seq = seq; seq 1 (small seqs are valid too)",
+        StatusReport(seq=1, state=ReportState.OVERFLOW, at=0, count=1, first_seq=1),
+    )
+    valid(
+        "status_max_safe_seq",
+        "STATUS delivered with seq 2^53-1 (the largest integer JS clients accept) and a 64-character recipient",
+        StatusReport(
+            seq=2**53 - 1, state=ReportState.DELIVERED, at=2**53 - 1, id="m1", recipient="a" + "._@+-" * 12 + "zzz"
+        ),
+    )
+    valid("status_ack", "STATUS_ACK of one status", StatusAck(seqs=(1732550401234000,)))
+    valid(
+        "status_ack_many",
+        "STATUS_ACK of several statuses, any order, with 1 and 2^53-1",
+        StatusAck(seqs=(1733155200000000, 1, 2**53 - 1)),
+    )
     valid("ack", "ACK of one message", Ack(ids=(MSG_ID,)))
     valid("ack_many", "ACK of several messages", Ack(ids=(MSG_ID, UUID_ID, "m1")))
     valid("pull", "PULL", Pull())
@@ -329,6 +388,33 @@ def build_valid() -> None:
         "SEND with its keys in a different order (type last)",
         Send(id="m1", to=("bob",), body=b"hi", ttl_s=60),
         m(t("body"), b(b"hi"), t("ttl_s"), u(60), t("to"), a(t("bob")), t("id"), t("m1"), t("type"), t("send")),
+    )
+    valid(
+        "send_notify_false",
+        "SEND with notify false written out: the same SEND as one without notify (the encoder leaves it out)",
+        Send(id="m1", to=("bob",), body=b"hi"),
+        m(t("type"), t("send"), t("id"), t("m1"), t("to"), a(t("bob")), t("body"), b(b"hi"), t("notify"), c(False)),
+    )
+    valid(
+        "status_keys_reordered_unknown_key",
+        "STATUS with its keys in another order (type last) and an unknown key (ignored)",
+        StatusReport(seq=9, state=ReportState.EXPIRED, at=8, id="m9", recipient="bob"),
+        m(
+            t("recipient"),
+            t("bob"),
+            t("x-reason"),
+            t("ttl"),
+            t("at"),
+            u(8),
+            t("id"),
+            t("m9"),
+            t("state"),
+            t("expired"),
+            t("seq"),
+            u(9, 8),
+            t("type"),
+            t("status"),
+        ),
     )
     valid(
         "drained_uint64_zero_padded",
@@ -415,6 +501,26 @@ def deliver(**fields: bytes) -> bytes:
 
 def receipt(result: bytes) -> bytes:
     return m(t("type"), t("receipt"), t("id"), t("m1"), t("results"), m(t("bob"), result))
+
+
+def status(**fields: bytes) -> bytes:
+    """A STATUS map (delivered by default) with ``fields`` replaced; an empty value drops the field."""
+    base = {"seq": u(5), "state": t("delivered"), "at": u(1000), "id": t("m1"), "recipient": t("bob")}
+    base.update(fields)
+    pairs = [t("type"), t("status")]
+    for key, value in base.items():
+        if value != b"":
+            pairs += [t(key), value]
+    return m(*pairs)
+
+
+def overflow(**fields: bytes) -> bytes:
+    """An overflow STATUS map with ``fields`` replaced; an empty value drops the field."""
+    return status(**{"state": t("overflow"), "id": b"", "recipient": b"", "count": u(3), "first_seq": u(2), **fields})
+
+
+def status_ack(seqs: bytes) -> bytes:
+    return m(t("type"), t("status_ack"), t("seqs"), seqs)
 
 
 def build_invalid() -> None:
@@ -562,6 +668,62 @@ def build_invalid() -> None:
         "deliver_from_invalid", "DELIVER from not a mailbox id (leading dot)", INV, deliver(**{"from": t(".alice")})
     )
     invalid("deliver_from_too_long", "DELIVER from of 65 characters", INV, deliver(**{"from": t("a" * 65)}))
+    invalid("send_notify_null", "SEND notify null (absent is allowed, null is not)", INV, send(notify=c(None)))
+    invalid("send_notify_int", "SEND notify 1 (an integer is not a boolean)", INV, send(notify=u(1)))
+    invalid("send_notify_text", "SEND notify 'true' (text is not a boolean)", INV, send(notify=t("true")))
+    invalid("status_state_read", "STATUS state 'read' (not a state of this revision)", INV, status(state=t("read")))
+    invalid(
+        "status_state_receipt_result",
+        "STATUS state 'queued' (a RECEIPT result, not a STATUS state)",
+        INV,
+        status(state=t("queued")),
+    )
+    invalid(
+        "status_state_upper_case", "STATUS state 'DELIVERED' (states are lower case)", INV, status(state=t("DELIVERED"))
+    )
+    invalid("status_state_missing", "STATUS without state", INV, status(state=b""))
+    invalid("status_seq_zero", "STATUS seq 0 (seqs start at 1)", INV, status(seq=u(0)))
+    invalid("status_seq_missing", "STATUS without seq", INV, status(seq=b""))
+    invalid("status_at_missing", "STATUS without at", INV, status(at=b""))
+    invalid("status_at_negative", "STATUS at -1", INV, status(at=c(-1)))
+    invalid("status_delivered_without_id", "STATUS delivered without id", INV, status(id=b""))
+    invalid(
+        "status_expired_without_recipient",
+        "STATUS expired without recipient",
+        INV,
+        status(state=t("expired"), recipient=b""),
+    )
+    invalid("status_id_null", "STATUS delivered with id null", INV, status(id=c(None)))
+    invalid("status_id_space", "STATUS id with a space (not a message id)", INV, status(id=t("m 1")))
+    invalid(
+        "status_recipient_invalid",
+        "STATUS recipient not a mailbox id (leading dot): statuses name only recipients a message was stored for",
+        INV,
+        status(recipient=t(".bob")),
+    )
+    invalid("status_delivered_with_count", "STATUS delivered with a count", INV, status(count=u(1)))
+    invalid(
+        "status_expired_with_first_seq",
+        "STATUS expired with a first_seq",
+        INV,
+        status(state=t("expired"), first_seq=u(5)),
+    )
+    invalid("status_overflow_without_count", "STATUS overflow without count", INV, overflow(count=b""))
+    invalid("status_overflow_without_first_seq", "STATUS overflow without first_seq", INV, overflow(first_seq=b""))
+    invalid("status_overflow_count_zero", "STATUS overflow count 0 (at least 1)", INV, overflow(count=u(0)))
+    invalid("status_overflow_with_id", "STATUS overflow with an id", INV, overflow(id=t("m1")))
+    invalid("status_overflow_with_recipient", "STATUS overflow with a recipient", INV, overflow(recipient=t("bob")))
+    invalid(
+        "status_overflow_first_seq_above_seq",
+        "STATUS overflow whose first_seq (6) is above its seq (5)",
+        INV,
+        overflow(first_seq=u(6)),
+    )
+    invalid("status_ack_empty", "STATUS_ACK with no seqs", INV, status_ack(a()))
+    invalid("status_ack_seq_zero", "STATUS_ACK naming seq 0", INV, status_ack(a(u(7), u(0))))
+    invalid("status_ack_text_seq", "STATUS_ACK naming a seq as text", INV, status_ack(a(t("7"))))
+    invalid("status_ack_not_array", "STATUS_ACK seqs as a single integer", INV, status_ack(u(7)))
+    invalid("status_ack_missing", "STATUS_ACK without seqs", INV, m(t("type"), t("status_ack")))
     invalid("ack_empty", "ACK with no ids", INV, m(t("type"), t("ack"), t("ids"), a()))
     invalid("ack_bad_id", "ACK with an invalid id", INV, m(t("type"), t("ack"), t("ids"), a(t("ok"), t("not ok"))))
     invalid(

@@ -31,12 +31,15 @@ from wire import (
     Receipt,
     RecipientResult,
     RemoteProtocolError,
+    ReportState,
     Role,
     Send,
     State,
     Stats,
     StatsResult,
     Status,
+    StatusAck,
+    StatusReport,
     Welcome,
     decode_body,
     encode_frame,
@@ -77,11 +80,32 @@ FRAMES: dict[type[Frame], st.SearchStrategy[Frame]] = {
         keepalive_s=POS,
     ),
     Send: st.builds(
-        Send, id=MESSAGE_ID, to=st.lists(TEXT, min_size=1, max_size=5).map(tuple), body=BODY, ttl_s=st.none() | POS
+        Send,
+        id=MESSAGE_ID,
+        to=st.lists(TEXT, min_size=1, max_size=5).map(tuple),
+        body=BODY,
+        ttl_s=st.none() | POS,
+        notify=st.booleans(),
     ),
     Receipt: st.builds(Receipt, id=MESSAGE_ID, results=st.dictionaries(TEXT, result, min_size=1, max_size=5)),
     Deliver: st.builds(Deliver, id=MESSAGE_ID, sender=MAILBOX, sent_at=UINT, expires_at=UINT, attempt=POS, body=BODY),
     Ack: st.builds(Ack, ids=st.lists(MESSAGE_ID, min_size=1, max_size=5).map(tuple)),
+    StatusReport: st.one_of(
+        st.builds(
+            StatusReport,
+            seq=POS,
+            state=st.sampled_from([ReportState.DELIVERED, ReportState.EXPIRED]),
+            at=UINT,
+            id=MESSAGE_ID,
+            recipient=MAILBOX,
+        ),
+        st.tuples(POS, POS, POS, UINT).map(
+            lambda v: StatusReport(
+                seq=max(v[0], v[1]), state=ReportState.OVERFLOW, at=v[3], count=v[2], first_seq=min(v[0], v[1])
+            )
+        ),
+    ),
+    StatusAck: st.builds(StatusAck, seqs=st.lists(POS, min_size=1, max_size=5).map(tuple)),
     Pull: st.just(Pull()),
     Drained: st.builds(Drained, pending=UINT),
     Ping: st.just(Ping()),
@@ -226,17 +250,21 @@ def test_optional_fields_absent_are_left_out_of_the_map() -> None:
 
 
 @settings(max_examples=300)
-@given(frame=st.one_of(FRAMES[Send], FRAMES[Receipt], FRAMES[Deliver]))
+@given(frame=st.one_of(FRAMES[Send], FRAMES[Receipt], FRAMES[Deliver], FRAMES[StatusReport]))
 def test_hot_sends_are_byte_identical_to_the_frame_path(frame: Frame) -> None:
-    """Connection.send_send (client), send_receipts and send_delivers (broker) skip the frame object."""
+    """Connection.send_send (client), send_receipts, send_delivers and send_statuses (broker) skip the frame object."""
     client, broker = Connection(Role.CLIENT), Connection(Role.BROKER)
     client.state = broker.state = State.OPEN
     if isinstance(frame, Send):
-        fast = client.send_send(frame.id, frame.to, frame.body, frame.ttl_s)
-        assert client.send_send(frame.id, list(frame.to), frame.body, frame.ttl_s) == fast  # to as a list
+        fast = client.send_send(frame.id, frame.to, frame.body, frame.ttl_s, notify=frame.notify)
+        again = client.send_send(frame.id, list(frame.to), frame.body, frame.ttl_s, notify=frame.notify)
+        assert again == fast  # to as a list
     elif isinstance(frame, Receipt):
         (fast,) = broker.send_receipts([frame])
         assert broker.send_receipts([frame, frame]) == [fast, fast]  # again (a cache must not change it)
+    elif isinstance(frame, StatusReport):
+        (fast,) = broker.send_statuses([frame])
+        assert broker.send_statuses([frame, frame]) == [fast, fast]
     else:
         assert isinstance(frame, Deliver)
         (fast,) = broker.send_delivers([frame])
@@ -376,3 +404,103 @@ def test_decoded_frames_hold_tuples_and_fresh_maps() -> None:
     assert Receipt.from_wire(refusal).results is not Receipt.from_wire(refusal).results
     result = RecipientResult(Status.QUEUED)
     assert result.to_wire() is not result.to_wire()
+
+
+# -------------------------------------------------------- SEND notify, STATUS, STATUS_ACK
+
+
+def test_a_send_without_notify_is_byte_identical_to_one_from_before_notify() -> None:
+    """notify is written only when true: absent and false are the same SEND, and the same bytes."""
+    before = cbor2.dumps({"type": "send", "id": "m1", "to": ["bob"], "body": b"hi"})
+    assert encode_frame(Send(id="m1", to=("bob",), body=b"hi"))[4:] == before
+    assert encode_frame(Send(id="m1", to=("bob",), body=b"hi", notify=False))[4:] == before
+    explicit_false = cbor2.dumps({"type": "send", "id": "m1", "to": ["bob"], "body": b"hi", "notify": False})
+    assert decode_body(explicit_false) == Send(id="m1", to=("bob",), body=b"hi")
+    assert decode_body(before).notify is False
+    with_notify = Send(id="m1", to=("bob",), body=b"hi", notify=True)
+    assert with_notify.to_wire() == {"type": "send", "id": "m1", "to": ("bob",), "body": b"hi", "notify": True}
+    assert decode_body(encode_frame(with_notify)[4:]).notify is True
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, "true", [True], 1.0])
+def test_send_notify_must_be_a_boolean(value: Any) -> None:
+    body = cbor2.dumps({"type": "send", "id": "m1", "to": ["bob"], "body": b"", "notify": value})
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(body)
+    assert info.value.code is ErrorCode.INVALID_FIELD
+    if value is not None:
+        with pytest.raises(ValueError):
+            Send(id="m1", to=("bob",), body=b"", notify=value)
+
+
+def test_status_states_are_not_receipt_results() -> None:
+    """The two "delivered"s are different words in different frames: ReportState is not Status."""
+    assert ReportState.DELIVERED == Status.DELIVERED == "delivered"  # the same text on the wire ...
+    assert ReportState.DELIVERED is not Status.DELIVERED  # ... but not the same thing
+    assert [s.value for s in ReportState] == ["delivered", "expired", "overflow"]
+    with pytest.raises(ValueError):
+        StatusReport(seq=1, state=Status.DELIVERED, at=0, id="m1", recipient="bob")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        StatusReport(seq=1, state="delivered", at=0, id="m1", recipient="bob")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"seq": 0, "state": ReportState.DELIVERED, "at": 0, "id": "m1", "recipient": "bob"},
+        {"seq": 1, "state": ReportState.DELIVERED, "at": -1, "id": "m1", "recipient": "bob"},
+        {"seq": 1, "state": ReportState.DELIVERED, "at": 0, "recipient": "bob"},
+        {"seq": 1, "state": ReportState.EXPIRED, "at": 0, "id": "m1"},
+        {"seq": 1, "state": ReportState.EXPIRED, "at": 0, "id": "m1", "recipient": "-bob"},
+        {"seq": 1, "state": ReportState.EXPIRED, "at": 0, "id": "m 1", "recipient": "bob"},
+        {"seq": 1, "state": ReportState.DELIVERED, "at": 0, "id": "m1", "recipient": "bob", "count": 1},
+        {"seq": 1, "state": ReportState.DELIVERED, "at": 0, "id": "m1", "recipient": "bob", "first_seq": 1},
+        {"seq": 1, "state": ReportState.OVERFLOW, "at": 0, "first_seq": 1},
+        {"seq": 1, "state": ReportState.OVERFLOW, "at": 0, "count": 1},
+        {"seq": 1, "state": ReportState.OVERFLOW, "at": 0, "count": 0, "first_seq": 1},
+        {"seq": 1, "state": ReportState.OVERFLOW, "at": 0, "count": 1, "first_seq": 2},
+        {"seq": 2, "state": ReportState.OVERFLOW, "at": 0, "count": 1, "first_seq": 1, "id": "m1"},
+        {"seq": 2, "state": ReportState.OVERFLOW, "at": 0, "count": 1, "first_seq": 1, "recipient": "bob"},
+        {"seq": True, "state": ReportState.DELIVERED, "at": 0, "id": "m1", "recipient": "bob"},
+    ],
+)
+def test_an_illegal_status_cannot_be_built_or_decoded(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        StatusReport(**fields)
+    body = cbor2.dumps(
+        {"type": "status", **{k: v.value if isinstance(v, ReportState) else v for k, v in fields.items()}}
+    )
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(body)
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+def test_status_fields_on_the_wire_follow_the_state() -> None:
+    delivered = StatusReport(seq=7, state=ReportState.DELIVERED, at=3, id="m1", recipient="bob")
+    assert delivered.to_wire() == {
+        "type": "status",
+        "seq": 7,
+        "state": "delivered",
+        "at": 3,
+        "id": "m1",
+        "recipient": "bob",
+    }
+    overflow = StatusReport(seq=9, state=ReportState.OVERFLOW, at=4, count=12, first_seq=8)
+    assert overflow.to_wire() == {"type": "status", "seq": 9, "state": "overflow", "at": 4, "count": 12, "first_seq": 8}
+    assert decode_body(encode_frame(overflow)[4:]) == overflow
+    assert decode_body(encode_frame(delivered)[4:]).state is ReportState.DELIVERED
+
+
+@pytest.mark.parametrize("seqs", [(), [], (0,), (1, 0), ("1",), (True,), (2**63,), 5])
+def test_an_illegal_status_ack_cannot_be_built_or_decoded(seqs: Any) -> None:
+    with pytest.raises(ValueError):
+        StatusAck(seqs=seqs)
+    body = cbor2.dumps({"type": "status_ack", "seqs": list(seqs) if isinstance(seqs, tuple | list) else seqs})
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(body)
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+def test_status_ack_keeps_its_seqs_as_a_tuple() -> None:
+    assert StatusAck(seqs=[3, 1, 3]).seqs == (3, 1, 3)  # repeats and any order: unknown and repeated seqs are ignored
+    assert decode_body(cbor2.dumps({"type": "status_ack", "seqs": [1, 2**53 - 1]})) == StatusAck(seqs=(1, 2**53 - 1))

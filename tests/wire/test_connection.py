@@ -27,12 +27,15 @@ from wire import (
     Receipt,
     RecipientResult,
     RemoteProtocolError,
+    ReportState,
     Role,
     Send,
     State,
     Stats,
     StatsResult,
     Status,
+    StatusAck,
+    StatusReport,
     encode_frame,
 )
 
@@ -45,8 +48,8 @@ HS, AU, OP, X = State.HANDSHAKE, State.AUTHENTICATING, State.OPEN, State.CLOSED
 EXPECTED = {
     (C, HS, "hello"): AU,
     (B, AU, "welcome"): OP,
-    **{(C, OP, t): OP for t in ("send", "ack", "pull", "ping", "stats", "cleanup")},
-    **{(B, OP, t): OP for t in ("receipt", "deliver", "drained", "pong", "stats_result", "cleanup_result")},
+    **{(C, OP, t): OP for t in ("send", "ack", "status_ack", "pull", "ping", "stats", "cleanup")},
+    **{(B, OP, t): OP for t in ("receipt", "deliver", "status", "drained", "pong", "stats_result", "cleanup_result")},
     (C, OP, "bye"): X,
 }
 
@@ -57,6 +60,8 @@ SAMPLES: dict[str, Frame] = {
     "receipt": Receipt(id="m1", results={"bob": RecipientResult(Status.QUEUED)}),
     "deliver": Deliver(id="m1", sender="alice", sent_at=1, expires_at=2, attempt=1, body=b"hi"),
     "ack": Ack(ids=("m1",)),
+    "status": StatusReport(seq=1, state=ReportState.DELIVERED, at=5, id="m1", recipient="bob"),
+    "status_ack": StatusAck(seqs=(1,)),
     "pull": Pull(),
     "drained": Drained(pending=0),
     "ping": Ping(),
@@ -223,13 +228,16 @@ def test_happy_path_conversation() -> None:
     assert got == [*deliveries, Drained(pending=3)]
     assert pump(client, broker, Ack(ids=tuple(d.id for d in deliveries))) == [Ack(ids=("m0", "m1", "m2"))]
 
-    send = Send(id="out1", to=("bob", "carol"), body=b"hello", ttl_s=60)
+    send = Send(id="out1", to=("bob", "carol"), body=b"hello", ttl_s=60, notify=True)
     assert pump(client, broker, send) == [send]
+    # A STATUS may come before the RECEIPT of its SEND (protocol.md section 9, rule 19).
+    status = StatusReport(seq=10, state=ReportState.DELIVERED, at=1500, id="out1", recipient="bob")
     receipt = Receipt(
         id="out1",
         results={"bob": RecipientResult(Status.DELIVERED), "carol": RecipientResult(Status.REFUSED, 3001)},
     )
-    assert pump(broker, client, receipt) == [receipt]
+    assert pump(broker, client, status, receipt) == [status, receipt]
+    assert pump(client, broker, StatusAck(seqs=(10,))) == [StatusAck(seqs=(10,))]
     assert pump(client, broker, Pull(), Ping()) == [Pull(), Ping()]
     assert pump(broker, client, Drained(pending=0), Pong()) == [Drained(pending=0), Pong()]
     assert pump(client, broker, Stats()) == [Stats()]
@@ -314,10 +322,11 @@ def test_broker_error_messages_are_cut_to_fit_any_frame_limit() -> None:
 # -------------------------------------------------------- the hot sends (send_send, send_receipts, send_delivers)
 
 HOT = {
-    "send": lambda conn, f: conn.send_send(f.id, f.to, f.body, f.ttl_s),
+    "send": lambda conn, f: conn.send_send(f.id, f.to, f.body, f.ttl_s, notify=f.notify),
     # The batch sends take anything with the frame's fields, the frame itself included; [] in CLOSED.
     "receipt": lambda conn, f: b"".join(conn.send_receipts([f])),
     "deliver": lambda conn, f: b"".join(conn.send_delivers([f])),
+    "status": lambda conn, f: b"".join(conn.send_statuses([f])),
 }
 HOT_CASES = list(itertools.product(Role, State, HOT))
 
@@ -354,6 +363,8 @@ def test_hot_sends_allow_exactly_the_table(sender: Role, state: State, name: str
         {"id": "m1", "to": "bob", "body": b""},
         {"id": "m1", "to": ("bob",), "body": "text"},
         {"id": "m1", "to": ("bob",), "body": b"", "ttl_s": 0},
+        {"id": "m1", "to": ("bob",), "body": b"", "notify": 1},
+        {"id": "m1", "to": ("bob",), "body": b"", "notify": None},
     ],
 )
 def test_send_send_refuses_invalid_fields_in_every_state(state: State, fields: dict) -> None:

@@ -14,6 +14,7 @@ import {
   LocalProtocolError,
   MAX_RECIPIENT_CHARS,
   ProtocolError,
+  REPORT_STATES,
   decodeBody,
   decodeMessage,
   encodeBody,
@@ -287,6 +288,87 @@ test('SEND to elements and RECEIPT result keys are at most 64 code points, count
   }
   // A short name that is no mailbox id is still any text on the wire (the broker refuses it per recipient).
   assert.deepStrictEqual(decodeBody(send(['not a mailbox!'])).to, ['not a mailbox!'])
+})
+
+// ------------------------------------------------------------------ SEND notify, STATUS, STATUS_ACK (protocol.md 6, 9 rule 19)
+
+const sendMap = (...rest) => rawBody([['type', 'send'], ['id', 'm1'], ['to', ['bob']], ['body', new Uint8Array([104, 105])], ...rest])
+const statusMap = (...rest) => rawBody([['type', 'status'], ...rest])
+const delivered = { type: 'status', seq: 7, state: 'delivered', at: 3, id: 'm1', recipient: 'bob' }
+const overflow = { type: 'status', seq: 9, state: 'overflow', at: 4, count: 12, first_seq: 8 }
+const localInvalid = (frame) => assert.throws(
+  () => encodeFrame(frame),
+  (err) => err instanceof LocalProtocolError && err.code === ERROR_CODES.INVALID_FIELD,
+  JSON.stringify(frame)
+)
+
+test('a SEND without notify, or with notify false, has the bytes of a SEND from before notify', () => {
+  const plain = { type: 'send', id: 'm1', to: ['bob'], body: new Uint8Array([104, 105]) }
+  assert.equal(toHex(encodeBody(plain)), toHex(sendMap()))
+  assert.equal(toHex(encodeBody({ ...plain, notify: false })), toHex(sendMap()))
+  assert.deepStrictEqual(decodeBody(sendMap(['notify', false])), plain, 'false is left out of the frame')
+  assert.deepStrictEqual(decodeBody(sendMap()), plain)
+  assert.equal(toHex(encodeBody({ ...plain, notify: true })), toHex(sendMap(['notify', true])))
+  assert.deepStrictEqual(decodeBody(sendMap(['notify', true])), { ...plain, notify: true })
+})
+
+test('SEND notify is a boolean: null, 1, "true" are INVALID_FIELD both ways', () => {
+  for (const value of [null, 0, 1, 'true', [true]]) {
+    expectCode(() => decodeBody(sendMap(['notify', value])), ERROR_CODES.INVALID_FIELD)
+    localInvalid({ type: 'send', id: 'm1', to: ['bob'], body: new Uint8Array(), notify: value })
+  }
+})
+
+test('STATUS delivered and expired carry id and recipient, overflow carries count and first_seq', () => {
+  assert.deepStrictEqual(REPORT_STATES, ['delivered', 'expired', 'overflow'])
+  for (const frame of [delivered, { ...delivered, state: 'expired' }, overflow]) {
+    const body = encodeBody(frame)
+    assert.deepStrictEqual(decodeBody(body), frame)
+    assert.deepStrictEqual(Object.keys(decodeBody(body)), Object.keys(frame), 'canonical key order')
+  }
+  assert.equal(
+    toHex(encodeBody(overflow)),
+    toHex(statusMap(['seq', 9], ['state', 'overflow'], ['at', 4], ['count', 12], ['first_seq', 8]))
+  )
+})
+
+test('a STATUS whose fields do not fit its state is INVALID_FIELD both ways', () => {
+  const bad = [
+    { ...delivered, state: 'read' },
+    { ...delivered, state: 'queued' }, // a RECEIPT result, not a STATUS state
+    { ...delivered, state: 'DELIVERED' },
+    { ...delivered, seq: 0 },
+    { ...delivered, at: -1 },
+    { ...delivered, seq: 2 ** 53 },
+    { ...delivered, id: undefined },
+    { ...delivered, recipient: undefined },
+    { ...delivered, recipient: '.bob' },
+    { ...delivered, id: 'm 1' },
+    { ...delivered, count: 1 },
+    { ...delivered, state: 'expired', first_seq: 1 },
+    { ...overflow, count: undefined },
+    { ...overflow, first_seq: undefined },
+    { ...overflow, count: 0 },
+    { ...overflow, first_seq: 10 },
+    { ...overflow, id: 'm1' },
+    { ...overflow, recipient: 'bob' }
+  ]
+  for (const frame of bad) {
+    const entries = Object.entries(frame).filter(([k, v]) => k !== 'type' && v !== undefined)
+    expectCode(() => decodeBody(statusMap(...entries)), ERROR_CODES.INVALID_FIELD)
+    localInvalid(frame)
+  }
+  expectCode(() => decodeBody(statusMap(['seq', 7], ['state', 'delivered'], ['at', 3], ['id', 'm1'], ['recipient', null])), ERROR_CODES.INVALID_FIELD)
+})
+
+test('STATUS_ACK names at least one seq, each an integer of at least 1', () => {
+  assert.deepStrictEqual(decodeBody(encodeBody({ type: 'status_ack', seqs: [3, 1, 3] })), { type: 'status_ack', seqs: [3, 1, 3] })
+  assert.deepStrictEqual(decodeBody(encodeBody({ type: 'status_ack', seqs: [2 ** 53 - 1] })).seqs, [2 ** 53 - 1])
+  for (const seqs of [[], [0], [1, 0], ['1'], [true], [1.5], [2 ** 53], 5]) {
+    expectCode(() => decodeBody(rawBody([['type', 'status_ack'], ['seqs', seqs]])), ERROR_CODES.INVALID_FIELD)
+    localInvalid({ type: 'status_ack', seqs })
+  }
+  localInvalid({ type: 'status_ack' })
 })
 
 // ------------------------------------------------------------------ WebSocket messages (protocol.md 2.5)
