@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need (Chromium, Node packages, Python packages) and run
-# the whole suite: lint, types, pytest (Python and browser tests), and the JS codec tests.
+# the whole suite: lint, types, pytest (Python and browser tests, the npm package's install test),
+# the JS tests and the JS client's TypeScript declarations (tsc over its typed example; silent when clean).
 # Under CI=true nothing may be skipped for a missing service; "no tests ran" is a failure.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh" test
@@ -18,5 +19,5 @@ fi
 [ "$status" -eq 0 ] || exit "$status"
 
 if [ -f client/js/package.json ]; then
-  (cd client/js && npm test --silent)
+  (cd client/js && npm test --silent && npm run --silent typecheck)
 fi

@@ -1,0 +1,157 @@
+// Types of client.js: the Relay browser client (the protocol over a WebSocket, an optional
+// IndexedDB store). Hand-written; test/types.test.mjs checks them against the module.
+//
+// Where things go:
+// - a new event: one line in RelayClientEventMap (name -> the event's `detail`); addEventListener
+//   and removeEventListener then type its listener;
+// - a new option of the constructor or of sendMessage: a `?:` property on RelayClientOptions or
+//   SendOptions;
+// - a new method or public property: on RelayClient (the test fails until it is declared);
+// - a new frame or frame field: codec.d.ts; a new stored record field: store.d.ts.
+/// <reference lib="dom" />
+
+import type { DeliverFrame, RecipientResult, WelcomeFrame } from './codec.js'
+import type { InboxRecord, MessageStore } from './store.js'
+
+export { MessageStore } from './store.js'
+
+/** A random 128-bit message id (32 hex digits). */
+export function newMessageId (): string
+
+/** The broker's WebSocket URL next to the page that serves it: ws(s)://<page host>:<wsPort>/relay. */
+export function defaultUrl (wsPort?: number, location?: { protocol: string, hostname: string }): string
+
+/** A failure of a request to the broker: `code` from ERROR_CODES, or 0 (e.g. "not connected", "connection lost"). */
+export class RelayError extends Error {
+  constructor (code: number, message: string)
+  readonly code: number
+}
+
+/**
+ * The broker's receipt for a SEND, as sendMessage resolves it. Test `receipt.code !== undefined`
+ * first: then the SEND was refused as a whole (3004 TOO_MANY_RECIPIENTS, 3007 BODY_TOO_LARGE:
+ * nothing stored; 3008 STORE_UNREACHABLE: maybe stored, send again with the same id).
+ */
+export type Receipt =
+  | { id: string, results: Record<string, RecipientResult>, code?: undefined }
+  | { id: string, code: number, results?: undefined }
+
+/** A received message as the `message` and `acked` events carry it (`received_at` only with a store). */
+export type ReceivedMessage = Omit<InboxRecord, 'received_at'> & { received_at?: number }
+
+export type ConnectionState = 'connecting' | 'open' | 'closed'
+
+/** The part of a WebSocket the client uses, for a WebSocket class other than the browser's (e.g. in Node). */
+export interface WebSocketLike {
+  binaryType: string
+  readonly readyState: number
+  onopen: ((event: any) => void) | null
+  onmessage: ((event: any) => void) | null
+  onclose: ((event: any) => void) | null
+  onerror: ((event: any) => void) | null
+  send (data: Uint8Array): void
+  close (code?: number, reason?: string): void
+}
+
+/** The browser's WebSocket, or a class whose instances have what the client uses. */
+export type WebSocketConstructor = typeof WebSocket | (new (url: string) => WebSocketLike)
+
+export interface RelayClientOptions {
+  /** ws://host:port/relay */
+  url: string
+  /** A Relay token (JWT). */
+  token: string
+  /** Where messages are saved; without one nothing persists and nothing is de-duplicated. */
+  store?: MessageStore | null
+  /** HELLO's `agent` (default "relay-js"). */
+  agent?: string
+  /** First reconnect delay, before jitter (default 250). */
+  minBackoffMs?: number
+  /** Longest reconnect delay, before jitter (default 15000). */
+  maxBackoffMs?: number
+  /** Awaited between saving a DELIVER and ACKing it. */
+  beforeAck?: ((msg: DeliverFrame) => Promise<void> | void) | null
+  /** The WebSocket class (default: globalThis.WebSocket). */
+  WebSocketImpl?: WebSocketConstructor
+}
+
+export interface SendOptions {
+  /** Seconds until the message expires at the relay (default: WELCOME's default_ttl_s). */
+  ttl?: number
+  /** The message id (default: newMessageId()); sending an id that is still unconfirmed returns its pending receipt. */
+  id?: string
+}
+
+/** Each event's `detail`, by event name. */
+export interface RelayClientEventMap {
+  state: { state: ConnectionState, error?: unknown }
+  welcome: WelcomeFrame
+  /** A newly saved message (announced once per (sender, id) with a store). */
+  message: ReceivedMessage
+  /** The message after its ACK was sent. */
+  acked: ReceivedMessage
+  /** A receipt, as sendMessage resolves it (also saved on the outbox entry). */
+  receipt: Receipt
+  drained: { pending: number }
+  /** ERROR frames from the broker (`close`: the broker closes the connection) and local failures (code 0 or 1xxx, close false). */
+  error: { code: number, message: string, close: boolean }
+}
+
+export type RelayClientEvent<K extends keyof RelayClientEventMap> = CustomEvent<RelayClientEventMap[K]>
+
+export class RelayClient extends EventTarget {
+  constructor (options: RelayClientOptions)
+
+  url: string
+  token: string
+  readonly store: MessageStore | null
+  agent: string
+  minBackoffMs: number
+  maxBackoffMs: number
+  beforeAck: ((msg: DeliverFrame) => Promise<void> | void) | null
+  readonly WebSocketImpl: WebSocketConstructor
+  readonly state: ConnectionState
+  /** The current connection's WELCOME, null while not connected. */
+  readonly welcome: WelcomeFrame | null
+  /** The mailbox of the last WELCOME (null before the first, and for an operator token). */
+  readonly mailbox: string | null
+
+  addEventListener<K extends keyof RelayClientEventMap> (
+    type: K,
+    listener: (this: RelayClient, event: RelayClientEvent<K>) => void,
+    options?: boolean | AddEventListenerOptions
+  ): void
+  addEventListener (type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void
+  removeEventListener<K extends keyof RelayClientEventMap> (
+    type: K,
+    listener: (this: RelayClient, event: RelayClientEvent<K>) => void,
+    options?: boolean | EventListenerOptions
+  ): void
+  removeEventListener (type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void
+
+  /** Start connecting (and keep reconnecting); resends sends left unconfirmed in the store. */
+  start (): Promise<void>
+  /** Say BYE and stop reconnecting. Pending sends stay queued (and in the store). */
+  close (): void
+  /** Close the socket as if the network dropped (the client reconnects). For tests and demos. */
+  dropConnection (): void
+  /**
+   * Send `body` to one mailbox or several. Resolves with the broker's receipt; while disconnected
+   * the send waits and goes out (same id) on reconnect. Rejects with LocalProtocolError, storing
+   * and sending nothing, if the frame is not valid.
+   */
+  sendMessage (to: string | readonly string[], body: string | Uint8Array, options?: SendOptions): Promise<Receipt>
+  /** ACK one id or several; whether it went out (a lost ACK is harmless). */
+  acknowledgeMessage (ids: string | readonly string[]): boolean
+  /** PULL: the broker delivers the whole mailbox again; resolves with DRAINED's pending count. Rejects with RelayError. */
+  fetchPendingMessages (): Promise<number>
+  /**
+   * Save a DELIVER (with a store), then ACK it. Resolves with the record, or null when the save
+   * failed (no ACK then: the broker delivers it again).
+   */
+  processRelayMessage (msg: DeliverFrame): Promise<ReceivedMessage | null>
+  /** Relay statistics (operator token only; rejects with RelayError FORBIDDEN otherwise). */
+  getStats (): Promise<Record<string, number>>
+  /** Purge expired messages now (operator token only); resolves with how many. */
+  cleanup (): Promise<number>
+}
