@@ -89,7 +89,15 @@ export interface WelcomeFrame {
   keepalive_s: number
 }
 
-export interface SendFrame { type: 'send', id: string, to: string[], body: Uint8Array, ttl_s?: number }
+export interface SendFrame {
+  type: 'send'
+  id: string
+  to: string[]
+  body: Uint8Array
+  ttl_s?: number
+  /** Ask for one STATUS per recipient (protocol.md 9, rule 19); decoded only when true (false is the same SEND). */
+  notify?: boolean
+}
 
 /** A RECEIPT carries exactly one of `results` (per recipient) and `code` (the whole SEND refused). */
 export type ReceiptFrame =
@@ -109,6 +117,41 @@ export interface DeliverFrame {
 }
 
 export interface AckFrame { type: 'ack', ids: string[] }
+
+/** A STATUS frame's state: what became of a message for one recipient (not a RECEIPT result). */
+export type ReportState = 'delivered' | 'expired' | 'overflow'
+/** Every STATUS state. */
+export const REPORT_STATES: readonly ReportState[]
+
+/**
+ * What became of a sent message for one recipient ("delivered": the recipient's device ACKed it;
+ * "expired": it expired un-ACKed), or, as "overflow", how many statuses the broker folded into one
+ * record (`count`, since the record was created with seq `first_seq`). `at` is Unix epoch ms.
+ * ACKed by seq with STATUS_ACK.
+ */
+export type StatusFrame =
+  | {
+      type: 'status'
+      seq: number
+      state: 'delivered' | 'expired'
+      at: number
+      id: string
+      recipient: string
+      count?: undefined
+      first_seq?: undefined
+    }
+  | {
+      type: 'status'
+      seq: number
+      state: 'overflow'
+      at: number
+      count: number
+      first_seq: number
+      id?: undefined
+      recipient?: undefined
+    }
+
+export interface StatusAckFrame { type: 'status_ack', seqs: number[] }
 export interface PullFrame { type: 'pull' }
 export interface DrainedFrame { type: 'drained', pending: number }
 export interface PingFrame { type: 'ping' }
@@ -128,6 +171,8 @@ export type Frame =
   | ReceiptFrame
   | DeliverFrame
   | AckFrame
+  | StatusFrame
+  | StatusAckFrame
   | PullFrame
   | DrainedFrame
   | PingFrame

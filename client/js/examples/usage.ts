@@ -45,3 +45,9 @@ export function roundTrip (): Frame[] {
   console.log(INBOX_KEY.join(','), VERSION)
   return frames
 }
+
+/** A frame as an app reads it: a STATUS is narrowed by its state. */
+export function describe (frame: Frame): string {
+  if (frame.type !== 'status') return frame.type
+  return frame.state === 'overflow' ? `${frame.count} statuses folded since ${frame.first_seq}` : `${frame.id}: ${frame.state} for ${frame.recipient}`
+}
