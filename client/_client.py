@@ -55,7 +55,7 @@ from ._inbox import ClientState, Delivery, Inbox, InboxIterator
 from ._link import Link, Outbound, TransportFactory, check_sends, handshake
 from ._pending import PendingTable, SendItem
 from .errors import ConnectionLost, ForbiddenError, RelayError, is_fatal
-from .localstore import LocalStore
+from .localstore import LocalStore, SentMessage
 from .transport import Endpoint, TransportClosed, open_transport, parse_url
 
 __all__ = [
@@ -355,9 +355,9 @@ class RelayClient:
     async def _record_outgoing(self, mailbox: str, items: list[SendItem], receipts: list[Receipt]) -> None:
         rows = []
         for (mid, _to, body, _ttl), receipt in zip(items, receipts, strict=True):
-            accepted = [r for r, res in receipt.results.items() if res.status is not Status.REFUSED]
+            accepted = {r: res.status.value for r, res in receipt.results.items() if res.status is not Status.REFUSED}
             if accepted:
-                rows.append((mid, accepted, body))
+                rows.append(SentMessage(mid, accepted, body))
         if rows and self._store is not None:
             try:
                 await trio.to_thread.run_sync(self._store.record_outgoing, mailbox, rows)

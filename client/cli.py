@@ -35,7 +35,7 @@ from wire import ErrorCode, Receipt, Status, is_valid_mailbox_id
 
 from ._client import ConnectionEvent, ConnectionState, open_client
 from .errors import AuthenticationError, ConnectionLost, RelayError
-from .localstore import LocalStore, body_json
+from .localstore import LocalStore, SentMessage, body_json
 
 __all__ = ["DEFAULT_URL", "default_store_path", "main", "mailbox_of_token"]
 
@@ -356,12 +356,12 @@ async def _send(ctx: _Context) -> int:
     async with open_client(ctx.url, token, agent=AGENT) as client:
         receipt = await client.send(args.to, body, ttl_s=args.ttl, id=args.id)
         mailbox = client.mailbox
-    accepted = [r for r, res in receipt.results.items() if res.status is not Status.REFUSED]
+    accepted = {r: res.status.value for r, res in receipt.results.items() if res.status is not Status.REFUSED}
     if accepted and mailbox is not None:
         try:
             store = ctx.open_store()
             with store:
-                await trio.to_thread.run_sync(store.record_outgoing, mailbox, [(receipt.id, accepted, body)])
+                await trio.to_thread.run_sync(store.record_outgoing, mailbox, [SentMessage(receipt.id, accepted, body)])
         except (CliError, sqlite3.Error, OSError) as exc:
             ctx.note(f"warning: message sent but not recorded in the local store: {exc}")
     ctx.emit(_receipt_json(receipt))

@@ -1,8 +1,8 @@
 """The client's local message store: the durable copy a client keeps of its conversation.
 
 Theory of operation. One SQLite file (stdlib ``sqlite3``, WAL, ``synchronous=FULL`` so a
-committed batch survives a power cut) holds the messages a mailbox received and the
-messages it sent.
+committed batch survives a power cut) holds the messages a mailbox received, the messages
+it sent, and what became of each sent message for each recipient.
 
 **Identity.** A message is identified by its sender and its id, not by the id alone: the
 broker holds at most one message per (recipient, id) at a time, but once a message has
@@ -18,12 +18,32 @@ messages on (``relay listen`` prints them): it marks a batch with :meth:`LocalSt
 after handing it on, and on start hands on :meth:`LocalStore.unemitted` first, so a crash
 between saving and handing on loses nothing (the consumer sees such messages at least once).
 
+**Per-recipient state of sent messages** (protocol.md 9, "Delivery status"). The table
+``recipient_states`` has one row per (mailbox, message id, recipient) for the recipients the
+relay accepted a sent message for, holding two independent facts: the RECEIPT's word
+(``queued``, ``delivered``: handed to an open session, or ``duplicate``), written by
+:meth:`LocalStore.record_outgoing`, and the latest delivery STATUS (``delivered``: the
+recipient's device saved and ACKed it; ``expired``: it expired un-ACKed), written by
+:meth:`LocalStore.save_statuses`. They are kept apart because a status may arrive before the
+receipt of its message (or for a message another client of the mailbox sent): each write fills
+in its own columns and leaves the other's alone. :attr:`RecipientState.state` folds them into
+one word, the same as the browser client's: ``delivered``, ``expired``, else ``queued``
+(stored at the relay, not known to be on the device). A status is identified by its ``seq``: one
+already saved (a redelivery) changes nothing, so the client may STATUS_ACK it again; a status
+with a larger seq for the same (id, recipient) replaces the older one (an id used again after
+its message expired). Overflow records (how many statuses the relay folded instead of keeping
+them) go to ``status_overflows``, one row per ``first_seq`` (the seq the record had when the relay
+created it): the latest seen of each, so the sum of their counts is exact. Statuses have an ``emitted`` flag too
+(:meth:`LocalStore.unemitted_statuses`, :meth:`LocalStore.mark_statuses_emitted`).
+
 **Schema versions** live in ``PRAGMA user_version``: 0 with no table is a new file; 0 with
 a ``messages`` table is the first schema (unique by (mailbox, direction, id), no
-``emitted``), which is migrated in place to :data:`SCHEMA_VERSION` in one transaction,
-keeping every row (its incoming rows count as emitted: that schema kept no record, and
-re-printing a whole history after an upgrade would be worse). A newer version than this
-code knows is refused.
+``emitted``); 2 has no per-recipient state. Older schemas are migrated in place to
+:data:`SCHEMA_VERSION` in one transaction, keeping every row: the first schema's incoming rows
+count as emitted (it kept no record, and re-printing a whole history after an upgrade would be
+worse), and each sent message gets a ``recipient_states`` row per recipient with no receipt
+word (not kept before) and ``notify`` false (those clients never asked for statuses). A newer
+version than this code knows is refused.
 
 Methods are blocking (the client calls them through ``trio.to_thread.run_sync``) and
 thread-safe: one connection, serialised by a lock.
@@ -37,18 +57,32 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-__all__ = ["INCOMING", "OUTGOING", "SCHEMA_VERSION", "SENT_NOTE", "LocalStore", "MessageKey", "StoredMessage"]
+__all__ = [
+    "INCOMING",
+    "OUTGOING",
+    "SCHEMA_VERSION",
+    "SENT_NOTE",
+    "LocalStore",
+    "MessageKey",
+    "RecipientState",
+    "SentMessage",
+    "StatusNotice",
+    "StoredMessage",
+    "StoredStatus",
+    "status_json",
+]
 
 INCOMING = "in"
 OUTGOING = "out"
 
-SCHEMA_VERSION = 2
-"""``PRAGMA user_version`` of a current store. 1 (stored as 0) was unique by (mailbox, direction, id)."""
+SCHEMA_VERSION = 3
+"""``PRAGMA user_version`` of a current store. 1 (stored as 0) was unique by (mailbox, direction, id);
+2 kept no per-recipient state of sent messages."""
 
 _TABLE = """
 CREATE TABLE {name} (
@@ -66,11 +100,50 @@ CREATE TABLE {name} (
     UNIQUE (mailbox, direction, sender, id)
 );
 """
+_STATE_TABLES = (
+    # One row per (sender mailbox, message id, recipient): the receipt's word and the latest status.
+    # ``notify``: whether statuses were asked for (1 also when a status came before the receipt).
+    # ``emitted`` is about the status (a row with none has nothing to hand on: 1).
+    """
+    CREATE TABLE recipient_states (
+        mailbox     TEXT    NOT NULL,
+        id          TEXT    NOT NULL,
+        recipient   TEXT    NOT NULL,
+        receipt     TEXT    CHECK (receipt IN ('queued', 'delivered', 'duplicate')),
+        notify      INTEGER NOT NULL DEFAULT 0 CHECK (notify IN (0, 1)),
+        status      TEXT    CHECK (status IN ('delivered', 'expired')),
+        status_at   INTEGER,
+        status_seq  INTEGER,
+        saved_at    INTEGER NOT NULL,
+        emitted     INTEGER NOT NULL DEFAULT 1 CHECK (emitted IN (0, 1)),
+        PRIMARY KEY (mailbox, id, recipient)
+    ) WITHOUT ROWID
+    """,
+    # Overflow records, one per (mailbox, first_seq): the latest seen of each (it is renumbered as it grows).
+    """
+    CREATE TABLE status_overflows (
+        mailbox     TEXT    NOT NULL,
+        first_seq   INTEGER NOT NULL,
+        seq         INTEGER NOT NULL,
+        count       INTEGER NOT NULL CHECK (count >= 1),
+        at          INTEGER NOT NULL,
+        saved_at    INTEGER NOT NULL,
+        emitted     INTEGER NOT NULL DEFAULT 0 CHECK (emitted IN (0, 1)),
+        PRIMARY KEY (mailbox, first_seq)
+    ) WITHOUT ROWID
+    """,
+)
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS messages_by_time ON messages (mailbox, sent_at)",
     "CREATE INDEX IF NOT EXISTS messages_unemitted ON messages (mailbox, seq) WHERE direction = 'in' AND emitted = 0",
+    "CREATE INDEX IF NOT EXISTS recipient_states_unemitted ON recipient_states (mailbox, status_seq) WHERE emitted = 0",
 )
 _COLUMNS_V1 = "seq, mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body"
+_STATES_FROM_V2 = (
+    "INSERT OR IGNORE INTO recipient_states (mailbox, id, recipient, receipt, notify, saved_at, emitted)"
+    " SELECT m.mailbox, m.id, r.value, NULL, 0, m.saved_at, 1 FROM messages AS m, json_each(m.recipients) AS r"
+    " WHERE m.direction = 'out'"
+)
 _INSERT = (
     "INSERT OR IGNORE INTO messages (mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -78,15 +151,53 @@ _INSERT = (
 _SELECT = (
     "SELECT mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body, emitted FROM messages"
 )
+_UPSERT_RECEIPT = (
+    "INSERT INTO recipient_states (mailbox, id, recipient, receipt, notify, saved_at) VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (mailbox, id, recipient) DO UPDATE SET receipt = excluded.receipt,"
+    " notify = max(notify, excluded.notify) WHERE receipt IS NULL"
+)
+"""The first receipt recorded for a recipient stays (a resend's "duplicate" says less); a status is left alone."""
+_UPSERT_STATUS = (
+    "INSERT INTO recipient_states (mailbox, id, recipient, notify, status, status_at, status_seq, saved_at, emitted)"
+    " VALUES (?, ?, ?, 1, ?, ?, ?, ?, 0)"
+    " ON CONFLICT (mailbox, id, recipient) DO UPDATE SET notify = 1, status = excluded.status,"
+    " status_at = excluded.status_at, status_seq = excluded.status_seq, saved_at = excluded.saved_at, emitted = 0"
+    " WHERE status_seq IS NULL OR status_seq < excluded.status_seq"
+)
+"""A status fills in its own columns (the receipt's are left alone); one with this seq or an older one changes
+nothing."""
+_UPSERT_OVERFLOW = (
+    "INSERT INTO status_overflows (mailbox, first_seq, seq, count, at, saved_at) VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (mailbox, first_seq) DO UPDATE SET seq = excluded.seq, count = excluded.count, at = excluded.at,"
+    " saved_at = excluded.saved_at, emitted = 0 WHERE seq < excluded.seq"
+)
+"""An overflow record grown since (a larger seq, the same first_seq) replaces the one saved; a redelivery changes
+nothing."""
+_SELECT_STATES = "SELECT mailbox, id, recipient, receipt, notify, status, status_at, status_seq FROM recipient_states"
+_UNEMITTED_STATUSES = (
+    "SELECT seq, state, at, id, recipient, count, first_seq, saved_at FROM ("
+    " SELECT status_seq AS seq, status AS state, status_at AS at, id, recipient, NULL AS count, NULL AS first_seq,"
+    " saved_at FROM recipient_states WHERE mailbox = ? AND emitted = 0"
+    " UNION ALL"
+    " SELECT seq, 'overflow', at, NULL, NULL, count, first_seq, saved_at FROM status_overflows"
+    " WHERE mailbox = ? AND emitted = 0"
+    ") ORDER BY seq"
+)
 
 SENT_NOTE = (
-    "*Sent messages list the recipients the relay accepted them for (queued or handed to a connection);"
-    " the log does not know whether a recipient has received them.*"
+    "*A sent message says, per recipient, what the relay last told this device: delivered (the recipient's"
+    " device saved it; not that they read it), expired (it expired before their device saved it), or queued /"
+    " sent to their open session (the relay's receipt: no status yet, or none was asked for).*"
 )
 """The line under a Markdown log's title when it holds sent messages."""
 
 MessageKey = tuple[str, str]
 """What identifies an incoming message within a mailbox: (sender, id)."""
+
+STATUS_DELIVERED, STATUS_EXPIRED, STATUS_OVERFLOW = "delivered", "expired", "overflow"
+"""The states of a delivery status (``wire.ReportState``'s values: this module does not import the wire)."""
+STATE_QUEUED = "queued"
+""":attr:`RecipientState.state` with no status: stored at the relay, not known to be on the recipient's device."""
 
 
 class IncomingMessage(Protocol):
@@ -97,6 +208,38 @@ class IncomingMessage(Protocol):
     sent_at: int
     expires_at: int
     body: bytes
+
+
+class StatusNotice(Protocol):
+    """What :meth:`LocalStore.save_statuses` needs of a delivery status (a ``wire.StatusReport`` fits):
+    ``id`` and ``recipient`` for "delivered" / "expired", ``count`` and ``first_seq`` for "overflow"."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def at(self) -> int: ...
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def recipient(self) -> str | None: ...
+    @property
+    def count(self) -> int | None: ...
+    @property
+    def first_seq(self) -> int | None: ...
+
+
+class SentMessage(NamedTuple):
+    """A message this mailbox sent, for :meth:`LocalStore.record_outgoing`."""
+
+    id: str
+    receipts: Mapping[str, str]
+    """Each recipient the relay accepted it for (stored, or a duplicate of a stored copy) and the receipt's
+    word for them: ``queued``, ``delivered`` (handed to an open session) or ``duplicate``."""
+    body: bytes
+    notify: bool = False
+    """Whether the SEND asked for delivery statuses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +269,73 @@ class StoredMessage:
         return body_json(self.body)
 
 
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    """What became of a message ``mailbox`` sent, for one recipient (see the module docstring)."""
+
+    mailbox: str
+    id: str
+    recipient: str
+    receipt: str | None
+    """The RECEIPT's word (``queued``, ``delivered``, ``duplicate``); None if no receipt was recorded (a status
+    came first, another client of the mailbox sent it, or it was recorded before schema 3)."""
+    notify: bool
+    """Whether delivery statuses were asked for."""
+    status: str | None
+    """The latest delivery status: ``delivered`` (the device saved it) or ``expired``; None while there is none."""
+    status_at: int | None
+    """The status's time (Unix ms): when the recipient's ACK reached the relay, or when the message expired."""
+    status_seq: int | None
+
+    @property
+    def state(self) -> str:
+        """One word: the status if there is one (``delivered``, ``expired``), else ``queued``."""
+        return self.status if self.status is not None else STATE_QUEUED
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"state": ..., "at": ms (with a status), "receipt": word | null}``."""
+        item: dict[str, Any] = {"state": self.state}
+        if self.status_at is not None:
+            item["at"] = self.status_at
+        item["receipt"] = self.receipt
+        return item
+
+
+@dataclass(frozen=True, slots=True)
+class StoredStatus:
+    """A delivery status as the store keeps it (a :class:`StatusNotice`); ``saved_at`` in Unix ms."""
+
+    mailbox: str
+    seq: int
+    state: str
+    at: int
+    id: str | None
+    recipient: str | None
+    count: int | None
+    first_seq: int | None
+    saved_at: int
+
+
+def status_json(status: StatusNotice) -> dict[str, Any]:
+    """A delivery status as JSON: ``{"seq", "state", "at", "id", "recipient"}``, or for an overflow
+    ``{"seq", "state": "overflow", "at", "count", "first_seq"}``."""
+    if status.state == STATUS_OVERFLOW:
+        return {
+            "seq": status.seq,
+            "state": STATUS_OVERFLOW,
+            "at": status.at,
+            "count": status.count,
+            "first_seq": status.first_seq,
+        }
+    return {
+        "seq": status.seq,
+        "state": str(status.state),
+        "at": status.at,
+        "id": status.id,
+        "recipient": status.recipient,
+    }
+
+
 def body_json(body: bytes) -> dict[str, str]:
     """A body as JSON fields: ``{"body": text}`` for valid UTF-8, else ``{"body_base64": ...}``."""
     try:
@@ -144,6 +354,17 @@ def _where(mailbox: str | None, direction: str | None) -> tuple[str, list[Any]]:
         where.append("direction = ?")
         args.append(direction)
     return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
+class _Log(NamedTuple):
+    """What the exports show."""
+
+    messages: list[StoredMessage]
+    states: dict[tuple[str, str], dict[str, RecipientState]]
+    """Per sent message, by (mailbox, id): its recipients' states, in the order of its recipient list."""
+    orphans: list[RecipientState]
+    """States of messages not in the store (sent by another client of the mailbox, or a status before its receipt)."""
+    overflows: list[StoredStatus]
 
 
 def _now_ms() -> int:
@@ -174,7 +395,7 @@ class LocalStore:
             raise
 
     def _prepare_schema(self) -> None:
-        """Create the schema in a new file, or migrate an older one, in one transaction."""
+        """Create the schema in a new file, or migrate an older one step by step, in one transaction."""
         db = self._db
         if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
             return  # the usual case: no write lock taken
@@ -187,13 +408,22 @@ class LocalStore:
                     f"the local store {self.path} has schema version {version}, newer than this client's"
                     f" ({SCHEMA_VERSION}): use a newer relay client"
                 )
-            if version == 0 and has_table:  # schema 1: unique by (mailbox, direction, id), no emitted flag
-                db.execute(_TABLE.format(name="messages_v2"))
-                db.execute(f"INSERT INTO messages_v2 ({_COLUMNS_V1}, emitted) SELECT {_COLUMNS_V1}, 1 FROM messages")
-                db.execute("DROP TABLE messages")  # drops its index too
-                db.execute("ALTER TABLE messages_v2 RENAME TO messages")
-            elif version == 0:
+            if version == 0 and not has_table:  # a new file
                 db.execute(_TABLE.format(name="messages"))
+                for table in _STATE_TABLES:
+                    db.execute(table)
+            else:
+                if version == 0:  # schema 1: unique by (mailbox, direction, id), no emitted flag
+                    db.execute(_TABLE.format(name="messages_v2"))
+                    db.execute(
+                        f"INSERT INTO messages_v2 ({_COLUMNS_V1}, emitted) SELECT {_COLUMNS_V1}, 1 FROM messages"
+                    )
+                    db.execute("DROP TABLE messages")  # drops its index too
+                    db.execute("ALTER TABLE messages_v2 RENAME TO messages")
+                if version <= 2:  # schema 2: no per-recipient state of sent messages
+                    for table in _STATE_TABLES:
+                        db.execute(table)
+                    db.execute(_STATES_FROM_V2)
             for statement in _INDEXES:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -213,6 +443,20 @@ class LocalStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run ``statements`` in one transaction; each one's rowcount. Committed (and synced) when this
+        returns. Raises sqlite3.Error; then nothing was written."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = [db.execute(sql, args).rowcount for sql, args in statements]
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return counts
+
     # ------------------------------------------------------------ writing
 
     def save_incoming(self, mailbox: str, messages: Sequence[IncomingMessage]) -> list[bool]:
@@ -224,54 +468,62 @@ class LocalStore:
         """
         saved_at = _now_ms()
         recipients = json.dumps([mailbox])
-        new: list[bool] = []
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for m in messages:
-                    cur = db.execute(
-                        _INSERT,
-                        (mailbox, INCOMING, m.id, m.sender, recipients, m.sent_at, m.expires_at, saved_at, m.body),
-                    )
-                    new.append(cur.rowcount == 1)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return new
+        counts = self._write(
+            (_INSERT, (mailbox, INCOMING, m.id, m.sender, recipients, m.sent_at, m.expires_at, saved_at, m.body))
+            for m in messages
+        )
+        return [n == 1 for n in counts]
 
     def record_outgoing(
         self,
         mailbox: str,
-        messages: Iterable[tuple[str, Sequence[str], bytes]],
+        messages: Iterable[SentMessage],
         *,
         sent_at: int | None = None,
         expires_at: int | None = None,
     ) -> int:
-        """Record messages ``mailbox`` sent, as (id, recipients, body); returns how many were new.
+        """Record messages ``mailbox`` sent, with each accepted recipient's receipt word; returns how many
+        messages were new.
 
-        ``recipients`` should be those the broker accepted the message for (stored or a
-        duplicate of a stored copy); the record says only that the relay took the message,
-        nothing about whether a recipient has received it. ``sent_at`` defaults to now (the
+        The message's recipient list is those the relay accepted it for (stored, or a duplicate of
+        a stored copy); each gets a :class:`RecipientState` with the receipt's word, unless one was
+        recorded before (a status saved before the receipt is kept). ``sent_at`` defaults to now (the
         broker's own timestamp is not in the receipt). Raises sqlite3.Error; then nothing was recorded.
         """
         sent_at = _now_ms() if sent_at is None else sent_at
-        rows = [
-            (mailbox, OUTGOING, mid, mailbox, json.dumps(list(to)), sent_at, expires_at, sent_at, body)
-            for mid, to, body in messages
-        ]
-        with self._lock:
-            db = self._db
-            before = db.total_changes
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(_INSERT, rows)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return db.total_changes - before
+        statements: list[tuple[str, Sequence[Any]]] = []
+        kinds: list[bool] = []
+        for m in messages:
+            to = list(m.receipts)
+            statements.append(
+                (_INSERT, (mailbox, OUTGOING, m.id, mailbox, json.dumps(to), sent_at, expires_at, sent_at, m.body))
+            )
+            kinds.append(True)
+            for recipient, word in m.receipts.items():
+                statements.append((_UPSERT_RECEIPT, (mailbox, m.id, recipient, str(word), int(m.notify), sent_at)))
+                kinds.append(False)
+        counts = self._write(statements)
+        return sum(n for n, is_message in zip(counts, kinds, strict=True) if is_message)
+
+    def save_statuses(self, mailbox: str, statuses: Sequence[StatusNotice]) -> list[bool]:
+        """Save delivery statuses that reached ``mailbox`` (the sender) in one transaction; for each,
+        whether it was new.
+
+        A "delivered" / "expired" status goes to its (id, recipient)'s :class:`RecipientState`, a row
+        made for it if the message is not recorded (yet: a status may arrive before its receipt); it is
+        not new if that row already has this seq or a larger one (a redelivery). An "overflow" record is
+        kept per ``first_seq``: new unless it is saved with this seq or a larger one. New statuses are
+        unemitted. Committed (and synced) when this returns, so the caller may STATUS_ACK them all, new
+        or not. Raises sqlite3.Error; then nothing was saved.
+        """
+        saved_at = _now_ms()
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for s in statuses:
+            if s.state == STATUS_OVERFLOW:
+                statements.append((_UPSERT_OVERFLOW, (mailbox, s.first_seq, s.seq, s.count, s.at, saved_at)))
+            else:
+                statements.append((_UPSERT_STATUS, (mailbox, s.id, s.recipient, str(s.state), s.at, s.seq, saved_at)))
+        return [n == 1 for n in self._write(statements)]
 
     # ------------------------------------------------------------ reading
 
@@ -296,22 +548,76 @@ class LocalStore:
 
         Committed when this returns. Raises sqlite3.Error; then nothing was marked.
         """
-        rows = [(mailbox, sender, mid) for sender, mid in keys]
+        sql = (
+            "UPDATE messages SET emitted = 1"
+            " WHERE mailbox = ? AND direction = 'in' AND sender = ? AND id = ? AND emitted = 0"
+        )
+        return sum(self._write((sql, (mailbox, sender, mid)) for sender, mid in keys))
+
+    def unemitted_statuses(self, mailbox: str, *, limit: int | None = None) -> list[StoredStatus]:
+        """Delivery statuses of ``mailbox`` saved and not yet marked emitted, in seq order (the order the
+        relay queued them), at most ``limit``. See :meth:`mark_statuses_emitted`."""
+        sql = _UNEMITTED_STATUSES
+        args: list[Any] = [mailbox, mailbox]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
         with self._lock:
-            db = self._db
-            before = db.total_changes
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "UPDATE messages SET emitted = 1"
-                    " WHERE mailbox = ? AND direction = 'in' AND sender = ? AND id = ? AND emitted = 0",
-                    rows,
+            rows = self._db.execute(sql, args).fetchall()
+        return [StoredStatus(mailbox, *row) for row in rows]
+
+    def mark_statuses_emitted(self, mailbox: str, seqs: Iterable[int]) -> int:
+        """Mark delivery statuses of ``mailbox``, given by seq, as handed on, in one transaction; returns
+        how many changed. A status since replaced by a newer one (another seq) stays unemitted.
+
+        Committed when this returns. Raises sqlite3.Error; then nothing was marked.
+        """
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for seq in seqs:
+            statements.append(
+                (
+                    "UPDATE recipient_states SET emitted = 1 WHERE mailbox = ? AND status_seq = ? AND emitted = 0",
+                    (mailbox, seq),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return db.total_changes - before
+            )
+            statements.append(
+                (
+                    "UPDATE status_overflows SET emitted = 1 WHERE mailbox = ? AND seq = ? AND emitted = 0",
+                    (mailbox, seq),
+                )
+            )
+        return sum(self._write(statements))
+
+    def recipient_states(self, mailbox: str | None = None, *, id: str | None = None) -> list[RecipientState]:
+        """What became of sent messages per recipient (optionally of one mailbox, one message id), ordered by
+        mailbox, id, recipient."""
+        where, args = [], []
+        if mailbox is not None:
+            where.append("mailbox = ?")
+            args.append(mailbox)
+        if id is not None:
+            where.append("id = ?")
+            args.append(id)
+        sql = _SELECT_STATES + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY mailbox, id, recipient"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [
+            RecipientState(mb, mid, rcpt, receipt, bool(notify), status, at, seq)
+            for mb, mid, rcpt, receipt, notify, status, at, seq in rows
+        ]
+
+    def status_overflows(self, mailbox: str | None = None) -> list[StoredStatus]:
+        """The overflow records saved (optionally for one mailbox), by mailbox and first_seq: the latest seen
+        of each. Each says how many statuses the relay folded instead of keeping them, and the records are
+        distinct, so the sum of their counts is how many statuses the relay did not keep."""
+        sql = "SELECT mailbox, seq, 'overflow', at, NULL, NULL, count, first_seq, saved_at FROM status_overflows"
+        args: list[Any] = []
+        if mailbox is not None:
+            sql += " WHERE mailbox = ?"
+            args.append(mailbox)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY mailbox, first_seq", args).fetchall()
+        return [StoredStatus(*row) for row in rows]
 
     def _select(self, sql: str, args: Sequence[Any]) -> list[StoredMessage]:
         with self._lock:
@@ -335,10 +641,30 @@ class LocalStore:
 
     # ------------------------------------------------------------ export
 
+    def _log(self, mailbox: str | None) -> _Log:
+        """What the exports show, read once."""
+        messages = self.messages(mailbox)
+        by_message: dict[tuple[str, str], dict[str, RecipientState]] = {}
+        for state in self.recipient_states(mailbox):
+            by_message.setdefault((state.mailbox, state.id), {})[state.recipient] = state
+        states: dict[tuple[str, str], dict[str, RecipientState]] = {}
+        for m in messages:
+            if m.direction == OUTGOING:
+                known = by_message.pop((m.mailbox, m.id), {})
+                ordered = {r: known.pop(r) for r in m.recipients if r in known}
+                states[(m.mailbox, m.id)] = ordered | known
+        orphans = [s for per_message in by_message.values() for s in per_message.values()]
+        return _Log(messages, states, orphans, self.status_overflows(mailbox))
+
     def export_json(self, mailbox: str | None = None) -> str:
-        """Every message as a JSON document: ``{"format": "relay-local-store/1", "messages": [...]}``."""
+        """Every message as a JSON document: ``{"format": "relay-local-store/1", "messages": [...],
+        "other_statuses": [...], "status_overflows": [...]}``. A sent message has ``notify`` and
+        ``delivery``: per recipient ``{"state", "at" (with a status), "receipt"}``
+        (:meth:`RecipientState.to_json`); ``other_statuses`` are statuses of messages not in the store
+        (sent by another client of the mailbox), ``status_overflows`` the overflow statuses."""
+        messages, states, orphans, overflows = self._log(mailbox)
         out: list[dict[str, Any]] = []
-        for m in self.messages(mailbox):
+        for m in messages:
             item: dict[str, Any] = {
                 "mailbox": m.mailbox,
                 "direction": m.direction,
@@ -348,25 +674,54 @@ class LocalStore:
                 "sent_at": m.sent_at,
                 "expires_at": m.expires_at,
             }
+            if m.direction == OUTGOING:
+                per = states[(m.mailbox, m.id)]
+                item["notify"] = any(s.notify for s in per.values())
+                item["delivery"] = {r: s.to_json() for r, s in per.items()}
             item.update(m.body_json())
             out.append(item)
-        return json.dumps({"format": "relay-local-store/1", "messages": out}, ensure_ascii=False, indent=2) + "\n"
+        doc = {
+            "format": "relay-local-store/1",
+            "messages": out,
+            "other_statuses": [
+                {"mailbox": s.mailbox, "id": s.id, "recipient": s.recipient, **s.to_json()} for s in orphans
+            ],
+            "status_overflows": [
+                {"mailbox": o.mailbox, "first_seq": o.first_seq, "seq": o.seq, "count": o.count, "at": o.at}
+                for o in overflows
+            ],
+        }
+        return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 
     def export_markdown(self, mailbox: str | None = None, *, tz: dt.tzinfo | None = None) -> str:
         """A readable conversation log: a heading per day, then ``**alice** → bob · 14:03:07`` and the body
-        quoted below it. Bodies that are not UTF-8 are shown as base64 with a note. ``tz`` defaults to
-        the local time zone. If the log holds sent messages, :data:`SENT_NOTE` under the title says
-        what their recipient lists mean (the store knows what the relay accepted, not what was read)."""
-        messages = self.messages(mailbox)
+        quoted below it; a sent message then says per recipient what became of it (``*delivered to bob
+        14:05:01 · queued for carol*``). Bodies that are not UTF-8 are shown as base64 with a note. ``tz``
+        defaults to the local time zone. If the log holds sent messages, :data:`SENT_NOTE` under the title
+        says what those words mean; statuses the relay could not keep, and statuses of messages not in the
+        store, are listed too."""
+        messages, states, orphans, overflows = self._log(mailbox)
+
+        def local(ms: int) -> dt.datetime:
+            when = dt.datetime.fromtimestamp(ms / 1000, tz=tz or dt.UTC)
+            return when.astimezone() if tz is None else when
+
         names = sorted({m.mailbox for m in messages}) if mailbox is None else [mailbox]
         lines = [f"# Relay conversation log — {', '.join(names) if names else 'no messages'}", ""]
-        if any(m.direction == OUTGOING for m in messages):
+        if any(m.direction == OUTGOING for m in messages) or orphans:
             lines += [SENT_NOTE, ""]
+        missed = sum(o.count or 0 for o in overflows)
+        if missed:
+            lines += [
+                f"*The relay could not keep {missed} delivery status{'' if missed == 1 else 'es'} (too many were"
+                " waiting while the mailbox was away; latest at"
+                f" {local(max(o.at for o in overflows)):%Y-%m-%d %H:%M:%S}): some sent messages below may say queued"
+                " although they were delivered or expired.*",
+                "",
+            ]
         day = None
         for m in messages:
-            when = dt.datetime.fromtimestamp(m.sent_at / 1000, tz=tz or dt.UTC)
-            if tz is None:
-                when = when.astimezone()
+            when = local(m.sent_at)
             if when.date() != day:
                 day = when.date()
                 lines += [f"## {day.isoformat()}", ""]
@@ -378,5 +733,26 @@ class LocalStore:
                 encoded = base64.b64encode(m.body).decode("ascii")
                 body_lines = [f"*(binary body, {len(m.body)} bytes, shown as base64)*", f"`{encoded}`"]
             lines += [f"> {line}".rstrip() for line in body_lines]
+            if m.direction == OUTGOING and states[(m.mailbox, m.id)]:
+                words = [_state_words(s, local, when.date()) for s in states[(m.mailbox, m.id)].values()]
+                lines.append(f"*{' · '.join(words)}*")
+            lines.append("")
+        if orphans:
+            lines += ["## Delivery statuses of messages not in this log", ""]
+            lines += [f"- {s.mailbox} → `{s.id}`: {_state_words(s, local, None)}" for s in orphans]
             lines.append("")
         return "\n".join(lines)
+
+
+def _state_words(s: RecipientState, local: Callable[[int], dt.datetime], day: dt.date | None) -> str:
+    """How the Markdown log says one recipient's state: ``delivered to bob 14:05:01``, ``queued for carol``."""
+    if s.status_at is not None:
+        when = local(s.status_at)
+        at = f"{when:%H:%M:%S}" if when.date() == day else f"{when:%Y-%m-%d %H:%M:%S}"
+        return (
+            f"delivered to {s.recipient} {at}"
+            if s.status == STATUS_DELIVERED
+            else f"expired before {s.recipient} got it {at}"
+        )
+    words = f"sent to {s.recipient}'s open session" if s.receipt == "delivered" else f"queued for {s.recipient}"
+    return words if s.notify else f"{words} (no status asked)"
