@@ -13,7 +13,8 @@ until its RECEIPT arrives; a new link writes all of them again with the same ids
 idempotent, so a message whose receipt was lost is reported "duplicate", never stored twice. ACK
 ids not written when a link fails are written on the next one. Waiting for receipts costs one
 event per ``send``/``send_batch`` call, never a task per message. Deliveries, the local-store
-saver and DRAINED live in :mod:`client._inbox`.
+saver and DRAINED live in :mod:`client._inbox`; delivery statuses (SENDs ask for them by
+default: ``notify``) and their saver in :mod:`client._statuses`.
 
 This class only wires those parts together: it checks the caller's arguments, encodes SENDs
 through the current link (or judges them without one, while reconnecting), and decides when the
@@ -37,6 +38,7 @@ import trio
 
 from wire import (
     PROTOCOL_VERSION,
+    UINT_MAX,
     Cleanup,
     CleanupResult,
     ErrorCode,
@@ -47,6 +49,7 @@ from wire import (
     Stats,
     StatsResult,
     Status,
+    StatusReport,
     Welcome,
     is_valid_message_id,
 )
@@ -54,6 +57,7 @@ from wire import (
 from ._inbox import ClientState, Delivery, Inbox, InboxIterator
 from ._link import Link, Outbound, TransportFactory, check_sends, handshake
 from ._pending import PendingTable, SendItem
+from ._statuses import StatusBox
 from .errors import ConnectionLost, ForbiddenError, RelayError, is_fatal
 from .localstore import LocalStore, SentMessage
 from .transport import Endpoint, TransportClosed, open_transport, parse_url
@@ -78,12 +82,14 @@ _MAX_BACKOFF_DOUBLINGS = 40
 
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
-    """One message for :meth:`RelayClient.send_batch`. ``id`` defaults to 128 random bits in hex."""
+    """One message for :meth:`RelayClient.send_batch`. ``id`` defaults to 128 random bits in hex; ``notify``
+    (default True) asks for a delivery status per recipient (see :meth:`RelayClient.send`)."""
 
     to: str | Sequence[str]
     body: bytes
     ttl_s: int | None = None
     id: str | None = None
+    notify: bool = True
 
 
 class ConnectionState(StrEnum):
@@ -133,7 +139,8 @@ class ClientOptions(TypedDict, total=False):
     """The keyword options of :func:`open_client` and :class:`RelayClient` (defaults in ``RelayClient.__init__``)."""
 
     local_store: LocalStore | None
-    """Save deliveries there before ACKing them, and record sent messages (default: none)."""
+    """Save deliveries and delivery statuses there before ACKing them, and record sent messages with each
+    recipient's state (default: none)."""
     agent: str | None
     """Sent in HELLO to name this client in the broker's logs."""
     reconnect: bool
@@ -157,8 +164,8 @@ def _new_ids(n: int) -> list[str]:
     return [h[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
-def _item(mid: str, to: str | Sequence[str], body: bytes, ttl_s: int | None) -> SendItem:
-    return (mid, (to,) if type(to) is str else tuple(to), body, ttl_s)
+def _item(mid: str, to: str | Sequence[str], body: bytes, ttl_s: int | None, notify: bool) -> SendItem:
+    return (mid, (to,) if type(to) is str else tuple(to), body, ttl_s, notify)
 
 
 class RelayClient:
@@ -191,6 +198,13 @@ class RelayClient:
         self._pending = PendingTable()
         self._outbound = Outbound()
         self._inbox = Inbox(self._store, self._state, self._outbound.add_acks, self._fail)
+        self._statuses = StatusBox(
+            self._store,
+            self._state,
+            on_saved=self._outbound.add_status_acks,
+            on_failure=self._fail,
+            is_drained=self._inbox.is_drained,
+        )
         self._link: Link | None = None
         self._gen = 0
         self._stopped = False
@@ -209,11 +223,23 @@ class RelayClient:
         return self._state.connected
 
     async def send(
-        self, to: str | Sequence[str], body: bytes, *, ttl_s: int | None = None, id: str | None = None
+        self,
+        to: str | Sequence[str],
+        body: bytes,
+        *,
+        ttl_s: int | None = None,
+        id: str | None = None,
+        notify: bool = True,
     ) -> Receipt:
         """Send one message and wait for its RECEIPT (one result per distinct recipient, or a ``code`` for
         a SEND refused as a whole: 3004, 3007, or 3008 STORE_UNREACHABLE, after which the message may or may
         not be stored: send it again with the same ``id``).
+
+        With ``notify`` (the default) the broker later tells this mailbox what became of the message for
+        each recipient it was stored for: one :class:`wire.StatusReport` each from :meth:`statuses`,
+        "delivered" (the recipient's device saved and ACKed it) or "expired" (it expired un-ACKed). That
+        tells the sender when the recipient's device was online; pass ``notify=False`` not to ask. A
+        resend of an id the broker holds keeps the first SEND's ``notify``.
 
         ``id`` defaults to ``uuid4().hex``. If the connection drops first, the message is re-sent
         with the same id after reconnecting (the broker answers "duplicate" if it had stored it); while
@@ -223,7 +249,7 @@ class RelayClient:
         AuthenticationError, ConnectedElsewhere, or ConnectionLost with ``reconnect=False``) if the
         client stops before the receipt arrives.
         """
-        receipts = await self._submit([_item(id if id is not None else uuid.uuid4().hex, to, body, ttl_s)])
+        receipts = await self._submit([_item(id if id is not None else uuid.uuid4().hex, to, body, ttl_s, notify)])
         return receipts[0]
 
     async def send_batch(self, items: Sequence[OutgoingMessage]) -> list[Receipt]:
@@ -236,7 +262,7 @@ class RelayClient:
         missing = sum(1 for m in items if m.id is None)
         fresh = iter(_new_ids(missing)) if missing else iter(())
         return await self._submit(
-            [_item(m.id if m.id is not None else next(fresh), m.to, m.body, m.ttl_s) for m in items]
+            [_item(m.id if m.id is not None else next(fresh), m.to, m.body, m.ttl_s, m.notify) for m in items]
         )
 
     def deliveries(self, *, until_drained: bool = False) -> AsyncIterator[Delivery]:
@@ -252,6 +278,42 @@ class RelayClient:
     def delivery_batches(self, *, until_drained: bool = False) -> AsyncIterator[list[Delivery]]:
         """Like :meth:`deliveries`, but each step yields every delivery buffered so far (a non-empty list)."""
         return InboxIterator(self._inbox, self._inbox.take_all, until_drained)
+
+    def statuses(self, *, until_drained: bool = False) -> AsyncIterator[StatusReport]:
+        """Delivery statuses for messages this mailbox sent with ``notify``, in arrival order: per recipient
+        "delivered" or "expired" (``id``, ``recipient``, ``at``), or "overflow" (``count`` statuses the broker
+        could not keep, its per-mailbox bound; ``first_seq`` names the record as it grows: a later one with
+        the same ``first_seq`` includes the earlier one's count).
+
+        With a local store, only statuses new in the store (already saved, each recipient's state
+        updated, and STATUS_ACKed); without one, every status received (STATUS_ACK each with
+        :meth:`ack_statuses` once kept, or it comes again on the next connection). A status may come
+        before the receipt of its message. Iterate this (or send with ``notify=False``): with a local
+        store, statuses not taken pile up to a bound, after which they are no longer saved and ACKed.
+
+        Ends when the client is closed, or with ``until_drained`` once the client is drained (see
+        :meth:`wait_drained`) and every status received by then has been yielded. Raises the fatal error
+        if the client fails (after yielding what had arrived).
+        """
+        return InboxIterator(self._statuses, self._statuses.take_one, until_drained)
+
+    def status_batches(self, *, until_drained: bool = False) -> AsyncIterator[list[StatusReport]]:
+        """Like :meth:`statuses`, but each step yields every status buffered so far (a non-empty list)."""
+        return InboxIterator(self._statuses, self._statuses.take_all, until_drained)
+
+    def ack_statuses(self, seqs: int | Iterable[int]) -> None:
+        """Queue STATUS_ACKs for delivery statuses (by ``seq``), so the broker forgets them. Like :meth:`ack`:
+        one frame per writer run, written again after a reconnect if not yet written; does not block.
+
+        With a local store the client STATUS_ACKs by itself after saving; calling this too is harmless.
+        Raises ValueError for a seq that is not an integer >= 1, ForbiddenError for operator sessions.
+        """
+        self._check_usable(needs_mailbox=True)
+        new = [seqs] if isinstance(seqs, int) else list(seqs)
+        for seq in new:
+            if type(seq) is not int or not 1 <= seq <= UINT_MAX:
+                raise ValueError(f"invalid status seq {seq!r}")
+        self._outbound.add_status_acks(new)
 
     def ack(self, ids: str | Iterable[str]) -> None:
         """Queue ACKs for delivered messages. ACKs queued before the writer next runs go out in one frame;
@@ -318,7 +380,7 @@ class RelayClient:
         state.closed = True
         state.fire()
         with trio.move_on_after(CLOSE_TIMEOUT_S):
-            while state.failure is None and not self._inbox.settled:
+            while state.failure is None and not (self._inbox.settled and self._statuses.settled):
                 await state.changed()
             await self._say_bye()
         self._stop(ConnectionLost("the client was closed"))
@@ -354,10 +416,10 @@ class RelayClient:
 
     async def _record_outgoing(self, mailbox: str, items: list[SendItem], receipts: list[Receipt]) -> None:
         rows = []
-        for (mid, _to, body, _ttl), receipt in zip(items, receipts, strict=True):
+        for (mid, _to, body, _ttl, notify), receipt in zip(items, receipts, strict=True):
             accepted = {r: res.status.value for r, res in receipt.results.items() if res.status is not Status.REFUSED}
             if accepted:
-                rows.append(SentMessage(mid, accepted, body))
+                rows.append(SentMessage(mid, accepted, body, notify))
         if rows and self._store is not None:
             try:
                 await trio.to_thread.run_sync(self._store.record_outgoing, mailbox, rows)
@@ -378,7 +440,7 @@ class RelayClient:
         while state.failure is None:
             link = self._link
             if link is None:
-                if not self._outbound.ack_ids or not self._reconnect:
+                if not self._outbound.has_acks or not self._reconnect:
                     return
                 await state.changed()  # reconnecting: the ACKs go out first
                 continue
@@ -394,6 +456,7 @@ class RelayClient:
         self._stopped = True
         self._bg_scope.cancel()
         self._inbox.stop()
+        self._statuses.stop()
         self._state.fire()
 
     def _fail(self, error: RelayError) -> None:
@@ -437,6 +500,7 @@ class RelayClient:
                         outbound=self._outbound,
                         pending=self._pending,
                         inbox=self._inbox,
+                        statuses=self._statuses,
                     )
                     self._open_link(link)
                     task_status.started()
@@ -456,6 +520,7 @@ class RelayClient:
         self.connects += 1
         self.welcome = welcome
         self._inbox.link_opened(link.gen, welcome.mailbox)
+        self._statuses.link_opened(welcome.mailbox)
         # Everything unanswered goes out again: SEND and ACK are idempotent, requests are answered in order.
         self._pending.relink()
         link.resend_pending()
@@ -526,9 +591,10 @@ async def open_client(url: str, token: str, **options: Unpack[ClientOptions]) ->
     refuses. Later failures are retried (``reconnect=True``) with backoff from
     ``backoff_initial_s`` doubling to ``backoff_max_s``, except the fatal ones.
 
-    Options (:class:`ClientOptions`): ``local_store``: save deliveries there before ACKing them,
-    and record sent messages. ``agent``: a name for this client in HELLO. ``transport_factory``:
-    how to open a transport for the parsed URL (tests, custom transports).
+    Options (:class:`ClientOptions`): ``local_store``: save deliveries and delivery statuses there
+    before ACKing them, and record sent messages with each recipient's state. ``agent``: a name for
+    this client in HELLO. ``transport_factory``: how to open a transport for the parsed URL (tests,
+    custom transports).
     ``on_connection_change``: called with a frozen :class:`ConnectionEvent` once for each change of
     connection state: CONNECTED (before this yields), then DISCONNECTED (with the reason, e.g.
     SHUTTING_DOWN 4004 or a broken transport) and RECONNECTED for each reconnect, and STOPPED
@@ -545,6 +611,7 @@ async def open_client(url: str, token: str, **options: Unpack[ClientOptions]) ->
             await nursery.start(client._supervise)
             if client._store is not None:
                 nursery.start_soon(client._inbox.run_saver)
+                nursery.start_soon(client._statuses.run_saver)
             try:
                 yield client
             except BaseException:

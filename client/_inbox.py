@@ -21,15 +21,15 @@ ignored. :class:`ClientState` is what every waiter watches (iterators, ``wait_dr
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Sized
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
 from .errors import ConnectionLost, LocalStoreError, RelayError, fresh_copy
 from .localstore import LocalStore
 
-__all__ = ["MAX_BUFFERED_DELIVERIES", "ClientState", "Delivery", "Inbox", "InboxIterator"]
+__all__ = ["MAX_BUFFERED_DELIVERIES", "Box", "ClientState", "Delivery", "Inbox", "InboxIterator"]
 
 T = TypeVar("T")
 
@@ -272,15 +272,23 @@ class Inbox:
         return True
 
 
+class Box(Protocol):
+    """What :class:`InboxIterator` iterates: the inbox, or the status box (``client._statuses``)."""
+
+    @property
+    def items(self) -> Sized: ...
+    async def wait(self, until_drained: bool) -> bool: ...
+
+
 class InboxIterator(Generic[T]):
-    """Yields what ``take`` returns from the inbox (one delivery, or all buffered) until it ends.
+    """Yields what ``take`` returns from a box (one item, or all buffered) until it ends.
 
     A class rather than an async generator, so abandoning the loop needs no cleanup.
     """
 
     __slots__ = ("_inbox", "_take", "_until_drained")
 
-    def __init__(self, inbox: Inbox, take: Callable[[], T], until_drained: bool) -> None:
+    def __init__(self, inbox: Box, take: Callable[[], T], until_drained: bool) -> None:
         self._inbox = inbox
         self._take = take
         self._until_drained = until_drained

@@ -6,9 +6,10 @@ broker answers; a WELCOME makes a :class:`Link`, which :meth:`Link.run` serves w
 - The **reader** feeds received bytes to the sans-IO :class:`wire.Connection` and acts on each
   chunk's frames in one synchronous pass: RECEIPTs and request answers release the
   :class:`~client._pending.PendingTable`, DELIVERs (one list per chunk) and DRAINED go to the
-  :class:`~client._inbox.Inbox`.
-- The **writer** takes everything queued (the unwritten rest of a direct write, ACK ids, control
-  frames, requests, SENDs, BYE; in that order) and writes it with one ``send_all``. Every frame is
+  :class:`~client._inbox.Inbox`, STATUS frames (one list per chunk) to the
+  :class:`~client._statuses.StatusBox`.
+- The **writer** takes everything queued (the unwritten rest of a direct write, ACK ids, STATUS_ACK
+  seqs, control frames, requests, SENDs, BYE; in that order) and writes it with one ``send_all``. Every frame is
   encoded by the link's state machine, SENDs too (``send_send``), so the state rules are the
   wire's alone: once the connection is CLOSED (BYE sent, closing ERROR received) encoding gives
   ``b""`` and nothing more goes out.
@@ -22,8 +23,8 @@ the first bytes it writes, ahead of anything newer. The writer and the direct wr
 overlap (``writing``).
 
 Whatever ends a task ends the link, with the reason translated once (:meth:`Link._guard`).
-What outlives a link lives in :class:`Outbound` (ACK ids: idempotent, so ids a failed write
-took are given back) and in the pending table (SENDs and requests are written again on the
+What outlives a link lives in :class:`Outbound` (ACK ids and STATUS_ACK seqs: idempotent, so
+what a failed write took is given back) and in the pending table (SENDs and requests are written again on the
 next link).
 """
 
@@ -53,12 +54,15 @@ from wire import (
     Role,
     Send,
     StatsResult,
+    StatusAck,
+    StatusReport,
     Welcome,
     encode_frame,
 )
 
 from ._inbox import Delivery, Inbox
 from ._pending import PendingTable, SendItem
+from ._statuses import StatusBox
 from .errors import ConnectionLost, ProtocolViolation, RelayError, error_from_code
 from .transport import Endpoint, Opener, Transport, TransportClosed
 
@@ -75,7 +79,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_ACK_IDS_PER_FRAME = 4096
-"""ACK ids per frame: 4096 ids of at most 64 characters stay far below the 1 MiB frame limit."""
+"""ACK ids (and STATUS_ACK seqs) per frame: 4096 ids of at most 64 characters, or 4096 seqs of at most 9 bytes,
+stay far below the 1 MiB frame limit."""
 RECEIVE_SLACK_BYTES = 4096
 """Accepted beyond the broker's max_frame_bytes: a DELIVER carries a few more fields than the SEND it came from."""
 
@@ -95,9 +100,9 @@ def _too_large(mid: str, size: int, limit: int) -> RelayError:
 def check_sends(items: Sequence[SendItem], limit: int) -> None:
     """Judge SENDs while no link can encode them: raises ValueError for an invalid message and
     RelayError(FRAME_TOO_LARGE) for one whose frame would exceed ``limit`` bytes (prefix included)."""
-    for mid, to, body, ttl_s in items:
+    for mid, to, body, ttl_s, notify in items:
         try:
-            frame = Send(id=mid, to=to, body=body, ttl_s=ttl_s)
+            frame = Send(id=mid, to=to, body=body, ttl_s=ttl_s, notify=notify)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid message {mid!r}: {exc}") from None
         size = len(encode_frame(frame))
@@ -133,12 +138,13 @@ async def handshake(transport: Transport, endpoint: Endpoint, hello: Hello) -> t
 
 
 class Outbound:
-    """What the client wants written that outlives a link: ACK ids, and the writer's wake-up call."""
+    """What the client wants written that outlives a link: ACK ids, STATUS_ACK seqs, and the writer's wake-up call."""
 
-    __slots__ = ("_wake", "ack_ids")
+    __slots__ = ("_wake", "ack_ids", "status_seqs")
 
     def __init__(self) -> None:
         self.ack_ids: list[str] = []
+        self.status_seqs: list[int] = []
         self._wake = trio.Event()
 
     def wake(self) -> None:
@@ -149,18 +155,30 @@ class Outbound:
         self.ack_ids += ids
         self._wake.set()
 
+    def add_status_acks(self, seqs: list[int]) -> None:
+        self.status_seqs += seqs
+        self._wake.set()
+
+    @property
+    def has_acks(self) -> bool:
+        """Whether ACK ids or STATUS_ACK seqs wait to be written."""
+        return bool(self.ack_ids or self.status_seqs)
+
     def _rearm(self) -> trio.Event:
         self._wake = trio.Event()
         return self._wake
 
-    def _take_acks(self) -> list[str]:
+    def _take_acks(self) -> tuple[list[str], list[int]]:
         ids, self.ack_ids = self.ack_ids, []
-        return ids
+        seqs, self.status_seqs = self.status_seqs, []
+        return ids, seqs
 
-    def _give_back(self, ids: list[str]) -> None:
-        """ACK ids a failed write took: first on the next link."""
+    def _give_back(self, ids: list[str], seqs: list[int]) -> None:
+        """ACK ids and STATUS_ACK seqs a failed write took: first on the next link."""
         if ids:
             self.ack_ids[:0] = ids
+        if seqs:
+            self.status_seqs[:0] = seqs
 
 
 class Link:
@@ -174,6 +192,7 @@ class Link:
         "_outbound",
         "_outbox",
         "_pending",
+        "_statuses",
         "_unwritten",
         "_writing",
         "bye_written",
@@ -202,6 +221,7 @@ class Link:
         outbound: Outbound,
         pending: PendingTable,
         inbox: Inbox,
+        statuses: StatusBox,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -222,6 +242,7 @@ class Link:
         self._outbound = outbound
         self._pending = pending
         self._inbox = inbox
+        self._statuses = statuses
         self._ctrl: list[Frame] = []
         self._outbox: list[bytes] = []
         self._unwritten = b""
@@ -242,9 +263,9 @@ class Link:
         Raises ValueError for an invalid message, RelayError(FRAME_TOO_LARGE) for one the broker cannot take."""
         conn, limit = self.conn, self.limit
         out: list[bytes] = []
-        for mid, to, body, ttl_s in items:
+        for mid, to, body, ttl_s, notify in items:
             try:
-                data = conn.send_send(mid, to, body, ttl_s)
+                data = conn.send_send(mid, to, body, ttl_s, notify=notify)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"invalid message {mid!r}: {exc}") from None
             if not data:
@@ -274,9 +295,9 @@ class Link:
         message this broker cannot take fails with FRAME_TOO_LARGE and none of it goes out again."""
         pending = self._pending
         encoded = []
-        for mid, (to, body, ttl_s, batch, _index) in pending.sends():
+        for mid, (to, body, ttl_s, notify, batch, _index) in pending.sends():
             try:
-                encoded.append((batch, self.encode_sends([(mid, to, body, ttl_s)])))
+                encoded.append((batch, self.encode_sends([(mid, to, body, ttl_s, notify)])))
             except RelayError as exc:
                 pending.drop_batch(batch, exc)
         self._outbox += [data for batch, frames in encoded if batch.error is None for data in frames]
@@ -331,8 +352,8 @@ class Link:
         transport = self.transport
         while True:
             wake = outbound._rearm()
-            acks = outbound._take_acks()
-            data = self._collect(acks)
+            acks, status_acks = outbound._take_acks()
+            data = self._collect(acks, status_acks)
             if not data:
                 await wake.wait()
                 continue
@@ -340,7 +361,7 @@ class Link:
             try:
                 await transport.send_all(data)
             except BaseException:
-                outbound._give_back(acks)  # unwritten (or half-written) ACKs go out on the next link
+                outbound._give_back(acks, status_acks)  # unwritten (or half-written) ACKs go out on the next link
                 raise
             finally:
                 self._writing = False
@@ -350,25 +371,30 @@ class Link:
                 self.quiet.set()
                 return
 
-    def _collect(self, acks: list[str]) -> bytes:
-        """Everything queued, as one byte string: the unwritten rest, ACKs, control frames, requests, SENDs, BYE.
+    def _collect(self, acks: list[str], status_acks: list[int]) -> bytes:
+        """Everything queued, as one byte string: the unwritten rest, ACKs, STATUS_ACKs, control frames,
+        requests, SENDs, BYE.
 
-        ``acks`` are the ids taken for this write; it is emptied if they could not be encoded."""
+        ``acks`` and ``status_acks`` are what was taken for this write; both are emptied if they could not
+        be encoded."""
         conn = self.conn
         parts: list[bytes] = []
         if self._unwritten:
             parts.append(self._unwritten)
             self._unwritten = b""
-        if acks:
-            frames = [
-                conn.send(Ack(ids=tuple(acks[i : i + MAX_ACK_IDS_PER_FRAME])))
-                for i in range(0, len(acks), MAX_ACK_IDS_PER_FRAME)
-            ]
-            if frames[0]:
-                parts += frames
-            else:  # the connection is over (b"" once CLOSED): the ids go out on the next link
-                self._outbound._give_back(acks[:])
-                acks.clear()
+        frames = [
+            conn.send(Ack(ids=tuple(acks[i : i + MAX_ACK_IDS_PER_FRAME])))
+            for i in range(0, len(acks), MAX_ACK_IDS_PER_FRAME)
+        ] + [
+            conn.send(StatusAck(seqs=tuple(status_acks[i : i + MAX_ACK_IDS_PER_FRAME])))
+            for i in range(0, len(status_acks), MAX_ACK_IDS_PER_FRAME)
+        ]
+        if frames and frames[0]:
+            parts += frames
+        elif frames:  # the connection is over (b"" once CLOSED): they go out on the next link
+            self._outbound._give_back(acks[:], status_acks[:])
+            acks.clear()
+            status_acks.clear()
         if self._ctrl:
             ctrl, self._ctrl = self._ctrl, []
             parts += [conn.send(frame) for frame in ctrl]
@@ -412,6 +438,7 @@ class Link:
     def _handle(self, frames: list[Frame]) -> None:
         """Act on one chunk's frames, in order, without awaiting; deliveries go to the inbox together."""
         deliveries: list[Delivery] = []
+        statuses: list[StatusReport] = []
         release = self._pending.release
         try:
             for f in frames:
@@ -421,14 +448,21 @@ class Link:
                     deliveries.append(Delivery(d.id, d.sender, d.sent_at, d.expires_at, d.attempt, d.body))
                 elif kind is Receipt:
                     release(f)  # type: ignore[arg-type]
+                elif kind is StatusReport:
+                    statuses.append(f)  # type: ignore[arg-type]
                 else:
                     if deliveries:
                         self._inbox.accept(deliveries)
                         deliveries = []
+                    if statuses:  # before a DRAINED: ``statuses(until_drained=True)`` includes them
+                        self._statuses.accept(statuses)
+                        statuses = []
                     self._on_other(f)
         finally:
             if deliveries:
                 self._inbox.accept(deliveries)
+            if statuses:
+                self._statuses.accept(statuses)
 
     def _on_other(self, f: Frame) -> None:
         """A frame other than DELIVER and RECEIPT. Raises the error a closing ERROR names."""

@@ -31,11 +31,11 @@ from .errors import RelayError, fresh_copy
 
 __all__ = ["PendingTable", "Request", "SendBatch", "SendItem"]
 
-SendItem = tuple[str, tuple[str, ...], bytes, int | None]
-"""One message to send: (id, recipients, body, ttl_s)."""
+SendItem = tuple[str, tuple[str, ...], bytes, int | None, bool]
+"""One message to send: (id, recipients, body, ttl_s, notify)."""
 
-_Entry = tuple[tuple[str, ...], bytes, int | None, "SendBatch", int]
-"""A SEND waiting for its receipt: (recipients, body, ttl_s, its batch, its index in the batch)."""
+_Entry = tuple[tuple[str, ...], bytes, int | None, bool, "SendBatch", int]
+"""A SEND waiting for its receipt: (recipients, body, ttl_s, notify, its batch, its index in the batch)."""
 
 
 class SendBatch:
@@ -85,12 +85,12 @@ class PendingTable:
         already waiting for its receipt, including twice in ``items``."""
         batch = SendBatch(len(items))
         sends = self._sends
-        for index, (mid, to, body, ttl_s) in enumerate(items):
+        for index, (mid, to, body, ttl_s, notify) in enumerate(items):
             if mid in sends:
                 for earlier in items[:index]:
                     del sends[earlier[0]]
                 raise ValueError(f"a send with id {mid!r} is already waiting for its receipt")
-            sends[mid] = (to, body, ttl_s, batch, index)
+            sends[mid] = (to, body, ttl_s, notify, batch, index)
         return batch
 
     def release(self, receipt: Receipt) -> None:
@@ -98,8 +98,8 @@ class PendingTable:
         (the receipt of a send whose caller gave up, or a duplicate answer after a reconnect)."""
         entry = self._sends.pop(receipt.id, None)
         if entry is not None:
-            batch = entry[3]
-            batch.results[entry[4]] = receipt
+            batch = entry[4]
+            batch.results[entry[5]] = receipt
             batch.remaining -= 1
             if not batch.remaining:
                 batch.done.set()
@@ -114,7 +114,7 @@ class PendingTable:
                 sends = self._sends
                 for item in items:
                     entry = sends.get(item[0])
-                    if entry is not None and entry[3] is batch:
+                    if entry is not None and entry[4] is batch:
                         del sends[item[0]]
         if batch.error is not None:
             raise fresh_copy(batch.error)
@@ -127,7 +127,7 @@ class PendingTable:
     def drop_batch(self, batch: SendBatch, error: RelayError) -> None:
         """Fail ``batch`` with ``error`` and forget all its SENDs (e.g. a frame the new broker cannot take)."""
         batch.fail(error)
-        for mid in [mid for mid, entry in self._sends.items() if entry[3] is batch]:
+        for mid in [mid for mid, entry in self._sends.items() if entry[4] is batch]:
             del self._sends[mid]
 
     # ------------------------------------------------------------ requests
@@ -177,7 +177,7 @@ class PendingTable:
     def fail_all(self, error: RelayError) -> None:
         """Release every waiter with ``error`` and forget everything (the client stops)."""
         for entry in self._sends.values():
-            entry[3].fail(error)
+            entry[4].fail(error)
         self._sends.clear()
         for req in (*self._written, *self._unsent):
             if not req.done.is_set():

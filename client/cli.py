@@ -3,7 +3,8 @@
 Exit status: 0 success; 1 the relay refused the message, for a recipient or as a whole
 (``send``); 2 usage, token, connection or local-store errors, including being taken over by
 another connection for the same mailbox (CONNECTED_ELSEWHERE 4001); one line on stderr;
-130 interrupted (Ctrl-C).
+3 ``send --wait``: the message expired before a recipient's device saved it; 4 ``send --wait``:
+the timeout passed first; 130 interrupted (Ctrl-C).
 Global options (before or after the command): ``--url`` (env RELAY_URL, default
 tcp://127.0.0.1:7700), ``--token`` (env RELAY_TOKEN), ``--store PATH`` (default
 ``$XDG_DATA_HOME/relay/client/<mailbox>.sqlite3``, the mailbox read from the token),
@@ -11,7 +12,8 @@ tcp://127.0.0.1:7700), ``--token`` (env RELAY_TOKEN), ``--store PATH`` (default
 
 ``listen`` prints each message at least once, even across a crash: the local store
 remembers which saved messages were printed, and a new ``listen`` first prints those
-saved but not printed. It reports its connection on stderr, one line per change
+saved but not printed. Delivery statuses of the mailbox's sent messages are printed the same
+way, as ``{"status": {...}}`` lines. It reports its connection on stderr, one line per change
 (connected, disconnected/reconnecting, reconnected, taken over).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -31,19 +34,20 @@ from typing import IO, Any, Protocol
 import jwt
 import trio
 
-from wire import ErrorCode, Receipt, Status, is_valid_mailbox_id
+from wire import ErrorCode, Receipt, ReportState, Status, StatusReport, is_valid_mailbox_id
 
-from ._client import ConnectionEvent, ConnectionState, open_client
+from ._client import ConnectionEvent, ConnectionState, RelayClient, open_client
 from .errors import AuthenticationError, ConnectionLost, RelayError
-from .localstore import LocalStore, SentMessage, body_json
+from .localstore import LocalStore, RecipientState, SentMessage, StatusNotice, body_json, status_json
 
 __all__ = ["DEFAULT_URL", "default_store_path", "main", "mailbox_of_token"]
 
 DEFAULT_URL = "tcp://127.0.0.1:7700"
 AGENT = "relay-cli/0.1"
-EXIT_OK, EXIT_REFUSED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_REFUSED, EXIT_ERROR, EXIT_EXPIRED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 UNEMITTED_BATCH = 1000
-"""Saved-but-unprinted messages printed (and then marked, in one transaction) per step at ``listen`` start."""
+"""Saved-but-unprinted messages (or statuses) printed (and then marked, in one transaction) per step at ``listen``
+start."""
 
 
 class CliError(Exception):
@@ -88,7 +92,8 @@ def default_store_path(mailbox: str) -> Path:
 EXIT_STATUS_HELP = """\
 exit status: 0 done; 1 the relay refused the message (send: for a recipient, or the whole
 SEND); 2 usage, token, connection or local-store error, or taken over by another connection
-for the same mailbox (4001), with one line on stderr; 130 interrupted (Ctrl-C)."""
+for the same mailbox (4001), with one line on stderr; 3 (send --wait) it expired before a
+recipient's device saved it; 4 (send --wait) the timeout passed first; 130 interrupted (Ctrl-C)."""
 
 SEND_DESCRIPTION = """\
 Send one message and print the relay's receipt as one JSON line on stdout.
@@ -113,7 +118,25 @@ A SEND refused as a whole (nothing stored for anyone) prints
 STORE_UNREACHABLE: the broker could not reach its store, so the message may or may not be
 stored: send it again with the same --id, and a stored one comes back "duplicate").
 Exit status 1 if any recipient, or the whole message, was refused. The local store
-records the message with the recipients the relay accepted it for."""
+records the message with the recipients the relay accepted it for and each one's receipt.
+
+Delivery status: the message asks the relay (unless --no-notify) to tell your mailbox, later,
+what became of it for each recipient it was stored for: "delivered" when the recipient's
+device saved and ACKed it (not that they read it), or "expired" when it expired first. This
+tells the relay nothing new, but tells you when their device was online. `relay listen`
+prints these statuses and `relay export` shows them; or wait for them here:
+
+--wait keeps the connection open after the receipt and prints each recipient's status as it
+arrives, one JSON line each, as `relay listen` does:
+  {"status": {"seq": 1714572190000000, "state": "delivered", "at": 1714572190000, "id": "9f0c...", "recipient": "bob"}}
+until every recipient it was stored for has one (a status already in the local store, e.g.
+for a resent --id, counts), or --timeout SECONDS passes (then one line on stderr names those
+still waiting). Meanwhile, like `relay listen`, it saves what else arrives for your mailbox
+(messages, other statuses) in the local store, for the next `relay listen` to print; and like
+any connection for your mailbox it takes over a running `relay listen` of the same mailbox.
+Exit status with --wait: 0 every recipient's device saved it; 1 refused for a recipient or as
+a whole (the others are still waited for); 3 it expired for a recipient; 4 the timeout passed
+first (in that order of precedence)."""
 
 LISTEN_DESCRIPTION = """\
 Print each message delivered to your mailbox as one JSON line on stdout
@@ -121,6 +144,16 @@ Print each message delivered to your mailbox as one JSON line on stdout
 ("body_base64" instead of "body" if it is not UTF-8). Each message is saved in the
 local store before it is ACKed, and printed at least once: the store remembers what was
 printed, and a listen started after a crash first prints what was saved but not printed.
+
+Delivery statuses of messages your mailbox sent (relay send asks for them unless
+--no-notify) are printed the same way (saved, then ACKed, printed at least once), each as
+one JSON line with a single "status" key:
+  {"status": {"seq": 1714572190000000, "state": "delivered", "at": 1714572190000, "id": "m1", "recipient": "bob"}}
+state "delivered": bob's device saved and ACKed m1 at "at" (Unix ms; not that bob read it);
+"expired": m1 expired at "at" before bob's device saved it; "overflow":
+  {"status": {"seq": ..., "state": "overflow", "at": ..., "count": 12, "first_seq": ...}}
+the relay could not keep "count" statuses (too many were waiting for your mailbox); a later
+overflow line with the same "first_seq" replaces the earlier one (its count includes it).
 
 Connection changes go to stderr, one line each: connected (with the number of messages
 waiting), disconnected and reconnecting (with the reason, e.g. the broker shutting down,
@@ -157,7 +190,11 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=LISTEN_DESCRIPTION,
     )
-    listen.add_argument("--drain", action="store_true", help="exit once every waiting message is saved and ACKed")
+    listen.add_argument(
+        "--drain",
+        action="store_true",
+        help="exit once every waiting message is saved and ACKed (and the statuses that came by then are printed)",
+    )
 
     send = sub.add_parser(
         "send",
@@ -171,6 +208,23 @@ def _build_parser() -> argparse.ArgumentParser:
     send.add_argument("--id", help="message id (default: 128 random bits in hex)")
     send.add_argument("--empty", action="store_true", help="send an empty message (no BODY; stdin is not read)")
     send.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="do not ask the relay for delivery statuses (it then never says delivered or expired)",
+    )
+    send.add_argument(
+        "--wait",
+        action="store_true",
+        help="after the receipt, wait for every recipient's delivery status and print it (exit 0, 3 or 4)",
+    )
+    send.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="with --wait: stop waiting after this long (exit 4; default: wait until each is delivered or expired)",
+    )
+    send.add_argument(
         "body",
         nargs="?",
         default=None,
@@ -183,12 +237,24 @@ def _build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="write the local store as Markdown or JSON",
         description="Write the local store (received and sent messages) as Markdown or JSON. A sent message"
-        " lists the recipients the relay accepted it for (queued or handed to a connection); the store"
-        " does not know whether they have received it.",
+        " lists the recipients the relay accepted it for and, for each, what the relay last told this device:"
+        ' "delivered" (a delivery status: their device saved it), "expired" (it expired before their device'
+        ' saved it), or "queued" (no status yet, or none was asked for; the JSON also gives the receipt\'s'
+        " word). Statuses the relay could not keep are counted.",
     )
     export.add_argument("--format", choices=("markdown", "json"), default="markdown")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of seconds above 0")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -240,6 +306,11 @@ class _Context:
         self.stdout.write("".join(_message_line(m) for m in messages))
         self.stdout.flush()
 
+    def emit_statuses(self, statuses: Sequence[StatusNotice]) -> None:
+        """One ``{"status": {...}}`` line per delivery status, then one flush."""
+        self.stdout.write("".join(status_line(s) for s in statuses))
+        self.stdout.flush()
+
     def note(self, text: str) -> None:
         """One line on stderr."""
         print(f"relay: {text}", file=self.stderr, flush=True)
@@ -265,6 +336,11 @@ class _Message(Protocol):
 def _message_line(m: _Message) -> str:
     item = {"id": m.id, "from": m.sender, "sent_at": m.sent_at, **body_json(m.body)}
     return json.dumps(item, ensure_ascii=False) + "\n"
+
+
+def status_line(s: StatusNotice) -> str:
+    """The line ``relay listen`` and ``relay send --wait`` print for a delivery status: ``{"status": {...}}``."""
+    return json.dumps({"status": status_json(s)}, ensure_ascii=False) + "\n"
 
 
 def _waiting(pending: int | None) -> str:
@@ -295,22 +371,39 @@ async def _listen(ctx: _Context) -> int:
     refuse_operator_token(token, "listen")
     mailbox = mailbox_of_token(token)
     store = ctx.open_store()
+    drain = ctx.args.drain
     try:
         # First what an earlier listen saved (and so ACKed) but did not print: it crashed in between.
         while rows := await trio.to_thread.run_sync(partial(store.unemitted, mailbox, limit=UNEMITTED_BATCH)):
             ctx.emit_messages(rows)
             await trio.to_thread.run_sync(store.mark_emitted, mailbox, [m.key for m in rows])
+        while saved := await trio.to_thread.run_sync(partial(store.unemitted_statuses, mailbox, limit=UNEMITTED_BATCH)):
+            ctx.emit_statuses(saved)
+            await trio.to_thread.run_sync(store.mark_statuses_emitted, mailbox, [s.seq for s in saved])
         async with open_client(
             ctx.url, token, local_store=store, agent=AGENT, on_connection_change=ctx.on_connection_change
         ) as client:
             if client.mailbox != mailbox:
                 raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
-            async for batch in client.delivery_batches(until_drained=ctx.args.drain):
-                ctx.emit_messages(batch)  # written and flushed: only now marked printed
-                await trio.to_thread.run_sync(store.mark_emitted, mailbox, [(d.sender, d.id) for d in batch])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_print_statuses, ctx, client, store, mailbox, drain)
+                async for batch in client.delivery_batches(until_drained=drain):
+                    ctx.emit_messages(batch)  # written and flushed: only now marked printed
+                    await trio.to_thread.run_sync(store.mark_emitted, mailbox, [(d.sender, d.id) for d in batch])
     finally:
         store.close()
     return EXIT_OK
+
+
+async def _print_statuses(ctx: _Context, client: RelayClient, store: LocalStore, mailbox: str, drain: bool) -> None:
+    """``listen``'s second loop: print each new (saved, ACKed) status, then mark it printed. A failure of the
+    client ends it quietly: the deliveries loop raises the same error."""
+    try:
+        async for batch in client.status_batches(until_drained=drain):
+            ctx.emit_statuses(batch)
+            await trio.to_thread.run_sync(store.mark_statuses_emitted, mailbox, [s.seq for s in batch])
+    except RelayError:
+        return
 
 
 def _read_body(ctx: _Context) -> bytes:
@@ -348,30 +441,101 @@ def _receipt_json(receipt: Receipt) -> dict[str, Any]:
     return {"id": receipt.id, "results": {rcpt: res.to_wire() for rcpt, res in receipt.results.items()}}
 
 
-async def _send(ctx: _Context) -> int:
-    args = ctx.args
-    token = ctx.token
-    refuse_operator_token(token, "send")
-    body = _read_body(ctx)
-    async with open_client(ctx.url, token, agent=AGENT) as client:
-        receipt = await client.send(args.to, body, ttl_s=args.ttl, id=args.id)
-        mailbox = client.mailbox
-    accepted = {r: res.status.value for r, res in receipt.results.items() if res.status is not Status.REFUSED}
-    if accepted and mailbox is not None:
-        try:
-            store = ctx.open_store()
-            with store:
-                await trio.to_thread.run_sync(store.record_outgoing, mailbox, [SentMessage(receipt.id, accepted, body)])
-        except (CliError, sqlite3.Error, OSError) as exc:
-            ctx.note(f"warning: message sent but not recorded in the local store: {exc}")
+def _show_receipt(ctx: _Context, receipt: Receipt) -> bool:
+    """Print the receipt (and what to do after a 3008); whether anything was refused."""
     ctx.emit(_receipt_json(receipt))
     if receipt.code == ErrorCode.STORE_UNREACHABLE:
         ctx.note(
             "the broker could not reach its store (3008): the message may or may not be stored; "
             f"send it again later with --id {receipt.id} (if it was stored, the retry says duplicate)"
         )
-    refused = receipt.code is not None or len(accepted) < len(receipt.results)
-    return EXIT_REFUSED if refused else EXIT_OK
+    return receipt.code is not None or any(res.status is Status.REFUSED for res in receipt.results.values())
+
+
+async def _send(ctx: _Context) -> int:
+    args = ctx.args
+    token = ctx.token
+    refuse_operator_token(token, "send")
+    if args.timeout is not None and not args.wait:
+        raise CliError("send: --timeout goes with --wait")
+    if args.wait and not args.notify:
+        raise CliError("send: --wait waits for delivery statuses, which --no-notify does not ask for")
+    body = _read_body(ctx)
+    if args.wait:
+        return await _send_and_wait(ctx, token, body)
+    async with open_client(ctx.url, token, agent=AGENT) as client:
+        receipt = await client.send(args.to, body, ttl_s=args.ttl, id=args.id, notify=args.notify)
+        mailbox = client.mailbox
+    accepted = {r: res.status.value for r, res in receipt.results.items() if res.status is not Status.REFUSED}
+    if accepted and mailbox is not None:
+        try:
+            store = ctx.open_store()
+            with store:
+                sent = [SentMessage(receipt.id, accepted, body, args.notify)]
+                await trio.to_thread.run_sync(store.record_outgoing, mailbox, sent)
+        except (CliError, sqlite3.Error, OSError) as exc:
+            ctx.note(f"warning: message sent but not recorded in the local store: {exc}")
+    return EXIT_REFUSED if _show_receipt(ctx, receipt) else EXIT_OK
+
+
+async def _send_and_wait(ctx: _Context, token: str, body: bytes) -> int:
+    """``send --wait``: the client has the local store (it records the message, saves statuses, then ACKs them);
+    print the receipt, then each recipient's status once (marked printed), until all have one or the timeout."""
+    args = ctx.args
+    mailbox = mailbox_of_token(token)
+    store = ctx.open_store()
+    try:
+        async with open_client(ctx.url, token, agent=AGENT, local_store=store) as client:
+            if client.mailbox != mailbox:
+                raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
+            receipt = await client.send(args.to, body, ttl_s=args.ttl, id=args.id, notify=True)
+            refused = _show_receipt(ctx, receipt)
+            if receipt.code is not None:
+                return EXIT_REFUSED
+            waiting = {r for r, res in receipt.results.items() if res.status is not Status.REFUSED}
+            final: dict[str, StatusNotice] = {}
+
+            async def show(statuses: list[StatusNotice]) -> None:
+                for st in statuses:
+                    assert st.recipient is not None
+                    final[st.recipient] = st
+                ctx.emit_statuses(statuses)
+                await trio.to_thread.run_sync(store.mark_statuses_emitted, mailbox, [st.seq for st in statuses])
+
+            # Statuses saved before (a resend of an id whose status came earlier) count; newer ones come below.
+            known = await trio.to_thread.run_sync(partial(store.recipient_states, mailbox, id=receipt.id))
+            await show([_as_status(st) for st in known if st.recipient in waiting and st.status is not None])
+            with trio.move_on_after(args.timeout if args.timeout is not None else math.inf):
+                statuses = client.statuses()
+                while waiting - final.keys():
+                    status = await anext(statuses)
+                    rcpt = status.recipient
+                    if status.id != receipt.id or rcpt not in waiting:
+                        continue  # saved for the next `relay listen` to print
+                    if rcpt not in final or final[rcpt].seq < status.seq:
+                        await show([status])
+    finally:
+        store.close()
+    missing = sorted(waiting - final.keys())
+    if missing:
+        ctx.note(f"timed out after {args.timeout:g} s: no delivery status yet for {', '.join(missing)}")
+    if refused:
+        return EXIT_REFUSED
+    if any(st.state == ReportState.EXPIRED for st in final.values()):
+        return EXIT_EXPIRED
+    return EXIT_TIMEOUT if missing else EXIT_OK
+
+
+def _as_status(state: RecipientState) -> StatusReport:
+    """A saved recipient state with a status, as the STATUS it was saved from."""
+    assert state.status_seq is not None and state.status_at is not None and state.status is not None
+    return StatusReport(
+        seq=state.status_seq,
+        state=ReportState(state.status),
+        at=state.status_at,
+        id=state.id,
+        recipient=state.recipient,
+    )
 
 
 def _export(ctx: _Context) -> int:

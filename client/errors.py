@@ -76,7 +76,8 @@ class ConnectionLost(RelayError):
 
 
 class LocalStoreError(RelayError):
-    """Saving deliveries to the local store failed; they were not ACKed and will be delivered again."""
+    """Saving deliveries (or delivery statuses) to the local store failed; they were not ACKed and will be delivered
+    again."""
 
     def __init__(self, message: str) -> None:
         super().__init__(None, message)

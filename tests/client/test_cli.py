@@ -299,3 +299,28 @@ def test_send_help_says_what_queued_and_delivered_mean(capsys: pytest.CaptureFix
     assert "delivered handed to the recipient's open connection; not yet confirmed saved" in text
     assert '{"id": "9f0c...", "refused": {"code": 3004, "name": "TOO_MANY_RECIPIENTS"}}' in text
     assert "An empty message is refused" in text and "--empty" in text
+    assert "Exit status with --wait: 0 every recipient's device saved it; 1 refused" in text
+    assert "--no-notify" in text and '"delivered" when the recipient\'s device saved and ACKed it' in text
+
+
+async def test_send_records_each_recipients_receipt_and_whether_it_asked_for_statuses(
+    broker: Broker, tmp_path: Path
+) -> None:
+    alice = opts(broker, "alice", tmp_path / "alice.sqlite3")
+    with trio.fail_after(TIMEOUT_S):
+        assert (await relay(*alice, "send", "--to", "bob", "--id", "n1", "asks")).status == 0
+        assert (await relay(*alice, "send", "--no-notify", "--to", "bob", "--id", "n2", "quiet")).status == 0
+        usage = await relay(*alice, "send", "--wait", "--no-notify", "--to", "bob", "x")
+        assert (usage.status, usage.out) == (2, "")
+        assert "--wait waits for delivery statuses, which --no-notify does not ask for" in usage.err
+        usage = await relay(*alice, "send", "--timeout", "3", "--to", "bob", "x")
+        assert (usage.status, usage.err) == (2, "relay: send: --timeout goes with --wait\n")
+        assert (await relay(*alice, "send", "--wait", "--timeout", "0", "--to", "bob", "x")).status == 2
+    with LocalStore(tmp_path / "alice.sqlite3") as store:
+        assert [(s.id, s.receipt, s.notify, s.state) for s in store.recipient_states("alice")] == [
+            ("n1", "queued", True, "queued"),
+            ("n2", "queued", False, "queued"),
+        ]
+    async with open_client(url_of(broker), broker.auth.issue("bob")) as bob:
+        got = [d async for d in bob.deliveries(until_drained=True)]
+        assert [d.id for d in got] == ["n1", "n2"]  # the usage errors sent nothing

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import trio
-from relay_testing import url_of
+from relay_testing import FaultyNetwork, url_of
 
 from broker.server import Broker
 from client import (
@@ -22,7 +22,7 @@ from client import (
     open_client,
 )
 from tests.conftest import STORES
-from wire import Ack
+from wire import Ack, Send
 
 pytestmark = pytest.mark.stores(*STORES)
 
@@ -269,3 +269,34 @@ async def test_acks_queued_in_one_round_go_out_in_one_frame(broker: Broker, netw
             await bob.pull()
             assert await bob.wait_drained() == 0
     assert [f.ids for f in network.sent if type(f) is Ack] == [("c0", "c1", "c2")]
+
+
+async def test_send_asks_for_delivery_statuses_unless_notify_is_false(broker: Broker, network: FaultyNetwork) -> None:
+    url = url_of(broker)
+    with trio.fail_after(TIMEOUT_S):
+        async with open_client(url, broker.auth.issue("alice"), transport_factory=network) as alice:
+            await alice.send("bob", b"asks", id="n1")
+            await alice.send("bob", b"quiet", id="n2", notify=False)
+            await alice.send_batch(
+                [OutgoingMessage("bob", b"b", id="n3"), OutgoingMessage("bob", b"c", id="n4", notify=False)]
+            )
+    assert [(f.id, f.notify) for f in network.sent if type(f) is Send] == [
+        ("n1", True),
+        ("n2", False),
+        ("n3", True),
+        ("n4", False),
+    ]
+
+
+async def test_ack_statuses_refuses_operators_and_invalid_seqs(broker: Broker) -> None:
+    url = url_of(broker)
+    with trio.fail_after(TIMEOUT_S):
+        async with open_client(url, broker.auth.issue("ops", operator=True)) as ops:
+            with pytest.raises(ForbiddenError):
+                ops.ack_statuses(1)
+        async with open_client(url, broker.auth.issue("alice")) as alice:
+            for bad in (0, -1, True, 2**63):
+                with pytest.raises(ValueError, match="invalid status seq"):
+                    alice.ack_statuses([1, bad])
+            alice.ack_statuses([])  # nothing to do
+            alice.ack_statuses(2**53)  # unknown seqs are ignored by the broker

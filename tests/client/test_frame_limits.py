@@ -28,11 +28,12 @@ LONGEST_ID = "i" * 64
 
 
 def body_filling_a_send_frame(limit: int, msg_id: str, to: str) -> bytes:
-    """A body that makes the SEND frame body exactly ``limit`` bytes (the largest frame the broker reads)."""
+    """A body that makes the SEND frame body exactly ``limit`` bytes (the largest frame the broker reads), as the
+    client sends it by default (with ``notify``)."""
     n = limit
-    while len(encode_frame(Send(id=msg_id, to=(to,), body=b"x" * n))) - 4 > limit:
+    while len(encode_frame(Send(id=msg_id, to=(to,), body=b"x" * n, notify=True))) - 4 > limit:
         n -= 1
-    assert len(encode_frame(Send(id=msg_id, to=(to,), body=b"x" * n))) - 4 == limit
+    assert len(encode_frame(Send(id=msg_id, to=(to,), body=b"x" * n, notify=True))) - 4 == limit
     return b"x" * n
 
 
