@@ -1,10 +1,16 @@
 // The browser client's local message store: IndexedDB, one database per mailbox.
 //
-// Two object stores:
-//   inbox  keyed by [from, id]:
-//          {id, from, body: Uint8Array, sent_at, expires_at, attempt, received_at, state: "saved" | "acked"}
-//   outbox keyed by id (this mailbox is the sender of every entry):
-//          {id, to: [mailbox], body, ttl_s?, created_at, results: {mailbox: {status, code?}} | null, code?}
+// Four object stores:
+//   inbox     keyed by [from, id]:
+//             {id, from, body: Uint8Array, sent_at, expires_at, attempt, received_at, state: "saved" | "acked"}
+//   outbox    keyed by id (this mailbox is the sender of every entry):
+//             {id, to: [mailbox], body, ttl_s?, notify?, created_at, results: {mailbox: {status, code?}} | null, code?}
+//   statuses  keyed by [id, recipient]: what the relay said became of an outgoing message for
+//             one recipient (protocol.md, "Delivery status"):
+//             {id, recipient, state: "delivered" | "expired", at, seq, received_at}
+//   overflows keyed by first_seq: statuses the relay did not keep one by one (its per-mailbox
+//             bound), one record per overflow status, kept at its latest (largest) count:
+//             {first_seq, seq, state: "overflow", count, at, received_at}
 //
 // Message identity. A received message is identified by (sender, id), not by id alone: the
 // broker holds at most one message per (recipient, id) at a time, but once a message has
@@ -19,15 +25,25 @@
 // with 3008 STORE_UNREACHABLE (the broker could not reach its store: maybe stored, maybe not) confirms
 // nothing, so it leaves the entry unconfirmed: it is sent again, with the same id, like any other.
 //
-// Versions. 1 keyed the inbox by id alone; opening a version-1 database upgrades it in place
-// (onupgradeneeded, one versionchange transaction: every record is copied under its new key,
-// or, if anything fails, nothing changes and the database stays at version 1).
+// Statuses are kept apart from the outbox entries they are about, for three reasons: a status
+// can arrive before the receipt of its message (the recipient may ACK before the receipt is
+// written), so it must not depend on (or be overwritten by) the receipt; a status may be about
+// a message this browser has no outbox entry for (sent by another client of this mailbox), and
+// it is still saved before it is ACKed; and a redelivered status (same seq) is recognised by
+// its key. outbox() joins them: each entry comes with `statuses: {recipient: record}`, and
+// deliveryStates(entry) says, per recipient, the one state to show.
+//
+// Versions. 1 keyed the inbox by id alone; 2 keys it by [from, id]; 3 adds statuses and
+// overflows. Opening an older database upgrades it in place (onupgradeneeded, one
+// versionchange transaction: all or nothing; if anything fails the database stays as it was).
 
 import { ERROR_CODES } from './codec.js'
 
-export const VERSION = 2
+export const VERSION = 3
 /** The inbox's key path: a message's identity for this client. */
 export const INBOX_KEY = Object.freeze(['from', 'id'])
+/** The statuses store's key path: one outgoing message, one recipient. */
+export const STATUS_KEY = Object.freeze(['id', 'recipient'])
 
 function promised (request) {
   return new Promise((resolve, reject) => {
@@ -44,8 +60,64 @@ function done (tx) {
   })
 }
 
+/** obj[key] = value, also for a key such as "__proto__" (a recipient as written may be anything). */
+function setKey (obj, key, value) {
+  Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true })
+}
+
 function createInbox (db) {
   db.createObjectStore('inbox', { keyPath: [...INBOX_KEY] }).createIndex('received_at', 'received_at')
+}
+
+function createOutbox (db) {
+  db.createObjectStore('outbox', { keyPath: 'id' }).createIndex('created_at', 'created_at')
+}
+
+/** Version 2 -> 3 (and part of creating a database): the delivery-status stores, empty. */
+function createStatusStores (db) {
+  db.createObjectStore('statuses', { keyPath: [...STATUS_KEY] })
+  db.createObjectStore('overflows', { keyPath: 'first_seq' })
+}
+
+/**
+ * Per recipient of an outbox entry (as outbox() returns it, with `statuses`), the one state to
+ * show, from the receipt and the statuses together:
+ *   "sending"    no receipt yet (and no status): the send goes out again after a reconnect or reload
+ *   "refused"    refused for this recipient (its result has a `code`), or the whole SEND refused
+ *                (the entry's `code`): nothing was stored for them
+ *   "queued"     stored at the relay (the receipt said queued, delivered or duplicate) and not yet
+ *                saved on the recipient's device, as far as this browser has heard
+ *   "delivered"  the recipient's device saved and ACKed it (a "delivered" status)
+ *   "expired"    it expired at the relay before the recipient's device ACKed it (an "expired" status)
+ * A status wins over the receipt, and over a missing one: a status may arrive first. Recipients
+ * are the receipt's (keyed as written in `to`), else `to`'s, then any other a status names.
+ * Returns a plain object {recipient: state} in that order.
+ */
+export function deliveryStates (entry) {
+  const statuses = entry.statuses ?? {}
+  const recipients = new Set(entry.results ? Object.keys(entry.results) : entry.to)
+  for (const recipient of Object.keys(statuses)) recipients.add(recipient)
+  const states = {}
+  for (const recipient of recipients) {
+    const result = entry.results?.[recipient]
+    let state
+    if (result?.status === 'refused' || entry.code !== undefined) state = 'refused'
+    else if (Object.hasOwn(statuses, recipient)) state = statuses[recipient].state
+    else if (entry.results === null || entry.results === undefined) state = 'sending'
+    else state = 'queued'
+    setKey(states, recipient, state)
+  }
+  return states
+}
+
+/**
+ * How many statuses the relay folded into overflow statuses instead of keeping them one by one,
+ * from the overflow records saved (overflows()): protocol.md 9, rule 19, "for each distinct
+ * `first_seq` it received, the largest `count` it received with that `first_seq`, summed".
+ * saveStatus keeps one record per first_seq at its largest count, so this is their sum.
+ */
+export function missedStatuses (overflows) {
+  return overflows.reduce((sum, o) => sum + o.count, 0)
 }
 
 /**
@@ -96,10 +168,11 @@ export class MessageStore {
       const tx = request.transaction
       if (event.oldVersion < 1) {
         createInbox(db)
-        db.createObjectStore('outbox', { keyPath: 'id' }).createIndex('created_at', 'created_at')
-        return
+        createOutbox(db)
+      } else if (event.oldVersion < 2) {
+        migrateInboxFromV1(db, tx)
       }
-      if (event.oldVersion < 2) migrateInboxFromV1(db, tx)
+      if (event.oldVersion < 3) createStatusStores(db)
     }
     request.onblocked = () => onBlocked?.()
     const db = await promised(request)
@@ -175,20 +248,66 @@ export class MessageStore {
     return updated
   }
 
+  /**
+   * Save a STATUS frame ({seq, state, at, id?, recipient?, count?}) in one transaction, before
+   * it is ACKed. A "delivered" or "expired" status is kept per (id, recipient); an "overflow"
+   * one per first_seq (it grows, and is renumbered, at the relay: the latest seq is kept). A
+   * status already saved under that seq (a redelivery), or older than the one kept for that
+   * key, changes nothing. Resolves {record, isNew} with the record
+   * now kept; rejects if IndexedDB fails (then the caller must not ACK).
+   */
+  async saveStatus (status) {
+    const tx = this.db.transaction(['statuses', 'overflows'], 'readwrite')
+    const overflow = status.state === 'overflow'
+    const objects = tx.objectStore(overflow ? 'overflows' : 'statuses')
+    const existing = await promised(objects.get(overflow ? status.first_seq : [status.id, status.recipient]))
+    const isNew = existing === undefined || existing.seq < status.seq
+    let record = existing
+    if (isNew) {
+      record = overflow
+        ? { first_seq: status.first_seq, seq: status.seq, state: 'overflow', count: status.count, at: status.at, received_at: Date.now() }
+        : { id: status.id, recipient: status.recipient, state: status.state, at: status.at, seq: status.seq, received_at: Date.now() }
+      objects.put(record)
+    }
+    await done(tx)
+    return { record, isNew }
+  }
+
+  /** Every overflow record (statuses the relay folded instead of keeping them), oldest first (by first_seq). */
+  async overflows () {
+    const tx = this.db.transaction('overflows')
+    return promised(tx.objectStore('overflows').getAll())
+  }
+
   /** Every inbox message, oldest first. */
   async inbox () {
     const tx = this.db.transaction('inbox')
     return promised(tx.objectStore('inbox').index('received_at').getAll())
   }
 
-  /** Every outbox entry, oldest first. */
+  /**
+   * Every outbox entry, oldest first, each with `statuses`: {recipient: status record} for the
+   * statuses saved about it (read in one transaction with the entries). deliveryStates(entry)
+   * turns an entry into one state per recipient.
+   */
   async outbox () {
-    const tx = this.db.transaction('outbox')
-    return promised(tx.objectStore('outbox').index('created_at').getAll())
+    const tx = this.db.transaction(['outbox', 'statuses'])
+    const [entries, statuses] = await Promise.all([
+      promised(tx.objectStore('outbox').index('created_at').getAll()),
+      promised(tx.objectStore('statuses').getAll())
+    ])
+    const byId = new Map()
+    for (const status of statuses) {
+      if (!byId.has(status.id)) byId.set(status.id, {})
+      setKey(byId.get(status.id), status.recipient, status)
+    }
+    return entries.map((entry) => ({ ...entry, statuses: byId.get(entry.id) ?? {} }))
   }
 
   /** Outbox entries the broker has not confirmed yet (no receipt of either kind). */
   async unconfirmed () {
-    return (await this.outbox()).filter((entry) => entry.results === null && entry.code === undefined)
+    const tx = this.db.transaction('outbox')
+    const entries = await promised(tx.objectStore('outbox').index('created_at').getAll())
+    return entries.filter((entry) => entry.results === null && entry.code === undefined)
   }
 }

@@ -127,7 +127,9 @@ async def test_a_version_1_store_is_upgraded_in_place_and_keyed_by_sender_and_id
             setup.close()
             hank = open_page(context, base, hank_token)
             versions = hank.evaluate("async () => (await indexedDB.databases()).map(d => [d.name, d.version])")
-            assert versions == [["relay:hank", 2]]
+            assert versions == [["relay:hank", 3]]  # through version 2 (the inbox re-keyed) to 3 (statuses)
+            stores = hank.evaluate("() => [...window.relay.store.db.objectStoreNames].sort()")
+            assert stores == ["inbox", "outbox", "overflows", "statuses"]
             wait_true(
                 hank,
                 "async () => (await window.relay.store.inbox()).filter(m => m.state === 'acked').length === 3",

@@ -4,7 +4,7 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { IDBFactory } from 'fake-indexeddb'
 
-import { INBOX_KEY, MessageStore, VERSION } from '../store.js'
+import { INBOX_KEY, MessageStore, STATUS_KEY, VERSION, deliveryStates, missedStatuses } from '../store.js'
 
 /** A blocked IndexedDB open would otherwise wait forever. */
 const LIMIT = { timeout: 10_000 }
@@ -33,6 +33,9 @@ const V1_OUTBOX = [
   { id: 'o-1', to: ['alice'], body: body('to alice'), created_at: 150, results: { alice: { status: 'queued' } } },
   { id: 'o-2', to: ['carol', 'x y'], body: body('unconfirmed'), ttl_s: 60, created_at: 250, results: null }
 ]
+
+/** The outbox entries as outbox() returns them: with the statuses saved about each (none here). */
+const withStatuses = (entries, statuses = {}) => entries.map((e) => ({ ...e, statuses: statuses[e.id] ?? {} }))
 
 /** A database `relay:<mailbox>` exactly as version 1 of store.js made it, holding the records above. */
 async function createV1Database (indexedDB, mailbox) {
@@ -86,13 +89,13 @@ test('a version-1 database is upgraded in place: every record kept, the inbox ke
   ;(await createV1Database(indexedDB, 'bob')).close()
   const store = await openStore(t, 'bob', { indexedDB })
   assert.equal(store.db.version, VERSION)
-  assert.deepEqual([...store.db.objectStoreNames].sort(), ['inbox', 'outbox'])
+  assert.deepEqual([...store.db.objectStoreNames].sort(), ['inbox', 'outbox', 'overflows', 'statuses'])
   const tx = store.db.transaction(['inbox', 'outbox'])
   assert.deepEqual(tx.objectStore('inbox').keyPath, [...INBOX_KEY])
   assert.deepEqual([...tx.objectStore('inbox').indexNames], ['received_at'])
   assert.equal(tx.objectStore('outbox').keyPath, 'id')
   assert.deepEqual(await store.inbox(), V1_INBOX, 'every inbox record, unchanged, oldest first')
-  assert.deepEqual(await store.outbox(), V1_OUTBOX, 'every outbox record, unchanged')
+  assert.deepEqual(await store.outbox(), withStatuses(V1_OUTBOX), 'every outbox record, unchanged')
   assert.deepEqual((await store.unconfirmed()).map((e) => e.id), ['o-2'])
 
   // The migrated records behave like new ones.
@@ -110,7 +113,7 @@ test('an upgraded database opens again unchanged', LIMIT, async (t) => {
   ;(await MessageStore.open('bob', { indexedDB })).close()
   const store = await openStore(t, 'bob', { indexedDB })
   assert.deepEqual(await store.inbox(), V1_INBOX)
-  assert.deepEqual(await store.outbox(), V1_OUTBOX)
+  assert.deepEqual(await store.outbox(), withStatuses(V1_OUTBOX))
 })
 
 test('the upgrade waits for a tab holding version 1 open, and says so through onBlocked', LIMIT, async (t) => {
@@ -165,4 +168,108 @@ test('one database per mailbox', LIMIT, async (t) => {
   await bob.saveIncoming(deliver('m-1', 'alice'))
   assert.deepEqual(await carol.inbox(), [])
   assert.deepEqual((await indexedDB.databases()).map((d) => [d.name, d.version]).sort(), [['relay:bob', VERSION], ['relay:carol', VERSION]])
+})
+
+// ---------------------------------------------------------------- delivery status
+
+const status = (seq, id, recipient, state = 'delivered', at = 5000) => ({ seq, state, at, id, recipient })
+
+/** A database `relay:<mailbox>` as version 2 of store.js made it, with one record in each store. */
+async function createV2Database (indexedDB, mailbox) {
+  const req = indexedDB.open(`relay:${mailbox}`, 2)
+  req.onupgradeneeded = () => {
+    const db = req.result
+    db.createObjectStore('inbox', { keyPath: ['from', 'id'] }).createIndex('received_at', 'received_at')
+    db.createObjectStore('outbox', { keyPath: 'id' }).createIndex('created_at', 'created_at')
+  }
+  const db = await request(req)
+  const tx = db.transaction(['inbox', 'outbox'], 'readwrite')
+  tx.objectStore('inbox').put(V1_INBOX[0])
+  for (const r of V1_OUTBOX) tx.objectStore('outbox').put(r)
+  await new Promise((resolve, reject) => { tx.oncomplete = resolve; tx.onerror = () => reject(tx.error) })
+  return db
+}
+
+test('a version-2 database is upgraded in place: every record kept, the status stores added empty', LIMIT, async (t) => {
+  const indexedDB = new IDBFactory()
+  ;(await createV2Database(indexedDB, 'bob')).close()
+  const store = await openStore(t, 'bob', { indexedDB })
+  assert.equal(store.db.version, VERSION)
+  assert.deepEqual([...store.db.objectStoreNames].sort(), ['inbox', 'outbox', 'overflows', 'statuses'])
+  const tx = store.db.transaction(['statuses', 'overflows'])
+  assert.deepEqual(tx.objectStore('statuses').keyPath, [...STATUS_KEY])
+  assert.equal(tx.objectStore('overflows').keyPath, 'first_seq')
+  assert.deepEqual(await store.inbox(), [V1_INBOX[0]])
+  assert.deepEqual(await store.outbox(), withStatuses(V1_OUTBOX))
+  assert.deepEqual(await store.overflows(), [])
+  // An entry from before statuses existed gets them like any other.
+  assert.equal((await store.saveStatus(status(7, 'o-1', 'alice'))).isNew, true)
+  assert.deepEqual(deliveryStates((await store.outbox())[0]), { alice: 'delivered' })
+})
+
+test('statuses are kept per (id, recipient) and joined to their outbox entry', LIMIT, async (t) => {
+  const store = await openStore(t, 'alice')
+  await store.saveOutgoing({ id: 'o-1', to: ['bob', 'carol'], body: body('to both'), notify: true })
+  await store.saveReceipt({ id: 'o-1', results: { bob: { status: 'delivered' }, carol: { status: 'queued' } } })
+  const saved = await store.saveStatus(status(10, 'o-1', 'bob'))
+  assert.equal(saved.isNew, true)
+  assert.deepEqual({ ...saved.record, received_at: 0 }, { ...status(10, 'o-1', 'bob'), received_at: 0 })
+  await store.saveStatus(status(11, 'o-1', 'carol', 'expired', 9000))
+  const [entry] = await store.outbox()
+  assert.deepEqual(Object.keys(entry.statuses), ['bob', 'carol'])
+  assert.deepEqual([entry.statuses.bob.state, entry.statuses.carol.state, entry.statuses.carol.at], ['delivered', 'expired', 9000])
+  assert.deepEqual(deliveryStates(entry), { bob: 'delivered', carol: 'expired' })
+})
+
+test('a redelivered status (same seq) or an older one changes nothing; a newer one replaces it', LIMIT, async (t) => {
+  const store = await openStore(t, 'alice')
+  await store.saveStatus(status(20, 'o-1', 'bob', 'delivered', 5000))
+  const again = await store.saveStatus(status(20, 'o-1', 'bob', 'delivered', 5000))
+  assert.equal(again.isNew, false)
+  assert.equal(again.record.seq, 20)
+  const older = await store.saveStatus(status(19, 'o-1', 'bob', 'expired', 4000))
+  assert.deepEqual([older.isNew, older.record.state, older.record.seq], [false, 'delivered', 20])
+  // The id reused after the first message was gone: the later message's status is the one kept.
+  const newer = await store.saveStatus(status(25, 'o-1', 'bob', 'expired', 8000))
+  assert.deepEqual([newer.isNew, newer.record.state, newer.record.seq], [true, 'expired', 25])
+})
+
+test('a status about a message this browser never sent is saved, and shows in no outbox entry', LIMIT, async (t) => {
+  const store = await openStore(t, 'alice')
+  assert.equal((await store.saveStatus(status(30, 'sent-by-the-cli', 'bob'))).isNew, true)
+  assert.deepEqual(await store.outbox(), [])
+  await store.saveOutgoing({ id: 'sent-by-the-cli', to: ['bob'], body: body('x') }) // if it shows up later
+  assert.deepEqual(deliveryStates((await store.outbox())[0]), { bob: 'delivered' })
+})
+
+test('an overflow status is kept once per first_seq at its latest count, and missedStatuses sums them', LIMIT, async (t) => {
+  const store = await openStore(t, 'alice')
+  const overflow = (seq, firstSeq, count, at) => ({ seq, state: 'overflow', at, count, first_seq: firstSeq })
+  assert.equal((await store.saveStatus(overflow(40, 40, 3, 6000))).isNew, true)
+  assert.equal((await store.saveStatus(overflow(40, 40, 3, 6000))).isNew, false, 'a redelivery')
+  // It grew (and was renumbered) before this client's STATUS_ACK of seq 40 reached the relay.
+  const grown = await store.saveStatus(overflow(44, 40, 5, 6500))
+  assert.deepEqual([grown.isNew, grown.record.seq, grown.record.count], [true, 44, 5])
+  assert.equal((await store.saveStatus(overflow(40, 40, 3, 6000))).isNew, false, 'an older seq of it changes nothing')
+  // ACKed at seq 44; later statuses beyond the bound make a new one.
+  await store.saveStatus(overflow(90, 90, 2, 7000))
+  const kept = await store.overflows()
+  assert.deepEqual(kept.map((o) => [o.first_seq, o.seq, o.state, o.count, o.at]), [[40, 44, 'overflow', 5, 6500], [90, 90, 'overflow', 2, 7000]])
+  assert.equal(missedStatuses(kept), 7, '5 + 2, not 3 + 5 + 2')
+  assert.equal(missedStatuses([]), 0)
+  assert.deepEqual(await store.outbox(), [], 'overflow statuses are about no message')
+})
+
+test('deliveryStates: one state per recipient from the receipt and the statuses', () => {
+  const entry = (fields) => ({ id: 'o', to: ['bob', 'carol'], body: body(''), created_at: 1, results: null, statuses: {}, ...fields })
+  const delivered = { seq: 1, state: 'delivered', at: 2, id: 'o', recipient: 'bob' }
+  assert.deepEqual(deliveryStates(entry({})), { bob: 'sending', carol: 'sending' })
+  assert.deepEqual(deliveryStates(entry({ statuses: { bob: delivered } })), { bob: 'delivered', carol: 'sending' }, 'a status may come first')
+  assert.deepEqual(deliveryStates(entry({ results: { bob: { status: 'delivered' }, carol: { status: 'duplicate' } } })), { bob: 'queued', carol: 'queued' },
+    'a receipt says stored, not saved on the device')
+  assert.deepEqual(deliveryStates(entry({ results: { bob: { status: 'queued' }, 'not ok!': { status: 'refused', code: 3006 } }, statuses: { bob: delivered } })),
+    { bob: 'delivered', 'not ok!': 'refused' }, 'the receipt\'s recipients, as written')
+  assert.deepEqual(deliveryStates(entry({ code: 3004 })), { bob: 'refused', carol: 'refused' })
+  assert.deepEqual(deliveryStates({ ...entry({ results: { bob: { status: 'queued' } } }), statuses: undefined }), { bob: 'queued' }, 'an entry read without statuses')
+  assert.deepEqual(Object.keys(deliveryStates(entry({ to: ['__proto__'] }))), ['__proto__'])
 })
