@@ -10,10 +10,10 @@
 // - a new frame or frame field: codec.d.ts; a new stored record field: store.d.ts.
 /// <reference lib="dom" />
 
-import type { DeliverFrame, RecipientResult, WelcomeFrame } from './codec.js'
-import type { InboxRecord, MessageStore } from './store.js'
+import type { DeliverFrame, RecipientResult, StatusFrame, WelcomeFrame } from './codec.js'
+import type { InboxRecord, MessageStore, OverflowRecord, StatusRecord } from './store.js'
 
-export { MessageStore } from './store.js'
+export { MessageStore, deliveryStates, missedStatuses } from './store.js'
 
 /** A random 128-bit message id (32 hex digits). */
 export function newMessageId (): string
@@ -35,6 +35,14 @@ export class RelayError extends Error {
 export type Receipt =
   | { id: string, results: Record<string, RecipientResult>, code?: undefined }
   | { id: string, code: number, results?: undefined }
+
+/**
+ * A delivery status as the `status` event and processStatus give it: as saved (with a store;
+ * `received_at` only then), or the STATUS frame's fields (without one).
+ */
+export type DeliveryStatus =
+  | (Omit<StatusRecord, 'received_at'> & { received_at?: number })
+  | (Omit<OverflowRecord, 'received_at'> & { received_at?: number })
 
 /** A received message as the `message` and `acked` events carry it (`received_at` only with a store). */
 export type ReceivedMessage = Omit<InboxRecord, 'received_at'> & { received_at?: number }
@@ -65,6 +73,8 @@ export interface RelayClientOptions {
   store?: MessageStore | null
   /** HELLO's `agent` (default "relay-js"). */
   agent?: string
+  /** Ask for delivery statuses on every send unless sendMessage says otherwise (default true). */
+  notify?: boolean
   /** First reconnect delay, before jitter (default 250). */
   minBackoffMs?: number
   /** Longest reconnect delay, before jitter (default 15000). */
@@ -80,6 +90,11 @@ export interface SendOptions {
   ttl?: number
   /** The message id (default: newMessageId()); sending an id that is still unconfirmed returns its pending receipt. */
   id?: string
+  /**
+   * Ask the broker for a delivery status per recipient (`status` events: "delivered" when the
+   * recipient's device saved it, "expired" if it expired first). Default: the client's `notify`.
+   */
+  notify?: boolean
 }
 
 /** Each event's `detail`, by event name. */
@@ -92,6 +107,11 @@ export interface RelayClientEventMap {
   acked: ReceivedMessage
   /** A receipt, as sendMessage resolves it (also saved on the outbox entry). */
   receipt: Receipt
+  /**
+   * A newly saved delivery status (announced once per seq with a store; before the receipt of its
+   * message, possibly). The state per recipient to show: deliveryStates() over store.outbox().
+   */
+  status: DeliveryStatus
   drained: { pending: number }
   /** ERROR frames from the broker (`close`: the broker closes the connection) and local failures (code 0 or 1xxx, close false). */
   error: { code: number, message: string, close: boolean }
@@ -106,6 +126,8 @@ export class RelayClient extends EventTarget {
   token: string
   readonly store: MessageStore | null
   agent: string
+  /** The default of sendMessage's `notify`. */
+  notify: boolean
   minBackoffMs: number
   maxBackoffMs: number
   beforeAck: ((msg: DeliverFrame) => Promise<void> | void) | null
@@ -143,7 +165,17 @@ export class RelayClient extends EventTarget {
   sendMessage (to: string | readonly string[], body: string | Uint8Array, options?: SendOptions): Promise<Receipt>
   /** ACK one id or several; whether it went out (a lost ACK is harmless). */
   acknowledgeMessage (ids: string | readonly string[]): boolean
-  /** PULL: the broker delivers the whole mailbox again; resolves with DRAINED's pending count. Rejects with RelayError. */
+  /** STATUS_ACK one seq or several; whether it went out (a lost STATUS_ACK is harmless). */
+  acknowledgeStatuses (seqs: number | readonly number[]): boolean
+  /**
+   * Save a STATUS (with a store), then STATUS_ACK it. Resolves with the record, or null when the
+   * save failed (no STATUS_ACK then: the broker sends it again).
+   */
+  processStatus (frame: StatusFrame): Promise<DeliveryStatus | null>
+  /**
+   * PULL: the broker delivers the whole mailbox again, and every status not yet STATUS_ACKed;
+   * resolves with DRAINED's pending count. Rejects with RelayError.
+   */
   fetchPendingMessages (): Promise<number>
   /**
    * Save a DELIVER (with a store), then ACK it. Resolves with the record, or null when the save

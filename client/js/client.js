@@ -26,6 +26,16 @@
 // again with the same id, which the broker de-duplicates. The outbox is also written to
 // IndexedDB (when a store is given), so a reload resends what was never confirmed.
 //
+// Delivery status (protocol.md, "Delivery status"). Sends ask for it by default (`notify`): for
+// each recipient the message was stored for, the broker later queues one STATUS in this
+// mailbox's own lane, "delivered" when the recipient's device ACKed it, "expired" when it
+// expired un-ACKed, or "overflow" (how many statuses the broker folded instead of keeping them).
+// Statuses follow the messages' rule: saved in IndexedDB first (store.saveStatus), then
+// STATUS_ACKed by seq; a failed save sends no STATUS_ACK, so the broker sends the status again
+// (on reconnect, or after a PULL); a redelivered status (same seq) is recognised by the store,
+// ACKed again and not announced again. A status may arrive before the receipt of its message,
+// or for a message this browser never sent: it is saved (and ACKed) all the same.
+//
 // The connection is re-opened with exponential backoff and full jitter, except after an
 // error that a retry cannot fix (bad or expired token, another tab took the mailbox over).
 //
@@ -36,12 +46,14 @@
 //   acked     the inbox record after its ACK was sent
 //   receipt   the receipt as sendMessage resolves it: {id, results} or {id, code} (a SEND
 //             refused as a whole); also saved on the outbox record
+//   status    a newly saved status: {seq, state: "delivered" | "expired", at, id, recipient}
+//             or {seq, state: "overflow", count, first_seq, at} (how many statuses the broker folded)
 //   drained   {pending}
 //   error     {code, message, close} for ERROR frames and local failures
 
 import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame, packFrames } from './codec.js'
 
-export { MessageStore } from './store.js'
+export { MessageStore, deliveryStates, missedStatuses } from './store.js'
 
 const FATAL = new Set([
   ERROR_CODES.INVALID_TOKEN,
@@ -78,14 +90,16 @@ export class RelayClient extends EventTarget {
    * @param {MessageStore} [options.store]  where messages are saved; without one nothing persists and nothing is de-duplicated
    * @param {number} [options.minBackoffMs=250]  first reconnect delay (before jitter)
    * @param {number} [options.maxBackoffMs=15000]
+   * @param {boolean} [options.notify=true]  ask for delivery statuses on every send (sendMessage can override it)
    * @param {(msg) => Promise<void>} [options.beforeAck]  awaited between save and ACK (tests use it)
    */
-  constructor ({ url, token, store = null, agent = 'relay-js', minBackoffMs = 250, maxBackoffMs = 15000, beforeAck = null, WebSocketImpl = globalThis.WebSocket }) {
+  constructor ({ url, token, store = null, agent = 'relay-js', notify = true, minBackoffMs = 250, maxBackoffMs = 15000, beforeAck = null, WebSocketImpl = globalThis.WebSocket }) {
     super()
     this.url = url
     this.token = token
     this.store = store
     this.agent = agent
+    this.notify = notify
     this.minBackoffMs = minBackoffMs
     this.maxBackoffMs = maxBackoffMs
     this.beforeAck = beforeAck
@@ -248,6 +262,7 @@ export class RelayClient extends EventTarget {
       case 'welcome': return this._onWelcome(frame)
       case 'deliver': return void this.processRelayMessage(frame)
       case 'receipt': return void this._onReceipt(frame)
+      case 'status': return void this.processStatus(frame)
       case 'drained': return this._onDrained(frame)
       case 'stats_result': return this._statsWaiters.shift()?.resolve(frame.stats)
       case 'cleanup_result': return this._cleanupWaiters.shift()?.resolve(frame.purged)
@@ -338,14 +353,19 @@ export class RelayClient extends EventTarget {
    *   not be stored: send it again later with the same id (a stored one is then "duplicate").
    *   Test `receipt.code !== undefined` first.
    * While disconnected the send waits and goes out (same id) on reconnect.
+   * With `notify` (the client's `notify` option unless given, true by default) the broker also
+   * tells this mailbox, later, what became of the message for each recipient it was stored
+   * for: a `status` event per recipient, "delivered" (saved on their device) or "expired".
+   * A resend of an id the broker already holds keeps the first send's `notify`.
    * Rejects with LocalProtocolError, storing and sending nothing, if the frame is not valid
    * (e.g. an id that is not a message id, no recipient, a recipient longer than 64 code points).
    */
-  async sendMessage (to, body, { ttl, id = newMessageId() } = {}) {
+  async sendMessage (to, body, { ttl, id = newMessageId(), notify = this.notify } = {}) {
     const entry = {
       id,
       to: Array.isArray(to) ? [...to] : [to],
-      body: typeof body === 'string' ? new TextEncoder().encode(body) : body
+      body: typeof body === 'string' ? new TextEncoder().encode(body) : body,
+      notify: notify === true
     }
     if (ttl !== undefined) entry.ttl_s = ttl
     if (this._sends.has(id)) return this._sends.get(id).promise
@@ -359,6 +379,7 @@ export class RelayClient extends EventTarget {
   _sendFrame (entry) {
     const frame = { type: 'send', id: entry.id, to: entry.to, body: entry.body }
     if (entry.ttl_s !== undefined) frame.ttl_s = entry.ttl_s
+    if (entry.notify) frame.notify = true // absent means false: an entry saved by an older version asked for none
     return frame
   }
 
@@ -374,7 +395,39 @@ export class RelayClient extends EventTarget {
     return this._write({ type: 'ack', ids: Array.isArray(ids) ? ids : [ids] })
   }
 
-  /** PULL: the broker delivers the whole mailbox again; resolves with DRAINED's pending count. */
+  /** STATUS_ACK one seq (or an array). Returns whether it went out; a lost STATUS_ACK is harmless. */
+  acknowledgeStatuses (seqs) {
+    return this._write({ type: 'status_ack', seqs: Array.isArray(seqs) ? seqs : [seqs] })
+  }
+
+  /**
+   * Save a STATUS in IndexedDB, then STATUS_ACK it. Resolves with the saved record, or null
+   * when the save failed (no STATUS_ACK then: the broker sends it again). A status already
+   * saved (same seq) is not announced again, but it is ACKed again. Without a store every
+   * status is announced.
+   */
+  async processStatus (frame) {
+    const { type, ...status } = frame
+    let saved
+    try {
+      saved = this.store ? await this.store.saveStatus(status) : { record: status, isNew: true }
+    } catch (err) {
+      this._emitError({ code: 0, message: `could not save the status of ${status.id ?? 'overflow'} (seq ${status.seq}): ${err}`, close: false })
+      return null
+    }
+    if (saved.isNew) this.dispatchEvent(new CustomEvent('status', { detail: saved.record }))
+    try {
+      this.acknowledgeStatuses(status.seq)
+    } catch (err) {
+      this._emitError({ code: 0, message: `STATUS_ACK of seq ${status.seq} failed: ${err}`, close: false })
+    }
+    return saved.record
+  }
+
+  /**
+   * PULL: the broker delivers the whole mailbox again, and every status not yet STATUS_ACKed;
+   * resolves with DRAINED's pending count.
+   */
   fetchPendingMessages () {
     return new Promise((resolve, reject) => {
       if (this.state !== 'open') return reject(new RelayError(0, 'not connected'))

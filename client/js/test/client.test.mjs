@@ -6,7 +6,7 @@ import assert from 'node:assert/strict'
 import { IDBFactory } from 'fake-indexeddb'
 
 import { ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame } from '../codec.js'
-import { MessageStore, RelayClient } from '../client.js'
+import { MessageStore, RelayClient, deliveryStates } from '../client.js'
 
 const TOKEN = 'header.payload.signature'
 
@@ -95,7 +95,8 @@ class MemoryStore {
   constructor () {
     this.inbox = new Map() // "from id" -> record (a space is in neither a mailbox id nor a message id)
     this.outboxById = new Map()
-    this.failSaves = new Set() // ids whose next save throws
+    this.statuses = new Map() // seq -> saved status (the real store keys them by (id, recipient); test/store.test.mjs)
+    this.failSaves = new Set() // message ids, or status seqs, whose next save throws
     this.saveCalls = []
   }
 
@@ -120,6 +121,16 @@ class MemoryStore {
     return record && { ...record }
   }
 
+  async saveStatus (status) {
+    this.saveCalls.push(status.seq)
+    if (this.failSaves.delete(status.seq)) throw new Error('QuotaExceededError')
+    const existing = this.statuses.get(status.seq)
+    if (existing) return { record: existing, isNew: false }
+    const record = { ...status }
+    this.statuses.set(status.seq, record)
+    return { record, isNew: true }
+  }
+
   async saveOutgoing (entry) {
     this.outboxById.set(entry.id, { results: null, ...entry })
   }
@@ -141,7 +152,7 @@ function makeClient (t, options = {}) {
   const ws = fakeWebSocket()
   const client = new RelayClient({ url: 'ws://relay.test/relay', token: TOKEN, WebSocketImpl: ws.FakeWebSocket, ...options })
   const events = []
-  for (const name of ['state', 'welcome', 'message', 'acked', 'receipt', 'drained', 'error']) {
+  for (const name of ['state', 'welcome', 'message', 'acked', 'receipt', 'status', 'drained', 'error']) {
     client.addEventListener(name, (e) => events.push([name, e.detail]))
   }
   t.after(() => client.close())
@@ -277,7 +288,7 @@ test('sendMessage resolves with the receipt and records it in the store', async 
   const socket = await connect(client, ws)
   const sent = client.sendMessage('alice', 'hi', { ttl: 60, id: 'out-1' })
   await settle()
-  assert.deepEqual(socket.sentOfType('send'), [{ type: 'send', id: 'out-1', to: ['alice'], body: new TextEncoder().encode('hi'), ttl_s: 60 }])
+  assert.deepEqual(socket.sentOfType('send'), [{ type: 'send', id: 'out-1', to: ['alice'], body: new TextEncoder().encode('hi'), ttl_s: 60, notify: true }])
   assert.equal(store.outboxById.get('out-1').results, null)
   socket.receive({ type: 'receipt', id: 'out-1', results: { alice: { status: 'queued' } } })
   assert.deepEqual(await sent, { id: 'out-1', results: { alice: { status: 'queued' } } })
@@ -431,7 +442,7 @@ test('frames made in one turn go out in one message, in order, at the end of the
 })
 
 test('packed messages stay within WELCOME\'s max_frame_bytes + 4 and no frame is split', async (t) => {
-  const { client, ws } = makeClient(t)
+  const { client, ws } = makeClient(t, { notify: false }) // the frames as encodeFrame makes them below
   const socket = await connect(client, ws, { ...WELCOME, max_frame_bytes: 1024 })
   const sizes = [300, 300, 300, 10, 700, 1100, 5, 5, 1000, 990, 0]
   sizes.forEach((n, i) => client.sendMessage('alice', new Uint8Array(n), { id: `p${i}` }))
@@ -611,4 +622,126 @@ test('an unsendable send left by an older version is refused on connect; the oth
   assert.deepEqual(socket.sentOfType('send').map((f) => f.id), ['ok-1'])
   assert.match(named('error')[0].message, /not sent: message legacy-1/)
   assert.equal(client.state, 'open')
+})
+
+// ---------------------------------------------------------------- delivery status
+
+function status (seq, id, state = 'delivered', recipient = 'alice', at = 5000) {
+  return { type: 'status', seq, state, at, id, recipient }
+}
+
+test('sends ask for delivery statuses by default; the client option and each send can say no', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  client.sendMessage('alice', 'a', { id: 'n1' })
+  client.sendMessage('alice', 'b', { id: 'n2', notify: false })
+  await settle()
+  const quiet = makeClient(t, { notify: false })
+  const quietSocket = await connect(quiet.client, quiet.ws)
+  quiet.client.sendMessage('alice', 'c', { id: 'n3' })
+  quiet.client.sendMessage('alice', 'd', { id: 'n4', notify: true })
+  await settle()
+  assert.deepEqual([...socket.sentOfType('send'), ...quietSocket.sentOfType('send')].map((f) => [f.id, f.notify]), [
+    ['n1', true], ['n2', undefined], ['n3', undefined], ['n4', true]
+  ], 'notify: false is the key left out, as the protocol writes it')
+  assert.deepEqual([store.outboxById.get('n1').notify, store.outboxById.get('n2').notify], [true, false])
+})
+
+test('a send resent after a reconnect keeps its notify', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws } = makeClient(t, { store, minBackoffMs: 1 })
+  client.sendMessage('alice', 'a', { id: 'r1' })
+  client.sendMessage('alice', 'b', { id: 'r2', notify: false })
+  const first = await connect(client, ws)
+  first.drop()
+  while (ws.sockets.length < 2) await new Promise((resolve) => setTimeout(resolve, 2))
+  const second = ws.last()
+  second.open()
+  second.receive(WELCOME)
+  assert.deepEqual(second.sentOfType('send').map((f) => [f.id, f.notify]), [['r1', true], ['r2', undefined]])
+})
+
+test('a status is saved first and STATUS_ACKed only once the save is done, then announced', async (t) => {
+  const store = new MemoryStore()
+  let finishSave
+  const save = store.saveStatus.bind(store)
+  store.saveStatus = (s) => new Promise((resolve) => { finishSave = () => resolve(save(s)) })
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  socket.receive(status(17, 'out-1'))
+  await settle()
+  assert.deepEqual(socket.sentOfType('status_ack'), [], 'no STATUS_ACK before the save finished')
+  assert.deepEqual(named('status'), [])
+  finishSave()
+  await settle()
+  assert.deepEqual(socket.sentOfType('status_ack'), [{ type: 'status_ack', seqs: [17] }])
+  assert.deepEqual(store.statuses.get(17), { seq: 17, state: 'delivered', at: 5000, id: 'out-1', recipient: 'alice' })
+  assert.deepEqual(named('status'), [{ seq: 17, state: 'delivered', at: 5000, id: 'out-1', recipient: 'alice' }])
+})
+
+test('a failed status save sends no STATUS_ACK, and the status sent again is saved and ACKed', async (t) => {
+  const store = new MemoryStore()
+  store.failSaves.add(21)
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  socket.receive(status(21, 'out-1', 'expired'))
+  await settle()
+  assert.deepEqual(socket.sentOfType('status_ack'), [])
+  assert.match(named('error')[0].message, /could not save the status of out-1 \(seq 21\)/)
+  assert.equal(named('error')[0].close, false)
+  assert.equal(client.state, 'open')
+  socket.receive(status(21, 'out-1', 'expired')) // after a PULL or a reconnect
+  await settle()
+  assert.deepEqual(socket.sentOfType('status_ack'), [{ type: 'status_ack', seqs: [21] }])
+  assert.deepEqual(named('status').map((s) => [s.seq, s.state]), [[21, 'expired']])
+})
+
+test('a redelivered status is STATUS_ACKed again but announced once', async (t) => {
+  const store = new MemoryStore()
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws)
+  socket.receive(status(30, 'out-1'))
+  await settle()
+  socket.receive(status(30, 'out-1'))
+  await settle()
+  assert.deepEqual(socket.sentOfType('status_ack').map((f) => f.seqs), [[30], [30]])
+  assert.equal(named('status').length, 1)
+})
+
+test('without a store every status is announced and STATUS_ACKed, overflow records too', async (t) => {
+  const { client, ws, named } = makeClient(t)
+  const socket = await connect(client, ws)
+  socket.receiveBytes(packed([status(40, 'out-1'), status(40, 'out-1'), { type: 'status', seq: 41, state: 'overflow', at: 6000, count: 12, first_seq: 41 }]))
+  await settle()
+  assert.deepEqual(named('status').map((s) => [s.seq, s.state, s.count]), [[40, 'delivered', undefined], [40, 'delivered', undefined], [41, 'overflow', 12]])
+  assert.deepEqual(socket.sentOfType('status_ack').map((f) => f.seqs), [[40], [40], [41]])
+  assert.equal(client.acknowledgeStatuses([1, 2]), true)
+  await settle()
+  assert.deepEqual(socket.sentOfType('status_ack').at(-1), { type: 'status_ack', seqs: [1, 2] })
+})
+
+test('a status arriving before its receipt is kept, and the receipt does not undo it (real IndexedDB store)', { timeout: 10_000 }, async (t) => {
+  const store = await MessageStore.open('alice', { indexedDB: new IDBFactory() })
+  t.after(() => store.close())
+  const { client, ws, named } = makeClient(t, { store })
+  const socket = await connect(client, ws, { ...WELCOME, mailbox: 'alice' })
+  const sent = client.sendMessage(['bob', 'carol'], 'hi both', { id: 'early-1' })
+  while (socket.sentOfType('send').length === 0) await new Promise((resolve) => setTimeout(resolve, 1))
+  assert.deepEqual(deliveryStates((await store.outbox())[0]), { bob: 'sending', carol: 'sending' })
+  // bob's device ACKed before this mailbox's receipt was written (e.g. bob is on another node).
+  socket.receive(status(50, 'early-1', 'delivered', 'bob'))
+  while (named('status').length < 1) await new Promise((resolve) => setTimeout(resolve, 1))
+  assert.deepEqual(deliveryStates((await store.outbox())[0]), { bob: 'delivered', carol: 'sending' })
+  socket.receive({ type: 'receipt', id: 'early-1', results: { bob: { status: 'delivered' }, carol: { status: 'queued' } } })
+  await sent
+  const [entry] = await store.outbox()
+  assert.deepEqual(entry.results, { bob: { status: 'delivered' }, carol: { status: 'queued' } })
+  assert.deepEqual(deliveryStates(entry), { bob: 'delivered', carol: 'queued' })
+  socket.receive(status(51, 'early-1', 'expired', 'carol', 9000))
+  socket.receive(status(50, 'early-1', 'delivered', 'bob')) // redelivered
+  while (socket.sentOfType('status_ack').length < 3) await new Promise((resolve) => setTimeout(resolve, 1))
+  assert.deepEqual(deliveryStates((await store.outbox())[0]), { bob: 'delivered', carol: 'expired' })
+  assert.deepEqual(socket.sentOfType('status_ack').map((f) => f.seqs), [[50], [51], [50]])
+  assert.deepEqual(named('status').map((s) => [s.seq, s.recipient, s.state]), [[50, 'bob', 'delivered'], [51, 'carol', 'expired']])
 })
