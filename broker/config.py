@@ -204,6 +204,8 @@ class BrokerConfig:
     """Body bytes held over all mailboxes (1 GiB)."""
     max_tombstones: int = field(default=_STORE_DEFAULTS.max_tombstones, metadata=_in(LIMITS, _not_negative))
     """ACKed ids remembered for idempotent SEND retries (about 200 bytes each)."""
+    max_mailbox_statuses: int = field(default=_STORE_DEFAULTS.max_mailbox_statuses, metadata=_in(LIMITS, _not_negative))
+    """Delivery statuses held per mailbox; beyond it they are folded into one overflow record (0: always)."""
 
     # --- [broker.store] ---
     store: str = field(default="memory", metadata=_in(STORE, _store_name))

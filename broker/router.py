@@ -262,7 +262,7 @@ class Router:
 
     async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> Acked:
         """Delete ACKed messages of ``mailbox`` (valid whoever sends them). Raises what the store raises."""
-        result = await self.store.ack_many(mailbox, ids)
+        result = await self.store.ack_many(mailbox, ids, self.clock())
         return Acked(result, (mailbox,) if result.deleted else ())
 
     async def peek(self, mailbox: str, limit: int) -> list[Message]:

@@ -59,6 +59,10 @@ STATS_NAMES: tuple[str, ...] = (
     "expired_total",
     "tombstones",
     "inflight",
+    "statuses_held",
+    "statuses_total",
+    "statuses_overflowed_total",
+    "statuses_expired_total",
     # node-local: this broker's presence, connections and counters
     "online_users",
     "connections",

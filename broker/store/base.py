@@ -34,6 +34,27 @@ Contract (checked by ``tests/store/test_contract.py`` against every implementati
 - Messages handed out (:class:`Message`) are immutable snapshots: nothing the store
   does later changes them.
 - A mailbox with no messages holds no memory (its fence may be forgotten with it).
+
+Delivery status (protocol.md section 9, "Delivery status"): a message stored with
+``notify`` gives exactly one :class:`Notice` for its sender when it leaves the store:
+DELIVERED (``at`` = the ACK's ``now_ms``) in the :class:`AckResult` of the ``ack_many``
+that deleted it, or EXPIRED (``at`` = its ``expires_at``) in the :class:`Batch` of the
+``fetch_many`` or the :class:`Purged` of the ``purge_expired`` that removed it as expired.
+A duplicate ACK, an unknown id, or a message without ``notify`` gives none. The store does
+not queue notices itself (the sender's mailbox may live elsewhere, e.g. another Redis
+slot): the broker hands them to ``add_statuses``. Each mailbox then has a *status lane*:
+- ``add_statuses`` keeps each notice as a :class:`HeldStatus` (``expires_at`` = ``now_ms`` +
+  ``ttl_ms``) numbered by :func:`next_status_seq`, unless the lane already holds
+  ``max_mailbox_statuses`` of them: then it is folded into the lane's one OVERFLOW record
+  (made with count 1, else count + 1), which is renumbered (a new seq, last in the lane),
+  gets ``at`` = ``now_ms`` and a new ``expires_at``; its ``first_seq`` is the seq it was
+  made with. A lane holds at most ``max_mailbox_statuses`` records plus that one.
+- ``fetch_statuses`` hands out unexpired records after a seq, ascending, changing nothing but
+  removing the expired ones it meets; ``ack_statuses`` deletes records by seq (unknown
+  ignored); ``purge_expired`` removes every expired record (``now_ms`` >= ``expires_at``).
+- Seqs grow in each lane for good, also across a lane that was emptied and forgotten (an
+  empty lane holds no memory beyond what :func:`next_status_seq` needs), so a reader's
+  cursor ("everything after seq s") never skips a newer record.
 """
 
 from __future__ import annotations
@@ -44,20 +65,23 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from wire import ErrorCode
+from wire import ErrorCode, ReportState
 
 __all__ = [
     "AckResult",
     "Batch",
     "Claim",
     "Clock",
+    "HeldStatus",
     "Message",
     "NewMessage",
+    "Notice",
     "Outcome",
     "Purged",
     "Store",
     "StoreLimits",
     "StoreStatistics",
+    "next_status_seq",
     "wall_clock_ms",
 ]
 
@@ -68,6 +92,19 @@ Clock = Callable[[], int]
 def wall_clock_ms() -> int:
     """The real clock: Unix epoch milliseconds. Never raises."""
     return time.time_ns() // 1_000_000
+
+
+def next_status_seq(last_seq: int, now_ms: int) -> int:
+    """The seq of the next status of a lane whose newest seq so far is ``last_seq`` (0: none).
+
+    ``max(last_seq + 1, now_ms * 1000)``: increasing within a lane, and above any seq given
+    before ``now_ms`` (up to 1,000 a millisecond), so a lane that was emptied and forgotten
+    starts above its old seqs as long as the store remembers a ``last_seq`` for it until
+    ``now_ms * 1000`` has passed that (the memory store keeps one for all lanes, the Redis
+    store one per lane for a while: see each). Below 2**53 (a safe JavaScript integer) for
+    any date before the year 2255. The Redis store's scripts compute the same in Lua.
+    """
+    return max(last_seq + 1, now_ms * 1000)
 
 
 class Outcome(enum.Enum):
@@ -124,14 +161,54 @@ class Message(NamedTuple):
     sent_at: int
     expires_at: int
     attempt: int
+    notify: bool = False
+    """The SEND asked for a status (the sender gets one when this message is ACKed or expires)."""
+
+
+class Notice(NamedTuple):
+    """A status to queue in ``mailbox``'s lane (the sender's): what became of message ``id`` for ``recipient``.
+
+    Made by the store (``ack_many``, ``fetch_many``, ``purge_expired``) for messages stored
+    with ``notify``; the broker passes it to ``add_statuses``. ``at`` is epoch ms: the ACK's
+    ``now_ms`` (DELIVERED) or the message's ``expires_at`` (EXPIRED).
+    """
+
+    mailbox: str
+    id: str
+    recipient: str
+    state: ReportState
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldStatus:
+    """A status held in a mailbox's lane, as ``fetch_statuses`` hands it out (immutable: a snapshot).
+
+    A frozen dataclass, not a NamedTuple: a field called ``count`` would hide ``tuple.count``.
+
+    DELIVERED and EXPIRED name ``id`` and ``recipient`` (``count`` and ``first_seq`` None);
+    OVERFLOW has ``count`` (notices folded into it) and ``first_seq`` (its seq when it was
+    made, kept as it is renumbered), ``id`` and ``recipient`` None. ``at`` is epoch ms.
+    """
+
+    seq: int
+    state: ReportState
+    at: int
+    id: str | None
+    recipient: str | None
+    count: int | None
+    expires_at: int
+    first_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Purged:
-    """What ``purge_expired`` removed: how many messages, and from which mailboxes."""
+    """What ``purge_expired`` removed: how many messages, and from which mailboxes (statuses not counted)."""
 
     count: int
     mailboxes: frozenset[str]
+    notices: Sequence[Notice] = ()
+    """EXPIRED notices for the removed messages that were stored with ``notify``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +224,14 @@ class StoreStatistics:
     expired_total: int
     tombstones: int
     inflight: int
+    statuses_held: int
+    """Status records held in every lane (overflow records and expired unswept ones included)."""
+    statuses_total: int
+    """Notices ``add_statuses`` took, ever (those folded into overflow records included)."""
+    statuses_overflowed_total: int
+    """Notices folded into an overflow record instead of kept one by one, ever."""
+    statuses_expired_total: int
+    """Status records removed because they expired, ever (an overflow record counts one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +246,7 @@ class StoreLimits:
     max_mailbox_bytes: int = 64 * 1024 * 1024
     max_total_bytes: int = 1024 * 1024 * 1024
     max_tombstones: int = 100_000
+    max_mailbox_statuses: int = 10_000
 
 
 class NewMessage(NamedTuple):
@@ -175,6 +261,8 @@ class NewMessage(NamedTuple):
     body: bytes
     sent_at: int
     expires_at: int
+    notify: bool = False
+    """The SEND asked for a status per recipient (protocol.md section 9, "Delivery status")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +276,8 @@ class Batch:
     """Messages handed out to the fence and not yet ACKed or released."""
     fenced: bool = False
     """True if the claim was stale: nothing was handed out (``queued`` and ``inflight`` say 0)."""
+    notices: Sequence[Notice] = ()
+    """EXPIRED notices for the messages with ``notify`` this fetch removed as expired."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +286,8 @@ class AckResult:
     """How many of the ids were held for this mailbox and are now deleted."""
     inflight: int
     """Messages still in flight for the mailbox after the ACK."""
+    notices: Sequence[Notice] = ()
+    """One DELIVERED notice per deleted message that was stored with ``notify``."""
 
 
 class Store(Protocol):
@@ -227,8 +319,10 @@ class Store(Protocol):
         order, the attempt of those in ``unwritten`` lowered by one; returns how many. Else 0."""
         ...
 
-    async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
-        """Delete these messages of ``mailbox`` (in flight or queued); ids not held there are ignored."""
+    async def ack_many(self, mailbox: str, ids: Sequence[str], now_ms: int) -> AckResult:
+        """Delete these messages of ``mailbox`` (in flight or queued); ids not held there are ignored.
+
+        ``now_ms`` is the ``at`` of the DELIVERED notices for the deleted ones with ``notify``."""
         ...
 
     async def peek(self, mailbox: str, limit: int, now_ms: int) -> list[Message]:
@@ -240,7 +334,25 @@ class Store(Protocol):
         ...
 
     async def purge_expired(self, now_ms: int) -> Purged:
-        """Delete every expired message and tombstone; returns how many messages and whose."""
+        """Delete every expired message, tombstone and status; returns how many messages and whose,
+        and the EXPIRED notices of the removed messages with ``notify``."""
+        ...
+
+    async def add_statuses(self, notices: Sequence[Notice], now_ms: int, ttl_ms: int) -> frozenset[str]:
+        """Queue each notice in its ``mailbox``'s lane (or fold it into the lane's overflow record at the
+        bound), held until ``now_ms + ttl_ms``; returns the mailboxes that got something. Raises
+        ValueError for ``ttl_ms`` < 1 (before changing anything)."""
+        ...
+
+    async def fetch_statuses(self, mailbox: str, after_seq: int, limit: int, now_ms: int) -> list[HeldStatus]:
+        """Up to ``limit`` unexpired statuses of ``mailbox`` with seq > ``after_seq``, ascending seq.
+
+        Hands nothing out twice or once by itself: a status stays until ``ack_statuses`` (or
+        expiry) removes it. Expired ones met on the way are removed (counted expired)."""
+        ...
+
+    async def ack_statuses(self, mailbox: str, seqs: Sequence[int]) -> int:
+        """Delete these statuses of ``mailbox``; returns how many were held. Unknown seqs are ignored."""
         ...
 
     async def statistics(self, now_ms: int) -> StoreStatistics:

@@ -24,6 +24,18 @@ index and its bucket and returns its size; :meth:`MemoryStore._settle` then upda
 running totals once per batch and deletes a mailbox left empty (ACK, expiry at fetch and
 the sweep all go through the pair).
 
+Notify: a message stored with ``notify`` is a ``_NotifyEntry``, a subclass with no slot of
+its own whose class attribute says ``notify``, so a notify-free message costs nothing
+more; the ACK, the fetch and the sweep that remove one make its :class:`~.base.Notice`.
+
+Status lanes (:class:`_Lane`, per mailbox that has statuses): ``held`` (seq -> record),
+``order`` (a list of records in ascending seq, lazily deleted and compacted like the
+queue, so ``fetch_statuses`` finds its start by bisection: O(log n)) and ``overflow`` (the
+lane's overflow record, if any). Records expire through a second expiry index of the
+same kind as the messages' (:class:`_ExpiryIndex`). The seq rule's ``last_seq`` is one
+number for the whole store (the newest seq it gave any lane), so a forgotten lane costs
+nothing and still never gets a seq below its old ones. A lane with no records is deleted.
+
 Nothing in this class awaits: every async method runs to completion without a
 checkpoint, which keeps a SEND's enqueue and the receipt that reports it atomic.
 """
@@ -31,10 +43,28 @@ checkpoint, which keeps a SEND's enqueue and the receipt that reports it atomic.
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from operator import attrgetter
+from typing import Generic, Protocol, TypeVar
 
-from .base import AckResult, Batch, Claim, Message, NewMessage, Outcome, Purged, StoreLimits, StoreStatistics
+from wire import ReportState
+
+from .base import (
+    AckResult,
+    Batch,
+    Claim,
+    HeldStatus,
+    Message,
+    NewMessage,
+    Notice,
+    Outcome,
+    Purged,
+    StoreLimits,
+    StoreStatistics,
+    next_status_seq,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -50,6 +80,10 @@ _BROKER_FULL = Outcome.BROKER_FULL
 _NOTHING = Batch((), 0, 0)
 _FENCED = Batch((), 0, 0, fenced=True)
 _NO_ACK = AckResult(0, 0)
+_DELIVERED = ReportState.DELIVERED
+_EXPIRED = ReportState.EXPIRED
+_OVERFLOW = ReportState.OVERFLOW
+_SEQ = attrgetter("seq")
 
 
 class _Entry:
@@ -68,18 +102,167 @@ class _Entry:
         self.inflight = False
         self.alive = True
 
+    notify = False
+    """A class attribute (no slot): :class:`_NotifyEntry` says True."""
+
     def snapshot(self) -> Message:
-        return Message(self.id, self.sender, self.recipient, self.body, self.sent_at, self.expires_at, self.attempt)
+        return Message(
+            self.id, self.sender, self.recipient, self.body, self.sent_at, self.expires_at, self.attempt, self.notify
+        )
 
 
-class _Bucket:
+class _NotifyEntry(_Entry):
+    """A message stored with ``notify``: the same slots, so plain messages pay nothing for the flag."""
+
+    __slots__ = ()
+    notify = True
+
+
+class _Status:
+    """One status record in a lane. Never leaves this module (``snapshot`` is what does)."""
+
+    __slots__ = ("alive", "at", "count", "expires_at", "first_seq", "id", "lane", "recipient", "seq", "state")
+
+    def __init__(
+        self,
+        lane: str,
+        seq: int,
+        state: ReportState,
+        at: int,
+        mid: str | None,
+        recipient: str | None,
+        count: int | None,
+        first_seq: int | None,
+        expires_at: int,
+    ) -> None:
+        self.lane = lane
+        self.seq = seq
+        self.state = state
+        self.at = at
+        self.id = mid
+        self.recipient = recipient
+        self.count = count
+        self.first_seq = first_seq
+        self.expires_at = expires_at
+        self.alive = True
+
+    def snapshot(self) -> HeldStatus:
+        return HeldStatus(
+            self.seq, self.state, self.at, self.id, self.recipient, self.count, self.expires_at, self.first_seq
+        )
+
+
+class _Lane:
+    """One mailbox's statuses: by seq, in seq order (lazily deleted), and its overflow record."""
+
+    __slots__ = ("dead", "held", "name", "order", "overflow")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.held: dict[int, _Status] = {}
+        self.order: list[_Status] = []
+        self.dead = 0  # dead records in ``order``
+        self.overflow: _Status | None = None
+
+
+class _Expiring(Protocol):
+    alive: bool
+    expires_at: int
+
+
+E = TypeVar("E", bound=_Expiring)
+
+
+class _Bucket(Generic[E]):
     """The entries expiring in one second; ``dead`` counts those removed since (lazy deletion)."""
 
     __slots__ = ("dead", "items")
 
     def __init__(self) -> None:
-        self.items: list[_Entry] = []
+        self.items: list[E] = []
         self.dead = 0
+
+
+class _ExpiryIndex(Generic[E]):
+    """Entries (messages or statuses) by expiry second: buckets with lazy deletion and a heap of their keys.
+
+    The caller marks an entry dead (``alive = False``) and then calls :meth:`discard`.
+    """
+
+    __slots__ = ("buckets", "heap", "keys")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, _Bucket[E]] = {}
+        self.heap: list[int] = []
+        self.keys: set[int] = set()
+
+    def bucket(self, key: int) -> _Bucket[E]:
+        """The bucket of second ``key``, made (its key on the heap) if there is none."""
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = _Bucket()
+            if key not in self.keys:
+                self.keys.add(key)
+                heapq.heappush(self.heap, key)
+        return bucket
+
+    def discard(self, entry: E) -> None:
+        """Count a dead entry out of its bucket: drop the bucket when all are dead, compact it when most are."""
+        key = entry.expires_at // 1000
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            bucket.dead += 1
+            if bucket.dead >= len(bucket.items):
+                del self.buckets[key]
+            elif bucket.dead >= _COMPACT_MIN_DEAD and 2 * bucket.dead > len(bucket.items):
+                bucket.items = [e for e in bucket.items if e.alive]
+                bucket.dead = 0
+
+    def due(self, now_ms: int) -> Iterator[E]:
+        """The living entries expired at ``now_ms``, changing nothing: O(due buckets), by walking the heap."""
+        due_second = now_ms // 1000
+        heap = self.heap
+        stack = [0]
+        while stack:
+            i = stack.pop()
+            if i < len(heap) and heap[i] <= due_second:
+                bucket = self.buckets.get(heap[i])
+                if bucket is not None:
+                    yield from (e for e in bucket.items if e.alive and e.expires_at <= now_ms)
+                stack.append(2 * i + 1)
+                stack.append(2 * i + 2)
+
+    def purge(self, now_ms: int, expire: Callable[[E], None]) -> None:
+        """Call ``expire`` on every living entry expired at ``now_ms`` (it marks it dead); forget their buckets.
+
+        ``expire`` runs while its entry's bucket is out of the index (its ``discard`` finds none).
+        """
+        heap = self.heap
+        buckets = self.buckets
+        while heap and heap[0] <= now_ms // 1000:
+            key = heap[0]
+            bucket = buckets.pop(key, None)
+            if bucket is not None:
+                later: list[E] = []
+                for entry in bucket.items:
+                    if not entry.alive:
+                        continue
+                    if entry.expires_at <= now_ms:
+                        expire(entry)
+                    else:
+                        later.append(entry)
+                if later:  # the current second is only partly due: keep the rest for the next sweep
+                    bucket.items = later
+                    bucket.dead = 0
+                    buckets[key] = bucket
+                    break
+            heapq.heappop(heap)
+            self.keys.discard(key)
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.heap.clear()
+        self.keys.clear()
 
 
 class _Mailbox:
@@ -103,9 +286,7 @@ class MemoryStore:
     def __init__(self, limits: StoreLimits | None = None) -> None:
         self.limits = limits or StoreLimits()
         self._mailboxes: dict[str, _Mailbox] = {}
-        self._buckets: dict[int, _Bucket] = {}
-        self._bucket_heap: list[int] = []
-        self._bucket_keys: set[int] = set()
+        self._expiry: _ExpiryIndex[_Entry] = _ExpiryIndex()
         # (recipient, id) -> (sender, expires_at) for ACKed messages, oldest ACK first.
         self._tombstones: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
         self._total_bytes = 0
@@ -113,18 +294,15 @@ class MemoryStore:
         self._inflight = 0
         self._acknowledged_total = 0
         self._expired_total = 0
+        self._lanes: dict[str, _Lane] = {}
+        self._status_expiry: _ExpiryIndex[_Status] = _ExpiryIndex()
+        self._status_seq = 0  # the newest seq given to any lane: the seq rule's last_seq for all of them
+        self._statuses_held = 0
+        self._statuses_total = 0
+        self._statuses_overflowed_total = 0
+        self._statuses_expired_total = 0
 
     # ------------------------------------------------------------ internals
-
-    def _bucket(self, key: int) -> _Bucket:
-        """The expiry bucket of second ``key``, made (its key on the heap) if there is none."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket()
-            if key not in self._bucket_keys:
-                self._bucket_keys.add(key)
-                heapq.heappush(self._bucket_heap, key)
-        return bucket
 
     def _drop(self, box: _Mailbox, entry: _Entry) -> int:
         """Forget a held entry in every index (by id, queue or in flight, expiry bucket); returns its body size.
@@ -140,15 +318,7 @@ class MemoryStore:
             del box.inflight[entry.id]
         else:
             box.dead += 1
-        key = entry.expires_at // 1000
-        bucket = self._buckets.get(key)
-        if bucket is not None:
-            bucket.dead += 1
-            if bucket.dead >= len(bucket.items):
-                del self._buckets[key]
-            elif bucket.dead >= _COMPACT_MIN_DEAD and 2 * bucket.dead > len(bucket.items):
-                bucket.items = [e for e in bucket.items if e.alive]
-                bucket.dead = 0
+        self._expiry.discard(entry)
         return size
 
     def _settle(self, box: _Mailbox, deleted: int, nbytes: int, inflight: int) -> None:
@@ -226,7 +396,8 @@ class MemoryStore:
         bucket_items: list[_Entry] = []
         for new in messages:
             # Unpacked once: a NamedTuple's fields read by name are not specialised by CPython 3.11.
-            mid, sender, recipients, body, sent_at, expires_at = new
+            mid, sender, recipients, body, sent_at, expires_at, notify = new
+            kind = _NotifyEntry if notify else _Entry
             size = len(body)
             key = expires_at // 1000
             outcomes: list[Outcome] = []
@@ -238,13 +409,13 @@ class MemoryStore:
                     continue
                 if box is None:
                     box = mailboxes[rcpt] = _Mailbox(rcpt)
-                entry = _Entry(mid, sender, box.name, body, sent_at, expires_at)
+                entry = kind(mid, sender, box.name, body, sent_at, expires_at)
                 box.by_id[mid] = entry
                 box.queue.append(entry)
                 box.nbytes += size
                 self._total_bytes += size  # (at once: the next refusal judges it)
                 if key != bucket_key:
-                    bucket_key, bucket_items = key, self._bucket(key).items
+                    bucket_key, bucket_items = key, self._expiry.bucket(key).items
                 bucket_items.append(entry)
                 stored += 1
                 outcomes.append(_STORED)
@@ -262,6 +433,7 @@ class MemoryStore:
         inflight = box.inflight
         new = tuple.__new__  # Message(...) without the NamedTuple's Python-level __new__: a third cheaper
         got: list[Message] = []
+        notices: list[Notice] = []
         nbytes = expired = expired_bytes = 0
         while queue and len(got) < limit:
             entry = queue[0]
@@ -272,6 +444,8 @@ class MemoryStore:
             if entry.expires_at <= now_ms:
                 expired_bytes += self._drop(box, entry)  # now dead: popped on the next round
                 expired += 1
+                if entry.notify:
+                    notices.append(Notice(entry.sender, entry.id, box.name, _EXPIRED, entry.expires_at))
                 continue
             size = len(entry.body)
             if got and nbytes + size > max_bytes:
@@ -284,13 +458,24 @@ class MemoryStore:
             got.append(
                 new(
                     Message,
-                    (entry.id, entry.sender, box.name, entry.body, entry.sent_at, entry.expires_at, entry.attempt),
+                    (
+                        entry.id,
+                        entry.sender,
+                        box.name,
+                        entry.body,
+                        entry.sent_at,
+                        entry.expires_at,
+                        entry.attempt,
+                        entry.notify,
+                    ),
                 )
             )
         self._inflight += len(got)
         if expired:
             self._expired_total += expired
             self._settle(box, expired, expired_bytes, 0)
+            if notices:
+                return Batch(got, len(box.by_id) - len(inflight), len(inflight), notices=tuple(notices))
         return Batch(got, len(box.by_id) - len(inflight), len(inflight))
 
     async def release(self, mailbox: str, claim: Claim, unwritten: Collection[str] = ()) -> int:
@@ -304,7 +489,7 @@ class MemoryStore:
                 entry.attempt -= 1
         return self._requeue(box)
 
-    async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
+    async def ack_many(self, mailbox: str, ids: Sequence[str], now_ms: int) -> AckResult:
         box = self._mailboxes.get(mailbox)
         if box is None:
             return _NO_ACK
@@ -314,10 +499,13 @@ class MemoryStore:
         max_stones = self.limits.max_tombstones
         inflight_before = len(box.inflight)
         deleted = nbytes = 0
+        notices: list[Notice] = []
         for mid in ids:
             entry = by_id.get(mid)
             if entry is None:
                 continue
+            if entry.notify:
+                notices.append(Notice(entry.sender, mid, mailbox, _DELIVERED, now_ms))
             if max_stones:
                 # A held id cannot be tombstoned already (enqueue refuses tombstoned ids), so this appends.
                 stones[(mailbox, mid)] = (entry.sender, entry.expires_at)
@@ -328,6 +516,8 @@ class MemoryStore:
         if deleted:
             self._acknowledged_total += deleted
             self._settle(box, deleted, nbytes, inflight_before - len(box.inflight))
+            if notices:
+                return AckResult(deleted, len(box.inflight), tuple(notices))
         return AckResult(deleted, len(box.inflight))
 
     async def peek(self, mailbox: str, limit: int, now_ms: int) -> list[Message]:
@@ -353,61 +543,25 @@ class MemoryStore:
         if box is None:
             return 0
         # Expired entries are usually few (the sweeper removes them); count them out exactly.
-        expired = 0
-        for key in self._due_bucket_keys(now_ms):
-            expired += sum(
-                1 for e in self._buckets[key].items if e.alive and e.recipient == mailbox and e.expires_at <= now_ms
-            )
+        expired = sum(1 for e in self._expiry.due(now_ms) if e.recipient == mailbox)
         return len(box.by_id) - expired
 
-    def _due_bucket_keys(self, now_ms: int) -> list[int]:
-        """Keys of live buckets holding entries that may be expired: O(due keys), by walking the heap."""
-        due_second = now_ms // 1000
-        heap = self._bucket_heap
-        keys: list[int] = []
-        stack = [0]
-        while stack:
-            i = stack.pop()
-            if i < len(heap) and heap[i] <= due_second:
-                if heap[i] in self._buckets:
-                    keys.append(heap[i])
-                stack.append(2 * i + 1)
-                stack.append(2 * i + 2)
-        return keys
-
-    def _purge_bucket(self, bucket: _Bucket, now_ms: int, touched: set[str]) -> list[_Entry]:
-        """Drop the expired entries of a bucket already taken out of the index; returns the unexpired ones."""
-        later: list[_Entry] = []
-        for entry in bucket.items:
-            if not entry.alive:
-                continue
-            if entry.expires_at <= now_ms:
-                box = self._mailboxes[entry.recipient]
-                was_inflight = int(entry.inflight)
-                self._settle(box, 1, self._drop(box, entry), was_inflight)
-                touched.add(box.name)
-                self._expired_total += 1
-            else:
-                later.append(entry)
-        return later
-
     async def purge_expired(self, now_ms: int) -> Purged:
-        heap = self._bucket_heap
-        buckets = self._buckets
         touched: set[str] = set()
+        notices: list[Notice] = []
         expired_before = self._expired_total
-        while heap and heap[0] <= now_ms // 1000:
-            key = heap[0]
-            bucket = buckets.pop(key, None)
-            if bucket is not None:
-                later = self._purge_bucket(bucket, now_ms, touched)
-                if later:  # the current second is only partly due: keep the rest for the next sweep
-                    bucket.items = later
-                    bucket.dead = 0
-                    buckets[key] = bucket
-                    break
-            heapq.heappop(heap)
-            self._bucket_keys.discard(key)
+
+        def expire(entry: _Entry) -> None:
+            box = self._mailboxes[entry.recipient]
+            was_inflight = int(entry.inflight)
+            self._settle(box, 1, self._drop(box, entry), was_inflight)
+            touched.add(box.name)
+            self._expired_total += 1
+            if entry.notify:
+                notices.append(Notice(entry.sender, entry.id, box.name, _EXPIRED, entry.expires_at))
+
+        self._expiry.purge(now_ms, expire)
+        self._status_expiry.purge(now_ms, self._expire_status)
         # Tombstones are in ACK order, which is close to expiry order: drop the expired head.
         stones = self._tombstones
         while stones:
@@ -415,15 +569,10 @@ class MemoryStore:
             if expires_at > now_ms:
                 break
             del stones[stone]
-        return Purged(self._expired_total - expired_before, frozenset(touched))
+        return Purged(self._expired_total - expired_before, frozenset(touched), tuple(notices))
 
     async def statistics(self, now_ms: int) -> StoreStatistics:
-        unswept = sum(
-            1
-            for key in self._due_bucket_keys(now_ms)
-            for e in self._buckets[key].items
-            if e.alive and e.expires_at <= now_ms
-        )
+        unswept = sum(1 for _ in self._expiry.due(now_ms))
         return StoreStatistics(
             messages_total=self._total_messages,
             messages_deliverable=self._total_messages - unswept,
@@ -434,11 +583,132 @@ class MemoryStore:
             expired_total=self._expired_total,
             tombstones=len(self._tombstones),
             inflight=self._inflight,
+            statuses_held=self._statuses_held,
+            statuses_total=self._statuses_total,
+            statuses_overflowed_total=self._statuses_overflowed_total,
+            statuses_expired_total=self._statuses_expired_total,
         )
+
+    # ------------------------------------------------------------ status lanes
+
+    def _keep_status(
+        self,
+        lane: _Lane,
+        state: ReportState,
+        at: int,
+        mid: str | None,
+        recipient: str | None,
+        count: int | None,
+        first_seq: int | None,
+        expires_at: int,
+        now_ms: int,
+    ) -> _Status:
+        """A new record last in ``lane``, numbered by the seq rule (a new overflow record's ``first_seq``: its seq)."""
+        seq = self._status_seq = next_status_seq(self._status_seq, now_ms)
+        if state is _OVERFLOW and first_seq is None:
+            first_seq = seq
+        status = _Status(lane.name, seq, state, at, mid, recipient, count, first_seq, expires_at)
+        lane.held[seq] = status
+        lane.order.append(status)
+        self._status_expiry.bucket(expires_at // 1000).items.append(status)
+        self._statuses_held += 1
+        return status
+
+    def _drop_status(self, lane: _Lane, status: _Status) -> None:
+        """Forget a held record in every index; the caller settles the lane with :meth:`_settle_lane`."""
+        del lane.held[status.seq]
+        status.alive = False
+        lane.dead += 1
+        if lane.overflow is status:
+            lane.overflow = None
+        self._status_expiry.discard(status)
+        self._statuses_held -= 1
+
+    def _settle_lane(self, lane: _Lane) -> None:
+        """Delete a lane left empty, or compact its order once dead records outnumber the living."""
+        if not lane.held:
+            del self._lanes[lane.name]
+        elif lane.dead >= _COMPACT_MIN_DEAD and lane.dead > len(lane.held):
+            lane.order = [s for s in lane.order if s.alive]
+            lane.dead = 0
+
+    def _expire_status(self, status: _Status) -> None:
+        lane = self._lanes[status.lane]
+        self._drop_status(lane, status)
+        self._settle_lane(lane)
+        self._statuses_expired_total += 1
+
+    async def add_statuses(self, notices: Sequence[Notice], now_ms: int, ttl_ms: int) -> frozenset[str]:
+        if ttl_ms < 1:
+            raise ValueError(f"a status TTL must be at least 1 ms, not {ttl_ms}")
+        expires_at = now_ms + ttl_ms
+        bound = self.limits.max_mailbox_statuses
+        lanes = self._lanes
+        folded: dict[str, int] = {}  # lane -> notices folded into its overflow record by this call
+        for mailbox, mid, recipient, state, at in notices:
+            lane = lanes.get(mailbox)
+            if lane is None:
+                lane = lanes[mailbox] = _Lane(mailbox)
+            if len(lane.held) - (lane.overflow is not None) < bound:
+                self._keep_status(lane, state, at, mid, recipient, None, None, expires_at, now_ms)
+            else:
+                folded[mailbox] = folded.get(mailbox, 0) + 1
+        for mailbox, count in folded.items():
+            # Renumbered once per call, after the lane's records this call kept: it is the lane's newest.
+            lane = lanes[mailbox]
+            first_seq = None
+            old = lane.overflow
+            if old is not None:
+                count += old.count or 0
+                first_seq = old.first_seq
+                self._drop_status(lane, old)
+            lane.overflow = self._keep_status(lane, _OVERFLOW, now_ms, None, None, count, first_seq, expires_at, now_ms)
+            self._settle_lane(lane)  # compacts at most: the lane holds the new record
+        self._statuses_total += len(notices)
+        self._statuses_overflowed_total += sum(folded.values())
+        return frozenset(notice.mailbox for notice in notices)
+
+    async def fetch_statuses(self, mailbox: str, after_seq: int, limit: int, now_ms: int) -> list[HeldStatus]:
+        lane = self._lanes.get(mailbox)
+        if lane is None or limit <= 0:
+            return []
+        order = lane.order
+        i = bisect_right(order, after_seq, key=_SEQ)
+        out: list[HeldStatus] = []
+        expired = 0
+        while i < len(order) and len(out) < limit:
+            status = order[i]
+            i += 1
+            if not status.alive:
+                continue
+            if status.expires_at <= now_ms:
+                self._drop_status(lane, status)
+                expired += 1
+                continue
+            out.append(status.snapshot())
+        if expired:
+            self._statuses_expired_total += expired
+            self._settle_lane(lane)
+        return out
+
+    async def ack_statuses(self, mailbox: str, seqs: Sequence[int]) -> int:
+        lane = self._lanes.get(mailbox)
+        if lane is None:
+            return 0
+        held = lane.held
+        deleted = 0
+        for seq in seqs:
+            status = held.get(seq)
+            if status is not None:
+                self._drop_status(lane, status)
+                deleted += 1
+        if deleted:
+            self._settle_lane(lane)
+        return deleted
 
     async def aclose(self) -> None:
         self._mailboxes.clear()
-        self._buckets.clear()
-        self._bucket_heap.clear()
-        self._bucket_keys.clear()
+        self._expiry.clear()
         self._tombstones.clear()
+        self._lanes.clear()
+        self._status_expiry.clear()

@@ -13,16 +13,26 @@ key             type   holds                                                    
 ==============  =====  =========================================================  ======================
 ``T:meta``      hash   ``nb`` body bytes, ``sq`` last accept number,              latest message expiry
                        ``fo``/``fe`` the fence (owner, epoch)                     + margin
-``T:m``         hash   id -> msgpack(sender, sent_at, expires_at, body): every    as ``T:meta``
-                       held message (queued or in flight), the body raw bytes
+``T:m``         hash   id -> msgpack(sender, sent_at, expires_at, body[, 1]):     as ``T:meta``
+                       every held message (queued or in flight), the body raw
+                       bytes; a fifth field 1 if it was sent with notify
 ``T:a``         hash   id -> attempt (absent: 0)                                  as ``T:meta``
 ``T:q``         zset   queued ids, score = accept number (oldest first)           as ``T:meta``
 ``T:f``         zset   in-flight ids, score = accept number                       as ``T:meta``
 ``T:x``         zset   held ids, score = expires_at (the mailbox's expiry order)  as ``T:meta``
 ``T:t``         hash   tombstones: id -> msgpack(sender, expires_at)              raised to ``T:meta``'s
 ``T:o``         zset   tombstone ids, score = ACK order (oldest ACK first)        on each ACK
+``T:s``         hash   the status lane: seq -> msgpack(state, at, id, recipient,  latest status expiry
+                       count, first_seq, expires_at) (state 0-2 = delivered,      + margin
+                       expired, overflow; id/recipient '' and count/first_seq 0
+                       when unused)
+``T:sq``        zset   the lane's seqs, score = seq (the lane's order)            as ``T:s``
+``T:sx``        zset   the lane's seqs, score = expires_at                        as ``T:s``
+``T:sm``        hash   ``sq`` the lane's newest seq, ``ov`` its overflow          as ``T:s``; once the
+                       record's seq                                               lane is empty 60 s
 ``G:counters``  hash   relay-wide figures: bytes, messages, inflight,             none
-                       tombstones, acknowledged, expired, mailboxes
+                       tombstones, acknowledged, expired, mailboxes, statuses,
+                       statuses_total, statuses_overflowed, statuses_expired
 ``G:due``       zset   the expiry index: member ``<bucket>:<mailbox>``, score =   none
                        the bucket's start (ms); bucket = expires_at // 10 s
 ==============  =====  =========================================================  ======================
@@ -49,22 +59,41 @@ reads Redis's clock, so the broker's one clock decides, as with the memory store
   each (at most ``max_tombstones`` per mailbox: the oldest ACK goes first); like ``fetch``,
   by pages of 500 ids with one read and one variadic write per key.
 - ``purge``: one mailbox's expired messages by ``T:x`` (at most 5,000 a call; the sweep
-  calls again while more are due) and its expired tombstones from the oldest ACK on.
+  calls again while more are due), its expired tombstones from the oldest ACK on, and its
+  lane's expired statuses by ``T:sx`` (at most 5,000 a call too).
 - ``peek``, ``pending``, ``expired_count``: reads. ``sync`` and ``index``/``due``/``undue``
   work on ``G``'s keys.
+- Notify: ``enqueue`` takes one flag string per call ('' when no message of it has notify,
+  so plain messages pay one empty argument per call, nothing per message) and stores a
+  fifth record field; ``fetch`` and ``peek`` return the positions of the notify messages
+  they hand out; ``fetch``, ``ack`` and ``purge`` return (sender, id[, expires_at]) of the
+  notify messages they remove, which the store makes into notices.
+- ``status_add`` (one lane's notices of an ``add_statuses`` call; the calls for all lanes
+  go in one pipeline with their index members, one round trip per shard), ``status_fetch``
+  and ``status_ack``: the lane scripts, on the ``T:s*`` keys only (``purge`` gets both sets).
+  ``status_add`` numbers records by the seq rule (:func:`~.base.next_status_seq`, the same
+  formula in Lua) from ``T:sm``'s ``sq``, folds notices past ``max_mailbox_statuses`` into
+  the overflow record (renumbered once per call, after the records the call kept), and
+  sets every lane key's TTL to the lane's latest status expiry - ``now_ms`` + margin.
+  Seqs are written with every digit (``%.0f``: below 2**53, exact as scores too).
 A mailbox whose last message goes is deleted with its fence (the contract's "holds no
-memory"); its tombstones stay until they lapse.
+memory"); its tombstones stay until they lapse. A lane whose last status goes is deleted
+but for ``T:sm``, which keeps the lane's newest seq for :data:`SEQ_MEMORY_MS` (60 s), so the
+lane's next status is numbered above its old ones even by a node whose clock is behind
+(by up to that much): the seq rule's ``last_seq``. (The memory store keeps one for all.)
 
-Key expiry is the backstop: the enqueue script sets every mailbox key's TTL to the
-mailbox's latest ``expires_at`` - ``now_ms`` + ``expiry_margin_ms`` (relative to the
-broker's clock, so keys neither vanish nor linger when that clock is not Redis's), and
+Key expiry is the backstop (for status lanes, see ``status_add`` above): the enqueue
+script sets every mailbox key's TTL to the mailbox's latest ``expires_at`` - ``now_ms`` +
+``expiry_margin_ms`` (relative to the broker's clock, so keys neither vanish nor linger
+when that clock is not Redis's), and
 scripts that create a key copy ``T:meta``'s TTL to it; an ACK extends the tombstone keys'
 TTL to the mailbox's. So a mailbox nobody sweeps disappears by itself once everything
 in it has expired, plus the margin (default 2 hours, above the 1-hour sweep interval, so
 the sweep normally gets there first and keeps the counters right).
 
 The expiry index ``G:due`` has one member per (10-second expiry bucket, mailbox) with a
-message that may expire in that bucket. The enqueue pipeline adds them (``ZADD NX``,
+message or a status that may expire in that bucket (``add_statuses`` adds members as
+``enqueue_many`` does, in the same pipeline). The enqueue pipeline adds them (``ZADD NX``,
 skipped for members this store added already: a bucket cannot be re-created once past),
 before knowing whether the message is refused: an extra member only costs the sweep one
 visit. :meth:`RedisStore.purge_expired` reads the due members in expiry order, purges
@@ -112,7 +141,8 @@ Round trips (:attr:`RedisStore.round_trips` counts pipelines and single calls; o
 cluster coredis 6.9 sends one pipeline to its shards one after another, so a pipeline
 costs one network round trip per shard it touches): enqueue_many 1 (a pipeline of one
 script per mailbox, plus new index members and the counter sync when due; +1 for a stale
-view, above; near full, 1 + one per run); fetch_many, release, ack_many, peek, pending 1;
+view, above; near full, 1 + one per run); add_statuses 1 (one script per lane, the same
+way); fetch_many, release, ack_many, peek, pending, fetch_statuses, ack_statuses 1;
 purge_expired 1 + 2 per page of 500 due index members; statistics 2-3. Measured by
 ``tests/store/test_redis_store.py``: SENDs in batches of 50, fetches of 100, ACKs of 50 make
 0.051 round trips per delivered-and-ACKed message.
@@ -139,8 +169,22 @@ import trio
 from coredis.commands.script import Script
 from coredis.exceptions import NoScriptError
 
+from wire import ReportState
+
 from ..redis_client import redis_errors
-from .base import AckResult, Batch, Claim, Message, NewMessage, Outcome, Purged, StoreLimits, StoreStatistics
+from .base import (
+    AckResult,
+    Batch,
+    Claim,
+    HeldStatus,
+    Message,
+    NewMessage,
+    Notice,
+    Outcome,
+    Purged,
+    StoreLimits,
+    StoreStatistics,
+)
 
 __all__ = ["DEFAULT_EXPIRY_MARGIN_MS", "SYNC_INTERVAL_S", "RedisStore"]
 
@@ -156,11 +200,42 @@ PURGE_CAP = 5000
 """Messages one purge script call removes at most (bounds how long one script blocks Redis)."""
 INDEX_CACHE_MAX = 100_000
 """Index members this store remembers having added (beyond this it forgets them and adds again)."""
+SEQ_MEMORY_MS = 60_000
+"""How long an emptied status lane's newest seq outlives it (the seq rule's ``last_seq``): covers broker
+clocks up to a minute apart, and a lane whose seqs ran that far ahead of the clock (60 million statuses)."""
 
 log = logging.getLogger(__name__)
 
-_COUNTERS = ("bytes", "messages", "inflight", "tombstones", "acknowledged", "expired", "mailboxes")
-_BYTES, _MESSAGES, _INFLIGHT, _TOMBSTONES, _ACKED, _EXPIRED, _MAILBOXES = range(len(_COUNTERS))
+_COUNTERS = (
+    "bytes",
+    "messages",
+    "inflight",
+    "tombstones",
+    "acknowledged",
+    "expired",
+    "mailboxes",
+    "statuses",
+    "statuses_total",
+    "statuses_overflowed",
+    "statuses_expired",
+)
+(
+    _BYTES,
+    _MESSAGES,
+    _INFLIGHT,
+    _TOMBSTONES,
+    _ACKED,
+    _EXPIRED,
+    _MAILBOXES,
+    _STATUSES,
+    _STATUSES_TOTAL,
+    _STATUSES_OVERFLOWED,
+    _STATUSES_EXPIRED,
+) = range(len(_COUNTERS))
+
+_STATES = (ReportState.DELIVERED, ReportState.EXPIRED, ReportState.OVERFLOW)
+"""The status scripts' state codes 0-2 (their DELIVERED, EXPIRED, OVERFLOW locals)."""
+_STATE_CODES = {state: code for code, state in enumerate(_STATES)}
 
 _OUTCOMES = (
     Outcome.STORED,
@@ -236,6 +311,51 @@ local function drop(id, body)
 end
 """
 
+_LANE_KEYS = ("s", "sq", "sx", "sm")
+
+
+def _lane_prelude(offset: int) -> str:
+    """The status lane's keys (``KEYS[offset + 1 ..]``) and the helpers its scripts share."""
+    return (
+        f"""
+local SREC, SSEQ, SEXP, SMETA = KEYS[{offset + 1}], KEYS[{offset + 2}], KEYS[{offset + 3}], KEYS[{offset + 4}]
+local SEQ_MEMORY_MS = {SEQ_MEMORY_MS}
+"""
+        + """
+-- A seq as a field name and score: every digit (Lua's own tostring would write 1.8e+15).
+local function seqstr(n) return string.format('%.0f', n) end
+
+-- After records were removed: forget a lane left empty, keeping only its newest seq (SMETA's 'sq') for
+-- SEQ_MEMORY_MS, so that the next status still gets a seq above every seq the lane had (the seq rule).
+local function settle_lane()
+  if redis.call('HLEN', SREC) > 0 then return end
+  redis.call('DEL', SREC, SSEQ, SEXP)
+  redis.call('HDEL', SMETA, 'ov')
+  redis.call('PEXPIRE', SMETA, SEQ_MEMORY_MS)
+end
+
+-- Remove the records of these seqs (strings, each once); returns how many were held. Settles the lane.
+local function drop_statuses(seqs)
+  local ov = redis.call('HGET', SMETA, 'ov')
+  local held = 0
+  for i = 1, #seqs, 1000 do
+    local page = {unpack(seqs, i, math.min(i + 999, #seqs))}
+    held = held + redis.call('HDEL', SREC, unpack(page))
+    redis.call('ZREM', SSEQ, unpack(page))
+    redis.call('ZREM', SEXP, unpack(page))
+    if ov then
+      for _, seq in ipairs(page) do
+        if seq == ov then redis.call('HDEL', SMETA, 'ov') ov = nil break end
+      end
+    end
+  end
+  settle_lane()
+  return held
+end
+"""
+    )
+
+
 _ENQUEUE = (
     _PRELUDE
     + """
@@ -243,6 +363,7 @@ local STORED, DUPLICATE, ID_CONFLICT, MAILBOX_FULL, MAILBOX_BYTES_FULL, BROKER_F
 local ENQUEUE_PAGE = 300
 local now, margin = tonumber(ARGV[1]), tonumber(ARGV[2])
 local max_msgs, max_bytes, budget = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local flags = ARGV[6]  -- '' (no message of the call has notify) or one '0'/'1' per message
 local count = redis.call('HLEN', MSGS)
 local nb, sq = 0, 0
 if count > 0 then
@@ -256,7 +377,7 @@ local out = {}
 local stored, stored_bytes, stones_dropped = 0, 0, 0
 local added, unstoned = {}, {}  -- id -> sender of what this call stored; ids whose lapsed tombstone it dropped
 -- Pages of messages: one read of the records and tombstones and one write per key for each page.
-for first = 6, #ARGV, 5 * ENQUEUE_PAGE do
+for first = 7, #ARGV, 5 * ENQUEUE_PAGE do
   local last_arg = math.min(first + 5 * ENQUEUE_PAGE - 1, #ARGV)
   local names = {}
   for i = first, last_arg, 5 do names[#names + 1] = ARGV[i] end
@@ -289,8 +410,13 @@ for first = 6, #ARGV, 5 * ENQUEUE_PAGE do
       elseif budget >= 0 and stored_bytes + size > budget then code = BROKER_FULL
       else
         local expires_at = tonumber(ARGV[i + 3])
+        local n = (i - 7) / 5 + 1
         records[#records + 1] = id
-        records[#records + 1] = cmsgpack.pack(sender, tonumber(ARGV[i + 2]), expires_at, body)
+        if flags ~= '' and string.byte(flags, n) == 49 then  -- '1': a fifth field, notify
+          records[#records + 1] = cmsgpack.pack(sender, tonumber(ARGV[i + 2]), expires_at, body, 1)
+        else
+          records[#records + 1] = cmsgpack.pack(sender, tonumber(ARGV[i + 2]), expires_at, body)
+        end
         sq = sq + 1
         queued[#queued + 1] = sq
         queued[#queued + 1] = id
@@ -327,17 +453,18 @@ _FETCH = (
     + """
 local now, owner, epoch = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local limit, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
-if redis.call('HLEN', MSGS) == 0 then return {0, 0, 0, 0, 0, 0, 0, {}} end
+if redis.call('HLEN', MSGS) == 0 then return {0, 0, 0, 0, 0, 0, 0, {}, {}, {}} end
 local requeued = 0
 local same, fence = is_fence(owner, epoch)
 if not same then
   if fence[1] then
-    if epoch <= tonumber(fence[2]) then return {1, 0, 0, 0, 0, 0, 0, {}} end
+    if epoch <= tonumber(fence[2]) then return {1, 0, 0, 0, 0, 0, 0, {}, {}, {}} end
     requeued = requeue()
   end
   redis.call('HSET', META, 'fo', owner, 'fe', ARGV[3])
 end
 local got, ngot, nbytes, expired, expired_bytes = {}, 0, 0, 0, 0
+local notified, notices = {}, {}  -- positions in got of messages with notify; (sender, id, expires_at) expired
 local full = false
 while ngot < limit and not full do
   local ids = redis.call('ZRANGE', QUEUE, 0, math.min(limit - ngot, 256) - 1, 'WITHSCORES')
@@ -353,10 +480,15 @@ while ngot < limit and not full do
     if not rec then
       dequeued[#dequeued + 1] = id
     else
-      local sender, sent_at, expires_at, body = cmsgpack.unpack(rec)
+      local sender, sent_at, expires_at, body, notify = cmsgpack.unpack(rec)
       if expires_at <= now then
         drop(id, body)
         expired, expired_bytes = expired + 1, expired_bytes + #body
+        if notify then
+          notices[#notices + 1] = sender
+          notices[#notices + 1] = id
+          notices[#notices + 1] = expires_at
+        end
       elseif ngot > 0 and nbytes + #body > max_bytes then
         full = true
         break
@@ -369,6 +501,7 @@ while ngot < limit and not full do
         counted[#counted + 1] = attempt
         ngot, nbytes = ngot + 1, nbytes + #body
         for _, v in ipairs({id, sender, sent_at, expires_at, attempt, body}) do got[#got + 1] = v end
+        if notify then notified[#notified + 1] = ngot end
       end
     end
   end
@@ -381,7 +514,8 @@ end
 local emptied = settle_removed(expired, expired_bytes)
 if ngot > 0 or requeued > 0 then copy_ttl({FLIGHT, ATT, QUEUE}) end
 local inflight = redis.call('ZCARD', FLIGHT)
-return {0, redis.call('HLEN', MSGS) - inflight, inflight, ngot - requeued, expired, expired_bytes, emptied, got}
+return {0, redis.call('HLEN', MSGS) - inflight, inflight, ngot - requeued, expired, expired_bytes, emptied, got,
+  notified, notices}
 """
 )
 
@@ -406,8 +540,9 @@ _ACK = (
     + """
 local ACK_PAGE = 500
 local max_stones = tonumber(ARGV[1])
-if redis.call('HLEN', MSGS) == 0 then return {0, 0, 0, 0, 0, 0} end
+if redis.call('HLEN', MSGS) == 0 then return {0, 0, 0, 0, 0, 0, {}} end
 local deleted, nbytes, was_inflight, stones = 0, 0, 0, 0
+local notified = {}  -- (sender, id) of the deleted messages with notify
 local seq = 0
 if max_stones > 0 then seq = tonumber(redis.call('ZRANGE', ORDER, -1, -1, 'WITHSCORES')[2]) or 0 end
 local seen = {}
@@ -421,8 +556,12 @@ for first = 2, #ARGV, ACK_PAGE do
     local id, rec = names[k], recs[k]
     if rec and not seen[id] then
       seen[id] = true
-      local sender, _, expires_at, body = cmsgpack.unpack(rec)
+      local sender, _, expires_at, body, notify = cmsgpack.unpack(rec)
       gone[#gone + 1] = id
+      if notify then
+        notified[#notified + 1] = sender
+        notified[#notified + 1] = id
+      end
       deleted, nbytes = deleted + 1, nbytes + #body
       if max_stones > 0 then
         stone_args[#stone_args + 1] = id
@@ -458,22 +597,29 @@ if deleted > 0 and max_stones > 0 then
   end
 end
 local emptied = settle_removed(deleted, nbytes)
-return {deleted, redis.call('ZCARD', FLIGHT), nbytes, was_inflight, stones, emptied}
+return {deleted, redis.call('ZCARD', FLIGHT), nbytes, was_inflight, stones, emptied, notified}
 """
 )
 
 _PURGE = (
     _PRELUDE
+    + _lane_prelude(len(_MAILBOX_KEYS))
     + """
 local now, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ids = redis.call('ZRANGE', EXP, '-inf', now, 'BYSCORE', 'LIMIT', 0, cap)
 local removed, nbytes, was_inflight = 0, 0, 0
+local notices = {}  -- (sender, id, expires_at) of the removed messages with notify
 for _, id in ipairs(ids) do
   local rec = redis.call('HGET', MSGS, id)
   if rec then
-    local _, _, _, body = cmsgpack.unpack(rec)
+    local sender, _, expires_at, body, notify = cmsgpack.unpack(rec)
     was_inflight = was_inflight + drop(id, body)
     removed, nbytes = removed + 1, nbytes + #body
+    if notify then
+      notices[#notices + 1] = sender
+      notices[#notices + 1] = id
+      notices[#notices + 1] = expires_at
+    end
   else
     redis.call('ZREM', EXP, id)
   end
@@ -495,9 +641,12 @@ while not stop do
     redis.call('ZREM', ORDER, id)
   end
 end
+local statuses = redis.call('ZRANGE', SEXP, '-inf', now, 'BYSCORE', 'LIMIT', 0, cap)
+local statuses_expired = 0
+if #statuses > 0 then statuses_expired = drop_statuses(statuses) end
 local more = 0
-if #ids == cap then more = 1 end
-return {removed, nbytes, was_inflight, emptied, dropped, more}
+if #ids == cap or #statuses == cap then more = 1 end
+return {removed, nbytes, was_inflight, emptied, dropped, more, statuses_expired, notices}
 """
 )
 
@@ -505,7 +654,7 @@ _PEEK = (
     _PRELUDE
     + """
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-local out, n = {}, 0
+local out, n, notified = {}, 0, {}
 for _, key in ipairs({FLIGHT, QUEUE}) do
   local start = 0
   while n < limit do
@@ -515,18 +664,19 @@ for _, key in ipairs({FLIGHT, QUEUE}) do
     for _, id in ipairs(ids) do
       local rec = redis.call('HGET', MSGS, id)
       if rec then
-        local sender, sent_at, expires_at, body = cmsgpack.unpack(rec)
+        local sender, sent_at, expires_at, body, notify = cmsgpack.unpack(rec)
         if expires_at > now then
           local attempt = tonumber(redis.call('HGET', ATT, id)) or 0
           for _, v in ipairs({id, sender, sent_at, expires_at, attempt, body}) do out[#out + 1] = v end
           n = n + 1
+          if notify then notified[#notified + 1] = n end
           if n == limit then break end
         end
       end
     end
   end
 end
-return out
+return {out, notified}
 """
 )
 
@@ -541,6 +691,128 @@ _EXPIRED_COUNT = (
     _PRELUDE
     + """
 return redis.call('ZCOUNT', EXP, '-inf', ARGV[1])
+"""
+)
+
+_STATUS_ADD = (
+    _lane_prelude(0)
+    + """
+local STATUS_PAGE = 500
+local DELIVERED, EXPIRED, OVERFLOW = 0, 1, 2
+local now, ttl, margin, bound = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local meta = redis.call('HMGET', SMETA, 'sq', 'ov')
+local last, ov = tonumber(meta[1]) or 0, meta[2]
+local held = redis.call('HLEN', SREC)
+if held == 0 then
+  redis.call('DEL', SREC, SSEQ, SEXP)  -- a forgotten lane: nothing left but maybe its newest seq
+  redis.call('HDEL', SMETA, 'ov')
+  ov = false
+end
+local ordinary = held
+if ov then ordinary = held - 1 end
+local expires = now + ttl
+-- The seq rule (broker.store.base.next_status_seq): max(last + 1, now * 1000).
+local function next_seq()
+  last = math.max(last + 1, now * 1000)
+  return last
+end
+local kept, folded = 0, 0
+for first = 5, #ARGV, 4 * STATUS_PAGE do
+  local recs, seqs, exps = {}, {}, {}
+  for i = first, math.min(first + 4 * STATUS_PAGE - 1, #ARGV), 4 do
+    if ordinary < bound then
+      local s = seqstr(next_seq())
+      recs[#recs + 1] = s
+      recs[#recs + 1] = cmsgpack.pack(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], 0, 0, expires)
+      seqs[#seqs + 1] = s
+      seqs[#seqs + 1] = s
+      exps[#exps + 1] = expires
+      exps[#exps + 1] = s
+      ordinary, kept = ordinary + 1, kept + 1
+    else
+      folded = folded + 1
+    end
+  end
+  if #recs > 0 then
+    redis.call('HSET', SREC, unpack(recs))
+    redis.call('ZADD', SSEQ, unpack(seqs))
+    redis.call('ZADD', SEXP, unpack(exps))
+  end
+end
+local change = kept
+if folded > 0 then
+  -- The lane's one overflow record: made with count 1, else grown; renumbered (newest in the lane) either way.
+  local count, first_seq = folded, nil
+  if ov then
+    local rec = redis.call('HGET', SREC, ov)
+    if rec then
+      local _, _, _, _, c, f = cmsgpack.unpack(rec)
+      count, first_seq = count + c, f
+      redis.call('HDEL', SREC, ov)
+      redis.call('ZREM', SSEQ, ov)
+      redis.call('ZREM', SEXP, ov)
+      change = change - 1
+    end
+  end
+  local seq = next_seq()
+  local s = seqstr(seq)
+  if not first_seq then first_seq = seq end
+  redis.call('HSET', SREC, s, cmsgpack.pack(OVERFLOW, now, '', '', count, first_seq, expires))
+  redis.call('ZADD', SSEQ, s, s)
+  redis.call('ZADD', SEXP, expires, s)
+  redis.call('HSET', SMETA, 'ov', s)
+  change = change + 1
+end
+redis.call('HSET', SMETA, 'sq', seqstr(last))
+local latest = tonumber(redis.call('ZRANGE', SEXP, -1, -1, 'WITHSCORES')[2])
+local keep = math.max(latest - now, 0) + margin
+for _, k in ipairs({SREC, SSEQ, SEXP, SMETA}) do redis.call('PEXPIRE', k, keep) end
+return {change, folded}
+"""
+)
+
+_STATUS_FETCH = (
+    _lane_prelude(0)
+    + """
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[3])
+local low = '(' .. ARGV[2]
+local out, n, expired = {}, 0, {}
+while n < limit do
+  local seqs = redis.call('ZRANGE', SSEQ, low, '+inf', 'BYSCORE', 'LIMIT', 0, math.min(limit - n, 256))
+  if #seqs == 0 then break end
+  local recs = redis.call('HMGET', SREC, unpack(seqs))
+  for k = 1, #seqs do
+    local rec = recs[k]
+    if rec then
+      local state, at, id, recipient, count, first_seq, expires_at = cmsgpack.unpack(rec)
+      if expires_at <= now then
+        expired[#expired + 1] = seqs[k]
+      else
+        for _, v in ipairs({seqs[k], state, at, id, recipient, count, first_seq, expires_at}) do out[#out + 1] = v end
+        n = n + 1
+      end
+    end
+  end
+  low = '(' .. seqs[#seqs]
+end
+local removed = 0
+if #expired > 0 then removed = drop_statuses(expired) end
+return {removed, out}
+"""
+)
+
+_STATUS_ACK = (
+    _lane_prelude(0)
+    + """
+if redis.call('HLEN', SREC) == 0 then return 0 end
+local seen, seqs = {}, {}
+for i = 1, #ARGV do
+  if not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    seqs[#seqs + 1] = ARGV[i]
+  end
+end
+return drop_statuses(seqs)
 """
 )
 
@@ -583,6 +855,9 @@ _SCRIPTS = {
     "index": _INDEX,
     "due": _DUE,
     "undue": _UNDUE,
+    "status_add": _STATUS_ADD,
+    "status_fetch": _STATUS_FETCH,
+    "status_ack": _STATUS_ACK,
 }
 
 # ------------------------------------------------------------------ Python
@@ -595,9 +870,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _messages(mailbox: str, flat: Sequence[Any]) -> list[Message]:
-    """Messages from a script's flat list of (id, sender, sent_at, expires_at, attempt, body) sextets."""
-    return [
+def _messages(mailbox: str, flat: Sequence[Any], notified: Sequence[Any]) -> list[Message]:
+    """Messages from a script's flat list of (id, sender, sent_at, expires_at, attempt, body) sextets;
+    ``notified`` the (1-based) positions of those stored with notify."""
+    out = [
         Message(
             _text(flat[i]),
             _text(flat[i + 1]),
@@ -609,6 +885,31 @@ def _messages(mailbox: str, flat: Sequence[Any]) -> list[Message]:
         )
         for i in range(0, len(flat), 6)
     ]
+    for k in notified:
+        out[int(k) - 1] = out[int(k) - 1]._replace(notify=True)
+    return out
+
+
+def _expired_notices(recipient: str, flat: Sequence[Any]) -> list[Notice]:
+    """EXPIRED notices from a script's flat list of (sender, id, expires_at) triples."""
+    return [
+        Notice(_text(flat[i]), _text(flat[i + 1]), recipient, ReportState.EXPIRED, int(flat[i + 2]))
+        for i in range(0, len(flat), 3)
+    ]
+
+
+def _statuses(flat: Sequence[Any]) -> list[HeldStatus]:
+    """Records from the status_fetch script's flat list of octets
+    (seq, state, at, id, recipient, count, first_seq, expires_at; id and recipient '' and count 0 when unused)."""
+    out = []
+    for i in range(0, len(flat), 8):
+        state = _STATES[int(flat[i + 1])]
+        seq, at, expires_at = int(flat[i]), int(flat[i + 2]), int(flat[i + 7])
+        if state is ReportState.OVERFLOW:
+            out.append(HeldStatus(seq, state, at, None, None, int(flat[i + 5]), expires_at, int(flat[i + 6])))
+        else:
+            out.append(HeldStatus(seq, state, at, _text(flat[i + 3]), _text(flat[i + 4]), None, expires_at))
+    return out
 
 
 class RedisStore:
@@ -651,12 +952,15 @@ class RedisStore:
 
     # ------------------------------------------------------------ plumbing
 
-    def _keys(self, mailbox: str) -> list[str]:
+    def _keys(self, mailbox: str, suffixes: Sequence[str] = _MAILBOX_KEYS) -> list[str]:
         tag = f"{{{self.prefix}:{mailbox}}}"
-        return [f"{tag}:{suffix}" for suffix in _MAILBOX_KEYS]
+        return [f"{tag}:{suffix}" for suffix in suffixes]
 
     def _call(self, name: str, mailbox: str, args: Sequence[Any]) -> Call:
         return (self._scripts[name], self._keys(mailbox), args)
+
+    def _lane_call(self, name: str, mailbox: str, args: Sequence[Any]) -> Call:
+        return (self._scripts[name], self._keys(mailbox, _LANE_KEYS), args)
 
     def _sync_call(self, deltas: Sequence[int]) -> Call:
         args: list[Any] = []
@@ -749,16 +1053,17 @@ class RedisStore:
 
     # ------------------------------------------------------------ enqueue
 
-    def _unindexed(self, messages: Sequence[NewMessage]) -> list[tuple[int, str]]:
-        """The (bucket, mailbox) expiry-index members this batch needs that this store has not added yet."""
+    def _unindexed(self, expiring: Iterable[tuple[int, Iterable[str]]]) -> list[tuple[int, str]]:
+        """The (bucket, mailbox) expiry-index members that (expires_at, mailboxes) pairs need and this store
+        has not added yet."""
         members: dict[tuple[int, str], None] = {}
         indexed = self._indexed
-        for new in messages:
-            bucket = new.expires_at // DUE_BUCKET_MS
+        for expires_at, mailboxes in expiring:
+            bucket = expires_at // DUE_BUCKET_MS
             known = indexed.get(bucket, ())
-            for rcpt in new.recipients:
-                if rcpt not in known:
-                    members[bucket, rcpt] = None
+            for mailbox in mailboxes:
+                if mailbox not in known:
+                    members[bucket, mailbox] = None
         return list(members)
 
     def _index_calls(self, members: Sequence[tuple[int, str]]) -> list[Call]:
@@ -778,8 +1083,18 @@ class RedisStore:
 
     def _enqueue_call(self, mailbox: str, items: Iterable[NewMessage], now_ms: int, budget: int) -> Call:
         limits = self.limits
-        args: list[Any] = [now_ms, self.expiry_margin_ms, limits.max_mailbox_messages, limits.max_mailbox_bytes, budget]
-        for new in items:
+        news = list(items)
+        # One '0'/'1' per message, or '' when none has notify (the common case pays one empty argument).
+        flags = "".join("1" if new.notify else "0" for new in news) if any(new.notify for new in news) else ""
+        args: list[Any] = [
+            now_ms,
+            self.expiry_margin_ms,
+            limits.max_mailbox_messages,
+            limits.max_mailbox_bytes,
+            budget,
+            flags,
+        ]
+        for new in news:
             args += (new.id, new.sender, new.sent_at, new.expires_at, new.body)
         return self._call("enqueue", mailbox, args)
 
@@ -797,7 +1112,7 @@ class RedisStore:
         if not pairs:
             return out
         candidate = sum(len(new.body) * len(new.recipients) for new in messages)
-        members = self._unindexed(messages)
+        members = self._unindexed((new.expires_at, new.recipients) for new in messages)
         index = self._index_calls(members)
         limit = self.limits.max_total_bytes
         if self._view(_BYTES) + candidate > limit or self._sync_due():
@@ -843,7 +1158,7 @@ class RedisStore:
         [result] = await self._run(
             [self._call("fetch", mailbox, (now_ms, claim.owner, claim.epoch, max(limit, 0), max_bytes))]
         )
-        status, queued, inflight, inflight_change, expired, expired_bytes, emptied, flat = result
+        status, queued, inflight, inflight_change, expired, expired_bytes, emptied, flat, notified, notices = result
         if status:
             return _FENCED
         if expired:
@@ -852,18 +1167,22 @@ class RedisStore:
             self._add(_BYTES, -int(expired_bytes))
             self._add(_MAILBOXES, -int(emptied))
         self._add(_INFLIGHT, int(inflight_change))
+        if notices:
+            expired_notices = tuple(_expired_notices(mailbox, notices))
+            return Batch(_messages(mailbox, flat, notified), int(queued), int(inflight), notices=expired_notices)
         if not flat and not queued and not inflight:
             return _NOTHING
-        return Batch(_messages(mailbox, flat), int(queued), int(inflight))
+        return Batch(_messages(mailbox, flat, notified), int(queued), int(inflight))
 
     async def release(self, mailbox: str, claim: Claim, unwritten: Collection[str] = ()) -> int:
         [n] = await self._run([self._call("release", mailbox, (claim.owner, claim.epoch, *unwritten))])
         self._add(_INFLIGHT, -int(n))
         return int(n)
 
-    async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
+    async def ack_many(self, mailbox: str, ids: Sequence[str], now_ms: int) -> AckResult:
         [result] = await self._run([self._call("ack", mailbox, (self.limits.max_tombstones, *ids))])
-        deleted, inflight, nbytes, was_inflight, stones, emptied = (int(v) for v in result)
+        *figures, notified = result
+        deleted, inflight, nbytes, was_inflight, stones, emptied = (int(v) for v in figures)
         if deleted:
             self._add(_ACKED, deleted)
             self._add(_MESSAGES, -deleted)
@@ -871,13 +1190,20 @@ class RedisStore:
             self._add(_INFLIGHT, -was_inflight)
             self._add(_TOMBSTONES, stones)
             self._add(_MAILBOXES, -emptied)
+        if notified:
+            delivered = ReportState.DELIVERED
+            notices = [
+                Notice(_text(notified[i]), _text(notified[i + 1]), mailbox, delivered, now_ms)
+                for i in range(0, len(notified), 2)
+            ]
+            return AckResult(deleted, inflight, tuple(notices))
         return AckResult(deleted, inflight)
 
     async def peek(self, mailbox: str, limit: int, now_ms: int) -> list[Message]:
         if limit <= 0:
             return []
-        [flat] = await self._run([self._call("peek", mailbox, (now_ms, limit))])
-        return _messages(mailbox, flat)
+        [(flat, notified)] = await self._run([self._call("peek", mailbox, (now_ms, limit))])
+        return _messages(mailbox, flat, notified)
 
     async def pending(self, mailbox: str, now_ms: int) -> int:
         [n] = await self._run([self._call("pending", mailbox, (now_ms,))])
@@ -894,8 +1220,12 @@ class RedisStore:
             out.append((int(bucket), mailbox))
         return out
 
-    def _settle_purge(self, result: Sequence[Any]) -> tuple[int, bool]:
-        removed, nbytes, was_inflight, emptied, dropped, more = (int(v) for v in result)
+    def _settle_purge(self, mailbox: str, result: Sequence[Any], notices: list[Notice]) -> tuple[int, bool]:
+        *figures, expired_notices = result
+        removed, nbytes, was_inflight, emptied, dropped, more, statuses_expired = (int(v) for v in figures)
+        notices += _expired_notices(mailbox, expired_notices)
+        self._add(_STATUSES, -statuses_expired)
+        self._add(_STATUSES_EXPIRED, statuses_expired)
         self._add(_EXPIRED, removed)
         self._add(_MESSAGES, -removed)
         self._add(_BYTES, -nbytes)
@@ -904,16 +1234,23 @@ class RedisStore:
         self._add(_TOMBSTONES, -dropped)
         return removed, bool(more)
 
-    async def _purge_page(self, page: list[tuple[int, str]], now_ms: int, touched: set[str]) -> int:
-        """Purge the page's mailboxes (one pipeline; again for those with more due); returns how many removed."""
+    def _purge_call(self, mailbox: str, now_ms: int) -> Call:
+        keys = self._keys(mailbox) + self._keys(mailbox, _LANE_KEYS)
+        return (self._scripts["purge"], keys, (now_ms, PURGE_CAP))
+
+    async def _purge_page(
+        self, page: list[tuple[int, str]], now_ms: int, touched: set[str], notices: list[Notice]
+    ) -> int:
+        """Purge the page's mailboxes (one pipeline; again for those with more due); returns how many messages
+        it removed, and adds the EXPIRED notices of those with notify to ``notices``."""
         mailboxes = list(dict.fromkeys(mailbox for _, mailbox in page))
-        results = await self._run([self._call("purge", m, (now_ms, PURGE_CAP)) for m in mailboxes])
+        results = await self._run([self._purge_call(m, now_ms) for m in mailboxes])
         count = 0
         for mailbox, result in zip(mailboxes, results, strict=True):
-            removed, more = self._settle_purge(result)
+            removed, more = self._settle_purge(mailbox, result, notices)
             while more:
-                [again] = await self._run([self._call("purge", mailbox, (now_ms, PURGE_CAP))])
-                more_removed, more = self._settle_purge(again)
+                [again] = await self._run([self._purge_call(mailbox, now_ms)])
+                more_removed, more = self._settle_purge(mailbox, again, notices)
                 removed += more_removed
             if removed:
                 touched.add(mailbox)
@@ -922,12 +1259,13 @@ class RedisStore:
 
     async def purge_expired(self, now_ms: int) -> Purged:
         touched: set[str] = set()
+        notices: list[Notice] = []
         count = kept = 0
         while True:
             page = await self._due(now_ms, kept, DUE_PAGE)
             if not page:
                 break
-            count += await self._purge_page(page, now_ms, touched)
+            count += await self._purge_page(page, now_ms, touched, notices)
             # A member goes once its whole bucket is past (a partly due one stays, after the gone ones).
             gone = [f"{bucket}:{mailbox}" for bucket, mailbox in page if (bucket + 1) * DUE_BUCKET_MS <= now_ms]
             if gone:
@@ -937,7 +1275,7 @@ class RedisStore:
                 break
         for bucket in [b for b in self._indexed if (b + 1) * DUE_BUCKET_MS <= now_ms]:
             self._indexed_count -= len(self._indexed.pop(bucket))
-        return Purged(count, frozenset(touched))
+        return Purged(count, frozenset(touched), tuple(notices))
 
     async def statistics(self, now_ms: int) -> StoreStatistics:
         await self._run((), sync=True)
@@ -964,4 +1302,49 @@ class RedisStore:
             expired_total=known[_EXPIRED],
             tombstones=known[_TOMBSTONES],
             inflight=known[_INFLIGHT],
+            statuses_held=known[_STATUSES],
+            statuses_total=known[_STATUSES_TOTAL],
+            statuses_overflowed_total=known[_STATUSES_OVERFLOWED],
+            statuses_expired_total=known[_STATUSES_EXPIRED],
         )
+
+    # ------------------------------------------------------------ status lanes
+
+    async def add_statuses(self, notices: Sequence[Notice], now_ms: int, ttl_ms: int) -> frozenset[str]:
+        if ttl_ms < 1:
+            raise ValueError(f"a status TTL must be at least 1 ms, not {ttl_ms}")
+        lanes: dict[str, list[Any]] = {}
+        for notice in notices:
+            args = lanes.get(notice.mailbox)
+            if args is None:
+                args = lanes[notice.mailbox] = [now_ms, ttl_ms, self.expiry_margin_ms, self.limits.max_mailbox_statuses]
+            args += (_STATE_CODES[notice.state], notice.at, notice.id, notice.recipient)
+        if not lanes:
+            return frozenset()
+        members = self._unindexed([(now_ms + ttl_ms, lanes)])
+        calls = [self._lane_call("status_add", lane, args) for lane, args in lanes.items()]
+        results = await self._run([*calls, *self._index_calls(members)])
+        self._indexed_now(members)
+        folded_total = 0
+        for change, folded in results[: len(calls)]:
+            self._add(_STATUSES, int(change))
+            folded_total += int(folded)
+        self._add(_STATUSES_TOTAL, len(notices))
+        self._add(_STATUSES_OVERFLOWED, folded_total)
+        return frozenset(lanes)
+
+    async def fetch_statuses(self, mailbox: str, after_seq: int, limit: int, now_ms: int) -> list[HeldStatus]:
+        if limit <= 0:
+            return []
+        [(expired, flat)] = await self._run([self._lane_call("status_fetch", mailbox, (now_ms, after_seq, limit))])
+        if expired:
+            self._add(_STATUSES, -int(expired))
+            self._add(_STATUSES_EXPIRED, int(expired))
+        return _statuses(flat)
+
+    async def ack_statuses(self, mailbox: str, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        [deleted] = await self._run([self._lane_call("status_ack", mailbox, seqs)])
+        self._add(_STATUSES, -int(deleted))
+        return int(deleted)

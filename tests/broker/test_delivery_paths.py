@@ -37,9 +37,9 @@ class YieldingStore(MemoryStore):
         await trio.lowlevel.checkpoint()
         return await super().fetch_many(mailbox, claim, limit, max_bytes, now_ms)
 
-    async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
+    async def ack_many(self, mailbox: str, ids: Sequence[str], now_ms: int) -> AckResult:
         await trio.lowlevel.checkpoint()
-        return await super().ack_many(mailbox, ids)
+        return await super().ack_many(mailbox, ids, now_ms)
 
     async def release(self, mailbox: str, claim: Claim, unwritten: Collection[str] = ()) -> int:
         await trio.lowlevel.checkpoint()

@@ -168,7 +168,7 @@ async def test_an_ack_applied_while_a_fetch_reply_is_on_its_way_does_not_shrink_
         return [f.id for f in pump.transport.frames() if isinstance(f, Deliver)]
 
     async def ack(*ids: str) -> None:
-        pump.delivery.acked(await store.ack_many("bob", list(ids)))
+        pump.delivery.acked(await store.ack_many("bob", list(ids), clock()))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:

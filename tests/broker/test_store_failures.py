@@ -42,9 +42,9 @@ class PartlyUnreachableStore(MemoryStore):
         self._check("enqueue")
         return await super().enqueue_many(messages, now_ms)
 
-    async def ack_many(self, mailbox: str, ids: Sequence[str]) -> AckResult:
+    async def ack_many(self, mailbox: str, ids: Sequence[str], now_ms: int) -> AckResult:
         self._check("ack")
-        return await super().ack_many(mailbox, ids)
+        return await super().ack_many(mailbox, ids, now_ms)
 
     async def fetch_many(self, mailbox: str, claim: Claim, limit: int, max_bytes: int, now_ms: int) -> Batch:
         self._check("fetch")

@@ -17,8 +17,9 @@ import pytest
 import trio
 
 from broker.redis_client import RedisUnavailable, open_redis
-from broker.store.base import Claim, NewMessage, Outcome, StoreLimits, wall_clock_ms
-from broker.store.redis import RedisStore
+from broker.store.base import Claim, NewMessage, Notice, Outcome, StoreLimits, wall_clock_ms
+from broker.store.redis import SEQ_MEMORY_MS, RedisStore
+from wire import ReportState
 
 from ..redis_servers import running_redis
 from .clock import DAY_S, ManualClock
@@ -56,7 +57,7 @@ async def test_every_key_of_a_mailbox_shares_its_hash_tag(redis_url: str, key_pr
     async with redis_store(redis_url, key_prefix) as (store, client):
         await store.enqueue_many([msg(clock, f"m{i}", ("bob", "carol")) for i in range(4)], clock.now)
         await store.fetch_many("bob", A1, 2, BIG, clock.now)
-        await store.ack_many("bob", ["m0"])  # tombstone keys too
+        await store.ack_many("bob", ["m0"], clock.now)  # tombstone keys too
         await store.statistics(clock.now)
         keys = await keys_of(client, key_prefix)
         by_tag: dict[str, set[str]] = {}
@@ -90,7 +91,7 @@ async def test_an_abandoned_mailbox_disappears_by_key_expiry(redis_url: str, key
         new = [NewMessage(f"m{i}", "alice", ("bob",), b"body", now, now + 300) for i in range(3)]
         assert await store.enqueue_many(new, now) == [[Outcome.STORED]] * 3
         await store.fetch_many("bob", A1, 2, BIG, now)
-        await store.ack_many("bob", ["m0"])  # m1 in flight (an attempt), m2 queued, m0 tombstoned
+        await store.ack_many("bob", ["m0"], now)  # m1 in flight (an attempt), m2 queued, m0 tombstoned
         assert len(await keys_of(client, f"{key_prefix}:bob")) == 8
         with trio.fail_after(10):
             while await keys_of(client, f"{key_prefix}:bob"):
@@ -109,7 +110,7 @@ async def test_a_batch_is_one_round_trip(redis_url: str, key_prefix: str) -> Non
         assert store.round_trips == before + 1
         batch = await store.fetch_many("bob", A1, 100, BIG, clock.now)
         assert len(batch.messages) == 100
-        assert (await store.ack_many("bob", [m.id for m in batch.messages])).deleted == 100
+        assert (await store.ack_many("bob", [m.id for m in batch.messages], clock.now)).deleted == 100
         assert store.round_trips == before + 3
 
 
@@ -130,7 +131,7 @@ async def test_round_trips_per_delivered_and_acked_message(redis_url: str, key_p
                 break
             ids = [m.id for m in batch.messages]
             for half in (ids[:50], ids[50:]):
-                await store.ack_many("bob", half)
+                await store.ack_many("bob", half, clock.now)
             delivered += len(ids)
         assert delivered == 1000
         assert (store.round_trips - before) / delivered == (20 + 11 + 20) / 1000  # the last fetch finds nothing
@@ -151,7 +152,7 @@ async def test_broker_full_counts_every_nodes_bytes(redis_url: str, key_prefix: 
         ]
         assert await node_b.enqueue_many([msg(clock, "c", "carol", body=b"x" * 40)], clock.now) == [[Outcome.STORED]]
         assert (await node_b.statistics(clock.now)).queued_bytes == 100
-        await node_a.ack_many("bob", ["a"])
+        await node_a.ack_many("bob", ["a"], clock.now)
         assert (await node_a.statistics(clock.now)).queued_bytes == 40
         assert await node_b.enqueue_many([msg(clock, "b", "carol", body=b"x" * 60)], clock.now) == [[Outcome.STORED]]
         await node_b.flush()
@@ -186,7 +187,7 @@ async def test_statistics_are_relay_wide(redis_url: str, key_prefix: str) -> Non
         await node_a.enqueue_many([msg(clock, "a", ("bob", "carol"), body=b"12345")], clock.now)
         await node_b.enqueue_many([msg(clock, "b", "dave", body=b"12")], clock.now)
         await node_b.fetch_many("bob", A1, 10, BIG, clock.now)
-        await node_b.ack_many("bob", ["a"])
+        await node_b.ack_many("bob", ["a"], clock.now)
         for node in (node_a, node_b):
             await node.flush()  # (each node's changes otherwise wait for its next call)
         for node in (node_a, node_b):
@@ -234,11 +235,14 @@ async def test_an_unreachable_redis_raises_oserror(tmp_path: Path, key_prefix: s
                 lambda: store.enqueue_many([msg(clock, "b")], clock.now),
                 lambda: store.fetch_many("bob", A1, 10, BIG, clock.now),
                 lambda: store.release("bob", A1),
-                lambda: store.ack_many("bob", ["a"]),
+                lambda: store.ack_many("bob", ["a"], clock.now),
                 lambda: store.peek("bob", 10, clock.now),
                 lambda: store.pending("bob", clock.now),
                 lambda: store.purge_expired(clock.now),
                 lambda: store.statistics(clock.now),
+                lambda: store.add_statuses([delivered("x")], clock.now, 60_000),
+                lambda: store.fetch_statuses("alice", 0, 10, clock.now),
+                lambda: store.ack_statuses("alice", [1]),
             ]
             for call in calls:
                 with trio.fail_after(30), pytest.raises(RedisUnavailable) as caught:
@@ -274,3 +278,97 @@ async def test_a_call_cancelled_in_flight_still_counts_what_it_changed(redis_url
             held = sum([await store.pending(m, clock.now) for m in ("bob", *(f"u{i}" for i in range(7)))])
             stats = await store.statistics(clock.now)
             assert stats.messages_total == held, f"round {round_}: counters drifted from what Redis holds"
+
+
+# ---------------------------------------------------------------- status lanes
+
+
+def delivered(mid: str, lane: str = "alice", at: int = 1) -> Notice:
+    return Notice(lane, mid, "bob", ReportState.DELIVERED, at)
+
+
+async def test_a_status_lane_is_four_keys_under_the_mailbox_tag_expiring_with_its_statuses(
+    redis_url: str, key_prefix: str
+) -> None:
+    clock = ManualClock(wall_clock_ms() + 400 * DAY_S * 1000)  # far from Redis's clock: TTLs follow the broker's
+    margin = 60_000
+    async with redis_store(redis_url, key_prefix, expiry_margin_ms=margin) as (store, client):
+        await store.enqueue_many([msg(clock, "m", "alice", sender="bob")], clock.now)
+        await store.add_statuses([delivered("a")], clock.now, 3600_000)
+        lane = {k for k in await keys_of(client, f"{key_prefix}:alice") if k.split(":")[-1] in ("s", "sq", "sx", "sm")}
+        assert lane == {f"{{{key_prefix}:alice}}:{suffix}" for suffix in ("s", "sq", "sx", "sm")}
+        if "cluster" in redis_url:
+            slots = {await client.cluster_keyslot(k) for k in await keys_of(client, f"{key_prefix}:alice")}
+            assert len(slots) == 1  # the lane shares the mailbox's slot
+        ttls = [await client.pttl(k) for k in lane]
+        assert all(3600_000 < ttl <= 3600_000 + margin for ttl in ttls), ttls
+
+
+async def test_an_emptied_lane_keeps_only_its_newest_seq_for_a_while(redis_url: str, key_prefix: str) -> None:
+    clock = ManualClock()
+    async with redis_store(redis_url, key_prefix) as (store, client):
+        await store.add_statuses([delivered("a"), delivered("b")], clock.now, 3600_000)
+        held = await store.fetch_statuses("alice", 0, 10, clock.now)
+        assert await store.ack_statuses("alice", [h.seq for h in held]) == 2
+        [left] = await keys_of(client, f"{key_prefix}:alice")
+        assert left.endswith(":sm")
+        assert 0 < await client.pttl(left) <= SEQ_MEMORY_MS
+
+
+async def test_an_abandoned_lane_disappears_by_key_expiry(redis_url: str, key_prefix: str) -> None:
+    async with redis_store(redis_url, key_prefix, expiry_margin_ms=100) as (store, client):
+        await store.add_statuses([delivered("a"), delivered("b", "erin")], wall_clock_ms(), 300)
+        assert len(await keys_of(client, f"{key_prefix}:alice")) == 4
+        with trio.fail_after(10):
+            while await keys_of(client, f"{key_prefix}:alice") or await keys_of(client, f"{key_prefix}:erin"):
+                await trio.sleep(0.1)
+
+
+async def test_statuses_for_many_lanes_are_one_round_trip(redis_url: str, key_prefix: str) -> None:
+    """add_statuses for 50 lanes: one pipeline (one round trip per shard); a fetch and an ACK: one each."""
+    clock = ManualClock()
+    async with redis_store(redis_url, key_prefix, sync_interval_s=3600) as (store, _):
+        before = store.round_trips
+        notices = [delivered(f"m{i}", f"user{i % 50}") for i in range(200)]
+        assert await store.add_statuses(notices, clock.now, 60_000) == frozenset(f"user{i}" for i in range(50))
+        assert store.round_trips == before + 1
+        held = await store.fetch_statuses("user0", 0, 100, clock.now)
+        assert [h.id for h in held] == [f"m{i}" for i in range(0, 200, 50)]
+        assert await store.ack_statuses("user0", [h.seq for h in held]) == 4
+        assert store.round_trips == before + 3
+
+
+async def test_a_big_batch_of_statuses_for_one_lane(redis_url: str, key_prefix: str) -> None:
+    """More notices for one lane than one page of the script, and past the bound: all accounted for."""
+    clock = ManualClock()
+    async with redis_store(redis_url, key_prefix, StoreLimits(max_mailbox_statuses=3000)) as (store, _):
+        await store.add_statuses([delivered(f"m{i}") for i in range(5000)], clock.now, 60_000)
+        held = await store.fetch_statuses("alice", 0, 10_000, clock.now)
+        assert [h.id for h in held[:-1]] == [f"m{i}" for i in range(3000)]
+        assert (held[-1].state, held[-1].count) == (ReportState.OVERFLOW, 2000)
+        assert await store.ack_statuses("alice", [h.seq for h in held]) == 3001
+        stats = await store.statistics(clock.now)
+        assert (stats.statuses_held, stats.statuses_total, stats.statuses_overflowed_total) == (0, 5000, 2000)
+
+
+async def test_seqs_grow_across_nodes_whose_clocks_differ(redis_url: str, key_prefix: str) -> None:
+    """Node B's clock is 5 s behind node A's: a lane's seqs still grow, also after A's statuses were all ACKed."""
+    clock_a = ManualClock()
+    clock_b = ManualClock(clock_a.now - 5000)
+    async with (
+        redis_store(redis_url, key_prefix) as (node_a, _),
+        redis_store(redis_url, key_prefix) as (node_b, _),
+    ):
+        await node_a.add_statuses([delivered("a")], clock_a.now, 60_000)
+        [a] = await node_a.fetch_statuses("alice", 0, 10, clock_a.now)
+        await node_b.add_statuses([delivered("b")], clock_b.now, 60_000)
+        [b] = await node_b.fetch_statuses("alice", a.seq, 10, clock_b.now)
+        assert b.seq > a.seq
+        assert await node_a.ack_statuses("alice", [a.seq, b.seq]) == 2  # the lane is empty and forgotten
+        await node_b.add_statuses([delivered("c")], clock_b.now, 60_000)
+        [c] = await node_b.fetch_statuses("alice", b.seq, 10, clock_b.now)
+        assert c.id == "c"
+        for node in (node_a, node_b):
+            await node.flush()
+        stats = await node_a.statistics(clock_a.now)
+        assert (stats.statuses_held, stats.statuses_total) == (1, 3)

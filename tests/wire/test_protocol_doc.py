@@ -20,6 +20,7 @@ SPEC_LIMITS = {
     "max_mailbox_bytes": 67_108_864,
     "max_total_bytes": 1_073_741_824,
     "max_tombstones": 100_000,
+    "max_mailbox_statuses": 10_000,
     "token_leeway_s": 60,
     "handshake_timeout_s": 10,
     "keepalive_s": 60,
@@ -33,7 +34,8 @@ SPEC_STATS = (
     "unique_recipients queued_bytes sent_total delivered_total redelivered_total expired_total "
     "duplicates_total refused_total refused_mailbox_full refused_mailbox_bytes_full refused_broker_full "
     "refused_too_many_recipients refused_id_conflict refused_invalid_recipient refused_body_too_large "
-    "connections inflight tombstones store_round_trips store_available store_errors_total"
+    "connections inflight tombstones store_round_trips store_available store_errors_total statuses_held "
+    "statuses_total statuses_overflowed_total statuses_expired_total"
 ).split()
 
 LIMIT_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*([0-9][0-9_,]*)\s*\|", re.M)
