@@ -2,6 +2,7 @@
 
     relay-bench latency     [--rate 1000] [--duration 10] [--warmup 1] [--timer spin|sleep]
     relay-bench throughput  [--pairs 1,100] [--duration 5] [--workers 2] [--batch 256] [--depth 4] [--window 50000]
+                            [--notify]
     relay-bench offline     [--messages 100000]
     relay-bench fanout      [--recipients 100] [--rate 100] [--duration 5]
     relay-bench connections [--connections 10000] [--concurrency 64]
@@ -112,6 +113,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=256, help="messages per send_batch call (default 256)")
     p.add_argument("--depth", type=_positive_int, default=4, help="concurrent send_batch calls per sender (default 4)")
     p.add_argument("--window", type=_positive_int, default=50_000, help="max sent-not-delivered (default 50000)")
+    p.add_argument(
+        "--notify",
+        action="store_true",
+        help="run each pair count twice, back to back: without, then with delivery statuses (SEND notify, "
+        "statuses STATUS_ACKed by the senders), and report the ratio",
+    )
 
     p = sub.add_parser("offline", parents=[common], help="queue K messages for an offline mailbox, then time the drain")
     p.add_argument("--messages", type=_positive_int, default=100_000, help="messages to queue (default 100000)")

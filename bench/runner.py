@@ -4,7 +4,8 @@
 its own interpreter and trio loop), waits until all are connected, gives them a common start
 time, samples the CPU time of the broker's processes (each node, and Redis) and of the workers
 every ``SAMPLE_S`` while updating the progress bar, tells them to stop once every accepted
-message has been delivered (or the drain deadline passes), and merges their histograms,
+message has been delivered (and, for SENDs with ``notify``, its status has reached its sender:
+one per accepted message) or the drain deadline passes, and merges their histograms,
 counters and per-interval delivery counts.
 """
 
@@ -119,6 +120,7 @@ def run_load(
     """
     ctx = multiprocessing.get_context("spawn")
     n = len(specs)
+    notify = any(spec.notify for spec in specs)
     shared = Shared(ctx, n)
     results: Any = ctx.Queue()
     procs = [ctx.Process(target=worker_main, args=(spec, shared, results), daemon=True) for spec in specs]
@@ -200,7 +202,8 @@ def run_load(
                 if sent_done:
                     info += f", draining {max(accepted - s.delivered, 0):,}"
                 progress(elapsed, total=duration_s, info=info)
-            if sent_done and s.delivered >= accepted:
+            statuses_due = accepted if notify else 0  # one status per delivered-and-ACKed message
+            if sent_done and s.delivered >= accepted and sum(shared.statuses[i] for i in range(n)) >= statuses_due:
                 break
             if now > end_ns + int(drain_timeout_s * 1e9):
                 timed_out = True

@@ -133,14 +133,16 @@ def _round_trips_per_message(before: int | None, after: int | None, delivered: i
     return round((after - before) / delivered, 4)
 
 
-async def _settle_acks(target: BrokerTarget, key: str, expect: int, timeout_s: float = 5.0) -> tuple[int, float]:
-    """Poll the receiving node's stats (it applies the ACKs, so its view is current) until ``key`` reaches
-    ``expect``; returns (value, seconds waited)."""
+async def _settle_acks(
+    target: BrokerTarget, key: str, expect: int, timeout_s: float = 5.0, url: str | None = None
+) -> tuple[int, float]:
+    """Poll a node's stats (default the receiving node's: it applies the ACKs, so its view is current) until
+    ``key`` reaches ``expect``; returns (value, seconds waited)."""
     t0 = time.perf_counter()
     value = 0
     with trio.move_on_after(timeout_s):
         while True:
-            value = (await target.stats(target.receive_url)).get(key, 0)
+            value = (await target.stats(url or target.receive_url)).get(key, 0)
             if value >= expect:
                 break
             await trio.sleep(0.002)
@@ -267,11 +269,14 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         "batch": opts.batch,
         "depth": opts.depth,
         "window": opts.window,
+        "notify": opts.notify,
     }
     report = Report("throughput", config)
     counts: dict[str, int] = {}
     networked = False
-    for pairs in pair_counts:
+    # With --notify each pair count runs twice, back to back: without statuses, then with them.
+    runs = [(pairs, notify) for pairs in pair_counts for notify in ((False, True) if opts.notify else (False,))]
+    for pairs, notify in runs:
         p = _prefix()
         specs = _pair_specs(
             opts,
@@ -284,11 +289,13 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
             depth=opts.depth,
             window=opts.window,
             warmup_s=opts.warmup,
+            notify=notify,
         )
+        label = f"{pairs} pair(s){' with notify' if notify else ''}"
         before = trio.run(target.stats)
         trips0 = trio.run(target.round_trips)
         result = run_load(
-            target, specs, duration_s=opts.duration, progress=progress(f"throughput {pairs} pair(s)", opts.duration)
+            target, specs, duration_s=opts.duration, progress=progress(f"throughput {label}", opts.duration)
         )
         delivered = int(result.counts.get("delivered", 0))
         acked, _ = trio.run(_settle_acks, target, "acknowledged_total", before.get("acknowledged_total", 0) + delivered)
@@ -297,7 +304,7 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         rate = _delivered_between(result, specs[0].bin_s, opts.warmup, opts.duration) / window_s
         cpu, bench_cpu, host_cpu = result.cpu_between(opts.warmup, opts.duration)
         span = result.sample_span(opts.warmup, opts.duration)
-        k = f"pairs_{pairs}"
+        k = f"pairs_{pairs}_notify" if notify else f"pairs_{pairs}"
         report.add(
             **{
                 f"{k}_delivered_msg_s": round(rate, 1),
@@ -308,17 +315,21 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
                 f"{k}_store_round_trips_per_msg": round_trips,
             }
         )
-        if round_trips:  # a networked store (Redis): its round trips per delivered-and-ACKed message
+        if notify:
+            _notify_figures(report, target, pairs, result, before, delivered, rate)
+        if round_trips and not notify:  # a networked store (Redis): its round trips per delivered-and-ACKed message
             networked = True
             report.target(f"{k}_store_round_trips_per_msg", "<=", 0.2, f"{pairs} pair(s): at most 0.2 round trips/msg")
         for key, v in _counts(result).items():
             counts[f"{k}_{key}"] = v
-        report.data["timelines"][f"{pairs} pair(s)"] = _timeline(result, specs[0].bin_s)
-        report.data["curves"][f"{pairs} pair(s), under max load"] = percentile_curve(result.latency)
-        report.note(_limit_note(f"{pairs} pair(s)", report.figures, f"{k}_", len(specs)))
+        report.data["timelines"][label] = _timeline(result, specs[0].bin_s)
+        report.data["curves"][f"{label}, under max load"] = percentile_curve(result.latency)
+        report.note(_limit_note(label, report.figures, f"{k}_", len(specs)))
         _check_complete(report, result)
         if acked - before.get("acknowledged_total", 0) < delivered:
-            report.note(f"{pairs} pair(s): the broker confirmed fewer ACKs than deliveries received")
+            report.note(f"{label}: the broker confirmed fewer ACKs than deliveries received")
+        if notify and result.counts.get("statuses", 0) < delivered:
+            report.note(f"{label}: the senders got fewer delivery statuses than messages were delivered")
     report.data["counts"] = counts
     if networked:  # issue 10: one node over Redis, and several nodes at least as fast as one
         for pairs in (1, 100):
@@ -340,7 +351,43 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         "throughput is delivered-and-ACKed messages per second between warm-up and the end of sending; "
         "the ACK count is confirmed from the broker's acknowledged_total"
     )
+    if opts.notify:
+        report.note(
+            "--notify: each pair count ran twice, back to back, without and then with delivery statuses (every "
+            "SEND with notify, each status taken and STATUS_ACKed by its sender); pairs_N_notify_rate_ratio is "
+            "the second's throughput over the first's, pairs_N_notify_extra_* what statuses add per delivered message"
+        )
     return report
+
+
+def _notify_figures(
+    report: Report,
+    target: BrokerTarget,
+    pairs: int,
+    result: LoadResult,
+    before: dict[str, int],
+    delivered: int,
+    rate: float,
+) -> None:
+    """The figures of a run with ``notify``: statuses per delivered message, STATUS_ACKs the sending node
+    confirmed, and the comparison with the same pair count's run without (which ran just before)."""
+    k = f"pairs_{pairs}_notify"
+    statuses = int(result.counts.get("statuses", 0))
+    expect = before.get("statuses_acked_total", 0) + statuses
+    status_acks, _ = trio.run(_settle_acks, target, "statuses_acked_total", expect, 5.0, target.url)
+    report.add(
+        **{
+            f"{k}_statuses_per_msg": round(statuses / delivered, 4) if delivered else None,
+            f"{k}_status_acks_confirmed": status_acks - before.get("statuses_acked_total", 0),
+        }
+    )
+    plain = report.figures.get(f"pairs_{pairs}_delivered_msg_s")
+    if plain:
+        report.add(**{f"{k}_rate_ratio": round(rate / plain, 3)})
+    for what in ("broker_us_per_msg", "store_round_trips_per_msg"):
+        a, b = report.figures.get(f"pairs_{pairs}_{what}"), report.figures.get(f"{k}_{what}")
+        if a is not None and b is not None:
+            report.add(**{f"{k}_extra_{what}": round(b - a, 4)})
 
 
 # ---------------------------------------------------------------- offline

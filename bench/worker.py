@@ -14,6 +14,9 @@ and ``max`` (closed loop: ``depth`` concurrent ``send_batch`` calls per sender, 
 than ``window`` messages are sent but not yet delivered, over all workers). Receivers take
 deliveries in batches and ACK each batch at once. Senders connect to ``url`` and receivers to
 ``receive_url``: the same node, or with two nodes the first and the last, so every message crosses.
+With ``notify`` every SEND asks for delivery statuses, and each sender takes its statuses in
+batches and STATUS_ACKs each batch at once (one status per delivered-and-ACKed message);
+without it every SEND says ``notify=False`` (the client's default is True).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class WorkerSpec:
     """Messages meant to be sent in the first ``warmup_s`` are delivered and counted but not put in the histograms."""
     bin_s: float = 0.1
     connect_concurrency: int = 64
+    notify: bool = False
+    """SENDs ask for delivery statuses; senders take and STATUS_ACK them."""
 
 
 class Shared:
@@ -83,6 +88,7 @@ class Shared:
         self.submitted = ctx.Array("q", workers, lock=False)  # deliveries asked for (messages x recipients)
         self.accepted = ctx.Array("q", workers, lock=False)  # deliveries the broker accepted (receipts)
         self.delivered = ctx.Array("q", workers, lock=False)  # deliveries received and ACKed
+        self.statuses = ctx.Array("q", workers, lock=False)  # delivery statuses received and STATUS_ACKed
         self.connected = ctx.Array("q", workers, lock=False)  # idle connections open
         self.sending_done = ctx.Array("q", workers, lock=False)
         self.start_ns = ctx.Value("q", 0, lock=False)
@@ -155,6 +161,9 @@ class _Worker:
                 nursery.start_soon(self._watch_stop, nursery.cancel_scope)
                 for _mailbox, client in receivers:
                     nursery.start_soon(self._receive, client, start_ns)
+                if spec.notify:
+                    for client, _to in senders:
+                        nursery.start_soon(self._take_statuses, client)
                 if senders:
                     nursery.start_soon(self._send_all, senders, start_ns, end_ns)
                 else:
@@ -239,7 +248,11 @@ class _Worker:
             msgs = []
             while due <= now and due < end_ns:
                 msgs.append(
-                    OutgoingMessage(to=recipients, body=due.to_bytes(8, "little") + now.to_bytes(8, "little") + pad)
+                    OutgoingMessage(
+                        to=recipients,
+                        body=due.to_bytes(8, "little") + now.to_bytes(8, "little") + pad,
+                        notify=self.spec.notify,
+                    )
                 )
                 seq += 1
                 due = start_ns + int(seq * interval)
@@ -258,7 +271,7 @@ class _Worker:
             now = time.time_ns()
             stamp = now.to_bytes(8, "little")
             # One message object for the whole batch: send_batch gives each item its own id.
-            message = OutgoingMessage(to=recipients, body=stamp + stamp + self.pad)
+            message = OutgoingMessage(to=recipients, body=stamp + stamp + self.pad, notify=spec.notify)
             await self._submit(client, [message] * spec.batch, fan)
 
     # ------------------------------------------------------------ receiving
@@ -286,6 +299,16 @@ class _Worker:
             self.counts["delivered"] += len(batch)
             bins[(now - start_ns) // bin_ns] += len(batch)
             shared.delivered[i] += len(batch)
+
+    async def _take_statuses(self, client: Any) -> None:
+        """A sender's delivery statuses: STATUS_ACK each batch at once, count them (by state)."""
+        shared, i = self.shared, self.spec.index
+        async for batch in client.status_batches():
+            client.ack_statuses([s.seq for s in batch])
+            for s in batch:
+                self.counts[f"status_{s.state.value}"] += s.count or 1
+            self.counts["statuses"] += len(batch)
+            shared.statuses[i] += len(batch)
 
     # ------------------------------------------------------------ idle connections
 

@@ -24,6 +24,21 @@ session ends, named in ``store.release(..., unwritten=)`` so their attempt goes 
 down). Every fetch carries the session's claim: once a newer session has fetched from
 the mailbox, the store answers ``fenced`` and this pump stops.
 
+Delivery statuses (protocol.md section 9, rule 19) go the same way, in their own lane: the
+pump keeps a status cursor (the highest ``seq`` it wrote; 0 at connect and after PULL) and
+a flag saying statuses may be waiting (set at connect, by PULL and by a status wake,
+:meth:`wake_statuses`). While the flag is set and the outbox has room it fetches the
+statuses after the cursor (``store.fetch_statuses``), writes them as STATUS frames and
+moves the cursor on; the in-flight window does not apply (statuses are not DELIVERs) and
+nothing is fetched for statuses unless a status wake, a connect or a PULL asked for it, so
+traffic without ``notify`` never pays for them. The cursor is sound because the store
+numbers a mailbox's statuses increasingly, also across its lane being emptied and forgotten
+(``broker.store.base``), and a status wake is sent only after the store confirmed the
+statuses. Un-ACKed statuses are not handed out to a session (no claim, no fence): a new
+session, or a PULL, starts again from 0 and so gets every one not yet STATUS_ACKed. A fetch
+that finds messages expired (``Batch.notices``, for SENDs with ``notify``) hands their
+"expired" notices to the router's one reporting place (``report``).
+
 A store that cannot be reached (OSError from a fetch or release) does not end the
 mailbox task: it reports the failure to the node's :class:`~broker.health.StoreHealth`,
 waits until the health's reconnect task finds the store answering, and pumps again
@@ -35,7 +50,7 @@ PULL whose release failed is completed by the mailbox task before its next pump.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -44,11 +59,17 @@ from wire import Connection, Drained
 from .health import StoreHealth
 from .outbox import Outbox
 from .stats import Counters
-from .store.base import AckResult, Claim, Clock, Message, Store
+from .store.base import AckResult, Claim, Clock, Message, Notice, Store
 
-__all__ = ["Delivery"]
+__all__ = ["STATUS_FETCH", "Delivery"]
 
 log = logging.getLogger(__name__)
+
+STATUS_FETCH = 256
+"""Statuses fetched at once: their STATUS frames (under 150 bytes each) stay far below the outbox's soft limit."""
+
+Report = Callable[[Sequence[Notice]], Awaitable[None]]
+"""Where notices go (:meth:`broker.router.Router.report`): queued as statuses for their senders, who are woken."""
 
 
 class Delivery:
@@ -63,8 +84,12 @@ class Delivery:
         "_health",
         "_inline",
         "_pull_wanted",
+        "_report",
         "_resync",
         "_signal",
+        "_status_after",
+        "_status_pulls",
+        "_statuses_wanted",
         "_unwritten",
         "_window",
         "claim",
@@ -87,6 +112,7 @@ class Delivery:
         max_inflight: int,
         clock: Clock,
         health: StoreHealth,
+        report: Report,
     ) -> None:
         self.mailbox = mailbox
         self.claim = claim
@@ -108,6 +134,10 @@ class Delivery:
         self._blocked = False  # stopped on a full window
         self._pull_wanted = False  # a PULL's release failed: the mailbox task does it before pumping
         self._unwritten: list[str] = []  # fetched while closing, never written: attempt goes back down
+        self._report = report
+        self._status_after = 0  # the highest status seq written on this connection (0: none yet, or PULL)
+        self._status_pulls = 0  # PULLs so far: a status fetch that a PULL overtook does not move the cursor
+        self._statuses_wanted = True  # statuses may be waiting: at connect, after PULL, on a status wake
 
     # ------------------------------------------------------------ from other tasks
 
@@ -123,6 +153,11 @@ class Delivery:
     def resync(self) -> None:
         """The store removed messages behind our back (expiry, ACK elsewhere): recount the window."""
         self._resync = True
+        self._signal.set()
+
+    def wake_statuses(self) -> None:
+        """Statuses were queued for this mailbox: the mailbox task fetches them (any store)."""
+        self._statuses_wanted = True
         self._signal.set()
 
     def acked(self, result: AckResult) -> None:
@@ -148,6 +183,9 @@ class Delivery:
             self._pull_wanted = True
         self.inflight = 0
         self._drain_wanted = True
+        self._status_after = 0  # every un-ACKed status is sent again too
+        self._status_pulls += 1
+        self._statuses_wanted = True
         self._signal.set()
 
     async def release(self) -> None:
@@ -192,7 +230,12 @@ class Delivery:
         self._signal.set()
 
     async def pump(self) -> None:
-        """Hand queued messages to the outbox while the window and the outbox have room."""
+        """Hand queued messages to the outbox while the window and the outbox have room, then statuses if wanted."""
+        await self._pump_messages()
+        if self._statuses_wanted:
+            await self._pump_statuses()
+
+    async def _pump_messages(self) -> None:
         outbox = self.outbox
         self._blocked = False
         while True:
@@ -209,6 +252,8 @@ class Delivery:
             )
             if batch.fenced:
                 return  # taken over: the newer session has the mailbox's deliveries
+            if batch.notices:  # notify messages found expired: their senders get "expired"
+                await self._report(batch.notices)
             self.inflight = batch.inflight
             if batch.messages and not self._write(batch.messages):
                 return  # closing: what was fetched goes back to the queue at release
@@ -219,6 +264,31 @@ class Delivery:
                 return
             if not batch.messages and room > 0:
                 return  # (a resync fetch with no room only recounted the window: go round again)
+
+    async def _pump_statuses(self) -> None:
+        """Write the statuses after the cursor as STATUS frames while the outbox has room (module docstring)."""
+        outbox = self.outbox
+        while self._statuses_wanted and not outbox.closing:
+            if not outbox.has_room():
+                outbox.call_when_space(self._wake_for_space)
+                return
+            self._statuses_wanted = False  # a status wake while the fetch is awaited asks for another round
+            pulls = self._status_pulls
+            try:
+                held = await self.store.fetch_statuses(self.mailbox, self._status_after, STATUS_FETCH, self._clock())
+            except BaseException:
+                self._statuses_wanted = True  # still to do once the store answers
+                raise
+            if not held or outbox.closing or pulls != self._status_pulls:
+                continue  # (a PULL meanwhile: its round starts from 0, already asked for)
+            frames = self.conn.send_statuses(held)
+            if not frames:
+                return  # the connection is CLOSED
+            outbox.push_all(frames)
+            self._status_after = held[-1].seq
+            self._counters.statuses_delivered += len(held)
+            if len(held) >= STATUS_FETCH:
+                self._statuses_wanted = True  # there may be more
 
     def _write(self, messages: Sequence[Message]) -> bool:
         """Push DELIVERs for ``messages``; False (nothing written) if the connection is closing or closed."""

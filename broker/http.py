@@ -9,9 +9,12 @@ drift: ``POST /relay/send`` is :meth:`Router.route <broker.router.Router.route>`
 DELIVER before the answer), ``POST /relay/acknowledge`` is ``router.acknowledge`` then
 ``presence.resync`` (the mailbox's live session recounts its window), ``GET /relay/pending``
 is ``router.peek`` and ``router.pending`` (changes nothing: messages stay held until
-ACKed), ``/relay/stats`` is ``stats.snapshot().to_wire()`` (the STATS_RESULT map) and
-``/relay/cleanup`` is ``router.cleanup`` (the one expiry path). Tokens are the same JWTs,
-sent as ``Authorization: Bearer``.
+ACKed), ``GET /relay/statuses`` is ``router.statuses`` (the mailbox's delivery statuses
+after a seq; changes nothing either), ``POST /relay/statuses/acknowledge`` is
+``router.acknowledge_statuses`` (STATUS_ACK), ``/relay/stats`` is
+``stats.snapshot().to_wire()`` (the STATS_RESULT map) and ``/relay/cleanup`` is
+``router.cleanup`` (the one expiry path). Tokens are the same JWTs, sent as
+``Authorization: Bearer``.
 
 Bodies are JSON (``application/json``, byte strings as standard base64) or CBOR
 (``application/cbor``, byte strings native), chosen by ``Content-Type`` for requests
@@ -89,6 +92,8 @@ from wire import (
     Receipt,
     RemoteProtocolError,
     Send,
+    StatusAck,
+    StatusReport,
     decode_item,
     encode_frame,
     is_valid_message_id,
@@ -98,10 +103,17 @@ from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
 from .health import StoreHealth
 from .listeners import port_of
-from .openapi import DEFAULT_PENDING_LIMIT, MAX_PENDING_LIMIT, openapi_spec
+from .openapi import (
+    DEFAULT_PENDING_LIMIT,
+    DEFAULT_STATUS_LIMIT,
+    MAX_PENDING_LIMIT,
+    MAX_STATUS_LIMIT,
+    openapi_spec,
+)
 from .presence import Presence
 from .router import Router, SendOutcome
 from .stats import Stats
+from .store.base import HeldStatus
 
 __all__ = ["ApiError", "BrokerParts", "JS_DIR", "create_app", "serve_http"]
 
@@ -119,7 +131,7 @@ requests, curl without ``Expect``) to finish writing and read the answer; beyond
 connection is closed with the upload unread. Reading and discarding holds no memory."""
 DRAIN_TIMEOUT_S = 5.0
 """...and for at most this long, so a slow uploader cannot keep a refused request open."""
-_F = TypeVar("_F", Send, Ack)
+_F = TypeVar("_F", Send, Ack, StatusAck)
 
 
 JS_DIR = Path(__file__).resolve().parent.parent / "client" / "js"
@@ -364,7 +376,17 @@ def _send_from(item: Mapping[str, Any], is_json: bool, max_ttl_s: int) -> Send:
     to = _recipients(item, is_json)
     body = _body(item, is_json)
     ttl_s = _ttl(item, is_json, max_ttl_s)
-    return _frame_from(Send, {"id": mid, "to": to, "body": body, **({} if ttl_s is None else {"ttl_s": ttl_s})})
+    notify = _notify(item, is_json)
+    return _frame_from(
+        Send,
+        {
+            "id": mid,
+            "to": to,
+            "body": body,
+            **({} if ttl_s is None else {"ttl_s": ttl_s}),
+            **({"notify": True} if notify else {}),
+        },
+    )
 
 
 def _recipients(item: Mapping[str, Any], is_json: bool) -> list[str]:
@@ -415,6 +437,37 @@ def _ttl(item: Mapping[str, Any], is_json: bool, max_ttl_s: int) -> int | None:
         got = str(ttl_s) if type(ttl_s) is int else _kind(ttl_s, is_json)
         raise _invalid(f'"ttl_s" must be {what}, got {got}')
     return ttl_s
+
+
+def _notify(item: Mapping[str, Any], is_json: bool) -> bool:
+    """``notify``, optional: true asks for a delivery status per recipient (absent: false)."""
+    what = "true or false (true: a delivery status per recipient, in /relay/statuses)"
+    notify = _field(item, "notify", what, required=False)
+    if notify is not None and type(notify) is not bool:
+        raise _invalid(f'"notify" must be {what}, got {_kind(notify, is_json)}')
+    return notify is True
+
+
+def _status_ack_from(item: Mapping[str, Any], is_json: bool) -> StatusAck:
+    """The STATUS_ACK frame a ``/relay/statuses/acknowledge`` body describes, or ApiError(400, 1004)."""
+    what = "a non-empty array of status seqs (whole numbers from 1)"
+    seqs = _field(item, "seqs", what)
+    if type(seqs) is not list or not seqs:
+        got = "an empty array" if type(seqs) is list else _kind(seqs, is_json)
+        raise _invalid(f'"seqs" must be {what}, got {got}')
+    for i, seq in enumerate(seqs):
+        if type(seq) is not int or not 1 <= seq <= UINT_MAX:
+            got = str(seq) if type(seq) is int else _kind(seq, is_json)
+            raise _invalid(f'"seqs[{i}]" must be a status seq: a whole number from 1 to 2^63-1, got {got}')
+    return _frame_from(StatusAck, {"seqs": seqs})
+
+
+def _query_int(request: Request, name: str, default: int, lowest: int, highest: int) -> int:
+    """A whole-number query parameter within [lowest, highest], or ApiError(400, 1004) naming it."""
+    raw = request.query_params.get(name, str(default))
+    if not raw.isdigit() or not lowest <= int(raw) <= highest:
+        raise _invalid(f'the query parameter "{name}" must be a whole number from {lowest} to {highest}, got {raw!r}')
+    return int(raw)
 
 
 def _ack_from(item: Mapping[str, Any], is_json: bool) -> Ack:
@@ -505,12 +558,8 @@ class _Api:
 
     async def pending(self, request: Request) -> Response:
         mailbox = self.mailbox(request)
-        raw = request.query_params.get("limit", str(DEFAULT_PENDING_LIMIT))
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PENDING_LIMIT:
-            raise _invalid(
-                f'the query parameter "limit" must be a whole number from 1 to {MAX_PENDING_LIMIT}, got {raw!r}'
-            )
-        messages = await self.parts.router.peek(mailbox, int(raw))
+        limit = _query_int(request, "limit", DEFAULT_PENDING_LIMIT, 1, MAX_PENDING_LIMIT)
+        messages = await self.parts.router.peek(mailbox, limit)
         held = await self.parts.router.pending(mailbox)
         return _respond(
             request,
@@ -529,6 +578,19 @@ class _Api:
                 "pending": held,
             },
         )
+
+    async def statuses(self, request: Request) -> Response:
+        mailbox = self.mailbox(request)
+        after = _query_int(request, "after", 0, 0, UINT_MAX)
+        limit = _query_int(request, "limit", DEFAULT_STATUS_LIMIT, 1, MAX_STATUS_LIMIT)
+        held = await self.parts.router.statuses(mailbox, after, limit)
+        return _respond(request, {"statuses": [_status_fields(s) for s in held]})
+
+    async def acknowledge_statuses(self, request: Request) -> Response:
+        mailbox = self.mailbox(request)
+        item, is_json = await _read_map(request, self.max_request_bytes)
+        ack = _status_ack_from(item, is_json)
+        return _respond(request, {"acknowledged": await self.parts.router.acknowledge_statuses(mailbox, ack.seqs)})
 
     async def stats(self, request: Request) -> Response:
         self.operator(request)
@@ -551,6 +613,21 @@ def _receipt_fields(outcome: SendOutcome) -> dict[str, Any]:
     receipt = Receipt(id=outcome.id, results=outcome.results, code=outcome.code).to_wire()
     del receipt["type"]
     return receipt
+
+
+def _status_fields(status: HeldStatus) -> dict[str, Any]:
+    """A held status as the STATUS frame carries it (without ``type``): the same fields, present or absent alike."""
+    fields = StatusReport(
+        seq=status.seq,
+        state=status.state,
+        at=status.at,
+        id=status.id,
+        recipient=status.recipient,
+        count=status.count,
+        first_seq=status.first_seq,
+    ).to_wire()
+    del fields["type"]
+    return fields
 
 
 def _index(ws_port: int) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -700,6 +777,8 @@ def create_app(parts: BrokerParts) -> Starlette:
         Route("/relay/send", guard(api.send), methods=["POST"]),
         Route("/relay/acknowledge", guard(api.acknowledge), methods=["POST"]),
         Route("/relay/pending", guard(api.pending), methods=["GET"]),
+        Route("/relay/statuses", guard(api.statuses), methods=["GET"]),
+        Route("/relay/statuses/acknowledge", guard(api.acknowledge_statuses), methods=["POST"]),
         Route("/relay/stats", guard(api.stats), methods=["GET"]),
         Route("/relay/cleanup", guard(api.cleanup), methods=["POST"]),
         Route("/openapi.json", guard(api.openapi), methods=["GET"]),

@@ -3,7 +3,7 @@
 Hand-written, so it says what the API promises; ``test_openapi_matches_the_routes`` (tests/http/test_http.py) keeps it
 in step with the app's routes (every route here and there, with request and response
 schemas, error bodies and the bearer scheme). The HTTP API's own limits (``limit`` of
-``/relay/pending``) are defined here, once, and broker/http.py
+``/relay/pending`` and ``/relay/statuses``) are defined here, once, and broker/http.py
 checks requests against these same names. Object schemas are built by :func:`_object`
 (every property required unless named optional), so their shape is written once.
 """
@@ -15,12 +15,16 @@ from typing import Any
 
 from wire import MAX_RECIPIENT_CHARS, UINT_MAX
 
-__all__ = ["DEFAULT_PENDING_LIMIT", "MAX_PENDING_LIMIT", "openapi_spec"]
+__all__ = ["DEFAULT_PENDING_LIMIT", "DEFAULT_STATUS_LIMIT", "MAX_PENDING_LIMIT", "MAX_STATUS_LIMIT", "openapi_spec"]
 
 DEFAULT_PENDING_LIMIT = 100
 """Messages one ``GET /relay/pending`` returns unless ``limit`` says otherwise."""
 MAX_PENDING_LIMIT = 1000
 """Largest ``limit``: keeps one response (up to 1000 bodies, each up to max_frame_bytes) bounded."""
+DEFAULT_STATUS_LIMIT = 100
+"""Statuses one ``GET /relay/statuses`` returns unless ``limit`` says otherwise."""
+MAX_STATUS_LIMIT = 1000
+"""Largest ``limit`` there: about 150 bytes each, so an answer stays under 200 KB."""
 
 _MESSAGE_ID = {"type": "string", "pattern": "^[\\x21-\\x7e]{1,64}$", "description": "1-64 printable ASCII characters"}
 _MAILBOX = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"}
@@ -72,8 +76,16 @@ _SCHEMAS: dict[str, Any] = {
             },
             "body": _BYTES,
             "ttl_s": {**_UINT, "minimum": 1, "description": "Default default_ttl_s; clamped to max_ttl_s."},
+            "notify": {
+                "type": "boolean",
+                "default": False,
+                "description": (
+                    "true: the sender's mailbox gets one delivery status per recipient the message is stored for, "
+                    "'delivered' when that recipient ACKs it, or 'expired' (GET /relay/statuses, or STATUS frames)."
+                ),
+            },
         },
-        optional=("ttl_s",),
+        optional=("ttl_s", "notify"),
     ),
     "RecipientResult": _object(
         {
@@ -121,6 +133,47 @@ _SCHEMAS: dict[str, Any] = {
         {
             "messages": {"type": "array", "items": _ref("Message")},
             "pending": {**_UINT, "description": "Unexpired messages held for the mailbox in all."},
+        }
+    ),
+    "DeliveryStatus": _object(
+        {
+            "seq": {
+                **_UINT,
+                "minimum": 1,
+                "description": "Its number in the mailbox's status lane (increasing, not contiguous): ACK it by this.",
+            },
+            "state": {
+                "enum": ["delivered", "expired", "overflow"],
+                "description": (
+                    "delivered: the recipient's device ACKed (saved) the message; expired: it expired un-ACKed; "
+                    "overflow: the mailbox held max_mailbox_statuses statuses, and count more were folded into this "
+                    "one."
+                ),
+            },
+            "at": {**_UINT, "description": "Unix epoch milliseconds: the ACK, the expiry, or the latest fold."},
+            "id": {**_MESSAGE_ID, "description": "The message (delivered and expired only)."},
+            "recipient": {**_MAILBOX, "description": "The recipient it is about (delivered and expired only)."},
+            "count": {**_UINT, "minimum": 1, "description": "Statuses folded into this one (overflow only)."},
+            "first_seq": {
+                **_UINT,
+                "minimum": 1,
+                "description": "The seq the overflow status had when it was made; kept as it grows (overflow only).",
+            },
+        },
+        optional=("id", "recipient", "count", "first_seq"),
+        description="The STATUS frame's fields: what became of a message the caller sent with notify, per recipient.",
+        one_of=[{"required": ["id", "recipient"]}, {"required": ["count", "first_seq"]}],
+    ),
+    "StatusesResult": _object(
+        {"statuses": {"type": "array", "items": _ref("DeliveryStatus"), "description": "In seq order."}}
+    ),
+    "StatusAckRequest": _object({"seqs": {"type": "array", "minItems": 1, "items": {**_UINT, "minimum": 1}}}),
+    "StatusAckResult": _object(
+        {
+            "acknowledged": {
+                **_UINT,
+                "description": "How many seqs were held for the caller and are now deleted (others are ignored).",
+            }
         }
     ),
     "StatsResult": _object({"stats": {"type": "object", "additionalProperties": _UINT}}),
@@ -222,6 +275,41 @@ def openapi_spec() -> dict[str, Any]:
                             },
                         }
                     ],
+                )
+            },
+            "/relay/statuses": {
+                "get": _operation(
+                    "The caller's delivery statuses after a seq, in seq order; they stay held until acknowledged",
+                    response="StatusesResult",
+                    errors=("400", "401", "403"),
+                    parameters=[
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "required": False,
+                            "description": "Only statuses with a greater seq (0: from the first).",
+                            "schema": {**_UINT, "default": 0},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_STATUS_LIMIT,
+                                "default": DEFAULT_STATUS_LIMIT,
+                            },
+                        },
+                    ],
+                )
+            },
+            "/relay/statuses/acknowledge": {
+                "post": _operation(
+                    "STATUS_ACK: delete delivery statuses of the caller's own mailbox by seq",
+                    request="StatusAckRequest",
+                    response="StatusAckResult",
+                    errors=_BODY_ERRORS,
                 )
             },
             "/relay/stats": {

@@ -9,12 +9,13 @@ on a mailbox someone else holds is a takeover: the previous holder is kicked
 
 Everything else that concerns a mailbox's live session goes through presence too, by
 mailbox name, so the callers never hold a session: whether a recipient is online (the
-receipt's DELIVERED versus QUEUED), waking it after a SEND stored messages for it, and
-telling it to recount after the store removed messages behind its back (expiry, an ACK
-over HTTP). :class:`LocalPresence` is the in-process implementation (a dict); a Redis
-implementation does the same across nodes (claims with INCR epochs, wakes and kicks over
-pub/sub) behind the same :class:`Presence` protocol, and runs the same contract suite
-(tests/broker/presence_contract.py).
+receipt's DELIVERED versus QUEUED), waking it after a SEND stored messages for it, telling
+it to recount after the store removed messages behind its back (expiry, an ACK over HTTP),
+and waking it for delivery statuses queued for it (a wake of its own kind, so traffic
+without statuses never pays for a status fetch). :class:`LocalPresence` is the in-process
+implementation (a dict); a Redis implementation does the same across nodes (claims with
+INCR epochs, wakes and kicks over pub/sub) behind the same :class:`Presence` protocol, and
+runs the same contract suite (tests/broker/presence_contract.py).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Subscriber(Protocol):
         """The store removed messages behind the session's back (expiry, ACK over HTTP): recount."""
         ...
 
+    def wake_statuses(self) -> None:
+        """Delivery statuses were queued for the mailbox: its pump fetches them (from its own task)."""
+        ...
+
     def kick(self, code: ErrorCode, message: str) -> None:
         """Close the session with ERROR(code, close) (CONNECTED_ELSEWHERE on takeover). Never raises."""
         ...
@@ -90,6 +95,13 @@ class Presence(Protocol):
 
     async def resync(self, mailboxes: Iterable[str]) -> None:
         """Tell each held mailbox's session to recount its in-flight window (offline ones are skipped)."""
+        ...
+
+    async def wake_statuses(self, mailboxes: Iterable[str]) -> None:
+        """Tell each held mailbox's session that statuses were queued for it (offline ones are skipped).
+
+        Called after the store confirmed them, so a session that claims the mailbox later fetches them at connect.
+        """
         ...
 
     def count(self) -> int:
@@ -153,6 +165,13 @@ class LocalPresence:
             held = holders.get(mailbox)
             if held is not None:
                 held[0].resync()
+
+    async def wake_statuses(self, mailboxes: Iterable[str]) -> None:
+        holders = self._holders
+        for mailbox in mailboxes:
+            held = holders.get(mailbox)
+            if held is not None:
+                held[0].wake_statuses()
 
     def count(self) -> int:
         return len(self._holders)

@@ -23,8 +23,9 @@ receivers is exact in both cases). Messages are JSON objects:
   epoch ``e``; whatever older claim of ``m`` the receiver holds is superseded.
 - ``{"op": "done", "mailbox": m, "epoch": e}``: the session that claim ``e`` took ``m``
   from has finished (or the receiver gave up waiting for it).
-- ``{"op": "wake" | "resync", "to": [[m, e], ...]}``: wake (or make recount) the session
-  holding ``m`` under claim ``e``, if the receiver still holds it under that claim.
+- ``{"op": "wake" | "resync" | "statuses", "to": [[m, e], ...]}``: wake (or make recount, or
+  wake for delivery statuses) the session holding ``m`` under claim ``e``, if the receiver
+  still holds it under that claim.
 - ``{"op": "ping", "n": k}``: the node's own health check of its listener.
 
 Claim (:meth:`RedisPresence.claim`), step by step:
@@ -73,7 +74,10 @@ A local holder is answered for directly even if another node has just taken the 
 over and its ``kick`` is still on the way: that claim is then still waiting for this
 node's ``done`` (its session has not pumped yet, and will fetch what was stored), or it
 stopped waiting, and the late ``done`` nudges it. ``resync`` follows an event (a purge, an
-ACK over HTTP) that a hint may predate, so it always reads holder keys first.
+ACK over HTTP) that a hint may predate, so it always reads holder keys first, and so does
+``wake_statuses`` (statuses are queued for a sender, whom no ``online`` has just read: a
+hint could predate the statuses and name a holder that has gone since, while the session
+that took over had already fetched at connect).
 
 Listener health: coredis's pub/sub reconnects and resubscribes by itself, but not
 reliably (checked here with coredis 6.9: after CLIENT KILL, the subscription sometimes
@@ -83,7 +87,7 @@ right after can be gone too). So the node trusts only its own probe: it publishe
 reopens the subscription (logged as an error) when nobody received it or the previous
 ping was not heard; a second acknowledgement on one subscription (coredis reconnected
 under it) also reopens it. After every reopening the node wakes and resyncs all of its
-sessions, which makes good any wake lost meanwhile, within about ``lease_s / 3``.
+sessions (also for statuses), which makes good any wake lost meanwhile, within about ``lease_s / 3``.
 
 Why deliveries stay correct when a lease or a wait is wrong. For a moment two sessions
 (on two nodes) may both believe they hold a mailbox: a takeover that stopped waiting, a
@@ -102,13 +106,13 @@ a pipeline is one exchange per shard it touches, counted once):
 - wake(batch): 0 for local holders; remote holders: 1 pipeline of PUBLISHes (one per
   holding node), plus 1 pipeline of GETs for mailboxes without a fresh hint (none after
   the router's ``online``). So a routed batch costs at most 2 (online + publish).
-- resync(batch): 1 pipeline of GETs (if any mailbox is not local) + 1 of PUBLISHes.
+- resync(batch), wake_statuses(batch): 1 pipeline of GETs (if any mailbox is not local) + 1 of PUBLISHes.
 - per ``lease_s / 3``: 1 pipeline of renewal scripts (one per mailbox held) + 1 ping (and
   1 ping after each subscription).
 
 Errors: ``claim`` and ``online`` raise :class:`~broker.redis_client.RedisUnavailable` (an
-OSError, as the store does) when Redis cannot be reached or serve; ``release``, ``wake``
-and ``resync`` log Redis failures and return (what is queued is delivered by the session's
+OSError, as the store does) when Redis cannot be reached or serve; ``release``, ``wake``,
+``resync`` and ``wake_statuses`` log Redis failures and return (what is queued is delivered by the session's
 next pump: reconnect, resync, a renewal that finds the claim gone). The background tasks
 log and carry on (given the node's :class:`~broker.health.StoreHealth`, Redis being
 unreachable is told to it instead, which logs each outage once, not each failed call);
@@ -442,6 +446,11 @@ class RedisPresence:
         """Make the session holding each mailbox recount, on whichever node. Never raises for a Redis failure."""
         await self._reach("resync", mailboxes, use_hints=False)
 
+    async def wake_statuses(self, mailboxes: Iterable[str]) -> None:
+        """Wake the session holding each mailbox for its statuses, on whichever node. Never raises for a Redis
+        failure."""
+        await self._reach("statuses", mailboxes, use_hints=False)
+
     async def _reach(self, op: str, mailboxes: Iterable[str], *, use_hints: bool) -> None:
         held = self._held
         remote: dict[str, list[tuple[str, int]]] = {}
@@ -450,10 +459,7 @@ class RedisPresence:
         for mailbox in mailboxes:
             local = held.get(mailbox)
             if local is not None:
-                if op == "wake":
-                    await local.subscriber.wake()
-                else:
-                    local.subscriber.resync()
+                await _poke(local.subscriber, op)
                 continue
             hint = self._hints.get(mailbox) if use_hints else None
             if hint is not None and now - hint[0] <= HINT_VALID_S:
@@ -575,6 +581,7 @@ class RedisPresence:
         async def nudge() -> None:
             for held in list(self._held.values()):
                 held.subscriber.resync()
+                held.subscriber.wake_statuses()
                 await held.subscriber.wake()
 
         if self._held:
@@ -585,7 +592,7 @@ class RedisPresence:
         try:
             message = json.loads(_text(data))
             op = message["op"]
-            if op == "wake" or op == "resync":
+            if op == "wake" or op == "resync" or op == "statuses":
                 await self._on_reach(op, [(str(m), int(e)) for m, e in message["to"]])
             elif op == "kick":
                 self._on_kick(str(message["mailbox"]), int(message["epoch"]), str(message["node"]))
@@ -603,10 +610,7 @@ class RedisPresence:
         for mailbox, epoch in targets:
             local = held.get(mailbox)
             if local is not None and local.claim.epoch == epoch:  # else superseded: see the module docstring
-                if op == "wake":
-                    await local.subscriber.wake()
-                else:
-                    local.subscriber.resync()
+                await _poke(local.subscriber, op)
 
     def _on_kick(self, mailbox: str, epoch: int, node: str) -> None:
         """Node ``node`` claimed ``mailbox`` with ``epoch``: drop and kick an older local holder; answer done."""
@@ -642,6 +646,7 @@ class RedisPresence:
             # The claim stopped waiting before the old holder ended: pick up what it absorbed since.
             async def nudge() -> None:
                 local.subscriber.resync()
+                local.subscriber.wake_statuses()
                 await local.subscriber.wake()
 
             self._spawn(nudge)
@@ -720,6 +725,16 @@ class RedisPresence:
     def _prune_hints(self) -> None:
         oldest = trio.current_time() - HINT_VALID_S
         self._hints = {m: h for m, h in self._hints.items() if h[0] >= oldest}
+
+
+async def _poke(subscriber: Subscriber, op: str) -> None:
+    """Tell a local session what a ``wake``, ``resync`` or ``statuses`` message (or call) says."""
+    if op == "wake":
+        await subscriber.wake()
+    elif op == "resync":
+        subscriber.resync()
+    else:
+        subscriber.wake_statuses()
 
 
 @asynccontextmanager

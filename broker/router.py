@@ -14,6 +14,17 @@ expiry path (the sweeper, operator CLEANUP over TCP/WebSocket and HTTP): purge, 
 tell presence which mailboxes must recount. The router's clock stamps and judges
 (``now_ms``); counters go to :class:`~broker.stats.Counters`.
 
+Delivery statuses (protocol.md section 9, rule 19). A SEND's ``notify`` goes into its
+stored message. The store says when such a message ends: an ACK that deleted it
+(``AckResult.notices``, "delivered"), or its expiry found by the sweep (``Purged.notices``)
+or by a delivery fetch (``Batch.notices``, handed over by the delivery pump), "expired".
+Every one of those goes through :meth:`Router.report`, the one place notices go: one
+``store.add_statuses`` call queues them in their senders' mailboxes, then
+``presence.wake_statuses`` wakes the senders' sessions wherever they are. Messages without
+``notify`` give no notices, so they cost nothing here. If the store does not take the
+statuses (OSError, after it took the ACK or the purge), they are lost: logged, counted
+(``statuses_lost_total``) and reported to the health, and the ACK or purge still stands.
+
 A store that cannot be reached (OSError from ``enqueue_many``) fails the batch, not the
 caller: every SEND of it that had something to store gets a RECEIPT refused as a whole
 with 3008 STORE_UNREACHABLE, which claims nothing either way (a pipeline that failed
@@ -37,7 +48,7 @@ from .config import BrokerConfig
 from .health import StoreHealth
 from .presence import Presence
 from .stats import Counters
-from .store.base import AckResult, Clock, Message, NewMessage, Outcome, Store
+from .store.base import AckResult, Clock, HeldStatus, Message, NewMessage, Notice, Outcome, Store
 
 __all__ = ["Acked", "Plan", "Routed", "Router", "SendOutcome", "plan_send", "recipient_result"]
 
@@ -102,7 +113,7 @@ def plan_send(
     elif (expires_at := expiries.get(ttl_s, -1)) < 0:
         # One int object per TTL per batch, shared by every message held: 32 bytes a message saved.
         expires_at = expiries[ttl_s] = now_ms + ttl_s * 1000
-    message = NewMessage(send.id, sender, recipients, send.body, now_ms, expires_at)
+    message = NewMessage(send.id, sender, recipients, send.body, now_ms, expires_at, send.notify)
     return Plan(message, refused)
 
 
@@ -168,6 +179,7 @@ class Router:
         self.counters = counters
         self.clock = clock
         self._max_body_bytes = config.max_frame_bytes - DELIVER_OVERHEAD_BYTES
+        self._status_ttl_ms = config.default_ttl_s * 1000
 
     def plan(self, sends: Sequence[Send], sender: str, now: int) -> list[Plan]:
         """Plan each SEND of a batch at ``now`` (the router's clock, epoch ms). Pure."""
@@ -261,9 +273,40 @@ class Router:
         return SendOutcome(send.id, self._refusals(plan))
 
     async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> Acked:
-        """Delete ACKed messages of ``mailbox`` (valid whoever sends them). Raises what the store raises."""
+        """Delete ACKed messages of ``mailbox`` (valid whoever sends them); "delivered" statuses for those
+        sent with ``notify`` (:meth:`report`). Raises what the store's ACK raises (never for the statuses)."""
         result = await self.store.ack_many(mailbox, ids, self.clock())
+        if result.notices:
+            await self.report(result.notices)
         return Acked(result, (mailbox,) if result.deleted else ())
+
+    async def report(self, notices: Sequence[Notice]) -> None:
+        """Queue ``notices`` as statuses in their senders' mailboxes and wake those senders: the one place
+        notices go (module docstring). Never raises for the store's OSError: the statuses are then lost
+        (logged, counted as ``statuses_lost_total``, reported to the health)."""
+        if not notices:
+            return
+        try:
+            mailboxes = await self.store.add_statuses(notices, self.clock(), self._status_ttl_ms)
+        except OSError as exc:
+            self.health.failed(exc)
+            self.counters.statuses_lost += len(notices)
+            log.warning("%d delivery statuses lost: the store did not take them (%r)", len(notices), exc)
+            return
+        if mailboxes:
+            await self.presence.wake_statuses(mailboxes)
+
+    async def statuses(self, mailbox: str, after_seq: int, limit: int) -> list[HeldStatus]:
+        """Up to ``limit`` unexpired statuses of ``mailbox`` with ``seq`` above ``after_seq``, in seq order;
+        nothing changes state. Raises what the store raises."""
+        return await self.store.fetch_statuses(mailbox, after_seq, limit, self.clock())
+
+    async def acknowledge_statuses(self, mailbox: str, seqs: Sequence[int]) -> int:
+        """Delete these statuses of ``mailbox`` (unknown seqs are ignored); how many were deleted.
+        Raises what the store raises."""
+        deleted = await self.store.ack_statuses(mailbox, seqs)
+        self.counters.statuses_acked += deleted
+        return deleted
 
     async def peek(self, mailbox: str, limit: int) -> list[Message]:
         """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""
@@ -282,5 +325,7 @@ class Router:
         purged = await self.store.purge_expired(self.clock())
         if purged.mailboxes:
             await self.presence.resync(purged.mailboxes)
+        if purged.notices:
+            await self.report(purged.notices)
         log.info("sweep purged %d expired messages", purged.count)
         return purged.count

@@ -7,19 +7,19 @@ Theory of operation. :meth:`Session.run` owns three tasks in one nursery:
   :class:`wire.Connection` and acts on the frames: each run of consecutive frames of one
   kind goes to its handler from one dispatch table, after :func:`broker.authz.refusal`
   has said the session's identity may send it (consecutive SENDs go to the router in one
-  store call, consecutive ACKs in another);
+  store call, consecutive ACKs in another, consecutive STATUS_ACKs in a third);
 - the **mailbox task** (a mailbox session only; :class:`~broker.delivery.Delivery`)
-  delivers queued messages within the in-flight window;
+  delivers queued messages within the in-flight window, and the mailbox's delivery statuses;
 - the **writer** (:class:`~broker.outbox.Outbox`) writes what the others push, coalesced.
 
 A session knows the router, presence, the statistics, the store (for its delivery pump),
 the configuration and the authenticator; never the server. It is its mailbox's
-:class:`~broker.presence.Subscriber`: presence reaches it by mailbox to wake it, make it
-recount, or kick it on takeover. The reader stops reading while the outbox is past its
-soft limit. A watchdog task closes an idle connection (KEEPALIVE_TIMEOUT) or one whose
-write stalls (SLOW_CONSUMER), judged from timestamps, so no read or write sets a timer.
-Whatever ends the session, its claim is released and its un-ACKed deliveries go back to
-the queue.
+:class:`~broker.presence.Subscriber`: presence reaches it by mailbox to wake it (for
+messages, or for statuses), make it recount, or kick it on takeover. The reader stops
+reading while the outbox is past its soft limit. A watchdog task closes an idle connection
+(KEEPALIVE_TIMEOUT) or one whose write stalls (SLOW_CONSUMER), judged from timestamps, so
+no read or write sets a timer. Whatever ends the session, its claim is released and its
+un-ACKed deliveries go back to the queue.
 
 A store that cannot be reached (the store's or presence's OSError) ends the session only
 at the handshake (ERROR 5002: the claim cannot be made) and at CLEANUP; otherwise the
@@ -28,7 +28,9 @@ figures (the statistics), the delivery pump waits for the store, and an ACK the 
 not take is kept (at most ``max_inflight`` ids: beyond that the oldest are let go and
 their messages redelivered later, which a client's (sender, id) de-duplication absorbs)
 and applied again with the session's next ACK and by a retry task (one per session, only
-while ids are kept) once the store answers, and a last time as the session ends.
+while ids are kept) once the store answers, and a last time as the session ends. A
+STATUS_ACK the store did not take is not kept: its statuses are sent again at the next
+connect or PULL (a client records a status idempotently, by its message and recipient).
 """
 
 from __future__ import annotations
@@ -139,6 +141,11 @@ class Session:
         """The store removed messages behind our back: recount the in-flight window."""
         if self.delivery is not None:
             self.delivery.resync()
+
+    def wake_statuses(self) -> None:
+        """Delivery statuses were queued for this mailbox."""
+        if self.delivery is not None:
+            self.delivery.wake_statuses()
 
     def kick(self, code: ErrorCode, message: str) -> None:
         """Close with ERROR(code, close): another session took the mailbox over."""
@@ -273,6 +280,7 @@ class Session:
             max_inflight=self.config.max_inflight,
             clock=self._router.clock,
             health=self._health,
+            report=self._router.report,
         )
         return await self._router.pending(mailbox)
 
@@ -432,14 +440,18 @@ class Session:
         if self.delivery is not None:
             self.delivery.acked(acked.result)
 
-    async def _on_ping(self, frames: Sequence[Frame]) -> bool:
-        self.outbox.push(_PONG)
+    async def _on_status_acks(self, frames: Sequence[Frame]) -> bool:
+        assert self.mailbox is not None
+        acks = cast(Sequence[StatusAck], frames)
+        seqs = acks[0].seqs if len(acks) == 1 else [seq for ack in acks for seq in ack.seqs]
+        try:
+            await self._router.acknowledge_statuses(self.mailbox, seqs)
+        except OSError as exc:  # not kept: the statuses are sent again at the next connect or PULL
+            self._health.failed(exc)
         return True
 
-    async def _on_status_acks(self, frames: Sequence[Frame]) -> bool:
-        # This broker queues no statuses yet (issue 12: the store and the delivery of statuses come
-        # with their own commits), so every seq a STATUS_ACK names is unknown, and unknown seqs are
-        # ignored (protocol.md section 6, `status_ack`).
+    async def _on_ping(self, frames: Sequence[Frame]) -> bool:
+        self.outbox.push(_PONG)
         return True
 
     async def _on_pull(self, frames: Sequence[Frame]) -> bool:
@@ -463,7 +475,7 @@ class Session:
             self.outbox.push(self.conn.send(frame))
 
 
-_BATCHED = frozenset({Send, Ack})
+_BATCHED = frozenset({Send, Ack, StatusAck})
 """Kinds whose consecutive frames are handled together (one store call)."""
 
 _HANDLERS: dict[type[Frame], Handler] = {

@@ -1,7 +1,7 @@
 """Statistics: one typed record, node-local counters and relay-wide store figures named apart.
 
 Theory of operation. Things that happen on this broker node (a message stored by SEND,
-a DELIVER written, a refusal) are counted as they happen in :class:`Counters`, a few
+a DELIVER or STATUS written, a refusal) are counted as they happen in :class:`Counters`, a few
 slotted integers the router and the delivery pump bump on their hot paths. Figures about
 what the relay holds (messages, bytes, tombstones, in flight) belong to the store: with
 one in-memory store they are this process's, with a shared store (Redis) they are the
@@ -75,6 +75,9 @@ STATS_NAMES: tuple[str, ...] = (
     "store_round_trips",
     "store_available",
     "store_errors_total",
+    "statuses_delivered_total",
+    "statuses_acked_total",
+    "statuses_lost_total",
 )
 """protocol.md section 10: every STATS_RESULT key, in wire order (the one list of these names)."""
 
@@ -101,6 +104,12 @@ class NodeStatistics:
     """1 while this node can reach its store, 0 from a failed call until its reconnect probe succeeds."""
     store_errors_total: int = 0
     """Store and presence calls of this node that failed because the store could not be reached."""
+    statuses_delivered_total: int = 0
+    """STATUS frames written (first sends and sends again after a reconnect or PULL)."""
+    statuses_acked_total: int = 0
+    """Statuses deleted by STATUS_ACK (or the HTTP API's acknowledge) through this node."""
+    statuses_lost_total: int = 0
+    """Notices the store did not take as statuses (it failed after the ACK or purge that made them)."""
 
     def get(self, name: str) -> int:
         """The figure called ``name`` on the wire (a refusal counter is one entry of ``refused_by_code``).
@@ -141,7 +150,16 @@ class Statistics:
 class Counters:
     """Node-local cumulative counters, bumped where things happen (router, delivery pump)."""
 
-    __slots__ = ("delivered", "duplicates", "redelivered", "refused", "sent")
+    __slots__ = (
+        "delivered",
+        "duplicates",
+        "redelivered",
+        "refused",
+        "sent",
+        "statuses_acked",
+        "statuses_delivered",
+        "statuses_lost",
+    )
 
     def __init__(self) -> None:
         self.sent = 0
@@ -154,6 +172,12 @@ class Counters:
         """Results DUPLICATE."""
         self.refused: dict[int, int] = dict.fromkeys(REFUSAL_NAMES, 0)
         """Refusals by ErrorCode (recipient results, and SENDs refused as a whole)."""
+        self.statuses_delivered = 0
+        """STATUS frames written."""
+        self.statuses_acked = 0
+        """Statuses deleted by STATUS_ACK (and over HTTP)."""
+        self.statuses_lost = 0
+        """Notices the store did not take as statuses."""
 
     def refuse(self, code: int) -> None:
         """Count one refusal with ``code`` (an ErrorCode of :data:`REFUSAL_NAMES`; KeyError otherwise)."""
@@ -209,5 +233,8 @@ class Stats:
             store_round_trips=self._round_trips(),
             store_available=int(health.available),
             store_errors_total=health.errors,
+            statuses_delivered_total=c.statuses_delivered,
+            statuses_acked_total=c.statuses_acked,
+            statuses_lost_total=c.statuses_lost,
         )
         return Statistics(node, relay)

@@ -78,6 +78,24 @@ def test_throughput_counts_add_up(tmp_path: Path) -> None:
     assert {t["figure"] for t in report["targets"]} == {"pairs_1_delivered_msg_s"}
 
 
+def test_throughput_with_notify_runs_without_then_with_statuses_and_every_status_comes_back(tmp_path: Path) -> None:
+    report = run(
+        tmp_path, "throughput", "--pairs", "2", "--duration", "1", "--warmup", "0.2", "--batch", "32", "--notify"
+    )
+    f, c = report["figures"], report["counts"]
+    assert "pairs_2_statuses" not in c, "the first run asks for no statuses"
+    delivered = c["pairs_2_notify_delivered"]
+    assert c["pairs_2_notify_accepted"] == delivered > 0
+    assert c["pairs_2_notify_statuses"] == c["pairs_2_notify_status_delivered"] == delivered
+    assert f["pairs_2_notify_statuses_per_msg"] == 1.0
+    assert f["pairs_2_notify_status_acks_confirmed"] == delivered
+    assert f["pairs_2_notify_acked_confirmed"] == delivered
+    assert f["pairs_2_notify_rate_ratio"] > 0
+    assert f["pairs_2_notify_extra_broker_us_per_msg"] is not None
+    assert report["config"]["notify"] is True
+    assert {t["figure"] for t in report["targets"]} == set(), "the targets are for 1 and 100 pairs without statuses"
+
+
 def test_a_small_window_pauses_and_resumes_the_senders(tmp_path: Path) -> None:
     """With --window far below what the senders keep in flight, the gate must close and open again and again."""
     report = run(

@@ -30,6 +30,7 @@ class FakeSubscriber:
         self.finished = trio.Event()
         self.wakes = 0
         self.resyncs = 0
+        self.status_wakes = 0
         self.kicks: list[tuple[ErrorCode, str]] = []
         self.stubborn = stubborn
 
@@ -38,6 +39,9 @@ class FakeSubscriber:
 
     def resync(self) -> None:
         self.resyncs += 1
+
+    def wake_statuses(self) -> None:
+        self.status_wakes += 1
 
     def kick(self, code: ErrorCode, message: str) -> None:
         self.kicks.append((code, message))
@@ -128,6 +132,15 @@ class PresenceContract:
         assert (a.resyncs, b.resyncs) == (0, 1)
         await presence.resync(frozenset({"alice", "bob"}))
         assert (a.resyncs, b.resyncs) == (1, 2)
+        assert (a.status_wakes, b.status_wakes) == (0, 0)
+
+    async def test_a_status_wake_reaches_only_held_mailboxes_and_is_its_own_kind(self, presence: Presence) -> None:
+        a, b = FakeSubscriber("s1"), FakeSubscriber("s2")
+        await presence.claim("alice", a)
+        await presence.claim("bob", b)
+        await presence.wake_statuses(["alice", "nobody"])
+        assert (a.status_wakes, b.status_wakes) == (1, 0)
+        assert (a.wakes, a.resyncs) == (0, 0)
 
     async def test_a_stale_release_leaves_the_holder(self, presence: Presence) -> None:
         first = await presence.claim("bob", FakeSubscriber("s1"))

@@ -352,9 +352,11 @@ def test_store_limit_defaults_are_the_store_s_own() -> None:
 
 
 def test_store_limits_follow_the_settings() -> None:
-    config = BrokerConfig(max_mailbox_messages=5, max_mailbox_bytes=6, max_total_bytes=7, max_tombstones=8)
+    config = BrokerConfig(
+        max_mailbox_messages=5, max_mailbox_bytes=6, max_total_bytes=7, max_tombstones=8, max_mailbox_statuses=9
+    )
     assert config.store_limits == StoreLimits(
-        max_mailbox_messages=5, max_mailbox_bytes=6, max_total_bytes=7, max_tombstones=8
+        max_mailbox_messages=5, max_mailbox_bytes=6, max_total_bytes=7, max_tombstones=8, max_mailbox_statuses=9
     )
 
 

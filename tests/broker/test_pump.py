@@ -1,9 +1,13 @@
 """The delivery pump on its own: a Delivery over the in-memory store and an outbox on a fake
 transport, no broker, no sockets. What it fetched it writes, or names as unwritten; how a new
-message reaches it depends on ``store.synchronous`` alone; a taken-over pump stops.
+message reaches it depends on ``store.synchronous`` alone; a taken-over pump stops. Statuses
+go by their own cursor, only when asked for (connect, PULL, a status wake), and the expired
+notices a fetch finds go to ``report``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import trio
 import trio.testing
@@ -12,9 +16,21 @@ from broker.backend import probed_health
 from broker.delivery import Delivery
 from broker.outbox import Outbox
 from broker.stats import Counters
-from broker.store.base import Claim, NewMessage
+from broker.store.base import Claim, NewMessage, Notice
 from broker.store.memory import MemoryStore
-from wire import Connection, Deliver, Drained, ErrorCode, Frame, FrameDecoder, Hello, Role, Welcome
+from wire import (
+    Connection,
+    Deliver,
+    Drained,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    ReportState,
+    Role,
+    StatusReport,
+    Welcome,
+)
 
 from ..store.clock import ManualClock
 
@@ -73,10 +89,17 @@ class Pump:
         self.closed: list[ErrorCode | None] = []
         self.outbox = Outbox(self.transport, max_bytes=1 << 20, on_close=lambda code, _: self.closed.append(code))
         self.counters = Counters()
+        self.reported: list[Notice] = []
         self.delivery = Delivery(
             "bob", claim, store=store, conn=self.conn, outbox=self.outbox, counters=self.counters,
-            max_inflight=8, clock=clock, health=probed_health(store),
+            max_inflight=8, clock=clock, health=probed_health(store), report=self.report,
         )  # fmt: skip
+
+    async def report(self, notices: Sequence[Notice]) -> None:
+        self.reported.extend(notices)
+
+    def statuses(self) -> list[tuple[ReportState, str | None]]:
+        return [(f.state, f.id) for f in self.transport.frames() if isinstance(f, StatusReport)]
 
 
 async def put(store: MemoryStore, clock: ManualClock, *ids: str) -> None:
@@ -183,4 +206,82 @@ async def test_an_ack_applied_while_a_fetch_reply_is_on_its_way_does_not_shrink_
             gate.set()
             await trio.testing.wait_all_tasks_blocked()
             assert delivered() == [f"m{i}" for i in range(16)], "the window had room for m12-m15"
+            nursery.cancel_scope.cancel()
+
+
+def delivered_notice(mid: str, at: int) -> Notice:
+    return Notice("bob", mid, "carol", ReportState.DELIVERED, at)
+
+
+async def test_statuses_go_out_after_the_cursor_only_when_asked_for_and_all_again_after_pull() -> None:
+    clock, store = ManualClock(), MemoryStore()
+    pump = Pump(store, Claim("s", 1), clock)
+    await store.add_statuses([delivered_notice("a1", clock())], clock(), 60_000)
+    await pump.delivery.pump()  # connect: DRAINED, then the held status
+    assert [type(f) for f in pump.transport.frames()] == [Drained, StatusReport]
+    await store.add_statuses([delivered_notice("a2", clock())], clock(), 60_000)
+    await put(store, clock, "m1")
+    await pump.delivery.wake()  # a message wake does not look for statuses
+    assert pump.statuses() == [(ReportState.DELIVERED, "a1")]
+    pump.delivery.wake_statuses()
+    await pump.delivery.pump()
+    assert pump.statuses() == [(ReportState.DELIVERED, "a1"), (ReportState.DELIVERED, "a2")], "after the cursor"
+    await pump.delivery.pull()
+    await pump.delivery.pump()
+    assert pump.statuses()[2:] == [(ReportState.DELIVERED, "a1"), (ReportState.DELIVERED, "a2")], "not ACKed: again"
+    assert pump.counters.statuses_delivered == 4
+
+
+async def test_a_fetch_that_finds_notify_messages_expired_hands_their_notices_to_report() -> None:
+    clock, store = ManualClock(), MemoryStore()
+    now = clock()
+    await store.enqueue_many(
+        [
+            NewMessage("told", "alice", ("bob",), b"x", now, now + 1000, True),
+            NewMessage("quiet", "alice", ("bob",), b"x", now, now + 1000),
+            NewMessage("kept", "alice", ("bob",), b"x", now, now + 60_000, True),
+        ],
+        now,
+    )
+    clock.advance(1)
+    pump = Pump(store, Claim("s", 1), clock)
+    await pump.delivery.pump()
+    assert [f.id for f in pump.transport.frames() if isinstance(f, Deliver)] == ["kept"]
+    assert pump.reported == [Notice("alice", "told", "bob", ReportState.EXPIRED, now + 1000)]
+
+
+class GatedStatusStore(MemoryStore):
+    """A yielding store whose status fetch reply can be held back."""
+
+    synchronous = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: trio.Event | None = None
+
+    async def fetch_statuses(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        held = await super().fetch_statuses(*args, **kwargs)
+        if self.gate is not None:
+            await self.gate.wait()
+        return held
+
+
+async def test_a_pull_while_a_status_fetch_is_awaited_still_sends_every_status_again() -> None:
+    clock, store = ManualClock(), GatedStatusStore()
+    pump = Pump(store, Claim("s", 1), clock)
+    await store.add_statuses([delivered_notice("a1", clock())], clock(), 60_000)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.delivery.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pump.statuses() == [(ReportState.DELIVERED, "a1")]
+            await store.add_statuses([delivered_notice("a2", clock())], clock(), 60_000)
+            store.gate = gate = trio.Event()
+            pump.delivery.wake_statuses()
+            await trio.testing.wait_all_tasks_blocked()  # the fetch after a1 is on its way back
+            await pump.delivery.pull()
+            store.gate = None
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert pump.statuses()[1:] == [(ReportState.DELIVERED, "a1"), (ReportState.DELIVERED, "a2")]
             nursery.cancel_scope.cancel()

@@ -181,6 +181,10 @@ async def test_wake_and_resync_from_another_node_reach_the_holder_only(client: C
             await b.resync(["alice", "nobody"])
             await until(lambda: alice.resyncs == 1)
             assert (bob.wakes, bob.resyncs) == (1, 0)
+            await b.wake_statuses(["alice", "bob", "nobody"])
+            await until(lambda: alice.status_wakes == 1)
+            assert bob.status_wakes == 1  # local: at once
+            assert (alice.wakes, alice.resyncs) == (2, 1)
 
 
 async def test_a_wake_after_a_takeover_reaches_the_new_holder_not_the_kicked_one(
@@ -198,7 +202,9 @@ async def test_a_wake_after_a_takeover_reaches_the_new_holder_not_the_kicked_one
             await until(lambda: second.wakes == 2)
             await a.resync(["carol"])
             await until(lambda: second.resyncs == 1)
-            assert (first.wakes, first.resyncs) == (0, 0)
+            await c.wake_statuses(["carol"])  # (read from the holder key, never from a hint)
+            await until(lambda: second.status_wakes == 1)
+            assert (first.wakes, first.resyncs, first.status_wakes) == (0, 0, 0)
 
 
 async def test_a_crashed_nodes_mailboxes_go_offline_after_its_lease(client: Client, key_prefix: str) -> None:

@@ -27,6 +27,8 @@ TO = "a non-empty array of recipient mailbox ids"
 TTL = "a whole number of seconds, at least 1 (larger than max_ttl_s, 2592000, is clamped to it)"
 B64 = '"body" must be standard base64 (A-Z, a-z, 0-9, +, / and = padding to a multiple of 4 characters)'
 NOT_ASCII = "text with a space, a control or a non-ASCII character"
+NOTIFY = "true or false (true: a delivery status per recipient, in /relay/statuses)"
+SEQS = "a non-empty array of status seqs (whole numbers from 1)"
 
 
 def send_json(**fields: Any) -> bytes:
@@ -160,6 +162,22 @@ SEND_ERRORS = [
         '"ttl_s" is above the largest integer of the protocol (2^63-1); give at most 2592000 (max_ttl_s): a message is '
         "kept no longer",
     ),
+    (
+        J,
+        send_json(id="a", to=["b"], body="", notify=None),
+        400,
+        1004,
+        f'"notify" must be {NOTIFY}, not null (leave it out for the default)',
+    ),
+    (J, send_json(id="a", to=["b"], body="", notify=1), 400, 1004, f'"notify" must be {NOTIFY}, got a number'),
+    (J, send_json(id="a", to=["b"], body="", notify="yes"), 400, 1004, f'"notify" must be {NOTIFY}, got text'),
+    (
+        C,
+        cbor2.dumps({"id": "a", "to": ["b"], "body": b"", "notify": 1}),
+        400,
+        1004,
+        f'"notify" must be {NOTIFY}, got an integer',
+    ),
     # content types: 415
     ("text/plain", b"hello", 415, 1001, "Content-Type must be application/json or application/cbor (not text/plain)"),
     (None, b"{}", 415, 1001, "Content-Type must be application/json or application/cbor (none was given)"),
@@ -216,6 +234,69 @@ async def test_a_bad_pending_limit_is_worded_for_users(broker: Broker, limit: st
             )
     message = f"the query parameter \"limit\" must be a whole number from 1 to 1000, got '{limit}'"
     assert (r.status_code, r.json()) == (400, {"code": 1004, "message": message})
+
+
+STATUS_ACK_ERRORS = [
+    ({}, f'the field "seqs" is missing: it must be {SEQS}'),
+    ({"seqs": None}, f'"seqs" must be {SEQS}, not null'),
+    ({"seqs": []}, f'"seqs" must be {SEQS}, got an empty array'),
+    ({"seqs": 5}, f'"seqs" must be {SEQS}, got a number'),
+    ({"seqs": [1, 0]}, '"seqs[1]" must be a status seq: a whole number from 1 to 2^63-1, got 0'),
+    ({"seqs": [2**63]}, f'"seqs[0]" must be a status seq: a whole number from 1 to 2^63-1, got {2**63}'),
+    ({"seqs": ["1"]}, '"seqs[0]" must be a status seq: a whole number from 1 to 2^63-1, got text'),
+    ({"seqs": [1.5]}, '"seqs[0]" must be a status seq: a whole number from 1 to 2^63-1, got a number'),
+    ({"seqs": [True]}, '"seqs[0]" must be a status seq: a whole number from 1 to 2^63-1, got a boolean'),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), STATUS_ACK_ERRORS)
+async def test_status_acknowledge_errors_are_worded_for_users(
+    broker: Broker, body: dict[str, Any], message: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as http:
+            r = await http.post(
+                "/relay/statuses/acknowledge", json=body, headers={"Authorization": f"Bearer {broker.auth.issue('a')}"}
+            )
+    assert (r.status_code, r.json()) == (400, {"code": 1004, "message": message})
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"limit": "0"}, "the query parameter \"limit\" must be a whole number from 1 to 1000, got '0'"),
+        ({"limit": "1001"}, "the query parameter \"limit\" must be a whole number from 1 to 1000, got '1001'"),
+        (
+            {"after": "-1"},
+            "the query parameter \"after\" must be a whole number from 0 to 9223372036854775807, got '-1'",
+        ),
+        ({"after": "x"}, "the query parameter \"after\" must be a whole number from 0 to 9223372036854775807, got 'x'"),
+        (
+            {"after": str(2**63)},
+            f"the query parameter \"after\" must be a whole number from 0 to 9223372036854775807, got '{2**63}'",
+        ),
+    ],
+)
+async def test_bad_statuses_parameters_are_worded_for_users(
+    broker: Broker, query: dict[str, str], message: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as http:
+            r = await http.get(
+                "/relay/statuses", params=query, headers={"Authorization": f"Bearer {broker.auth.issue('a')}"}
+            )
+    assert (r.status_code, r.json()) == (400, {"code": 1004, "message": message})
+
+
+async def test_statuses_need_a_mailbox_token(broker: Broker) -> None:
+    operator = {"Authorization": f"Bearer {broker.auth.issue('ops', operator=True)}"}
+    message = "an operator token has no mailbox: use a mailbox token here"
+    with trio.fail_after(TIMEOUT):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as http:
+            got = await http.get("/relay/statuses", headers=operator)
+            assert (got.status_code, got.json()) == (403, {"code": 2003, "message": message})
+            acked = await http.post("/relay/statuses/acknowledge", json={"seqs": [1]}, headers=operator)
+            assert (acked.status_code, acked.json()) == (403, {"code": 2003, "message": message})
 
 
 AUTH_ERRORS = [

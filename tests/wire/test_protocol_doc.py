@@ -34,8 +34,9 @@ SPEC_STATS = (
     "unique_recipients queued_bytes sent_total delivered_total redelivered_total expired_total "
     "duplicates_total refused_total refused_mailbox_full refused_mailbox_bytes_full refused_broker_full "
     "refused_too_many_recipients refused_id_conflict refused_invalid_recipient refused_body_too_large "
-    "connections inflight tombstones store_round_trips store_available store_errors_total statuses_held "
-    "statuses_total statuses_overflowed_total statuses_expired_total"
+    "connections inflight tombstones store_round_trips store_available store_errors_total "
+    "statuses_held statuses_total statuses_overflowed_total statuses_expired_total statuses_delivered_total "
+    "statuses_acked_total statuses_lost_total"
 ).split()
 
 LIMIT_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*([0-9][0-9_,]*)\s*\|", re.M)
