@@ -7,11 +7,15 @@
 // sign-in buttons. A new tab opens no mailbox by itself (that would take over another tab's
 // session): it shows the sign-in card, unless its URL has #token=.
 //
-// Words. A sent message's labels say exactly what the relay's receipt says and no more:
-// "queued at relay" (stored, recipient not connected) and "sent to X's open session"
-// (stored and handed to a connection the recipient had open). Neither means saved or read:
-// the relay does not tell senders that.
-import { RelayClient, MessageStore, defaultUrl } from '/js/client.js'
+// Words. A sent message's labels say, per recipient, exactly what the relay said and no more.
+// From the receipt: "queued at relay" (stored, recipient not connected) and "sent to X's open
+// session" (stored and handed to a connection the recipient had open): neither means saved.
+// From a delivery status (the page asks for them on every send): "delivered to X" (X's device
+// saved and ACKed it; not that X has read it) or "expired before X got it". A group message also
+// says how many of its recipients have it ("2 of 3 delivered"). Everything shown comes from
+// IndexedDB (store.js, deliveryStates), so a status that arrived while the page was closed, or
+// before a reload, shows the same.
+import { RelayClient, MessageStore, defaultUrl, deliveryStates, missedStatuses } from '/js/client.js'
 import { ERROR_CODES } from '/js/codec.js'
 
 const $ = (id) => document.getElementById(id)
@@ -124,7 +128,7 @@ async function openMailbox (token) {
       notify(detail.code ? `${detail.message} (error ${detail.code})` : detail.message)
     }
   })
-  for (const name of ['message', 'acked', 'receipt', 'welcome']) client.addEventListener(name, render)
+  for (const name of ['message', 'acked', 'receipt', 'status', 'welcome']) client.addEventListener(name, render)
   await render()
   await client.start()
 }
@@ -156,7 +160,15 @@ function chip (text, cls = text, title = '') {
   return span
 }
 
-const NOT_A_CONFIRMATION = 'It does not say that the recipient has saved or read it: the relay does not tell senders that.'
+/** A status's `at` (Unix ms) as the page shows times. */
+const timeOf = (ms) => new Date(ms).toLocaleTimeString()
+
+/** What a label still waiting for a status goes on to say, for this entry. */
+function untilStatus (entry, rcpt) {
+  return entry.notify
+    ? `It does not say that ${rcpt}'s device has saved it: when it has, this label says "delivered to ${rcpt}".`
+    : `It does not say that ${rcpt}'s device has saved it, and it will not change: this message asked for no delivery status.`
+}
 
 /** A refusal code as words, with its number. */
 function refusal (code) {
@@ -173,22 +185,52 @@ function refusal (code) {
   return `${words ?? CODE_NAMES.get(code) ?? 'refused'} (${code})`
 }
 
-/** The chip for one recipient's result in a receipt: the broker's word, said plainly. */
-function resultChip (rcpt, r) {
-  switch (r.status) {
+/**
+ * The chip for one recipient, in the state deliveryStates gives: a status's word when there is
+ * one, else the receipt's, said plainly.
+ */
+function recipientChip (entry, rcpt, state) {
+  const status = entry.statuses[rcpt]
+  const result = entry.results?.[rcpt]
+  switch (state) {
+    case 'delivered':
+      return chip(`delivered to ${rcpt}`, 'delivered',
+        `${rcpt}'s device saved it and acknowledged it at ${timeOf(status.at)}; the relay has deleted its copy. It does not say that ${rcpt} has read it.`)
+    case 'expired':
+      return chip(`expired before ${rcpt} got it`, 'expired',
+        `It expired at the relay at ${timeOf(status.at)} before ${rcpt}'s device had saved it: ${rcpt} never got it. Send it again if it still matters.`)
+    case 'sending':
+      return chip(`sending to ${rcpt}…`, 'sending', 'Not yet answered by the relay. It goes out again, with the same id, after a reconnect or a reload; the relay never stores it twice.')
+    case 'refused':
+      return chip(`not sent to ${rcpt}: ${refusal(result.code)}`, 'refused',
+        `The relay refused it for ${rcpt} and stored nothing for ${rcpt} (${CODE_NAMES.get(result.code) ?? 'code'} ${result.code}).`)
+  }
+  switch (result.status) { // "queued": stored at the relay, not yet saved on the device
     case 'queued':
       return chip(`queued at relay for ${rcpt}`, 'queued',
-        `Stored at the relay; ${rcpt} had no open session. The relay delivers it when ${rcpt} connects (until it expires). ${NOT_A_CONFIRMATION}`)
+        `Stored at the relay; ${rcpt} had no open session. The relay delivers it when ${rcpt} connects (until it expires). ${untilStatus(entry, rcpt)}`)
     case 'delivered':
-      return chip(`sent to ${rcpt}'s open session`, 'delivered',
-        `Stored at the relay and handed to a session ${rcpt} had open. If that session ends before ${rcpt}'s device has saved it, the relay delivers it again. ${NOT_A_CONFIRMATION}`)
-    case 'duplicate':
-      return chip(`${rcpt}: relay already had it`, 'duplicate',
-        `A resend: the relay already had this message from you for ${rcpt}, so nothing new was stored. ${NOT_A_CONFIRMATION}`)
+      return chip(`sent to ${rcpt}'s open session`, 'sent',
+        `Stored at the relay and handed to a session ${rcpt} had open. If that session ends before ${rcpt}'s device has saved it, the relay delivers it again. ${untilStatus(entry, rcpt)}`)
     default:
-      return chip(`not sent to ${rcpt}: ${refusal(r.code)}`, 'refused',
-        `The relay refused it for ${rcpt} and stored nothing for ${rcpt} (${CODE_NAMES.get(r.code) ?? 'code'} ${r.code}).`)
+      return chip(`${rcpt}: relay already had it`, 'duplicate',
+        `A resend: the relay already had this message from you for ${rcpt}, so nothing new was stored. ${untilStatus(entry, rcpt)}`)
   }
+}
+
+/**
+ * For a message to several recipients: how many of those it was not refused for have it on
+ * their device; null for a message to fewer than two of them (its one chip says it all).
+ */
+function summaryChip (states) {
+  const all = Object.values(states).filter((s) => s !== 'refused')
+  if (all.length < 2) return null
+  const delivered = all.filter((s) => s === 'delivered').length
+  const expired = all.filter((s) => s === 'expired').length
+  const words = `${delivered} of ${all.length} delivered` + (expired ? ` · ${expired} expired` : '')
+  return chip(words, delivered === all.length ? 'summary all' : 'summary',
+    `The devices of ${delivered} of the ${all.length} recipients it was sent to have saved it` +
+    `${expired ? `; for ${expired} it expired before they did` : ''}.`)
 }
 
 function item (entry, out) {
@@ -203,10 +245,16 @@ function item (entry, out) {
     if (entry.code !== undefined) {
       meta.append(chip(`not sent: ${refusal(entry.code)}`, 'refused',
         `The relay refused the whole message before looking at any recipient: nothing was stored for anyone (${CODE_NAMES.get(entry.code) ?? 'code'} ${entry.code}).`))
-    } else if (entry.results === null) {
-      meta.append(chip('sending…', 'sending', 'Not yet answered by the relay. It goes out again, with the same id, after a reconnect or a reload; the relay never stores it twice.'))
     } else {
-      for (const [rcpt, r] of Object.entries(entry.results)) meta.append(resultChip(rcpt, r))
+      const states = deliveryStates(entry)
+      const recipients = Object.keys(states)
+      const summary = summaryChip(states)
+      if (summary) meta.append(summary)
+      if (recipients.every((r) => states[r] === 'sending')) {
+        meta.append(chip('sending…', 'sending', 'Not yet answered by the relay. It goes out again, with the same id, after a reconnect or a reload; the relay never stores it twice.'))
+      } else {
+        for (const rcpt of recipients) meta.append(recipientChip(entry, rcpt, states[rcpt]))
+      }
     }
   } else {
     li.dataset.from = entry.from
@@ -220,12 +268,17 @@ function item (entry, out) {
   return li
 }
 
+// One render at a time, from IndexedDB. Calls made while one is waiting to start join it, so a
+// burst of events (e.g. thousands of statuses on connect) costs a few renders, not one each.
 let rendering = Promise.resolve()
+let queuedRender = null
 function render () {
-  rendering = rendering.then(async () => {
+  if (queuedRender) return queuedRender
+  queuedRender = rendering.then(async () => {
+    queuedRender = null
     if (!session) return
     const { store } = session
-    const [inbox, outbox] = await Promise.all([store.inbox(), store.outbox()])
+    const [inbox, outbox, overflows] = await Promise.all([store.inbox(), store.outbox(), store.overflows()])
     const entries = [
       ...inbox.map((m) => ({ at: m.received_at, node: () => item(m, false) })),
       ...outbox.map((m) => ({ at: m.created_at, node: () => item(m, true) }))
@@ -236,11 +289,23 @@ function render () {
     if (atBottom) list.scrollTop = list.scrollHeight
     $('empty').hidden = entries.length > 0
     $('counts').textContent = `${inbox.length} received · ${outbox.length} sent`
+    showOverflow(overflows)
     const known = new Set([...inbox.map((m) => m.from), ...outbox.flatMap((m) => m.to), ...savedTokens().map((t) => t.mailbox)])
     known.delete(session.mailbox)
     $('known-mailboxes').replaceChildren(...[...known].sort().map((m) => Object.assign(document.createElement('option'), { value: m })))
   }).catch((err) => console.error(err))
+  rendering = queuedRender
   return rendering
+}
+
+/** Statuses the relay did not keep for this mailbox (its bound), said once above the timeline. */
+function showOverflow (overflows) {
+  const missed = missedStatuses(overflows)
+  $('overflow').hidden = missed === 0
+  $('overflow').textContent = missed === 0
+    ? ''
+    : `The relay could not keep ${missed} delivery ${missed === 1 ? 'status' : 'statuses'} for you (too many were waiting while this mailbox was away): ` +
+      `some sent messages may say "queued" here although they were delivered or expired. Latest at ${timeOf(Math.max(...overflows.map((o) => o.at)))}.`
 }
 
 $('token-form').addEventListener('submit', (event) => {

@@ -1,5 +1,6 @@
 """The demo page: each tab keeps its own mailbox across reloads, and a sent message's labels say
-what the relay's receipt says (queued at the relay, or handed to an open session), never more.
+what the relay said (the receipt: queued at the relay, or handed to an open session; later a
+delivery status), never more. The statuses themselves: test_delivery_status.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .helpers import (
 
 pytestmark = pytest.mark.browser
 
-NOT_SAVED_OR_READ = "It does not say that the recipient has saved or read it"
+UNTIL_DELIVERED = 'when it has, this label says "delivered to {}"'
 
 
 def mailbox_shown(page: Any) -> str:
@@ -93,10 +94,9 @@ async def test_sent_labels_say_what_the_relay_knows_and_no_more(broker: Broker) 
         with open_browser() as browser:
             context = browser.new_context()
             alice = open_page(context, base, alice_token)
-            bob = open_page(context, base, bob_token)
+            bob = open_page(context, base, bob_token, hold_acks=True)  # saves, never ACKs: no "delivered" yet
             send_with_form(alice, "bob", "to an open session")
-            alice.wait_for_selector(".msg.out .chip.delivered", timeout=WAIT_MS)
-            wait_inbox(bob, 1)  # saved and ACKed by bob: the sender's label does not change
+            alice.wait_for_selector(".msg.out .chip.sent", timeout=WAIT_MS)
             send_with_form(alice, "nobody-home", "to an offline mailbox")
             alice.wait_for_selector(".msg.out .chip.queued", timeout=WAIT_MS)
             send_with_form(alice, "bob, not a name!", "one good, one bad")
@@ -104,6 +104,11 @@ async def test_sent_labels_say_what_the_relay_knows_and_no_more(broker: Broker) 
             alice.evaluate("async () => await window.relay.client.sendMessage('nobody-home', 'again', {id: 'twice'})")
             alice.evaluate("async () => await window.relay.client.sendMessage('nobody-home', 'again', {id: 'twice'})")
             alice.wait_for_selector(".msg.out .chip.duplicate", timeout=WAIT_MS)
+            alice.evaluate("async () => await window.relay.client.sendMessage('nobody-home', 'quiet', {notify: false})")
+            alice.wait_for_function(
+                "document.querySelectorAll('.msg.out:last-child .chip.queued').length === 1", timeout=WAIT_MS
+            )
+            wait_inbox(bob, 2, state="saved")  # on bob's device, not ACKed: the relay cannot know
 
             shown = chips(alice)
             assert [sorted(c["text"] for c in message) for message in shown] == [
@@ -111,24 +116,24 @@ async def test_sent_labels_say_what_the_relay_knows_and_no_more(broker: Broker) 
                 ["queued at relay for nobody-home"],
                 ["not sent to not a name!: not a mailbox name (3006)", "sent to bob's open session"],
                 ["nobody-home: relay already had it"],
+                ["queued at relay for nobody-home"],
             ]
             for c in (c for message in shown for c in message):
                 assert not re.search(r"\b(read|saved|received)\b", c["text"]), c["text"]
-            [[delivered], [queued], _, [duplicate]] = [[c["title"] for c in message] for message in shown]
+            [[sent], [queued], _, [duplicate], [quiet]] = [[c["title"] for c in m] for m in shown]
             (refused,) = (c["title"] for c in shown[2] if c["text"].startswith("not sent"))
-            assert "handed to a session bob had open" in delivered and NOT_SAVED_OR_READ in delivered
-            assert "nobody-home had no open session" in queued and NOT_SAVED_OR_READ in queued
+            assert "handed to a session bob had open" in sent and UNTIL_DELIVERED.format("bob") in sent
+            assert "nobody-home had no open session" in queued and UNTIL_DELIVERED.format("nobody-home") in queued
             assert "INVALID_RECIPIENT 3006" in refused
             assert "nothing new was stored" in duplicate
+            assert "this message asked for no delivery status" in quiet
             legend = alice.inner_text("#legend")  # collapsed: its text is in the DOM
             assert "not whether it was read" in legend
             alice.click("#legend summary")
-            assert "None of these says the recipient has saved or read the message" in alice.inner_text("#legend-note")
+            assert "None of these says the recipient has read the message" in alice.inner_text("#legend-note")
             # Bob's side: what his browser did, in its own words.
-            wait_inbox(bob, 2)
-            bob.wait_for_function("document.querySelectorAll('.msg.in .chip.acked').length === 2", timeout=WAIT_MS)
             for (received,) in chips(bob, ".msg.in"):
-                assert received["text"] == "acked" and "the relay has deleted its copy" in received["title"]
+                assert received["text"] == "saved" and "the relay still holds it" in received["title"]
 
     await run_in_browser(scenario)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import trio
 from broker.config import BrokerConfig
 from broker.server import Broker
 from client.transport import Endpoint, Transport, TransportClosed, open_transport
-from wire import Ack, Frame, FrameDecoder, Receipt
+from wire import Ack, Frame, FrameDecoder, Receipt, StatusAck, encode_frame
 
 _TAP_LIMIT = 64 * 1024 * 1024
 
@@ -28,22 +29,44 @@ class FaultyTransport:
         self.broken = False
 
     async def receive_some(self) -> bytes:
-        data = await self.inner.receive_some()
-        frames = self._in.feed(data)
-        self.network.received += frames
-        if self.network.lose_receipts and any(type(f) is Receipt for f in frames):
-            self.network.lose_receipts -= 1
-            await self.break_()
-            raise TransportClosed("test: connection broke before the receipt arrived")
-        return data
+        network = self.network
+        while True:
+            data = await self.inner.receive_some()
+            frames = self._in.feed(data)
+            network.received += frames
+            if network.lose_receipts and any(type(f) is Receipt for f in frames):
+                network.lose_receipts -= 1
+                await self.break_()
+                raise TransportClosed("test: connection broke before the receipt arrived")
+            if not network.reorder or not data:
+                return data
+            # Frames are passed on re-encoded, so RECEIPTs can be held back while ``hold_receipts``.
+            if network.hold_receipts:
+                network.held += [f for f in frames if type(f) is Receipt]
+                frames = [f for f in frames if type(f) is not Receipt]
+            else:
+                frames, network.held = network.held + frames, []
+            if frames:
+                return b"".join(encode_frame(f) for f in frames)
 
     async def send_all(self, data: bytes) -> None:
+        network = self.network
         frames = self._out.feed(data)
-        if self.network.lose_acks and any(type(f) is Ack for f in frames):
-            self.network.lose_acks -= 1
+        if network.lose_acks and any(type(f) is Ack for f in frames):
+            network.lose_acks -= 1
             await self.break_()
             raise TransportClosed("test: connection broke while the ACK was written")
-        self.network.sent += frames
+        if network.drop_status_acks and any(type(f) is StatusAck for f in frames):
+            kept = []
+            for f in frames:
+                if type(f) is StatusAck and network.drop_status_acks:
+                    network.drop_status_acks -= 1
+                    network.dropped.append(f)
+                else:
+                    kept.append(f)
+            frames = kept
+            data = b"".join(encode_frame(f) for f in frames)
+        network.sent += frames
         await self.inner.send_all(data)
 
     def send_some_nowait(self, data: bytes) -> int:
@@ -68,15 +91,23 @@ class FaultyNetwork:
 
     ``received`` / ``sent`` hold every frame seen; ``lose_acks`` / ``lose_receipts`` count how
     many more connections break at the next write with an ACK / read with a RECEIPT in it;
-    :meth:`cut` breaks the current connection from outside.
+    :meth:`cut` breaks the current connection from outside. ``drop_status_acks`` counts how many
+    more STATUS_ACK frames are silently not written (kept in ``dropped``). Made with
+    ``reorder=True``, received frames are passed on re-encoded, and while ``hold_receipts`` is
+    set RECEIPTs are held back (in ``held``) until a read after it is cleared.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, reorder: bool = False) -> None:
         self.transports: list[FaultyTransport] = []
         self.received: list[Frame] = []
         self.sent: list[Frame] = []
         self.lose_acks = 0
         self.lose_receipts = 0
+        self.drop_status_acks = 0
+        self.dropped: list[Frame] = []
+        self.reorder = reorder
+        self.hold_receipts = False
+        self.held: list[Frame] = []
 
     @asynccontextmanager
     async def __call__(self, endpoint: Endpoint) -> AsyncIterator[Transport]:
@@ -127,3 +158,19 @@ class BrokerRunner:
 
 def url_of(broker: Broker) -> str:
     return f"tcp://127.0.0.1:{broker.tcp_port}"
+
+
+class Clock:
+    """The broker's clock (epoch ms): the wall clock plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def __call__(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+
+async def until(predicate: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``predicate()`` is true, asking again every 10 ms (bound it with ``trio.fail_after``)."""
+    while not await predicate():
+        await trio.sleep(0.01)

@@ -5,32 +5,16 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
-from relay_testing import url_of
+from relay_testing import Clock, until, url_of
 
 from client import LocalStore, Status, open_client
 from client.cli import main
 
 TIMEOUT_S = 20
-
-
-class Clock:
-    """The broker's clock (epoch ms): the wall clock plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset_ms = 0
-
-    def __call__(self) -> int:
-        return time.time_ns() // 1_000_000 + self.offset_ms
-
-
-async def until(predicate: Any) -> None:
-    while not await predicate():
-        await trio.sleep(0.01)
 
 
 async def test_a_reused_id_from_another_sender_after_expiry_is_yielded_and_saved(
