@@ -199,6 +199,16 @@ export interface DecodeOptions {
 
 // ------------------------------------------------------------------ decoding
 
+/** A value of the deterministic CBOR subset the e2e envelope uses (docs/e2e.md): maps keep their key order. */
+export type DeterministicValue = string | Uint8Array | number | bigint | DeterministicValue[] | Map<DeterministicValue, DeterministicValue>
+/**
+ * One CBOR data item in the deterministic encoding, holding only text, bytes, unsigned integers,
+ * arrays and maps (read as strictly as a frame, nothing after it, shortest heads); maps as Map in
+ * wire order. Throws ProtocolError (MALFORMED_FRAME) otherwise.
+ */
+export function decodeDeterministic (data: Uint8Array): DeterministicValue
+/** The deterministic CBOR encoding of such a value (Map keys in insertion order). Throws TypeError for anything else. */
+export function encodeDeterministic (value: DeterministicValue): Uint8Array
 /**
  * Decode one frame body (no length prefix).
  * Throws ProtocolError: FRAME_TOO_LARGE if the body exceeds maxFrameBytes (when given),

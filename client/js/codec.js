@@ -245,6 +245,60 @@ function readBody (body) {
   return item
 }
 
+/**
+ * One CBOR data item in the deterministic encoding (RFC 8949 section 4.2.1 as docs/e2e.md uses it)
+ * holding only text, byte strings, unsigned integers, arrays and maps: the structures the e2e
+ * envelope signs and seals. Read as strictly as a frame (no tags, no indefinite lengths, no duplicate
+ * keys, at most MAX_DEPTH containers, strict UTF-8, nothing after the item), and further: no negative
+ * integers, floats or simple values, and the bytes must be exactly what encodeDeterministic writes
+ * for the value read (shortest heads). Maps come back as Map, keys in wire order.
+ * Throws ProtocolError (MALFORMED_FRAME) otherwise.
+ */
+export function decodeDeterministic (data) {
+  const bytes = asUint8Array(data)
+  const value = plainItem(readBody(bytes))
+  const again = encodeDeterministic(value)
+  if (again.length !== bytes.length || again.some((b, i) => b !== bytes[i])) {
+    throw new ProtocolError(MALFORMED_FRAME, 'not the deterministic CBOR encoding')
+  }
+  return value
+}
+
+/**
+ * The deterministic CBOR encoding of text, byte strings, unsigned integers (numbers up to 2^53-1,
+ * bigints up to 2^64-1), arrays and Maps (keys in insertion order): definite lengths, shortest heads.
+ */
+export function encodeDeterministic (value) {
+  return encode(checkDeterministic(value), { mapSorter: null })
+}
+
+function checkDeterministic (v) {
+  if (typeof v === 'string' || v instanceof Uint8Array) return v
+  if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return v
+  if (typeof v === 'bigint' && v >= 0n && v < 2n ** 64n) return v
+  if (Array.isArray(v)) {
+    for (const x of v) checkDeterministic(x)
+    return v
+  }
+  if (v instanceof Map) {
+    for (const [k, x] of v) {
+      checkDeterministic(k)
+      checkDeterministic(x)
+    }
+    return v
+  }
+  throw new TypeError('encodeDeterministic takes text, bytes, unsigned integers, arrays and Maps')
+}
+
+function plainItem (v) {
+  if (typeof v === 'string' || v instanceof Uint8Array) return v
+  if (typeof v === 'number' && v >= 0) return v
+  if (typeof v === 'bigint' && v >= 0n) return v
+  if (Array.isArray(v)) return v.map(plainItem)
+  if (v instanceof CborMap) return new Map(v.entries.map(([k, x]) => [plainItem(k), plainItem(x)]))
+  throw new ProtocolError(MALFORMED_FRAME, 'only text, bytes, unsigned integers, arrays and maps are allowed')
+}
+
 // ------------------------------------------------------------------ field validation
 
 class FieldError extends Error {}

@@ -1,4 +1,5 @@
-// Types of index.js, the package's entry point: client.d.ts and codec.d.ts together.
+// Types of index.js, the package's entry point: client.d.ts, codec.d.ts and e2e.d.ts together.
 export * from './client.js'
 export * from './codec.js'
+export * from './e2e.js'
 export type { DeliveryState, InboxRecord, OutboxEntry, OutgoingEntry, OpenOptions, OverflowRecord, StatusRecord } from './store.js'

@@ -1,8 +1,10 @@
 // Run by test_npm_package.py from a fresh project that installed the packed @relay/client:
-// the codec round-trips a frame and refuses a bad one, and two clients (bob, then alice) talk
-// through the real broker at argv[2]. Prints one JSON line with what happened.
+// the codec round-trips a frame and refuses a bad one, the e2e core seals and opens a body (its
+// @hpke/core dependency installed with it), and two clients (bob, then alice) talk through the
+// real broker at argv[2]. Prints one JSON line with what happened.
 import { ERROR_CODES, LocalProtocolError, RelayClient, encodeFrame } from '@relay/client'
 import { decodeMessage } from '@relay/client/codec'
+import { generateEncryptionKey, generateIdentity, makeKeyRecord, openEnvelope, seal } from '@relay/client/e2e'
 import { INBOX_KEY } from '@relay/client/store'
 import { fileURLToPath } from 'node:url'
 
@@ -23,6 +25,12 @@ try {
   refused = { local: err instanceof LocalProtocolError, invalidField: err.code === ERROR_CODES.INVALID_FIELD }
 }
 
+const identity = await generateIdentity()
+const ek = await generateEncryptionKey()
+const record = await makeKeyRecord('bob', identity, ek)
+const envelope = await seal({ sender: 'alice', msgId: 'm-e2e', recipients: [['bob', record]], identity, body: new TextEncoder().encode('sealed in the tarball') })
+const opened = await openEnvelope(envelope, { sender: 'alice', msgId: 'm-e2e', me: 'bob', senderIk: identity.public, myKeys: new Map([[ek.kid, ek]]) })
+
 const bob = new RelayClient({ url, token: bobToken, agent: 'package-check' })
 const welcomed = next(bob, 'welcome')
 await bob.start()
@@ -42,6 +50,7 @@ console.log(JSON.stringify({
   inboxKey: INBOX_KEY,
   decoded: { ...decoded, body: text(decoded.body) },
   refused,
+  e2e: text(opened),
   welcome: welcome.mailbox,
   receipt,
   message: { from: message.from, body: text(message.body), state: message.state },

@@ -1,6 +1,7 @@
 """The browser client as an npm package: ``npm pack`` in client/js, the tarball installed into a fresh project,
-its types checked there (the package's typed example and its README's ten lines), and the installed copy used
-under Node against a real broker (a codec round trip, then alice -> bob over WebSocket, ACKed, nothing pending)."""
+its types checked there (the package's typed examples and its README's ten lines), and the installed copy used
+under Node against a real broker (a codec round trip, an e2e seal and open, then alice -> bob over WebSocket, ACKed,
+nothing pending)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from ..conftest import require_service
 JS_DIR = Path(__file__).resolve().parents[2] / "client" / "js"
 TSC = JS_DIR / "node_modules" / "typescript" / "bin" / "tsc"
 CHECK_SCRIPT = Path(__file__).with_name("package_check.mjs")
-MODULES = ("index", "client", "codec", "store")
+MODULES = ("index", "client", "codec", "e2e", "store")
 PACKED_FILES = sorted(["package.json", "README.md", *(f"{m}.{ext}" for m in MODULES for ext in ("js", "d.ts"))])
 """Exactly what the tarball holds: package.json, README.md, the modules and their declarations."""
 NPM_QUIET = ["--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error"]
-"""Cached packages first (setup.sh's `npm ci` filled the cache with cborg); no audit or funding requests."""
+"""Cached packages first (setup.sh's `npm ci` filled the cache with cborg and @hpke/core); no audit or funding."""
 README_PREAMBLE = "declare const token: string\ndeclare function show(from: string, text: string): void\n"
 """What the README's example takes from the page around it."""
 TIMEOUT_S = 120
@@ -69,14 +70,17 @@ async def test_packed_tarball_installs_in_a_fresh_project_and_talks_to_a_broker(
         (app / "package.json").write_text(json.dumps({"name": "relay-app", "private": True, "type": "module"}))
         await _run(npm, "install", *NPM_QUIET, tmp_path / packed["filename"], cwd=app)
         installed = json.loads((app / "node_modules" / "@relay" / "client" / "package.json").read_text())
-        assert list(installed["dependencies"]) == ["cborg"]
-        assert (app / "node_modules" / "cborg" / "package.json").exists()
+        assert list(installed["dependencies"]) == ["@hpke/core", "cborg"]
+        for dependency in ("cborg", "@hpke/core", "@hpke/common"):
+            assert (app / "node_modules" / dependency / "package.json").exists(), dependency
 
-        # The types as an app sees them, through the installed package's exports: its typed example, its README's.
-        shutil.copy(JS_DIR / "examples" / "usage.ts", app / "usage.ts")
+        # The types as an app sees them, through the installed package's exports: its typed examples, its README's.
+        examples = sorted(p.name for p in (JS_DIR / "examples").glob("*.ts"))
+        for name in examples:
+            shutil.copy(JS_DIR / "examples" / name, app / name)
         (app / "readme.ts").write_text(_readme_example())
         tsconfig = json.loads((JS_DIR / "tsconfig.json").read_text())
-        (app / "tsconfig.json").write_text(json.dumps({**tsconfig, "include": ["usage.ts", "readme.ts"]}))
+        (app / "tsconfig.json").write_text(json.dumps({**tsconfig, "include": [*examples, "readme.ts"]}))
         await _run(node, TSC, "-p", app, cwd=app)
 
         shutil.copy(CHECK_SCRIPT, app / "main.mjs")
@@ -89,6 +93,7 @@ async def test_packed_tarball_installs_in_a_fresh_project_and_talks_to_a_broker(
     assert result["inboxKey"] == ["from", "id"]
     assert result["decoded"] == {"type": "send", "id": "m-pack", "to": ["bob"], "body": "packed", "ttl_s": 60}
     assert result["refused"] == {"local": True, "invalidField": True}
+    assert result["e2e"] == "sealed in the tarball"
     assert result["welcome"] == "bob"
     assert result["receipt"]["results"] == {"bob": {"status": "delivered"}}
     assert result["message"] == {"from": "alice", "body": "hello from the tarball", "state": "acked"}

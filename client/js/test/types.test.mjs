@@ -22,7 +22,7 @@ import { promisify } from 'node:util'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const packageDir = dirname(here)
-const MODULES = ['index', 'client', 'codec', 'store']
+const MODULES = ['index', 'client', 'codec', 'e2e', 'store']
 
 /** Classes whose instances are built to find the properties their constructor sets: name -> its arguments. */
 const INSTANCES = {
@@ -31,7 +31,8 @@ const INSTANCES = {
   ProtocolError: () => [1001, 'x'],
   LocalProtocolError: () => [1001, 'x'],
   MessageStore: () => [null],
-  FrameDecoder: () => []
+  FrameDecoder: () => [],
+  E2EError: () => ['malformed']
 }
 /** Own properties every Error instance has, declared by Error itself. */
 const ERROR_OWN = ['name', 'message', 'stack', 'cause']
