@@ -52,6 +52,10 @@ from .frames import (
     Error,
     Frame,
     Hello,
+    KeyGet,
+    KeyGetResult,
+    KeyPut,
+    KeyPutResult,
     Ping,
     Pong,
     Pull,
@@ -106,8 +110,21 @@ _S = State
 TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
     (_C, _S.HANDSHAKE, Hello): _S.AUTHENTICATING,
     (_B, _S.AUTHENTICATING, Welcome): _S.OPEN,
-    **{(_C, _S.OPEN, t): _S.OPEN for t in (Send, Ack, StatusAck, Pull, Ping, Stats, Cleanup)},
-    **{(_B, _S.OPEN, t): _S.OPEN for t in (Receipt, Deliver, StatusReport, Drained, Pong, StatsResult, CleanupResult)},
+    **{(_C, _S.OPEN, t): _S.OPEN for t in (Send, Ack, StatusAck, Pull, Ping, Stats, Cleanup, KeyPut, KeyGet)},
+    **{
+        (_B, _S.OPEN, t): _S.OPEN
+        for t in (
+            Receipt,
+            Deliver,
+            StatusReport,
+            Drained,
+            Pong,
+            StatsResult,
+            CleanupResult,
+            KeyPutResult,
+            KeyGetResult,
+        )
+    },
     (_C, _S.OPEN, Bye): _S.CLOSED,
 }
 """(sender role, state, frame class) -> next state. Anything else is a protocol error."""

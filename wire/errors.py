@@ -53,7 +53,7 @@ class ErrorCode(IntEnum):
     FORBIDDEN = 2003
     """The authenticated identity may not do this (e.g. STATS without an operator token)."""
 
-    # 3xxx: a SEND refused for one recipient or as a whole (in a RECEIPT; not fatal).
+    # 3xxx: a request refused (in a RECEIPT or a KEY_PUT_RESULT `code`; never in an ERROR, never fatal).
     MAILBOX_FULL = 3001
     """The recipient's mailbox holds ``max_mailbox_messages`` messages already."""
     MAILBOX_BYTES_FULL = 3002
@@ -71,6 +71,8 @@ class ErrorCode(IntEnum):
     STORE_UNREACHABLE = 3008
     """The broker could not reach its store for this SEND (a whole-SEND code): it may or may not be stored;
     resend it with the same id (a retry of a stored one is "duplicate")."""
+    INVALID_KEY = 3009
+    """A KEY_PUT's record signature does not verify for the session's mailbox: nothing was stored."""
 
     # 4xxx: the broker ended the session.
     CONNECTED_ELSEWHERE = 4001

@@ -46,6 +46,11 @@ __all__ = [
     "Error",
     "Frame",
     "Hello",
+    "KeyGet",
+    "KeyGetResult",
+    "KeyPut",
+    "KeyPutResult",
+    "KeyRecord",
     "Ping",
     "Pong",
     "Pull",
@@ -720,6 +725,150 @@ class StatusAck(Frame):
                 raise _uint_error("seqs[]", 1)
         if type(seqs) is not tuple:
             object.__setattr__(self, "seqs", tuple(seqs))
+
+
+# ---------------------------------------------------------------- key directory
+
+KEY_BYTES = 32
+"""Length of a key record's ``ik`` (Ed25519 public key) and ``ek`` (X25519 public key), raw."""
+SIG_BYTES = 64
+"""Length of a key record's ``sig`` (an Ed25519 signature)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyRecord:
+    """A mailbox's entry in the broker's public-key directory (protocol.md section 6, ``key_put``; docs/e2e.md).
+
+    ``ik`` is the Ed25519 identity public key, ``kid`` the id of the X25519 encryption key
+    ``ek`` (message-id syntax), ``sig`` the Ed25519 signature by ``ik`` over
+    ``CBOR(["relay-e2e-key/1", mailbox, kid, ek])``. Only the shape is checked here
+    (raises ValueError); whether ``sig`` verifies for a mailbox is
+    ``wire.e2e.verify_key_record``'s question.
+    """
+
+    ik: bytes
+    kid: str
+    ek: bytes
+    sig: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.ik) is not bytes or len(self.ik) != KEY_BYTES:
+            raise ValueError(f"ik must be a byte string of {KEY_BYTES} bytes")
+        if not is_valid_message_id(self.kid):
+            raise _message_id_error("kid")
+        if type(self.ek) is not bytes or len(self.ek) != KEY_BYTES:
+            raise ValueError(f"ek must be a byte string of {KEY_BYTES} bytes")
+        if type(self.sig) is not bytes or len(self.sig) != SIG_BYTES:
+            raise ValueError(f"sig must be a byte string of {SIG_BYTES} bytes")
+
+    def to_map(self) -> dict[str, Any]:
+        """The record as a CBOR-ready map, keys in the order ik, kid, ek, sig."""
+        return {"ik": self.ik, "kid": self.kid, "ek": self.ek, "sig": self.sig}
+
+    @classmethod
+    def from_map(cls, m: object) -> KeyRecord:
+        """The record from a decoded map; raises ValueError if it is not a map of the record's shape.
+
+        Unknown keys are ignored, as in frames; a missing or null field is refused.
+        """
+        if not isinstance(m, Mapping):
+            raise ValueError("a key record must be a map")
+        try:
+            return cls(ik=m["ik"], kid=m["kid"], ek=m["ek"], sig=m["sig"])
+        except KeyError as exc:
+            raise ValueError(f"a key record needs {exc.args[0]}") from None
+
+
+@_frame("key_put", "key")
+class KeyPut(Frame):
+    """Client -> broker (mailbox sessions): publish ``key`` as the session's mailbox's directory record.
+
+    Answered by KEY_PUT_RESULT, in the order sent (protocol.md section 9, rule 20).
+    """
+
+    key: KeyRecord
+
+    def __post_init__(self) -> None:
+        if type(self.key) is not KeyRecord:
+            raise ValueError("key must be a key record")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "key_put", "key": self.key.to_map()}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Self:
+        try:
+            if "key" not in m:
+                raise ValueError("key is required")
+            return cls(key=KeyRecord.from_map(m["key"]))
+        except ValueError as exc:
+            raise _invalid(cls.TYPE, exc) from None
+
+
+@_frame("key_put_result", "kid", "code")
+class KeyPutResult(Frame):
+    """Broker -> client: answer to KEY_PUT, naming the record's ``kid``; ``code`` (3009 INVALID_KEY) only if refused."""
+
+    kid: str
+    code: int | None = None
+
+    def __post_init__(self) -> None:
+        if not is_valid_message_id(self.kid):
+            raise _message_id_error("kid")
+        if self.code is not None:
+            _uint("code", self.code, minimum=1000)
+
+
+@_frame("key_get", "mailboxes")
+class KeyGet(Frame):
+    """Client -> broker (mailbox sessions): look up these mailboxes' key records.
+
+    Each element is text of at most ``MAX_RECIPIENT_CHARS`` characters (syntax is the
+    broker's call: an invalid id simply has no record); repeats are allowed. The broker
+    refuses more than its ``max_recipients`` elements (INVALID_FIELD, fatal).
+    """
+
+    mailboxes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        mailboxes: object = self.mailboxes  # a list is taken too (and kept as a tuple)
+        if not (type(mailboxes) is tuple or type(mailboxes) is list) or not mailboxes:
+            raise _array_error("mailboxes")
+        for mailbox in mailboxes:
+            if type(mailbox) is not str or len(mailbox) > MAX_RECIPIENT_CHARS:
+                raise ValueError(f"mailboxes must hold text strings of at most {MAX_RECIPIENT_CHARS} characters")
+        if type(mailboxes) is not tuple:
+            object.__setattr__(self, "mailboxes", tuple(mailboxes))
+
+
+@_frame("key_get_result", "keys")
+class KeyGetResult(Frame):
+    """Broker -> client: answer to KEY_GET: mailbox id -> key record, only for the mailboxes that have one."""
+
+    keys: Mapping[str, KeyRecord]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keys, Mapping):
+            raise ValueError("keys must be a map")
+        for mailbox, record in self.keys.items():
+            _mailbox("keys key", mailbox)
+            if type(record) is not KeyRecord:
+                raise ValueError("keys values must be key records")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "key_get_result", "keys": {mailbox: r.to_map() for mailbox, r in self.keys.items()}}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> Self:
+        try:
+            if "keys" not in m:
+                raise ValueError("keys is required")
+            keys = m["keys"]
+            if not isinstance(keys, Mapping):
+                raise ValueError("keys must be a map")
+            return cls(keys={mailbox: KeyRecord.from_map(r) for mailbox, r in keys.items()})
+        except ValueError as exc:
+            raise _invalid(cls.TYPE, exc) from None
 
 
 # ---------------------------------------------------------------- session

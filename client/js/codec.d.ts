@@ -37,6 +37,7 @@ export const ERROR_CODES: Readonly<{
   INVALID_RECIPIENT: 3006
   BODY_TOO_LARGE: 3007
   STORE_UNREACHABLE: 3008
+  INVALID_KEY: 3009
   CONNECTED_ELSEWHERE: 4001
   KEEPALIVE_TIMEOUT: 4002
   SLOW_CONSUMER: 4003
@@ -163,6 +164,19 @@ export interface StatsResultFrame { type: 'stats_result', stats: Record<string, 
 export interface CleanupFrame { type: 'cleanup' }
 export interface CleanupResultFrame { type: 'cleanup_result', purged: number }
 
+/**
+ * A key-directory record (protocol.md 6, "Key record"): `ik` the Ed25519 identity public key (32 bytes), `kid` the
+ * encryption key's id (message-id syntax), `ek` the X25519 public key (32 bytes), `sig` the Ed25519 signature by
+ * `ik` over CBOR(["relay-e2e-key/1", mailbox, kid, ek]) (64 bytes). The codec checks the shape, not the signature.
+ */
+export interface KeyRecord { ik: Uint8Array, kid: string, ek: Uint8Array, sig: Uint8Array }
+export interface KeyPutFrame { type: 'key_put', key: KeyRecord }
+/** `code` (3009 INVALID_KEY, or 3008 STORE_UNREACHABLE) only when the record was not stored. */
+export interface KeyPutResultFrame { type: 'key_put_result', kid: string, code?: number }
+export interface KeyGetFrame { type: 'key_get', mailboxes: string[] }
+/** Only the looked-up mailboxes that have a record. */
+export interface KeyGetResultFrame { type: 'key_get_result', keys: Record<string, KeyRecord> }
+
 /** Every frame of the protocol. */
 export type Frame =
   | HelloFrame
@@ -183,6 +197,10 @@ export type Frame =
   | StatsResultFrame
   | CleanupFrame
   | CleanupResultFrame
+  | KeyPutFrame
+  | KeyPutResultFrame
+  | KeyGetFrame
+  | KeyGetResultFrame
 
 /** A frame type name, as on the wire. */
 export type FrameType = Frame['type']

@@ -60,6 +60,7 @@ export const ERROR_CODES = Object.freeze({
   INVALID_RECIPIENT: 3006,
   BODY_TOO_LARGE: 3007,
   STORE_UNREACHABLE: 3008,
+  INVALID_KEY: 3009,
   CONNECTED_ELSEWHERE: 4001,
   KEEPALIVE_TIMEOUT: 4002,
   SLOW_CONSUMER: 4003,
@@ -428,6 +429,43 @@ function stats (v, name) {
   return out
 }
 
+/** A byte string of exactly n bytes. */
+function fixedBytes (n) {
+  return (v, name) => {
+    if (v instanceof Uint8Array && v.length === n) return asUint8Array(v)
+    throw new FieldError(`${name} must be a byte string of ${n} bytes`)
+  }
+}
+
+const KEY_RECORD_FIELDS = [['ik', fixedBytes(32)], ['kid', messageId], ['ek', fixedBytes(32)], ['sig', fixedBytes(64)]]
+
+/**
+ * A key record (protocol.md 6, "Key record"): a map with ik (32 bytes), kid (message id), ek (32 bytes) and sig
+ * (64 bytes), unknown keys ignored; returned as a plain object {ik, kid, ek, sig} in that order.
+ */
+function keyRecord (v, name) {
+  if (!(v instanceof CborMap)) throw new FieldError(`${name} must be a key record map`)
+  const out = {}
+  for (const [key, check] of KEY_RECORD_FIELDS) {
+    if (!v.has(key)) throw new FieldError(`${name} needs ${key}`)
+    const value = v.get(key)
+    if (value === null) throw new FieldError(`${name}.${key} may not be null`)
+    out[key] = check(value, `${name}.${key}`)
+  }
+  return out
+}
+
+/** KEY_GET_RESULT keys: mailbox id -> key record (may be empty). */
+function keyRecords (v, name) {
+  if (!(v instanceof CborMap)) throw new FieldError(`${name} must be a map`)
+  const out = {}
+  for (const [mailboxId, record] of v.entries) {
+    mailbox(mailboxId, `${name} key`)
+    define(out, mailboxId, keyRecord(record, `${name}[${mailboxId}]`))
+  }
+  return out
+}
+
 const R = true // required
 const O = false // optional
 
@@ -487,7 +525,11 @@ const SCHEMAS = {
   stats: [],
   stats_result: [['stats', stats, R]],
   cleanup: [],
-  cleanup_result: [['purged', uint(0), R]]
+  cleanup_result: [['purged', uint(0), R]],
+  key_put: [['key', keyRecord, R]],
+  key_put_result: [['kid', messageId, R], ['code', uint(1000), O]],
+  key_get: [['mailboxes', arrayOf(recipientText), R]],
+  key_get_result: [['keys', keyRecords, R]]
 }
 
 /** Checks across fields, after each field has passed its own: the frame as built so far -> error text or null. */
@@ -642,8 +684,23 @@ export class FrameDecoder {
 
 // ------------------------------------------------------------------ encoding
 
+/** A user-built key record object as the map the validator reads (which ignores unknown keys, as the decoder does). */
+function recordMap (value) {
+  if (value === null || typeof value !== 'object' || value instanceof Uint8Array || Array.isArray(value) || value instanceof CborMap) return value
+  const m = new CborMap()
+  for (const [k, v] of Object.entries(value)) if (v !== undefined) m.entries.push([k, v])
+  return m
+}
+
 /** A user-built frame object in the shape the validators read (maps as CborMap). */
 function toCheckable (key, value) {
+  if (key === 'key') return recordMap(value)
+  if (key === 'keys' && value !== null && typeof value === 'object' && !(value instanceof Uint8Array) && !Array.isArray(value)) {
+    const m = new CborMap()
+    const entries = value instanceof Map ? [...value.entries()] : Object.entries(value)
+    for (const [k, v] of entries) m.entries.push([k, recordMap(v)])
+    return m
+  }
   if ((key === 'results' || key === 'stats') && value !== null && typeof value === 'object' && !(value instanceof Uint8Array) && !Array.isArray(value)) {
     const m = new CborMap()
     const entries = value instanceof Map ? [...value.entries()] : Object.entries(value)
@@ -697,6 +754,10 @@ function toEncodable (frame) {
       out.set(key, results)
     } else if (key === 'stats') {
       out.set(key, new Map(Object.entries(value)))
+    } else if (key === 'key') {
+      out.set(key, new Map(Object.entries(value)))
+    } else if (key === 'keys') {
+      out.set(key, new Map(Object.entries(value).map(([mailboxId, r]) => [mailboxId, new Map(Object.entries(r))])))
     } else {
       out.set(key, value)
     }

@@ -30,6 +30,11 @@ from wire import (
     Frame,
     FrameDecoder,
     Hello,
+    KeyGet,
+    KeyGetResult,
+    KeyPut,
+    KeyPutResult,
+    KeyRecord,
     Ping,
     Pong,
     Pull,
@@ -51,6 +56,12 @@ HERE = Path(__file__).resolve().parent
 TOKEN = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
 MSG_ID = "01J9ZKQ8V6X3M4N5P6Q7R8S9T0"
 UUID_ID = "9f1c2e3d4b5a69788796a5b4c3d2e1f0"
+# A key record of the right shape (the decoder does not verify signatures; signed ones are in e2e.json).
+IK = bytes(range(32))
+EK = bytes(range(32, 64))
+SIG = bytes(range(64, 128))
+KID = "5f3a9c0e12ab34cd"
+RECORD = KeyRecord(ik=IK, kid=KID, ek=EK, sig=SIG)
 
 
 # ---------------------------------------------------------------- raw CBOR pieces
@@ -361,8 +372,43 @@ def build_valid() -> None:
     valid("stats_result", "STATS_RESULT with every key protocol.md lists", StatsResult(stats=stats))
     valid("stats_result_empty", "STATS_RESULT with an empty map", StatsResult(stats={}))
     valid("cleanup_result", "CLEANUP_RESULT", CleanupResult(purged=42))
+    valid("key_put", "KEY_PUT of a key record (ik, kid, ek, sig)", KeyPut(key=RECORD))
+    valid(
+        "key_put_long_kid",
+        "KEY_PUT whose kid is any message id: 64 printable ASCII characters",
+        KeyPut(key=KeyRecord(ik=IK, kid="~!" * 32, ek=EK, sig=SIG)),
+    )
+    valid("key_put_result", "KEY_PUT_RESULT: the record is stored", KeyPutResult(kid=KID))
+    valid(
+        "key_put_result_refused",
+        "KEY_PUT_RESULT refused with 3009 INVALID_KEY (nothing stored)",
+        KeyPutResult(kid=KID, code=int(ErrorCode.INVALID_KEY)),
+    )
+    valid("key_get", "KEY_GET of one mailbox", KeyGet(mailboxes=("bob",)))
+    valid(
+        "key_get_any_text",
+        "KEY_GET with repeats, an empty element, one that is no mailbox id and a 64-code-point one",
+        KeyGet(mailboxes=("bob", "carol", "bob", "", "not a mailbox", "\U0001f680" * 64)),
+    )
+    valid(
+        "key_get_result",
+        "KEY_GET_RESULT with two records",
+        KeyGetResult(keys={"bob": RECORD, "carol@example.org": KeyRecord(ik=EK, kid="k2", ek=IK, sig=SIG[::-1])}),
+    )
+    valid("key_get_result_empty", "KEY_GET_RESULT: none of the mailboxes has a record", KeyGetResult(keys={}))
 
     # ---- non-canonical encodings that must still decode
+    valid(
+        "key_put_unknown_and_reordered",
+        "KEY_PUT whose record has its keys in another order and an unknown key (ignored, not kept)",
+        KeyPut(key=RECORD),
+        m(
+            t("type"),
+            t("key_put"),
+            t("key"),
+            m(t("sig"), b(SIG), t("x-note"), t("hi"), t("ek"), b(EK), t("kid"), t(KID), t("ik"), b(IK)),
+        ),
+    )
     valid(
         "ping_unknown_keys",
         "PING with unknown keys of many kinds (ignored): nesting at the depth limit, floats, null, undefined, "
@@ -521,6 +567,25 @@ def overflow(**fields: bytes) -> bytes:
 
 def status_ack(seqs: bytes) -> bytes:
     return m(t("type"), t("status_ack"), t("seqs"), seqs)
+
+
+def key_record(**fields: bytes) -> bytes:
+    """A key record map with ``fields`` replaced; an empty value drops the field."""
+    base = {"ik": b(IK), "kid": t(KID), "ek": b(EK), "sig": b(SIG)}
+    base.update(fields)
+    pairs: list[bytes] = []
+    for key, value in base.items():
+        if value != b"":
+            pairs += [t(key), value]
+    return m(*pairs)
+
+
+def key_put(record: bytes) -> bytes:
+    return m(t("type"), t("key_put"), t("key"), record)
+
+
+def key_get(mailboxes: bytes) -> bytes:
+    return m(t("type"), t("key_get"), t("mailboxes"), mailboxes)
 
 
 def build_invalid() -> None:
@@ -905,6 +970,67 @@ def build_invalid() -> None:
         "STATS_RESULT keyed by an integer",
         INV,
         m(t("type"), t("stats_result"), t("stats"), m(u(1), u(1))),
+    )
+    for name, description, record in (
+        ("ik_short", "ik of 31 bytes", key_record(ik=b(IK[:31]))),
+        ("ik_long", "ik of 33 bytes", key_record(ik=b(IK + b"\x00"))),
+        ("ik_text", "ik as text", key_record(ik=t(IK.hex()))),
+        ("ek_short", "ek of 31 bytes", key_record(ek=b(EK[:31]))),
+        ("ek_long", "ek of 33 bytes", key_record(ek=b(EK + b"\x00"))),
+        ("ek_empty", "ek empty", key_record(ek=b(b""))),
+        ("sig_short", "sig of 63 bytes", key_record(sig=b(SIG[:63]))),
+        ("sig_long", "sig of 65 bytes", key_record(sig=b(SIG + b"\x00"))),
+        ("sig_array", "sig as an array of integers", key_record(sig=a(*(u(x) for x in SIG)))),
+        ("kid_empty", "kid empty", key_record(kid=t(""))),
+        ("kid_too_long", "kid of 65 characters", key_record(kid=t("k" * 65))),
+        ("kid_space", "kid with a space", key_record(kid=t("k k"))),
+        ("kid_non_ascii", "kid with a non-ASCII character", key_record(kid=t("k\u00e9"))),
+        ("kid_bytes", "kid as bytes", key_record(kid=b(KID.encode()))),
+        ("missing_ik", "record without ik", key_record(ik=b"")),
+        ("missing_kid", "record without kid", key_record(kid=b"")),
+        ("missing_ek", "record without ek", key_record(ek=b"")),
+        ("missing_sig", "record without sig", key_record(sig=b"")),
+        ("null_sig", "record with sig null", key_record(sig=c(None))),
+    ):
+        invalid(f"key_put_{name}", f"KEY_PUT: {description}", INV, key_put(record))
+    invalid(
+        "key_get_result_ik_short",
+        "KEY_GET_RESULT holding a record whose ik is 31 bytes",
+        INV,
+        m(t("type"), t("key_get_result"), t("keys"), m(t("bob"), key_record(ik=b(IK[:31])))),
+    )
+    invalid("key_put_not_map", "KEY_PUT key as a byte string", INV, key_put(b(IK + EK)))
+    invalid("key_put_null", "KEY_PUT key null", INV, key_put(c(None)))
+    invalid("key_put_missing", "KEY_PUT without key", INV, m(t("type"), t("key_put")))
+    invalid("key_get_empty", "KEY_GET with no mailboxes", INV, key_get(a()))
+    invalid("key_get_not_array", "KEY_GET mailboxes as one text", INV, key_get(t("bob")))
+    invalid("key_get_element_too_long", "KEY_GET with a 65-character element", INV, key_get(a(t("b" * 65))))
+    invalid("key_get_element_int", "KEY_GET with an integer element", INV, key_get(a(t("bob"), u(7))))
+    invalid("key_get_missing", "KEY_GET without mailboxes", INV, m(t("type"), t("key_get")))
+    invalid(
+        "key_get_result_bad_mailbox",
+        "KEY_GET_RESULT keyed by something that is not a mailbox id",
+        INV,
+        m(t("type"), t("key_get_result"), t("keys"), m(t("-bob"), key_record())),
+    )
+    invalid(
+        "key_get_result_not_map",
+        "KEY_GET_RESULT keys as an array",
+        INV,
+        m(t("type"), t("key_get_result"), t("keys"), a(key_record())),
+    )
+    invalid("key_get_result_missing", "KEY_GET_RESULT without keys", INV, m(t("type"), t("key_get_result")))
+    invalid(
+        "key_put_result_code_low",
+        "KEY_PUT_RESULT with code 999",
+        INV,
+        m(t("type"), t("key_put_result"), t("kid"), t(KID), t("code"), u(999)),
+    )
+    invalid(
+        "key_put_result_bad_kid",
+        "KEY_PUT_RESULT kid with a space",
+        INV,
+        m(t("type"), t("key_put_result"), t("kid"), t("k k")),
     )
     invalid(
         "cleanup_result_text",

@@ -25,6 +25,11 @@ from wire import (
     Frame,
     FrameDecoder,
     Hello,
+    KeyGet,
+    KeyGetResult,
+    KeyPut,
+    KeyPutResult,
+    KeyRecord,
     Ping,
     Pong,
     Pull,
@@ -44,6 +49,7 @@ from wire import (
     decode_body,
     encode_frame,
     encode_frames,
+    receipt_bound_bytes,
 )
 
 from .support import welcome
@@ -60,6 +66,14 @@ BODY = st.binary(max_size=300)
 result = st.one_of(
     st.sampled_from([Status.QUEUED, Status.DELIVERED, Status.DUPLICATE]).map(RecipientResult),
     st.integers(1000, 2**63 - 1).map(lambda code: RecipientResult(Status.REFUSED, code)),
+)
+
+KEY_RECORD = st.builds(
+    KeyRecord,
+    ik=st.binary(min_size=32, max_size=32),
+    kid=MESSAGE_ID,
+    ek=st.binary(min_size=32, max_size=32),
+    sig=st.binary(min_size=64, max_size=64),
 )
 
 FRAMES: dict[type[Frame], st.SearchStrategy[Frame]] = {
@@ -116,6 +130,10 @@ FRAMES: dict[type[Frame], st.SearchStrategy[Frame]] = {
     StatsResult: st.builds(StatsResult, stats=st.dictionaries(st.text(min_size=1, max_size=64), UINT, max_size=25)),
     Cleanup: st.just(Cleanup()),
     CleanupResult: st.builds(CleanupResult, purged=UINT),
+    KeyPut: st.builds(KeyPut, key=KEY_RECORD),
+    KeyPutResult: st.builds(KeyPutResult, kid=MESSAGE_ID, code=st.none() | st.integers(1000, 2**63 - 1)),
+    KeyGet: st.builds(KeyGet, mailboxes=st.lists(TEXT, min_size=1, max_size=5).map(tuple)),
+    KeyGetResult: st.builds(KeyGetResult, keys=st.dictionaries(MAILBOX, KEY_RECORD, max_size=4)),
 }
 ANY_FRAME = st.one_of(*FRAMES.values())
 
@@ -504,3 +522,94 @@ def test_an_illegal_status_ack_cannot_be_built_or_decoded(seqs: Any) -> None:
 def test_status_ack_keeps_its_seqs_as_a_tuple() -> None:
     assert StatusAck(seqs=[3, 1, 3]).seqs == (3, 1, 3)  # repeats and any order: unknown and repeated seqs are ignored
     assert decode_body(cbor2.dumps({"type": "status_ack", "seqs": [1, 2**53 - 1]})) == StatusAck(seqs=(1, 2**53 - 1))
+
+
+# ---------------------------------------------------------------- key directory frames
+
+RECORD = {"ik": b"\x01" * 32, "kid": "0123456789abcdef", "ek": b"\x02" * 32, "sig": b"\x03" * 64}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ik": b"\x01" * 31},
+        {"ik": b"\x01" * 33},
+        {"ik": "01" * 32},
+        {"ek": b""},
+        {"ek": b"\x02" * 64},
+        {"sig": b"\x03" * 63},
+        {"sig": b"\x03" * 65},
+        {"kid": ""},
+        {"kid": "a b"},
+        {"kid": "k" * 65},
+        {"kid": "caf\u00e9"},
+        {"kid": 7},
+        {"ik": None},
+        {"sig": None},
+    ],
+)
+def test_a_key_record_of_the_wrong_shape_cannot_be_built_or_decoded(change: dict[str, Any]) -> None:
+    record = {k: v for k, v in {**RECORD, **change}.items() if v is not None}
+    with pytest.raises(ValueError):
+        KeyRecord.from_map(record)
+    for frame in ({"type": "key_put", "key": record}, {"type": "key_get_result", "keys": {"bob": record}}):
+        with pytest.raises(RemoteProtocolError) as info:
+            decode_body(cbor2.dumps(frame))
+        assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+def test_a_key_record_ignores_unknown_keys_and_keeps_its_field_order() -> None:
+    record = KeyRecord.from_map({"x": [1], **RECORD})
+    assert list(record.to_map()) == ["ik", "kid", "ek", "sig"]
+    frame = decode_body(cbor2.dumps({"type": "key_put", "key": {"sig": RECORD["sig"], "x": 1, **RECORD}}))
+    assert frame == KeyPut(key=KeyRecord(**RECORD))
+
+
+@pytest.mark.parametrize("key", [None, [], "k", b"k" * 160, {"ik": b"\x01" * 32}])
+def test_key_put_needs_a_key_record(key: Any) -> None:
+    m: dict[str, Any] = {"type": "key_put"}
+    if key is not None:
+        m["key"] = key
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(cbor2.dumps(m))
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+@pytest.mark.parametrize("mailboxes", [(), [], "bob", ("bob", 7), ("b" * 65,), (b"bob",), None])
+def test_an_illegal_key_get_cannot_be_built_or_decoded(mailboxes: Any) -> None:
+    with pytest.raises(ValueError):
+        KeyGet(mailboxes=mailboxes)
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(cbor2.dumps({"type": "key_get", "mailboxes": mailboxes}))
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+def test_key_get_takes_any_short_text_and_repeats() -> None:
+    names = ("", "bob", "bob", "not a mailbox!", "\U0001f680" * 64)
+    frame = decode_body(cbor2.dumps({"type": "key_get", "mailboxes": list(names)}))
+    assert frame == KeyGet(mailboxes=names)
+    assert type(frame.mailboxes) is tuple  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mailbox", ["", "-bob", "b" * 65, "a b"])
+def test_key_get_result_is_keyed_by_mailbox_ids(mailbox: str) -> None:
+    with pytest.raises(ValueError):
+        KeyGetResult(keys={mailbox: KeyRecord(**RECORD)})
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(cbor2.dumps({"type": "key_get_result", "keys": {mailbox: RECORD}}))
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+@pytest.mark.parametrize("fields", [{}, {"kid": "k k"}, {"kid": "k", "code": 999}, {"kid": "k", "code": "3009"}])
+def test_an_illegal_key_put_result_cannot_be_decoded(fields: dict[str, Any]) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_body(cbor2.dumps({"type": "key_put_result", **fields}))
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+def test_the_largest_key_get_result_fits_the_receipt_bound() -> None:
+    """Every KEY_GET_RESULT a broker allowing max_recipients elements per KEY_GET sends fits its frame limit."""
+    record = KeyRecord(ik=bytes(32), kid="~" * 64, ek=bytes(32), sig=bytes(64))
+    for n in (1, 3, 100, 3718):
+        keys = {f"{i:0>64}": record for i in range(n)}
+        assert len(encode_frame(KeyGetResult(keys=keys))) - 4 <= receipt_bound_bytes(n)

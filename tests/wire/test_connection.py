@@ -20,6 +20,11 @@ from wire import (
     ErrorCode,
     Frame,
     Hello,
+    KeyGet,
+    KeyGetResult,
+    KeyPut,
+    KeyPutResult,
+    KeyRecord,
     LocalProtocolError,
     Ping,
     Pong,
@@ -48,10 +53,25 @@ HS, AU, OP, X = State.HANDSHAKE, State.AUTHENTICATING, State.OPEN, State.CLOSED
 EXPECTED = {
     (C, HS, "hello"): AU,
     (B, AU, "welcome"): OP,
-    **{(C, OP, t): OP for t in ("send", "ack", "status_ack", "pull", "ping", "stats", "cleanup")},
-    **{(B, OP, t): OP for t in ("receipt", "deliver", "status", "drained", "pong", "stats_result", "cleanup_result")},
+    **{(C, OP, t): OP for t in ("send", "ack", "status_ack", "pull", "ping", "stats", "cleanup", "key_put", "key_get")},
+    **{
+        (B, OP, t): OP
+        for t in (
+            "receipt",
+            "deliver",
+            "status",
+            "drained",
+            "pong",
+            "stats_result",
+            "cleanup_result",
+            "key_put_result",
+            "key_get_result",
+        )
+    },
     (C, OP, "bye"): X,
 }
+
+KEY = KeyRecord(ik=bytes(32), kid="0123456789abcdef", ek=bytes(32), sig=bytes(64))
 
 SAMPLES: dict[str, Frame] = {
     "hello": Hello(version=1, token="t"),
@@ -72,6 +92,10 @@ SAMPLES: dict[str, Frame] = {
     "stats_result": StatsResult(stats={"connections": 1}),
     "cleanup": Cleanup(),
     "cleanup_result": CleanupResult(purged=0),
+    "key_put": KeyPut(key=KEY),
+    "key_put_result": KeyPutResult(kid=KEY.kid),
+    "key_get": KeyGet(mailboxes=("bob",)),
+    "key_get_result": KeyGetResult(keys={"bob": KEY}),
 }
 ERRORS = {
     "error_close": Error(code=int(ErrorCode.SHUTTING_DOWN), message="bye", close=True),

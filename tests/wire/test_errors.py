@@ -10,7 +10,7 @@ from wire import FRAME_TYPES, ErrorCode, Receipt
 
 from .support import ROOT, section
 
-ERROR_ROW = re.compile(r"^\|\s*(\d{4})\s*\|\s*([A-Z][A-Z0-9_]*)\s*\|\s*(yes|no|— \(receipt\))\s*\|(.+)\|\s*$", re.M)
+ERROR_ROW = re.compile(r"^\|\s*(\d{4})\s*\|\s*([A-Z][A-Z0-9_]*)\s*\|\s*(yes|no|— \((?:receipt|key_put_result)\))\s*\|(.+)\|\s*$", re.M)
 
 
 def test_error_table_matches_error_code(protocol_md: str) -> None:
@@ -25,7 +25,7 @@ def test_error_table_fatality_follows_the_ranges(protocol_md: str) -> None:
         assert when.strip(), f"{name} has no description"
         number = int(code)
         if 3000 <= number < 4000:
-            assert fatal == "— (receipt)", name
+            assert fatal in ("— (receipt)", "— (key_put_result)"), name
         elif number == ErrorCode.FORBIDDEN:
             assert fatal == "no"
         else:

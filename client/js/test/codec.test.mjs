@@ -441,3 +441,57 @@ test('packFrames keeps the order, never splits a frame, and fills each message u
   assert.deepStrictEqual(packFrames([small, big, small, small], 100).map((m) => m.length), [small.length, big.length, 2 * small.length])
   assert.deepStrictEqual(packFrames([small, small], 2 * small.length).map((m) => m.length), [2 * small.length], 'the limit is inclusive')
 })
+
+// ------------------------------------------------------------------ key directory frames
+
+const record = () => ({ ik: new Uint8Array(32).fill(1), kid: '0123456789abcdef', ek: new Uint8Array(32).fill(2), sig: new Uint8Array(64).fill(3) })
+
+test('KEY_PUT and KEY_GET_RESULT carry key records as {ik, kid, ek, sig}, in that order', () => {
+  const put = { type: 'key_put', key: record() }
+  assert.deepStrictEqual(decodeBody(encodeBody(put)), put)
+  assert.deepStrictEqual(Object.keys(decodeBody(encodeBody(put)).key), ['ik', 'kid', 'ek', 'sig'])
+  const reordered = { type: 'key_put', key: { sig: record().sig, kid: record().kid, ek: record().ek, ik: record().ik } }
+  assert.equal(toHex(encodeBody(reordered)), toHex(encodeBody(put)), 'the encoder writes the canonical order')
+  const result = { type: 'key_get_result', keys: { carol: record(), bob: { ...record(), kid: 'k2' } } }
+  const decoded = decodeBody(encodeBody(result))
+  assert.deepStrictEqual(decoded, result)
+  assert.deepStrictEqual(Object.keys(decoded.keys), ['carol', 'bob'], 'entries keep their order')
+  assert.deepStrictEqual(decodeBody(encodeBody({ type: 'key_get_result', keys: {} })), { type: 'key_get_result', keys: {} })
+})
+
+test('a key record of the wrong shape cannot be encoded', () => {
+  const bad = [
+    { ik: new Uint8Array(31) },
+    { ik: new Uint8Array(33) },
+    { ek: new Uint8Array(0) },
+    { sig: new Uint8Array(63) },
+    { sig: Array.from(new Uint8Array(64)) },
+    { kid: '' },
+    { kid: 'k k' },
+    { kid: 'k'.repeat(65) },
+    { kid: 7 },
+    { ik: undefined },
+    { sig: null }
+  ]
+  for (const change of bad) {
+    localInvalid({ type: 'key_put', key: { ...record(), ...change } })
+    localInvalid({ type: 'key_get_result', keys: { bob: { ...record(), ...change } } })
+  }
+  localInvalid({ type: 'key_put', key: 'not a record' })
+  localInvalid({ type: 'key_get_result', keys: { '-bob': record() } })
+})
+
+test('KEY_GET takes 1 or more texts of at most 64 code points, repeats included', () => {
+  const get = { type: 'key_get', mailboxes: ['bob', 'bob', '', 'not a mailbox', '\u{1F680}'.repeat(64)] }
+  assert.deepStrictEqual(decodeBody(encodeBody(get)), get)
+  for (const mailboxes of [[], ['b'.repeat(65)], ['bob', 7], 'bob']) localInvalid({ type: 'key_get', mailboxes })
+})
+
+test('KEY_PUT_RESULT names the kid and, when refused, a code', () => {
+  for (const frame of [{ type: 'key_put_result', kid: 'k1' }, { type: 'key_put_result', kid: 'k1', code: ERROR_CODES.INVALID_KEY }]) {
+    assert.deepStrictEqual(decodeBody(encodeBody(frame)), frame)
+  }
+  assert.equal(ERROR_CODES.INVALID_KEY, 3009)
+  localInvalid({ type: 'key_put_result', kid: 'k1', code: 999 })
+  localInvalid({ type: 'key_put_result', kid: 'k 1' })
+})
