@@ -30,13 +30,9 @@ export interface EncryptionKey {
   kid: string
 }
 
-/** A directory entry: `ik` (32 bytes), `kid`, `ek` (32 bytes), `sig` (64 bytes, by ik). */
-export interface KeyRecord {
-  ik: Uint8Array
-  kid: string
-  ek: Uint8Array
-  sig: Uint8Array
-}
+/** A directory entry: `ik` (32 bytes), `kid`, `ek` (32 bytes), `sig` (64 bytes, by ik); the codec's type. */
+import type { KeyRecord } from './codec.js'
+export type { KeyRecord }
 
 export function generateIdentity (): Promise<Identity>
 /** The identity whose Ed25519 private key is this 32-byte seed. */
