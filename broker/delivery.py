@@ -16,7 +16,11 @@ store leaves it to the mailbox task. Expiry or an ACK that did not come over thi
 session changes the window behind the pump's back: :meth:`resync` makes the next pump
 recount it with a fetch even when the window looks full. So does an ACK heard while a
 fetch is awaited: the store may have applied the ACK after the fetch, so the fetch's count
-of in-flight messages can be older than the ACK's.
+of in-flight messages can be older than the ACK's. The other way round holds too: a store
+that runs calls on several connections (Redis) may apply an ACK *before* a fetch that
+finishes first, and that ACK's count then misses what the fetch took. So an ACK's count is
+taken only if no fetch finished while the ACK was at the store (:attr:`fetches` numbers them);
+otherwise the pump recounts, and the window is never overrun.
 
 ``attempt`` counts DELIVERs actually written: messages fetched while the connection was
 already closing are not written and not counted (they go back to the queue when the
@@ -94,6 +98,7 @@ class Delivery:
         "_window",
         "claim",
         "conn",
+        "fetches",
         "inflight",
         "mailbox",
         "outbox",
@@ -128,6 +133,8 @@ class Delivery:
         self._inline = store.synchronous
         self.inflight = 0
         """DELIVERs of this mailbox not yet ACKed, as the store last said."""
+        self.fetches = 0
+        """Fetches finished so far: what :meth:`acked` is told as it was when the ACK went to the store."""
         self._signal = trio.Event()
         self._drain_wanted = True  # the first pump (at connect) ends with DRAINED
         self._resync = False
@@ -160,11 +167,19 @@ class Delivery:
         self._statuses_wanted = True
         self._signal.set()
 
-    def acked(self, result: AckResult) -> None:
-        """Messages of this mailbox were ACKed over this session: the window may have room."""
-        self.inflight = result.inflight
+    def acked(self, result: AckResult, fetches: int) -> None:
+        """Messages of this mailbox were ACKed over this session: the window may have room.
+
+        ``fetches`` is :attr:`fetches` as it was when the ACK went to the store: if a fetch has finished
+        since, the store may have applied the two in either order, so the ACK's count is not trusted and the
+        pump recounts (module docstring).
+        """
+        if fetches == self.fetches:
+            self.inflight = result.inflight
+        else:
+            self._resync = True
         if self._blocked:
-            if self.inflight < self._window:
+            if self.inflight < self._window or self._resync:
                 self._signal.set()
         else:
             # The pump may be awaiting a fetch (a store that yields): its count of in-flight messages may
@@ -250,6 +265,7 @@ class Delivery:
             batch = await self.store.fetch_many(
                 self.mailbox, self.claim, max(room, 0), self._fetch_bytes, self._clock()
             )
+            self.fetches += 1
             if batch.fenced:
                 return  # taken over: the newer session has the mailbox's deliveries
             if batch.notices:  # notify messages found expired: their senders get "expired"

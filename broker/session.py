@@ -389,6 +389,7 @@ class Session:
         kept = self._kept_acks
         if kept:  # the store did not take earlier ones: they go along
             ids = [*kept, *ids]
+        fetches = self.delivery.fetches
         try:
             acked = await self._router.acknowledge(self.mailbox, ids)
         except OSError as exc:
@@ -396,7 +397,7 @@ class Session:
             return True
         if kept:
             self._forget_acks(ids)
-        self.delivery.acked(acked.result)
+        self.delivery.acked(acked.result, fetches)
         return True
 
     def _keep_acks(self, exc: OSError, ids: Sequence[str]) -> None:
@@ -435,10 +436,12 @@ class Session:
         """ACK the kept ids now. Raises the store's OSError (they stay kept)."""
         assert self.mailbox is not None
         ids = list(self._kept_acks)
+        delivery = self.delivery
+        fetches = delivery.fetches if delivery is not None else -1
         acked = await self._router.acknowledge(self.mailbox, ids)
         self._forget_acks(ids)
-        if self.delivery is not None:
-            self.delivery.acked(acked.result)
+        if self.delivery is not None:  # a delivery made meanwhile recounts (-1 matches no count)
+            self.delivery.acked(acked.result, fetches if self.delivery is delivery else -1)
 
     async def _on_status_acks(self, frames: Sequence[Frame]) -> bool:
         assert self.mailbox is not None

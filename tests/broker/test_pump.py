@@ -191,7 +191,8 @@ async def test_an_ack_applied_while_a_fetch_reply_is_on_its_way_does_not_shrink_
         return [f.id for f in pump.transport.frames() if isinstance(f, Deliver)]
 
     async def ack(*ids: str) -> None:
-        pump.delivery.acked(await store.ack_many("bob", list(ids), clock()))
+        fetches = pump.delivery.fetches
+        pump.delivery.acked(await store.ack_many("bob", list(ids), clock()), fetches)
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -206,6 +207,54 @@ async def test_an_ack_applied_while_a_fetch_reply_is_on_its_way_does_not_shrink_
             gate.set()
             await trio.testing.wait_all_tasks_blocked()
             assert delivered() == [f"m{i}" for i in range(16)], "the window had room for m12-m15"
+            nursery.cancel_scope.cancel()
+
+
+class AckGatedStore(MemoryStore):
+    """A yielding store whose ACK replies can be held back after the ACK was applied."""
+
+    synchronous = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: trio.Event | None = None
+
+    async def ack_many(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = await super().ack_many(*args, **kwargs)
+        if self.gate is not None:
+            await self.gate.wait()  # applied; the reply is on its way back while a fetch overtakes it
+        return result
+
+
+async def test_an_ack_applied_before_a_fetch_that_answers_first_does_not_overrun_the_window() -> None:
+    """The other order (Redis runs calls on several connections): the store applies an ACK, then a fetch that
+    answers first; the ACK's count of in-flight messages then misses what the fetch took, and trusting it
+    would deliver past the window (found by tests/nodes/test_node_crash.py)."""
+    clock, store = ManualClock(), AckGatedStore()
+    await put(store, clock, *(f"m{i}" for i in range(20)))
+    pump = Pump(store, Claim("s", 1), clock)
+
+    def delivered() -> list[str]:
+        return [f.id for f in pump.transport.frames() if isinstance(f, Deliver)]
+
+    async def ack(*ids: str) -> None:
+        fetches = pump.delivery.fetches
+        pump.delivery.acked(await store.ack_many("bob", list(ids), clock()), fetches)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.delivery.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(delivered()) == 8  # a full window
+            store.gate = gate = trio.Event()
+            nursery.start_soon(ack, "m0", "m1", "m2", "m3")  # applied at once (4 in flight), reply held back
+            await trio.testing.wait_all_tasks_blocked()
+            pump.delivery.resync()  # an expiry, say: the pump recounts 4 in flight and fetches m8-m11
+            await trio.testing.wait_all_tasks_blocked()
+            assert delivered() == [f"m{i}" for i in range(12)]
+            gate.set()  # the ACK's reply says 4 in flight: older than that fetch, so not believed
+            await trio.testing.wait_all_tasks_blocked()
+            assert delivered() == [f"m{i}" for i in range(12)], "8 in flight: the window is full"
             nursery.cancel_scope.cancel()
 
 
