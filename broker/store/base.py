@@ -55,6 +55,14 @@ slot): the broker hands them to ``add_statuses``. Each mailbox then has a *statu
 - Seqs grow in each lane for good, also across a lane that was emptied and forgotten (an
   empty lane holds no memory beyond what :func:`next_status_seq` needs), so a reader's
   cursor ("everything after seq s") never skips a newer record.
+
+Key directory (protocol.md section 9, "Key directory"): ``put_key`` holds one
+:class:`~wire.KeyRecord` per mailbox, replacing the previous one, until ``now_ms + ttl_ms``
+(a put renews it); ``get_keys`` returns the records of the given mailboxes that are held
+and not expired (``now_ms`` < expiry), keyed by mailbox in the order of their first
+appearance, each exactly as put; a mailbox without one (or given twice) adds nothing.
+The store does not check signatures (the broker does, before it puts) nor mailbox syntax
+(the broker passes only valid ids). ``purge_expired`` removes expired records too.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from wire import ErrorCode, ReportState
+from wire import ErrorCode, KeyRecord, ReportState
 
 __all__ = [
     "AckResult",
@@ -353,6 +361,17 @@ class Store(Protocol):
 
     async def ack_statuses(self, mailbox: str, seqs: Sequence[int]) -> int:
         """Delete these statuses of ``mailbox``; returns how many were held. Unknown seqs are ignored."""
+        ...
+
+    async def put_key(self, mailbox: str, record: KeyRecord, now_ms: int, ttl_ms: int) -> None:
+        """Hold ``record`` as ``mailbox``'s key record until ``now_ms + ttl_ms``, replacing any previous one.
+
+        Raises ValueError for ``ttl_ms`` < 1 (before changing anything)."""
+        ...
+
+    async def get_keys(self, mailboxes: Sequence[str], now_ms: int) -> dict[str, KeyRecord]:
+        """The unexpired key records of these mailboxes, by mailbox, in order of first appearance; one
+        round trip per shard for a networked store. Mailboxes without one are absent."""
         ...
 
     async def statistics(self, now_ms: int) -> StoreStatistics:

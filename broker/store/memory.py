@@ -36,6 +36,10 @@ same kind as the messages' (:class:`_ExpiryIndex`). The seq rule's ``last_seq`` 
 number for the whole store (the newest seq it gave any lane), so a forgotten lane costs
 nothing and still never gets a seq below its old ones. A lane with no records is deleted.
 
+Key records: ``_keys`` (mailbox -> (record, expires_at)), ordered by latest put. Every put
+has the broker's one ``key_ttl_s``, so that is expiry order too and the sweep drops the
+expired head (as for tombstones); ``get_keys`` judges each record's expiry itself.
+
 Nothing in this class awaits: every async method runs to completion without a
 checkpoint, which keeps a SEND's enqueue and the receipt that reports it atomic.
 """
@@ -49,7 +53,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from operator import attrgetter
 from typing import Generic, Protocol, TypeVar
 
-from wire import ReportState
+from wire import KeyRecord, ReportState
 
 from .base import (
     AckResult,
@@ -301,6 +305,7 @@ class MemoryStore:
         self._statuses_total = 0
         self._statuses_overflowed_total = 0
         self._statuses_expired_total = 0
+        self._keys: OrderedDict[str, tuple[KeyRecord, int]] = OrderedDict()
 
     # ------------------------------------------------------------ internals
 
@@ -562,6 +567,12 @@ class MemoryStore:
 
         self._expiry.purge(now_ms, expire)
         self._status_expiry.purge(now_ms, self._expire_status)
+        keys = self._keys
+        while keys:
+            mailbox, (_, expires_at) = next(iter(keys.items()))
+            if expires_at > now_ms:
+                break
+            del keys[mailbox]
         # Tombstones are in ACK order, which is close to expiry order: drop the expired head.
         stones = self._tombstones
         while stones:
@@ -706,7 +717,31 @@ class MemoryStore:
             self._settle_lane(lane)
         return deleted
 
+    # ------------------------------------------------------------ key directory
+
+    async def put_key(self, mailbox: str, record: KeyRecord, now_ms: int, ttl_ms: int) -> None:
+        if ttl_ms < 1:
+            raise ValueError(f"a key record TTL must be at least 1 ms, not {ttl_ms}")
+        keys = self._keys
+        keys[mailbox] = (record, now_ms + ttl_ms)
+        keys.move_to_end(mailbox)
+
+    async def get_keys(self, mailboxes: Sequence[str], now_ms: int) -> dict[str, KeyRecord]:
+        keys = self._keys
+        out: dict[str, KeyRecord] = {}
+        for mailbox in mailboxes:
+            held = keys.get(mailbox)
+            if held is None:
+                continue
+            record, expires_at = held
+            if expires_at <= now_ms:
+                del keys[mailbox]
+            else:
+                out[mailbox] = record
+        return out
+
     async def aclose(self) -> None:
+        self._keys.clear()
         self._mailboxes.clear()
         self._expiry.clear()
         self._tombstones.clear()

@@ -30,6 +30,8 @@ key             type   holds                                                    
 ``T:sx``        zset   the lane's seqs, score = expires_at                        as ``T:s``
 ``T:sm``        hash   ``sq`` the lane's newest seq, ``ov`` its overflow          as ``T:s``; once the
                        record's seq                                               lane is empty 60 s
+``T:k``         string the mailbox's key record: expires_at (8 bytes, big-    the record's expiry
+                       endian ms), ik, ek, sig (32 + 32 + 64 bytes), kid (ASCII)  + margin
 ``G:counters``  hash   relay-wide figures: bytes, messages, inflight,             none
                        tombstones, acknowledged, expired, mailboxes, statuses,
                        statuses_total, statuses_overflowed, statuses_expired
@@ -81,6 +83,12 @@ memory"); its tombstones stay until they lapse. A lane whose last status goes is
 but for ``T:sm``, which keeps the lane's newest seq for :data:`SEQ_MEMORY_MS` (60 s), so the
 lane's next status is numbered above its old ones even by a node whose clock is behind
 (by up to that much): the seq rule's ``last_seq``. (The memory store keeps one for all.)
+
+Key records (``put_key``/``get_keys``) need no script: ``put_key`` is one ``SET`` with a key
+expiry (PX) of ``ttl_ms`` + margin, and ``get_keys`` one pipeline of ``GET``s (one round trip
+per shard), which judges each record's stored ``expires_at`` against ``now_ms``, so the
+broker's clock decides as everywhere here; Redis key expiry then deletes the key (nothing
+else holds memory for it; the sweep does not visit key records).
 
 Key expiry is the backstop (for status lanes, see ``status_add`` above): the enqueue
 script sets every mailbox key's TTL to the mailbox's latest ``expires_at`` - ``now_ms`` +
@@ -161,6 +169,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -169,7 +178,7 @@ import trio
 from coredis.commands.script import Script
 from coredis.exceptions import NoScriptError
 
-from wire import ReportState
+from wire import KeyRecord, ReportState
 
 from ..redis_client import redis_errors
 from .base import (
@@ -312,6 +321,9 @@ end
 """
 
 _LANE_KEYS = ("s", "sq", "sx", "sm")
+_KEY_KEYS = ("k",)
+_KEY_EXPIRY = struct.Struct(">Q")
+"""The expires_at (epoch ms) at the head of a ``T:k`` value."""
 
 
 def _lane_prelude(offset: int) -> str:
@@ -1348,3 +1360,35 @@ class RedisStore:
         [deleted] = await self._run([self._lane_call("status_ack", mailbox, seqs)])
         self._add(_STATUSES, -int(deleted))
         return int(deleted)
+
+    # ------------------------------------------------------------ key directory
+
+    async def put_key(self, mailbox: str, record: KeyRecord, now_ms: int, ttl_ms: int) -> None:
+        if ttl_ms < 1:
+            raise ValueError(f"a key record TTL must be at least 1 ms, not {ttl_ms}")
+        [key] = self._keys(mailbox, _KEY_KEYS)
+        value = _KEY_EXPIRY.pack(now_ms + ttl_ms) + record.ik + record.ek + record.sig + record.kid.encode("ascii")
+        with trio.CancelScope(shield=True), redis_errors():  # (shielded as in _run)
+            await self.client.set(key, value, px=ttl_ms + self.expiry_margin_ms)
+        self.round_trips += 1
+
+    async def get_keys(self, mailboxes: Sequence[str], now_ms: int) -> dict[str, KeyRecord]:
+        wanted = list(dict.fromkeys(mailboxes))
+        if not wanted:
+            return {}
+        with trio.CancelScope(shield=True), redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for mailbox in wanted:
+                    pipe.get(self._keys(mailbox, _KEY_KEYS)[0])
+        self.round_trips += 1
+        out: dict[str, KeyRecord] = {}
+        for mailbox, value in zip(wanted, pipe.results or (), strict=True):
+            if value is None:
+                continue
+            data = bytes(value)
+            (expires_at,) = _KEY_EXPIRY.unpack_from(data)
+            if expires_at > now_ms:
+                out[mailbox] = KeyRecord(
+                    ik=data[8:40], ek=data[40:72], sig=data[72:136], kid=data[136:].decode("ascii")
+                )
+        return out

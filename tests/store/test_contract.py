@@ -26,7 +26,7 @@ from broker.store.base import (
     StoreLimits,
     next_status_seq,
 )
-from wire import ErrorCode, ReportState
+from wire import ErrorCode, KeyRecord, ReportState
 
 from .clock import DAY_S, ManualClock
 from .conftest import StoreOpener
@@ -823,3 +823,74 @@ async def test_statuses_and_messages_of_a_mailbox_are_apart(store: Store, clock:
     assert [h.id for h in await statuses(store, clock)] == ["x"]
     stats = await store.statistics(clock.now)
     assert (stats.messages_total, stats.unique_recipients, stats.statuses_held) == (0, 0, 1)
+
+
+# ---------------------------------------------------------------- key directory
+
+KEY_TTL_MS = 90 * DAY_S * 1000
+
+
+def record(kid: str = "0123456789abcdef", fill: int = 1) -> KeyRecord:
+    return KeyRecord(ik=bytes([fill]) * 32, kid=kid, ek=bytes([fill + 1]) * 32, sig=bytes([fill + 2]) * 64)
+
+
+async def test_a_key_record_is_held_by_mailbox_as_put(store: Store, clock: ManualClock) -> None:
+    assert await store.get_keys(["bob"], clock.now) == {}
+    await store.put_key("bob", record(), clock.now, KEY_TTL_MS)
+    await store.put_key("carol@example.org", record("~" * 64, fill=7), clock.now, KEY_TTL_MS)
+    got = await store.get_keys(["carol@example.org", "nobody", "bob", "carol@example.org"], clock.now)
+    assert got == {"carol@example.org": record("~" * 64, fill=7), "bob": record()}
+    assert list(got) == ["carol@example.org", "bob"], "order of first appearance"
+    assert await store.get_keys([], clock.now) == {}
+
+
+async def test_a_put_replaces_the_mailbox_record_and_renews_it(store: Store, clock: ManualClock) -> None:
+    await store.put_key("bob", record("k1"), clock.now, 60_000)
+    clock.advance(50)
+    await store.put_key("bob", record("k2", fill=9), clock.now, 60_000)
+    assert await store.get_keys(["bob"], clock.now) == {"bob": record("k2", fill=9)}
+    clock.advance(59.999)
+    assert await store.get_keys(["bob"], clock.now) == {"bob": record("k2", fill=9)}
+    clock.advance(0.001)  # exactly at its expiry: gone
+    assert await store.get_keys(["bob"], clock.now) == {}
+
+
+async def test_key_records_expire_after_their_ttl_swept_or_not(store: Store, clock: ManualClock) -> None:
+    await store.put_key("bob", record("k1"), clock.now, 60_000)
+    await store.put_key("carol", record("k2"), clock.now, 60_000)
+    clock.advance(30)
+    await store.put_key("dave", record("k3"), clock.now, 60_000)
+    clock.advance(30)
+    assert await store.get_keys(["bob", "carol", "dave"], clock.now) == {"dave": record("k3")}
+    await store.purge_expired(clock.now)
+    assert await store.get_keys(["bob", "carol", "dave"], clock.now) == {"dave": record("k3")}
+    clock.advance(30)
+    purged = await store.purge_expired(clock.now)
+    assert (purged.count, purged.mailboxes) == (0, frozenset())  # key records are not messages
+    assert await store.get_keys(["dave"], clock.now) == {}
+
+
+async def test_key_records_are_apart_from_messages_and_statuses(store: Store, clock: ManualClock) -> None:
+    await store.put_key("bob", record(), clock.now, KEY_TTL_MS)
+    assert await store.pending("bob", clock.now) == 0
+    await store.enqueue_many([msg(clock, "a")], clock.now)
+    await fetch(store, clock)
+    await store.ack_many("bob", ["a"], clock.now)
+    stats = await store.statistics(clock.now)
+    assert (stats.messages_total, stats.unique_recipients, stats.statuses_held) == (0, 0, 0)
+    assert await store.get_keys(["bob"], clock.now) == {"bob": record()}
+
+
+async def test_a_key_ttl_must_be_positive(store: Store, clock: ManualClock) -> None:
+    with pytest.raises(ValueError, match="at least 1 ms"):
+        await store.put_key("bob", record(), clock.now, 0)
+    assert await store.get_keys(["bob"], clock.now) == {}
+
+
+async def test_many_key_lookups_at_once(store: Store, clock: ManualClock) -> None:
+    names = [f"user{i}" for i in range(300)]
+    for i, name in enumerate(names[::2]):
+        await store.put_key(name, record(f"k{i}"), clock.now, KEY_TTL_MS)
+    got = await store.get_keys(names, clock.now)
+    assert list(got) == names[::2]
+    assert got["user10"] == record("k5")

@@ -19,7 +19,7 @@ import trio
 from broker.redis_client import RedisUnavailable, open_redis
 from broker.store.base import Claim, NewMessage, Notice, Outcome, StoreLimits, wall_clock_ms
 from broker.store.redis import SEQ_MEMORY_MS, RedisStore
-from wire import ReportState
+from wire import KeyRecord, ReportState
 
 from ..redis_servers import running_redis
 from .clock import DAY_S, ManualClock
@@ -243,6 +243,8 @@ async def test_an_unreachable_redis_raises_oserror(tmp_path: Path, key_prefix: s
                 lambda: store.add_statuses([delivered("x")], clock.now, 60_000),
                 lambda: store.fetch_statuses("alice", 0, 10, clock.now),
                 lambda: store.ack_statuses("alice", [1]),
+                lambda: store.put_key("bob", key_record(), clock.now, 60_000),
+                lambda: store.get_keys(["bob", "carol"], clock.now),
             ]
             for call in calls:
                 with trio.fail_after(30), pytest.raises(RedisUnavailable) as caught:
@@ -372,3 +374,43 @@ async def test_seqs_grow_across_nodes_whose_clocks_differ(redis_url: str, key_pr
             await node.flush()
         stats = await node_a.statistics(clock_a.now)
         assert (stats.statuses_held, stats.statuses_total) == (1, 3)
+
+
+# ---------------------------------------------------------------- key directory
+
+
+def key_record(kid: str = "0123456789abcdef") -> KeyRecord:
+    return KeyRecord(ik=b"\x01" * 32, kid=kid, ek=b"\x02" * 32, sig=b"\x03" * 64)
+
+
+async def test_a_key_record_is_one_key_under_the_mailbox_tag_expiring_with_it(redis_url: str, key_prefix: str) -> None:
+    clock = ManualClock(wall_clock_ms() + 400 * DAY_S * 1000)  # the broker's clock decides, not Redis's
+    margin = 60_000
+    async with redis_store(redis_url, key_prefix, expiry_margin_ms=margin) as (store, client):
+        await store.put_key("bob", key_record(), clock.now, 3600_000)
+        [key] = await keys_of(client, f"{key_prefix}:bob")
+        assert key == f"{{{key_prefix}:bob}}:k"
+        assert 3600_000 < await client.pttl(key) <= 3600_000 + margin
+        clock.advance(3600)  # Redis still holds it (the margin); the store judges by now_ms
+        assert await store.get_keys(["bob"], clock.now) == {}
+
+
+async def test_an_abandoned_key_record_disappears_by_key_expiry(redis_url: str, key_prefix: str) -> None:
+    async with redis_store(redis_url, key_prefix, expiry_margin_ms=100) as (store, client):
+        await store.put_key("bob", key_record(), wall_clock_ms(), 300)
+        assert len(await keys_of(client, f"{key_prefix}:bob")) == 1
+        with trio.fail_after(10):
+            while await keys_of(client, f"{key_prefix}:bob"):
+                await trio.sleep(0.1)
+
+
+async def test_a_key_lookup_is_one_round_trip(redis_url: str, key_prefix: str) -> None:
+    """get_keys for 100 mailboxes over every shard: one pipeline (one round trip per shard); a put: one."""
+    clock = ManualClock()
+    async with redis_store(redis_url, key_prefix, sync_interval_s=3600) as (store, _):
+        before = store.round_trips
+        await store.put_key("user7", key_record("k7"), clock.now, 60_000)
+        assert store.round_trips == before + 1
+        got = await store.get_keys([f"user{i}" for i in range(100)], clock.now)
+        assert got == {"user7": key_record("k7")}
+        assert store.round_trips == before + 2

@@ -10,7 +10,9 @@ from wire import FRAME_TYPES, ErrorCode, Receipt
 
 from .support import ROOT, section
 
-ERROR_ROW = re.compile(r"^\|\s*(\d{4})\s*\|\s*([A-Z][A-Z0-9_]*)\s*\|\s*(yes|no|— \((?:receipt|key_put_result)\))\s*\|(.+)\|\s*$", re.M)
+ERROR_ROW = re.compile(
+    r"^\|\s*(\d{4})\s*\|\s*([A-Z][A-Z0-9_]*)\s*\|\s*(yes|no|— \((?:receipt|key_put_result)\))\s*\|(.+)\|\s*$", re.M
+)
 
 
 def test_error_table_matches_error_code(protocol_md: str) -> None:
