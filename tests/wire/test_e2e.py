@@ -353,3 +353,15 @@ def test_keys_reject_wrong_lengths_and_hide_private_bytes_in_repr() -> None:
     assert i.seed.hex() not in repr(i) and k.private.hex() not in repr(k)
     assert Identity.from_seed(i.seed) == i and EncryptionKey.from_private(k.private) == k
     assert len(k.kid) == 16 and k.kid == key_id(k.public)
+
+
+def test_docs_name_every_reason_label_and_suite_id() -> None:
+    from wire import e2e
+
+    text = (VECTORS.parents[1] / "docs" / "e2e.md").read_text(encoding="utf-8")
+    for reason in REASONS:
+        assert f"`{reason}`" in text, reason
+    for label in (e2e._KEY_LABEL, e2e._MSG_LABEL, e2e._WRAP_LABEL, e2e._FP_LABEL):
+        assert f'"{label}"' in text, label
+    assert f'b"{e2e._BODY_AAD.decode()}"' in text
+    assert "`0x0020`" in text and "HKDF-SHA256 `0x0001`" in text and "AES-128-GCM `0x0001`" in text
