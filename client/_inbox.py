@@ -39,20 +39,45 @@ waits (and so stops ACKing, which stops the broker) until the application catche
 
 
 class Delivery:
-    """One delivered message. Times are Unix epoch milliseconds; ``attempt`` is 1 on first delivery."""
+    """One delivered message. Times are Unix epoch milliseconds; ``attempt`` is 1 on first delivery.
 
-    __slots__ = ("attempt", "body", "expires_at", "id", "sender", "sent_at")
+    ``security`` says what ``body`` is (docs/e2e.md): ``"e2e"``, the decrypted body of an envelope whose
+    signature verified against the identity key pinned for ``sender``; ``"plaintext"``, a body that came in the
+    clear (the relay could read it, and anyone who can send as any mailbox could have written it);
+    ``"failed"``, an envelope that did not open or verify: ``body`` is empty and ``security_error`` says why
+    (``malformed``, ``mismatch``, ``not_for_me``, ``no_sender_key``, ``key_changed``, ``bad_signature``,
+    ``unknown_key``, ``decrypt_failed``). A failed message is still saved and ACKed (it would only come back),
+    but it is not a message from ``sender``: show it as failed, never as their text.
+    """
 
-    def __init__(self, id: str, sender: str, sent_at: int, expires_at: int, attempt: int, body: bytes) -> None:
+    __slots__ = ("attempt", "body", "expires_at", "id", "security", "security_error", "sender", "sent_at")
+
+    def __init__(
+        self,
+        id: str,
+        sender: str,
+        sent_at: int,
+        expires_at: int,
+        attempt: int,
+        body: bytes,
+        security: str = "plaintext",
+        security_error: str | None = None,
+    ) -> None:
         self.id = id
         self.sender = sender
         self.sent_at = sent_at
         self.expires_at = expires_at
         self.attempt = attempt
         self.body = body
+        self.security = security
+        self.security_error = security_error
 
     def __repr__(self) -> str:
-        return f"Delivery(id={self.id!r}, sender={self.sender!r}, attempt={self.attempt}, body={self.body[:32]!r})"
+        error = f"/{self.security_error}" if self.security_error else ""
+        return (
+            f"Delivery(id={self.id!r}, sender={self.sender!r}, attempt={self.attempt}, {self.security}{error},"
+            f" body={self.body[:32]!r})"
+        )
 
 
 class ClientState:

@@ -36,14 +36,27 @@ them) go to ``status_overflows``, one row per ``first_seq`` (the seq the record 
 created it): the latest seen of each, so the sum of their counts is exact. Statuses have an ``emitted`` flag too
 (:meth:`LocalStore.unemitted_statuses`, :meth:`LocalStore.mark_statuses_emitted`).
 
+**End-to-end encryption** (docs/e2e.md). Each message row keeps the *decrypted* body (the device is
+the source of truth) and its ``security``: ``e2e`` (opened and verified, or sealed by this device),
+``plaintext`` (sent or received in the clear) or ``failed`` (an envelope that did not open or verify:
+kept with an empty body and ``security_error``, the reason, so it is ACKed once and never shown as
+text from its sender). The device's private keys live here too: per mailbox one Ed25519 identity seed
+(``identities``) and its X25519 encryption keys (``encryption_keys``: exactly one current, and
+retired ones with ``retired_at``, kept while messages sealed to them may still be queued and then
+deleted by :meth:`LocalStore.purge_retired_keys`), and the identity keys pinned for contacts
+(``contacts``: the pinned ``ik`` and when, and a ``pending_ik`` when the directory showed another).
+So the file (and its WAL and shared-memory files) is made mode 0600, and a new directory 0700. This
+module stores bytes only; making and checking keys is ``wire.e2e``'s (through ``client._e2e``).
+
 **Schema versions** live in ``PRAGMA user_version``: 0 with no table is a new file; 0 with
 a ``messages`` table is the first schema (unique by (mailbox, direction, id), no
-``emitted``); 2 has no per-recipient state. Older schemas are migrated in place to
-:data:`SCHEMA_VERSION` in one transaction, keeping every row: the first schema's incoming rows
-count as emitted (it kept no record, and re-printing a whole history after an upgrade would be
-worse), and each sent message gets a ``recipient_states`` row per recipient with no receipt
-word (not kept before) and ``notify`` false (those clients never asked for statuses). A newer
-version than this code knows is refused.
+``emitted``); 2 has no per-recipient state; 3 has no keys, contacts or ``security``. Older
+schemas are migrated in place to :data:`SCHEMA_VERSION` in one transaction, keeping every row: the
+first schema's incoming rows count as emitted (it kept no record, and re-printing a whole history
+after an upgrade would be worse), each sent message gets a ``recipient_states`` row per recipient
+with no receipt word (not kept before) and ``notify`` false (those clients never asked for
+statuses), and every message from before schema 4 is ``plaintext`` (there was no encryption). A
+newer version than this code knows is refused.
 
 Methods are blocking (the client calls them through ``trio.to_thread.run_sync``) and
 thread-safe: one connection, serialised by a lock.
@@ -54,24 +67,32 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 __all__ = [
+    "E2E",
+    "FAILED",
     "INCOMING",
     "OUTGOING",
+    "PLAINTEXT",
     "SCHEMA_VERSION",
+    "SECURITY_NOTE",
     "SENT_NOTE",
+    "Contact",
     "LocalStore",
     "MessageKey",
     "RecipientState",
     "SentMessage",
     "StatusNotice",
+    "StoredKey",
+    "StoredKeys",
     "StoredMessage",
     "StoredStatus",
     "status_json",
@@ -80,9 +101,17 @@ __all__ = [
 INCOMING = "in"
 OUTGOING = "out"
 
-SCHEMA_VERSION = 3
+E2E, PLAINTEXT, FAILED = "e2e", "plaintext", "failed"
+"""A message's ``security``: end-to-end encrypted and verified, sent in the clear, or an envelope that failed."""
+
+SCHEMA_VERSION = 4
 """``PRAGMA user_version`` of a current store. 1 (stored as 0) was unique by (mailbox, direction, id);
-2 kept no per-recipient state of sent messages."""
+2 kept no per-recipient state of sent messages; 3 no keys, contacts or message security."""
+
+FILE_MODE = 0o600
+"""The store holds private keys and decrypted messages: readable and writable by its owner only."""
+DIR_MODE = 0o700
+"""A directory the store creates for itself."""
 
 _TABLE = """
 CREATE TABLE {name} (
@@ -97,9 +126,49 @@ CREATE TABLE {name} (
     saved_at    INTEGER NOT NULL,
     body        BLOB    NOT NULL,
     emitted     INTEGER NOT NULL DEFAULT 0 CHECK (emitted IN (0, 1)),
+    {security}
     UNIQUE (mailbox, direction, sender, id)
 );
 """
+_SECURITY_COLUMNS = (
+    "security TEXT NOT NULL DEFAULT 'plaintext' CHECK (security IN ('e2e', 'plaintext', 'failed'))",
+    "security_error TEXT",
+)
+"""Schema 4's columns of ``messages`` (added by ALTER TABLE to a schema 2 or 3 file: every older row is plaintext)."""
+_KEY_TABLES = (
+    # Per mailbox: its Ed25519 identity seed (the private key contacts pin the public half of).
+    """
+    CREATE TABLE identities (
+        mailbox     TEXT    PRIMARY KEY,
+        seed        BLOB    NOT NULL CHECK (length(seed) = 32),
+        created_at  INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    # Per mailbox: its X25519 encryption keys; exactly one current (retired_at NULL), retired ones until purged.
+    """
+    CREATE TABLE encryption_keys (
+        mailbox     TEXT    NOT NULL,
+        kid         TEXT    NOT NULL,
+        private     BLOB    NOT NULL CHECK (length(private) = 32),
+        created_at  INTEGER NOT NULL,
+        retired_at  INTEGER,
+        PRIMARY KEY (mailbox, kid)
+    ) WITHOUT ROWID
+    """,
+    "CREATE UNIQUE INDEX encryption_keys_current ON encryption_keys (mailbox) WHERE retired_at IS NULL",
+    # Per (mailbox, contact): the identity key pinned on first use, and one the directory showed since, if other.
+    """
+    CREATE TABLE contacts (
+        mailbox     TEXT    NOT NULL,
+        contact     TEXT    NOT NULL,
+        ik          BLOB    NOT NULL CHECK (length(ik) = 32),
+        pinned_at   INTEGER NOT NULL,
+        pending_ik  BLOB    CHECK (pending_ik IS NULL OR length(pending_ik) = 32),
+        pending_at  INTEGER,
+        PRIMARY KEY (mailbox, contact)
+    ) WITHOUT ROWID
+    """,
+)
 _STATE_TABLES = (
     # One row per (sender mailbox, message id, recipient): the receipt's word and the latest status.
     # ``notify``: whether statuses were asked for (1 also when a status came before the receipt).
@@ -145,11 +214,28 @@ _STATES_FROM_V2 = (
     " WHERE m.direction = 'out'"
 )
 _INSERT = (
-    "INSERT OR IGNORE INTO messages (mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO messages (mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body,"
+    " security, security_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT = (
-    "SELECT mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body, emitted FROM messages"
+    "SELECT mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body, emitted, security,"
+    " security_error FROM messages"
+)
+_SELECT_KEYS = (
+    "SELECT i.seed, k.kid, k.private, k.created_at, k.retired_at FROM identities AS i"
+    " JOIN encryption_keys AS k ON k.mailbox = i.mailbox WHERE i.mailbox = ?"
+    " ORDER BY k.retired_at IS NULL, k.created_at"
+)
+_SELECT_CONTACTS = "SELECT mailbox, contact, ik, pinned_at, pending_ik, pending_at FROM contacts"
+_UPSERT_PIN = (
+    "INSERT INTO contacts (mailbox, contact, ik, pinned_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (mailbox, contact) DO UPDATE SET ik = excluded.ik, pinned_at = excluded.pinned_at,"
+    " pending_ik = NULL, pending_at = NULL WHERE ik != excluded.ik OR pending_ik IS NOT NULL"
+)
+"""Pin (or re-pin) a contact's identity key; pinning the key already pinned changes nothing (its time stays)."""
+_SET_PENDING = (
+    "UPDATE contacts SET pending_ik = ?, pending_at = ? WHERE mailbox = ? AND contact = ? AND ik != ?"
+    " AND (pending_ik IS NULL OR pending_ik != ?)"
 )
 _UPSERT_RECEIPT = (
     "INSERT INTO recipient_states (mailbox, id, recipient, receipt, notify, saved_at) VALUES (?, ?, ?, ?, ?, ?)"
@@ -184,6 +270,13 @@ _UNEMITTED_STATUSES = (
     ") ORDER BY seq"
 )
 
+SECURITY_NOTE = (
+    '*Messages are end-to-end encrypted unless marked: "unencrypted" travelled in the clear (the relay could'
+    ' read it); "failed" was an encrypted message that did not open or verify on this device, so its text is'
+    " not shown and it may not be from the sender named.*"
+)
+"""The line under a Markdown log's title when it holds an unencrypted or failed message."""
+
 SENT_NOTE = (
     "*A sent message says, per recipient, what the relay last told this device: delivered (the recipient's"
     " device saved it; not that they read it), expired (it expired before their device saved it), or queued /"
@@ -208,6 +301,11 @@ class IncomingMessage(Protocol):
     sent_at: int
     expires_at: int
     body: bytes
+    """The body as the recipient sees it: the decrypted one, or empty for a failed message."""
+    security: str
+    """:data:`E2E`, :data:`PLAINTEXT` or :data:`FAILED`."""
+    security_error: str | None
+    """Why it failed (a reason of docs/e2e.md "Opening"); None unless ``security`` is :data:`FAILED`."""
 
 
 class StatusNotice(Protocol):
@@ -240,6 +338,9 @@ class SentMessage(NamedTuple):
     body: bytes
     notify: bool = False
     """Whether the SEND asked for delivery statuses."""
+    security: str = PLAINTEXT
+    """:data:`E2E` if it was sealed to every recipient, else :data:`PLAINTEXT` (``body`` is the plaintext either
+    way)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,8 +357,13 @@ class StoredMessage:
     expires_at: int | None
     saved_at: int
     body: bytes
+    """The message as this device read or wrote it: decrypted; empty for a failed one."""
     emitted: bool = False
     """For incoming messages: whether a consumer marked it handed on (:meth:`LocalStore.mark_emitted`)."""
+    security: str = PLAINTEXT
+    """:data:`E2E`, :data:`PLAINTEXT` (sent in the clear) or :data:`FAILED` (see the module docstring)."""
+    security_error: str | None = None
+    """For a failed message: why (``bad_signature``, ``key_changed``, ...)."""
 
     @property
     def key(self) -> MessageKey:
@@ -267,6 +373,43 @@ class StoredMessage:
     def body_json(self) -> dict[str, str]:
         """``{"body": text}`` if the body is valid UTF-8, else ``{"body_base64": ...}``."""
         return body_json(self.body)
+
+    def security_json(self) -> dict[str, str]:
+        """``{"security": ...}``, with ``"security_error"`` for a failed message."""
+        return security_json(self.security, self.security_error)
+
+
+class StoredKey(NamedTuple):
+    """One of a mailbox's X25519 encryption keys as stored (``private`` is the raw 32-byte private key)."""
+
+    kid: str
+    private: bytes
+    created_at: int
+    retired_at: int | None
+    """None for the current key; else when it was retired (Unix ms)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKeys:
+    """A mailbox's private keys: the Ed25519 identity ``seed``, the ``current`` encryption key and the retired ones
+    (oldest first)."""
+
+    seed: bytes = field(repr=False)
+    current: StoredKey = field(repr=False)
+    retired: tuple[StoredKey, ...] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A contact of ``mailbox``: the identity key pinned for it (Unix ms ``pinned_at``) and, if the directory has
+    shown another one since, that ``pending_ik`` (not trusted until accepted)."""
+
+    mailbox: str
+    contact: str
+    ik: bytes
+    pinned_at: int
+    pending_ik: bytes | None = None
+    pending_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +487,11 @@ def body_json(body: bytes) -> dict[str, str]:
         return {"body_base64": base64.b64encode(body).decode("ascii")}
 
 
+def security_json(security: str, error: str | None) -> dict[str, str]:
+    """A message's security as JSON fields: ``{"security": ...}`` plus ``"security_error"`` when it failed."""
+    return {"security": security} if error is None else {"security": security, "security_error": error}
+
+
 def _where(mailbox: str | None, direction: str | None) -> tuple[str, list[Any]]:
     """The ``WHERE`` clause (with its leading space, or empty) and arguments for the optional filters."""
     where, args = [], []
@@ -367,6 +515,10 @@ class _Log(NamedTuple):
     overflows: list[StoredStatus]
 
 
+def _messages_table(name: str) -> str:
+    return _TABLE.format(name=name, security="".join(f"{c},\n    " for c in _SECURITY_COLUMNS))
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -382,17 +534,34 @@ class LocalStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = str(path) != ":memory:"
+        if on_disk:
+            self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))  # never readable by others, even briefly
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._prepare_schema()
+            if on_disk:
+                self._restrict_files()
         except BaseException:
             self._db.close()
             raise
+
+    def _restrict_files(self) -> None:
+        """Make the file and its WAL and shared-memory files mode 0600 (a store made before schema 4 may have been
+        created readable by others). SQLite creates the WAL and -shm files with the database file's mode, so once
+        it is 0600 they are too."""
+        for suffix in ("", "-wal", "-shm"):
+            name = self.path.with_name(self.path.name + suffix)
+            try:
+                mode = name.stat().st_mode & 0o777
+            except FileNotFoundError:
+                continue
+            if mode != FILE_MODE:
+                name.chmod(FILE_MODE)
 
     def _prepare_schema(self) -> None:
         """Create the schema in a new file, or migrate an older one step by step, in one transaction."""
@@ -409,21 +578,26 @@ class LocalStore:
                     f" ({SCHEMA_VERSION}): use a newer relay client"
                 )
             if version == 0 and not has_table:  # a new file
-                db.execute(_TABLE.format(name="messages"))
+                db.execute(_messages_table("messages"))
                 for table in _STATE_TABLES:
                     db.execute(table)
             else:
                 if version == 0:  # schema 1: unique by (mailbox, direction, id), no emitted flag
-                    db.execute(_TABLE.format(name="messages_v2"))
+                    db.execute(_messages_table("messages_v2"))
                     db.execute(
                         f"INSERT INTO messages_v2 ({_COLUMNS_V1}, emitted) SELECT {_COLUMNS_V1}, 1 FROM messages"
                     )
                     db.execute("DROP TABLE messages")  # drops its index too
                     db.execute("ALTER TABLE messages_v2 RENAME TO messages")
+                else:  # schemas 2 and 3: no message security (every row so far was plaintext: the default)
+                    for column in _SECURITY_COLUMNS:
+                        db.execute(f"ALTER TABLE messages ADD COLUMN {column}")
                 if version <= 2:  # schema 2: no per-recipient state of sent messages
                     for table in _STATE_TABLES:
                         db.execute(table)
                     db.execute(_STATES_FROM_V2)
+            for table in _KEY_TABLES:  # schema 4: device keys and contacts
+                db.execute(table)
             for statement in _INDEXES:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -464,12 +638,28 @@ class LocalStore:
 
         A message is new unless one with the same (sender, id) is already saved for ``mailbox``:
         a redelivery is not new, another sender's message that reuses an expired message's id is.
+        Each is saved with its ``security`` (and ``security_error``) as given.
         Committed (and synced) when this returns. Raises sqlite3.Error; then nothing was saved.
         """
         saved_at = _now_ms()
         recipients = json.dumps([mailbox])
         counts = self._write(
-            (_INSERT, (mailbox, INCOMING, m.id, m.sender, recipients, m.sent_at, m.expires_at, saved_at, m.body))
+            (
+                _INSERT,
+                (
+                    mailbox,
+                    INCOMING,
+                    m.id,
+                    m.sender,
+                    recipients,
+                    m.sent_at,
+                    m.expires_at,
+                    saved_at,
+                    m.body,
+                    m.security,
+                    m.security_error,
+                ),
+            )
             for m in messages
         )
         return [n == 1 for n in counts]
@@ -496,7 +686,22 @@ class LocalStore:
         for m in messages:
             to = list(m.receipts)
             statements.append(
-                (_INSERT, (mailbox, OUTGOING, m.id, mailbox, json.dumps(to), sent_at, expires_at, sent_at, m.body))
+                (
+                    _INSERT,
+                    (
+                        mailbox,
+                        OUTGOING,
+                        m.id,
+                        mailbox,
+                        json.dumps(to),
+                        sent_at,
+                        expires_at,
+                        sent_at,
+                        m.body,
+                        m.security,
+                        None,
+                    ),
+                )
             )
             kinds.append(True)
             for recipient, word in m.receipts.items():
@@ -524,6 +729,111 @@ class LocalStore:
             else:
                 statements.append((_UPSERT_STATUS, (mailbox, s.id, s.recipient, str(s.state), s.at, s.seq, saved_at)))
         return [n == 1 for n in self._write(statements)]
+
+    # ------------------------------------------------------------ device keys and contacts
+
+    def device_keys(self, mailbox: str) -> StoredKeys | None:
+        """``mailbox``'s private keys, or None if this store has none for it yet."""
+        with self._lock:
+            rows = self._db.execute(_SELECT_KEYS, (mailbox,)).fetchall()
+        if not rows:
+            return None
+        keys = [StoredKey(kid, bytes(private), created, retired) for _seed, kid, private, created, retired in rows]
+        current = [k for k in keys if k.retired_at is None]
+        if len(current) != 1:
+            raise sqlite3.DatabaseError(f"the local store {self.path} has no current encryption key for {mailbox!r}")
+        return StoredKeys(bytes(rows[0][0]), current[0], tuple(k for k in keys if k.retired_at is not None))
+
+    def create_device_keys(self, mailbox: str, seed: bytes, kid: str, private: bytes) -> StoredKeys:
+        """Store ``mailbox``'s first keys (identity ``seed``, encryption key ``kid``/``private``) unless it has keys
+        already (another process made them first); returns the keys now stored. Raises sqlite3.Error."""
+        now = _now_ms()
+        self._write(
+            [
+                ("INSERT OR IGNORE INTO identities (mailbox, seed, created_at) VALUES (?, ?, ?)", (mailbox, seed, now)),
+                (
+                    "INSERT INTO encryption_keys (mailbox, kid, private, created_at)"
+                    " SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM encryption_keys WHERE mailbox = ?)",
+                    (mailbox, kid, private, now, mailbox),
+                ),
+            ]
+        )
+        keys = self.device_keys(mailbox)
+        assert keys is not None
+        return keys
+
+    def rotate_encryption_key(self, mailbox: str, kid: str, private: bytes) -> StoredKeys:
+        """Make ``kid``/``private`` ``mailbox``'s current encryption key and retire the one it replaces (kept until
+        :meth:`purge_retired_keys`); the identity stays. Raises KeyError if ``mailbox`` has no keys here, ValueError
+        if ``kid`` is one of its keys already, sqlite3.Error."""
+        now = _now_ms()
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute("SELECT 1 FROM identities WHERE mailbox = ?", (mailbox,)).fetchone() is None:
+                    raise KeyError(mailbox)
+                if db.execute("SELECT 1 FROM encryption_keys WHERE mailbox = ? AND kid = ?", (mailbox, kid)).fetchone():
+                    raise ValueError(f"{mailbox!r} has an encryption key {kid!r} already")
+                db.execute(
+                    "UPDATE encryption_keys SET retired_at = ? WHERE mailbox = ? AND retired_at IS NULL", (now, mailbox)
+                )
+                db.execute(
+                    "INSERT INTO encryption_keys (mailbox, kid, private, created_at) VALUES (?, ?, ?, ?)",
+                    (mailbox, kid, private, now),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        keys = self.device_keys(mailbox)
+        assert keys is not None
+        return keys
+
+    def purge_retired_keys(self, mailbox: str, retired_before: int) -> int:
+        """Delete ``mailbox``'s encryption keys retired before ``retired_before`` (Unix ms): no message sealed to them
+        can still be queued. Returns how many. Raises sqlite3.Error."""
+        sql = "DELETE FROM encryption_keys WHERE mailbox = ? AND retired_at IS NOT NULL AND retired_at < ?"
+        return self._write([(sql, (mailbox, retired_before))])[0]
+
+    def contacts(self, mailbox: str, names: Iterable[str] | None = None) -> list[Contact]:
+        """``mailbox``'s contacts (optionally only those in ``names``), sorted by contact."""
+        sql, args = _SELECT_CONTACTS + " WHERE mailbox = ?", [mailbox]
+        if names is not None:
+            wanted = sorted(set(names))
+            if not wanted:
+                return []
+            sql += f" AND contact IN ({', '.join('?' * len(wanted))})"
+            args += wanted
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY contact", args).fetchall()
+        return [
+            Contact(mb, c, bytes(ik), at, None if pik is None else bytes(pik), pat) for mb, c, ik, at, pik, pat in rows
+        ]
+
+    def pin_keys(self, mailbox: str, pins: Mapping[str, bytes]) -> None:
+        """Pin each contact's identity key (trust on first use, or a change accepted): it replaces the pinned one and
+        clears a pending one; pinning the key already pinned changes nothing. One transaction. Raises sqlite3.Error."""
+        now = _now_ms()
+        self._write((_UPSERT_PIN, (mailbox, contact, ik, now)) for contact, ik in pins.items())
+
+    def set_pending_keys(self, mailbox: str, pending: Mapping[str, bytes]) -> None:
+        """Record, per contact, an identity key the directory showed that differs from the pinned one (a key change
+        waiting for the user). A contact without a pin, or whose pin is that key, is left alone. Raises
+        sqlite3.Error."""
+        now = _now_ms()
+        self._write((_SET_PENDING, (ik, now, mailbox, contact, ik, ik)) for contact, ik in pending.items())
+
+    def accept_pending_key(self, mailbox: str, contact: str) -> Contact | None:
+        """Pin ``contact``'s pending identity key (the user accepted the change); the contact as now stored, or None if
+        no change was pending. Raises sqlite3.Error."""
+        sql = (
+            "UPDATE contacts SET ik = pending_ik, pinned_at = ?, pending_ik = NULL, pending_at = NULL"
+            " WHERE mailbox = ? AND contact = ? AND pending_ik IS NOT NULL"
+        )
+        if not self._write([(sql, (_now_ms(), mailbox, contact))])[0]:
+            return None
+        return self.contacts(mailbox, [contact])[0]
 
     # ------------------------------------------------------------ reading
 
@@ -623,8 +933,8 @@ class LocalStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [
-            StoredMessage(mb, d, mid, snd, tuple(json.loads(rc)), sa, ea, sv, bytes(body), bool(em))
-            for mb, d, mid, snd, rc, sa, ea, sv, body, em in rows
+            StoredMessage(mb, d, mid, snd, tuple(json.loads(rc)), sa, ea, sv, bytes(body), bool(em), sec, err)
+            for mb, d, mid, snd, rc, sa, ea, sv, body, em, sec, err in rows
         ]
 
     def count(self, mailbox: str | None = None, *, direction: str | None = None) -> int:
@@ -660,7 +970,8 @@ class LocalStore:
         """Every message as a JSON document: ``{"format": "relay-local-store/1", "messages": [...],
         "other_statuses": [...], "status_overflows": [...]}``. A sent message has ``notify`` and
         ``delivery``: per recipient ``{"state", "at" (with a status), "receipt"}``
-        (:meth:`RecipientState.to_json`); ``other_statuses`` are statuses of messages not in the store
+        (:meth:`RecipientState.to_json`); every message has ``security`` (and ``security_error`` if it failed);
+        ``other_statuses`` are statuses of messages not in the store
         (sent by another client of the mailbox), ``status_overflows`` the overflow statuses."""
         messages, states, orphans, overflows = self._log(mailbox)
         out: list[dict[str, Any]] = []
@@ -679,6 +990,7 @@ class LocalStore:
                 item["notify"] = any(s.notify for s in per.values())
                 item["delivery"] = {r: s.to_json() for r, s in per.items()}
             item.update(m.body_json())
+            item.update(m.security_json())
             out.append(item)
         doc = {
             "format": "relay-local-store/1",
@@ -696,10 +1008,12 @@ class LocalStore:
     def export_markdown(self, mailbox: str | None = None, *, tz: dt.tzinfo | None = None) -> str:
         """A readable conversation log: a heading per day, then ``**alice** → bob · 14:03:07`` and the body
         quoted below it; a sent message then says per recipient what became of it (``*delivered to bob
-        14:05:01 · queued for carol*``). Bodies that are not UTF-8 are shown as base64 with a note. ``tz``
-        defaults to the local time zone. If the log holds sent messages, :data:`SENT_NOTE` under the title
-        says what those words mean; statuses the relay could not keep, and statuses of messages not in the
-        store, are listed too."""
+        14:05:01 · queued for carol*``). A message not end-to-end encrypted says so after its time
+        (``· unencrypted``), and a failed one (``· failed (bad_signature)``) shows a note instead of a body;
+        :data:`SECURITY_NOTE` under the title then explains the marks. Bodies that are not UTF-8 are shown as
+        base64 with a note. ``tz`` defaults to the local time zone. If the log holds sent messages,
+        :data:`SENT_NOTE` under the title says what those words mean; statuses the relay could not keep, and
+        statuses of messages not in the store, are listed too."""
         messages, states, orphans, overflows = self._log(mailbox)
 
         def local(ms: int) -> dt.datetime:
@@ -708,6 +1022,8 @@ class LocalStore:
 
         names = sorted({m.mailbox for m in messages}) if mailbox is None else [mailbox]
         lines = [f"# Relay conversation log — {', '.join(names) if names else 'no messages'}", ""]
+        if any(m.security != E2E for m in messages):
+            lines += [SECURITY_NOTE, ""]
         if any(m.direction == OUTGOING for m in messages) or orphans:
             lines += [SENT_NOTE, ""]
         missed = sum(o.count or 0 for o in overflows)
@@ -725,13 +1041,18 @@ class LocalStore:
             if when.date() != day:
                 day = when.date()
                 lines += [f"## {day.isoformat()}", ""]
-            lines.append(f"**{m.sender}** → {', '.join(m.recipients)} · {when:%H:%M:%S}")
-            try:
-                text = m.body.decode("utf-8")
-                body_lines = text.split("\n") if text else [""]
-            except UnicodeDecodeError:
-                encoded = base64.b64encode(m.body).decode("ascii")
-                body_lines = [f"*(binary body, {len(m.body)} bytes, shown as base64)*", f"`{encoded}`"]
+            mark = {E2E: "", PLAINTEXT: " · unencrypted"}.get(m.security, f" · failed ({m.security_error})")
+            lines.append(f"**{m.sender}** → {', '.join(m.recipients)} · {when:%H:%M:%S}{mark}")
+            if m.security == FAILED:
+                note = f"not shown: it did not open or verify on this device, so it may not be from {m.sender}"
+                body_lines = [f"*({note})*"]
+            else:
+                try:
+                    text = m.body.decode("utf-8")
+                    body_lines = text.split("\n") if text else [""]
+                except UnicodeDecodeError:
+                    encoded = base64.b64encode(m.body).decode("ascii")
+                    body_lines = [f"*(binary body, {len(m.body)} bytes, shown as base64)*", f"`{encoded}`"]
             lines += [f"> {line}".rstrip() for line in body_lines]
             if m.direction == OUTGOING and states[(m.mailbox, m.id)]:
                 words = [_state_words(s, local, when.date()) for s in states[(m.mailbox, m.id)].values()]

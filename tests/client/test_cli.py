@@ -20,7 +20,7 @@ from broker.store.base import NewMessage, Outcome
 from broker.store.memory import MemoryStore
 from client import LocalStore, open_client
 from client.cli import main
-from client.localstore import SENT_NOTE
+from client.localstore import SECURITY_NOTE, SENT_NOTE
 from tests.conftest import running_broker
 from wire import ErrorCode
 
@@ -114,8 +114,8 @@ async def test_export_markdown_and_json(broker: Broker, tmp_path: Path) -> None:
     assert md.status == 0
     text = md.out.splitlines()
     assert text[0] == "# Relay conversation log — bob"
-    assert text[2] == SENT_NOTE
-    assert text[4].startswith("## ")
+    assert (text[2], text[4]) == (SECURITY_NOTE, SENT_NOTE)
+    assert text[6].startswith("## ")
     assert [line.split(" · ")[0] for line in text if line.startswith("**")] == ["**alice** → bob", "**bob** → alice"]
     assert "> hi bob" in text and "> hi alice" in text
     out = tmp_path / "export.json"

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from client import Delivery, LocalStore
-from client.localstore import SCHEMA_VERSION, SENT_NOTE, RecipientState, SentMessage, StoredStatus
+from client.localstore import (
+    SCHEMA_VERSION,
+    SECURITY_NOTE,
+    SENT_NOTE,
+    Contact,
+    RecipientState,
+    SentMessage,
+    StoredKey,
+    StoredStatus,
+)
 
 T0 = int(dt.datetime(2024, 5, 1, 14, 3, 7, tzinfo=dt.UTC).timestamp() * 1000)
 
@@ -38,8 +47,17 @@ def overflow(seq: int, count: int, *, first_seq: int | None = None, at: int = T0
     return Notice(seq, "overflow", at, count=count, first_seq=seq if first_seq is None else first_seq)
 
 
-def delivery(mid: str, body: bytes, *, sender: str = "alice", at: int = T0, attempt: int = 1) -> Delivery:
-    return Delivery(mid, sender, at, at + 3_600_000, attempt, body)
+def delivery(
+    mid: str,
+    body: bytes,
+    *,
+    sender: str = "alice",
+    at: int = T0,
+    attempt: int = 1,
+    security: str = "e2e",
+    error: str | None = None,
+) -> Delivery:
+    return Delivery(mid, sender, at, at + 3_600_000, attempt, body, security, error)
 
 
 def test_saving_the_same_message_twice_keeps_one_copy(tmp_path: Path) -> None:
@@ -125,10 +143,11 @@ def test_a_store_with_the_first_schema_is_migrated_in_place_keeping_every_row(tm
     old.close()
 
     with LocalStore(path) as store:
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         got = [(m.mailbox, m.direction, m.id, m.sender, json.dumps(list(m.recipients)), m.sent_at, m.expires_at,
                 m.saved_at, m.body) for m in store.messages()]  # fmt: skip
         assert got == rows
+        assert {(m.security, m.security_error) for m in store.messages()} == {("plaintext", None)}
         assert store.unemitted("bob") == []  # the first schema kept no record: counted as emitted
         # the new identity applies to the migrated rows
         assert store.save_incoming("bob", [delivery("z-1", b"from alice")]) == [False]
@@ -140,7 +159,7 @@ def test_a_store_with_the_first_schema_is_migrated_in_place_keeping_every_row(tm
             RecipientState("bob", "z-1", "carol", None, False, None, None, None),
         ]
     with LocalStore(path) as again:  # opening a current store changes nothing
-        assert again.count() == 5 and again._db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert again.count() == 5 and again._db.execute("PRAGMA user_version").fetchone()[0] == 4
         assert len(again.recipient_states()) == 2
 
 
@@ -183,8 +202,9 @@ def test_a_store_with_schema_2_gets_a_state_per_recipient_of_each_sent_message(t
     old.close()
 
     with LocalStore(path) as store:
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 3
-        assert [m.id for m in store.messages()] == ["m1", "r1", "m1"]
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert [(m.id, m.security) for m in store.messages()] == [("m1", "plaintext"), ("r1", "plaintext"),
+                                                                  ("m1", "plaintext")]  # fmt: skip
         assert [m.key for m in store.unemitted("alice")] == [("bob", "r1")]  # schema 2's flags are kept
         assert [(s.mailbox, s.id, s.recipient, s.receipt, s.notify, s.state) for s in store.recipient_states()] == [
             ("alice", "m1", "bob", None, False, "queued"),
@@ -235,11 +255,12 @@ def test_markdown_export_is_a_conversation_log(tmp_path: Path) -> None:
         store.save_incoming("bob", [delivery("m1", b"hi bob\nhow are you?")])
         store.record_outgoing(
             "bob",
-            [SentMessage("m2", {"alice": "queued", "carol": "delivered", "dave": "queued"}, b"fine!", True)],
+            [SentMessage("m2", {"alice": "queued", "carol": "delivered", "dave": "queued"}, b"fine!", True, "e2e")],
             sent_at=T0 + 2000,
         )
-        store.save_incoming("bob", [delivery("m3", b"\x00\xffbin", at=day2)])
+        store.save_incoming("bob", [delivery("m3", b"\x00\xffbin", at=day2, security="plaintext")])
         store.record_outgoing("bob", [SentMessage("m4", {"alice": "duplicate"}, b"quiet")], sent_at=day2 + 1000)
+        store.save_incoming("bob", [delivery("m5", b"", at=day2 + 4000, security="failed", error="bad_signature")])
         store.save_statuses("bob", [
             status(1, "delivered", "m2", "alice", at=T0 + 5000),
             status(2, "expired", "m2", "dave", at=day2),
@@ -249,6 +270,8 @@ def test_markdown_export_is_a_conversation_log(tmp_path: Path) -> None:
         text = store.export_markdown(tz=dt.UTC)
     assert text == (
         "# Relay conversation log — bob\n"
+        "\n"
+        f"{SECURITY_NOTE}\n"
         "\n"
         f"{SENT_NOTE}\n"
         "\n"
@@ -268,13 +291,16 @@ def test_markdown_export_is_a_conversation_log(tmp_path: Path) -> None:
         "\n"
         "## 2024-05-02\n"
         "\n"
-        "**alice** → bob · 14:03:07\n"
+        "**alice** → bob · 14:03:07 · unencrypted\n"
         "> *(binary body, 5 bytes, shown as base64)*\n"
         "> `AP9iaW4=`\n"
         "\n"
-        "**bob** → alice · 14:03:08\n"
+        "**bob** → alice · 14:03:08 · unencrypted\n"
         "> quiet\n"
         "*queued for alice (no status asked)*\n"
+        "\n"
+        "**alice** → bob · 14:03:11 · failed (bad_signature)\n"
+        "> *(not shown: it did not open or verify on this device, so it may not be from alice)*\n"
         "\n"
         "## Delivery statuses of messages not in this log\n"
         "\n"
@@ -287,6 +313,7 @@ def test_json_export_lists_every_message(tmp_path: Path) -> None:
         store.save_incoming("bob", [delivery("m1", "héllo".encode())])
         store.record_outgoing("bob", [SentMessage("m2", {"alice": "queued", "carol": "delivered"}, b"\xfe", True)],
                               sent_at=T0 + 1)  # fmt: skip
+        store.save_incoming("bob", [delivery("m3", b"", at=T0 + 2, security="failed", error="not_for_me")])
         store.save_statuses("bob", [status(5, "delivered", "m2", "alice"), status(6, "expired", "m7", "carol"),
                                     overflow(8, 3)])  # fmt: skip
         doc = json.loads(store.export_json())
@@ -302,6 +329,7 @@ def test_json_export_lists_every_message(tmp_path: Path) -> None:
                 "sent_at": T0,
                 "expires_at": T0 + 3_600_000,
                 "body": "héllo",
+                "security": "e2e",
             },
             {
                 "mailbox": "bob",
@@ -317,6 +345,19 @@ def test_json_export_lists_every_message(tmp_path: Path) -> None:
                     "carol": {"state": "queued", "receipt": "delivered"},
                 },
                 "body_base64": "/g==",
+                "security": "plaintext",
+            },
+            {
+                "mailbox": "bob",
+                "direction": "in",
+                "id": "m3",
+                "from": "alice",
+                "to": ["bob"],
+                "sent_at": T0 + 2,
+                "expires_at": T0 + 2 + 3_600_000,
+                "body": "",
+                "security": "failed",
+                "security_error": "not_for_me",
             },
         ],
         "other_statuses": [
@@ -448,3 +489,152 @@ def test_record_outgoing_counts_new_messages_and_keeps_each_recipients_receipt(t
             ("b", "carol", "duplicate", False),
         ]
         assert store.unemitted_statuses("alice") == []  # a receipt is not a status
+
+
+THIRD_SCHEMA = """
+CREATE TABLE messages (
+    seq         INTEGER PRIMARY KEY,
+    mailbox     TEXT    NOT NULL,
+    direction   TEXT    NOT NULL CHECK (direction IN ('in', 'out')),
+    id          TEXT    NOT NULL,
+    sender      TEXT    NOT NULL,
+    recipients  TEXT    NOT NULL,
+    sent_at     INTEGER NOT NULL,
+    expires_at  INTEGER,
+    saved_at    INTEGER NOT NULL,
+    body        BLOB    NOT NULL,
+    emitted     INTEGER NOT NULL DEFAULT 0 CHECK (emitted IN (0, 1)),
+    UNIQUE (mailbox, direction, sender, id)
+);
+CREATE TABLE recipient_states (
+    mailbox     TEXT    NOT NULL,
+    id          TEXT    NOT NULL,
+    recipient   TEXT    NOT NULL,
+    receipt     TEXT    CHECK (receipt IN ('queued', 'delivered', 'duplicate')),
+    notify      INTEGER NOT NULL DEFAULT 0 CHECK (notify IN (0, 1)),
+    status      TEXT    CHECK (status IN ('delivered', 'expired')),
+    status_at   INTEGER,
+    status_seq  INTEGER,
+    saved_at    INTEGER NOT NULL,
+    emitted     INTEGER NOT NULL DEFAULT 1 CHECK (emitted IN (0, 1)),
+    PRIMARY KEY (mailbox, id, recipient)
+) WITHOUT ROWID;
+CREATE TABLE status_overflows (
+    mailbox     TEXT    NOT NULL,
+    first_seq   INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    count       INTEGER NOT NULL CHECK (count >= 1),
+    at          INTEGER NOT NULL,
+    saved_at    INTEGER NOT NULL,
+    emitted     INTEGER NOT NULL DEFAULT 0 CHECK (emitted IN (0, 1)),
+    PRIMARY KEY (mailbox, first_seq)
+) WITHOUT ROWID;
+CREATE INDEX messages_by_time ON messages (mailbox, sent_at);
+CREATE INDEX messages_unemitted ON messages (mailbox, seq) WHERE direction = 'in' AND emitted = 0;
+CREATE INDEX recipient_states_unemitted ON recipient_states (mailbox, status_seq) WHERE emitted = 0;
+PRAGMA user_version = 3;
+"""
+"""Schema version 3, exactly as that release created it: no keys, contacts or message security."""
+
+
+def test_a_store_with_schema_3_keeps_its_rows_as_plaintext_and_gets_key_tables(tmp_path: Path) -> None:
+    path = tmp_path / "v3.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(THIRD_SCHEMA)
+    old.executemany(
+        "INSERT INTO messages (mailbox, direction, id, sender, recipients, sent_at, expires_at, saved_at, body,"
+        " emitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("alice", "out", "m1", "alice", '["bob"]', T0, None, T0, b"to bob", 0),
+            ("alice", "in", "r1", "bob", '["alice"]', T0 + 1, T0 + 99, T0 + 1, b"reply", 0),
+        ],
+    )
+    old.execute(
+        "INSERT INTO recipient_states (mailbox, id, recipient, receipt, notify, saved_at) VALUES (?, ?, ?, ?, ?, ?)",
+        ("alice", "m1", "bob", "queued", 1, T0),
+    )
+    old.commit()
+    old.close()
+    path.chmod(0o644)  # as an earlier client left it (the umask's mode)
+
+    with LocalStore(path) as store:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert [(m.id, m.body, m.security, m.security_error, m.emitted) for m in store.messages()] == [
+            ("m1", b"to bob", "plaintext", None, False),
+            ("r1", b"reply", "plaintext", None, False),
+        ]
+        assert [(s.receipt, s.notify) for s in store.recipient_states()] == [("queued", True)]
+        assert store.device_keys("alice") is None and store.contacts("alice") == []
+        assert store.save_incoming("alice", [delivery("r2", b"sealed", sender="bob")]) == [True]
+        assert {m.id: m.security for m in store.messages("alice")}["r2"] == "e2e"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_store_and_its_wal_and_shm_files_are_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "s.sqlite3"
+    with LocalStore(path) as store:
+        store.save_incoming("bob", [delivery("a", b"secret")])  # writes the WAL
+        files = sorted(p.name for p in path.parent.iterdir())
+        assert files == ["s.sqlite3", "s.sqlite3-shm", "s.sqlite3-wal"]
+        assert {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()} == dict.fromkeys(files, 0o600)
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_existing_wal_and_shm_files_are_made_0600_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    with LocalStore(path) as store:
+        store.save_incoming("bob", [delivery("a", b"secret")])
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).chmod(0o644)
+        with LocalStore(path):
+            names = {suffix: path.with_name(path.name + suffix) for suffix in ("", "-wal", "-shm")}
+            modes = {suffix: name.stat().st_mode & 0o777 for suffix, name in names.items()}
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+def test_device_keys_are_made_once_per_mailbox_and_rotation_retires_the_current_one(tmp_path: Path) -> None:
+    seed, k1, k2 = b"s" * 32, b"1" * 32, b"2" * 32
+    with LocalStore(tmp_path / "s.sqlite3") as store:
+        first = store.create_device_keys("alice", seed, "kid-1", k1)
+        assert (first.seed, first.current.kid, first.current.private, first.retired) == (seed, "kid-1", k1, ())
+        # another process that made keys too finds the first ones
+        again = store.create_device_keys("alice", b"x" * 32, "kid-x", b"x" * 32)
+        assert (again.seed, again.current.kid, again.retired) == (seed, "kid-1", ())
+        assert store.device_keys("bob") is None
+        rotated = store.rotate_encryption_key("alice", "kid-2", k2)
+        assert (rotated.seed, rotated.current.kid, rotated.current.private) == (seed, "kid-2", k2)
+        assert [(k.kid, k.private) for k in rotated.retired] == [("kid-1", k1)]
+        [retired] = rotated.retired
+        assert retired.retired_at is not None and retired.retired_at >= rotated.current.created_at
+        with pytest.raises(ValueError, match="kid-1"):
+            store.rotate_encryption_key("alice", "kid-1", k1)
+        with pytest.raises(KeyError):
+            store.rotate_encryption_key("bob", "kid-3", k1)
+        assert store.purge_retired_keys("alice", retired.retired_at) == 0  # not older than that
+        assert store.purge_retired_keys("alice", retired.retired_at + 1) == 1
+    with LocalStore(tmp_path / "s.sqlite3") as reopened:
+        keys = reopened.device_keys("alice")
+        assert (
+            keys is not None
+            and keys.retired == ()
+            and keys.current == StoredKey("kid-2", k2, rotated.current.created_at, None)
+        )
+
+
+def test_a_pinned_key_stays_until_replaced_and_a_pending_one_waits_for_acceptance(tmp_path: Path) -> None:
+    ik1, ik2, ik3 = b"1" * 32, b"2" * 32, b"3" * 32
+    with LocalStore(tmp_path / "s.sqlite3") as store:
+        store.pin_keys("alice", {"bob": ik1, "carol": ik1})
+        [bob, carol] = store.contacts("alice")
+        assert (bob.contact, bob.ik, bob.pending_ik, carol.contact) == ("bob", ik1, None, "carol")
+        store.set_pending_keys("alice", {"bob": ik2, "carol": ik1, "dave": ik2})  # carol: same key; dave: no pin
+        assert store.contacts("alice", ["bob", "carol", "dave"]) == [
+            Contact("alice", "bob", ik1, bob.pinned_at, ik2, store.contacts("alice", ["bob"])[0].pending_at),
+            carol,
+        ]
+        assert store.accept_pending_key("alice", "carol") is None  # nothing pending
+        accepted = store.accept_pending_key("alice", "bob")
+        assert accepted is not None and (accepted.ik, accepted.pending_ik, accepted.pending_at) == (ik2, None, None)
+        store.pin_keys("alice", {"bob": ik3})  # a re-pin (accept_key through the client) replaces it
+        assert store.contacts("alice", ["bob"])[0].ik == ik3
+        assert store.contacts("bob") == [] and store.contacts("alice", []) == []
