@@ -19,7 +19,7 @@
 // deterministic encoding, map keys in insertion order.
 
 import { Aes128Gcm, CipherSuite, DhkemX25519HkdfSha256, HkdfSha256 } from '@hpke/core'
-import { decodeDeterministic, encodeDeterministic } from './codec.js'
+import { decodeDeterministic, encodeDeterministic, isValidMessageId } from './codec.js'
 
 const MAGIC = new Uint8Array([0x52, 0x45, 0x32, 0x45])
 /** Every envelope body starts with these 4 bytes ("RE2E"); any other body is a plaintext message (a copy: changing it changes nothing). */
@@ -55,7 +55,6 @@ const X25519 = { name: 'X25519' }
 const ENVELOPE_KEYS = ['v', 's', 'sig']
 const SEALED_KEYS = ['from', 'id', 'to', 'ik', 'keys', 'n', 'ct']
 const ENTRY_KEYS = ['to', 'kid', 'enc', 'ct']
-const KID_RE = /^[\x21-\x7e]{1,64}$/
 
 const subtle = () => globalThis.crypto.subtle
 const suite = new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSha256(), aead: new Aes128Gcm() })
@@ -121,7 +120,7 @@ export async function makeKeyRecord (mailbox, identity, ek) {
 export async function verifyKeyRecord (mailbox, record) {
   if (typeof mailbox !== 'string' || record === null || typeof record !== 'object') return false
   const { ik, kid, ek, sig } = record
-  if (!isBytes(ik, 32) || !isBytes(ek, 32) || !isBytes(sig, 64) || typeof kid !== 'string' || !KID_RE.test(kid)) return false
+  if (!isBytes(ik, 32) || !isBytes(ek, 32) || !isBytes(sig, 64) || !isValidMessageId(kid)) return false
   return verify(ik, sig, keyStatement(mailbox, kid, ek))
 }
 
