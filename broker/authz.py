@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from wire import Ack, Bye, Cleanup, Frame, Ping, Pull, Send, Stats, StatusAck
+from wire import Ack, Bye, Cleanup, Frame, KeyGet, KeyPut, Ping, Pull, Send, Stats, StatusAck
 
 from .auth import Identity
 
@@ -34,6 +34,8 @@ RULES: Mapping[type[Frame], Need] = {
     Ack: Need.MAILBOX,
     StatusAck: Need.MAILBOX,
     Pull: Need.MAILBOX,
+    KeyPut: Need.MAILBOX,
+    KeyGet: Need.MAILBOX,
     Ping: Need.ANYONE,
     Bye: Need.ANYONE,
     Stats: Need.OPERATOR,

@@ -206,6 +206,8 @@ class BrokerConfig:
     """ACKed ids remembered for idempotent SEND retries (about 200 bytes each)."""
     max_mailbox_statuses: int = field(default=_STORE_DEFAULTS.max_mailbox_statuses, metadata=_in(LIMITS, _not_negative))
     """Delivery statuses held per mailbox; beyond it they are folded into one overflow record (0: always)."""
+    key_ttl_s: int = field(default=90 * 24 * 3600, metadata=_in(LIMITS, _positive))
+    """A mailbox's key record (the public-key directory) lapses this long after its latest put (90 days)."""
 
     # --- [broker.store] ---
     store: str = field(default="memory", metadata=_in(STORE, _store_name))

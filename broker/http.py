@@ -11,7 +11,9 @@ DELIVER before the answer), ``POST /relay/acknowledge`` is ``router.acknowledge`
 is ``router.peek`` and ``router.pending`` (changes nothing: messages stay held until
 ACKed), ``GET /relay/statuses`` is ``router.statuses`` (the mailbox's delivery statuses
 after a seq; changes nothing either), ``POST /relay/statuses/acknowledge`` is
-``router.acknowledge_statuses`` (STATUS_ACK), ``/relay/stats`` is
+``router.acknowledge_statuses`` (STATUS_ACK), ``PUT /relay/keys`` is ``router.put_key``
+(KEY_PUT, for the token's own mailbox) and ``GET /relay/keys`` ``router.get_keys``
+(KEY_GET), ``/relay/stats`` is
 ``stats.snapshot().to_wire()`` (the STATS_RESULT map) and ``/relay/cleanup`` is
 ``router.cleanup`` (the one expiry path). Tokens are the same JWTs, sent as
 ``Authorization: Bearer``.
@@ -34,6 +36,7 @@ status cause                                                 code
 405    method not allowed on the route                        1003 UNEXPECTED_FRAME
 413    body above the limit (the SEND frame > max_frame_bytes) 1002 FRAME_TOO_LARGE
 415    Content-Type neither JSON nor CBOR                     1001 MALFORMED_FRAME
+422    a key record whose signature does not verify           3009 INVALID_KEY
 500    broker fault                                           5001 INTERNAL_ERROR
 503    the store (Redis) cannot be reached (Retry-After: 1)   5002 STORE_UNAVAILABLE
        (not send: a 3008 receipt, as the RECEIPT frame; nor stats: the node's figures)
@@ -89,6 +92,7 @@ from wire import (
     UINT_MAX,
     Ack,
     ErrorCode,
+    KeyRecord,
     Receipt,
     RemoteProtocolError,
     Send,
@@ -462,6 +466,57 @@ def _status_ack_from(item: Mapping[str, Any], is_json: bool) -> StatusAck:
     return _frame_from(StatusAck, {"seqs": seqs})
 
 
+_KEY_FIELDS = {
+    "ik": "the Ed25519 identity public key (32 bytes)",
+    "kid": "the key id",
+    "ek": "the X25519 encryption public key (32 bytes)",
+    "sig": "the signature (64 bytes)",
+}
+
+
+def _key_record_from(item: Mapping[str, Any], is_json: bool) -> KeyRecord:
+    """The key record a ``PUT /relay/keys`` body carries in ``key``, or ApiError(400, 1004) naming the field."""
+    what = "a key record object {ik, kid, ek, sig}" if is_json else "a key record map {ik, kid, ek, sig}"
+    key = _field(item, "key", what)
+    if type(key) is not dict:
+        raise _invalid(f'"key" must be {what}, got {_kind(key, is_json)}')
+    fields: dict[str, Any] = {}
+    for name, meaning in _KEY_FIELDS.items():
+        if name not in key:
+            raise _invalid(f'the field "key.{name}" is missing: it must be {meaning}')
+        value = key[name]
+        if value is None:
+            raise _invalid(f'"key.{name}" must be {meaning}, not null')
+        if is_json and name != "kid":
+            if type(value) is not str:
+                raise _invalid(f'"key.{name}" must be {meaning} as standard base64 text, got {_kind(value, is_json)}')
+            try:
+                value = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise _invalid(f'"key.{name}" must be standard base64 (A-Z, a-z, 0-9, +, / and = padding)') from None
+        fields[name] = value
+    try:
+        return KeyRecord.from_map(fields)
+    except ValueError as exc:
+        raise _invalid(f'"key": {exc}') from None
+
+
+def _lookup_mailboxes(request: Request, max_recipients: int) -> list[str]:
+    """The ``mailbox`` query parameters of ``GET /relay/keys``: 1 to max_recipients, each at most 64 characters."""
+    names = request.query_params.getlist("mailbox")
+    if not names:
+        raise _invalid('the query parameter "mailbox" is missing: give one or more mailbox ids (?mailbox=a&mailbox=b)')
+    if len(names) > max_recipients:
+        raise _invalid(f'at most max_recipients ({max_recipients}) "mailbox" parameters, got {len(names)}')
+    for i, name in enumerate(names):
+        if len(name) > MAX_RECIPIENT_CHARS:
+            raise _invalid(
+                f'"mailbox" parameter {i + 1} is {len(name)} characters long; a mailbox id is at most '
+                f"{MAX_RECIPIENT_CHARS} characters"
+            )
+    return names
+
+
 def _query_int(request: Request, name: str, default: int, lowest: int, highest: int) -> int:
     """A whole-number query parameter within [lowest, highest], or ApiError(400, 1004) naming it."""
     raw = request.query_params.get(name, str(default))
@@ -591,6 +646,32 @@ class _Api:
         item, is_json = await _read_map(request, self.max_request_bytes)
         ack = _status_ack_from(item, is_json)
         return _respond(request, {"acknowledged": await self.parts.router.acknowledge_statuses(mailbox, ack.seqs)})
+
+    async def keys(self, request: Request) -> Response:
+        """``PUT /relay/keys`` (KEY_PUT) and ``GET /relay/keys`` (KEY_GET): one route, so a 405 lists both."""
+        if request.method == "PUT":
+            return await self.put_key(request)
+        return await self.get_keys(request)
+
+    async def put_key(self, request: Request) -> Response:
+        mailbox = self.mailbox(request)
+        item, is_json = await _read_map(request, self.max_request_bytes)
+        record = _key_record_from(item, is_json)
+        code = await self.parts.router.put_key(mailbox, record)
+        if code is ErrorCode.INVALID_KEY:
+            raise ApiError(
+                422, code, f'the key record\'s signature does not verify for the mailbox "{mailbox}": nothing stored'
+            )
+        if code is ErrorCode.STORE_UNREACHABLE:
+            message = "the broker cannot reach its store; retry later"
+            raise ApiError(503, ErrorCode.STORE_UNAVAILABLE, message, {"Retry-After": "1"})
+        return _respond(request, {"kid": record.kid})
+
+    async def get_keys(self, request: Request) -> Response:
+        self.mailbox(request)
+        names = _lookup_mailboxes(request, self.parts.config.max_recipients)
+        keys = await self.parts.router.get_keys(names)
+        return _respond(request, {"keys": {m: r.to_map() for m, r in keys.items()}})
 
     async def stats(self, request: Request) -> Response:
         self.operator(request)
@@ -779,6 +860,7 @@ def create_app(parts: BrokerParts) -> Starlette:
         Route("/relay/pending", guard(api.pending), methods=["GET"]),
         Route("/relay/statuses", guard(api.statuses), methods=["GET"]),
         Route("/relay/statuses/acknowledge", guard(api.acknowledge_statuses), methods=["POST"]),
+        Route("/relay/keys", guard(api.keys), methods=["GET", "PUT"]),
         Route("/relay/stats", guard(api.stats), methods=["GET"]),
         Route("/relay/cleanup", guard(api.cleanup), methods=["POST"]),
         Route("/openapi.json", guard(api.openapi), methods=["GET"]),

@@ -176,6 +176,31 @@ _SCHEMAS: dict[str, Any] = {
             }
         }
     ),
+    "KeyRecord": _object(
+        {
+            "ik": {**_BYTES, "description": "Ed25519 identity public key, 32 bytes raw."},
+            "kid": {**_MESSAGE_ID, "description": "The encryption key's id."},
+            "ek": {**_BYTES, "description": "X25519 encryption public key, 32 bytes raw."},
+            "sig": {
+                **_BYTES,
+                "description": 'Ed25519 signature by ik over CBOR(["relay-e2e-key/1", mailbox, kid, ek]), 64 bytes.',
+            },
+        },
+        description="A mailbox's key record in the public-key directory (protocol.md section 6, docs/e2e.md).",
+    ),
+    "KeyPutRequest": _object(
+        {"key": {**_ref("KeyRecord"), "description": "The record, signed for the caller's own mailbox."}}
+    ),
+    "KeyPutResult": _object({"kid": {**_MESSAGE_ID, "description": "The stored record's kid."}}),
+    "KeyGetResult": _object(
+        {
+            "keys": {
+                "type": "object",
+                "additionalProperties": _ref("KeyRecord"),
+                "description": "Mailbox id -> its current record, only for the asked-for mailboxes that have one.",
+            }
+        }
+    ),
     "StatsResult": _object({"stats": {"type": "object", "additionalProperties": _UINT}}),
     "CleanupResult": _object({"purged": _UINT}),
     "OpenApi": {"type": "object", "description": "This document."},
@@ -194,6 +219,7 @@ _ERROR_TEXT = {
     "403": "Forbidden for this token (2003).",
     "413": "Body above the size limit, or the message above max_frame_bytes as a SEND frame (1002).",
     "415": "Content-Type is neither application/json nor application/cbor (1001).",
+    "422": "The key record's signature does not verify for the caller's mailbox (3009 INVALID_KEY): nothing stored.",
     "503": (
         "The broker cannot reach its store (5002): retry after the Retry-After seconds. (send answers a 3008 "
         "receipt instead, and stats the node's own figures.)"
@@ -311,6 +337,33 @@ def openapi_spec() -> dict[str, Any]:
                     response="StatusAckResult",
                     errors=_BODY_ERRORS,
                 )
+            },
+            "/relay/keys": {
+                "put": _operation(
+                    "KEY_PUT: publish the caller's own mailbox's key record (replacing its previous one)",
+                    request="KeyPutRequest",
+                    response="KeyPutResult",
+                    errors=(*_BODY_ERRORS, "422"),
+                ),
+                "get": _operation(
+                    "KEY_GET: the current key records of some mailboxes (any mailbox token may look up any mailbox)",
+                    response="KeyGetResult",
+                    errors=("400", "401", "403"),
+                    parameters=[
+                        {
+                            "name": "mailbox",
+                            "in": "query",
+                            "required": True,
+                            "description": (
+                                "A mailbox id to look up; repeat the parameter for more (1 to max_recipients of them, "
+                                "each at most 64 characters; one that is not a mailbox id has no record)."
+                            ),
+                            "schema": {"type": "string", "maxLength": MAX_RECIPIENT_CHARS},
+                            "style": "form",
+                            "explode": True,
+                        }
+                    ],
+                ),
             },
             "/relay/stats": {
                 "get": _operation("Relay statistics (operator token)", response="StatsResult", errors=("401", "403"))

@@ -25,6 +25,12 @@ Every one of those goes through :meth:`Router.report`, the one place notices go:
 statuses (OSError, after it took the ACK or the purge), they are lost: logged, counted
 (``statuses_lost_total``) and reported to the health, and the ACK or purge still stands.
 
+Key directory (protocol.md section 9, rule 20): :meth:`Router.put_key` and
+:meth:`Router.get_keys` are the one path of KEY_PUT/KEY_GET and the HTTP API's
+``/relay/keys``. A put is verified for the *authenticated* mailbox the caller passes
+(``wire.e2e.verify_key_record``), then stored under it with ``key_ttl_s``; a lookup drops
+the elements that are not mailbox ids and repeats, then asks the store once.
+
 A store that cannot be reached (OSError from ``enqueue_many``) fails the batch, not the
 caller: every SEND of it that had something to store gets a RECEIPT refused as a whole
 with 3008 STORE_UNREACHABLE, which claims nothing either way (a pipeline that failed
@@ -42,7 +48,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, RecipientResult, Send, Status, is_valid_mailbox_id
+from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, KeyRecord, RecipientResult, Send, Status, is_valid_mailbox_id
+from wire.e2e import verify_key_record
 
 from .config import BrokerConfig
 from .health import StoreHealth
@@ -180,6 +187,7 @@ class Router:
         self.clock = clock
         self._max_body_bytes = config.max_frame_bytes - DELIVER_OVERHEAD_BYTES
         self._status_ttl_ms = config.default_ttl_s * 1000
+        self._key_ttl_ms = config.key_ttl_s * 1000
 
     def plan(self, sends: Sequence[Send], sender: str, now: int) -> list[Plan]:
         """Plan each SEND of a batch at ``now`` (the router's clock, epoch ms). Pure."""
@@ -307,6 +315,33 @@ class Router:
         deleted = await self.store.ack_statuses(mailbox, seqs)
         self.counters.statuses_acked += deleted
         return deleted
+
+    async def put_key(self, mailbox: str, record: KeyRecord) -> ErrorCode | None:
+        """Publish ``record`` as ``mailbox``'s key record (``mailbox``: the caller's authenticated one).
+
+        None if it is stored (replacing the previous one); INVALID_KEY if its signature does not
+        verify for ``mailbox`` (nothing stored); STORE_UNREACHABLE if the store could not be
+        reached (reported to the health; maybe not stored). Raises nothing else.
+        """
+        if not verify_key_record(mailbox, record):
+            self.counters.keys_put_refused += 1
+            return ErrorCode.INVALID_KEY
+        try:
+            await self.store.put_key(mailbox, record, self.clock(), self._key_ttl_ms)
+        except OSError as exc:
+            self.health.failed(exc)
+            return ErrorCode.STORE_UNREACHABLE
+        self.counters.keys_put += 1
+        return None
+
+    async def get_keys(self, mailboxes: Sequence[str]) -> dict[str, KeyRecord]:
+        """The current key records of these mailboxes (any text: what is not a mailbox id has none),
+        keyed in order of first appearance. Raises what the store raises (OSError)."""
+        wanted = [m for m in dict.fromkeys(mailboxes) if is_valid_mailbox_id(m)]
+        self.counters.key_lookups += len(wanted)
+        if not wanted:
+            return {}
+        return await self.store.get_keys(wanted, self.clock())
 
     async def peek(self, mailbox: str, limit: int) -> list[Message]:
         """Up to ``limit`` held, unexpired messages of ``mailbox``, oldest first; nothing changes state."""

@@ -22,9 +22,10 @@ no read or write sets a timer. Whatever ends the session, its claim is released 
 un-ACKed deliveries go back to the queue.
 
 A store that cannot be reached (the store's or presence's OSError) ends the session only
-at the handshake (ERROR 5002: the claim cannot be made) and at CLEANUP; otherwise the
+at the handshake (ERROR 5002: the claim cannot be made), at CLEANUP and at KEY_GET; otherwise the
 session stays up: SENDs get RECEIPTs with 3008 (the router), STATS answers the node's
-figures (the statistics), the delivery pump waits for the store, and an ACK the store did
+figures (the statistics), KEY_PUTs get KEY_PUT_RESULTs with 3008 (the router), the delivery
+pump waits for the store, and an ACK the store did
 not take is kept (at most ``max_inflight`` ids: beyond that the oldest are let go and
 their messages redelivered later, which a client's (sender, id) de-duplication absorbs)
 and applied again with the session's next ACK and by a retry task (one per session, only
@@ -52,6 +53,10 @@ from wire import (
     ErrorCode,
     Frame,
     Hello,
+    KeyGet,
+    KeyGetResult,
+    KeyPut,
+    KeyPutResult,
     Ping,
     Pong,
     Pull,
@@ -453,6 +458,23 @@ class Session:
             self._health.failed(exc)
         return True
 
+    async def _on_key_put(self, frames: Sequence[Frame]) -> bool:
+        assert self.mailbox is not None
+        for put in cast(Sequence[KeyPut], frames):
+            code = await self._router.put_key(self.mailbox, put.key)
+            self._send(KeyPutResult(kid=put.key.kid, code=None if code is None else int(code)))
+        return True
+
+    async def _on_key_get(self, frames: Sequence[Frame]) -> bool:
+        limit = self.config.max_recipients
+        for get in cast(Sequence[KeyGet], frames):
+            if len(get.mailboxes) > limit:
+                self.close(ErrorCode.INVALID_FIELD, f"key_get: more than max_recipients ({limit}) mailboxes")
+                return False
+            # The store's OSError ends the session with 5002 (run()): an empty answer would say "no records".
+            self._send(KeyGetResult(keys=await self._router.get_keys(get.mailboxes)))
+        return True
+
     async def _on_ping(self, frames: Sequence[Frame]) -> bool:
         self.outbox.push(_PONG)
         return True
@@ -490,5 +512,7 @@ _HANDLERS: dict[type[Frame], Handler] = {
     Bye: Session._on_bye,
     Stats: Session._on_stats,
     Cleanup: Session._on_cleanup,
+    KeyPut: Session._on_key_put,
+    KeyGet: Session._on_key_get,
 }
 """The dispatch table: every frame a client may send in OPEN (the same keys as ``authz.RULES``)."""

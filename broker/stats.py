@@ -78,6 +78,9 @@ STATS_NAMES: tuple[str, ...] = (
     "statuses_delivered_total",
     "statuses_acked_total",
     "statuses_lost_total",
+    "keys_put_total",
+    "keys_put_refused_total",
+    "key_lookups_total",
 )
 """protocol.md section 10: every STATS_RESULT key, in wire order (the one list of these names)."""
 
@@ -110,6 +113,12 @@ class NodeStatistics:
     """Statuses deleted by STATUS_ACK (or the HTTP API's acknowledge) through this node."""
     statuses_lost_total: int = 0
     """Notices the store did not take as statuses (it failed after the ACK or purge that made them)."""
+    keys_put_total: int = 0
+    """Key records stored (KEY_PUT and HTTP)."""
+    keys_put_refused_total: int = 0
+    """Key records refused with INVALID_KEY."""
+    key_lookups_total: int = 0
+    """Mailboxes looked up in the key directory (the distinct ones of each lookup)."""
 
     def get(self, name: str) -> int:
         """The figure called ``name`` on the wire (a refusal counter is one entry of ``refused_by_code``).
@@ -153,6 +162,9 @@ class Counters:
     __slots__ = (
         "delivered",
         "duplicates",
+        "key_lookups",
+        "keys_put",
+        "keys_put_refused",
         "redelivered",
         "refused",
         "sent",
@@ -178,6 +190,12 @@ class Counters:
         """Statuses deleted by STATUS_ACK (and over HTTP)."""
         self.statuses_lost = 0
         """Notices the store did not take as statuses."""
+        self.keys_put = 0
+        """Key records stored."""
+        self.keys_put_refused = 0
+        """Key records refused with INVALID_KEY."""
+        self.key_lookups = 0
+        """Mailboxes looked up in the key directory."""
 
     def refuse(self, code: int) -> None:
         """Count one refusal with ``code`` (an ErrorCode of :data:`REFUSAL_NAMES`; KeyError otherwise)."""
@@ -236,5 +254,8 @@ class Stats:
             statuses_delivered_total=c.statuses_delivered,
             statuses_acked_total=c.statuses_acked,
             statuses_lost_total=c.statuses_lost,
+            keys_put_total=c.keys_put,
+            keys_put_refused_total=c.keys_put_refused,
+            key_lookups_total=c.key_lookups,
         )
         return Statistics(node, relay)

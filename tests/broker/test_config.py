@@ -193,7 +193,7 @@ def test_protocol_md_limits_table_matches_the_broker_defaults() -> None:
     section = text[text.index("## 8. Limits") : text.index("## 9. Semantics")]
     rows = re.findall(r"^\| `(\w+)` \| (\d+) \|", section, flags=re.MULTILINE)
     defaults = BrokerConfig()
-    assert len(rows) == 16  # every limit in the table, parsed
+    assert len(rows) == 17  # every limit in the table, parsed
     for name, value in rows:
         assert getattr(defaults, name) == int(value), name
 
@@ -244,7 +244,7 @@ def test_each_setting_has_its_section() -> None:
         LIMITS: [
             "max_frame_bytes", "max_recipients", "max_inflight", "max_outbound_bytes", "max_connections",
             "default_ttl_s", "max_ttl_s", "max_mailbox_messages", "max_mailbox_bytes", "max_total_bytes",
-            "max_tombstones", "max_mailbox_statuses",
+            "max_tombstones", "max_mailbox_statuses", "key_ttl_s",
         ],
         STORE: ["store", "store_prefix", "node_id", "presence_lease_s"],
     }  # fmt: skip
@@ -418,8 +418,8 @@ def test_a_setting_of_an_unsupported_type_is_a_programming_error() -> None:
         Odd()
 
 
-# Every flag the broker had before settings had sections (issue 9), and the Redis store's (issue 10): each must keep
-# working.
+# Every flag the broker had before settings had sections (issue 9), the Redis store's (issue 10) and the key
+# directory's (issue 13): each must keep working.
 TODAYS_FLAGS = {
     "--host": "::1",
     "--tcp-port": "7001",
@@ -441,6 +441,7 @@ TODAYS_FLAGS = {
     "--max-total-bytes": "20000",
     "--max-tombstones": "11",
     "--max-mailbox-statuses": "13",
+    "--key-ttl-s": "14",
     "--token-leeway-s": "1.5",
     "--handshake-timeout-s": "2.5",
     "--keepalive-s": "3.5",

@@ -21,6 +21,7 @@ SPEC_LIMITS = {
     "max_total_bytes": 1_073_741_824,
     "max_tombstones": 100_000,
     "max_mailbox_statuses": 10_000,
+    "key_ttl_s": 7_776_000,
     "token_leeway_s": 60,
     "handshake_timeout_s": 10,
     "keepalive_s": 60,
@@ -36,7 +37,7 @@ SPEC_STATS = (
     "refused_too_many_recipients refused_id_conflict refused_invalid_recipient refused_body_too_large "
     "connections inflight tombstones store_round_trips store_available store_errors_total "
     "statuses_held statuses_total statuses_overflowed_total statuses_expired_total statuses_delivered_total "
-    "statuses_acked_total statuses_lost_total"
+    "statuses_acked_total statuses_lost_total keys_put_total keys_put_refused_total key_lookups_total"
 ).split()
 
 LIMIT_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*([0-9][0-9_,]*)\s*\|", re.M)
