@@ -20,7 +20,7 @@ local-store saver, DRAINED), ``_statuses`` (delivery statuses and their saver).
 
 from __future__ import annotations
 
-from wire import ErrorCode, Receipt, RecipientResult, ReportState, Status, StatusReport, Welcome
+from wire import ErrorCode, KeyRecord, Receipt, RecipientResult, ReportState, Status, StatusReport, Welcome
 
 from ._client import ConnectionEvent, ConnectionState, OutgoingMessage, RelayClient, open_client
 from ._inbox import Delivery
@@ -29,6 +29,7 @@ from .errors import (
     ConnectedElsewhere,
     ConnectionLost,
     ForbiddenError,
+    KeyRefused,
     LocalStoreError,
     ProtocolViolation,
     RelayError,
@@ -45,6 +46,8 @@ __all__ = [
     "Delivery",
     "ErrorCode",
     "ForbiddenError",
+    "KeyRecord",
+    "KeyRefused",
     "LocalStore",
     "LocalStoreError",
     "OutgoingMessage",

@@ -44,6 +44,11 @@ from wire import (
     ErrorCode,
     Frame,
     Hello,
+    KeyGet,
+    KeyGetResult,
+    KeyPut,
+    KeyPutResult,
+    KeyRecord,
     Pull,
     Receipt,
     Stats,
@@ -58,7 +63,7 @@ from ._inbox import ClientState, Delivery, Inbox, InboxIterator
 from ._link import Link, Outbound, TransportFactory, check_sends, handshake
 from ._pending import PendingTable, SendItem
 from ._statuses import StatusBox
-from .errors import ConnectionLost, ForbiddenError, RelayError, is_fatal
+from .errors import ConnectionLost, ForbiddenError, KeyRefused, RelayError, is_fatal
 from .localstore import LocalStore, SentMessage
 from .transport import Endpoint, TransportClosed, open_transport, parse_url
 
@@ -369,6 +374,51 @@ class RelayClient:
         result = await self._request(Cleanup())
         assert isinstance(result, CleanupResult)
         return result.purged
+
+    async def put_key(self, record: KeyRecord) -> None:
+        """Publish ``record`` as this mailbox's key record in the broker's directory (KEY_PUT), replacing
+        its previous one. The record must be signed for this mailbox (``wire.e2e.make_key_record``).
+
+        Raises KeyRefused (INVALID_KEY: the signature does not verify for this mailbox; STORE_UNREACHABLE:
+        the broker could not reach its store, put it again later), ForbiddenError for an operator
+        session, TypeError for something that is not a KeyRecord, and ConnectionLost like ``stats``.
+        A KEY_PUT written on a link that failed before its answer is written again on the next one.
+        """
+        if type(record) is not KeyRecord:
+            raise TypeError(f"put_key takes a wire.KeyRecord, not {type(record).__name__}")
+        self._check_usable(needs_mailbox=True)
+        result = await self._request(KeyPut(key=record))
+        assert isinstance(result, KeyPutResult)
+        if result.code is not None:
+            code = ErrorCode(result.code) if result.code in ErrorCode._value2member_map_ else result.code
+            name = code.name if isinstance(code, ErrorCode) else str(code)
+            raise KeyRefused(code, f"the broker refused key record {result.kid!r} ({name})", result.kid)
+
+    async def get_keys(self, mailboxes: str | Iterable[str]) -> dict[str, KeyRecord]:
+        """The broker's current key records of these mailboxes (KEY_GET), keyed by mailbox in the order
+        given; mailboxes without a record (or that are no mailbox ids) are absent. Repeats count once.
+
+        The records are as the broker holds them: verify each for its mailbox
+        (``wire.e2e.verify_key_record``) before trusting it. More mailboxes than WELCOME's
+        ``max_recipients`` go in several KEY_GETs (one round trip each, written back to back). Raises
+        ValueError for an element that is not text of at most 64 characters (before anything is sent),
+        ForbiddenError for an operator session, ConnectionLost like ``stats``.
+        """
+        names = [mailboxes] if isinstance(mailboxes, str) else list(dict.fromkeys(mailboxes))
+        self._check_usable(needs_mailbox=True)
+        if not names:
+            return {}
+        assert self.welcome is not None
+        step = self.welcome.max_recipients
+        frames = [KeyGet(mailboxes=tuple(names[i : i + step])) for i in range(0, len(names), step)]
+        requests = [self._pending.add_request(frame) for frame in frames]
+        self._outbound.wake()
+        found: dict[str, KeyRecord] = {}
+        for req in requests:
+            result = await self._pending.wait_request(req)
+            assert isinstance(result, KeyGetResult)
+            found.update(result.keys)
+        return {name: found[name] for name in names if name in found}
 
     async def close(self) -> None:
         """Finish gracefully: let the saver finish, write queued ACKs and BYE, and wait for the broker to close

@@ -47,6 +47,8 @@ from wire import (
     ErrorCode,
     Frame,
     Hello,
+    KeyGetResult,
+    KeyPutResult,
     Ping,
     Pong,
     Receipt,
@@ -468,7 +470,7 @@ class Link:
         """A frame other than DELIVER and RECEIPT. Raises the error a closing ERROR names."""
         if isinstance(f, Drained):
             self._inbox.drained(self.gen, f.pending)
-        elif isinstance(f, StatsResult | CleanupResult):
+        elif isinstance(f, StatsResult | CleanupResult | KeyPutResult | KeyGetResult):
             if not self._pending.answer(f, None):
                 log.warning("unexpected %s from %s: no request outstanding", f.TYPE, self.endpoint)
         elif isinstance(f, Error):

@@ -11,6 +11,8 @@
 - :class:`ConnectionLost` (no code): the transport failed and the client will not (or may
   not) reconnect: the first connect failed, ``reconnect=False``, or the client was closed.
 - :class:`LocalStoreError`: saving deliveries to the local store failed (nothing was ACKed).
+- :class:`KeyRefused` (INVALID_KEY 3009, STORE_UNREACHABLE 3008): the broker did not store a key
+  record (``put_key``). The connection stays up.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "ConnectedElsewhere",
     "ConnectionLost",
     "ForbiddenError",
+    "KeyRefused",
     "LocalStoreError",
     "ProtocolViolation",
     "RelayError",
@@ -73,6 +76,20 @@ class ConnectionLost(RelayError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.message,))
+
+
+class KeyRefused(RelayError):
+    """The broker did not store the key record with this ``kid`` (KEY_PUT_RESULT with a ``code``):
+    INVALID_KEY (3009) when its signature does not verify for this client's mailbox (a bug: the record
+    was made for another mailbox or is damaged), STORE_UNREACHABLE (3008) when the broker could not reach
+    its store (put it again later). The connection stays up."""
+
+    def __init__(self, code: ErrorCode | int, message: str, kid: str) -> None:
+        super().__init__(code, message)
+        self.kid = kid
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.code, self.message, self.kid))
 
 
 class LocalStoreError(RelayError):

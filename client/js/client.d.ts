@@ -10,7 +10,7 @@
 // - a new frame or frame field: codec.d.ts; a new stored record field: store.d.ts.
 /// <reference lib="dom" />
 
-import type { DeliverFrame, RecipientResult, StatusFrame, WelcomeFrame } from './codec.js'
+import type { DeliverFrame, KeyRecord, RecipientResult, StatusFrame, WelcomeFrame } from './codec.js'
 import type { InboxRecord, MessageStore, OverflowRecord, StatusRecord } from './store.js'
 
 export { MessageStore, deliveryStates, missedStatuses } from './store.js'
@@ -183,6 +183,13 @@ export class RelayClient extends EventTarget {
    */
   processRelayMessage (msg: DeliverFrame): Promise<ReceivedMessage | null>
   /** Relay statistics (operator token only; rejects with RelayError FORBIDDEN otherwise). */
+  /**
+   * KEY_PUT: publish this mailbox's key record. Resolves with `{kid}` when stored, `{kid, code}` when refused
+   * (3009 INVALID_KEY, 3008 STORE_UNREACHABLE); rejects with RelayError when not connected or for an operator.
+   */
+  putKey (record: KeyRecord): Promise<{ kid: string, code?: number }>
+  /** KEY_GET: the current records of these mailboxes (only those that have one); verify each before trusting it. */
+  getKeys (mailboxes: Iterable<string>): Promise<Record<string, KeyRecord>>
   getStats (): Promise<Record<string, number>>
   /** Purge expired messages now (operator token only); resolves with how many. */
   cleanup (): Promise<number>

@@ -119,6 +119,8 @@ export class RelayClient extends EventTarget {
     this._sends = new Map() // id -> {frame, resolve, reject}
     this._statsWaiters = []
     this._cleanupWaiters = []
+    this._keyPutWaiters = [] // resolved by KEY_PUT_RESULTs, in order
+    this._keyGetWaiters = [] // resolved by KEY_GET_RESULTs, in order
     this._pullWaiters = [] // resolved by DRAINED frames after the PULL was sent
     this._connectDrainExpected = false
   }
@@ -192,6 +194,8 @@ export class RelayClient extends EventTarget {
     const lost = new RelayError(0, 'connection lost')
     for (const w of this._statsWaiters.splice(0)) w.reject(lost)
     for (const w of this._cleanupWaiters.splice(0)) w.reject(lost)
+    for (const w of this._keyPutWaiters.splice(0)) w.reject(lost)
+    for (const w of this._keyGetWaiters.splice(0)) w.reject(lost)
     for (const w of this._pullWaiters.splice(0)) w.reject(lost)
     // this._sends stay: they go out again on the next WELCOME.
   }
@@ -266,6 +270,8 @@ export class RelayClient extends EventTarget {
       case 'drained': return this._onDrained(frame)
       case 'stats_result': return this._statsWaiters.shift()?.resolve(frame.stats)
       case 'cleanup_result': return this._cleanupWaiters.shift()?.resolve(frame.purged)
+      case 'key_put_result': return this._keyPutWaiters.shift()?.resolve(frame.code === undefined ? { kid: frame.kid } : { kid: frame.kid, code: frame.code })
+      case 'key_get_result': return this._keyGetWaiters.shift()?.resolve(frame.keys)
       case 'error': return this._onError(frame)
       default: // pong: nothing to do
     }
@@ -472,6 +478,52 @@ export class RelayClient extends EventTarget {
   /** Purge expired messages now (operator token only); resolves with the count. */
   cleanup () {
     return this._operatorRequest({ type: 'cleanup' }, this._cleanupWaiters)
+  }
+
+  /**
+   * Publish this mailbox's key record {ik, kid, ek, sig} (KEY_PUT; signed for this mailbox, e.g. by
+   * e2e.js makeKeyRecord), replacing its previous one. Resolves with the KEY_PUT_RESULT's {kid} when
+   * stored, or {kid, code} when refused (3009 INVALID_KEY: the signature does not verify for this
+   * mailbox; 3008 STORE_UNREACHABLE: put it again later). Rejects with RelayError(0) when not connected
+   * or when the connection is lost first, RelayError(2003) for an operator session, and
+   * LocalProtocolError for a record of the wrong shape (before anything is sent).
+   */
+  putKey (record) {
+    return this._mailboxRequest({ type: 'key_put', key: record }, this._keyPutWaiters)
+  }
+
+  /**
+   * The broker's current key records of these mailbox ids (KEY_GET): resolves with {mailbox: {ik, kid, ek,
+   * sig}} holding only those that have one, as the broker holds them (verify each with e2e.js
+   * verifyKeyRecord before trusting it). More than WELCOME's max_recipients go in several KEY_GETs.
+   * Rejects like putKey (LocalProtocolError for an element that is not text of at most 64 characters).
+   */
+  async getKeys (mailboxes) {
+    const names = [...new Set(mailboxes)]
+    if (names.length === 0 || this.state !== 'open') return this._mailboxRequest(null, this._keyGetWaiters)
+    const step = this.welcome.max_recipients
+    const frames = []
+    for (let i = 0; i < names.length; i += step) frames.push({ type: 'key_get', mailboxes: names.slice(i, i + step) })
+    for (const frame of frames) encodeFrame(frame) // every chunk checked before any is sent
+    const found = {}
+    for (const keys of await Promise.all(frames.map((frame) => this._mailboxRequest(frame, this._keyGetWaiters)))) {
+      Object.assign(found, keys)
+    }
+    const out = {}
+    for (const name of names) if (Object.hasOwn(found, name)) Object.defineProperty(out, name, { value: found[name], enumerable: true, writable: true, configurable: true })
+    return out
+  }
+
+  /** Write `frame` (checked first) and wait for its answer in `waiters`; `null`: nothing to ask, resolve `{}`. */
+  _mailboxRequest (frame, waiters) {
+    return new Promise((resolve, reject) => {
+      if (this.state !== 'open') return reject(new RelayError(0, 'not connected'))
+      if (this.mailbox === null) return reject(new RelayError(ERROR_CODES.FORBIDDEN, 'operator sessions have no mailbox: the key directory needs one'))
+      if (frame === null) return resolve({})
+      encodeFrame(frame) // a LocalProtocolError here rejects before anything is written
+      waiters.push({ resolve, reject })
+      this._write(frame)
+    })
   }
 
   _operatorRequest (frame, waiters) {

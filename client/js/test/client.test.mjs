@@ -745,3 +745,60 @@ test('a status arriving before its receipt is kept, and the receipt does not und
   assert.deepEqual(socket.sentOfType('status_ack').map((f) => f.seqs), [[50], [51], [50]])
   assert.deepEqual(named('status').map((s) => [s.seq, s.recipient, s.state]), [[50, 'bob', 'delivered'], [51, 'carol', 'expired']])
 })
+
+// ---------------------------------------------------------------- key directory (raw calls)
+
+const keyRecord = (kid = 'k1') => ({ ik: new Uint8Array(32).fill(1), kid, ek: new Uint8Array(32).fill(2), sig: new Uint8Array(64).fill(3) })
+
+test('putKey writes KEY_PUT and resolves with the result, a refusal with its code', async (t) => {
+  const { client, ws } = makeClient(t)
+  const socket = await connect(client, ws)
+  const stored = client.putKey(keyRecord('k1'))
+  const refused = client.putKey(keyRecord('k2'))
+  await settle()
+  assert.deepEqual(socket.sentOfType('key_put').map((f) => f.key.kid), ['k1', 'k2'])
+  assert.deepEqual(socket.sentOfType('key_put')[0].key, keyRecord('k1'))
+  socket.receive({ type: 'key_put_result', kid: 'k1' })
+  socket.receive({ type: 'key_put_result', kid: 'k2', code: ERROR_CODES.INVALID_KEY })
+  assert.deepEqual(await stored, { kid: 'k1' })
+  assert.deepEqual(await refused, { kid: 'k2', code: 3009 })
+  assert.equal(client.state, 'open')
+})
+
+test('getKeys writes KEY_GET, split by max_recipients, and resolves with the records found in order', async (t) => {
+  const { client, ws } = makeClient(t)
+  const socket = await connect(client, ws, { ...WELCOME, max_recipients: 2 })
+  const got = client.getKeys(['carol', 'bob', 'carol', 'dave'])
+  await settle()
+  assert.deepEqual(socket.sentOfType('key_get').map((f) => f.mailboxes), [['carol', 'bob'], ['dave']])
+  socket.receive({ type: 'key_get_result', keys: { bob: keyRecord('b') } })
+  socket.receive({ type: 'key_get_result', keys: { dave: keyRecord('d') } })
+  const keys = await got
+  assert.deepEqual(keys, { bob: keyRecord('b'), dave: keyRecord('d') })
+  assert.deepEqual(Object.keys(keys), ['bob', 'dave'])
+  assert.deepEqual(await client.getKeys([]), {})
+})
+
+test('putKey and getKeys reject when not connected, for an operator, for bad input and on a lost connection', async (t) => {
+  const { client, ws } = makeClient(t, { minBackoffMs: 1000 })
+  await assert.rejects(client.putKey(keyRecord()), /not connected/)
+  await assert.rejects(client.getKeys(['bob']), /not connected/)
+  const socket = await connect(client, ws)
+  await assert.rejects(client.putKey({ ...keyRecord(), ik: new Uint8Array(31) }), (err) => err instanceof LocalProtocolError && err.code === ERROR_CODES.INVALID_FIELD)
+  await assert.rejects(client.getKeys(['ok', 'b'.repeat(65)]), (err) => err instanceof LocalProtocolError)
+  await settle()
+  assert.deepEqual(socket.sentOfType('key_put'), [])
+  assert.deepEqual(socket.sentOfType('key_get'), [])
+  const put = client.putKey(keyRecord())
+  const get = client.getKeys(['bob'])
+  socket.drop()
+  await assert.rejects(put, /connection lost/)
+  await assert.rejects(get, /connection lost/)
+})
+
+test('an operator session may not use the key directory', async (t) => {
+  const { client, ws } = makeClient(t)
+  await connect(client, ws, { ...WELCOME, mailbox: undefined })
+  await assert.rejects(client.putKey(keyRecord()), (err) => err.code === ERROR_CODES.FORBIDDEN)
+  await assert.rejects(client.getKeys(['bob']), (err) => err.code === ERROR_CODES.FORBIDDEN)
+})
