@@ -412,7 +412,7 @@ def offline(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFa
         before = await target.stats()
         base_messages = before.get("messages_total", 0)
         trips0 = await target.round_trips()
-        async with open_client(target.url, target.token(tx), reconnect=False, agent="relay-bench") as sender:
+        async with open_client(target.url, target.token(tx), reconnect=False, agent="relay-bench", e2e=False) as sender:
             await trio.sleep(0.2)
             rss0, redis_rss0 = target.rss(), target.redis_rss()
             accepted = refused = 0
@@ -448,7 +448,9 @@ def offline(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFa
         got = 0
         redelivered = 0
         t0 = time.perf_counter()
-        async with open_client(target.receive_url, target.token(rx), reconnect=False, agent="relay-bench") as receiver:
+        async with open_client(
+            target.receive_url, target.token(rx), reconnect=False, agent="relay-bench", e2e=False
+        ) as receiver:
             t_welcome = time.perf_counter()
             async for batch in receiver.delivery_batches():
                 receiver.ack([d.id for d in batch])

@@ -14,7 +14,8 @@ idempotent, so a message whose receipt was lost is reported "duplicate", never s
 ids not written when a link fails are written on the next one. Waiting for receipts costs one
 event per ``send``/``send_batch`` call, never a task per message. Deliveries, the local-store
 saver and DRAINED live in :mod:`client._inbox`; delivery statuses (SENDs ask for them by
-default: ``notify``) and their saver in :mod:`client._statuses`.
+default: ``notify``) and their saver in :mod:`client._statuses`; end-to-end encryption (on by
+default: keys, contacts, sealing, the opener between the reader and the inbox) in :mod:`client._e2e`.
 
 This class only wires those parts together: it checks the caller's arguments, encodes SENDs
 through the current link (or judges them without one, while reconnecting), and decides when the
@@ -51,6 +52,7 @@ from wire import (
     KeyRecord,
     Pull,
     Receipt,
+    Send,
     Stats,
     StatsResult,
     Status,
@@ -58,13 +60,23 @@ from wire import (
     Welcome,
     is_valid_message_id,
 )
+from wire.e2e import DEFAULT_PAD_BLOCK, fingerprint, seal, verify_key_record
 
+from ._e2e import ContactKey, EnvelopeOpener, Keyring, check_recipients
 from ._inbox import ClientState, Delivery, Inbox, InboxIterator
 from ._link import Link, Outbound, TransportFactory, check_sends, handshake
 from ._pending import PendingTable, SendItem
 from ._statuses import StatusBox
-from .errors import ConnectionLost, ForbiddenError, KeyRefused, RelayError, is_fatal
-from .localstore import LocalStore, SentMessage
+from .errors import (
+    ConnectionLost,
+    ForbiddenError,
+    InvalidRecipientKeyError,
+    KeyRefused,
+    NoRecipientKeyError,
+    RelayError,
+    is_fatal,
+)
+from .localstore import E2E, PLAINTEXT, LocalStore, SentMessage
 from .transport import Endpoint, TransportClosed, open_transport, parse_url
 
 __all__ = [
@@ -88,13 +100,15 @@ _MAX_BACKOFF_DOUBLINGS = 40
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """One message for :meth:`RelayClient.send_batch`. ``id`` defaults to 128 random bits in hex; ``notify``
-    (default True) asks for a delivery status per recipient (see :meth:`RelayClient.send`)."""
+    (default True) asks for a delivery status per recipient; ``plaintext`` sends it in the clear (see
+    :meth:`RelayClient.send`)."""
 
     to: str | Sequence[str]
     body: bytes
     ttl_s: int | None = None
     id: str | None = None
     notify: bool = True
+    plaintext: bool = False
 
 
 class ConnectionState(StrEnum):
@@ -158,6 +172,12 @@ class ClientOptions(TypedDict, total=False):
     """How to open a transport for the parsed URL (tests, custom transports); default ``open_transport``."""
     on_connection_change: ConnectionCallback | None
     """Called with a :class:`ConnectionEvent` once for each change of connection state."""
+    e2e: bool
+    """End-to-end encryption (default True): publish this device's key on every connect, seal every message to its
+    recipients' keys, open envelopes. False sends everything in the clear and publishes no key (an envelope
+    received is then ``failed``/``unknown_key``)."""
+    pad_block: int
+    """Sealed bodies are padded to a multiple of this many bytes (default 256; 1 pads by one byte only)."""
 
 
 _OPTION_NAMES = frozenset(ClientOptions.__optional_keys__)
@@ -171,6 +191,15 @@ def _new_ids(n: int) -> list[str]:
 
 def _item(mid: str, to: str | Sequence[str], body: bytes, ttl_s: int | None, notify: bool) -> SendItem:
     return (mid, (to,) if type(to) is str else tuple(to), body, ttl_s, notify)
+
+
+def _validate(items: Sequence[SendItem]) -> None:
+    """Raises ValueError for an invalid message (what encoding the SEND would say), before anything is sealed."""
+    for mid, to, body, ttl_s, notify in items:
+        try:
+            Send(id=mid, to=to, body=body, ttl_s=ttl_s, notify=notify)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid message {mid!r}: {exc}") from None
 
 
 class RelayClient:
@@ -199,10 +228,16 @@ class RelayClient:
         self._backoff_max_s = max(options.get("backoff_max_s", 10.0), self._backoff_initial_s)
         self._open_transport: TransportFactory = options.get("transport_factory") or open_transport
         self._on_connection_change = options.get("on_connection_change")
+        pad_block = options.get("pad_block", DEFAULT_PAD_BLOCK)
+        if type(pad_block) is not int or pad_block < 1:
+            raise ValueError("pad_block must be an integer of at least 1")
+        self._pad_block = pad_block
+        self._keyring = Keyring(self._store) if options.get("e2e", True) else None
         self._state = ClientState()
         self._pending = PendingTable()
         self._outbound = Outbound()
         self._inbox = Inbox(self._store, self._state, self._outbound.add_acks, self._fail)
+        self._opener = EnvelopeOpener(self._inbox, self._keyring, self._lookup_keys, self._state, self._fail)
         self._statuses = StatusBox(
             self._store,
             self._state,
@@ -235,6 +270,7 @@ class RelayClient:
         ttl_s: int | None = None,
         id: str | None = None,
         notify: bool = True,
+        plaintext: bool = False,
     ) -> Receipt:
         """Send one message and wait for its RECEIPT (one result per distinct recipient, or a ``code`` for
         a SEND refused as a whole: 3004, 3007, or 3008 STORE_UNREACHABLE, after which the message may or may
@@ -246,6 +282,15 @@ class RelayClient:
         tells the sender when the recipient's device was online; pass ``notify=False`` not to ask. A
         resend of an id the broker holds keeps the first SEND's ``notify``.
 
+        End-to-end encryption (unless the client was opened with ``e2e=False``): the body is sealed to every
+        recipient's key (docs/e2e.md), looked up in the broker's directory once per recipient per connection
+        (one KEY_GET for all not yet looked up) and checked against the identity key pinned for it, which a
+        first lookup pins. Nothing is sent to anyone if a recipient's key changed (KeyChangedError, naming it
+        and both fingerprints: compare, then :meth:`accept_key`), has no published key (NoRecipientKeyError)
+        or an invalid one (InvalidRecipientKeyError). ``plaintext=True`` sends this message in the clear to
+        every recipient instead (no lookup), and the recipients see it marked unencrypted. The local store
+        keeps the plaintext body and the message's security either way.
+
         ``id`` defaults to ``uuid4().hex``. If the connection drops first, the message is re-sent
         with the same id after reconnecting (the broker answers "duplicate" if it had stored it); while
         the broker is unreachable it keeps waiting, so bound it with ``trio.fail_after`` if needed.
@@ -254,20 +299,23 @@ class RelayClient:
         AuthenticationError, ConnectedElsewhere, or ConnectionLost with ``reconnect=False``) if the
         client stops before the receipt arrives.
         """
-        receipts = await self._submit([_item(id if id is not None else uuid.uuid4().hex, to, body, ttl_s, notify)])
+        item = _item(id if id is not None else uuid.uuid4().hex, to, body, ttl_s, notify)
+        receipts = await self._submit([item], [plaintext])
         return receipts[0]
 
     async def send_batch(self, items: Sequence[OutgoingMessage]) -> list[Receipt]:
         """Send many messages in one write and wait for all their receipts (same order as ``items``).
 
-        Same guarantees and errors as :meth:`send`. Nothing is queued if any item is invalid.
+        Same guarantees and errors as :meth:`send`. Nothing is queued if any item is invalid, or if
+        encryption refuses any item (one KEY_GET for the recipients of all of them).
         """
         if not items:
             return []
         missing = sum(1 for m in items if m.id is None)
         fresh = iter(_new_ids(missing)) if missing else iter(())
         return await self._submit(
-            [_item(m.id if m.id is not None else next(fresh), m.to, m.body, m.ttl_s, m.notify) for m in items]
+            [_item(m.id if m.id is not None else next(fresh), m.to, m.body, m.ttl_s, m.notify) for m in items],
+            [m.plaintext for m in items],
         )
 
     def deliveries(self, *, until_drained: bool = False) -> AsyncIterator[Delivery]:
@@ -406,19 +454,51 @@ class RelayClient:
         """
         names = [mailboxes] if isinstance(mailboxes, str) else list(dict.fromkeys(mailboxes))
         self._check_usable(needs_mailbox=True)
-        if not names:
-            return {}
-        assert self.welcome is not None
-        step = self.welcome.max_recipients
-        frames = [KeyGet(mailboxes=tuple(names[i : i + step])) for i in range(0, len(names), step)]
-        requests = [self._pending.add_request(frame) for frame in frames]
-        self._outbound.wake()
-        found: dict[str, KeyRecord] = {}
-        for req in requests:
-            result = await self._pending.wait_request(req)
-            assert isinstance(result, KeyGetResult)
-            found.update(result.keys)
+        found = await self._lookup_keys(names)
         return {name: found[name] for name in names if name in found}
+
+    async def rotate_key(self) -> str:
+        """Make a new encryption key (same identity, so contacts see no key change), keep the previous one for
+        ``max_ttl_s`` to open messages still queued under it, and publish the new record; returns its kid.
+        Raises RuntimeError with ``e2e=False``, LocalStoreError, KeyRefused, the fatal error if the client stops."""
+        keyring = self._e2e_keyring()
+        record = await keyring.rotate()
+        await self.put_key(record)
+        return record.kid
+
+    async def accept_key(self, mailbox: str) -> ContactKey:
+        """Trust ``mailbox``'s new identity key: the changed key recorded when a send was refused with
+        KeyChangedError (or a message failed with ``key_changed``); with none recorded, the key the directory
+        has now (looked up). Compare its fingerprint with the contact first. Returns the contact as now pinned.
+        Raises NoRecipientKeyError / InvalidRecipientKeyError if the directory has no valid record to accept,
+        LocalStoreError, RuntimeError with ``e2e=False``."""
+        keyring = self._e2e_keyring()
+        contact = keyring.contacts.get(mailbox)
+        new = contact.pending_ik if contact is not None else None
+        if new is None:
+            record = (await self.get_keys([mailbox])).get(mailbox)
+            if record is None:
+                raise NoRecipientKeyError([mailbox])
+            if not verify_key_record(mailbox, record):
+                raise InvalidRecipientKeyError([mailbox])
+            new = record.ik
+        await keyring.pin({mailbox: new})
+        cached = keyring.records.get(mailbox)
+        if cached is not None and cached.ik != new:
+            del keyring.records[mailbox]  # looked up again on the next send
+        return next(c for c in keyring.contact_keys() if c.mailbox == mailbox)
+
+    def fingerprint(self) -> str:
+        """This mailbox's own fingerprint (six groups of five digits): what contacts see for it. Raises
+        RuntimeError with ``e2e=False`` or for an operator session."""
+        keyring = self._e2e_keyring()
+        assert keyring.mailbox is not None and keyring.identity is not None
+        return fingerprint(keyring.mailbox, keyring.identity.public)
+
+    def contacts(self) -> list[ContactKey]:
+        """Every contact with a pinned key, by mailbox: its fingerprint, the safety number with this mailbox, and a
+        changed key waiting to be accepted. Raises RuntimeError with ``e2e=False`` or for an operator session."""
+        return self._e2e_keyring().contact_keys()
 
     async def close(self) -> None:
         """Finish gracefully: let the saver finish, write queued ACKs and BYE, and wait for the broker to close
@@ -430,7 +510,9 @@ class RelayClient:
         state.closed = True
         state.fire()
         with trio.move_on_after(CLOSE_TIMEOUT_S):
-            while state.failure is None and not (self._inbox.settled and self._statuses.settled):
+            while state.failure is None and not (
+                self._opener.settled and self._inbox.settled and self._statuses.settled
+            ):
                 await state.changed()
             await self._say_bye()
         self._stop(ConnectionLost("the client was closed"))
@@ -447,9 +529,75 @@ class RelayClient:
         if needs_mailbox and self.welcome is not None and self.welcome.mailbox is None:
             raise ForbiddenError(ErrorCode.FORBIDDEN, "operator sessions have no mailbox: send, ack and pull need one")
 
-    async def _submit(self, items: list[SendItem]) -> list[Receipt]:
-        """Encode (through the current link, else judge) ``items``, register them, write them, await the receipts."""
+    def _e2e_keyring(self) -> Keyring:
+        self._state.raise_if_done()
+        keyring = self._keyring
+        if keyring is None:
+            raise RuntimeError("end-to-end encryption is off for this client (e2e=False)")
+        if not keyring.loaded:
+            raise RuntimeError("this session has no mailbox, so no keys")
+        return keyring
+
+    async def _lookup_keys(self, mailboxes: list[str]) -> dict[str, KeyRecord]:
+        """KEY_GET ``mailboxes`` (distinct, in chunks of ``max_recipients``); the records found. Unlike the public
+        calls it also works while the client closes (the opener looks senders up until the last delivery)."""
+        if self._state.failure is not None:
+            self._state.raise_if_done()
+        distinct = list(dict.fromkeys(mailboxes))
+        if not distinct:
+            return {}
+        assert self.welcome is not None
+        step = max(1, self.welcome.max_recipients)
+        frames = [KeyGet(mailboxes=tuple(distinct[i : i + step])) for i in range(0, len(distinct), step)]
+        requests = [self._pending.add_request(frame) for frame in frames]  # all valid, else none is sent
+        self._outbound.wake()
+        found: dict[str, KeyRecord] = {}
+        for req in requests:
+            result = await self._pending.wait_request(req)
+            assert isinstance(result, KeyGetResult)
+            found.update(result.keys)
+        return found
+
+    async def _seal(self, items: list[SendItem], plaintext: list[bool]) -> list[SendItem]:
+        """``items`` with each body sealed to its recipients (docs/e2e.md), except the ``plaintext`` ones.
+        Raises before anything is sent (see :meth:`send`)."""
+        keyring = self._keyring
+        assert keyring is not None and keyring.identity is not None and keyring.mailbox is not None
+        recipients = [r for item, clear in zip(items, plaintext, strict=True) if not clear for r in item[1]]
+        records = await check_recipients(keyring, recipients, self._lookup_keys)
+        sender, identity, pad = keyring.mailbox, keyring.identity, self._pad_block
+        return [
+            item
+            if clear
+            else (
+                item[0],
+                item[1],
+                seal(
+                    sender=sender,
+                    msg_id=item[0],
+                    recipients=[(r, records[r]) for r in item[1]],
+                    identity=identity,
+                    body=item[2],
+                    pad_block=pad,
+                ),
+                item[3],
+                item[4],
+            )
+            for item, clear in zip(items, plaintext, strict=True)
+        ]
+
+    async def _submit(self, items: list[SendItem], plaintext: list[bool]) -> list[Receipt]:
+        """Seal ``items`` (unless ``plaintext``, or e2e is off), encode them through the current link (else judge
+        them), register them, write them, await the receipts; record them with their plaintext bodies."""
         self._check_usable(needs_mailbox=True)
+        clear = items
+        if self._keyring is not None and not all(plaintext):
+            _validate(items)
+            items = await self._seal(items, plaintext)
+            self._check_usable(needs_mailbox=True)
+            security = [PLAINTEXT if p else E2E for p in plaintext]
+        else:
+            security = [PLAINTEXT] * len(items)
         link = self._link
         encoded = link.encode_sends(items) if link is not None else []
         if not encoded:  # no link to encode them now: the next one will
@@ -461,15 +609,17 @@ class RelayClient:
             link.write_sends(encoded)
         receipts = await self._pending.wait(batch, items)
         if self._store is not None and self.mailbox is not None:
-            await self._record_outgoing(self.mailbox, items, receipts)
+            await self._record_outgoing(self.mailbox, clear, receipts, security)
         return receipts
 
-    async def _record_outgoing(self, mailbox: str, items: list[SendItem], receipts: list[Receipt]) -> None:
+    async def _record_outgoing(
+        self, mailbox: str, items: list[SendItem], receipts: list[Receipt], security: list[str]
+    ) -> None:
         rows = []
-        for (mid, _to, body, _ttl, notify), receipt in zip(items, receipts, strict=True):
+        for (mid, _to, body, _ttl, notify), receipt, sec in zip(items, receipts, security, strict=True):
             accepted = {r: res.status.value for r, res in receipt.results.items() if res.status is not Status.REFUSED}
             if accepted:
-                rows.append(SentMessage(mid, accepted, body, notify))
+                rows.append(SentMessage(mid, accepted, body, notify, sec))
         if rows and self._store is not None:
             try:
                 await trio.to_thread.run_sync(self._store.record_outgoing, mailbox, rows)
@@ -505,6 +655,7 @@ class RelayClient:
         self._pending.fail_all(error)
         self._stopped = True
         self._bg_scope.cancel()
+        self._opener.stop()
         self._inbox.stop()
         self._statuses.stop()
         self._state.fire()
@@ -540,6 +691,11 @@ class RelayClient:
             try:
                 async with self._open_transport(self.endpoint) as transport:
                     conn, welcome, leftover = await handshake(transport, self.endpoint, hello)
+                    keyring = self._keyring
+                    key_put = None
+                    if keyring is not None and welcome.mailbox is not None:
+                        await keyring.load(welcome.mailbox, welcome.max_ttl_s)
+                        key_put = KeyPut(key=keyring.record)
                     connecting.deadline = math.inf
                     link = Link(
                         transport,
@@ -549,8 +705,9 @@ class RelayClient:
                         endpoint=self.endpoint,
                         outbound=self._outbound,
                         pending=self._pending,
-                        inbox=self._inbox,
+                        inbox=self._opener,
                         statuses=self._statuses,
+                        key_put=key_put,
                     )
                     self._open_link(link)
                     task_status.started()
@@ -645,6 +802,14 @@ async def open_client(url: str, token: str, **options: Unpack[ClientOptions]) ->
     before ACKing them, and record sent messages with each recipient's state. ``agent``: a name for
     this client in HELLO. ``transport_factory``: how to open a transport for the parsed URL (tests,
     custom transports).
+    ``e2e`` (default True): end-to-end encryption (docs/e2e.md): this device's keys live in the
+    local store (made at the first connect; without a local store they are made in memory for this
+    client's lifetime, so contacts see a key change each time it restarts), its key record is
+    published on every connect before anything else is written (this returns once the broker has
+    stored it, so a contact may look it up at once), sends are sealed (see
+    :meth:`RelayClient.send`) and envelopes opened (:class:`Delivery` ``security``). ``e2e=False``
+    is the explicit choice to send everything in the clear and publish nothing. ``pad_block``: sealed
+    bodies are padded to a multiple of it (default 256).
     ``on_connection_change``: called with a frozen :class:`ConnectionEvent` once for each change of
     connection state: CONNECTED (before this yields), then DISCONNECTED (with the reason, e.g.
     SHUTTING_DOWN 4004 or a broken transport) and RECONNECTED for each reconnect, and STOPPED
@@ -659,6 +824,11 @@ async def open_client(url: str, token: str, **options: Unpack[ClientOptions]) ->
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._supervise)
+            if client._keyring is not None:
+                nursery.start_soon(client._opener.run)
+                link = client._link
+                if link is not None:  # yield once this device's key is in the directory: others can write to it
+                    await link.published.wait()
             if client._store is not None:
                 nursery.start_soon(client._inbox.run_saver)
                 nursery.start_soon(client._statuses.run_saver)

@@ -6,8 +6,12 @@ broker answers; a WELCOME makes a :class:`Link`, which :meth:`Link.run` serves w
 - The **reader** feeds received bytes to the sans-IO :class:`wire.Connection` and acts on each
   chunk's frames in one synchronous pass: RECEIPTs and request answers release the
   :class:`~client._pending.PendingTable`, DELIVERs (one list per chunk) and DRAINED go to the
-  :class:`~client._inbox.Inbox`, STATUS frames (one list per chunk) to the
+  :class:`~client._e2e.EnvelopeOpener` (which passes a chunk without envelopes straight on to the
+  :class:`~client._inbox.Inbox`), STATUS frames (one list per chunk) to the
   :class:`~client._statuses.StatusBox`.
+- With end-to-end encryption on, a link of a mailbox session writes this device's KEY_PUT before
+  anything else (it is the first of its ``_unwritten`` bytes) and consumes the first KEY_PUT_RESULT
+  itself.
 - The **writer** takes everything queued (the unwritten rest of a direct write, ACK ids, STATUS_ACK
   seqs, control frames, requests, SENDs, BYE; in that order) and writes it with one ``send_all``. Every frame is
   encoded by the link's state machine, SENDs too (``send_send``), so the state rules are the
@@ -48,6 +52,7 @@ from wire import (
     Frame,
     Hello,
     KeyGetResult,
+    KeyPut,
     KeyPutResult,
     Ping,
     Pong,
@@ -62,7 +67,8 @@ from wire import (
     encode_frame,
 )
 
-from ._inbox import Delivery, Inbox
+from ._e2e import EnvelopeOpener
+from ._inbox import Delivery
 from ._pending import PendingTable, SendItem
 from ._statuses import StatusBox
 from .errors import ConnectionLost, ProtocolViolation, RelayError, error_from_code
@@ -193,6 +199,7 @@ class Link:
         "_inbox",
         "_outbound",
         "_outbox",
+        "_own_answers",
         "_pending",
         "_statuses",
         "_unwritten",
@@ -205,6 +212,7 @@ class Link:
         "last_rx",
         "last_tx",
         "limit",
+        "published",
         "quiet",
         "reason",
         "scope",
@@ -222,8 +230,9 @@ class Link:
         endpoint: Endpoint,
         outbound: Outbound,
         pending: PendingTable,
-        inbox: Inbox,
+        inbox: EnvelopeOpener,
         statuses: StatusBox,
+        key_put: KeyPut | None = None,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -247,8 +256,16 @@ class Link:
         self._statuses = statuses
         self._ctrl: list[Frame] = []
         self._outbox: list[bytes] = []
-        self._unwritten = b""
-        """The rest of a direct write the transport did not take: the next bytes on the wire."""
+        self._unwritten = conn.send(key_put) if key_put is not None else b""
+        """The next bytes on the wire: this device's KEY_PUT at first (before any ACK, request or SEND of the link,
+        the direct write included), later the rest of a direct write the transport did not take."""
+        self._own_answers = 1 if key_put is not None else 0
+        """KEY_PUT_RESULTs owed to the link's own KEY_PUT: the broker answers in order, so the first answer."""
+        self.published = trio.Event()
+        """Set once the broker answered the link's KEY_PUT (the record is in the directory), or the link ended;
+        at once without a KEY_PUT."""
+        if key_put is None:
+            self.published.set()
         self._writing = False
         self._bye_wanted = False
         self._bye_sent = False
@@ -333,6 +350,7 @@ class Link:
                     await self._guard(self._read_loop, leftover)
         finally:
             self.quiet.set()
+            self.published.set()
             self.ended.set()
         return self.reason or ConnectionLost(f"the connection to {self.endpoint} ended")
 
@@ -471,7 +489,12 @@ class Link:
         if isinstance(f, Drained):
             self._inbox.drained(self.gen, f.pending)
         elif isinstance(f, StatsResult | CleanupResult | KeyPutResult | KeyGetResult):
-            if not self._pending.answer(f, None):
+            if self._own_answers:
+                self._own_answers -= 1
+                self.published.set()
+                if isinstance(f, KeyPutResult) and f.code is not None:
+                    log.error("the broker refused this device's key record %s (code %s)", f.kid, f.code)
+            elif not self._pending.answer(f, None):
                 log.warning("unexpected %s from %s: no request outstanding", f.TYPE, self.endpoint)
         elif isinstance(f, Error):
             error = error_from_code(f.code, f.message)

@@ -1,10 +1,15 @@
-"""The ``relay`` command: listen, send and export from the shell.
+"""The ``relay`` command: listen, send, export and keys from the shell.
 
 Exit status: 0 success; 1 the relay refused the message, for a recipient or as a whole
 (``send``); 2 usage, token, connection or local-store errors, including being taken over by
 another connection for the same mailbox (CONNECTED_ELSEWHERE 4001); one line on stderr;
 3 ``send --wait``: the message expired before a recipient's device saved it; 4 ``send --wait``:
-the timeout passed first; 130 interrupted (Ctrl-C).
+the timeout passed first; 5 ``send``: a recipient's identity key changed (nothing sent: compare
+fingerprints, then ``relay keys accept``); 6 ``send``: a recipient has no (valid) published key
+(nothing sent: ``--plaintext`` sends in the clear); 130 interrupted (Ctrl-C).
+
+End-to-end encryption is on: the device's keys and pinned contacts live in the local store,
+which ``send`` and ``listen`` both use; ``relay keys`` shows them (see docs/e2e.md).
 Global options (before or after the command): ``--url`` (env RELAY_URL, default
 tcp://127.0.0.1:7700), ``--token`` (env RELAY_TOKEN), ``--store PATH`` (default
 ``$XDG_DATA_HOME/relay/client/<mailbox>.sqlite3``, the mailbox read from the token),
@@ -20,6 +25,7 @@ way, as ``{"status": {...}}`` lines. It reports its connection on stderr, one li
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import math
@@ -35,16 +41,34 @@ import jwt
 import trio
 
 from wire import ErrorCode, Receipt, ReportState, Status, StatusReport, is_valid_mailbox_id
+from wire.e2e import Identity, fingerprint
 
 from ._client import ConnectionEvent, ConnectionState, RelayClient, open_client
-from .errors import AuthenticationError, ConnectionLost, RelayError
-from .localstore import LocalStore, RecipientState, SentMessage, StatusNotice, body_json, status_json
+from ._e2e import ContactKey, contact_keys, device_keys
+from .errors import (
+    AuthenticationError,
+    ConnectionLost,
+    InvalidRecipientKeyError,
+    KeyChangedError,
+    NoRecipientKeyError,
+    RelayError,
+)
+from .localstore import (
+    FAILED,
+    LocalStore,
+    RecipientState,
+    StatusNotice,
+    body_json,
+    security_json,
+    status_json,
+)
 
 __all__ = ["DEFAULT_URL", "default_store_path", "main", "mailbox_of_token"]
 
 DEFAULT_URL = "tcp://127.0.0.1:7700"
 AGENT = "relay-cli/0.1"
 EXIT_OK, EXIT_REFUSED, EXIT_ERROR, EXIT_EXPIRED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_KEY_CHANGED, EXIT_NO_KEY = 5, 6
 UNEMITTED_BATCH = 1000
 """Saved-but-unprinted messages (or statuses) printed (and then marked, in one transaction) per step at ``listen``
 start."""
@@ -93,10 +117,24 @@ EXIT_STATUS_HELP = """\
 exit status: 0 done; 1 the relay refused the message (send: for a recipient, or the whole
 SEND); 2 usage, token, connection or local-store error, or taken over by another connection
 for the same mailbox (4001), with one line on stderr; 3 (send --wait) it expired before a
-recipient's device saved it; 4 (send --wait) the timeout passed first; 130 interrupted (Ctrl-C)."""
+recipient's device saved it; 4 (send --wait) the timeout passed first; 5 (send) a recipient's
+key changed: nothing sent (relay keys accept MAILBOX after comparing fingerprints); 6 (send) a
+recipient has no published key: nothing sent (--plaintext sends it unencrypted); 130
+interrupted (Ctrl-C).
+
+Messages are end-to-end encrypted: your device's keys and your contacts' pinned keys live in
+the local store (relay keys shows them)."""
 
 SEND_DESCRIPTION = """\
 Send one message and print the relay's receipt as one JSON line on stdout.
+
+The message is end-to-end encrypted to each recipient's published key (looked up at the relay,
+checked against the key pinned for them, pinned on first use), so the relay cannot read it. If
+a recipient's key changed since it was pinned, nothing is sent (exit 5): compare the new
+fingerprint with them (relay keys), then relay keys accept MAILBOX and send again. If a
+recipient has published no key (they never connected with an encrypting client, or their key
+expired), nothing is sent (exit 6) unless you pass --plaintext, which sends this message
+unencrypted to every recipient (they see it marked so).
 
 The message is BODY; with BODY - it is read from stdin (until end of file), and with no
 BODY from stdin if stdin is a pipe or a file (with stdin a terminal and no BODY, relay
@@ -140,8 +178,12 @@ first (in that order of precedence)."""
 
 LISTEN_DESCRIPTION = """\
 Print each message delivered to your mailbox as one JSON line on stdout
-  {"id": "...", "from": "alice", "sent_at": 1714572187000, "body": "hello"}
-("body_base64" instead of "body" if it is not UTF-8). Each message is saved in the
+  {"id": "...", "from": "alice", "sent_at": 1714572187000, "body": "hello", "security": "e2e"}
+("body_base64" instead of "body" if it is not UTF-8). "security" is "e2e" (decrypted, and
+signed by the key pinned for the sender), "plaintext" (sent unencrypted: the relay could read
+it, and it is not verified) or "failed": an encrypted message that did not open or verify,
+printed without a body and with "security_error" (e.g. "key_changed", "bad_signature"), and a
+line on stderr; it is not a message from the sender named. Each message is saved in the
 local store before it is ACKed, and printed at least once: the store remembers what was
 printed, and a listen started after a crash first prints what was saved but not printed.
 
@@ -159,6 +201,20 @@ Connection changes go to stderr, one line each: connected (with the number of me
 waiting), disconnected and reconnecting (with the reason, e.g. the broker shutting down,
 4004), reconnected, and taken over by another connection for the same mailbox (4001),
 after which listen exits with status 2. An operator token is refused (exit 2)."""
+
+
+KEYS_DESCRIPTION = """\
+Show this device's fingerprint and each contact's pinned identity key, from the local store:
+
+  alice (this device) 12345 67890 13579 24680 11223 34455
+  bob                 54321 09876 ... pinned 2024-05-01 14:03
+    safety number 12345 67890 ... (12 groups)
+
+Compare a safety number with the contact (in person, or on a call): if both of you see the
+same 12 groups, nobody (the relay included) has put another key between you. A contact whose
+key changed is flagged KEY CHANGED with the new fingerprint: nothing is sent to it, and its
+messages signed by the new key fail, until you run relay keys accept MAILBOX. Keys are made
+on first use and published each time send or listen connects."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -214,6 +270,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="do not ask the relay for delivery statuses (it then never says delivered or expired)",
     )
     send.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="send unencrypted (needed for a recipient without a published key); recipients see it marked so",
+    )
+    send.add_argument(
         "--wait",
         action="store_true",
         help="after the receipt, wait for every recipient's delivery status and print it (exit 0, 3 or 4)",
@@ -244,6 +305,36 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--format", choices=("markdown", "json"), default="markdown")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document instead of text"
+    )
+    keys = sub.add_parser(
+        "keys",
+        parents=[common, as_json],
+        help="show your fingerprint and your contacts' pinned keys; accept a changed key; rotate yours",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=KEYS_DESCRIPTION,
+    )
+    actions = keys.add_subparsers(dest="action", metavar="ACTION")
+    accept = actions.add_parser(
+        "accept",
+        parents=[common, as_json],
+        help="trust a contact's changed key (after comparing fingerprints)",
+        description="Pin the changed identity key recorded for MAILBOX (shown as KEY CHANGED by relay keys), so"
+        " messages to and from it are encrypted and verified again. Compare its fingerprint with the contact"
+        " out of band first. Works on the local store only.",
+    )
+    accept.add_argument("mailbox", metavar="MAILBOX")
+    actions.add_parser(
+        "rotate",
+        parents=[common, as_json],
+        help="make and publish a new encryption key (your fingerprint stays)",
+        description="Make a new encryption key, keep the previous one to open messages still queued under it (for"
+        " the relay's max_ttl_s), and publish the new one. Your identity key, and so your fingerprint, stays."
+        " Connects to the relay (taking over a running relay listen of the same mailbox).",
+    )
     return parser
 
 
@@ -302,9 +393,15 @@ class _Context:
         self.stdout.flush()
 
     def emit_messages(self, messages: Sequence[_Message]) -> None:
-        """One JSON line per message, then one flush."""
+        """One JSON line per message, then one flush; and a line on stderr for each failed one."""
         self.stdout.write("".join(_message_line(m) for m in messages))
         self.stdout.flush()
+        for m in messages:
+            if m.security == FAILED:
+                hint = " (relay keys shows the change)" if m.security_error == "key_changed" else ""
+                self.note(
+                    f"message {m.id} from {m.sender} failed end-to-end checks ({m.security_error}): not shown{hint}"
+                )
 
     def emit_statuses(self, statuses: Sequence[StatusNotice]) -> None:
         """One ``{"status": {...}}`` line per delivery status, then one flush."""
@@ -331,10 +428,18 @@ class _Message(Protocol):
     def sent_at(self) -> int: ...
     @property
     def body(self) -> bytes: ...
+    @property
+    def security(self) -> str: ...
+    @property
+    def security_error(self) -> str | None: ...
 
 
 def _message_line(m: _Message) -> str:
-    item = {"id": m.id, "from": m.sender, "sent_at": m.sent_at, **body_json(m.body)}
+    """A message's JSON line: a failed one has no body (it is not a message from its sender)."""
+    item: dict[str, Any] = {"id": m.id, "from": m.sender, "sent_at": m.sent_at}
+    if m.security != FAILED:
+        item.update(body_json(m.body))
+    item.update(security_json(m.security, m.security_error))
     return json.dumps(item, ensure_ascii=False) + "\n"
 
 
@@ -463,18 +568,19 @@ async def _send(ctx: _Context) -> int:
     body = _read_body(ctx)
     if args.wait:
         return await _send_and_wait(ctx, token, body)
-    async with open_client(ctx.url, token, agent=AGENT) as client:
-        receipt = await client.send(args.to, body, ttl_s=args.ttl, id=args.id, notify=args.notify)
-        mailbox = client.mailbox
-    accepted = {r: res.status.value for r, res in receipt.results.items() if res.status is not Status.REFUSED}
-    if accepted and mailbox is not None:
-        try:
-            store = ctx.open_store()
-            with store:
-                sent = [SentMessage(receipt.id, accepted, body, args.notify)]
-                await trio.to_thread.run_sync(store.record_outgoing, mailbox, sent)
-        except (CliError, sqlite3.Error, OSError) as exc:
-            ctx.note(f"warning: message sent but not recorded in the local store: {exc}")
+    # The client has the local store: the device's keys and pins, and it records the message with each
+    # recipient's receipt (and saves what else arrives for the mailbox meanwhile, for the next `relay listen`).
+    mailbox = mailbox_of_token(token)
+    store = ctx.open_store()
+    try:
+        async with open_client(ctx.url, token, agent=AGENT, local_store=store) as client:
+            if client.mailbox != mailbox:
+                raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
+            receipt = await client.send(
+                args.to, body, ttl_s=args.ttl, id=args.id, notify=args.notify, plaintext=args.plaintext
+            )
+    finally:
+        store.close()
     return EXIT_REFUSED if _show_receipt(ctx, receipt) else EXIT_OK
 
 
@@ -488,7 +594,9 @@ async def _send_and_wait(ctx: _Context, token: str, body: bytes) -> int:
         async with open_client(ctx.url, token, agent=AGENT, local_store=store) as client:
             if client.mailbox != mailbox:
                 raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
-            receipt = await client.send(args.to, body, ttl_s=args.ttl, id=args.id, notify=True)
+            receipt = await client.send(
+                args.to, body, ttl_s=args.ttl, id=args.id, notify=True, plaintext=args.plaintext
+            )
             refused = _show_receipt(ctx, receipt)
             if receipt.code is not None:
                 return EXIT_REFUSED
@@ -555,6 +663,88 @@ def _export(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def _keys(ctx: _Context) -> int:
+    """``relay keys`` (and ``accept``): the local store only, so a running ``relay listen`` is left alone."""
+    args = ctx.args
+    token = ctx.token
+    refuse_operator_token(token, "keys")
+    mailbox = mailbox_of_token(token)
+    with ctx.open_store() as store:
+        keys = device_keys(store, mailbox)  # made now if this device has none yet (published at the next connect)
+        identity = Identity.from_seed(keys.seed)
+        if args.action == "accept":
+            contact = args.mailbox
+            if store.accept_pending_key(mailbox, contact) is None:
+                known = store.contacts(mailbox, [contact])
+                if not known:
+                    raise CliError(f"keys accept: {contact} is not a contact yet (its key is pinned on first use)")
+                raise CliError(
+                    f"keys accept: no changed key is waiting for {contact}; its pinned key is"
+                    f" {fingerprint(contact, known[0].ik)}"
+                )
+        contacts = contact_keys(mailbox, identity.public, store.contacts(mailbox))
+    own = fingerprint(mailbox, identity.public)
+    if args.action == "accept":
+        [accepted] = [c for c in contacts if c.mailbox == args.mailbox]
+        ctx.note(f"{accepted.mailbox}: the new key is pinned ({accepted.fingerprint})")
+    if getattr(args, "json", False):
+        ctx.emit({"mailbox": mailbox, "fingerprint": own, "contacts": [_contact_json(c) for c in contacts]})
+    else:
+        ctx.stdout.write(_keys_text(mailbox, own, contacts))
+        ctx.stdout.flush()
+    return EXIT_OK
+
+
+def _contact_json(c: ContactKey) -> dict[str, Any]:
+    return {
+        "mailbox": c.mailbox,
+        "fingerprint": c.fingerprint,
+        "safety_number": c.safety_number,
+        "pinned_at": c.pinned_at,
+        "changed": c.changed,
+        "new_fingerprint": c.new_fingerprint,
+        "new_safety_number": c.new_safety_number,
+    }
+
+
+def _keys_text(mailbox: str, own: str, contacts: Sequence[ContactKey]) -> str:
+    """What ``relay keys`` prints: this device's fingerprint, then per contact its pinned key and safety number."""
+    width = max([len(mailbox) + len(" (this device)")] + [len(c.mailbox) for c in contacts])
+    lines = [f"{(mailbox + ' (this device)').ljust(width)}  {own}"]
+    if not contacts:
+        lines.append("no contacts yet (a contact's key is pinned the first time you write to or hear from it)")
+    for c in contacts:
+        pinned = dt.datetime.fromtimestamp(c.pinned_at / 1000).astimezone()
+        lines.append(f"{c.mailbox.ljust(width)}  {c.fingerprint}  pinned {pinned:%Y-%m-%d %H:%M}")
+        lines.append(f"{'':{width}}    safety number {c.safety_number}")
+        if c.changed:
+            lines.append(
+                f"{'':{width}}    KEY CHANGED: the relay now has {c.new_fingerprint} for {c.mailbox}; nothing is"
+                f" sent to it until you compare that with {c.mailbox} and run: relay keys accept {c.mailbox}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+async def _rotate(ctx: _Context) -> int:
+    """``relay keys rotate``: a new encryption key, published now (a connection)."""
+    token = ctx.token
+    refuse_operator_token(token, "keys rotate")
+    mailbox = mailbox_of_token(token)
+    store = ctx.open_store()
+    try:
+        async with open_client(ctx.url, token, agent=AGENT, local_store=store) as client:
+            if client.mailbox != mailbox:
+                raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
+            kid = await client.rotate_key()
+            own = client.fingerprint()
+    finally:
+        store.close()
+    ctx.note(f"new encryption key {kid} published; your fingerprint stays {own}")
+    if getattr(ctx.args, "json", False):
+        ctx.emit({"mailbox": mailbox, "fingerprint": own, "kid": kid})
+    return EXIT_OK
+
+
 def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -565,6 +755,24 @@ def _describe(exc: BaseException, url: str) -> str | None:
     """The one-line message for an expected failure, or None for a bug."""
     if isinstance(exc, CliError):
         return str(exc)
+    if isinstance(exc, KeyChangedError):
+        return "; ".join(
+            f"{c.mailbox}'s identity key changed: pinned {c.pinned_fingerprint}, now {c.new_fingerprint}"
+            for c in exc.changes
+        ) + (
+            ". Nothing was sent. Compare the new fingerprint with them (not over this relay), then run"
+            f" `relay keys accept {exc.mailbox}` and send again"
+        )
+    if isinstance(exc, NoRecipientKeyError):
+        return (
+            f"no published key for {', '.join(exc.mailboxes)} (no encrypting client has connected as them, or their"
+            " key expired): nothing was sent; --plaintext sends it unencrypted"
+        )
+    if isinstance(exc, InvalidRecipientKeyError):
+        return (
+            f"the relay's key record for {', '.join(exc.mailboxes)} does not verify (a broken or dishonest relay):"
+            " nothing was sent"
+        )
     if isinstance(exc, AuthenticationError):
         return f"the broker refused the token: {exc}"
     if isinstance(exc, ConnectionLost):
@@ -606,7 +814,9 @@ def main(
     try:
         if args.command == "export":
             return _export(ctx)
-        command = _listen if args.command == "listen" else _send
+        if args.command == "keys" and args.action != "rotate":
+            return _keys(ctx)
+        command = {"listen": _listen, "send": _send, "keys": _rotate}[args.command]
         return trio.run(command, ctx)
     except BaseException as raw:
         leaf = _leaf(raw)
@@ -617,6 +827,10 @@ def main(
             raise
         if not (ctx.stop_reported and isinstance(leaf, RelayError)):
             print(f"relay: {message}", file=stderr)
+        if isinstance(leaf, KeyChangedError):
+            return EXIT_KEY_CHANGED
+        if isinstance(leaf, NoRecipientKeyError | InvalidRecipientKeyError):
+            return EXIT_NO_KEY
         return EXIT_ERROR
     finally:
         client_log.removeHandler(handler)

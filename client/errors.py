@@ -13,11 +13,18 @@
 - :class:`LocalStoreError`: saving deliveries to the local store failed (nothing was ACKed).
 - :class:`KeyRefused` (INVALID_KEY 3009, STORE_UNREACHABLE 3008): the broker did not store a key
   record (``put_key``). The connection stays up.
+- End-to-end encryption refused a send (nothing was sent to anyone; the connection stays up):
+  :class:`KeyChangedError` (a recipient's identity key is not the one pinned: compare fingerprints, then
+  ``accept_key``), :class:`NoRecipientKeyError` (a recipient has published no key: send with
+  ``plaintext=True`` if the clear is acceptable), :class:`InvalidRecipientKeyError` (the directory gave a
+  record whose signature does not verify for that mailbox).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from wire import ErrorCode
 
@@ -25,9 +32,14 @@ __all__ = [
     "AuthenticationError",
     "ConnectedElsewhere",
     "ConnectionLost",
+    "E2ESendError",
     "ForbiddenError",
+    "InvalidRecipientKeyError",
+    "KeyChange",
+    "KeyChangedError",
     "KeyRefused",
     "LocalStoreError",
+    "NoRecipientKeyError",
     "ProtocolViolation",
     "RelayError",
     "SessionEnded",
@@ -101,6 +113,66 @@ class LocalStoreError(RelayError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.message,))
+
+
+class E2ESendError(RelayError):
+    """End-to-end encryption refused a send before anything was written: nothing was sent to anyone."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """A recipient whose identity key in the directory is not the one pinned: both fingerprints
+    (``wire.e2e.fingerprint``, six groups of five digits)."""
+
+    mailbox: str
+    pinned_fingerprint: str
+    new_fingerprint: str
+
+
+class KeyChangedError(E2ESendError):
+    """A recipient's identity key changed since it was pinned (a reinstalled device, or someone else's key served by
+    the directory). Nothing was sent. ``changes`` lists each such recipient with both fingerprints (``mailbox``,
+    ``pinned_fingerprint``, ``new_fingerprint`` are the first's); the new key is recorded as pending. Compare the
+    new fingerprint with the contact out of band, then ``client.accept_key(mailbox)`` (``relay keys accept``) and
+    send again."""
+
+    def __init__(self, changes: Sequence[KeyChange]) -> None:
+        self.changes = tuple(changes)
+        first = self.changes[0]
+        self.mailbox = first.mailbox
+        self.pinned_fingerprint = first.pinned_fingerprint
+        self.new_fingerprint = first.new_fingerprint
+        text = "; ".join(f"{c.mailbox}: pinned {c.pinned_fingerprint}, now {c.new_fingerprint}" for c in self.changes)
+        super().__init__(None, f"identity key changed, nothing sent ({text})")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.changes,))
+
+
+class NoRecipientKeyError(E2ESendError):
+    """These recipients (``mailboxes``) have published no key, so the message cannot be encrypted to them. Nothing
+    was sent. Send with ``plaintext=True`` (``relay send --plaintext``) to send it in the clear instead."""
+
+    def __init__(self, mailboxes: Sequence[str]) -> None:
+        self.mailboxes = tuple(mailboxes)
+        super().__init__(
+            None, f"no published key for {', '.join(self.mailboxes)}: nothing sent (plaintext=True sends in the clear)"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.mailboxes,))
+
+
+class InvalidRecipientKeyError(E2ESendError):
+    """The directory answered with a key record for these ``mailboxes`` whose signature does not verify for them (a
+    broker fault or a forgery). Nothing was sent and nothing pinned."""
+
+    def __init__(self, mailboxes: Sequence[str]) -> None:
+        self.mailboxes = tuple(mailboxes)
+        super().__init__(None, f"the directory's key record for {', '.join(self.mailboxes)} is invalid: nothing sent")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.mailboxes,))
 
 
 FATAL_CODES = frozenset(

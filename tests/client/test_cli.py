@@ -51,17 +51,32 @@ def opts(broker: Broker, name: str, store: Path) -> list[str]:
 
 async def test_send_prints_the_receipt_and_records_the_message(broker: Broker, tmp_path: Path) -> None:
     store = tmp_path / "alice.sqlite3"
-    run = await relay(*opts(broker, "alice", store), "send", "--to", "bob", "--id", "m1", "hello bob")
+    # bob has never connected, so has no key: the message goes in the clear, by choice (test_cli_keys.py: sealed)
+    run = await relay(*opts(broker, "alice", store), "send", "--to", "bob", "--id", "m1", "--plaintext", "hello bob")
     assert (run.status, run.err) == (0, "")
     assert run.lines == ['{"id": "m1", "results": {"bob": {"status": "queued"}}}']
     with LocalStore(store) as s:
         [m] = s.messages("alice")
-        assert (m.direction, m.id, m.recipients, m.body) == ("out", "m1", ("bob",), b"hello bob")
+        assert (m.direction, m.id, m.recipients, m.body, m.security) == (
+            "out",
+            "m1",
+            ("bob",),
+            b"hello bob",
+            "plaintext",
+        )
 
 
 async def test_send_exits_1_when_a_recipient_is_refused(broker: Broker, tmp_path: Path) -> None:
     run = await relay(
-        "send", *opts(broker, "alice", tmp_path / "a.sqlite3"), "--to", "bob", "--to=-bad", "--id", "m2", "x"
+        "send",
+        *opts(broker, "alice", tmp_path / "a.sqlite3"),
+        "--to",
+        "bob",
+        "--to=-bad",
+        "--id",
+        "m2",
+        "--plaintext",
+        "x",
     )
     assert run.status == 1
     assert json.loads(run.out) == {
@@ -71,8 +86,8 @@ async def test_send_exits_1_when_a_recipient_is_refused(broker: Broker, tmp_path
 
 
 async def test_send_reads_the_body_from_stdin_and_takes_a_ttl(broker: Broker, tmp_path: Path) -> None:
-    run = await relay(*opts(broker, "alice", tmp_path / "a.sqlite3"), "send", "--to", "bob", "--ttl", "60", "-",
-                      stdin=b"\x00\x01 from stdin")  # fmt: skip
+    alice = opts(broker, "alice", tmp_path / "a.sqlite3")
+    run = await relay(*alice, "send", "--to", "bob", "--ttl", "60", "--plaintext", "-", stdin=b"\x00\x01 from stdin")
     assert run.status == 0
     receipt = json.loads(run.out)
     assert len(receipt["id"]) == 32 and receipt["results"] == {"bob": {"status": "queued"}}
@@ -82,7 +97,7 @@ async def test_send_reads_the_body_from_stdin_and_takes_a_ttl(broker: Broker, tm
 
 
 async def test_listen_drain_saves_acks_and_prints_json_lines(broker: Broker, tmp_path: Path) -> None:
-    async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+    async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as alice:  # bob has no key yet
         await alice.send("bob", b"hello", id="t1")
         await alice.send("bob", b"\xff\xfe", id="b1")
     store = tmp_path / "bob.sqlite3"
@@ -90,9 +105,10 @@ async def test_listen_drain_saves_acks_and_prints_json_lines(broker: Broker, tmp
     assert (run.status, run.err) == (0, f"relay: connected to {url_of(broker)} as bob, 2 messages waiting\n")
     lines = [json.loads(line) for line in run.lines]
     assert [list(line) for line in lines] == [
-        ["id", "from", "sent_at", "body"],
-        ["id", "from", "sent_at", "body_base64"],
+        ["id", "from", "sent_at", "body", "security"],
+        ["id", "from", "sent_at", "body_base64", "security"],
     ]
+    assert {line["security"] for line in lines} == {"plaintext"}
     assert [(x["id"], x["from"]) for x in lines] == [("t1", "alice"), ("b1", "alice")]
     assert lines[0]["body"] == "hello" and lines[1]["body_base64"] == "//4="
     assert isinstance(lines[0]["sent_at"], int)
@@ -106,6 +122,7 @@ async def test_listen_drain_saves_acks_and_prints_json_lines(broker: Broker, tmp
 async def test_export_markdown_and_json(broker: Broker, tmp_path: Path) -> None:
     store = tmp_path / "bob.sqlite3"
     bob = opts(broker, "bob", store)
+    assert (await relay(*bob, "listen", "--drain")).status == 0  # bob's device publishes its key
     async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
         await alice.send("bob", b"hi bob", id="e1")
     assert (await relay(*bob, "listen", "--drain")).status == 0
@@ -114,17 +131,17 @@ async def test_export_markdown_and_json(broker: Broker, tmp_path: Path) -> None:
     assert md.status == 0
     text = md.out.splitlines()
     assert text[0] == "# Relay conversation log — bob"
-    assert (text[2], text[4]) == (SECURITY_NOTE, SENT_NOTE)
-    assert text[6].startswith("## ")
+    assert text[2] == SENT_NOTE and SECURITY_NOTE not in text  # both messages end-to-end encrypted
+    assert text[4].startswith("## ")
     assert [line.split(" · ")[0] for line in text if line.startswith("**")] == ["**alice** → bob", "**bob** → alice"]
     assert "> hi bob" in text and "> hi alice" in text
     out = tmp_path / "export.json"
     js = await relay(*bob, "export", "--format", "json", "-o", str(out))
     assert (js.status, js.out) == (0, "")
     doc = json.loads(out.read_text())
-    assert [(m["direction"], m["id"], m["body"]) for m in doc["messages"]] == [
-        ("in", "e1", "hi bob"),
-        ("out", "e2", "hi alice"),
+    assert [(m["direction"], m["id"], m["body"], m["security"]) for m in doc["messages"]] == [
+        ("in", "e1", "hi bob", "e2e"),
+        ("out", "e2", "hi alice", "e2e"),
     ]
 
 
@@ -183,7 +200,9 @@ async def test_relay_command_runs_as_a_subprocess(broker: Broker, tmp_path: Path
     }
     with trio.fail_after(TIMEOUT_S):
         proc = await trio.run_process(
-            [str(relay_bin), "send", "--to", "bob", "--id", "p1", "via subprocess"], capture_stdout=True, env=env
+            [str(relay_bin), "send", "--to", "bob", "--id", "p1", "--plaintext", "via subprocess"],
+            capture_stdout=True,
+            env=env,
         )
     assert proc.stdout.decode() == '{"id": "p1", "results": {"bob": {"status": "queued"}}}\n'
     async with open_client(url_of(broker), broker.auth.issue("bob")) as bob:
@@ -214,20 +233,21 @@ async def test_send_without_a_body_on_a_terminal_fails_at_once_with_usage(broker
 
 
 async def test_send_reads_piped_stdin_without_a_body_and_refuses_an_empty_one(broker: Broker, tmp_path: Path) -> None:
+    # bob has no key: --plaintext (test_cli_keys.py covers sealed sends)
     alice = opts(broker, "alice", tmp_path / "a.sqlite3")
-    run = await relay(*alice, "send", "--to", "bob", "--id", "p1", stdin=b"piped text")
+    run = await relay(*alice, "send", "--plaintext", "--to", "bob", "--id", "p1", stdin=b"piped text")
     assert run.status == 0 and json.loads(run.out)["results"] == {"bob": {"status": "queued"}}
     for argv, stdin, what in [
-        (["send", "--to", "bob"], b"", "stdin was empty"),
-        (["send", "--to", "bob", "-"], b"", "stdin was empty"),
-        (["send", "--to", "bob", ""], b"ignored", "BODY is empty"),
+        (["send", "--plaintext", "--to", "bob"], b"", "stdin was empty"),
+        (["send", "--plaintext", "--to", "bob", "-"], b"", "stdin was empty"),
+        (["send", "--plaintext", "--to", "bob", ""], b"ignored", "BODY is empty"),
     ]:
         run = await relay(*alice, *argv, stdin=stdin)
         assert (run.status, run.out) == (2, ""), argv
         assert run.err == f"relay: send: {what}: nothing to send (pass --empty to send an empty message)\n"
-    run = await relay(*alice, "send", "--to", "bob", "--empty", "text")
+    run = await relay(*alice, "send", "--plaintext", "--to", "bob", "--empty", "text")
     assert run.status == 2 and "--empty sends an empty message: give no BODY with it" in run.err
-    run = await relay(*alice, "send", "--to", "bob", "--id", "e1", "--empty", stdin=b"not read")
+    run = await relay(*alice, "send", "--plaintext", "--to", "bob", "--id", "e1", "--empty", stdin=b"not read")
     assert run.status == 0 and json.loads(run.out)["results"] == {"bob": {"status": "queued"}}
     async with open_client(url_of(broker), broker.auth.issue("bob")) as bob:
         got = [(d.id, d.body) async for d in bob.deliveries(until_drained=True)]
@@ -252,14 +272,17 @@ async def test_a_send_refused_as_a_whole_prints_its_code_and_exits_1(broker_fact
     async with broker_factory(max_recipients=2, max_frame_bytes=1024) as broker:
         store = tmp_path / "alice.sqlite3"
         alice = opts(broker, "alice", store)
-        run = await relay(*alice, "send", "--to", "bob", "--to", "carol", "--to", "dave", "--id", "r1", "x")
+        run = await relay(
+            *alice, "send", "--plaintext", "--to", "bob", "--to", "carol", "--to", "dave", "--id", "r1", "x"
+        )
         assert (run.status, run.err) == (1, "")
         assert run.lines == ['{"id": "r1", "refused": {"code": 3004, "name": "TOO_MANY_RECIPIENTS"}}']
-        run = await relay(*alice, "send", "--to", "bob", "--id", "r2", "y" * 900)  # > 1024 - 256
+        run = await relay(*alice, "send", "--plaintext", "--to", "bob", "--id", "r2", "y" * 900)  # > 1024 - 256
         assert (run.status, run.err) == (1, "")
         assert run.lines == ['{"id": "r2", "refused": {"code": 3007, "name": "BODY_TOO_LARGE"}}']
         assert (await broker.statistics())["messages_total"] == 0
-    assert not store.exists()  # nothing was accepted, so nothing is recorded as sent
+    with LocalStore(store) as s:
+        assert s.messages() == []  # nothing was accepted, so nothing is recorded as sent
 
 
 class UnreachableStore(MemoryStore):
@@ -276,11 +299,13 @@ class UnreachableStore(MemoryStore):
 async def test_a_send_the_store_could_not_take_returns_3008_and_relay_send_says_so(tmp_path: Path) -> None:
     store = UnreachableStore()
     async with running_broker(tmp_path, inject_store=store) as broker:
-        async with open_client(url_of(broker), broker.auth.issue("alice")) as client:
+        async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as client:
             receipt = await client.send("bob", b"x", id="u1")
             assert (receipt.code, receipt.results) == (ErrorCode.STORE_UNREACHABLE, {})
             assert client.connected, "the session stays up"
-        run = await relay(*opts(broker, "alice", tmp_path / "alice.sqlite3"), "send", "--to", "bob", "--id", "u2", "y")
+        run = await relay(
+            *opts(broker, "alice", tmp_path / "alice.sqlite3"), "send", "--to", "bob", "--id", "u2", "--plaintext", "y"
+        )
         assert run.status == 1
         assert run.lines == ['{"id": "u2", "refused": {"code": 3008, "name": "STORE_UNREACHABLE"}}']
         assert run.err == (
@@ -288,7 +313,9 @@ async def test_a_send_the_store_could_not_take_returns_3008_and_relay_send_says_
             "send it again later with --id u2 (if it was stored, the retry says duplicate)\n"
         )
         store.down = False
-        run = await relay(*opts(broker, "alice", tmp_path / "alice.sqlite3"), "send", "--to", "bob", "--id", "u2", "y")
+        run = await relay(
+            *opts(broker, "alice", tmp_path / "alice.sqlite3"), "send", "--to", "bob", "--id", "u2", "--plaintext", "y"
+        )
         assert (run.status, run.lines) == (0, ['{"id": "u2", "results": {"bob": {"status": "queued"}}}'])
 
 
@@ -308,14 +335,16 @@ async def test_send_records_each_recipients_receipt_and_whether_it_asked_for_sta
 ) -> None:
     alice = opts(broker, "alice", tmp_path / "alice.sqlite3")
     with trio.fail_after(TIMEOUT_S):
-        assert (await relay(*alice, "send", "--to", "bob", "--id", "n1", "asks")).status == 0
-        assert (await relay(*alice, "send", "--no-notify", "--to", "bob", "--id", "n2", "quiet")).status == 0
-        usage = await relay(*alice, "send", "--wait", "--no-notify", "--to", "bob", "x")
+        assert (await relay(*alice, "send", "--plaintext", "--to", "bob", "--id", "n1", "asks")).status == 0
+        assert (
+            await relay(*alice, "send", "--plaintext", "--no-notify", "--to", "bob", "--id", "n2", "quiet")
+        ).status == 0
+        usage = await relay(*alice, "send", "--plaintext", "--wait", "--no-notify", "--to", "bob", "x")
         assert (usage.status, usage.out) == (2, "")
         assert "--wait waits for delivery statuses, which --no-notify does not ask for" in usage.err
-        usage = await relay(*alice, "send", "--timeout", "3", "--to", "bob", "x")
+        usage = await relay(*alice, "send", "--plaintext", "--timeout", "3", "--to", "bob", "x")
         assert (usage.status, usage.err) == (2, "relay: send: --timeout goes with --wait\n")
-        assert (await relay(*alice, "send", "--wait", "--timeout", "0", "--to", "bob", "x")).status == 2
+        assert (await relay(*alice, "send", "--plaintext", "--wait", "--timeout", "0", "--to", "bob", "x")).status == 2
     with LocalStore(tmp_path / "alice.sqlite3") as store:
         assert [(s.id, s.receipt, s.notify, s.state) for s in store.recipient_states("alice")] == [
             ("n1", "queued", True, "queued"),

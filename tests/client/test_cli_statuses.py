@@ -75,7 +75,9 @@ async def test_send_wait_times_out_with_exit_4_and_listen_prints_the_status_when
 ) -> None:
     alice = opts(broker, "alice", tmp_path)
     with trio.fail_after(TIMEOUT_S):
-        run = await relay(*alice, "send", "--wait", "--timeout", "0.2", "--to", "bob", "--id", "w2", "hi")
+        run = await relay(
+            *alice, "send", "--plaintext", "--wait", "--timeout", "0.2", "--to", "bob", "--id", "w2", "hi"
+        )
         assert run.status == 4
         assert run.lines == [{"id": "w2", "results": {"bob": {"status": "queued"}}}]
         assert run.err == "relay: timed out after 0.2 s: no delivery status yet for bob\n"
@@ -105,12 +107,12 @@ async def test_listen_prints_saved_statuses_once(broker: Broker, tmp_path: Path)
     alice = opts(broker, "alice", tmp_path)
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as client:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as client:
             await client.send(["bob", "carol"], b"to both", id="l1")
         async with open_client(url, broker.auth.issue("bob")) as bob:
             bob.ack([d.id async for d in bob.deliveries(until_drained=True)])
         with LocalStore(tmp_path / "alice.sqlite3") as store:  # the CLI's store, filled by the API client
-            async with open_client(url, broker.auth.issue("alice"), local_store=store) as client:
+            async with open_client(url, broker.auth.issue("alice"), e2e=False, local_store=store) as client:
                 status = await anext(client.statuses())  # saved and STATUS_ACKed, not printed
         first = await relay(*alice, "listen", "--drain")
         assert first.status == 0
@@ -132,7 +134,9 @@ async def test_send_wait_exits_3_when_the_message_expires_first(broker_factory: 
         runs: list[Run] = []
 
         async def send() -> None:
-            runs.append(await relay(*alice, "send", "--wait", "--ttl", "1", "--to", "bob", "--id", "w3", "x"))
+            runs.append(
+                await relay(*alice, "send", "--plaintext", "--wait", "--ttl", "1", "--to", "bob", "--id", "w3", "x")
+            )
 
         async def stored() -> bool:
             return bool((await broker.statistics())["messages_total"] == 1)
@@ -156,7 +160,16 @@ async def test_send_wait_with_a_refused_recipient_waits_for_the_others_and_exits
     with LocalStore(tmp_path / "bob.sqlite3") as bob_store, trio.fail_after(TIMEOUT_S):
         async with open_client(url_of(broker), broker.auth.issue("bob"), local_store=bob_store):
             run = await relay(
-                *opts(broker, "alice", tmp_path), "send", "--wait", "--to", "bob", "--to=-bad", "--id", "w4", "x"
+                *opts(broker, "alice", tmp_path),
+                "send",
+                "--plaintext",
+                "--wait",
+                "--to",
+                "bob",
+                "--to=-bad",
+                "--id",
+                "w4",
+                "x",
             )
     assert run.status == 1
     receipt, status = run.lines
@@ -182,8 +195,8 @@ async def test_export_shows_each_sent_messages_state_per_recipient(broker: Broke
     alice = opts(broker, "alice", tmp_path)
     with LocalStore(tmp_path / "bob.sqlite3") as bob_store, trio.fail_after(TIMEOUT_S):
         async with open_client(url_of(broker), broker.auth.issue("bob"), local_store=bob_store):
-            run = await relay(*alice, "send", "--wait", "--timeout", "0.2", "--to", "bob", "--to", "carol", "--id",
-                              "x1", "hello both")  # fmt: skip
+            run = await relay(*alice, "send", "--plaintext", "--wait", "--timeout", "0.2", "--to", "bob", "--to",
+                              "carol", "--id", "x1", "hello both")  # fmt: skip
     assert run.status == 4 and run.err == "relay: timed out after 0.2 s: no delivery status yet for carol\n"
     doc = json.loads((await relay(*alice, "export", "--format", "json")).out)
     [sent] = doc["messages"]

@@ -60,7 +60,7 @@ async def test_online_recipient_gets_the_message_at_once(broker: Broker) -> None
 async def test_offline_message_is_delivered_on_connect(broker: Broker) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             receipt = await alice.send(["bob", "carol"], b"later", ttl_s=60)
             assert {r: res.status for r, res in receipt.results.items()} == {
                 "bob": Status.QUEUED,
@@ -79,7 +79,7 @@ async def test_offline_message_is_delivered_on_connect(broker: Broker) -> None:
 async def test_unacked_messages_come_back_after_close(broker: Broker) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             await alice.send("bob", b"one", id="x1")
         async with open_client(url, broker.auth.issue("bob")) as bob:
             [d] = await collect(bob, 1)
@@ -93,7 +93,7 @@ async def test_unacked_messages_come_back_after_close(broker: Broker) -> None:
 async def test_pull_delivers_unacked_messages_again(broker: Broker) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             await alice.send_batch([OutgoingMessage("bob", b"%d" % i, id=f"p{i}") for i in range(3)])
         async with open_client(url, broker.auth.issue("bob")) as bob:
             first = [d async for d in bob.deliveries(until_drained=True)]
@@ -107,7 +107,7 @@ async def test_send_batch_of_5000_gets_5000_receipts_in_order(broker: Broker) ->
     url = url_of(broker)
     items = [OutgoingMessage("bob", b"x" * 50) for _ in range(5000)]
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             receipts = await alice.send_batch(items)
             assert len(receipts) == 5000
             assert len({r.id for r in receipts}) == 5000
@@ -125,7 +125,7 @@ async def test_send_batch_of_5000_gets_5000_receipts_in_order(broker: Broker) ->
 
 async def test_refused_recipient_is_reported_and_the_connection_stays_up(broker: Broker) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+        async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as alice:
             receipt = await alice.send(["bob", "-bad"], b"hi")
             assert receipt.results["bob"].status is Status.QUEUED
             assert receipt.results["-bad"].status is Status.REFUSED
@@ -136,7 +136,7 @@ async def test_refused_recipient_is_reported_and_the_connection_stays_up(broker:
 
 async def test_invalid_message_is_refused_locally(broker: Broker) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+        async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as alice:
             with pytest.raises(ValueError, match="invalid message"):
                 await alice.send("bob", b"x", id="has space")
             with pytest.raises(ValueError):
@@ -195,8 +195,8 @@ async def test_bad_url_raises_value_error(url: str) -> None:
 async def test_takeover_is_fatal_for_the_older_client(broker: Broker) -> None:
     url, token = url_of(broker), broker.auth.issue("bob")
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, token) as old:
-            async with open_client(url, token) as new:
+        async with open_client(url, token, e2e=False) as old:
+            async with open_client(url, token, e2e=False) as new:
                 with pytest.raises(ConnectedElsewhere) as info:
                     async for _ in old.deliveries():
                         pass  # pragma: no cover
@@ -210,7 +210,7 @@ async def test_takeover_is_fatal_for_the_older_client(broker: Broker) -> None:
 async def test_operator_gets_stats_and_cleanup(broker: Broker) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             await alice.send("bob", b"x")
         async with open_client(url, broker.auth.issue("ops", operator=True)) as op:
             assert op.mailbox is None
@@ -223,7 +223,7 @@ async def test_operator_gets_stats_and_cleanup(broker: Broker) -> None:
 
 async def test_stats_without_operator_token_is_forbidden_but_not_fatal(broker: Broker) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+        async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as alice:
             with pytest.raises(ForbiddenError) as info:
                 await alice.stats()
             assert info.value.code == ErrorCode.FORBIDDEN
@@ -235,7 +235,7 @@ async def test_stats_without_operator_token_is_forbidden_but_not_fatal(broker: B
 async def test_keepalive_pings_keep_an_idle_connection_open(broker_factory: Any) -> None:
     async with broker_factory(keepalive_s=1.0) as broker:
         with trio.fail_after(TIMEOUT_S):
-            async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+            async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as alice:
                 await trio.sleep(2.5)  # longer than keepalive_s: only our PINGs keep the session alive
                 assert alice.connects == 1
                 assert (await alice.send("bob", b"x")).results["bob"].status is Status.QUEUED
@@ -260,7 +260,7 @@ async def test_closed_client_refuses_new_work(broker: Broker) -> None:
 async def test_acks_queued_in_one_round_go_out_in_one_frame(broker: Broker, network: Any) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             await alice.send_batch([OutgoingMessage("bob", b"x", id=f"c{i}") for i in range(3)])
         async with open_client(url, broker.auth.issue("bob"), transport_factory=network) as bob:
             got = [d async for d in bob.deliveries(until_drained=True)]
@@ -274,7 +274,7 @@ async def test_acks_queued_in_one_round_go_out_in_one_frame(broker: Broker, netw
 async def test_send_asks_for_delivery_statuses_unless_notify_is_false(broker: Broker, network: FaultyNetwork) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice"), transport_factory=network) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False, transport_factory=network) as alice:
             await alice.send("bob", b"asks", id="n1")
             await alice.send("bob", b"quiet", id="n2", notify=False)
             await alice.send_batch(

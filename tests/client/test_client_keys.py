@@ -1,7 +1,8 @@
 """The trio client's raw key-directory calls, ``put_key`` and ``get_keys``, against a real broker (TCP, WebSocket).
 
-Pinning and encryption build on these elsewhere; here only the plumbing: answers in order, typed
-refusals, operators, bad arguments, and many mailboxes split by max_recipients.
+Pinning and encryption build on these elsewhere (test_e2e_client.py); here only the plumbing: answers in order,
+typed refusals, operators, bad arguments, and many mailboxes split by max_recipients. The clients are opened with
+e2e=False, so they publish no key of their own on connect.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ async def test_put_key_then_get_keys(broker: Broker, transport: str) -> None:
     alice_record, bob_record = new_record("alice"), new_record("bob")
     with trio.fail_after(TIMEOUT_S):
         async with (
-            open_client(url, broker.auth.issue("alice")) as alice,
-            open_client(url, broker.auth.issue("bob")) as bob,
+            open_client(url, broker.auth.issue("alice"), e2e=False) as alice,
+            open_client(url, broker.auth.issue("bob"), e2e=False) as bob,
         ):
             assert await alice.put_key(alice_record) is None
             await bob.put_key(bob_record)
@@ -53,7 +54,7 @@ async def test_put_key_then_get_keys(broker: Broker, transport: str) -> None:
 
 async def test_a_record_for_another_mailbox_raises_key_refused_and_the_client_goes_on(broker: Broker) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+        async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as alice:
             record = new_record("bob")
             with pytest.raises(KeyRefused) as info:
                 await alice.put_key(record)
@@ -67,7 +68,7 @@ async def test_a_record_for_another_mailbox_raises_key_refused_and_the_client_go
 
 async def test_operators_are_refused_locally(broker: Broker) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("ops", operator=True)) as op:
+        async with open_client(url_of(broker), broker.auth.issue("ops", operator=True), e2e=False) as op:
             with pytest.raises(ForbiddenError):
                 await op.put_key(new_record("ops"))
             with pytest.raises(ForbiddenError):
@@ -77,7 +78,9 @@ async def test_operators_are_refused_locally(broker: Broker) -> None:
 
 async def test_bad_arguments_raise_before_anything_is_sent(broker: Broker, network: FaultyNetwork) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("alice"), transport_factory=network) as alice:
+        async with open_client(
+            url_of(broker), broker.auth.issue("alice"), transport_factory=network, e2e=False
+        ) as alice:
             with pytest.raises(TypeError, match="KeyRecord"):
                 await alice.put_key(new_record("alice").to_map())  # type: ignore[arg-type]
             for bad in (["ok", "b" * 65], ["ok", 7]):
@@ -95,9 +98,9 @@ async def test_more_mailboxes_than_max_recipients_go_in_several_key_gets(
             url = url_of(broker)
             records = {name: new_record(name) for name in ("u1", "u4", "u7")}
             for name, record in records.items():
-                async with open_client(url, broker.auth.issue(name)) as owner:
+                async with open_client(url, broker.auth.issue(name), e2e=False) as owner:
                     await owner.put_key(record)
-            async with open_client(url, broker.auth.issue("alice"), transport_factory=network) as alice:
+            async with open_client(url, broker.auth.issue("alice"), transport_factory=network, e2e=False) as alice:
                 names = [f"u{i}" for i in range(8)]
                 assert await alice.get_keys(names) == records
             gets = [f for f in network.sent if type(f) is KeyGet]

@@ -19,7 +19,7 @@ from client import ErrorCode, OutgoingMessage, RelayError, Status, open_client
 from wire import Connection, Frame, Hello, Receipt, RecipientResult, Role, Send, Welcome
 
 TIMEOUT = 20
-FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.02}
+FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.02, "e2e": False}  # scripted brokers: no key directory
 Script = Callable[[trio.SocketStream, Connection], Awaitable[None]]
 
 

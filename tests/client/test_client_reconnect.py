@@ -32,7 +32,7 @@ FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
 
 async def fill_mailbox(broker: Broker, to: str, n: int, prefix: str = "m") -> list[str]:
     ids = [f"{prefix}{i}" for i in range(n)]
-    async with open_client(url_of(broker), broker.auth.issue("alice")) as alice:
+    async with open_client(url_of(broker), broker.auth.issue("alice"), e2e=False) as alice:
         receipts = await alice.send_batch([OutgoingMessage(to, b"body %s" % i.encode(), id=i) for i in ids])
     assert all(r.results[to].status is Status.QUEUED for r in receipts)
     return ids
@@ -104,7 +104,9 @@ async def test_client_killed_between_save_and_ack_keeps_exactly_one_copy(
 async def test_send_is_retried_with_the_same_id_after_a_lost_receipt(broker: Broker, network: FaultyNetwork) -> None:
     network.lose_receipts = 1
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("alice"), transport_factory=network, **FAST) as alice:
+        async with open_client(
+            url_of(broker), broker.auth.issue("alice"), e2e=False, transport_factory=network, **FAST
+        ) as alice:
             receipt = await alice.send("bob", b"once", id="idem-1")
             assert receipt.results["bob"].status is Status.DUPLICATE  # the first SEND was stored
             assert alice.connects == 2
@@ -140,7 +142,9 @@ async def test_reconnect_recovers_2000_messages_with_one_copy_each(
 
 async def test_sends_in_flight_survive_a_cut_connection(broker: Broker, network: FaultyNetwork) -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url_of(broker), broker.auth.issue("alice"), transport_factory=network, **FAST) as alice:
+        async with open_client(
+            url_of(broker), broker.auth.issue("alice"), e2e=False, transport_factory=network, **FAST
+        ) as alice:
             items = [OutgoingMessage("bob", b"x", id=f"s{i}") for i in range(3000)]
             async with trio.open_nursery() as nursery:
                 results: list[Any] = []
@@ -164,7 +168,7 @@ async def test_client_reconnects_after_a_broker_restart(tmp_path: Path) -> None:
             first = await runner.start()
             port = first.tcp_port
             assert port is not None
-            async with open_client(url_of(first), first.auth.issue("alice"), **FAST) as alice:
+            async with open_client(url_of(first), first.auth.issue("alice"), e2e=False, **FAST) as alice:
                 assert (await alice.send("bob", b"before")).results["bob"].status is Status.QUEUED
                 await runner.stop()  # SHUTTING_DOWN is not fatal: alice keeps trying
                 second = await runner.start(port)

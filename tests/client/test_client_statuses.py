@@ -40,7 +40,7 @@ async def test_an_online_sender_hears_delivered_once_the_recipients_device_saved
         trio.fail_after(TIMEOUT_S),
     ):
         async with (
-            open_client(url, broker.auth.issue("alice"), local_store=store) as alice,
+            open_client(url, broker.auth.issue("alice"), e2e=False, local_store=store) as alice,
             open_client(url, broker.auth.issue("bob"), local_store=bob_store) as bob,
         ):
             statuses = alice.statuses()
@@ -62,7 +62,7 @@ async def test_an_online_sender_hears_delivered_once_the_recipients_device_saved
 async def test_an_offline_sender_gets_the_status_when_it_connects(broker: Broker, tmp_path: Path) -> None:
     url = url_of(broker)
     with LocalStore(tmp_path / "alice.sqlite3") as store, trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice"), local_store=store) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False, local_store=store) as alice:
             receipt = await alice.send("bob", b"later", id="m2")
         assert receipt.results["bob"].status is Status.QUEUED
         async with open_client(url, broker.auth.issue("bob")) as bob:
@@ -70,7 +70,7 @@ async def test_an_offline_sender_gets_the_status_when_it_connects(broker: Broker
             bob.ack(d.id)
         assert await held(broker) == 1  # bob's ACK took effect: the status waits in alice's mailbox
         assert states(store, "alice", "m2") == {"bob": ("queued", "queued")}
-        async with open_client(url, broker.auth.issue("alice"), local_store=store) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False, local_store=store) as alice:
             status = await anext(alice.statuses())
             assert (status.state, status.id, status.recipient) == (ReportState.DELIVERED, "m2", "bob")
             assert states(store, "alice", "m2") == {"bob": ("queued", "delivered")}
@@ -80,13 +80,13 @@ async def test_an_offline_sender_gets_the_status_when_it_connects(broker: Broker
 async def test_without_a_local_store_a_status_comes_again_until_the_application_acks_it(broker: Broker) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             await alice.send("bob", b"x", id="m3")
         async with open_client(url, broker.auth.issue("bob")) as bob:
             bob.ack([d.id async for d in bob.deliveries(until_drained=True)])
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             first = await anext(alice.statuses())
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             again = await anext(alice.statuses())
             assert again == first  # not ACKed: the same status (same seq) again
             alice.ack_statuses(again.seq)
@@ -130,12 +130,14 @@ async def test_a_redelivered_status_is_saved_and_yielded_once(broker: Broker, tm
     url = url_of(broker)
     network = FaultyNetwork()
     with LocalStore(tmp_path / "alice.sqlite3") as store, trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             await alice.send("bob", b"x", id="m5")
         async with open_client(url, broker.auth.issue("bob")) as bob:
             bob.ack([d.id async for d in bob.deliveries(until_drained=True)])
         network.drop_status_acks = 1  # the first STATUS_ACK never reaches the broker
-        async with open_client(url, broker.auth.issue("alice"), local_store=store, transport_factory=network) as alice:
+        async with open_client(
+            url, broker.auth.issue("alice"), e2e=False, local_store=store, transport_factory=network
+        ) as alice:
             statuses = alice.statuses()
             first = await anext(statuses)  # saved; its STATUS_ACK is queued (and will be dropped)
             await alice.pull()  # written after that STATUS_ACK: the broker sends every un-ACKed status again
@@ -157,11 +159,11 @@ async def test_a_message_that_expires_unread_gives_expired(broker_factory: Any, 
     async with broker_factory(clock=clock) as broker:
         url = url_of(broker)
         with LocalStore(tmp_path / "alice.sqlite3") as store, trio.fail_after(TIMEOUT_S):
-            async with open_client(url, broker.auth.issue("alice"), local_store=store) as alice:
+            async with open_client(url, broker.auth.issue("alice"), e2e=False, local_store=store) as alice:
                 await alice.send("bob", b"too late", id="m6", ttl_s=1)
             clock.offset_ms += 2_000
             assert await broker.cleanup() == 1
-            async with open_client(url, broker.auth.issue("alice"), local_store=store) as alice:
+            async with open_client(url, broker.auth.issue("alice"), e2e=False, local_store=store) as alice:
                 status = await anext(alice.statuses())
             assert (status.state, status.id, status.recipient) == (ReportState.EXPIRED, "m6", "bob")
             [state] = store.recipient_states("alice")
@@ -174,12 +176,12 @@ async def test_statuses_beyond_the_bound_are_saved_as_one_overflow_record(broker
     async with broker_factory(max_mailbox_statuses=2) as broker:
         url = url_of(broker)
         with LocalStore(tmp_path / "alice.sqlite3") as store, trio.fail_after(TIMEOUT_S):
-            async with open_client(url, broker.auth.issue("alice")) as alice:
+            async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
                 for i in range(5):
                     await alice.send("bob", b"%d" % i, id=f"o{i}")
             async with open_client(url, broker.auth.issue("bob")) as bob:
                 bob.ack([d.id async for d in bob.deliveries(until_drained=True)])
-            async with open_client(url, broker.auth.issue("alice"), local_store=store) as alice:
+            async with open_client(url, broker.auth.issue("alice"), e2e=False, local_store=store) as alice:
                 got = []
                 async for status in alice.statuses():
                     got.append(status)
@@ -200,7 +202,7 @@ async def test_statuses_beyond_the_bound_are_saved_as_one_overflow_record(broker
 async def test_a_send_without_notify_gets_no_status(broker: Broker) -> None:
     url = url_of(broker)
     with trio.fail_after(TIMEOUT_S):
-        async with open_client(url, broker.auth.issue("alice")) as alice:
+        async with open_client(url, broker.auth.issue("alice"), e2e=False) as alice:
             await alice.send("bob", b"quiet", id="q1", notify=False)
         async with open_client(url, broker.auth.issue("bob")) as bob:
             bob.ack([d.id async for d in bob.deliveries(until_drained=True)])

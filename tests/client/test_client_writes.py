@@ -86,7 +86,7 @@ async def test_a_burst_larger_than_the_socket_buffers_arrives_whole_and_in_order
         await trio.sleep_forever()
 
     with trio.fail_after(TIMEOUT):
-        async with scripted_broker(script) as url, open_client(url, "token", reconnect=False) as client:
+        async with scripted_broker(script) as url, open_client(url, "token", reconnect=False, e2e=False) as client:
             async with trio.open_nursery() as nursery:
                 batch = [OutgoingMessage(to="bob", body=body, id=f"m{i}") for i in range(n)]
                 nursery.start_soon(client.send_batch, batch)
@@ -126,7 +126,7 @@ async def test_keepalive_pings_an_idle_broker_and_gives_up_on_a_silent_one(answe
 
     with trio.fail_after(TIMEOUT):
         async with scripted_broker(script, keepalive_s=1) as url:
-            async with open_client(url, "token", reconnect=False) as client:
+            async with open_client(url, "token", reconnect=False, e2e=False) as client:
                 if answer_pings:
                     await trio.sleep(2.5)  # past keepalive_s: PONGs to our PINGs keep it open
                     assert client.connected and pings >= 3

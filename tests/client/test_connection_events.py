@@ -30,7 +30,7 @@ async def test_connect_shutdown_restart_and_takeover_are_reported_once_each(tmp_
             runner = BrokerRunner(nursery, tmp_path / "broker-data")
             first = await runner.start()
             url = url_of(first)
-            async with open_client(url, first.auth.issue("alice")) as alice:
+            async with open_client(url, first.auth.issue("alice"), e2e=False) as alice:
                 await alice.send("bob", b"waiting", id="w1")
             token = first.auth.issue("bob")
             async with open_client(url, token, on_connection_change=events.append, **FAST) as bob:
@@ -67,7 +67,9 @@ async def test_a_callback_that_raises_is_logged_and_the_client_keeps_working(
         raise RuntimeError("bug in the callback")
 
     with trio.fail_after(TIMEOUT_S), caplog.at_level(logging.ERROR, logger="client"):
-        async with open_client(url_of(broker), broker.auth.issue("alice"), on_connection_change=broken) as alice:
+        async with open_client(
+            url_of(broker), broker.auth.issue("alice"), e2e=False, on_connection_change=broken
+        ) as alice:
             receipt = await alice.send("bob", b"still works")
     assert receipt.results["bob"].status.value == "queued"
     assert "on_connection_change callback failed" in caplog.text and "bug in the callback" in caplog.text

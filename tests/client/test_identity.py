@@ -73,12 +73,14 @@ async def test_relay_listen_prints_and_saves_a_reused_id_from_another_sender(
             return ["--url", url_of(broker), "--token", broker.auth.issue(name), "--store", str(tmp_path / name)]
 
         with trio.fail_after(TIMEOUT_S):
-            status, out, _ = await relay(*opts("alice"), "send", "--to", "bob", "--id", "z-1", "--ttl", "1", "hi")
+            status, out, _ = await relay(
+                *opts("alice"), "send", "--plaintext", "--to", "bob", "--id", "z-1", "--ttl", "1", "hi"
+            )
             assert (status, json.loads(out)["results"]) == (0, {"bob": {"status": "queued"}})
             status, out, _ = await relay(*opts("bob"), "listen", "--drain")
             assert status == 0 and [json.loads(line)["from"] for line in out.splitlines()] == ["alice"]
             clock.offset_ms += 2_000
-            status, out, _ = await relay(*opts("carol"), "send", "--to", "bob", "--id", "z-1", "hello")
+            status, out, _ = await relay(*opts("carol"), "send", "--plaintext", "--to", "bob", "--id", "z-1", "hello")
             assert (status, json.loads(out)["results"]) == (0, {"bob": {"status": "queued"}})
             status, out, _ = await relay(*opts("bob"), "listen", "--drain")
             assert status == 0

@@ -133,7 +133,7 @@ async def test_ws_client_reconnects_after_a_broker_restart_on_the_same_port(tmp_
             runner = WsBrokerRunner(nursery, tmp_path / "broker-data")
             first = await runner.start_ws()
             assert first.ws_port is not None
-            async with open_client(ws_of(first), first.auth.issue("alice"), **FAST) as alice:
+            async with open_client(ws_of(first), first.auth.issue("alice"), e2e=False, **FAST) as alice:
                 assert (await alice.send("bob", b"before")).results["bob"].status is Status.QUEUED
                 await runner.stop()  # the broker sends SHUTTING_DOWN and closes the WebSocket
                 second = await runner.start_ws(first.ws_port)
@@ -163,7 +163,7 @@ async def test_ws_reconnects_recover_2000_messages_with_one_copy_each(broker_fac
         ids = [f"m{i}" for i in range(2000)]
         seen: list[Delivery] = []
         with LocalStore(tmp_path / "bob.sqlite3") as store, trio.fail_after(TIMEOUT_S):
-            async with open_client(ws_of(broker), broker.auth.issue("alice")) as alice:
+            async with open_client(ws_of(broker), broker.auth.issue("alice"), e2e=False) as alice:
                 await alice.send_batch([OutgoingMessage("bob", b"x", id=i) for i in ids])
             async with open_client(
                 ws_of(broker), broker.auth.issue("bob"), local_store=store, transport_factory=network, **FAST

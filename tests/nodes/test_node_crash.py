@@ -166,7 +166,7 @@ async def test_a_recipient_on_a_killed_node_gets_everything_on_another_once(
     async with node_processes(tmp_path, store_settings) as (auth, (a, b)):
         with trio.fail_after(TIMEOUT_S):
             bob_token = auth.issue("bob")
-            async with open_client(b.url, auth.issue("alice")) as alice:
+            async with open_client(b.url, auth.issue("alice"), e2e=False) as alice:
                 # Half while bob is offline (queued), half while he is on node A (delivered).
                 early = await alice.send_batch([OutgoingMessage("bob", body(i), id=i) for i in ids[:250]])
                 assert statuses(early, "bob") == {Status.QUEUED}
@@ -268,7 +268,7 @@ async def test_a_sender_on_a_killed_node_resends_on_another_and_each_message_is_
             alice_token = auth.issue("alice")
             confirmed: list[str] = []
             lost = 0
-            async with open_client(a.url, alice_token, reconnect=False) as alice:
+            async with open_client(a.url, alice_token, reconnect=False, e2e=False) as alice:
 
                 async def sender(chunks: list[list[str]]) -> None:
                     nonlocal lost
@@ -290,7 +290,7 @@ async def test_a_sender_on_a_killed_node_resends_on_another_and_each_message_is_
                     await a.kill()
             assert n // 4 <= len(confirmed) < n and lost >= 1  # SENDs were in flight when A died
 
-            async with open_client(b.url, alice_token) as alice:
+            async with open_client(b.url, alice_token, e2e=False) as alice:
                 again = await alice.send_batch([OutgoingMessage("bob", i.encode(), id=i) for i in ids])
             status_of = {r.id: r.results["bob"].status for r in again}
             assert set(status_of.values()) <= {Status.QUEUED, Status.DUPLICATE}
