@@ -139,12 +139,16 @@ _F = TypeVar("_F", Send, Ack, StatusAck)
 
 
 JS_DIR = Path(__file__).resolve().parent.parent / "client" / "js"
-"""The browser client's ES modules and their node_modules (``npm ci`` there), served under ``/js/``.
+"""The browser client's ES modules and their dependencies' (``npm ci`` there), served under ``/js/``.
 
 ``client/js`` is not package data: it exists in a checkout (or an editable install of one), where it
 sits beside this ``broker`` package. Found from this file, not by looking a ``client`` package up on
 ``sys.path``, so another installed ``client`` cannot change what the demo page serves."""
-_JS_FILE = re.compile(r"[A-Za-z0-9_-]+\.js|node_modules/cborg/(?:[A-Za-z0-9_-]+/)*[A-Za-z0-9_.-]+\.js")
+_JS_FILE = re.compile(
+    r"[A-Za-z0-9_-]+\.js|node_modules/(?:cborg|@hpke/core|@hpke/common)/(?:[A-Za-z0-9_-]+/)*[A-Za-z0-9_.-]+\.js"
+)
+"""What ``/js/`` serves: the client's modules, and the ES modules of the packages the demo page imports (cborg,
+@hpke/core and the @hpke/common it imports), nothing else of node_modules."""
 
 
 @dataclass(frozen=True, slots=True)

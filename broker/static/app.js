@@ -15,7 +15,16 @@
 // says how many of its recipients have it ("2 of 3 delivered"). Everything shown comes from
 // IndexedDB (store.js, deliveryStates), so a status that arrived while the page was closed, or
 // before a reload, shows the same.
-import { RelayClient, MessageStore, defaultUrl, deliveryStates, missedStatuses } from '/js/client.js'
+//
+// Encryption. The client encrypts end to end by default (client.js, e2e.js): every message is
+// badged "encrypted", "unencrypted" (sent in the clear: the relay could read it, nothing vouches
+// for its sender) or, for a received envelope that did not open or verify, "could not be
+// verified" with the reason, and then its text is not shown (it is empty: never shown as words of
+// its sender). The Keys panel shows this device's fingerprint and, per contact, the safety number
+// to compare out of band; a contact whose key changed is flagged, with the new number and an
+// Accept button (until then the client sends nothing to them). Sending to a mailbox that has
+// published no key needs the "Send unencrypted" box.
+import { RelayClient, MessageStore, KeyChanged, NoRecipientKey, defaultUrl, deliveryStates, missedStatuses } from '/js/client.js'
 import { ERROR_CODES } from '/js/codec.js'
 
 const $ = (id) => document.getElementById(id)
@@ -129,8 +138,13 @@ async function openMailbox (token) {
     }
   })
   for (const name of ['message', 'acked', 'receipt', 'status', 'welcome']) client.addEventListener(name, render)
+  for (const name of ['contact', 'welcome']) client.addEventListener(name, renderKeys)
+  $('own-fingerprint').textContent = '…'
+  $('contacts').replaceChildren()
+  $('keys-changed').hidden = true
   await render()
   await client.start()
+  await renderKeys()
 }
 
 let noticeTimer = null
@@ -233,6 +247,34 @@ function summaryChip (states) {
     `${expired ? `; for ${expired} it expired before they did` : ''}.`)
 }
 
+/** Why a received envelope did not open, in words (docs/e2e.md, "Opening"). */
+const FAILURES = {
+  malformed: 'not a well-formed envelope',
+  mismatch: 'sealed as another message or by another sender: a replay',
+  not_for_me: 'not sealed to this mailbox: a replay from another conversation',
+  no_sender_key: 'the sender has published no key',
+  key_changed: "signed by a key that is not the sender's pinned one",
+  bad_signature: 'the signature does not verify',
+  unknown_key: 'sealed to a key this browser does not have (any more)',
+  decrypt_failed: 'it does not decrypt'
+}
+
+/** The badge saying whether a message was end-to-end encrypted (and, received, verified). */
+function securityChip (entry, out) {
+  switch (entry.security) {
+    case 'e2e':
+      return chip('encrypted', 'security e2e', out
+        ? 'End-to-end encrypted to the recipients\' pinned keys: the relay cannot read it.'
+        : `End-to-end encrypted, and signed by ${entry.from}'s pinned key (see Keys): the relay could not read it or change it.`)
+    case 'failed':
+      return chip(`could not be verified: ${entry.reason}`, 'security failed', FAILURES[entry.reason] ?? entry.reason)
+    default:
+      return chip('unencrypted', 'security plaintext', out
+        ? 'Sent in the clear: the relay could read it.'
+        : `Sent in the clear: the relay could read it, and nothing vouches that ${entry.from} wrote it.`)
+  }
+}
+
 function item (entry, out) {
   const li = document.createElement('li')
   li.className = out ? 'msg out' : 'msg in'
@@ -261,9 +303,16 @@ function item (entry, out) {
     meta.append(`from ${entry.from} · ${when}`)
     meta.append(chip(entry.state, entry.state, entry.state === 'acked' ? 'Saved in this browser and acknowledged: the relay has deleted its copy.' : 'Saved in this browser, not yet acknowledged: the relay still holds it.'))
   }
+  li.dataset.security = entry.security
+  meta.append(securityChip(entry, out))
   const text = document.createElement('div')
   text.className = 'text'
-  text.textContent = decoder.decode(entry.body)
+  if (entry.security === 'failed') {
+    text.classList.add('failed')
+    text.textContent = `This message could not be opened or verified (${FAILURES[entry.reason] ?? entry.reason}); its text is not shown.`
+  } else {
+    text.textContent = decoder.decode(entry.body)
+  }
   li.append(meta, text)
   return li
 }
@@ -298,6 +347,48 @@ function render () {
   return rendering
 }
 
+/** The Keys panel: this device's fingerprint, and each contact's safety number (a changed key flagged, with Accept). */
+let renderingKeys = Promise.resolve()
+function renderKeys () {
+  renderingKeys = renderingKeys.then(async () => {
+    if (!session) return
+    const { client } = session
+    const [own, contacts] = await Promise.all([client.fingerprint(), client.contacts()])
+    if (session?.client !== client) return
+    $('own-fingerprint').textContent = own ?? '…'
+    const changed = contacts.filter((c) => c.pending_ik !== null && c.mailbox !== session.mailbox)
+    $('keys-changed').hidden = changed.length === 0
+    $('keys-changed').textContent = `key changed: ${changed.map((c) => c.mailbox).join(', ')}`
+    $('contacts').replaceChildren(...contacts.filter((c) => c.mailbox !== session.mailbox).map((c) => {
+      const li = document.createElement('li')
+      li.dataset.mailbox = c.mailbox
+      const name = document.createElement('strong')
+      name.textContent = c.mailbox
+      const number = Object.assign(document.createElement('span'), { className: 'number pinned', textContent: c.safety_number })
+      number.title = `${c.mailbox}'s fingerprint: ${c.fingerprint} (pinned ${new Date(c.pinned_at).toLocaleString()})`
+      li.append(name, ' · safety number', number)
+      if (c.pending_ik !== null) {
+        li.classList.add('changed')
+        const warning = chip('key changed', 'changed', `The relay now shows another key for ${c.mailbox}: nothing is sent to ${c.mailbox} until you accept it. ` +
+          'Accept it only once the new safety number matches the one on their device.')
+        const next = Object.assign(document.createElement('span'), { className: 'number pending', textContent: c.pending_safety_number })
+        const accept = Object.assign(document.createElement('button'), { type: 'button', className: 'accept', textContent: 'Accept new key' })
+        accept.addEventListener('click', async () => {
+          try {
+            await client.acceptKey(c.mailbox)
+          } catch (err) {
+            notify(`Could not accept the key: ${err.message}`)
+          }
+          renderKeys()
+        })
+        li.append(' ', warning, ' new safety number', next, accept)
+      }
+      return li
+    }))
+  }).catch((err) => console.error(err))
+  return renderingKeys
+}
+
 /** Statuses the relay did not keep for this mailbox (its bound), said once above the timeline. */
 function showOverflow (overflows) {
   const missed = missedStatuses(overflows)
@@ -326,8 +417,9 @@ $('compose').addEventListener('submit', async (event) => {
   const text = $('text').value
   if (to.length === 0 || !text) return
   const ttl = $('ttl').value ? Number($('ttl').value) : undefined
+  const plaintext = $('plaintext').checked
   $('text').value = ''
-  const sent = session.client.sendMessage(to, text, { ttl })
+  const sent = session.client.sendMessage(to, text, { ttl, plaintext })
   setTimeout(render, 0) // show it as "sending" at once
   try {
     const receipt = await sent
@@ -335,7 +427,14 @@ $('compose').addEventListener('submit', async (event) => {
   } catch (err) {
     // Refused before it was stored or sent (e.g. a recipient name longer than 64 characters): keep the text.
     if (!$('text').value) $('text').value = text
-    notify(`Not sent: ${err.message}`)
+    if (err instanceof KeyChanged) {
+      notify(`Not sent: the key of ${err.changes.map((c) => c.mailbox).join(', ')} has changed. Compare the new safety number under Keys, and Accept it to send.`)
+      renderKeys()
+    } else if (err instanceof NoRecipientKey) {
+      notify(`Not sent: ${err.mailboxes.join(', ')} ${err.mailboxes.length === 1 ? 'has' : 'have'} published no key, so it cannot be encrypted. Tick "Send unencrypted" to send it in the clear.`)
+    } else {
+      notify(`Not sent: ${err.message}`)
+    }
     render()
   }
 })

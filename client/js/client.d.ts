@@ -11,7 +11,7 @@
 /// <reference lib="dom" />
 
 import type { DeliverFrame, KeyRecord, RecipientResult, StatusFrame, WelcomeFrame } from './codec.js'
-import type { InboxRecord, MessageStore, OverflowRecord, StatusRecord } from './store.js'
+import type { ContactRecord, InboxRecord, MessageStore, OverflowRecord, StatusRecord } from './store.js'
 
 export { MessageStore, deliveryStates, missedStatuses } from './store.js'
 
@@ -25,6 +25,42 @@ export function defaultUrl (wsPort?: number, location?: { protocol: string, host
 export class RelayError extends Error {
   constructor (code: number, message: string)
   readonly code: number
+}
+
+/** A send refused because a recipient's identity key is not the pinned one: nothing was sent to anyone. */
+export class KeyChanged extends Error {
+  constructor (changes: readonly KeyChange[])
+  /** The first changed recipient, and the fingerprints of its pinned key and of the one the directory shows. */
+  readonly mailbox: string
+  readonly pinnedFingerprint: string
+  readonly newFingerprint: string
+  /** Every recipient whose key changed (each now has a pending key in contacts(); acceptKey() trusts it). */
+  readonly changes: readonly KeyChange[]
+}
+
+/** One recipient of a KeyChanged: fingerprints (six groups of five digits) of the pinned and the current key. */
+export interface KeyChange { mailbox: string, pinned: string, current: string }
+
+/** A send refused because these recipients published no key: nothing sent; `{plaintext: true}` sends in the clear. */
+export class NoRecipientKey extends Error {
+  constructor (mailboxes: readonly string[])
+  readonly mailboxes: readonly string[]
+}
+
+/** A send refused because the directory served a record that does not verify for its mailbox: nothing sent. */
+export class InvalidKeyRecord extends Error {
+  constructor (mailbox: string)
+  readonly mailbox: string
+}
+
+/** A contact as contacts() gives it: the record kept, with its fingerprint and the safety number to compare. */
+export interface Contact extends ContactRecord {
+  fingerprint: string
+  /** null before the first WELCOME (this mailbox is not known yet). */
+  safety_number: string | null
+  /** Of the changed key the directory shows, until acceptKey(); null when none. */
+  pending_fingerprint: string | null
+  pending_safety_number: string | null
 }
 
 /**
@@ -75,6 +111,10 @@ export interface RelayClientOptions {
   agent?: string
   /** Ask for delivery statuses on every send unless sendMessage says otherwise (default true). */
   notify?: boolean
+  /** End-to-end encryption (default true): publish this device's key on connect, seal sends, open envelopes. */
+  e2e?: boolean
+  /** Pad sealed bodies to a multiple of this many bytes (default 256; 1: only the 0x80 byte). */
+  padBlock?: number
   /** First reconnect delay, before jitter (default 250). */
   minBackoffMs?: number
   /** Longest reconnect delay, before jitter (default 15000). */
@@ -95,6 +135,11 @@ export interface SendOptions {
    * recipient's device saved it, "expired" if it expired first). Default: the client's `notify`.
    */
   notify?: boolean
+  /**
+   * Send this message unencrypted, to everyone (no key lookup): needed for a recipient without a
+   * published key (else NoRecipientKey). The relay can read it; it is saved as "plaintext".
+   */
+  plaintext?: boolean
 }
 
 /** Each event's `detail`, by event name. */
@@ -115,6 +160,10 @@ export interface RelayClientEventMap {
   drained: { pending: number }
   /** ERROR frames from the broker (`close`: the broker closes the connection) and local failures (code 0 or 1xxx, close false). */
   error: { code: number, message: string, close: boolean }
+  /** A contact's record after it changed: pinned on first use, a changed key seen (pending_ik), or accepted. */
+  contact: ContactRecord
+  /** This device's key record was published (KEY_PUT accepted), on every connect and after rotateKey(). */
+  keys: { kid: string }
 }
 
 export type RelayClientEvent<K extends keyof RelayClientEventMap> = CustomEvent<RelayClientEventMap[K]>
@@ -128,6 +177,9 @@ export class RelayClient extends EventTarget {
   agent: string
   /** The default of sendMessage's `notify`. */
   notify: boolean
+  /** Whether sends are sealed and envelopes opened (set before start()). */
+  readonly e2e: boolean
+  padBlock: number
   minBackoffMs: number
   maxBackoffMs: number
   beforeAck: ((msg: DeliverFrame) => Promise<void> | void) | null
@@ -158,9 +210,11 @@ export class RelayClient extends EventTarget {
   /** Close the socket as if the network dropped (the client reconnects). For tests and demos. */
   dropConnection (): void
   /**
-   * Send `body` to one mailbox or several. Resolves with the broker's receipt; while disconnected
-   * the send waits and goes out (same id) on reconnect. Rejects with LocalProtocolError, storing
-   * and sending nothing, if the frame is not valid.
+   * Send `body` to one mailbox or several, end-to-end encrypted unless `plaintext` (or the client's
+   * `e2e` is off). Resolves with the broker's receipt; while disconnected the send waits and goes out
+   * (same id) on reconnect. Rejects, storing and sending nothing, with LocalProtocolError if the frame
+   * is not valid, KeyChanged (a recipient's key is not the pinned one), NoRecipientKey (a recipient
+   * published none) or InvalidKeyRecord (the directory served a record that does not verify).
    */
   sendMessage (to: string | readonly string[], body: string | Uint8Array, options?: SendOptions): Promise<Receipt>
   /** ACK one id or several; whether it went out (a lost ACK is harmless). */
@@ -182,6 +236,14 @@ export class RelayClient extends EventTarget {
    * failed (no ACK then: the broker delivers it again).
    */
   processRelayMessage (msg: DeliverFrame): Promise<ReceivedMessage | null>
+  /** Pin `mailbox`'s pending (changed) key, so sends to it go out again; rejects if it has none. */
+  acceptKey (mailbox: string): Promise<ContactRecord>
+  /** A new encryption key (same identity key: contacts see no change), published at once if connected; its kid. */
+  rotateKey (): Promise<string>
+  /** This device's fingerprint for this mailbox; null before the first WELCOME. */
+  fingerprint (): Promise<string | null>
+  /** Every contact, by mailbox, with fingerprints and safety numbers. */
+  contacts (): Promise<Contact[]>
   /** Relay statistics (operator token only; rejects with RelayError FORBIDDEN otherwise). */
   /**
    * KEY_PUT: publish this mailbox's key record. Resolves with `{kid}` when stored, `{kid, code}` when refused

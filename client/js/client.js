@@ -36,6 +36,32 @@
 // ACKed again and not announced again. A status may arrive before the receipt of its message,
 // or for a message this browser never sent: it is saved (and ACKed) all the same.
 //
+// End-to-end encryption (docs/e2e.md), on by default (`e2e`). The device's keys (an Ed25519
+// identity key, an X25519 encryption key with its kid, retired encryption keys) are made once,
+// by e2e.js, as non-extractable CryptoKeys, and kept in IndexedDB (without a store: in memory,
+// for the client's lifetime, so contacts see a key change after a reload). On every connect the
+// first frame after WELCOME is KEY_PUT with this mailbox's signed key record: every other frame
+// written meanwhile (resends, ACKs, a KEY_GET) waits until it is out. Retired encryption keys are
+// deleted WELCOME's max_ttl_s after they were retired (nothing can still be queued under them).
+//
+// A send looks the recipients' records up (one KEY_GET for those not looked up on this
+// connection yet), checks each record's signature for its mailbox, and compares its identity
+// key with the contact's pinned one: none pinned -> pinned now (trust on first use); another ->
+// the contact gets it as `pending_ik` and the send is refused (KeyChanged) until acceptKey();
+// no record -> refused (NoRecipientKey) unless the send says `plaintext`. Refusals store and
+// send nothing, to anyone. The envelope (seal) is stored with the outbox entry, so a resend
+// after a reconnect or reload sends the same bytes.
+//
+// A DELIVER is opened before it is saved, in the order of docs/e2e.md "Opening": a body without
+// the magic is "plaintext"; an envelope is checked for shape, sender and id, and for this
+// mailbox among its recipients (from its header, before any lookup), then against the sender's
+// pinned identity key (none -> the directory's record, verified and pinned; the sender's key
+// changed -> the directory is asked whether it shows that key, which then becomes the contact's
+// pending key), then opened. One that does not open is saved all the same, with an empty body,
+// security "failed" and the reason, and ACKed: it is never shown as text from its sender. A
+// lookup that could not be made (the connection went) saves nothing and ACKs nothing: the
+// broker delivers the message again.
+//
 // The connection is re-opened with exponential backoff and full jitter, except after an
 // error that a retry cannot fix (bad or expired token, another tab took the mailbox over).
 //
@@ -50,8 +76,14 @@
 //             or {seq, state: "overflow", count, first_seq, at} (how many statuses the broker folded)
 //   drained   {pending}
 //   error     {code, message, close} for ERROR frames and local failures
+//   contact   a contact record after it changed: pinned (first use), a changed key seen (pending_ik), accepted
+//   keys      {kid} after this device's key record was published (key_put accepted)
 
 import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame, packFrames } from './codec.js'
+import {
+  E2EError, fingerprint, generateEncryptionKey, generateIdentity, isEnvelope, makeKeyRecord, openEnvelope, peek, safetyNumber,
+  seal, verifyKeyRecord
+} from './e2e.js'
 
 export { MessageStore, deliveryStates, missedStatuses } from './store.js'
 
@@ -82,6 +114,42 @@ export class RelayError extends Error {
   }
 }
 
+/** A send refused because a recipient's identity key is not the one pinned: nothing was sent to anyone. */
+export class KeyChanged extends Error {
+  /** `changes`: [{mailbox, pinned, current}] fingerprints of the pinned key and of the one the directory shows now. */
+  constructor (changes) {
+    const first = changes[0]
+    super(`the key of ${first.mailbox} has changed (pinned ${first.pinned}, now ${first.current}): ` +
+      'compare the new safety number, then acceptKey() to send to it')
+    this.name = 'KeyChanged'
+    this.mailbox = first.mailbox
+    this.pinnedFingerprint = first.pinned
+    this.newFingerprint = first.current
+    this.changes = changes
+  }
+}
+
+/** A send refused because recipients have published no key: nothing sent; `{plaintext: true}` sends in the clear. */
+export class NoRecipientKey extends Error {
+  constructor (mailboxes) {
+    super(`no published key for ${mailboxes.join(', ')}: not sent (send it with {plaintext: true} to send it unencrypted)`)
+    this.name = 'NoRecipientKey'
+    this.mailboxes = mailboxes
+  }
+}
+
+/** A send refused because the directory served a key record whose signature does not verify for its mailbox. */
+export class InvalidKeyRecord extends Error {
+  constructor (mailbox) {
+    super(`the relay served a key record for ${mailbox} that does not verify: not sent`)
+    this.name = 'InvalidKeyRecord'
+    this.mailbox = mailbox
+  }
+}
+
+const equalBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i])
+const EMPTY = new Uint8Array(0)
+
 export class RelayClient extends EventTarget {
   /**
    * @param {object} options
@@ -91,15 +159,19 @@ export class RelayClient extends EventTarget {
    * @param {number} [options.minBackoffMs=250]  first reconnect delay (before jitter)
    * @param {number} [options.maxBackoffMs=15000]
    * @param {boolean} [options.notify=true]  ask for delivery statuses on every send (sendMessage can override it)
+   * @param {boolean} [options.e2e=true]  end-to-end encryption: publish this device's key, seal sends, open envelopes
+   * @param {number} [options.padBlock=256]  pad sealed bodies to a multiple of this many bytes (1: no padding)
    * @param {(msg) => Promise<void>} [options.beforeAck]  awaited between save and ACK (tests use it)
    */
-  constructor ({ url, token, store = null, agent = 'relay-js', notify = true, minBackoffMs = 250, maxBackoffMs = 15000, beforeAck = null, WebSocketImpl = globalThis.WebSocket }) {
+  constructor ({ url, token, store = null, agent = 'relay-js', notify = true, e2e = true, padBlock = 256, minBackoffMs = 250, maxBackoffMs = 15000, beforeAck = null, WebSocketImpl = globalThis.WebSocket }) {
     super()
     this.url = url
     this.token = token
     this.store = store
     this.agent = agent
     this.notify = notify
+    this.e2e = e2e
+    this.padBlock = padBlock
     this.minBackoffMs = minBackoffMs
     this.maxBackoffMs = maxBackoffMs
     this.beforeAck = beforeAck
@@ -123,6 +195,15 @@ export class RelayClient extends EventTarget {
     this._keyGetWaiters = [] // resolved by KEY_GET_RESULTs, in order
     this._pullWaiters = [] // resolved by DRAINED frames after the PULL was sent
     this._connectDrainExpected = false
+    // End-to-end encryption state (see the theory of operation).
+    this._keysLoaded = null // a promise: the device's keys and the contacts, from the store or made anew
+    this._identity = null // {privateKey, public}
+    this._encKeys = new Map() // kid -> {kid, privateKey, public, created_at, retired_at}: what openEnvelope takes
+    this._contacts = new Map() // mailbox -> {mailbox, ik, pinned_at, pending_ik, pending_at}
+    this._records = new Map() // `${mailbox} ${kid}` -> this device's signed key record
+    this._directory = new Map() // mailbox -> Promise<{record, valid} | null>: what this connection's KEY_GETs found
+    this._held = null // frames written after WELCOME while the KEY_PUT is being made (null: none held)
+    this._openWaiters = [] // sends waiting for a connection to look keys up on
   }
 
   // ---------------------------------------------------------------- lifecycle
@@ -131,6 +212,7 @@ export class RelayClient extends EventTarget {
   async start () {
     if (!this._stopped) return
     this._stopped = false
+    if (this.e2e) await this._loadKeys()
     if (this.store) {
       for (const entry of await this.store.unconfirmed()) {
         // Nobody awaits these promises; a refusal is reported as an `error` event instead.
@@ -148,7 +230,12 @@ export class RelayClient extends EventTarget {
     this._flush() // what is queued, then BYE, before the close
     if (this._ws) this._ws.close(1000)
     this._teardown()
+    this._rejectOpenWaiters(new RelayError(0, 'client closed'))
     this._setState('closed')
+  }
+
+  _rejectOpenWaiters (err) {
+    for (const w of this._openWaiters.splice(0)) w.reject(err)
   }
 
   _setState (state, extra = {}) {
@@ -191,6 +278,7 @@ export class RelayClient extends EventTarget {
     this._ws = null
     this.welcome = null
     this._outgoing = [] // unsent frames of a connection that is gone (sends go out again on WELCOME)
+    this._held = null
     const lost = new RelayError(0, 'connection lost')
     for (const w of this._statsWaiters.splice(0)) w.reject(lost)
     for (const w of this._cleanupWaiters.splice(0)) w.reject(lost)
@@ -219,11 +307,20 @@ export class RelayClient extends EventTarget {
 
   // ---------------------------------------------------------------- wire
 
-  /** Queue a frame for the end of this turn; false if there is no open socket. Throws LocalProtocolError. */
+  /**
+   * Queue a frame for the end of this turn; false if there is no open socket. Throws LocalProtocolError.
+   * While the KEY_PUT after WELCOME is being made, every other frame is held (in order) until it is out.
+   */
   _write (frame) {
     const ws = this._ws
     if (!ws || ws.readyState !== 1) return false
-    this._outgoing.push(encodeFrame(frame))
+    const encoded = encodeFrame(frame)
+    if (this._held !== null && frame.type !== 'key_put') {
+      this._held.push(encoded)
+      this._lastSent = Date.now()
+      return true
+    }
+    this._outgoing.push(encoded)
     if (!this._flushQueued) {
       this._flushQueued = true
       queueMicrotask(this._flushSoon)
@@ -286,8 +383,14 @@ export class RelayClient extends EventTarget {
     this._pingTimer = setInterval(() => {
       if (Date.now() - this._lastSent >= idleMs) this._write({ type: 'ping' })
     }, Math.max(250, idleMs / 2))
+    this._directory.clear() // keys are looked up again on every connection
+    if (this.e2e && this.mailbox !== null) {
+      this._held = []
+      this._publishKey(this._ws)
+    }
     this._setState('open')
     this.dispatchEvent(new CustomEvent('welcome', { detail: frame }))
+    for (const w of this._openWaiters.splice(0)) w.resolve()
     for (const [id, pending] of [...this._sends]) {
       try {
         this._write(pending.frame)
@@ -334,6 +437,7 @@ export class RelayClient extends EventTarget {
     }
     if (FATAL.has(frame.code)) {
       this._stopped = true // retrying cannot help; start() again with a new token
+      this._rejectOpenWaiters(new RelayError(frame.code, frame.message))
     }
   }
 
@@ -366,16 +470,27 @@ export class RelayClient extends EventTarget {
    * Rejects with LocalProtocolError, storing and sending nothing, if the frame is not valid
    * (e.g. an id that is not a message id, no recipient, a recipient longer than 64 code points).
    */
-  async sendMessage (to, body, { ttl, id = newMessageId(), notify = this.notify } = {}) {
+  async sendMessage (to, body, { ttl, id = newMessageId(), notify = this.notify, plaintext = false } = {}) {
     const entry = {
       id,
       to: Array.isArray(to) ? [...to] : [to],
       body: typeof body === 'string' ? new TextEncoder().encode(body) : body,
-      notify: notify === true
+      notify: notify === true,
+      security: 'plaintext'
     }
     if (ttl !== undefined) entry.ttl_s = ttl
     if (this._sends.has(id)) return this._sends.get(id).promise
-    encodeFrame(this._sendFrame(entry)) // throws LocalProtocolError before anything is stored
+    encodeFrame(this._sendFrame(entry)) // throws LocalProtocolError before anything is looked up or stored
+    if (this.e2e && !plaintext) {
+      const recipients = [...new Set(entry.to)]
+      const records = await this._recipientRecords(recipients) // throws KeyChanged, NoRecipientKey, InvalidKeyRecord
+      entry.sealed = await seal({
+        sender: this.mailbox, msgId: id, recipients: recipients.map((r, i) => [r, records[i]]), identity: this._identity, body: entry.body, padBlock: this.padBlock
+      })
+      entry.security = 'e2e'
+      if (this._sends.has(id)) return this._sends.get(id).promise // the same id sent meanwhile
+      encodeFrame(this._sendFrame(entry)) // the envelope may make it too large for a frame
+    }
     if (this.store) await this.store.saveOutgoing(entry)
     const promise = this._track(this._sendFrame(entry))
     if (this.state === 'open') this._write(this._sends.get(id).frame)
@@ -383,7 +498,7 @@ export class RelayClient extends EventTarget {
   }
 
   _sendFrame (entry) {
-    const frame = { type: 'send', id: entry.id, to: entry.to, body: entry.body }
+    const frame = { type: 'send', id: entry.id, to: entry.to, body: entry.sealed ?? entry.body }
     if (entry.ttl_s !== undefined) frame.ttl_s = entry.ttl_s
     if (entry.notify) frame.notify = true // absent means false: an entry saved by an older version asked for none
     return frame
@@ -448,9 +563,18 @@ export class RelayClient extends EventTarget {
    * (sender, id) is already stored is not announced again, but it is ACKed again.
    */
   async processRelayMessage (msg) {
+    let opened
+    try {
+      opened = await this._openMessage(msg)
+    } catch (err) {
+      // A lookup that could not be made (the connection went): nothing saved, no ACK; it comes again.
+      this._emitError({ code: 0, message: `could not open message ${msg.id}: ${err.message ?? err}`, close: false })
+      return null
+    }
+    const incoming = { ...msg, ...opened }
     let saved
     try {
-      saved = this.store ? await this.store.saveIncoming(msg) : { record: { ...msg, state: 'saved' }, isNew: true }
+      saved = this.store ? await this.store.saveIncoming(incoming) : { record: { ...incoming, state: 'saved' }, isNew: true }
     } catch (err) {
       this._emitError({ code: 0, message: `could not save message ${msg.id}: ${err}`, close: false })
       return null
@@ -468,6 +592,277 @@ export class RelayClient extends EventTarget {
       this._emitError({ code: 0, message: `ACK of ${msg.id} failed: ${err}`, close: false })
     }
     return saved.record
+  }
+
+  // ---------------------------------------------------------------- end-to-end encryption
+
+  /** The device's keys and contacts, from the store (made and kept there the first time), once. */
+  _loadKeys () {
+    this._keysLoaded ??= (async () => {
+      let keys = this.store ? await this.store.deviceKeys() : { identity: null, encryptionKeys: [] }
+      if (keys.identity === null) {
+        const [identity, ek] = await Promise.all([generateIdentity(), generateEncryptionKey()])
+        const now = Date.now()
+        keys = this.store
+          ? await this.store.initDeviceKeys(identity, ek, now)
+          : { identity, encryptionKeys: [{ ...ek, created_at: now, retired_at: null }] }
+      }
+      this._identity = keys.identity
+      this._encKeys = new Map(keys.encryptionKeys.map((k) => [k.kid, k]))
+      for (const contact of this.store ? await this.store.contacts() : []) this._contacts.set(contact.mailbox, contact)
+    })()
+    this._keysLoaded.catch(() => { this._keysLoaded = null }) // a failed load is tried again by the next start()
+    return this._keysLoaded
+  }
+
+  /** The current encryption key (the one not retired). */
+  _currentKey () {
+    for (const key of this._encKeys.values()) if (key.retired_at === null) return key
+    throw new Error('no current encryption key') // cannot happen: one is made with the identity, rotation replaces it
+  }
+
+  /** This device's signed key record for `mailbox` and its current encryption key (made once per kid). */
+  async _keyRecord (mailbox) {
+    const ek = this._currentKey()
+    const name = `${mailbox} ${ek.kid}`
+    if (!this._records.has(name)) this._records.set(name, await makeKeyRecord(mailbox, this._identity, ek))
+    return this._records.get(name)
+  }
+
+  /**
+   * After WELCOME on `ws`: forget encryption keys retired more than max_ttl_s ago, then KEY_PUT
+   * this device's record, then let out what was written meanwhile (held by _write).
+   */
+  async _publishKey (ws) {
+    try {
+      await this._deleteOldKeys()
+      const record = await this._keyRecord(this.mailbox)
+      if (this._ws !== ws) return // that connection is gone; the next WELCOME publishes again
+      this.putKey(record).then((result) => this._keyPublished(result), () => {}) // lost with the connection: put again on the next
+    } catch (err) {
+      this._emitError({ code: 0, message: `could not publish this device's key: ${err}`, close: false })
+    } finally {
+      if (this._ws === ws && this._held !== null) {
+        this._outgoing.push(...this._held)
+        this._held = null
+        this._flush()
+      }
+    }
+  }
+
+  _keyPublished (result) {
+    if (result.code !== undefined) {
+      this._emitError({ code: result.code, message: `the relay refused this device's key record ${result.kid} (${result.code})`, close: false })
+    } else {
+      this.dispatchEvent(new CustomEvent('keys', { detail: { kid: result.kid } }))
+    }
+  }
+
+  /** Called from WELCOME's handler: the keys are gone from memory before any DELIVER after it is opened. */
+  async _deleteOldKeys () {
+    const before = Date.now() - this.welcome.max_ttl_s * 1000
+    const old = [...this._encKeys.values()].filter((k) => k.retired_at !== null && k.retired_at < before)
+    if (old.length === 0) return
+    for (const key of old) this._encKeys.delete(key.kid)
+    if (this.store) await this.store.deleteRetiredKeys(before)
+  }
+
+  /**
+   * Resolves once connected (at once if connected); rejects if close() is called, or the broker
+   * refuses the token, first. Before start() it waits for start().
+   */
+  _whenOpen () {
+    if (this.state === 'open') return Promise.resolve()
+    return new Promise((resolve, reject) => this._openWaiters.push({ resolve, reject }))
+  }
+
+  /**
+   * The directory's records for `mailboxes` as this connection found them, each {record, valid}
+   * or null (none published); one getKeys for those not looked up yet on this connection. Rejects (RelayError) if the connection goes first.
+   */
+  async _lookup (mailboxes) {
+    const missing = [...new Set(mailboxes)].filter((m) => !this._directory.has(m))
+    if (missing.length > 0) {
+      const answer = this.getKeys(missing) // one KEY_GET per max_recipients mailboxes
+      for (const mailbox of missing) {
+        const found = answer.then(async (keys) => {
+          if (!Object.hasOwn(keys, mailbox)) return null
+          const record = keys[mailbox]
+          return { record, valid: await verifyKeyRecord(mailbox, record) }
+        })
+        found.catch(() => { if (this._directory.get(mailbox) === found) this._directory.delete(mailbox) })
+        this._directory.set(mailbox, found)
+      }
+    }
+    return Promise.all(mailboxes.map((m) => this._directory.get(m)))
+  }
+
+  /**
+   * The key record to seal to for each recipient, in order, checked as the theory of operation
+   * says; throws KeyChanged, NoRecipientKey or InvalidKeyRecord (nothing is sent then).
+   */
+  async _recipientRecords (recipients) {
+    let others
+    let records
+    for (;;) {
+      if (this.mailbox === null || recipients.some((r) => r !== this.mailbox && !this._directory.has(r))) await this._whenOpen()
+      others = recipients.filter((r) => r !== this.mailbox)
+      try {
+        records = await this._lookup(others)
+        break
+      } catch (err) {
+        if (!(err instanceof RelayError) || err.code !== 0) throw err
+        // The connection went during the lookup: look again on the next one (close() ends the wait).
+      }
+    }
+    const found = new Map(records.map((f, i) => [others[i], f]))
+    const missing = []
+    const changes = []
+    for (const r of others) {
+      const f = found.get(r)
+      if (f === null) {
+        missing.push(r)
+      } else if (!f.valid) {
+        throw new InvalidKeyRecord(r)
+      } else if (await this._observeKey(r, f.record.ik) === 'changed') {
+        const contact = this._contacts.get(r)
+        changes.push({ mailbox: r, pinned: await fingerprint(r, contact.ik), current: await fingerprint(r, f.record.ik) })
+      }
+    }
+    if (changes.length > 0) throw new KeyChanged(changes)
+    if (missing.length > 0) throw new NoRecipientKey(missing)
+    const own = recipients.includes(this.mailbox) ? await this._keyRecord(this.mailbox) : null
+    return recipients.map((r) => (r === this.mailbox ? own : found.get(r).record))
+  }
+
+  /**
+   * What the directory's identity key `ik` for `mailbox` means for its contact: "pinned" (none
+   * was: pinned now), "same" (the pinned one), or "changed" (kept as the contact's pending_ik).
+   */
+  async _observeKey (mailbox, ik) {
+    const contact = this._contacts.get(mailbox)
+    const now = Date.now()
+    let updated
+    let outcome
+    if (contact === undefined) {
+      updated = { mailbox, ik, pinned_at: now, pending_ik: null, pending_at: null }
+      outcome = 'pinned'
+    } else if (equalBytes(contact.ik, ik)) {
+      // The directory shows the pinned key (again): a pending one is no longer what it shows.
+      if (contact.pending_ik !== null) updated = { ...contact, pending_ik: null, pending_at: null }
+      outcome = 'same'
+    } else {
+      if (contact.pending_ik === null || !equalBytes(contact.pending_ik, ik)) updated = { ...contact, pending_ik: ik, pending_at: now }
+      outcome = 'changed'
+    }
+    if (updated !== undefined) await this._saveContact(updated)
+    return outcome
+  }
+
+  async _saveContact (contact) {
+    if (this.store) await this.store.saveContact(contact)
+    this._contacts.set(contact.mailbox, contact)
+    this.dispatchEvent(new CustomEvent('contact', { detail: contact }))
+  }
+
+  /**
+   * A DELIVER's body to keep and its security: {body, security: "plaintext"}, {body, security:
+   * "e2e"} or {body: empty, security: "failed", reason}. Rejects only when a lookup could not
+   * be made (then nothing is saved or ACKed).
+   */
+  async _openMessage (msg) {
+    if (!isEnvelope(msg.body)) return { body: msg.body, security: 'plaintext' }
+    const failed = (reason) => ({ body: EMPTY, security: 'failed', reason })
+    if (!this.e2e) return failed('unknown_key') // this client holds no keys
+    await this._loadKeys()
+    let header
+    try {
+      header = peek(msg.body)
+    } catch (err) {
+      if (err instanceof E2EError) return failed(err.reason)
+      throw err
+    }
+    if (header.from !== msg.from || header.id !== msg.id) return failed('mismatch')
+    if (!header.kids.has(this.mailbox)) return failed('not_for_me')
+    let senderIk = msg.from === this.mailbox ? this._identity.public : this._contacts.get(msg.from)?.ik
+    if (senderIk === undefined) {
+      const [found] = await this._lookup([msg.from])
+      if (found === null || !found.valid) return failed('no_sender_key')
+      await this._observeKey(msg.from, found.record.ik) // trust on first use
+      senderIk = found.record.ik
+    }
+    try {
+      const body = await openEnvelope(msg.body, { sender: msg.from, msgId: msg.id, me: this.mailbox, senderIk, myKeys: this._encKeys })
+      return { body, security: 'e2e' }
+    } catch (err) {
+      if (!(err instanceof E2EError)) throw err
+      if (err.reason === 'key_changed') await this._noticeKeyChange(msg.from, header.ik)
+      return failed(err.reason)
+    }
+  }
+
+  /** A message came signed by another identity key of `mailbox`: if the directory shows that key, it becomes pending. */
+  async _noticeKeyChange (mailbox, ik) {
+    this._directory.delete(mailbox) // what this connection found before may be from before the change
+    const [found] = await this._lookup([mailbox])
+    if (found !== null && found.valid && equalBytes(found.record.ik, ik)) await this._observeKey(mailbox, ik)
+  }
+
+  /**
+   * Trust `mailbox`'s changed identity key (its contact's pending_ik, the one the safety number
+   * in contacts() shows): it becomes the pinned key, and sends to it go out again. Resolves the
+   * contact; rejects if there is no changed key to accept.
+   */
+  async acceptKey (mailbox) {
+    await this._loadKeys()
+    const contact = this._contacts.get(mailbox)
+    if (contact === undefined || contact.pending_ik === null) throw new Error(`no changed key of ${mailbox} to accept`)
+    const accepted = { mailbox, ik: contact.pending_ik, pinned_at: Date.now(), pending_ik: null, pending_at: null }
+    await this._saveContact(accepted)
+    return accepted
+  }
+
+  /**
+   * A new encryption key (new kid, signed by the same identity key: contacts see no key change);
+   * the current one is retired, kept max_ttl_s to open what is still queued under it. Publishes
+   * the new record at once when connected (else on the next connect). Resolves the new kid.
+   */
+  async rotateKey () {
+    await this._loadKeys()
+    const ek = await generateEncryptionKey()
+    const now = Date.now()
+    if (this.store) await this.store.rotateEncryptionKey(ek, now)
+    for (const key of this._encKeys.values()) if (key.retired_at === null) key.retired_at = now
+    this._encKeys.set(ek.kid, { ...ek, created_at: now, retired_at: null })
+    if (this.state === 'open' && this.mailbox !== null) {
+      const result = await this.putKey(await this._keyRecord(this.mailbox))
+      this._keyPublished(result)
+    }
+    return ek.kid
+  }
+
+  /** This device's fingerprint (six groups of five digits), for this mailbox; null before the first WELCOME. */
+  async fingerprint () {
+    await this._loadKeys()
+    return this.mailbox === null ? null : fingerprint(this.mailbox, this._identity.public)
+  }
+
+  /**
+   * Every contact, by mailbox: {mailbox, ik, pinned_at, fingerprint, safety_number, pending_ik,
+   * pending_at, pending_fingerprint, pending_safety_number} (the pending ones null unless the
+   * directory showed another key: then sends to it are refused until acceptKey()).
+   */
+  async contacts () {
+    await this._loadKeys()
+    const me = this.mailbox
+    const list = [...this._contacts.values()].sort((a, b) => (a.mailbox < b.mailbox ? -1 : a.mailbox > b.mailbox ? 1 : 0))
+    return Promise.all(list.map(async (c) => ({
+      ...c,
+      fingerprint: await fingerprint(c.mailbox, c.ik),
+      safety_number: me === null ? null : await safetyNumber(me, this._identity.public, c.mailbox, c.ik),
+      pending_fingerprint: c.pending_ik === null ? null : await fingerprint(c.mailbox, c.pending_ik),
+      pending_safety_number: c.pending_ik === null || me === null ? null : await safetyNumber(me, this._identity.public, c.mailbox, c.pending_ik)
+    })))
   }
 
   /** Relay statistics (operator token only; rejects with FORBIDDEN otherwise). */

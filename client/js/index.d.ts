@@ -2,4 +2,7 @@
 export * from './client.js'
 export * from './codec.js'
 export * from './e2e.js'
-export type { DeliveryState, InboxRecord, OutboxEntry, OutgoingEntry, OpenOptions, OverflowRecord, StatusRecord } from './store.js'
+export type {
+  ContactRecord, DeliveryState, DeviceKeys, E2EReason, EncryptionKeyRecord, IdentityRecord, InboxRecord, OutboxEntry, OutgoingEntry,
+  OpenOptions, OverflowRecord, Security, StatusRecord
+} from './store.js'

@@ -27,6 +27,51 @@ export interface InboxRecord {
   received_at: number
   /** "saved" once in IndexedDB; "acked" once its ACK went out (the broker then deletes its copy). */
   state: 'saved' | 'acked'
+  /**
+   * "e2e": opened and verified, `body` is the decrypted text; "plaintext": not encrypted (nothing
+   * vouches for sender or content); "failed": an envelope that did not open, `body` empty.
+   */
+  security: Security
+  /** Why a "failed" one did not open (docs/e2e.md, "Opening"). */
+  reason?: E2EReason
+}
+
+/** How a message travelled: end-to-end encrypted, in the clear, or (received) an envelope that did not open. */
+export type Security = 'e2e' | 'plaintext' | 'failed'
+/** The reasons of docs/e2e.md "Opening" steps 2-8. */
+export type E2EReason = 'malformed' | 'mismatch' | 'not_for_me' | 'no_sender_key' | 'key_changed' | 'bad_signature' | 'unknown_key' | 'decrypt_failed'
+
+/** This device's identity key as kept: the private key a non-extractable Ed25519 CryptoKey. */
+export interface IdentityRecord {
+  privateKey: CryptoKey
+  public: Uint8Array
+  /** Unix epoch milliseconds. */
+  created_at: number
+}
+
+/** One of this device's encryption keys: the current one (retired_at null) or a retired one. */
+export interface EncryptionKeyRecord {
+  kid: string
+  /** Non-extractable X25519 CryptoKey. */
+  privateKey: CryptoKey
+  public: Uint8Array
+  created_at: number
+  /** Unix epoch milliseconds when it was retired (rotateEncryptionKey); null for the current key. */
+  retired_at: number | null
+}
+
+/** A contact's pinned identity key, and the changed one the directory shows (pending_ik) until accepted. */
+export interface ContactRecord {
+  mailbox: string
+  ik: Uint8Array
+  pinned_at: number
+  pending_ik: Uint8Array | null
+  pending_at: number | null
+}
+
+export interface DeviceKeys {
+  identity: IdentityRecord | null
+  encryptionKeys: EncryptionKeyRecord[]
 }
 
 /** An outgoing message as the client records it before sending it. */
@@ -37,6 +82,10 @@ export interface OutgoingEntry {
   ttl_s?: number
   /** Whether the SEND asked for delivery statuses (absent on entries saved before they existed: no). */
   notify?: boolean
+  /** "e2e" (then `sealed` is the envelope sent) or "plaintext" (the default). */
+  security?: 'e2e' | 'plaintext'
+  /** The envelope that goes on the wire, for an "e2e" entry (`body` is the text as written). */
+  sealed?: Uint8Array
 }
 
 /** What the relay said became of an outgoing message for one recipient (a "delivered" or "expired" STATUS). */
@@ -113,7 +162,7 @@ export class MessageStore {
   static open (mailbox: string, options?: OpenOptions): Promise<MessageStore>
   close (): void
   /** Save a delivered message unless this sender's message with this id is stored; rejects if IndexedDB fails. */
-  saveIncoming (msg: Omit<DeliverFrame, 'type'> & { type?: 'deliver' }): Promise<{ record: InboxRecord, isNew: boolean }>
+  saveIncoming (msg: Omit<DeliverFrame, 'type'> & { type?: 'deliver', security?: Security, reason?: E2EReason }): Promise<{ record: InboxRecord, isNew: boolean }>
   /** Mark (from, id) acknowledged; the updated record, or undefined if it is not stored. */
   markAcked (from: string, id: string): Promise<InboxRecord | undefined>
   /** Record an outgoing message before it is sent (so a reload can resend it). */
@@ -134,6 +183,18 @@ export class MessageStore {
   inbox (): Promise<InboxRecord[]>
   /** Every outbox entry, oldest first, each with the statuses saved about it. */
   outbox (): Promise<OutboxEntry[]>
+  /** This device's keys (identity null until initDeviceKeys). */
+  deviceKeys (): Promise<DeviceKeys>
+  /** Keep these keys unless an identity is already kept (then nothing changes); the keys now kept. */
+  initDeviceKeys (identity: { privateKey: CryptoKey, public: Uint8Array }, ek: { privateKey: CryptoKey, public: Uint8Array, kid: string }, now?: number): Promise<DeviceKeys>
+  /** Make `ek` the current encryption key, retiring the current one at `now`. */
+  rotateEncryptionKey (ek: { privateKey: CryptoKey, public: Uint8Array, kid: string }, now?: number): Promise<void>
+  /** Delete the encryption keys retired before `before` (Unix ms); their kids. */
+  deleteRetiredKeys (before: number): Promise<string[]>
+  /** Every contact, by mailbox. */
+  contacts (): Promise<ContactRecord[]>
+  /** Save (replace) a contact record. */
+  saveContact (contact: ContactRecord): Promise<void>
   /** Outbox entries the broker has not confirmed yet (no receipt of either kind); without `statuses`. */
   unconfirmed (): Promise<Omit<OutboxEntry, 'statuses'>[]>
 }

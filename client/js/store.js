@@ -1,10 +1,26 @@
 // The browser client's local message store: IndexedDB, one database per mailbox.
 //
-// Four object stores:
+// Seven object stores:
 //   inbox     keyed by [from, id]:
-//             {id, from, body: Uint8Array, sent_at, expires_at, attempt, received_at, state: "saved" | "acked"}
+//             {id, from, body: Uint8Array, sent_at, expires_at, attempt, received_at, state: "saved" | "acked",
+//              security: "e2e" | "plaintext" | "failed", reason?}
+//             `body` is what the user reads: the decrypted text of an end-to-end encrypted message
+//             ("e2e"), the body as delivered ("plaintext": not encrypted, so nothing vouches for its
+//             sender or content), or empty ("failed": an envelope that did not open, `reason` from
+//             docs/e2e.md "Opening": never to be shown as text from its sender).
 //   outbox    keyed by id (this mailbox is the sender of every entry):
-//             {id, to: [mailbox], body, ttl_s?, notify?, created_at, results: {mailbox: {status, code?}} | null, code?}
+//             {id, to: [mailbox], body, ttl_s?, notify?, created_at, results: {mailbox: {status, code?}} | null, code?,
+//              security: "e2e" | "plaintext", sealed?: Uint8Array}
+//             `body` is the text as written; `sealed` (for "e2e") the envelope that goes on the wire,
+//             so a resend after a reload sends the same envelope without sealing again.
+//   device    keyed by name: this device's identity key, one record named "identity":
+//             {name: "identity", privateKey: CryptoKey (Ed25519, non-extractable), public: Uint8Array(32), created_at}
+//   enc_keys  keyed by kid: this device's encryption keys, the current one (retired_at null) and
+//             retired ones kept to open messages still queued under them:
+//             {kid, privateKey: CryptoKey (X25519, non-extractable), public: Uint8Array(32), created_at, retired_at: number | null}
+//   contacts  keyed by mailbox: the identity key pinned for each contact (trust on first use), and
+//             the one the directory shows now if it differs (not trusted until the user accepts it):
+//             {mailbox, ik: Uint8Array(32), pinned_at, pending_ik: Uint8Array(32) | null, pending_at: number | null}
 //   statuses  keyed by [id, recipient]: what the relay said became of an outgoing message for
 //             one recipient (protocol.md, "Delivery status"):
 //             {id, recipient, state: "delivered" | "expired", at, seq, received_at}
@@ -33,13 +49,18 @@
 // its key. outbox() joins them: each entry comes with `statuses: {recipient: record}`, and
 // deliveryStates(entry) says, per recipient, the one state to show.
 //
+// Private keys are CryptoKeys made non-extractable by WebCrypto: IndexedDB keeps them by
+// structured clone, and neither this page nor anything else can read their bytes out.
+//
 // Versions. 1 keyed the inbox by id alone; 2 keys it by [from, id]; 3 adds statuses and
-// overflows. Opening an older database upgrades it in place (onupgradeneeded, one
-// versionchange transaction: all or nothing; if anything fails the database stays as it was).
+// overflows; 4 adds device, enc_keys and contacts, and every inbox and outbox record gets its
+// `security` (records from before 4 were all sent and received in the clear: "plaintext").
+// Opening an older database upgrades it in place (onupgradeneeded, one versionchange
+// transaction: all or nothing; if anything fails the database stays as it was).
 
 import { ERROR_CODES } from './codec.js'
 
-export const VERSION = 3
+export const VERSION = 4
 /** The inbox's key path: a message's identity for this client. */
 export const INBOX_KEY = Object.freeze(['from', 'id'])
 /** The statuses store's key path: one outgoing message, one recipient. */
@@ -77,6 +98,24 @@ function createOutbox (db) {
 function createStatusStores (db) {
   db.createObjectStore('statuses', { keyPath: [...STATUS_KEY] })
   db.createObjectStore('overflows', { keyPath: 'first_seq' })
+}
+
+/** Version 3 -> 4 (and part of creating a database): the key stores, empty. */
+function createKeyStores (db) {
+  db.createObjectStore('device', { keyPath: 'name' })
+  db.createObjectStore('enc_keys', { keyPath: 'kid' })
+  db.createObjectStore('contacts', { keyPath: 'mailbox' })
+}
+
+/** Version 3 -> 4: every record of `name` (inbox or outbox) was sent or received in the clear. */
+function markPlaintext (tx, name) {
+  const cursor = tx.objectStore(name).openCursor()
+  cursor.onsuccess = () => {
+    const c = cursor.result
+    if (c === null) return
+    if (c.value.security === undefined) c.update({ ...c.value, security: 'plaintext' })
+    c.continue()
+  }
 }
 
 /**
@@ -140,7 +179,9 @@ function migrateInboxFromV1 (db, tx) {
     const record = c.value
     // Every version-1 record came from a checked DELIVER, so `from` is a mailbox id; keep a
     // record from anywhere else rather than abort the upgrade over it.
-    inbox.put(typeof record.from === 'string' ? record : { ...record, from: '' })
+    const migrated = typeof record.from === 'string' ? { ...record } : { ...record, from: '' }
+    migrated.security = 'plaintext' // version 1 had no end-to-end encryption
+    inbox.put(migrated)
     c.continue()
   }
 }
@@ -170,9 +211,13 @@ export class MessageStore {
         createInbox(db)
         createOutbox(db)
       } else if (event.oldVersion < 2) {
-        migrateInboxFromV1(db, tx)
+        migrateInboxFromV1(db, tx) // marks what it moves as plaintext
+      } else if (event.oldVersion < 4) {
+        markPlaintext(tx, 'inbox')
       }
+      if (event.oldVersion >= 1 && event.oldVersion < 4) markPlaintext(tx, 'outbox')
       if (event.oldVersion < 3) createStatusStores(db)
+      if (event.oldVersion < 4) createKeyStores(db)
     }
     request.onblocked = () => onBlocked?.()
     const db = await promised(request)
@@ -186,8 +231,9 @@ export class MessageStore {
 
   /**
    * Save a delivered message unless this sender's message with this id is already stored,
-   * in one transaction. Resolves {record, isNew}; rejects if IndexedDB fails (then the
-   * caller must not ACK).
+   * in one transaction. `msg` is the DELIVER with the body to keep and its `security` (and
+   * `reason` when "failed"); without `security` the body is kept as delivered, "plaintext".
+   * Resolves {record, isNew}; rejects if IndexedDB fails (then the caller must not ACK).
    */
   async saveIncoming (msg) {
     const tx = this.db.transaction('inbox', 'readwrite')
@@ -203,8 +249,10 @@ export class MessageStore {
         expires_at: msg.expires_at,
         attempt: msg.attempt,
         received_at: Date.now(),
-        state: 'saved'
+        state: 'saved',
+        security: msg.security ?? 'plaintext'
       }
+      if (msg.reason !== undefined) record.reason = msg.reason
       inbox.put(record)
     }
     await done(tx)
@@ -221,10 +269,13 @@ export class MessageStore {
     return record === undefined ? undefined : { ...record, state: 'acked' }
   }
 
-  /** Record an outgoing message before it is sent (so a reload can resend it). */
+  /**
+   * Record an outgoing message before it is sent (so a reload can resend it): `security` "e2e"
+   * with its `sealed` envelope, or "plaintext" (the default).
+   */
   async saveOutgoing (entry) {
     const tx = this.db.transaction('outbox', 'readwrite')
-    tx.objectStore('outbox').put({ results: null, created_at: Date.now(), ...entry })
+    tx.objectStore('outbox').put({ results: null, created_at: Date.now(), security: 'plaintext', ...entry })
     await done(tx)
   }
 
@@ -302,6 +353,73 @@ export class MessageStore {
       setKey(byId.get(status.id), status.recipient, status)
     }
     return entries.map((entry) => ({ ...entry, statuses: byId.get(entry.id) ?? {} }))
+  }
+
+  // ---------------------------------------------------------------- keys
+
+  /**
+   * This device's keys: {identity: {privateKey, public, created_at} | null, encryptionKeys:
+   * [{kid, privateKey, public, created_at, retired_at}]} (the current one has retired_at null).
+   */
+  async deviceKeys () {
+    const tx = this.db.transaction(['device', 'enc_keys'])
+    const [identity, encryptionKeys] = await Promise.all([
+      promised(tx.objectStore('device').get('identity')),
+      promised(tx.objectStore('enc_keys').getAll())
+    ])
+    return { identity: identity ?? null, encryptionKeys }
+  }
+
+  /**
+   * Keep `identity` and `ek` (made by e2e.js, private keys non-extractable) as this device's
+   * keys unless it already has an identity (made meanwhile by another tab, say), in one
+   * transaction. Resolves deviceKeys() as they are now: the given keys, or the ones found.
+   */
+  async initDeviceKeys (identity, ek, now = Date.now()) {
+    const tx = this.db.transaction(['device', 'enc_keys'], 'readwrite')
+    const device = tx.objectStore('device')
+    const encKeys = tx.objectStore('enc_keys')
+    const existing = await promised(device.get('identity'))
+    if (existing === undefined) {
+      device.put({ name: 'identity', privateKey: identity.privateKey, public: identity.public, created_at: now })
+      encKeys.put({ kid: ek.kid, privateKey: ek.privateKey, public: ek.public, created_at: now, retired_at: null })
+    }
+    await done(tx)
+    return this.deviceKeys()
+  }
+
+  /** Make `ek` the current encryption key and retire the current one (at `now`), in one transaction. */
+  async rotateEncryptionKey (ek, now = Date.now()) {
+    const tx = this.db.transaction('enc_keys', 'readwrite')
+    const encKeys = tx.objectStore('enc_keys')
+    for (const key of await promised(encKeys.getAll())) {
+      if (key.retired_at === null) encKeys.put({ ...key, retired_at: now })
+    }
+    encKeys.put({ kid: ek.kid, privateKey: ek.privateKey, public: ek.public, created_at: now, retired_at: null })
+    await done(tx)
+  }
+
+  /** Delete the encryption keys retired before `before` (Unix ms); resolves their kids. */
+  async deleteRetiredKeys (before) {
+    const tx = this.db.transaction('enc_keys', 'readwrite')
+    const encKeys = tx.objectStore('enc_keys')
+    const gone = (await promised(encKeys.getAll())).filter((k) => k.retired_at !== null && k.retired_at < before)
+    for (const key of gone) encKeys.delete(key.kid)
+    await done(tx)
+    return gone.map((k) => k.kid)
+  }
+
+  /** Every contact (pinned identity keys, and pending changed ones), by mailbox. */
+  async contacts () {
+    const tx = this.db.transaction('contacts')
+    return promised(tx.objectStore('contacts').getAll())
+  }
+
+  /** Save a contact record ({mailbox, ik, pinned_at, pending_ik, pending_at}), replacing the one kept. */
+  async saveContact (contact) {
+    const tx = this.db.transaction('contacts', 'readwrite')
+    tx.objectStore('contacts').put(contact)
+    await done(tx)
   }
 
   /** Outbox entries the broker has not confirmed yet (no receipt of either kind). */

@@ -84,6 +84,14 @@ def open_page(context: Any, base: str, token: str, *, hold_acks: bool = False, h
     return page
 
 
+def send_with_form(page: Any, to: str, text: str, *, plaintext: bool = False) -> None:
+    """Send ``text`` to ``to`` with the compose form; ``plaintext`` ticks "Send unencrypted" (else unticks it)."""
+    page.fill("#to", to)
+    page.fill("#text", text)
+    page.set_checked("#plaintext", plaintext)
+    page.click("#send")
+
+
 def inbox(page: Any) -> list[dict[str, Any]]:
     """The page's IndexedDB inbox, bodies as text."""
     messages: list[dict[str, Any]] = page.evaluate(
@@ -109,10 +117,14 @@ def wait_open(page: Any) -> None:
 
 
 def chips(page: Any, selector: str = ".msg.out") -> list[list[dict[str, str]]]:
-    """For each message matching ``selector``, in page order: the text and tooltip of each of its chips."""
+    """For each message matching ``selector``, in page order: the text and tooltip of each of its chips.
+
+    Delivery and storage chips only: not the badge saying whether it was encrypted (``.chip.security``).
+    """
     found: list[list[dict[str, str]]] = page.eval_on_selector_all(
         selector,
-        "els => els.map(li => [...li.querySelectorAll('.chip')].map(c => ({text: c.textContent, title: c.title})))",
+        "els => els.map(li => [...li.querySelectorAll('.chip:not(.security)')]"
+        ".map(c => ({text: c.textContent, title: c.title})))",
     )
     return found
 

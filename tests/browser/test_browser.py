@@ -183,7 +183,9 @@ async def test_failed_save_sends_no_ack_and_the_message_comes_again(broker: Brok
     def after_failed_save(page: Any, message_id: str) -> None:
         """Wait for the failed save, then for a round trip: an ACK sent after it would be processed by now."""
         page.wait_for_function(f"window.relayTestHooks.saveAttempts[{message_id!r}] === 1", timeout=WAIT_MS)
-        page.evaluate("async () => await window.relay.client.sendMessage('gus-barrier', 'round trip')")
+        page.evaluate(
+            "async () => await window.relay.client.sendMessage('gus-barrier', 'round trip', {plaintext: true})"
+        )
 
     def scenario() -> None:
         with open_browser() as browser:
@@ -256,7 +258,7 @@ async def test_tcp_client_and_browser_exchange_messages_both_ways(broker: Broker
             from_trio(tcp_send)
             assert [m["body"] for m in wait_inbox(page, 1)] == ["hello browser"]
             receipt = page.evaluate(
-                "async () => await window.relay.client.sendMessage('native', 'hello tcp', {id: 'from-web'})"
+                "() => window.relay.client.sendMessage('native', 'hello tcp', {id: 'from-web', plaintext: true})"
             )
             assert receipt["results"]["native"]["status"] == "delivered"
             deliver = from_trio(tcp_receive)

@@ -18,15 +18,20 @@ from broker.server import Broker
 from wire import Ack, Deliver, Drained, Receipt, ReportState, Send, Status, StatusAck, StatusReport
 
 from ..broker.raw import RawClient
-from .helpers import WAIT_MS, base_url, chips, from_trio, open_browser, open_page, run_in_browser, wait_inbox, wait_open
+from .helpers import (
+    WAIT_MS,
+    base_url,
+    chips,
+    from_trio,
+    open_browser,
+    open_page,
+    run_in_browser,
+    send_with_form,
+    wait_inbox,
+    wait_open,
+)
 
 pytestmark = pytest.mark.browser
-
-
-def send_with_form(page: Any, to: str, text: str) -> None:
-    page.fill("#to", to)
-    page.fill("#text", text)
-    page.click("#send")
 
 
 def chip_texts(page: Any) -> list[list[str]]:
@@ -79,7 +84,7 @@ async def test_the_chip_goes_from_queued_to_delivered_when_the_other_tab_opens_a
         with open_browser() as browser:
             context = browser.new_context()
             alice = open_page(context, base, alice_token)
-            send_with_form(alice, "bob", "are you there?")
+            send_with_form(alice, "bob", "are you there?", plaintext=True)  # bob has no key yet
             wait_chips(alice, [["queued at relay for bob"]])
             bob = open_page(context, base, bob_token)
             wait_inbox(bob, 1)
@@ -109,7 +114,7 @@ async def test_alice_sends_to_offline_bob_closes_her_tab_bob_opens_his_alice_reo
         with open_browser() as browser:
             context = browser.new_context()  # one profile: IndexedDB and the recent tokens outlive a tab
             alice = open_page(context, base, alice_token)
-            send_with_form(alice, "bob", "see you tomorrow")
+            send_with_form(alice, "bob", "see you tomorrow", plaintext=True)  # bob has no key yet
             wait_chips(alice, [["queued at relay for bob"]])
             alice.close()
             wait_gone(broker, "alice")
@@ -143,7 +148,7 @@ async def test_a_group_message_says_how_many_of_its_recipients_have_it(broker: B
         with open_browser() as browser:
             context = browser.new_context()
             alice = open_page(context, base, tokens["alice"])
-            send_with_form(alice, "bob, carol, dave", "team meeting at ten")
+            send_with_form(alice, "bob, carol, dave", "team meeting at ten", plaintext=True)
             queued = ["queued at relay for bob", "queued at relay for carol", "queued at relay for dave"]
             wait_chips(alice, [["0 of 3 delivered", *queued]])
             for name in ("bob", "carol"):
@@ -166,7 +171,9 @@ async def test_a_message_that_expires_unread_says_expired(broker: Broker) -> Non
     def scenario() -> None:
         with open_browser() as browser:
             alice = open_page(browser.new_context(), base, alice_token)
-            alice.evaluate("async () => await window.relay.client.sendMessage(['erin', 'fay'], 'soon gone', {ttl: 1})")
+            alice.evaluate(
+                "() => window.relay.client.sendMessage(['erin', 'fay'], 'soon gone', {ttl: 1, plaintext: true})"
+            )
             wait_chips(alice, [["0 of 2 delivered", "queued at relay for erin", "queued at relay for fay"]])
             time.sleep(1.1)  # real time: the TTL passes
             assert from_trio(broker.cleanup) == 2  # what the sweeper does every hour
@@ -215,7 +222,9 @@ async def test_a_tcp_sender_hears_that_the_browser_saved_its_message_and_the_pag
             report = from_trio(tcp_status)
             assert (report.state, report.id, report.recipient) == (ReportState.DELIVERED, "from-tcp", "webby")
             # And the other way: the page sends, the TCP client saves (here: just ACKs) it.
-            page.evaluate("async () => await window.relay.client.sendMessage('native', 'hello tcp', {id: 'from-web'})")
+            page.evaluate(
+                "() => window.relay.client.sendMessage('native', 'hello tcp', {id: 'from-web', plaintext: true})"
+            )
             from_trio(tcp_receive_and_ack)
             wait_chips(page, [["delivered to native"]])
 

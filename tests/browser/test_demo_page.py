@@ -21,6 +21,7 @@ from .helpers import (
     open_browser,
     open_page,
     run_in_browser,
+    send_with_form,
     wait_inbox,
     wait_open,
 )
@@ -33,12 +34,6 @@ UNTIL_DELIVERED = 'when it has, this label says "delivered to {}"'
 def mailbox_shown(page: Any) -> str:
     name: str = page.inner_text("#mailbox-name")
     return name
-
-
-def send_with_form(page: Any, to: str, text: str) -> None:
-    page.fill("#to", to)
-    page.fill("#text", text)
-    page.click("#send")
 
 
 async def test_each_tab_keeps_its_own_mailbox_across_reloads(broker: Broker) -> None:
@@ -97,14 +92,20 @@ async def test_sent_labels_say_what_the_relay_knows_and_no_more(broker: Broker) 
             bob = open_page(context, base, bob_token, hold_acks=True)  # saves, never ACKs: no "delivered" yet
             send_with_form(alice, "bob", "to an open session")
             alice.wait_for_selector(".msg.out .chip.sent", timeout=WAIT_MS)
-            send_with_form(alice, "nobody-home", "to an offline mailbox")
+            send_with_form(alice, "nobody-home", "to an offline mailbox", plaintext=True)
             alice.wait_for_selector(".msg.out .chip.queued", timeout=WAIT_MS)
-            send_with_form(alice, "bob, not a name!", "one good, one bad")
+            send_with_form(alice, "bob, not a name!", "one good, one bad", plaintext=True)
             alice.wait_for_selector(".msg.out .chip.refused", timeout=WAIT_MS)
-            alice.evaluate("async () => await window.relay.client.sendMessage('nobody-home', 'again', {id: 'twice'})")
-            alice.evaluate("async () => await window.relay.client.sendMessage('nobody-home', 'again', {id: 'twice'})")
+            alice.evaluate(
+                "() => window.relay.client.sendMessage('nobody-home', 'again', {id: 'twice', plaintext: true})"
+            )
+            alice.evaluate(
+                "() => window.relay.client.sendMessage('nobody-home', 'again', {id: 'twice', plaintext: true})"
+            )
             alice.wait_for_selector(".msg.out .chip.duplicate", timeout=WAIT_MS)
-            alice.evaluate("async () => await window.relay.client.sendMessage('nobody-home', 'quiet', {notify: false})")
+            alice.evaluate(
+                "() => window.relay.client.sendMessage('nobody-home', 'quiet', {notify: false, plaintext: true})"
+            )
             alice.wait_for_function(
                 "document.querySelectorAll('.msg.out:last-child .chip.queued').length === 1", timeout=WAIT_MS
             )
@@ -146,12 +147,14 @@ async def test_a_send_refused_as_a_whole_is_shown_as_not_sent_to_anyone(broker_f
         def scenario() -> None:
             with open_browser() as browser:
                 alice = open_page(browser.new_context(), base, alice_token)
-                send_with_form(alice, "bob, carol, dave", "to too many")
+                send_with_form(alice, "bob, carol, dave", "to too many", plaintext=True)
                 alice.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
                 assert alice.inner_text("#notice") == (
                     "Not sent to anyone: the relay refused it, more than 2 recipients (3004)."
                 )
-                receipt = alice.evaluate("async () => await window.relay.client.sendMessage(['bob'], 'x'.repeat(800))")
+                receipt = alice.evaluate(
+                    "async () => await window.relay.client.sendMessage(['bob'], 'x'.repeat(800), {plaintext: true})"
+                )
                 assert set(receipt) == {"id", "code"} and receipt["code"] == 3007
                 alice.wait_for_function(
                     "document.querySelectorAll('.msg.out .chip.refused').length === 2", timeout=WAIT_MS

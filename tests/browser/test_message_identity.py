@@ -127,9 +127,9 @@ async def test_a_version_1_store_is_upgraded_in_place_and_keyed_by_sender_and_id
             setup.close()
             hank = open_page(context, base, hank_token)
             versions = hank.evaluate("async () => (await indexedDB.databases()).map(d => [d.name, d.version])")
-            assert versions == [["relay:hank", 3]]  # through version 2 (the inbox re-keyed) to 3 (statuses)
+            assert versions == [["relay:hank", 4]]  # through 2 (the inbox re-keyed) and 3 (statuses) to 4 (keys)
             stores = hank.evaluate("() => [...window.relay.store.db.objectStoreNames].sort()")
-            assert stores == ["inbox", "outbox", "overflows", "statuses"]
+            assert stores == ["contacts", "device", "enc_keys", "inbox", "outbox", "overflows", "statuses"]
             wait_true(
                 hank,
                 "async () => (await window.relay.store.inbox()).filter(m => m.state === 'acked').length === 3",
@@ -141,6 +141,7 @@ async def test_a_version_1_store_is_upgraded_in_place_and_keyed_by_sender_and_id
                 ("alice", "m-3", "saved, not acked", 1, "saved"),
                 ("carol", "z-1", "new from carol", 1, "acked"),
             ]
+            assert {m["security"] for m in inbox(hank)} == {"plaintext"}, "old rows, and carol's: in the clear"
             outbox = hank.evaluate("async () => (await window.relay.store.outbox()).map(e => [e.id, e.results])")
             assert outbox[0] == ["o-1", {"alice": {"status": "queued"}}]
             # The unconfirmed send went out again on connect, with its id.

@@ -101,7 +101,8 @@ def page_saves(page: Any) -> list[str]:
 BURST_SCRIPT = """
 async ([token, count, waitMs]) => {
   const { RelayClient } = await import('/js/client.js')
-  const client = new RelayClient({ url: window.relay.client.url, token })  // no store: every send goes out at once
+  // No store: every send goes out at once; no e2e: exactly HELLO, the SENDs and BYE (no KEY_PUT, no KEY_GET).
+  const client = new RelayClient({ url: window.relay.client.url, token, e2e: false })
   const errors = []
   client.addEventListener('error', (e) => errors.push(`${e.detail.code} ${e.detail.message}`))
   await new Promise((resolve) => { client.addEventListener('welcome', resolve, { once: true }); client.start() })

@@ -282,9 +282,12 @@ async def test_demo_page_and_js_modules_are_served(http: httpx.AsyncClient) -> N
     assert r.status_code == 200
     r = await http.get("/js/codec.js")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
-    r = await http.get("/js/node_modules/cborg/cborg.js")
-    assert r.status_code == 200
-    for path in ("/js/package.json", "/js/../../broker/auth.py", "/js/%2e%2e/secret", "/js/test/codec.test.mjs"):
+    for module in ("cborg/cborg.js", "@hpke/core/esm/mod.js", "@hpke/common/esm/mod.js"):
+        r = await http.get(f"/js/node_modules/{module}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript"), module
+    refused = ("/js/package.json", "/js/../../broker/auth.py", "/js/%2e%2e/secret", "/js/test/codec.test.mjs")
+    outside = ("/js/node_modules/typescript/lib/typescript.js", "/js/node_modules/@hpke/core/package.json")
+    for path in refused + outside:
         assert (await http.get(path)).status_code == 404
 
 

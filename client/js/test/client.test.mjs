@@ -147,10 +147,14 @@ class MemoryStore {
   }
 }
 
-/** A client over fake sockets; `events` records every event's type and detail. */
+/**
+ * A client over fake sockets; `events` records every event's type and detail. End-to-end
+ * encryption is off here (these tests are about the protocol: framing, ACKs, resends, statuses);
+ * test/client-e2e.test.mjs tests the client with it on, as it is by default.
+ */
 function makeClient (t, options = {}) {
   const ws = fakeWebSocket()
-  const client = new RelayClient({ url: 'ws://relay.test/relay', token: TOKEN, WebSocketImpl: ws.FakeWebSocket, ...options })
+  const client = new RelayClient({ url: 'ws://relay.test/relay', token: TOKEN, WebSocketImpl: ws.FakeWebSocket, e2e: false, ...options })
   const events = []
   for (const name of ['state', 'welcome', 'message', 'acked', 'receipt', 'status', 'drained', 'error']) {
     client.addEventListener(name, (e) => events.push([name, e.detail]))

@@ -34,6 +34,12 @@ const V1_OUTBOX = [
   { id: 'o-2', to: ['carol', 'x y'], body: body('unconfirmed'), ttl_s: 60, created_at: 250, results: null }
 ]
 
+/** Records from before version 4, as it keeps them: each was sent or received in the clear. */
+const plaintext = (records) => records.map((r) => ({ ...r, security: 'plaintext' }))
+const V4_INBOX = plaintext(V1_INBOX)
+const V4_OUTBOX = plaintext(V1_OUTBOX)
+const ALL_STORES = ['contacts', 'device', 'enc_keys', 'inbox', 'outbox', 'overflows', 'statuses']
+
 /** The outbox entries as outbox() returns them: with the statuses saved about each (none here). */
 const withStatuses = (entries, statuses = {}) => entries.map((e) => ({ ...e, statuses: statuses[e.id] ?? {} }))
 
@@ -89,13 +95,13 @@ test('a version-1 database is upgraded in place: every record kept, the inbox ke
   ;(await createV1Database(indexedDB, 'bob')).close()
   const store = await openStore(t, 'bob', { indexedDB })
   assert.equal(store.db.version, VERSION)
-  assert.deepEqual([...store.db.objectStoreNames].sort(), ['inbox', 'outbox', 'overflows', 'statuses'])
+  assert.deepEqual([...store.db.objectStoreNames].sort(), ALL_STORES)
   const tx = store.db.transaction(['inbox', 'outbox'])
   assert.deepEqual(tx.objectStore('inbox').keyPath, [...INBOX_KEY])
   assert.deepEqual([...tx.objectStore('inbox').indexNames], ['received_at'])
   assert.equal(tx.objectStore('outbox').keyPath, 'id')
-  assert.deepEqual(await store.inbox(), V1_INBOX, 'every inbox record, unchanged, oldest first')
-  assert.deepEqual(await store.outbox(), withStatuses(V1_OUTBOX), 'every outbox record, unchanged')
+  assert.deepEqual(await store.inbox(), V4_INBOX, 'every inbox record, oldest first, marked plaintext')
+  assert.deepEqual(await store.outbox(), withStatuses(V4_OUTBOX), 'every outbox record, marked plaintext')
   assert.deepEqual((await store.unconfirmed()).map((e) => e.id), ['o-2'])
 
   // The migrated records behave like new ones.
@@ -112,8 +118,8 @@ test('an upgraded database opens again unchanged', LIMIT, async (t) => {
   ;(await createV1Database(indexedDB, 'bob')).close()
   ;(await MessageStore.open('bob', { indexedDB })).close()
   const store = await openStore(t, 'bob', { indexedDB })
-  assert.deepEqual(await store.inbox(), V1_INBOX)
-  assert.deepEqual(await store.outbox(), withStatuses(V1_OUTBOX))
+  assert.deepEqual(await store.inbox(), V4_INBOX)
+  assert.deepEqual(await store.outbox(), withStatuses(V4_OUTBOX))
 })
 
 test('the upgrade waits for a tab holding version 1 open, and says so through onBlocked', LIMIT, async (t) => {
@@ -128,7 +134,7 @@ test('the upgrade waits for a tab holding version 1 open, and says so through on
   oldTab.close()
   const store = await opening
   t.after(() => store.close())
-  assert.deepEqual(await store.inbox(), V1_INBOX)
+  assert.deepEqual(await store.inbox(), V4_INBOX)
 })
 
 test('an open store closes itself when a newer version is opened elsewhere', LIMIT, async (t) => {
@@ -195,12 +201,12 @@ test('a version-2 database is upgraded in place: every record kept, the status s
   ;(await createV2Database(indexedDB, 'bob')).close()
   const store = await openStore(t, 'bob', { indexedDB })
   assert.equal(store.db.version, VERSION)
-  assert.deepEqual([...store.db.objectStoreNames].sort(), ['inbox', 'outbox', 'overflows', 'statuses'])
+  assert.deepEqual([...store.db.objectStoreNames].sort(), ALL_STORES)
   const tx = store.db.transaction(['statuses', 'overflows'])
   assert.deepEqual(tx.objectStore('statuses').keyPath, [...STATUS_KEY])
   assert.equal(tx.objectStore('overflows').keyPath, 'first_seq')
-  assert.deepEqual(await store.inbox(), [V1_INBOX[0]])
-  assert.deepEqual(await store.outbox(), withStatuses(V1_OUTBOX))
+  assert.deepEqual(await store.inbox(), [V4_INBOX[0]])
+  assert.deepEqual(await store.outbox(), withStatuses(V4_OUTBOX))
   assert.deepEqual(await store.overflows(), [])
   // An entry from before statuses existed gets them like any other.
   assert.equal((await store.saveStatus(status(7, 'o-1', 'alice'))).isNew, true)
@@ -272,4 +278,118 @@ test('deliveryStates: one state per recipient from the receipt and the statuses'
   assert.deepEqual(deliveryStates(entry({ code: 3004 })), { bob: 'refused', carol: 'refused' })
   assert.deepEqual(deliveryStates({ ...entry({ results: { bob: { status: 'queued' } } }), statuses: undefined }), { bob: 'queued' }, 'an entry read without statuses')
   assert.deepEqual(Object.keys(deliveryStates(entry({ to: ['__proto__'] }))), ['__proto__'])
+})
+
+// ---------------------------------------------------------------- end-to-end encryption (version 4)
+
+/** A database `relay:<mailbox>` as version 3 of store.js made it, with one record in each store. */
+async function createV3Database (indexedDB, mailbox) {
+  const req = indexedDB.open(`relay:${mailbox}`, 3)
+  req.onupgradeneeded = () => {
+    const db = req.result
+    db.createObjectStore('inbox', { keyPath: ['from', 'id'] }).createIndex('received_at', 'received_at')
+    db.createObjectStore('outbox', { keyPath: 'id' }).createIndex('created_at', 'created_at')
+    db.createObjectStore('statuses', { keyPath: ['id', 'recipient'] })
+    db.createObjectStore('overflows', { keyPath: 'first_seq' })
+  }
+  const db = await request(req)
+  const tx = db.transaction(['inbox', 'outbox', 'statuses'], 'readwrite')
+  for (const r of V1_INBOX) tx.objectStore('inbox').put(r)
+  for (const r of V1_OUTBOX) tx.objectStore('outbox').put(r)
+  tx.objectStore('statuses').put({ id: 'o-1', recipient: 'alice', state: 'delivered', at: 5000, seq: 7, received_at: 6000 })
+  await new Promise((resolve, reject) => { tx.oncomplete = resolve; tx.onerror = () => reject(tx.error) })
+  return db
+}
+
+/** Keys as e2e.js makes them: non-extractable private CryptoKeys beside their raw public bytes. */
+async function newKeys () {
+  const subtle = globalThis.crypto.subtle
+  const ed = await subtle.generateKey({ name: 'Ed25519' }, false, ['sign', 'verify'])
+  const x = await subtle.generateKey({ name: 'X25519' }, false, ['deriveBits'])
+  const raw = async (key) => new Uint8Array(await subtle.exportKey('raw', key))
+  return {
+    identity: { privateKey: ed.privateKey, public: await raw(ed.publicKey) },
+    ek: { privateKey: x.privateKey, public: await raw(x.publicKey), kid: `kid-${Math.random().toString(16).slice(2, 10)}` }
+  }
+}
+
+test('a version-3 database is upgraded in place: every record kept and marked plaintext, the key stores added empty', LIMIT, async (t) => {
+  const indexedDB = new IDBFactory()
+  ;(await createV3Database(indexedDB, 'bob')).close()
+  const store = await openStore(t, 'bob', { indexedDB })
+  assert.equal(store.db.version, VERSION)
+  assert.equal(VERSION, 4)
+  assert.deepEqual([...store.db.objectStoreNames].sort(), ALL_STORES)
+  const tx = store.db.transaction(['device', 'enc_keys', 'contacts'])
+  assert.equal(tx.objectStore('device').keyPath, 'name')
+  assert.equal(tx.objectStore('enc_keys').keyPath, 'kid')
+  assert.equal(tx.objectStore('contacts').keyPath, 'mailbox')
+  assert.deepEqual(await store.inbox(), V4_INBOX)
+  const outbox = await store.outbox()
+  assert.deepEqual(outbox.map((e) => [e.id, e.security]), [['o-1', 'plaintext'], ['o-2', 'plaintext']])
+  assert.deepEqual(deliveryStates(outbox[0]), { alice: 'delivered' }, 'the statuses are kept')
+  assert.deepEqual(await store.deviceKeys(), { identity: null, encryptionKeys: [] })
+  assert.deepEqual(await store.contacts(), [])
+})
+
+test('each message keeps its security: e2e, plaintext, or failed with its reason and an empty body', LIMIT, async (t) => {
+  const store = await openStore(t)
+  await store.saveIncoming({ ...deliver('m-1', 'alice', 'opened'), security: 'e2e' })
+  await store.saveIncoming({ ...deliver('m-2', 'alice'), body: new Uint8Array(0), security: 'failed', reason: 'bad_signature' })
+  await store.saveIncoming(deliver('m-3', 'carol', 'in the clear'))
+  assert.deepEqual((await store.inbox()).map((m) => [m.id, text(m.body), m.security, m.reason]), [
+    ['m-1', 'opened', 'e2e', undefined], ['m-2', '', 'failed', 'bad_signature'], ['m-3', 'in the clear', 'plaintext', undefined]
+  ])
+  await store.saveOutgoing({ id: 'o-1', to: ['bob'], body: body('hi'), security: 'e2e', sealed: body('RE2E...') })
+  await store.saveOutgoing({ id: 'o-2', to: ['bob'], body: body('hi') })
+  assert.deepEqual((await store.outbox()).map((e) => [e.id, e.security, e.sealed && text(e.sealed)]), [['o-1', 'e2e', 'RE2E...'], ['o-2', 'plaintext', undefined]])
+})
+
+test('device keys: kept once (a second init finds the first), non-extractable CryptoKeys that still work after a reopen', LIMIT, async (t) => {
+  const indexedDB = new IDBFactory()
+  const store = await MessageStore.open('bob', { indexedDB })
+  const first = await newKeys()
+  const kept = await store.initDeviceKeys(first.identity, first.ek, 1000)
+  assert.deepEqual(kept.identity.public, first.identity.public)
+  assert.deepEqual(kept.encryptionKeys.map((k) => [k.kid, k.created_at, k.retired_at]), [[first.ek.kid, 1000, null]])
+  const second = await newKeys()
+  const again = await store.initDeviceKeys(second.identity, second.ek, 2000) // another tab, at the same time
+  assert.deepEqual(again.identity.public, first.identity.public, 'the first identity stays')
+  assert.deepEqual(again.encryptionKeys.map((k) => k.kid), [first.ek.kid])
+  store.close()
+
+  const reopened = await openStore(t, 'bob', { indexedDB })
+  const { identity, encryptionKeys: [ek] } = await reopened.deviceKeys()
+  assert.equal(identity.privateKey.extractable, false)
+  assert.equal(ek.privateKey.extractable, false)
+  const subtle = globalThis.crypto.subtle
+  const sig = await subtle.sign('Ed25519', identity.privateKey, body('signed'))
+  const pub = await subtle.importKey('raw', identity.public, 'Ed25519', false, ['verify'])
+  assert.equal(await subtle.verify('Ed25519', pub, sig, body('signed')), true, 'the stored private key signs')
+  await assert.rejects(subtle.exportKey('pkcs8', identity.privateKey), 'and cannot be read out')
+})
+
+test('rotation retires the current encryption key; retired keys are deleted once retired before a given time', LIMIT, async (t) => {
+  const store = await openStore(t)
+  const { identity, ek } = await newKeys()
+  await store.initDeviceKeys(identity, ek, 1000)
+  const second = (await newKeys()).ek
+  await store.rotateEncryptionKey(second, 5000)
+  const third = (await newKeys()).ek
+  await store.rotateEncryptionKey(third, 9000)
+  const state = async () => (await store.deviceKeys()).encryptionKeys.map((k) => [k.kid, k.retired_at]).sort()
+  assert.deepEqual(await state(), [[ek.kid, 5000], [second.kid, 9000], [third.kid, null]].sort())
+  assert.deepEqual(await store.deleteRetiredKeys(5000), [], 'retired at 5000 is not before 5000')
+  assert.deepEqual(await store.deleteRetiredKeys(9001), [ek.kid, second.kid].sort())
+  assert.deepEqual(await state(), [[third.kid, null]])
+})
+
+test('contacts are kept by mailbox, a save replacing the record', LIMIT, async (t) => {
+  const store = await openStore(t)
+  const ik = new Uint8Array(32).fill(1)
+  const other = new Uint8Array(32).fill(2)
+  await store.saveContact({ mailbox: 'carol', ik, pinned_at: 10, pending_ik: null, pending_at: null })
+  await store.saveContact({ mailbox: 'alice', ik, pinned_at: 20, pending_ik: null, pending_at: null })
+  await store.saveContact({ mailbox: 'carol', ik, pinned_at: 10, pending_ik: other, pending_at: 30 })
+  assert.deepEqual((await store.contacts()).map((c) => [c.mailbox, c.pinned_at, c.pending_ik?.[0] ?? null]), [['alice', 20, null], ['carol', 10, 2]])
 })
