@@ -119,6 +119,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run each pair count twice, back to back: without, then with delivery statuses (SEND notify, "
         "statuses STATUS_ACKed by the senders), and report the ratio",
     )
+    p.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also run each pair count with end-to-end encryption, right after the plaintext run (every message "
+        "sealed by its sender and opened and verified by its recipient), and report the ratio and the cost per message",
+    )
 
     p = sub.add_parser("offline", parents=[common], help="queue K messages for an offline mailbox, then time the drain")
     p.add_argument("--messages", type=_positive_int, default=100_000, help="messages to queue (default 100000)")

@@ -13,7 +13,7 @@ import argparse
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -89,6 +89,9 @@ def _cpu_figures(
     bench_pct = _pct(bench_cpu_s, span_s)
     host_pct = None if host_cpu_s is None else _pct(host_cpu_s / cores, span_s)
     out[f"{prefix}bench_cpu_pct"] = bench_pct
+    out[f"{prefix}bench_us_per_msg"] = (
+        None if bench_cpu_s is None or not messages else round(bench_cpu_s / messages * 1e6, 2)
+    )
     out[f"{prefix}host_cpu_pct"] = host_pct
     out[f"{prefix}other_cpu_pct"] = _other_cpu(_pct(watched, span_s), bench_pct, host_pct)
     return out
@@ -270,13 +273,15 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         "depth": opts.depth,
         "window": opts.window,
         "notify": opts.notify,
+        "e2e": opts.e2e,
     }
     report = Report("throughput", config)
     counts: dict[str, int] = {}
     networked = False
-    # With --notify each pair count runs twice, back to back: without statuses, then with them.
-    runs = [(pairs, notify) for pairs in pair_counts for notify in ((False, True) if opts.notify else (False,))]
-    for pairs, notify in runs:
+    # Each pair count runs plaintext first, then, back to back, with statuses (--notify) and end to end (--e2e).
+    variants = [(False, False)] + [(True, False)] * opts.notify + [(False, True)] * opts.e2e
+    runs = [(pairs, notify, e2e) for pairs in pair_counts for notify, e2e in variants]
+    for pairs, notify, e2e in runs:
         p = _prefix()
         specs = _pair_specs(
             opts,
@@ -290,8 +295,9 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
             window=opts.window,
             warmup_s=opts.warmup,
             notify=notify,
+            e2e=e2e,
         )
-        label = f"{pairs} pair(s){' with notify' if notify else ''}"
+        label = f"{pairs} pair(s){' with notify' if notify else ''}{' end to end' if e2e else ''}"
         before = trio.run(target.stats)
         trips0 = trio.run(target.round_trips)
         result = run_load(
@@ -304,7 +310,7 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         rate = _delivered_between(result, specs[0].bin_s, opts.warmup, opts.duration) / window_s
         cpu, bench_cpu, host_cpu = result.cpu_between(opts.warmup, opts.duration)
         span = result.sample_span(opts.warmup, opts.duration)
-        k = f"pairs_{pairs}_notify" if notify else f"pairs_{pairs}"
+        k = f"pairs_{pairs}" + ("_notify" if notify else "") + ("_e2e" if e2e else "")
         report.add(
             **{
                 f"{k}_delivered_msg_s": round(rate, 1),
@@ -317,7 +323,11 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         )
         if notify:
             _notify_figures(report, target, pairs, result, before, delivered, rate)
-        if round_trips and not notify:  # a networked store (Redis): its round trips per delivered-and-ACKed message
+        if e2e:
+            _compare_with_plaintext(report, pairs, k, rate)
+        if round_trips and not (
+            notify or e2e
+        ):  # a networked store (Redis): its round trips per delivered-and-ACKed message
             networked = True
             report.target(f"{k}_store_round_trips_per_msg", "<=", 0.2, f"{pairs} pair(s): at most 0.2 round trips/msg")
         for key, v in _counts(result).items():
@@ -357,6 +367,14 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
             "SEND with notify, each status taken and STATUS_ACKed by its sender); pairs_N_notify_rate_ratio is "
             "the second's throughput over the first's, pairs_N_notify_extra_* what statuses add per delivered message"
         )
+    if opts.e2e:
+        report.note(
+            "--e2e: each pair count also ran end to end encrypted, right after its plaintext run (every client "
+            "publishing its key, every message sealed by its sender and opened and verified by its recipient: "
+            "docs/e2e.md); pairs_N_e2e_rate_ratio is its throughput over the plaintext run's, "
+            "pairs_N_e2e_extra_bench_us_per_msg the clients' extra CPU per delivered message (sealing and opening "
+            "happen in the clients), pairs_N_e2e_extra_broker_us_per_msg the broker's (larger bodies)"
+        )
     return report
 
 
@@ -384,7 +402,20 @@ def _notify_figures(
     plain = report.figures.get(f"pairs_{pairs}_delivered_msg_s")
     if plain:
         report.add(**{f"{k}_rate_ratio": round(rate / plain, 3)})
-    for what in ("broker_us_per_msg", "store_round_trips_per_msg"):
+    _extra_costs(report, pairs, k, ("broker_us_per_msg", "store_round_trips_per_msg"))
+
+
+def _compare_with_plaintext(report: Report, pairs: int, k: str, rate: float) -> None:
+    """The figures of an end-to-end run against the same pair count's plaintext run (which ran just before)."""
+    plain = report.figures.get(f"pairs_{pairs}_delivered_msg_s")
+    if plain:
+        report.add(**{f"{k}_rate_ratio": round(rate / plain, 3)})
+    _extra_costs(report, pairs, k, ("broker_us_per_msg", "bench_us_per_msg"))
+
+
+def _extra_costs(report: Report, pairs: int, k: str, whats: Sequence[str]) -> None:
+    """``{k}_extra_{what}``: what run ``k`` costs per delivered message beyond the plaintext run of ``pairs``."""
+    for what in whats:
         a, b = report.figures.get(f"pairs_{pairs}_{what}"), report.figures.get(f"{k}_{what}")
         if a is not None and b is not None:
             report.add(**{f"{k}_extra_{what}": round(b - a, 4)})

@@ -17,6 +17,10 @@ deliveries in batches and ACK each batch at once. Senders connect to ``url`` and
 With ``notify`` every SEND asks for delivery statuses, and each sender takes its statuses in
 batches and STATUS_ACKs each batch at once (one status per delivered-and-ACKed message);
 without it every SEND says ``notify=False`` (the client's default is True).
+With ``e2e`` every client is opened with end-to-end encryption (it publishes its key on connect;
+senders seal each message to their recipients' keys, receivers open and verify each one: docs/e2e.md);
+without it every client says ``e2e=False`` (the client's default is on), so the plaintext figures
+measure the broker alone.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class WorkerSpec:
     connect_concurrency: int = 64
     notify: bool = False
     """SENDs ask for delivery statuses; senders take and STATUS_ACK them."""
+    e2e: bool = False
+    """Clients encrypt end to end (``open_client(e2e=True)``); otherwise they send and take plaintext."""
 
 
 class Shared:
@@ -171,8 +177,8 @@ class _Worker:
             # Closing the clients says BYE after writing the queued ACKs.
 
     def _open(self, open_client: Any, url: str, mailbox: str) -> Any:
-        # e2e=False: the bench measures the relay with plaintext bodies, as it always has.
-        return open_client(url, self.token(mailbox), reconnect=False, agent="relay-bench", e2e=False)
+        # e2e off unless --e2e: the plaintext figures measure the relay itself.
+        return open_client(url, self.token(mailbox), reconnect=False, agent="relay-bench", e2e=self.spec.e2e)
 
     async def _watch_stop(self, scope: trio.CancelScope) -> None:
         while not self.shared.stop.value:
@@ -298,6 +304,8 @@ class _Worker:
             if redelivered:
                 self.counts["redelivered"] += redelivered
             self.counts["delivered"] += len(batch)
+            if self.spec.e2e:  # opened and verified end to end (not "plaintext" nor "failed")
+                self.counts["opened_e2e"] += sum(1 for d in batch if d.security == "e2e")
             bins[(now - start_ns) // bin_ns] += len(batch)
             shared.delivered[i] += len(batch)
 

@@ -96,6 +96,23 @@ def test_throughput_with_notify_runs_without_then_with_statuses_and_every_status
     assert {t["figure"] for t in report["targets"]} == set(), "the targets are for 1 and 100 pairs without statuses"
 
 
+def test_throughput_with_e2e_runs_plaintext_then_end_to_end_and_every_message_is_opened_and_verified(
+    tmp_path: Path,
+) -> None:
+    report = run(tmp_path, "throughput", "--pairs", "2", "--duration", "1", "--warmup", "0.2", "--batch", "32", "--e2e")
+    f, c = report["figures"], report["counts"]
+    assert "pairs_2_opened_e2e" not in c, "the first run is plaintext"
+    delivered = c["pairs_2_e2e_delivered"]
+    assert c["pairs_2_e2e_accepted"] == delivered > 0
+    assert c["pairs_2_e2e_opened_e2e"] == delivered, "every message sealed, opened and verified"
+    assert f["pairs_2_e2e_acked_confirmed"] == delivered
+    assert f["pairs_2_e2e_rate_ratio"] > 0
+    assert f["pairs_2_e2e_extra_bench_us_per_msg"] is not None
+    assert f["pairs_2_e2e_extra_broker_us_per_msg"] is not None
+    assert report["config"]["e2e"] is True
+    assert {t["figure"] for t in report["targets"]} == set(), "the targets are for 1 and 100 pairs in plaintext"
+
+
 def test_a_small_window_pauses_and_resumes_the_senders(tmp_path: Path) -> None:
     """With --window far below what the senders keep in flight, the gate must close and open again and again."""
     report = run(
