@@ -64,6 +64,8 @@ export class LocalProtocolError extends ProtocolError {}
 export function isValidMailboxId (value: unknown): value is string
 /** A message id: 1-64 printable ASCII characters (0x21-0x7E). */
 export function isValidMessageId (value: unknown): value is string
+/** A key record's shape (protocol.md 6): ik and ek 32 bytes, kid a message id, sig 64 bytes. */
+export function isKeyRecord (value: unknown): value is KeyRecord
 
 // ------------------------------------------------------------------ frames
 

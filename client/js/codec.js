@@ -455,6 +455,21 @@ function keyRecord (v, name) {
   return out
 }
 
+/**
+ * Whether `record` is a key record as the codec returns one: an object whose ik, kid, ek and sig pass the same
+ * field rules as a decoded KEY_PUT's or KEY_GET_RESULT's (e2e.js's verifyKeyRecord checks with this, not a copy).
+ */
+export function isKeyRecord (record) {
+  if (record === null || typeof record !== 'object') return false
+  try {
+    for (const [key, check] of KEY_RECORD_FIELDS) check(record[key], key)
+  } catch (err) {
+    if (err instanceof FieldError) return false
+    throw err
+  }
+  return true
+}
+
 /** KEY_GET_RESULT keys: mailbox id -> key record (may be empty). */
 function keyRecords (v, name) {
   if (!(v instanceof CborMap)) throw new FieldError(`${name} must be a map`)

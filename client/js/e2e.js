@@ -19,7 +19,7 @@
 // deterministic encoding, map keys in insertion order.
 
 import { Aes128Gcm, CipherSuite, DhkemX25519HkdfSha256, HkdfSha256 } from '@hpke/core'
-import { decodeDeterministic, encodeDeterministic, isValidMessageId } from './codec.js'
+import { decodeDeterministic, encodeDeterministic, isKeyRecord } from './codec.js'
 
 const MAGIC = new Uint8Array([0x52, 0x45, 0x32, 0x45])
 /** Every envelope body starts with these 4 bytes ("RE2E"); any other body is a plaintext message (a copy: changing it changes nothing). */
@@ -118,9 +118,8 @@ export async function makeKeyRecord (mailbox, identity, ek) {
 
 /** Whether `record` has the key-record shape and its `sig` is `ik`'s signature of it for `mailbox`. */
 export async function verifyKeyRecord (mailbox, record) {
-  if (typeof mailbox !== 'string' || record === null || typeof record !== 'object') return false
+  if (typeof mailbox !== 'string' || !isKeyRecord(record)) return false
   const { ik, kid, ek, sig } = record
-  if (!isBytes(ik, 32) || !isBytes(ek, 32) || !isBytes(sig, 64) || !isValidMessageId(kid)) return false
   return verify(ik, sig, keyStatement(mailbox, kid, ek))
 }
 

@@ -20,6 +20,7 @@ import {
   encodeBody,
   encodeFrame,
   isValidMailboxId,
+  isKeyRecord,
   isValidMessageId,
   packFrames
 } from '../codec.js'
@@ -221,6 +222,19 @@ test('id syntax', () => {
   assert.ok(isValidMessageId('~'.repeat(64)))
   assert.ok(!isValidMessageId('m 1'))
   assert.ok(!isValidMessageId('m1\n'))
+})
+
+test('isKeyRecord applies the decoder\'s key-record rules to an object', () => {
+  const record = { ik: new Uint8Array(32), kid: 'k1', ek: new Uint8Array(32), sig: new Uint8Array(64) }
+  const decoded = decodeBody(encodeBody({ type: 'key_put', key: record }))
+  assert.ok(isKeyRecord(record) && isKeyRecord(decoded.key))
+  for (const bad of [
+    { ...record, ik: new Uint8Array(31) }, { ...record, ek: new Uint8Array(33) }, { ...record, sig: new Uint8Array(63) },
+    { ...record, kid: '' }, { ...record, kid: 'a b' }, { ...record, kid: 7 }, { ...record, ik: [...record.ik] },
+    { ik: record.ik, kid: 'k1', ek: record.ek }, null, 'record', 7
+  ]) {
+    assert.ok(!isKeyRecord(bad), JSON.stringify(bad))
+  }
 })
 
 test('ERROR_CODES names and numbers are those of protocol.md', () => {
