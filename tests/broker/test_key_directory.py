@@ -235,11 +235,10 @@ async def test_operators_may_neither_put_nor_get(broker: Broker, transport: str)
 
 
 async def test_a_record_expires_key_ttl_s_after_its_latest_put(
-    tmp_path: Path, store_kind: str, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Memory store under MockClock (in-memory streams, no sockets): the broker's clock decides."""
-    if store_kind != "memory":
-        pytest.skip("MockClock needs the memory store; Redis: test_a_record_lapses_by_redis_key_expiry")
+    """Memory store under MockClock (in-memory streams, no sockets): the broker's clock decides. On Redis the
+    record's key expiry does: test_a_record_lapses_by_redis_key_expiry."""
     config = BrokerConfig(data_dir=tmp_path, keepalive_s=400 * DAY_S, key_ttl_s=90 * DAY_S)
     broker = Broker(config, clock=trio_clock_ms, store=MemoryStore(config.store_limits))
     first, second = new_record("alice"), new_record("alice")
@@ -260,9 +259,9 @@ async def test_a_record_expires_key_ttl_s_after_its_latest_put(
         nursery.cancel_scope.cancel()
 
 
-async def test_a_record_lapses_by_redis_key_expiry(broker_factory: object, store_kind: str) -> None:
-    if store_kind == "memory":
-        pytest.skip("Redis key expiry (the memory store: test_a_record_expires_key_ttl_s_after_its_latest_put)")
+@pytest.mark.stores("redis", "redis-cluster")
+async def test_a_record_lapses_by_redis_key_expiry(broker_factory: object) -> None:
+    """Redis: the record's key expiry (the memory store: test_a_record_expires_key_ttl_s_after_its_latest_put)."""
     record = new_record("alice")
     with trio.fail_after(TIMEOUT):
         async with broker_factory(key_ttl_s=1) as broker:  # type: ignore[operator]
