@@ -1,19 +1,25 @@
 """End-to-end encryption in the demo page, in real Chromium, through a real broker (issue 13).
 
-Two tabs chat encrypted and show the same safety number; a Python client (wire/e2e.py over a
-raw protocol connection: KEY_PUT, KEY_GET, SEND, DELIVER, ACK) and the page seal and open each
-other's messages, both ways; a changed key is refused by the page until accepted, and a
-message signed by the old key is shown as not verified; a reload keeps the device's keys and
-the pins (IndexedDB); sending to a mailbox without a key needs the "Send unencrypted" box.
+Two tabs chat encrypted and show the same safety number, and so do the ``relay`` CLI and a page;
+a Python client (wire/e2e.py over a raw protocol connection: KEY_PUT, KEY_GET, SEND, DELIVER,
+ACK) and the page seal and open each other's messages, both ways; a changed key is refused by
+the page until accepted, and a message signed by the old key is shown as not verified; a reload
+keeps the device's keys and the pins (IndexedDB); sending to a mailbox without a key needs the
+"Send unencrypted" box.
 """
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from broker.server import Broker
+from client.cli import main as relay_cli
 from wire import Ack, Deliver, KeyGet, KeyGetResult, KeyPut, KeyPutResult, KeyRecord, Receipt, Send
 from wire.e2e import (
     EncryptionKey,
@@ -379,3 +385,57 @@ async def test_a_mailbox_without_a_key_needs_the_send_unencrypted_box(broker: Br
 
     await run_in_browser(scenario)
     await plain.aclose()
+
+
+async def test_the_relay_cli_and_a_page_chat_encrypted_and_show_the_same_safety_number(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The issue's "done when": the ``relay`` CLI (its local store, its keys) and a demo page, end to end encrypted
+    both ways through a real broker, each showing the other's key with the same safety number."""
+    base = base_url(broker)
+    cli = ["--url", f"tcp://127.0.0.1:{broker.tcp_port}", "--token", broker.auth.issue("cli"), "--store"]
+    cli.append(str(tmp_path / "cli.sqlite3"))
+    web_token = broker.auth.issue("webby")
+
+    def relay(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        status = relay_cli([*cli, *argv], stdin=io.BytesIO(b""), stdout=out, stderr=err)
+        return status, out.getvalue(), err.getvalue()
+
+    published = await trio.to_thread.run_sync(relay, "listen", "--drain")  # the CLI's device publishes its key
+    assert published[0] == 0, published
+
+    def scenario() -> None:
+        with open_browser() as browser:
+            page = open_page(browser.new_context(), base, web_token)
+            status, out, err = relay("send", "--to", "webby", "--id", "c1", "hello from the cli")
+            assert (status, err, json.loads(out)["id"]) == (0, "", "c1")
+            (saved,) = wait_inbox(page, 1)
+            assert (saved["from"], saved["body"], saved["security"]) == ("cli", "hello from the cli", "e2e")
+            assert wait_badges(page, ".msg.in", 1) == [("encrypted", "hello from the cli")]
+
+            send_with_form(page, "cli", "hello from the page")
+            wait_true(page, "async () => (await window.relay.store.outbox())[0].results !== null", "a receipt")
+            status, out, err = relay("listen", "--drain")
+            assert status == 0, err
+            lines = [json.loads(x) for x in out.splitlines()]  # the page's message, and c1's status (either first)
+            [line] = [x for x in lines if "status" not in x]
+            [status_line] = [x["status"] for x in lines if "status" in x]
+            assert (line["from"], line["body"], line["security"]) == ("webby", "hello from the page", "e2e")
+            assert (status_line["id"], status_line["state"]) == ("c1", "delivered")
+            chips = "[...document.querySelectorAll('.msg.out .chip')]"
+            delivered = f"{chips}.some(c => c.textContent === 'delivered to cli')"
+            wait_true(page, delivered, "the page hears the CLI saved and ACKed it")
+
+            status, out, _ = relay("keys", "--json")
+            keys = json.loads(out)
+            [contact] = keys["contacts"]
+            assert (status, contact["mailbox"], contact["changed"]) == (0, "webby", False)
+            assert contact["fingerprint"] == own_fingerprint(page)
+            shown = wait_contact(page, "cli")
+            assert shown["number"] == contact["safety_number"], "the page and the CLI show the same safety number"
+            assert not shown["changed"]
+            status, markdown, _ = relay("export")
+            assert status == 0 and "> hello from the page" in markdown.splitlines()
+
+    await run_in_browser(scenario)
