@@ -118,13 +118,21 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         broker = Broker(config)
         # SIGTERM (service managers, kill) and SIGINT (Ctrl-C) end the broker gracefully: cancelling
-        # serve() tells every session SHUTTING_DOWN and gives it shutdown_grace_s to flush.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # serve() tells every session SHUTTING_DOWN and gives it shutdown_grace_s to flush. SIGHUP reloads
+        # the TLS certificate and key (new handshakes get them; no connection is dropped).
+        log = logging.getLogger(__name__)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.serve)
                 _announce(config, broker)
                 async for signum in signals:
-                    logging.getLogger(__name__).info("%s: shutting down", signal.Signals(signum).name)
+                    if signum == signal.SIGHUP:
+                        try:
+                            broker.reload_tls()
+                        except ConfigError as exc:
+                            log.error("SIGHUP: %s; the certificate in use stays", exc)
+                        continue
+                    log.info("%s: shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
 
@@ -151,11 +159,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _announce(config: BrokerConfig, broker: Broker) -> None:
     """Tell the person who started the broker where it listens and what to do next."""
+    at = config.host
+
+    def urls(*pairs: tuple[str, int | None], path: str = "") -> str:
+        found = [f"{scheme}://{_hostport(at, port)}{path}" for scheme, port in pairs if port is not None]
+        return " ".join(found) or "off"
+
+    streams = urls(("tcp", broker.tcp_port), ("tls", broker.tls_port))
+    websockets = urls(("ws", broker.ws_port), ("wss", broker.wss_port), path="/relay")
+    api = urls(("http", broker.http_port), ("https", broker.https_port), path="/relay")
+    pages = urls(("http", broker.http_port), ("https", broker.https_port), path="/")
     print(
-        f"relay-broker listening on tcp://{config.host}:{broker.tcp_port}"
-        f" (store: {redacted(config.store)}, data dir: {config.data_dir})\n"
-        f"WebSocket ws://{config.host}:{broker.ws_port}/relay, HTTP API http://{config.host}:{broker.http_port}/relay\n"
-        f"demo page: http://{config.host}:{broker.http_port}/\n"
+        f"relay-broker listening on {streams} (store: {redacted(config.store)}, data dir: {config.data_dir})\n"
+        f"WebSocket {websockets}, HTTP API {api}\n"
+        f"demo page: {pages}\n"
         f"make a token with: relay-broker token <mailbox>",
         flush=True,
     )

@@ -46,6 +46,7 @@ __all__ = [
     "BROKER",
     "LARGEST_MAX_FRAME_BYTES",
     "LIMITS",
+    "LISTENERS",
     "STORE",
     "BrokerConfig",
     "ConfigError",
@@ -131,6 +132,22 @@ def _node_name(value: str | None) -> str | None:
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
+LISTENERS = ("tcp", "ws", "http", "tls", "wss", "https")
+"""Every listener the broker can serve, by the URL scheme a client uses for it."""
+TLS_LISTENERS = frozenset({"tls", "wss", "https"})
+
+
+def _listener_names(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "must name at least one listener"
+    for name in value:
+        if name not in LISTENERS:
+            return f"{name!r} is not a listener (one of {', '.join(LISTENERS)})"
+    if len(set(value)) != len(value):
+        return "names a listener twice"
+    return None
+
+
 def _origins(value: tuple[str, ...]) -> str | None:
     for origin in value:
         if not _ORIGIN.fullmatch(origin):
@@ -161,6 +178,24 @@ class BrokerConfig:
     """WebSocket port, path ``/relay`` (0 picks a free one)."""
     http_port: int = field(default=7780, metadata=_in(BROKER, _port))
     """HTTP API, OpenAPI description and demo page port (0 picks a free one)."""
+    listeners: tuple[str, ...] = field(default=("tcp", "ws", "http"), metadata=_in(BROKER, _listener_names))
+    """Which listeners to serve (comma-separated): tcp, ws, http, and over TLS tls, wss, https.
+
+    Each on its own port (``tcp_port``, ``ws_port``, ``http_port``, ``tls_port``, ``wss_port``,
+    ``https_port``); leave a plain one out to turn it off. The TLS ones need ``tls_cert_file`` and
+    ``tls_key_file``."""
+    tls_port: int = field(default=8700, metadata=_in(BROKER, _port))
+    """Frame byte stream over TLS port, ``tls://`` (0 picks a free one; served if listeners names tls)."""
+    wss_port: int = field(default=8781, metadata=_in(BROKER, _port))
+    """WebSocket over TLS port, ``wss://``, path ``/relay`` (0 picks a free one; served if listeners names wss)."""
+    https_port: int = field(default=8780, metadata=_in(BROKER, _port))
+    """HTTP API and demo page over TLS port (0 picks a free one; served if listeners names https)."""
+    tls_cert_file: Path | None = field(default=None, metadata=_in(BROKER))
+    """PEM file with the server certificate, then any intermediate certificates, for the TLS listeners.
+
+    Read at start and again on SIGHUP (new connections get the new certificate, open ones stay)."""
+    tls_key_file: Path | None = field(default=None, metadata=_in(BROKER))
+    """PEM file with the private key of ``tls_cert_file`` (unencrypted)."""
     allowed_origins: tuple[str, ...] = field(default=(), metadata=_in(BROKER, _origins, tidy=_without_trailing_slashes))
     """Browser origins allowed to open a WebSocket besides the HTTP listener's own (comma-separated).
 
@@ -230,6 +265,15 @@ class BrokerConfig:
             if value is not given:
                 object.__setattr__(self, setting.name, value)  # tidied (a list made a tuple, an int a float)
         _check_together(self)
+
+    @property
+    def tls_listeners(self) -> tuple[str, ...]:
+        """The listeners named in ``listeners`` that serve TLS (tls, wss, https), as listed."""
+        return tuple(name for name in self.listeners if name in TLS_LISTENERS)
+
+    def serves(self, listener: str) -> bool:
+        """Whether ``listeners`` names ``listener`` (tcp, ws, http, tls, wss or https)."""
+        return listener in self.listeners
 
     @property
     def store_limits(self) -> StoreLimits:
@@ -326,12 +370,16 @@ class BrokerConfig:
 
 def _check_together(config: BrokerConfig) -> None:
     """Raises ConfigError if two settings contradict each other."""
-    listeners: dict[int, str] = {}
-    for name in ("tcp_port", "ws_port", "http_port"):
+    ports: dict[int, str] = {}
+    for name in (f"{listener}_port" for listener in config.listeners):
         port = getattr(config, name)
-        if port and port in listeners:  # 0 picks a free port for each listener: never a clash
-            raise ConfigError(f"{listeners[port]} and {name} are both {port}: each listener needs its own port")
-        listeners[port] = name
+        if port and port in ports:  # 0 picks a free port for each listener: never a clash
+            raise ConfigError(f"{ports[port]} and {name} are both {port}: each listener needs its own port")
+        ports[port] = name
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        raise ConfigError("tls_cert_file and tls_key_file go together: set both or neither")
+    if config.tls_listeners and config.tls_cert_file is None:
+        raise ConfigError(f"listeners {', '.join(config.tls_listeners)} serve TLS: set tls_cert_file and tls_key_file")
     if config.max_outbound_bytes < 4 * config.max_frame_bytes:
         raise ConfigError("max_outbound_bytes must be at least 4 * max_frame_bytes (a delivery batch must fit)")
     if config.default_ttl_s > config.max_ttl_s:

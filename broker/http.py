@@ -70,6 +70,7 @@ import json
 import logging
 import os
 import re
+import ssl
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -118,6 +119,7 @@ from .presence import Presence
 from .router import Router, SendOutcome
 from .stats import Stats
 from .store.base import HeldStatus
+from .tls import ServerTLS
 
 __all__ = ["ApiError", "BrokerParts", "JS_DIR", "create_app", "serve_http"]
 
@@ -161,7 +163,9 @@ class BrokerParts:
     presence: Presence
     stats: Stats
     ws_port: int
-    """The WebSocket listener's port, for the demo page."""
+    """The WebSocket listener's port, for the demo page served over HTTP."""
+    wss_port: int | None = None
+    """The ``wss://`` listener's port, for the demo page served over HTTPS (its WebSocket must be TLS too)."""
 
 
 class ApiError(Exception):
@@ -715,11 +719,13 @@ def _status_fields(status: HeldStatus) -> dict[str, Any]:
     return fields
 
 
-def _index(ws_port: int) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+def _index(ws_port: int, wss_port: int | None) -> Callable[[Request], Coroutine[Any, Any, Response]]:
     async def index(request: Request) -> Response:
-        """The demo page, told where the WebSocket listener is (it runs on its own port)."""
+        """The demo page, told where the WebSocket listener is (it runs on its own port): over HTTPS the wss one,
+        since a page on https may only open wss:// (the page picks the scheme from its own)."""
+        port = wss_port if request.url.scheme == "https" and wss_port is not None else ws_port
         html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
-        html = html.replace("__RELAY_WS_PORT__", str(ws_port))
+        html = html.replace("__RELAY_WS_PORT__", str(port))
         return Response(html, media_type="text/html", headers={"Cache-Control": "no-cache"})
 
     return index
@@ -869,7 +875,7 @@ def create_app(parts: BrokerParts) -> Starlette:
         Route("/relay/cleanup", guard(api.cleanup), methods=["POST"]),
         Route("/openapi.json", guard(api.openapi), methods=["GET"]),
         # Not API: the demo page and its modules (kept out of the OpenAPI description).
-        Route("/", _index(parts.ws_port), methods=["GET"], include_in_schema=False),
+        Route("/", _index(parts.ws_port, parts.wss_port), methods=["GET"], include_in_schema=False),
         Route("/js/{path:path}", guard(_js), methods=["GET"], include_in_schema=False),
         Mount("/static", StaticFiles(packages=[("broker", "static")]), name="static"),
     ]
@@ -884,9 +890,13 @@ async def serve_http(
     parts: BrokerParts,
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
     *,
+    tls: ServerTLS | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the app with hypercorn on ``listeners`` until cancelled; report their port. Never returns normally.
+
+    With ``tls``, the listeners serve HTTPS: hypercorn does the TLS, over ``tls.https`` (the broker's certificate,
+    reloaded in place on SIGHUP), each handshake in its connection's task within ``handshake_timeout_s``.
 
     The listeners are bound by :func:`broker.listeners.open_listeners` (every listener is made
     there). Hypercorn serves an already-bound socket through its public ``fd://N`` bind: it
@@ -904,10 +914,11 @@ async def serve_http(
         raise TypeError("the HTTP API is served on socket listeners only (trio.SocketListener)")
     port = port_of(listeners)
     assert port is not None
-    config = Config()
+    config = Config() if tls is None else _tls_config(tls)
     config.accesslog = None
     config.errorlog = logging.getLogger("broker.http.hypercorn")
     config.graceful_timeout = parts.config.shutdown_grace_s
+    config.ssl_handshake_timeout = parts.config.handshake_timeout_s
     config.bind = [f"fd://{os.dup(sock.fileno())}" for sock in sockets]
     app: Any = create_app(parts)  # Starlette is an ASGI app; its signature is typed looser than hypercorn's
     async with trio.open_nursery() as nursery:
@@ -915,3 +926,17 @@ async def serve_http(
         binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
         log.info("listening on %s/", binds[0])
         task_status.started(port)
+
+
+def _tls_config(tls: ServerTLS) -> Any:
+    """A hypercorn Config whose TLS context is ``tls.https`` itself (hypercorn would otherwise build its own from the
+    files once, and a reload could not reach it)."""
+    from hypercorn.config import Config
+
+    class TLSConfig(Config):
+        def create_ssl_context(self) -> ssl.SSLContext:
+            return tls.https
+
+    config = TLSConfig()
+    config.certfile, config.keyfile = str(tls.cert_file), str(tls.key_file)  # what turns TLS on in hypercorn
+    return config

@@ -1,13 +1,17 @@
-"""The broker's listeners, created in one place: TCP, WebSocket and HTTP, or memory listeners in tests.
+"""The broker's listeners, made in one place: TCP, WebSocket and HTTP, plain or over TLS, or memory ones in tests.
 
-Theory of operation. :func:`open_listeners` binds the TCP and WebSocket ports named by the
-configuration and returns them as :class:`Listeners`, which the broker serves (TCP with
-``trio.serve_listeners``, WebSocket through :func:`broker.websocket.serve_websocket`, HTTP
-with hypercorn through its ``fd://`` bind). Every
-listener the broker accepts on is made here, so TLS later is one ``trio.SSLListener``
-wrap in :func:`open_listeners` and nothing else changes. Tests inject :class:`Listeners`
-of :class:`MemoryListener`\\ s instead, to run the real broker over
-``trio.testing.memory_stream_pair()`` for both TCP-style and WebSocket connections.
+Theory of operation. :func:`open_listeners` binds the ports of the listeners the configuration
+names (``listeners``: tcp, ws, http, tls, wss, https) and returns them as :class:`Listeners`,
+which the broker serves (frame byte streams, plain and TLS, with ``trio.serve_listeners``,
+WebSockets through :func:`broker.websocket.serve_websocket`, HTTP and HTTPS with hypercorn
+through its ``fd://`` bind). Every listener the broker accepts on is made here. The ``tls`` and
+``wss`` ones are ``trio.SSLListener``\\ s over the broker's :class:`broker.tls.ServerTLS` context:
+each connection's handshake is then done in its own task (:func:`broker.tls.accept_tls`), after
+which the rest of the broker sees the same streams as on the plain ports. The ``https`` ones stay
+socket listeners: hypercorn does their TLS itself, over the same certificate from the same
+``ServerTLS``. Tests inject :class:`Listeners` of :class:`MemoryListener`\\ s instead, to run
+the real broker over ``trio.testing.memory_stream_pair()`` for both TCP-style and WebSocket
+connections.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
-from .config import BrokerConfig
+from .config import LISTENERS, BrokerConfig
+from .tls import ServerTLS
 
 __all__ = ["Listeners", "MemoryListener", "first_os_error", "open_listeners", "port_of"]
 
@@ -31,21 +36,26 @@ AnyListener = trio.abc.Listener[trio.abc.Stream]
 
 @dataclass(frozen=True, slots=True)
 class Listeners:
-    """What the broker accepts connections on: frame byte streams (``tcp``), WebSockets (``ws``) and the HTTP API
-    (``http``: socket listeners only, since hypercorn serves sockets; none for a broker without HTTP)."""
+    """What the broker accepts connections on: frame byte streams (``tcp``, and ``tls``: ``trio.SSLListener``\\ s),
+    WebSockets (``ws``, and ``wss``: ``trio.SSLListener``\\ s) and the HTTP API (``http``, ``https``: socket
+    listeners only, since hypercorn serves sockets and does the TLS of ``https`` itself). A listener turned off has
+    an empty list."""
 
     tcp: list[AnyListener]
     ws: list[AnyListener]
     http: list[AnyListener] = field(default_factory=list)
+    tls: list[AnyListener] = field(default_factory=list)
+    wss: list[AnyListener] = field(default_factory=list)
+    https: list[AnyListener] = field(default_factory=list)
 
     @property
     def tcp_port(self) -> int | None:
-        """The bound TCP port (None for memory listeners)."""
+        """The bound TCP port (None for memory listeners, or none)."""
         return port_of(self.tcp)
 
     @property
     def ws_port(self) -> int | None:
-        """The bound WebSocket port (None for memory listeners)."""
+        """The bound WebSocket port (None for memory listeners, or none)."""
         return port_of(self.ws)
 
     @property
@@ -53,30 +63,51 @@ class Listeners:
         """The bound HTTP port (None if there is no HTTP listener)."""
         return port_of(self.http)
 
+    @property
+    def tls_port(self) -> int | None:
+        """The bound ``tls://`` port (None if there is none)."""
+        return port_of(self.tls)
+
+    @property
+    def wss_port(self) -> int | None:
+        """The bound ``wss://`` port (None if there is none)."""
+        return port_of(self.wss)
+
+    @property
+    def https_port(self) -> int | None:
+        """The bound HTTPS port (None if there is none)."""
+        return port_of(self.https)
+
     async def aclose(self) -> None:
         """Close every listener; never raises."""
-        for listener in (*self.tcp, *self.ws, *self.http):
+        for listener in (*self.tcp, *self.ws, *self.http, *self.tls, *self.wss, *self.https):
             await trio.aclose_forcefully(listener)
 
 
-async def open_listeners(config: BrokerConfig) -> Listeners:
-    """Bind ``config.tcp_port``, ``config.ws_port`` and ``config.http_port`` on ``config.host`` (0: a free port each).
+async def open_listeners(config: BrokerConfig, tls: ServerTLS | None = None) -> Listeners:
+    """Bind the port of each listener ``config.listeners`` names (``config.tcp_port`` for tcp, ...) on
+    ``config.host`` (0: a free port each); the tls and wss ones serve TLS over ``tls.stream``.
 
-    Raises OSError, with ``filename`` set to the address (``tcp://host:port``,
-    ``ws://host:port`` or ``http://host:port``), if a port cannot be bound; nothing stays bound then.
+    Raises ValueError if the config names a TLS listener and ``tls`` is None. Raises OSError, with ``filename``
+    set to the address (``tcp://host:port``, ``wss://host:port``, ...), if a port cannot be bound; nothing stays
+    bound then.
     """
-    bound: list[AnyListener] = []
+    if tls is None and config.tls_listeners:
+        raise ValueError(f"listeners {', '.join(config.tls_listeners)} serve TLS: they need the broker's ServerTLS")
+    bound: dict[str, list[AnyListener]] = {}
     try:
-        tcp = await _bind("tcp", config.host, config.tcp_port)
-        bound += tcp
-        ws = await _bind("ws", config.host, config.ws_port)
-        bound += ws
-        http = await _bind("http", config.host, config.http_port)
+        for name in LISTENERS:
+            if config.serves(name):
+                sockets = await _bind(name, config.host, getattr(config, f"{name}_port"))
+                bound[name] = sockets
+                if name in ("tls", "wss") and tls is not None:
+                    bound[name] = [trio.SSLListener(s, tls.stream, https_compatible=False) for s in sockets]
     except BaseException:
-        for listener in bound:
-            await trio.aclose_forcefully(listener)
+        for listeners in bound.values():
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
         raise
-    return Listeners(tcp=tcp, ws=ws, http=http)
+    return Listeners(**{name: bound.get(name, []) for name in LISTENERS})
 
 
 async def _bind(scheme: str, host: str, port: int) -> list[AnyListener]:
@@ -88,8 +119,11 @@ async def _bind(scheme: str, host: str, port: int) -> list[AnyListener]:
 
 
 def port_of(listeners: Sequence[AnyListener]) -> int | None:
-    """The port the first socket listener is bound to, or None if there is none (memory listeners)."""
+    """The port the first socket listener (or TLS over one) is bound to, or None if there is none (memory
+    listeners)."""
     for listener in listeners:
+        if isinstance(listener, trio.SSLListener):
+            listener = listener.transport_listener
         if isinstance(listener, trio.SocketListener):
             port: int = listener.socket.getsockname()[1]
             return port

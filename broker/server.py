@@ -42,10 +42,20 @@ from .router import Router
 from .session import Session
 from .stats import Counters, Stats
 from .store.base import AckResult, Clock, Message, Store, wall_clock_ms
+from .tls import ServerTLS, accept_tls
 
 __all__ = ["Broker", "Counters"]
 
 log = logging.getLogger(__name__)
+
+_PLAIN_ON_TLS_PORT = encode_frame(
+    ErrorFrame(
+        code=int(ErrorCode.MALFORMED_FRAME),
+        message="this port serves TLS: connect with a tls:// URL (tcp:// is the plain port)",
+        close=True,
+    )
+)
+"""What a plain client on a tls:// port gets, in plain, before the connection closes (protocol.md 2.7)."""
 
 
 class Broker:
@@ -95,6 +105,11 @@ class Broker:
         self._backend_done = trio.Event()
         self.ws_port: int | None = None
         self.http_port: int | None = None
+        self.tls_port: int | None = None
+        self.wss_port: int | None = None
+        self.https_port: int | None = None
+        self.tls = ServerTLS.from_config(self.config)
+        """The TLS contexts of the tls, wss and https listeners (None if the config names none)."""
 
     def _use(self, backend: Backend) -> None:
         """Make the parts that work on the store and presence."""
@@ -142,10 +157,22 @@ class Broker:
                 task_status.started(backend)
                 await self._backend_done.wait()
 
+    def reload_tls(self) -> None:
+        """Load the TLS certificate and key from their files again (SIGHUP): new handshakes present the new
+        certificate, open connections keep theirs. Raises ConfigError (the old certificate stays) if they cannot
+        be loaded; does nothing without TLS listeners."""
+        if self.tls is not None:
+            self.tls.reload()
+            log.info("TLS certificate reloaded from %s", self.tls.cert_file)
+
     async def _serve(self, task_status: trio.TaskStatus[Broker]) -> None:
-        opened = self._listeners or await open_listeners(self.config)
+        opened = self._listeners or await open_listeners(self.config, self.tls)
         self.tcp_port, self.ws_port = opened.tcp_port, opened.ws_port
-        log.info("listening on tcp://%s:%s", self.config.host, self.tcp_port or "(memory)")
+        self.tls_port, self.wss_port = opened.tls_port, opened.wss_port
+        if opened.tcp:
+            log.info("listening on tcp://%s:%s", self.config.host, self.tcp_port or "(memory)")
+        if opened.tls:
+            log.info("listening on tls://%s:%s", self.config.host, self.tls_port or "(memory)")
         try:
             async with trio.open_nursery() as outer:
                 handlers: trio.Nursery = await outer.start(self._run_handlers)
@@ -153,9 +180,10 @@ class Broker:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.sweep_forever)
                         nursery.start_soon(self.health.run)
-                        await nursery.start(
-                            partial(trio.serve_listeners, self._handle_stream, opened.tcp, handler_nursery=handlers)
-                        )
+                        if streams := [*opened.tcp, *opened.tls]:
+                            await nursery.start(
+                                partial(trio.serve_listeners, self._handle_stream, streams, handler_nursery=handlers)
+                            )
                         await self._serve_browsers(handlers, opened)
                         task_status.started(self)
                         await trio.sleep_forever()
@@ -181,7 +209,8 @@ class Broker:
             handlers.cancel_scope.cancel()
 
     async def _serve_browsers(self, nursery: trio.Nursery, opened: Listeners) -> None:
-        """Start the HTTP listener (API, demo page) if there is one, then the WebSocket listener trusting its origin."""
+        """Start the HTTP and HTTPS listeners (API, demo page) if there are any, then the WebSocket listeners (plain and
+        TLS) trusting their origins."""
         from .http import BrokerParts, serve_http
         from .websocket import OriginPolicy, serve_websocket
 
@@ -193,20 +222,26 @@ class Broker:
             presence=self.presence,
             stats=self.stats,
             ws_port=opened.ws_port or self.config.ws_port,
+            wss_port=opened.wss_port,
         )
         own = []
         if opened.http:  # injected listeners may have none
             self.http_port = await nursery.start(serve_http, parts, opened.http)
-            own = [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
-        await nursery.start(
-            partial(
-                serve_websocket,
-                self.handle_transport,
-                opened.ws,
-                max_frame_bytes=self.config.max_frame_bytes,
-                origins=OriginPolicy([*own, *self.config.allowed_origins]),
+            own += [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
+        if opened.https:
+            self.https_port = await nursery.start(partial(serve_http, parts, opened.https, tls=self.tls))
+            own += [f"https://{h}:{self.https_port}" for h in {host, "localhost", "127.0.0.1"}]
+        if websockets := [*opened.ws, *opened.wss]:
+            await nursery.start(
+                partial(
+                    serve_websocket,
+                    self.handle_transport,
+                    websockets,
+                    max_frame_bytes=self.config.max_frame_bytes,
+                    origins=OriginPolicy([*own, *self.config.allowed_origins]),
+                    tls_handshake_timeout_s=self.config.handshake_timeout_s,
+                )
             )
-        )
 
     async def shutdown(self) -> None:
         """Tell every session SHUTTING_DOWN and wait (bounded) for them to finish."""
@@ -217,6 +252,15 @@ class Broker:
                 await session.finished.wait()
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        """A connection on a tcp:// or tls:// port; over TLS, the handshake first, in this task (a plain client on
+        the tls:// port is told to use tls://)."""
+        if isinstance(stream, trio.SSLStream):
+            secure = await accept_tls(
+                stream, timeout_s=self.config.handshake_timeout_s, scheme="tls", plain_answer=_PLAIN_ON_TLS_PORT
+            )
+            if secure is None:
+                return
+            stream = secure
         await self.handle_transport(StreamTransport(stream, linger=True))
 
     async def handle_transport(self, transport: Transport) -> None:

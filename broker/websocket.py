@@ -12,6 +12,11 @@ is allowed: the token in HELLO is what authenticates. An accepted WebSocket is w
 ``handle_transport``: sessions, mailboxes and ACKs are written once, in
 :mod:`broker.session`.
 
+On a ``wss://`` listener (a ``trio.SSLListener``) each connection's TLS handshake is done
+first, in its own task (:func:`broker.tls.accept_tls`, bounded by ``handshake_timeout_s``; a
+plain HTTP request gets a plain HTTP 400 saying to use wss://), then everything below applies
+to the decrypted stream.
+
 Framing (protocol.md 2.5): a binary message carries one or more whole frames; the
 transport checks each message ends at a frame boundary and the session's decoder judges
 each frame, exactly as on TCP. The message size limit, ``max_frame_bytes + 4``, is fixed
@@ -49,6 +54,8 @@ from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from wire.websocket import WebSocketTransport
 
+from .tls import accept_tls
+
 __all__ = [
     "PREWELCOME_READ_BYTES",
     "WEBSOCKET_PATH",
@@ -72,6 +79,15 @@ PREWELCOME_READ_BYTES = 32 * 1024
 """Bytes a WebSocket connection may have read before WELCOME: the largest upgrade request the
 handshake parser accepts (h11, 16 KiB), one message with a HELLO of MAX_HELLO_FRAME_BYTES (+ 4 + a
 14-byte WebSocket header) and a close frame fit, with room to spare."""
+
+
+_PLAIN_ON_WSS_TEXT = b"this port serves TLS: connect with a wss:// URL (ws:// is the plain port)\n"
+PLAIN_ON_WSS_PORT = (
+    b"HTTP/1.1 400 \r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_PLAIN_ON_WSS_TEXT)}\r\n\r\n".encode()
+    + _PLAIN_ON_WSS_TEXT
+)
+"""What a plain HTTP request on a wss:// port gets, in plain, before the connection closes (protocol.md 2.7)."""
 
 
 class OriginPolicy:
@@ -154,13 +170,16 @@ async def serve_websocket(
     max_frame_bytes: int,
     origins: OriginPolicy | Callable[[], OriginPolicy],
     handler_nursery: trio.Nursery | None = None,
+    tls_handshake_timeout_s: float = CONNECT_TIMEOUT_S,
     task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve WebSocket upgrades on ``listeners`` until cancelled; reports readiness with the listeners.
 
     ``origins`` may be a callable, read per handshake. Connection tasks run in
-    ``handler_nursery`` if given. Never returns; raises nothing of its own (a listener's
-    errors propagate).
+    ``handler_nursery`` if given. A connection from a ``trio.SSLListener`` (``wss://``) has its
+    TLS handshake first, within ``tls_handshake_timeout_s``, in its own task
+    (:func:`broker.tls.accept_tls`); one that fails is closed and goes no further.
+    Never returns; raises nothing of its own (a listener's errors propagate).
     """
 
     async def handle_request(request: WebSocketRequest, budget: ReadBudget) -> None:
@@ -183,6 +202,13 @@ async def serve_websocket(
             await transport.aclose()
 
     async def handle_stream(stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SSLStream):
+            secure = await accept_tls(
+                stream, timeout_s=tls_handshake_timeout_s, scheme="wss", plain_answer=PLAIN_ON_WSS_PORT
+            )
+            if secure is None:
+                return
+            stream = secure
         budget = ReadBudget(stream, PREWELCOME_READ_BYTES)
         try:
             async with trio.open_nursery() as nursery:  # trio-websocket's reader task runs in it

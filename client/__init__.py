@@ -46,6 +46,8 @@ from .errors import (
     ProtocolViolation,
     RelayError,
     SessionEnded,
+    TLSError,
+    TLSReason,
 )
 from .localstore import Contact, LocalStore, RecipientState, SentMessage, StoredMessage, StoredStatus
 
@@ -83,6 +85,8 @@ __all__ = [
     "StatusReport",
     "StoredMessage",
     "StoredStatus",
+    "TLSError",
+    "TLSReason",
     "Welcome",
     "open_client",
 ]

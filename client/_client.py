@@ -28,11 +28,13 @@ import logging
 import math
 import os
 import random
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from typing import Any, TypedDict, Unpack
 
 import trio
@@ -74,10 +76,11 @@ from .errors import (
     KeyRefused,
     NoRecipientKeyError,
     RelayError,
+    TLSError,
     is_fatal,
 )
 from .localstore import E2E, PLAINTEXT, LocalStore, SentMessage
-from .transport import Endpoint, TransportClosed, open_transport, parse_url
+from .transport import Endpoint, TLSFailed, TransportClosed, client_ssl_context, open_transport, parse_url
 
 __all__ = [
     "ClientOptions",
@@ -170,6 +173,11 @@ class ClientOptions(TypedDict, total=False):
     """Longest reconnect delay (default 10 s)."""
     transport_factory: TransportFactory | None
     """How to open a transport for the parsed URL (tests, custom transports); default ``open_transport``."""
+    ssl_context: ssl.SSLContext | None
+    """For tls:// and wss:// URLs: the client SSL context that verifies the broker (default: the system's trust
+    store, and the URL's host name)."""
+    ca_file: str | os.PathLike[str] | None
+    """For tls:// and wss:// URLs: trust only the CA certificates in this PEM file (instead of ``ssl_context``)."""
     on_connection_change: ConnectionCallback | None
     """Called with a :class:`ConnectionEvent` once for each change of connection state."""
     e2e: bool
@@ -181,6 +189,15 @@ class ClientOptions(TypedDict, total=False):
 
 
 _OPTION_NAMES = frozenset(ClientOptions.__optional_keys__)
+
+
+def _ssl_context(options: ClientOptions) -> ssl.SSLContext | None:
+    """The SSL context for tls:// and wss:// from ``ssl_context`` or ``ca_file`` (None: the system's trust store).
+    Raises TypeError if both are given, ValueError if the CA file cannot be loaded."""
+    context, ca_file = options.get("ssl_context"), options.get("ca_file")
+    if context is not None and ca_file is not None:
+        raise TypeError("give ssl_context or ca_file, not both")
+    return client_ssl_context(ca_file) if ca_file is not None else context
 
 
 def _new_ids(n: int) -> list[str]:
@@ -226,7 +243,9 @@ class RelayClient:
         self._reconnect = options.get("reconnect", True)
         self._backoff_initial_s = options.get("backoff_initial_s", 0.1)
         self._backoff_max_s = max(options.get("backoff_max_s", 10.0), self._backoff_initial_s)
-        self._open_transport: TransportFactory = options.get("transport_factory") or open_transport
+        self._open_transport: TransportFactory = options.get("transport_factory") or partial(
+            open_transport, ssl_context=_ssl_context(options)
+        )
         self._on_connection_change = options.get("on_connection_change")
         pad_block = options.get("pad_block", DEFAULT_PAD_BLOCK)
         if type(pad_block) is not int or pad_block < 1:
@@ -717,6 +736,8 @@ class RelayClient:
                         self._link = None
                         self._state.connected = False
                         self._state.fire()
+            except TLSFailed as exc:
+                raise TLSError(exc.reason, str(exc)) from None
             except TransportClosed as exc:
                 raise ConnectionLost(str(exc)) from None
         raise ConnectionLost(f"no WELCOME from {self.endpoint} within {HANDSHAKE_TIMEOUT_S:g} s")

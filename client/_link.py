@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 import trio
 
@@ -72,7 +73,7 @@ from ._inbox import Delivery
 from ._pending import PendingTable, SendItem
 from ._statuses import StatusBox
 from .errors import ConnectionLost, ProtocolViolation, RelayError, error_from_code
-from .transport import Endpoint, Opener, Transport, TransportClosed
+from .transport import Endpoint, Transport, TransportClosed
 
 __all__ = [
     "MAX_ACK_IDS_PER_FRAME",
@@ -93,9 +94,10 @@ RECEIVE_SLACK_BYTES = 4096
 """Accepted beyond the broker's max_frame_bytes: a DELIVER carries a few more fields than the SEND it came from."""
 
 
-TransportFactory = Opener
+TransportFactory = Callable[[Endpoint], AbstractAsyncContextManager[Transport]]
 """How the client opens a transport for a parsed URL (``open_client(transport_factory=...)``): an async
-context manager yielding a connected transport, closed on exit (``client.transport.open_transport``'s shape)."""
+context manager yielding a connected transport, closed on exit (``client.transport.open_transport``'s shape,
+with the client's SSL context already applied)."""
 
 
 def _too_large(mid: str, size: int, limit: int) -> RelayError:

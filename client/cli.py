@@ -222,6 +222,12 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--url", default=argparse.SUPPRESS, help=f"broker URL (env RELAY_URL; default {DEFAULT_URL})")
     common.add_argument("--token", default=argparse.SUPPRESS, help="access token (env RELAY_TOKEN)")
     common.add_argument(
+        "--ca-file",
+        default=argparse.SUPPRESS,
+        metavar="PEM",
+        help="for tls:// and wss:// URLs, trust only the CAs in this file (env RELAY_CA_FILE; default: the system's)",
+    )
+    common.add_argument(
         "--store",
         default=argparse.SUPPRESS,
         metavar="PATH",
@@ -367,6 +373,7 @@ class _Context:
         self.url: str = getattr(args, "url", None) or os.environ.get("RELAY_URL") or DEFAULT_URL
         self._token: str | None = getattr(args, "token", None) or os.environ.get("RELAY_TOKEN")
         self._store: str | None = getattr(args, "store", None)
+        self.ca_file: str | None = getattr(args, "ca_file", None) or os.environ.get("RELAY_CA_FILE")
         self.stop_reported = False
         """Set once the STOPPED connection event was printed, so the error it ends with is not printed again."""
 
@@ -486,7 +493,12 @@ async def _listen(ctx: _Context) -> int:
             ctx.emit_statuses(saved)
             await trio.to_thread.run_sync(store.mark_statuses_emitted, mailbox, [s.seq for s in saved])
         async with open_client(
-            ctx.url, token, local_store=store, agent=AGENT, on_connection_change=ctx.on_connection_change
+            ctx.url,
+            token,
+            local_store=store,
+            agent=AGENT,
+            on_connection_change=ctx.on_connection_change,
+            ca_file=ctx.ca_file,
         ) as client:
             if client.mailbox != mailbox:
                 raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
@@ -573,7 +585,7 @@ async def _send(ctx: _Context) -> int:
     mailbox = mailbox_of_token(token)
     store = ctx.open_store()
     try:
-        async with open_client(ctx.url, token, agent=AGENT, local_store=store) as client:
+        async with open_client(ctx.url, token, agent=AGENT, local_store=store, ca_file=ctx.ca_file) as client:
             if client.mailbox != mailbox:
                 raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
             receipt = await client.send(
@@ -591,7 +603,7 @@ async def _send_and_wait(ctx: _Context, token: str, body: bytes) -> int:
     mailbox = mailbox_of_token(token)
     store = ctx.open_store()
     try:
-        async with open_client(ctx.url, token, agent=AGENT, local_store=store) as client:
+        async with open_client(ctx.url, token, agent=AGENT, local_store=store, ca_file=ctx.ca_file) as client:
             if client.mailbox != mailbox:
                 raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
             receipt = await client.send(
@@ -732,7 +744,7 @@ async def _rotate(ctx: _Context) -> int:
     mailbox = mailbox_of_token(token)
     store = ctx.open_store()
     try:
-        async with open_client(ctx.url, token, agent=AGENT, local_store=store) as client:
+        async with open_client(ctx.url, token, agent=AGENT, local_store=store, ca_file=ctx.ca_file) as client:
             if client.mailbox != mailbox:
                 raise CliError(f"the broker says this token is for {client.mailbox!r}, not {mailbox!r}")
             kid = await client.rotate_key()

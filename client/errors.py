@@ -10,6 +10,8 @@
   the mailbox), which is fatal.
 - :class:`ConnectionLost` (no code): the transport failed and the client will not (or may
   not) reconnect: the first connect failed, ``reconnect=False``, or the client was closed.
+  :class:`TLSError` is one whose TLS connection could not be set up: its ``reason``
+  (:class:`TLSReason`) names why (wrong host name, untrusted CA, expired certificate, ...).
 - :class:`LocalStoreError`: saving deliveries to the local store failed (nothing was ACKed).
 - :class:`KeyRefused` (INVALID_KEY 3009, STORE_UNREACHABLE 3008): the broker did not store a key
   record (``put_key``). The connection stays up.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from wire import ErrorCode
 
@@ -43,6 +46,8 @@ __all__ = [
     "ProtocolViolation",
     "RelayError",
     "SessionEnded",
+    "TLSError",
+    "TLSReason",
     "error_from_code",
 ]
 
@@ -102,6 +107,36 @@ class KeyRefused(RelayError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.code, self.message, self.kid))
+
+
+class TLSReason(StrEnum):
+    """Why a TLS connection to the broker (tls://, wss://) could not be set up."""
+
+    HOSTNAME_MISMATCH = "hostname_mismatch"
+    """The certificate does not name the host in the URL."""
+    UNTRUSTED = "untrusted"
+    """The certificate is not signed by a CA the client trusts (the system's, or the CA file given)."""
+    EXPIRED = "expired"
+    """The certificate has expired."""
+    NOT_YET_VALID = "not_yet_valid"
+    """The certificate is not valid yet (or the client's clock is wrong)."""
+    CERTIFICATE = "certificate"
+    """The certificate was refused for another reason (the message says which)."""
+    NOT_TLS = "not_tls"
+    """The server did not answer TLS: a plain port (tcp://, ws://)?"""
+    HANDSHAKE = "handshake"
+    """The handshake failed otherwise (no common protocol version or cipher, the connection closed)."""
+
+
+class TLSError(ConnectionLost):
+    """The TLS connection to the broker could not be set up; ``reason`` (:class:`TLSReason`) says why."""
+
+    def __init__(self, reason: TLSReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.reason, self.message))
 
 
 class LocalStoreError(RelayError):

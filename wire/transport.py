@@ -112,7 +112,8 @@ class StreamTransport:
     ``receive_bytes``: bytes asked of the stream per read. ``linger`` (the broker): on
     close, send EOF and drain unread input for up to :data:`LINGER_S` (at most
     :data:`LINGER_MAX_BYTES`), so a last ERROR frame reaches the peer instead of being
-    destroyed by a reset; without it, close at once.
+    destroyed by a reset; over TLS (a ``trio.SSLStream``, which cannot half-close) drain the
+    same way, then close with TLS's close_notify; without ``linger``, close at once.
     """
 
     __slots__ = ("_fd", "_linger", "_receive_bytes", "stream")
@@ -156,23 +157,34 @@ class StreamTransport:
         """Nothing to do: the decoder bounds what a byte stream buffers before WELCOME (8,192 bytes)."""
 
     async def aclose(self) -> None:
-        """Close (after the linger, if asked for); bounded by :data:`LINGER_S`; never raises."""
+        """Close (after the linger, if asked for); bounded by :data:`LINGER_S` (twice that over TLS); never raises."""
         self._fd = -1  # before the socket closes: its number may be reused at once
         stream = self.stream
         try:
             if self._linger and isinstance(stream, trio.abc.HalfCloseableStream):
                 await stream.send_eof()
-                drained = 0
+                await _drain(stream)
+            elif self._linger and isinstance(stream, trio.SSLStream):
+                # TLS has no half-close: the peer learns of the end from the last frame (BYE, or an ERROR with
+                # close) and closes; drain until then, then send TLS's close_notify as the connection closes.
+                await _drain(stream)
                 with trio.move_on_after(LINGER_S):
-                    while drained < LINGER_MAX_BYTES:
-                        data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
-                        if not data:
-                            break
-                        drained += len(data)
+                    await stream.aclose()
         except (*_ERRORS, trio.BusyResourceError):
             pass
         finally:
             await trio.aclose_forcefully(stream)
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    """Read and drop the peer's input until it ends, for at most LINGER_S and LINGER_MAX_BYTES."""
+    drained = 0
+    with trio.move_on_after(LINGER_S):
+        while drained < LINGER_MAX_BYTES:
+            data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+            if not data:
+                break
+            drained += len(data)
 
 
 def _reason(exc: BaseException) -> str:

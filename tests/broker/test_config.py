@@ -238,7 +238,8 @@ def test_each_setting_has_its_section() -> None:
     sections = {name: [s.name for s in settings] for name, settings in BrokerConfig.sections().items()}
     assert sections == {
         BROKER: [
-            "host", "tcp_port", "ws_port", "http_port", "allowed_origins", "data_dir", "token_leeway_s",
+            "host", "tcp_port", "ws_port", "http_port", "listeners", "tls_port", "wss_port", "https_port",
+            "tls_cert_file", "tls_key_file", "allowed_origins", "data_dir", "token_leeway_s",
             "handshake_timeout_s", "keepalive_s", "cleanup_interval_s", "shutdown_grace_s",
         ],
         LIMITS: [
@@ -282,6 +283,8 @@ def test_print_config_reads_back_to_the_same_configuration(tmp_path: Path) -> No
         keepalive_s=1.5,
         max_tombstones=0,
         node_id="node-1",  # every setting printed: an optional one only when set
+        tls_cert_file=tmp_path / "cert.pem",
+        tls_key_file=tmp_path / "key.pem",
     )
     printed = config.to_toml()
     assert BrokerConfig.from_toml(printed, source="printed") == config
@@ -425,6 +428,12 @@ TODAYS_FLAGS = {
     "--tcp-port": "7001",
     "--ws-port": "7002",
     "--http-port": "7003",
+    "--listeners": "tcp,tls,wss",
+    "--tls-port": "7004",
+    "--wss-port": "7005",
+    "--https-port": "7006",
+    "--tls-cert-file": "/tmp/relay-flags/cert.pem",
+    "--tls-key-file": "/tmp/relay-flags/key.pem",
     "--allowed-origins": "https://a.example",
     "--data-dir": "/tmp/relay-flags",
     "--store": "memory",
