@@ -153,7 +153,7 @@ const EMPTY = new Uint8Array(0)
 export class RelayClient extends EventTarget {
   /**
    * @param {object} options
-   * @param {string} options.url      ws://host:port/relay
+   * @param {string} options.url      ws://host:port/relay, or wss://host:port/relay (TLS; a page served over https must use it)
    * @param {string} options.token    a Relay token (JWT)
    * @param {MessageStore} [options.store]  where messages are saved; without one nothing persists and nothing is de-duplicated
    * @param {number} [options.minBackoffMs=250]  first reconnect delay (before jitter)
