@@ -204,6 +204,16 @@ class BrokerConfig:
     """Where the token-signing secret lives (messages never touch the disk)."""
     token_leeway_s: float = field(default=60.0, metadata=_in(BROKER, _not_negative))
     """Clock skew allowed when judging a token's exp, iat and nbf (both ways)."""
+    token_keys_dir: Path | None = field(default=None, metadata=_in(BROKER))
+    """A directory of your token issuer's public keys, one PEM file per key named KID.pem (EdDSA, RS256, ES256).
+
+    A token whose header has ``kid`` KID is checked with that key; tokens without ``kid`` with the broker's own
+    secret. Files added, replaced or removed take effect at the next token check, without a restart."""
+    token_jwks_file: Path | None = field(default=None, metadata=_in(BROKER))
+    """A JWKS file (``{"keys": [...]}``) of your token issuer's public keys, each with its kid (EdDSA, RS256, ES256).
+
+    Read again at the next token check whenever it changes, without a restart; kids must not repeat those of
+    ``token_keys_dir``."""
     handshake_timeout_s: float = field(default=10.0, metadata=_in(BROKER, _positive))
     """Time a new connection has to complete HELLO."""
     keepalive_s: float = field(default=60.0, metadata=_in(BROKER, _positive))

@@ -32,7 +32,7 @@ from wire import Error as ErrorFrame
 from wire import ErrorCode, Receipt, Send, encode_frame
 from wire.transport import StreamTransport, Transport, TransportClosed
 
-from .auth import Authenticator, load_or_create_secret
+from .auth import Authenticator
 from .backend import Backend, open_backend, probed_health
 from .config import BrokerConfig
 from .health import StoreHealth
@@ -83,11 +83,7 @@ class Broker:
     ) -> None:
         self.config = config or BrokerConfig()
         self.clock = clock
-        self.auth = (
-            auth
-            if auth is not None
-            else Authenticator(load_or_create_secret(self.config.data_dir), leeway_s=self.config.token_leeway_s)
-        )
+        self.auth = auth if auth is not None else Authenticator.from_config(self.config)
         self.sessions: set[Session] = set()
         self.presence: Presence
         self.store: Store

@@ -2,7 +2,8 @@
 # Shared set-up for scripts/serve.sh and scripts/test.sh: Debian packages (only those missing),
 # a virtualenv in .venv, Relay installed into it in editable mode, and the browser client's
 # npm packages (the demo page loads cborg from client/js/node_modules). The tests also need
-# Chromium and redis-server (started by the test run itself, on loopback; nothing runs it as a service).
+# Chromium and redis-server (started by the test run itself, on loopback; nothing runs it as a service), and
+# openssl.
 #   usage: source scripts/setup.sh [extra]   (extra: "" for the broker alone, "test" for everything)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,6 +16,7 @@ command -v npm >/dev/null || apt_need+=(nodejs npm)
 if [ "${1:-}" = "test" ]; then
   command -v chromium >/dev/null || apt_need+=(chromium)
   command -v redis-server >/dev/null || apt_need+=(redis-server)
+  command -v openssl >/dev/null || apt_need+=(openssl) # the README's issuer key set-up, run by its test
 fi
 if [ ${#apt_need[@]} -gt 0 ]; then
   # One line when all is well; apt's whole output only if it fails.

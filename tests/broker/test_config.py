@@ -240,7 +240,8 @@ def test_each_setting_has_its_section() -> None:
         BROKER: [
             "host", "tcp_port", "ws_port", "http_port", "listeners", "tls_port", "wss_port", "https_port",
             "tls_cert_file", "tls_key_file", "allowed_origins", "data_dir", "token_leeway_s",
-            "handshake_timeout_s", "keepalive_s", "cleanup_interval_s", "shutdown_grace_s",
+            "token_keys_dir", "token_jwks_file", "handshake_timeout_s", "keepalive_s", "cleanup_interval_s",
+            "shutdown_grace_s",
         ],
         LIMITS: [
             "max_frame_bytes", "max_recipients", "max_inflight", "max_outbound_bytes", "max_connections",
@@ -285,6 +286,8 @@ def test_print_config_reads_back_to_the_same_configuration(tmp_path: Path) -> No
         node_id="node-1",  # every setting printed: an optional one only when set
         tls_cert_file=tmp_path / "cert.pem",
         tls_key_file=tmp_path / "key.pem",
+        token_keys_dir=tmp_path / "issuer keys",
+        token_jwks_file=tmp_path / "issuer.jwks.json",
     )
     printed = config.to_toml()
     assert BrokerConfig.from_toml(printed, source="printed") == config
@@ -421,8 +424,8 @@ def test_a_setting_of_an_unsupported_type_is_a_programming_error() -> None:
         Odd()
 
 
-# Every flag the broker had before settings had sections (issue 9), the Redis store's (issue 10) and the key
-# directory's (issue 13): each must keep working.
+# Every flag the broker had before settings had sections (issue 9), the Redis store's (issue 10), the key
+# directory's (issue 13) and the token issuer's keys (issue 11): each must keep working.
 TODAYS_FLAGS = {
     "--host": "::1",
     "--tcp-port": "7001",
@@ -452,6 +455,8 @@ TODAYS_FLAGS = {
     "--max-mailbox-statuses": "13",
     "--key-ttl-s": "14",
     "--token-leeway-s": "1.5",
+    "--token-keys-dir": "/etc/relay/issuer-keys",
+    "--token-jwks-file": "/etc/relay/issuer.jwks.json",
     "--handshake-timeout-s": "2.5",
     "--keepalive-s": "3.5",
     "--max-outbound-bytes": "65536",
