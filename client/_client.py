@@ -64,7 +64,7 @@ from wire import (
 )
 from wire.e2e import DEFAULT_PAD_BLOCK, fingerprint, seal, verify_key_record
 
-from ._e2e import ContactKey, EnvelopeOpener, Keyring, check_recipients
+from ._e2e import CRYPTO_SLICE, ContactKey, EnvelopeOpener, Keyring, check_recipients
 from ._inbox import ClientState, Delivery, Inbox, InboxIterator
 from ._link import Link, Outbound, TransportFactory, check_sends, handshake
 from ._pending import PendingTable, SendItem
@@ -585,25 +585,23 @@ class RelayClient:
         recipients = [r for item, clear in zip(items, plaintext, strict=True) if not clear for r in item[1]]
         records = await check_recipients(keyring, recipients, self._lookup_keys)
         sender, identity, pad = keyring.mailbox, keyring.identity, self._pad_block
-        return [
-            item
-            if clear
-            else (
-                item[0],
-                item[1],
-                seal(
-                    sender=sender,
-                    msg_id=item[0],
-                    recipients=[(r, records[r]) for r in item[1]],
-                    identity=identity,
-                    body=item[2],
-                    pad_block=pad,
-                ),
-                item[3],
-                item[4],
+        sealed: list[SendItem] = []
+        for n, (item, clear) in enumerate(zip(items, plaintext, strict=True), 1):
+            if clear:
+                sealed.append(item)
+                continue
+            body = seal(
+                sender=sender,
+                msg_id=item[0],
+                recipients=[(r, records[r]) for r in item[1]],
+                identity=identity,
+                body=item[2],
+                pad_block=pad,
             )
-            for item, clear in zip(items, plaintext, strict=True)
-        ]
+            sealed.append((item[0], item[1], body, item[3], item[4]))
+            if n % CRYPTO_SLICE == 0:
+                await trio.lowlevel.checkpoint()  # a large batch lets the client's other tasks run (receiving)
+        return sealed
 
     async def _submit(self, items: list[SendItem], plaintext: list[bool]) -> list[Receipt]:
         """Seal ``items`` (unless ``plaintext``, or e2e is off), encode them through the current link (else judge

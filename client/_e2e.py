@@ -58,6 +58,7 @@ from .errors import (
 from .localstore import E2E, FAILED, Contact, LocalStore, StoredKeys
 
 __all__ = [
+    "CRYPTO_SLICE",
     "MAX_CACHED_RECORDS",
     "ContactKey",
     "Keyring",
@@ -73,6 +74,12 @@ MAX_CACHED_RECORDS = 4096
 
 Lookup = Callable[[list[str]], Awaitable[dict[str, KeyRecord]]]
 """``RelayClient.get_keys``: one ``key_get`` for these mailboxes; their records (only those that have one)."""
+
+
+CRYPTO_SLICE = 16
+"""Messages sealed (a send) or opened (the opener) between two checkpoints: each takes about half a millisecond of
+CPU, so a batch of thousands would otherwise hold the event loop for seconds, starving the client's other tasks
+(its reader, keepalives, the application's receiving)."""
 
 
 def _now_ms() -> int:
@@ -435,12 +442,16 @@ class EnvelopeOpener:
         if wanted:
             await self._learn(keyring, list(wanted))
         out = []
+        opened = 0
         for d, h in zip(deliveries, headers, strict=True):
             if h is None:
                 out.append(d)
             elif type(h) is str:
                 out.append(_failed(d, h))
             else:
+                opened += 1
+                if opened % CRYPTO_SLICE == 0:
+                    await trio.lowlevel.checkpoint()  # before reading the pin: accept_key may run meanwhile
                 pinned = keyring.contacts.get(d.sender)
                 if pinned is None:
                     out.append(_failed(d, "no_sender_key"))

@@ -26,6 +26,10 @@ from client import (
     Status,
     open_client,
 )
+from client import _client as client_module
+from client import _e2e as e2e_module
+from client._e2e import CRYPTO_SLICE, EnvelopeOpener, Keyring
+from client._inbox import ClientState, Inbox
 from wire import Deliver, KeyPut, KeyRecord, Send
 from wire.e2e import E2E_MAGIC, Identity, fingerprint, safety_number, seal, verify_key_record
 
@@ -455,3 +459,86 @@ async def test_a_client_without_e2e_publishes_nothing_and_marks_envelopes_failed
             async with client(broker, "bob", e2e=False) as bob:  # takes bob's mailbox over, without keys
                 [d] = await collect(bob, 1)
                 assert (d.id, d.security, d.security_error, d.body) == ("m1", "failed", "unknown_key", b"")
+
+
+async def test_a_large_sealed_batch_lets_the_clients_other_tasks_run(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sealing takes about half a millisecond a message: send_batch checkpoints every CRYPTO_SLICE seals, so a
+    receiving task on the same event loop is not starved for the whole batch."""
+    sealed = 0
+    real_seal = client_module.seal
+
+    def counting_seal(**kwargs: Any) -> bytes:
+        nonlocal sealed
+        sealed += 1
+        return real_seal(**kwargs)
+
+    monkeypatch.setattr(client_module, "seal", counting_seal)
+    seen: list[int] = []  # how many were sealed each time another task ran
+    n = 4 * CRYPTO_SLICE
+    with trio.fail_after(TIMEOUT_S):
+        async with client(broker, "bob"), client(broker, "alice") as alice:
+            await alice.send("bob", b"first", id="w0")  # bob's record looked up and pinned
+            sealed = 0
+            async with trio.open_nursery() as nursery:
+
+                async def other_task() -> None:
+                    while True:
+                        seen.append(sealed)
+                        await trio.sleep(0)
+
+                nursery.start_soon(other_task)
+                await alice.send_batch([OutgoingMessage("bob", b"m", id=f"w{i}") for i in range(1, n + 1)])
+                nursery.cancel_scope.cancel()
+    assert sealed == n
+    assert any(0 < c < n for c in seen), seen  # without the checkpoints it only ever sees 0 and n
+
+
+async def test_the_opener_lets_other_tasks_run_while_it_opens_a_large_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiving side of the same rule: the opener checkpoints every CRYPTO_SLICE envelopes of one chunk (no
+    sockets: the opener between a reader and an inbox without a local store)."""
+    opened = 0
+    real_open = e2e_module.open_envelope
+
+    def counting_open(*args: Any, **kwargs: Any) -> bytes:
+        nonlocal opened
+        opened += 1
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(e2e_module, "open_envelope", counting_open)
+    keyring = Keyring(None)
+    await keyring.load("bob", max_ttl_s=3600)
+    alice = Identity.generate()
+    await keyring.pin({"alice": alice.public})
+    state = ClientState()
+    failures: list[object] = []
+    inbox = Inbox(None, state, lambda ids: None, failures.append)
+
+    async def no_lookup(mailboxes: Any) -> dict[str, KeyRecord]:
+        raise AssertionError("alice is pinned: nothing to look up")
+
+    opener = EnvelopeOpener(inbox, keyring, no_lookup, state, failures.append)
+    n = 4 * CRYPTO_SLICE
+    chunk = [
+        Delivery(
+            f"m{i}",
+            "alice",
+            0,
+            2**40,
+            1,
+            seal(sender="alice", msg_id=f"m{i}", recipients=[("bob", keyring.record)], identity=alice, body=b"hi"),
+        )
+        for i in range(n)
+    ]
+    seen: list[int] = []
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opener.run)
+            opener.accept(chunk)
+            while len(inbox.items) < n:
+                seen.append(opened)
+                await trio.sleep(0)
+            opener.stop()
+    assert failures == [] and [d.security for d in inbox.items] == ["e2e"] * n
+    assert any(0 < c < n for c in seen), seen  # without the checkpoints it only ever sees 0 and n
