@@ -16,7 +16,25 @@ import trio
 from broker.server import Broker
 from broker.store.base import AckResult, Batch, Claim, NewMessage, Outcome
 from broker.store.memory import MemoryStore
-from wire import Ack, Deliver, Drained, Ping, Pong, Pull, Send, Stats, StatsResult
+from wire import (
+    Ack,
+    Deliver,
+    Drained,
+    Error,
+    ErrorCode,
+    KeyGet,
+    KeyGetResult,
+    KeyPut,
+    KeyPutResult,
+    KeyRecord,
+    Ping,
+    Pong,
+    Pull,
+    Send,
+    Stats,
+    StatsResult,
+)
+from wire.e2e import EncryptionKey, Identity, make_key_record
 
 from ..conftest import running_broker
 from .raw import RawClient
@@ -53,6 +71,14 @@ class PartlyUnreachableStore(MemoryStore):
     async def release(self, mailbox: str, claim: Claim, unwritten: Collection[str] = ()) -> int:
         self._check("release")
         return await super().release(mailbox, claim, unwritten)
+
+    async def put_key(self, mailbox: str, record: KeyRecord, now_ms: int, ttl_ms: int) -> None:
+        self._check("put_key")
+        await super().put_key(mailbox, record, now_ms, ttl_ms)
+
+    async def get_keys(self, mailboxes: Sequence[str], now_ms: int) -> dict[str, KeyRecord]:
+        self._check("get_keys")
+        return await super().get_keys(mailboxes, now_ms)
 
 
 async def login(broker: Broker, name: str, *, operator: bool = False) -> RawClient:
@@ -114,3 +140,30 @@ async def test_a_pull_and_deliveries_wait_for_the_store_and_resume_on_the_same_c
             await bob.send(Ack(ids=("m1", "m2")), Ping())
             await bob.expect(Pong)
             assert await held(broker, "bob") == []
+
+
+async def test_a_key_put_the_store_did_not_take_is_3008_and_a_key_get_ends_the_session_with_5002(
+    tmp_path: Path,
+) -> None:
+    store = PartlyUnreachableStore()
+    record = make_key_record("alice", Identity.generate(), EncryptionKey.generate())
+    async with running_broker(tmp_path, inject_store=store) as broker:
+        with trio.fail_after(TIMEOUT):
+            alice = await login(broker, "alice")
+            await alice.expect(Drained)
+            store.failing.add("put_key")
+            await alice.send(KeyPut(key=record))
+            assert await alice.expect(KeyPutResult) == KeyPutResult(
+                kid=record.kid, code=int(ErrorCode.STORE_UNREACHABLE)
+            )
+            await alice.send(KeyGet(mailboxes=("alice",)))
+            assert dict((await alice.expect(KeyGetResult)).keys) == {}  # nothing was stored
+            store.failing = {"get_keys"}
+            await alice.send(KeyPut(key=record))
+            assert (await alice.expect(KeyPutResult)).code is None  # the store answers again: stored
+            await alice.send(KeyGet(mailboxes=("alice",)))
+            error = await alice.expect(Error)
+            assert (error.code, error.close) == (ErrorCode.STORE_UNAVAILABLE, True)
+            await alice.expect_closed()
+            store.failing.clear()
+            assert (await broker.statistics())["keys_put_total"] == 1
