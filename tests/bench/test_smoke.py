@@ -99,7 +99,9 @@ def test_throughput_with_notify_runs_without_then_with_statuses_and_every_status
 def test_throughput_with_e2e_runs_plaintext_then_end_to_end_and_every_message_is_opened_and_verified(
     tmp_path: Path,
 ) -> None:
-    report = run(tmp_path, "throughput", "--pairs", "2", "--duration", "1", "--warmup", "0.2", "--batch", "32", "--e2e")
+    # No warm-up: on a loaded machine the first sealed batch may take longer than a warm-up, and the ratio needs a
+    # delivery inside the measured window.
+    report = run(tmp_path, "throughput", "--pairs", "2", "--duration", "1", "--warmup", "0", "--batch", "32", "--e2e")
     f, c = report["figures"], report["counts"]
     assert "pairs_2_opened_e2e" not in c, "the first run is plaintext"
     delivered = c["pairs_2_e2e_delivered"]
