@@ -84,6 +84,17 @@ def open_page(context: Any, base: str, token: str, *, hold_acks: bool = False, h
     return page
 
 
+@contextmanager
+def tabs(broker: Broker, *mailboxes: str) -> Iterator[list[Any]]:
+    """One browser profile (its tabs share IndexedDB and localStorage, as real tabs do) with a demo-page tab per
+    mailbox, opened in that order, each connected. Another tab of the same profile: ``pages[0].context.new_page()``."""
+    base = base_url(broker)
+    tokens = [broker.auth.issue(mailbox) for mailbox in mailboxes]
+    with open_browser() as browser:
+        context = browser.new_context()
+        yield [open_page(context, base, token) for token in tokens]
+
+
 def send_with_form(page: Any, to: str, text: str, *, plaintext: bool = False) -> None:
     """Send ``text`` to ``to`` with the compose form; ``plaintext`` ticks "Send unencrypted" (else unticks it)."""
     page.fill("#to", to)

@@ -16,20 +16,14 @@ from broker.server import Broker
 from wire import Ack, Deliver, Drained, Receipt, Send, Status
 
 from ..broker.raw import RawClient
-from .helpers import WAIT_MS, base_url, from_trio, inbox, open_browser, open_page, run_in_browser, wait_inbox
+from .helpers import WAIT_MS, base_url, from_trio, inbox, open_browser, open_page, run_in_browser, tabs, wait_inbox
 
 pytestmark = pytest.mark.browser
 
 
 async def test_both_online_instant_delivery_and_ack_deletes(broker: Broker) -> None:
-    base = base_url(broker)
-    alice_token, bob_token = broker.auth.issue("alice"), broker.auth.issue("bob")
-
     def scenario() -> None:
-        with open_browser() as browser:
-            context = browser.new_context()
-            alice = open_page(context, base, alice_token)
-            bob = open_page(context, base, bob_token)
+        with tabs(broker, "alice", "bob") as (alice, bob):
             # Through the demo page's form, as a user would.
             alice.fill("#to", "bob")
             alice.fill("#text", "hello bob")

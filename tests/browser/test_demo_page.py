@@ -22,6 +22,7 @@ from .helpers import (
     open_page,
     run_in_browser,
     send_with_form,
+    tabs,
     wait_inbox,
     wait_open,
 )
@@ -38,13 +39,9 @@ def mailbox_shown(page: Any) -> str:
 
 async def test_each_tab_keeps_its_own_mailbox_across_reloads(broker: Broker) -> None:
     base = base_url(broker)
-    alice_token, bob_token = broker.auth.issue("alice"), broker.auth.issue("bob")
 
     def scenario() -> None:
-        with open_browser() as browser:
-            context = browser.new_context()  # one profile: the tabs share localStorage, as real tabs do
-            alice = open_page(context, base, alice_token)
-            bob = open_page(context, base, bob_token)  # opened last: the most recent token
+        with tabs(broker, "alice", "bob") as (alice, bob):  # bob opened last: the most recent token
             for page in (alice, bob):
                 assert "token" not in page.url  # the token does not stay in the address bar
             for _ in range(2):
@@ -61,7 +58,7 @@ async def test_each_tab_keeps_its_own_mailbox_across_reloads(broker: Broker) -> 
             send_with_form(alice, "bob", "still you?")
             assert [m["body"] for m in wait_inbox(bob, 1)] == ["still you?"]
             # A new tab opens no mailbox by itself: it offers the recent ones.
-            third = context.new_page()
+            third = alice.context.new_page()
             third.goto(f"{base}/")
             third.wait_for_selector("#saved-tokens-block:not([hidden])", timeout=WAIT_MS)
             assert third.is_hidden("#chat")

@@ -42,6 +42,7 @@ from .helpers import (
     open_page,
     run_in_browser,
     send_with_form,
+    tabs,
     wait_inbox,
     wait_open,
     wait_true,
@@ -164,14 +165,8 @@ def outbox_count(page: Any) -> int:
 
 
 async def test_two_tabs_chat_encrypted_and_show_the_same_safety_number(broker: Broker) -> None:
-    base = base_url(broker)
-    alice_token, bob_token = broker.auth.issue("alice"), broker.auth.issue("bob")
-
     def scenario() -> None:
-        with open_browser() as browser:
-            context = browser.new_context()
-            alice = open_page(context, base, alice_token)
-            bob = open_page(context, base, bob_token)
+        with tabs(broker, "alice", "bob") as (alice, bob):
             send_with_form(alice, "bob", "meet at noon")
             (received,) = wait_inbox(bob, 1)
             assert (received["body"], received["security"]) == ("meet at noon", "e2e")
@@ -318,14 +313,8 @@ async def test_a_changed_key_is_refused_until_accepted_and_a_message_signed_by_t
 
 
 async def test_a_reload_keeps_the_keys_and_the_pins(broker: Broker) -> None:
-    base = base_url(broker)
-    alice_token, bob_token = broker.auth.issue("alice"), broker.auth.issue("bob")
-
     def scenario() -> None:
-        with open_browser() as browser:
-            context = browser.new_context()
-            alice = open_page(context, base, alice_token)
-            bob = open_page(context, base, bob_token)
+        with tabs(broker, "alice", "bob") as (alice, bob):
             send_with_form(alice, "bob", "before the reload")
             wait_inbox(bob, 1)
             before = {
