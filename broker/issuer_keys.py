@@ -163,7 +163,8 @@ class IssuerKeys:
         self.jwks_file = jwks_file
         self._state = self._look()
         self._keys = self._load()
-        log.info("issuer keys: %s", self.describe())
+        if keys_dir is not None or jwks_file is not None:  # the zero-configuration default says nothing
+            log.info("issuer keys: %s", self.describe())
 
     def get(self, kid: str) -> IssuerKey | None:
         """The key named ``kid`` (after reading the sources again if they changed), or None."""
