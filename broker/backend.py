@@ -37,6 +37,7 @@ import trio
 
 from .health import StoreHealth
 from .presence import TAKEOVER_WAIT_S, LocalPresence, Presence
+from .stats import Histogram
 from .store.base import Store, wall_clock_ms
 from .store.memory import MemoryStore
 
@@ -66,6 +67,8 @@ class Backend:
     """Whether the store answers (the router, sessions, pumps and HTTP API report failures to it)."""
     round_trips: Callable[[], int] = lambda: 0
     """Round trips made to a networked store and presence so far (STATS ``store_round_trips``)."""
+    call_latency: Histogram | None = None
+    """A networked store's round-trip latency (None in memory)."""
 
 
 def default_node_id() -> str:
@@ -133,7 +136,7 @@ async def _open_redis_backend(config: BrokerConfig) -> AsyncIterator[Backend]:
                 def round_trips() -> int:
                     return store.round_trips + presence.round_trips + presence.background_round_trips
 
-                yield Backend(store, presence, health, round_trips)
+                yield Backend(store, presence, health, round_trips, store.call_latency)
                 nursery.cancel_scope.cancel()
         finally:
             await store.aclose()

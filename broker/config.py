@@ -155,6 +155,17 @@ def _origins(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _networks(value: tuple[str, ...]) -> str | None:
+    import ipaddress
+
+    for network in value:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError as exc:
+            return f"{network!r} is not a network like 127.0.0.0/8 or ::1/128 ({exc})"
+    return None
+
+
 def _without_trailing_slashes(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(origin.rstrip("/") for origin in value)
 
@@ -200,6 +211,11 @@ class BrokerConfig:
     """Browser origins allowed to open a WebSocket besides the HTTP listener's own (comma-separated).
 
     E.g. ``https://chat.example.org``. A handshake without an Origin header (not a browser) is allowed."""
+    metrics_open_networks: tuple[str, ...] = field(default=("127.0.0.0/8", "::1/128"), metadata=_in(BROKER, _networks))
+    """Networks whose clients may read ``GET /metrics`` without a token (comma-separated; default loopback).
+
+    A client elsewhere needs an operator token (``Authorization: Bearer``), as for ``/relay/stats``; empty: every
+    client does."""
     data_dir: Path = field(default_factory=default_data_dir, metadata=_in(BROKER))
     """Where the token-signing secret lives (messages never touch the disk)."""
     token_leeway_s: float = field(default=60.0, metadata=_in(BROKER, _not_negative))

@@ -72,6 +72,10 @@ log = logging.getLogger(__name__)
 STATUS_FETCH = 256
 """Statuses fetched at once: their STATUS frames (under 150 bytes each) stay far below the outbox's soft limit."""
 
+SENT_AT_SLACK = 2
+"""The ACK latency's notes of written DELIVERs are dropped past this many in-flight windows (stale ids: messages
+that expired in flight or were ACKed over HTTP); their ACKs then go uncounted, nothing else changes."""
+
 Report = Callable[[Sequence[Notice]], Awaitable[None]]
 """Where notices go (:meth:`broker.router.Router.report`): queued as statuses for their senders, who are woken."""
 
@@ -90,6 +94,7 @@ class Delivery:
         "_pull_wanted",
         "_report",
         "_resync",
+        "_sent_at",
         "_signal",
         "_status_after",
         "_status_pulls",
@@ -145,6 +150,7 @@ class Delivery:
         self._status_after = 0  # the highest status seq written on this connection (0: none yet, or PULL)
         self._status_pulls = 0  # PULLs so far: a status fetch that a PULL overtook does not move the cursor
         self._statuses_wanted = True  # statuses may be waiting: at connect, after PULL, on a status wake
+        self._sent_at: dict[str, int] = {}  # id -> sent_at of the DELIVERs written and not yet ACKed here
 
     # ------------------------------------------------------------ from other tasks
 
@@ -167,13 +173,22 @@ class Delivery:
         self._statuses_wanted = True
         self._signal.set()
 
-    def acked(self, result: AckResult, fetches: int) -> None:
+    def acked(self, result: AckResult, fetches: int, ids: Sequence[str] = ()) -> None:
         """Messages of this mailbox were ACKed over this session: the window may have room.
 
         ``fetches`` is :attr:`fetches` as it was when the ACK went to the store: if a fetch has finished
         since, the store may have applied the two in either order, so the ACK's count is not trusted and the
-        pump recounts (module docstring).
+        pump recounts (module docstring). ``ids`` (the ACKed ids) written by this pump are counted in the
+        ACK latency histogram.
         """
+        if ids and result.deleted:
+            sent_at = self._sent_at
+            latency = self._counters.ack_latency
+            now = self._clock()
+            for i in ids:
+                at = sent_at.pop(i, None)
+                if at is not None:
+                    latency.observe((now - at) / 1000)
         if fetches == self.fetches:
             self.inflight = result.inflight
         else:
@@ -210,6 +225,7 @@ class Delivery:
     async def _release(self) -> None:
         """In-flight messages back to the queue (a stale claim changes nothing), naming those never written."""
         unwritten, self._unwritten = self._unwritten, []
+        self._sent_at.clear()  # given back: their next DELIVER (on any session) starts the ACK latency again
         try:
             await self.store.release(self.mailbox, self.claim, unwritten)
         except OSError:
@@ -314,16 +330,25 @@ class Delivery:
                 self.outbox.push_all(frames)
                 counters = self._counters
                 counters.delivered += len(messages)
-                counters.redelivered += _redeliveries(messages)
+                counters.redelivered += self._track(messages)
                 return True
         self._unwritten.extend(m.id for m in messages)
         return False
 
-
-def _redeliveries(messages: Sequence[Message]) -> int:
-    """How many of ``messages`` were handed out before. A plain loop: half the cost of ``sum()`` over a generator."""
-    n = 0
-    for m in messages:
-        if m.attempt > 1:
-            n += 1
-    return n
+    def _track(self, messages: Sequence[Message]) -> int:
+        """Note the DELIVERs of ``messages`` just written: the first ones' latency since acceptance, each one's
+        ``sent_at`` for its ACK's latency; how many were redeliveries. One plain loop (half the cost of ``sum()``
+        over a generator); what it keeps is bounded by the in-flight window (:data:`SENT_AT_SLACK`)."""
+        sent_at = self._sent_at
+        if len(sent_at) > self._window * SENT_AT_SLACK:
+            sent_at.clear()  # ids that left the window behind our back (expired, ACKed elsewhere)
+        latency = self._counters.deliver_latency
+        now = self._clock()
+        n = 0
+        for m in messages:
+            sent_at[m.id] = m.sent_at
+            if m.attempt > 1:
+                n += 1
+            else:
+                latency.observe((now - m.sent_at) / 1000)
+        return n

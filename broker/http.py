@@ -108,6 +108,9 @@ from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
 from .health import StoreHealth
 from .listeners import port_of
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ScrapeRule
+from .metrics import render as render_metrics
 from .openapi import (
     DEFAULT_PENDING_LIMIT,
     DEFAULT_STATUS_LIMIT,
@@ -164,6 +167,8 @@ class BrokerParts:
     stats: Stats
     ws_port: int
     """The WebSocket listener's port, for the demo page served over HTTP."""
+    ready: Callable[[], str | None]
+    """Why the broker is not ready for new clients (``GET /readyz``), or None: :attr:`Broker.ready`."""
     wss_port: int | None = None
     """The ``wss://`` listener's port, for the demo page served over HTTPS (its WebSocket must be TLS too)."""
 
@@ -562,6 +567,7 @@ class _Api:
         self.max_frame_bytes = limit
         # base64 in JSON grows a body by 4/3.
         self.max_request_bytes = limit * 4 // 3 + BODY_SLACK_BYTES
+        self.scrape_rule = ScrapeRule(parts.config.metrics_open_networks)
 
     def identity(self, request: Request) -> Identity:
         header = request.headers.get("authorization")
@@ -684,6 +690,23 @@ class _Api:
     async def stats(self, request: Request) -> Response:
         self.operator(request)
         return _respond(request, {"stats": (await self.parts.stats.snapshot()).to_wire()})
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics (``broker.metrics``): open to ``metrics_open_networks``, else an operator's."""
+        if not self.scrape_rule.open_to(request.client.host if request.client else None):
+            self.operator(request)
+        return Response(render_metrics(await self.parts.stats.snapshot()), media_type=METRICS_CONTENT_TYPE)
+
+    async def healthz(self, request: Request) -> Response:
+        """The process answers (liveness): no store call, no token."""
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+    async def readyz(self, request: Request) -> Response:
+        """Ready for new clients (readiness): listening, not draining, the store reachable; else 503 and why."""
+        reason = self.parts.ready()
+        if reason is None:
+            return Response(b'{"ready":true}', media_type=JSON)
+        return Response(json.dumps({"ready": False, "reason": reason}).encode(), 503, media_type=JSON)
 
     async def cleanup(self, request: Request) -> Response:
         self.operator(request)
@@ -873,6 +896,9 @@ def create_app(parts: BrokerParts) -> Starlette:
         Route("/relay/keys", guard(api.keys), methods=["GET", "PUT"]),
         Route("/relay/stats", guard(api.stats), methods=["GET"]),
         Route("/relay/cleanup", guard(api.cleanup), methods=["POST"]),
+        Route("/metrics", guard(api.metrics), methods=["GET"]),
+        Route("/healthz", guard(api.healthz), methods=["GET"]),
+        Route("/readyz", guard(api.readyz), methods=["GET"]),
         Route("/openapi.json", guard(api.openapi), methods=["GET"]),
         # Not API: the demo page and its modules (kept out of the OpenAPI description).
         Route("/", _index(parts.ws_port, parts.wss_port), methods=["GET"], include_in_schema=False),

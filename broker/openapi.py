@@ -204,7 +204,29 @@ _SCHEMAS: dict[str, Any] = {
     "StatsResult": _object({"stats": {"type": "object", "additionalProperties": _UINT}}),
     "CleanupResult": _object({"purged": _UINT}),
     "OpenApi": {"type": "object", "description": "This document."},
+    "Metrics": {
+        "type": "string",
+        "description": "Prometheus text exposition format (docs/http-api.md, Metrics, lists every metric).",
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"const": "ok"}},
+        "description": "The process answers.",
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["ready"],
+        "properties": {
+            "ready": {"type": "boolean"},
+            "reason": {"type": "string", "description": "Why not (503 only): draining, store unreachable, starting."},
+        },
+    },
 }
+
+
+METRICS_MEDIA = "text/plain"
+"""The media type /metrics is described with (its answer's Content-Type adds the format's version)."""
 
 
 def _content(schema: str, media: tuple[str, ...] = ("application/json", "application/cbor")) -> dict[str, Any]:
@@ -372,6 +394,34 @@ def openapi_spec() -> dict[str, Any]:
                 "post": _operation(
                     "Purge expired messages now (operator token)", response="CleanupResult", errors=("401", "403")
                 )
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics: open to metrics_open_networks (loopback), else an operator token",
+                    # No token needed from the open networks, an operator token from anywhere else.
+                    "security": [{}, {"bearer": []}],
+                    "responses": {
+                        "200": {"description": "OK", "content": _content("Metrics", (METRICS_MEDIA,))},
+                        **_errors("401", "403"),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness: the process answers (no token, no store call)",
+                    "security": [],
+                    "responses": {"200": {"description": "OK", "content": _content("Health", ("application/json",))}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: listening, not draining, the store reachable (no token)",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "Ready", "content": _content("Readiness", ("application/json",))},
+                        "503": {"description": "Not ready", "content": _content("Readiness", ("application/json",))},
+                    },
+                }
             },
             "/openapi.json": {
                 "get": {

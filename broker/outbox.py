@@ -28,6 +28,8 @@ import trio
 from wire import ErrorCode
 from wire.transport import Transport, TransportClosed
 
+from .stats import Counters
+
 __all__ = ["Outbox"]
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Outbox:
     """
 
     __slots__ = (
+        "_counters",
         "_max_bytes",
         "_on_close",
         "_on_space",
@@ -58,9 +61,15 @@ class Outbox:
     )
 
     def __init__(
-        self, transport: Transport, *, max_bytes: int, on_close: Callable[[ErrorCode | None, str], None]
+        self,
+        transport: Transport,
+        *,
+        max_bytes: int,
+        on_close: Callable[[ErrorCode | None, str], None],
+        counters: Counters | None = None,
     ) -> None:
         self.transport = transport
+        self._counters = counters if counters is not None else Counters()  # frames and bytes out
         self._max_bytes = max_bytes
         self.soft_limit = max_bytes // 2
         """Producers stop at this many unsent bytes."""
@@ -92,11 +101,14 @@ class Outbox:
         without blocking, otherwise queued for the writer. Dropped once the outbox is closing."""
         if self.closing:
             return
+        counters = self._counters
+        counters.frames_out += len(frames)
         if not self._out and self.writing_since is None:
             # Nothing queued and no write in progress, so order is kept; frames the socket buffer
             # takes at once cost no task switch (what online latency is made of).
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             sent = self.transport.send_some_nowait(data)
+            counters.bytes_out += sent
             if sent == len(data):
                 return
             frames = [data[sent:] if sent else data]  # only a byte stream takes part: any split of it will do
@@ -158,6 +170,7 @@ class Outbox:
                     return
                 self.writing_since = None
                 self.unsent -= nbytes
+                self._counters.bytes_out += nbytes
                 if self.unsent < self.soft_limit:
                     self._space_freed()
 

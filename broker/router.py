@@ -284,6 +284,7 @@ class Router:
         """Delete ACKed messages of ``mailbox`` (valid whoever sends them); "delivered" statuses for those
         sent with ``notify`` (:meth:`report`). Raises what the store's ACK raises (never for the statuses)."""
         result = await self.store.ack_many(mailbox, ids, self.clock())
+        self.counters.acknowledged += result.deleted
         if result.notices:
             await self.report(result.notices)
         return Acked(result, (mailbox,) if result.deleted else ())

@@ -7,8 +7,10 @@ a store given (then with a :class:`~broker.presence.LocalPresence`), and builds 
 :class:`~broker.stats.Stats` and one :class:`~broker.router.Router` over them.
 :meth:`Broker.serve` opens the listeners (``broker.listeners.open_listeners``, or serves
 injected ones), starts TCP, HTTP and WebSocket serving and the sweeper
-(:meth:`Router.cleanup` every ``cleanup_interval_s``) and the store health's reconnect task
-(:class:`~broker.health.StoreHealth`: probes with backoff while the store is unreachable);
+(:meth:`Router.cleanup` every ``cleanup_interval_s``), the store health's reconnect task
+(:class:`~broker.health.StoreHealth`: probes with backoff while the store is unreachable) and the
+event-loop lag watch (:meth:`Stats.watch_loop_lag`); :attr:`Broker.ready` says whether it should get
+new clients (``GET /readyz``: listening, not draining, the store reachable);
 every accepted connection becomes
 a :class:`~broker.session.Session`, given the router, presence, statistics, store,
 configuration and authenticator (not the broker), in a handler nursery. Shutdown is a
@@ -31,6 +33,7 @@ import trio
 from wire import Error as ErrorFrame
 from wire import ErrorCode, Receipt, Send, encode_frame
 from wire.transport import StreamTransport, Transport, TransportClosed
+from wire.websocket import WebSocketTransport
 
 from .auth import Authenticator
 from .backend import Backend, open_backend, probed_health
@@ -44,7 +47,7 @@ from .stats import Counters, Stats
 from .store.base import AckResult, Clock, Message, Store, wall_clock_ms
 from .tls import ServerTLS, accept_tls
 
-__all__ = ["Broker", "Counters"]
+__all__ = ["Broker", "Counters", "transport_name"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,11 @@ _PLAIN_ON_TLS_PORT = encode_frame(
     )
 )
 """What a plain client on a tls:// port gets, in plain, before the connection closes (protocol.md 2.7)."""
+
+
+def transport_name(transport: Transport) -> str:
+    """What a connection's transport is called in the statistics: ``websocket``, else ``tcp``."""
+    return "websocket" if isinstance(transport, WebSocketTransport) else "tcp"
 
 
 class Broker:
@@ -97,6 +105,7 @@ class Broker:
         self._listeners = listeners
         self.tcp_port: int | None = None
         self._stopping = False
+        self._listening = False  # every listener is being served
         self._handlers_done = trio.Event()
         self._backend_done = trio.Event()
         self.ws_port: int | None = None
@@ -112,7 +121,13 @@ class Broker:
         self.store, self.presence = store, presence = backend.store, backend.presence
         self.health = health = backend.health
         self.stats = Stats(
-            store, presence, self.sessions.__len__, clock=self.clock, round_trips=backend.round_trips, health=health
+            store,
+            presence,
+            self.sessions.__len__,
+            clock=self.clock,
+            round_trips=backend.round_trips,
+            health=health,
+            store_call_latency=backend.call_latency,
         )
         self.counters = self.stats.counters
         self.router = Router(self.config, store, presence, self.counters, clock=self.clock, health=health)
@@ -176,11 +191,13 @@ class Broker:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.sweep_forever)
                         nursery.start_soon(self.health.run)
+                        nursery.start_soon(self.stats.watch_loop_lag)
                         if streams := [*opened.tcp, *opened.tls]:
                             await nursery.start(
                                 partial(trio.serve_listeners, self._handle_stream, streams, handler_nursery=handlers)
                             )
                         await self._serve_browsers(handlers, opened)
+                        self._listening = True
                         task_status.started(self)
                         await trio.sleep_forever()
                 finally:
@@ -219,6 +236,7 @@ class Broker:
             stats=self.stats,
             ws_port=opened.ws_port or self.config.ws_port,
             wss_port=opened.wss_port,
+            ready=lambda: self.ready,
         )
         own = []
         if opened.http:  # injected listeners may have none
@@ -280,11 +298,15 @@ class Broker:
             stats=self.stats,
             store=self.store,
         )
+        open_now = self.counters.connections
+        kind = transport_name(transport)
         self.sessions.add(session)
+        open_now[kind] = open_now.get(kind, 0) + 1
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            open_now[kind] -= 1
 
     def _refusal(self) -> ErrorFrame | None:
         """The closing ERROR for a connection the broker will not serve now, or None."""
@@ -296,6 +318,18 @@ class Broker:
                 message=f"the broker holds {self.config.max_connections} connections already",
                 close=True,
             )
+        return None
+
+    @property
+    def ready(self) -> str | None:
+        """Why this broker should not be sent new clients now (``GET /readyz``), or None if it is ready:
+        not yet listening, draining for shutdown, or its store unreachable (the health's judgement)."""
+        if self._stopping:
+            return "draining: the broker is shutting down"
+        if not self._listening:
+            return "not listening yet"
+        if not self.health.available:
+            return "the store cannot be reached"
         return None
 
     async def sweep_forever(self) -> None:

@@ -116,9 +116,12 @@ class Session:
         self._presence = presence
         self._stats = stats
         self._health: StoreHealth = stats.health
+        self._counters = stats.counters
         self._store = store
         self.conn = Connection(Role.BROKER, max_frame_bytes=config.max_frame_bytes)
-        self.outbox = Outbox(transport, max_bytes=config.max_outbound_bytes, on_close=self.close)
+        self.outbox = Outbox(
+            transport, max_bytes=config.max_outbound_bytes, on_close=self.close, counters=stats.counters
+        )
         self.identity: Identity | None = None
         self.mailbox: str | None = None
         self.claim: Claim | None = None
@@ -321,7 +324,11 @@ class Session:
             data = await self.transport.receive_some()
             if not data:
                 return None
-            return self.conn.receive_data(data)
+            frames = self.conn.receive_data(data)
+            counters = self._counters
+            counters.bytes_in += len(data)
+            counters.frames_in += len(frames)
+            return frames
         except RemoteProtocolError as exc:
             log.info("%s protocol error from peer: %s %s", self.id, exc.code.name, exc.message)
             self.close(exc.code, exc.message)
@@ -402,7 +409,7 @@ class Session:
             return True
         if kept:
             self._forget_acks(ids)
-        self.delivery.acked(acked.result, fetches)
+        self.delivery.acked(acked.result, fetches, ids)
         return True
 
     def _keep_acks(self, exc: OSError, ids: Sequence[str]) -> None:

@@ -12,13 +12,24 @@ with what the node knows: ``relay`` is None and the map carries the node-local k
 (``store_available`` 0). :data:`STATS_NAMES` is protocol.md section 10's list of
 keys, in the order the STATS_RESULT map has always carried them (so its bytes do not
 change); :meth:`Statistics.to_wire` is the one place that builds that map.
+
+Besides the STATS figures the node keeps what only the metrics exporter (``broker.metrics``,
+``GET /metrics``) renders, in :class:`NodeActivity`: frames and bytes in and out, connections open by transport, and
+:class:`Histogram` objects (delivery latency, event-loop lag, store call latency). A histogram is
+a fixed list of ints, one per bucket of its fixed bounds: observing a value is a bisection
+and one integer add, with nothing allocated per observation and nothing of prometheus-client
+on a hot path; the exporter reads the counts at scrape time (:meth:`Histogram.snapshot`).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-from collections.abc import Callable, Mapping
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import trio
 
 from wire import ErrorCode
 
@@ -31,7 +42,13 @@ __all__ = [
     "REFUSAL_NAMES",
     "RELAY_NAMES",
     "STATS_NAMES",
+    "DELIVER_LATENCY_BOUNDS_S",
+    "LOOP_LAG_BOUNDS_S",
+    "STORE_CALL_BOUNDS_S",
     "Counters",
+    "Histogram",
+    "HistogramSnapshot",
+    "NodeActivity",
     "NodeStatistics",
     "Stats",
     "Statistics",
@@ -47,6 +64,9 @@ REFUSAL_NAMES: Mapping[ErrorCode, str] = {
     ErrorCode.BODY_TOO_LARGE: "refused_body_too_large",
 }
 """The per-code refusal counters: every code a SEND result (or a whole SEND) can be refused with."""
+
+LOOP_LAG_INTERVAL_S = 0.25
+"""How often the loop-lag task wakes to measure how late its timer fired (four cheap wake-ups a second)."""
 
 STATS_NAMES: tuple[str, ...] = (
     # relay-wide: the store's figures
@@ -83,6 +103,63 @@ STATS_NAMES: tuple[str, ...] = (
     "key_lookups_total",
 )
 """protocol.md section 10: every STATS_RESULT key, in wire order (the one list of these names)."""
+
+DELIVER_LATENCY_BOUNDS_S: tuple[float, ...] = (
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+    86400.0,
+)  # fmt: skip
+"""Bucket bounds (s) of the latencies from a message's acceptance to its DELIVER and to its ACK (to the ms: ``sent_at``
+ is epoch ms): online delivery
+online delivery up to a recipient offline for a day (anything later is counted in +Inf)."""
+LOOP_LAG_BOUNDS_S: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+"""Bucket bounds (s) of the event loop's lag: how late a timer of the loop-lag task woke."""
+STORE_CALL_BOUNDS_S: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+)  # fmt: skip
+"""Bucket bounds (s) of a networked store's round trips (up to the Redis client's command timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """A :class:`Histogram`'s figures at one moment."""
+
+    bounds: tuple[float, ...]
+    """Upper bounds of the buckets (each bucket holds the values <= its bound and > the one before)."""
+    counts: tuple[int, ...]
+    """Observations per bucket, not cumulative; one more than ``bounds`` (the last: above every bound)."""
+    sum: float
+    """Sum of the values observed."""
+
+    @property
+    def count(self) -> int:
+        """Observations in all."""
+        return sum(self.counts)
+
+
+class Histogram:
+    """Observations counted in fixed buckets: a list of ints, so observing allocates nothing (module docstring).
+
+    Raises ValueError if ``bounds`` is empty or not strictly increasing.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        if not bounds or any(a >= b for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"histogram bounds must be strictly increasing and not empty, not {bounds!r}")
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation of ``value`` (a value equal to a bound is in that bound's bucket)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        """The figures now."""
+        return HistogramSnapshot(self.bounds, tuple(self.counts), self.sum)
+
 
 RELAY_NAMES = tuple(f.name for f in dataclasses.fields(StoreStatistics))
 """The relay-wide names: :class:`~broker.store.base.StoreStatistics`' fields."""
@@ -133,6 +210,32 @@ class NodeStatistics:
         return value
 
 
+@dataclass(frozen=True, slots=True)
+class NodeActivity:
+    """What this node saw that STATS does not carry (protocol.md section 10 stays as it is): the metrics'."""
+
+    acknowledged_total: int = 0
+    """Messages deleted by ACK (or the HTTP API's acknowledge) through this node."""
+    frames_in_total: int = 0
+    """Frames decoded from clients (TCP and WebSocket; not the HTTP API)."""
+    bytes_in_total: int = 0
+    """Frame bytes read from clients."""
+    frames_out_total: int = 0
+    """Frames handed to the connections' writers."""
+    bytes_out_total: int = 0
+    """Frame bytes written to clients."""
+    connections_by_transport: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Connections open now per transport (``tcp``, ``websocket``); their sum is ``connections``."""
+    deliver_latency: HistogramSnapshot | None = None
+    """Seconds from a message's acceptance (its ``sent_at``) to its first DELIVER being written."""
+    ack_latency: HistogramSnapshot | None = None
+    """Seconds from a message's acceptance to its ACK (ACKs over the session its DELIVER went on)."""
+    loop_lag: HistogramSnapshot | None = None
+    """Seconds the loop-lag task's timer woke late (None before the broker serves)."""
+    store_call_latency: HistogramSnapshot | None = None
+    """Seconds per round trip to a networked store (None for the in-memory store)."""
+
+
 _CODE_OF = {name: code for code, name in REFUSAL_NAMES.items()}
 _NODE_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeStatistics))
 NODE_NAMES = tuple(name for name in STATS_NAMES if name not in RELAY_NAMES)
@@ -146,6 +249,8 @@ class Statistics:
     node: NodeStatistics
     relay: StoreStatistics | None
     """None when the store could not be reached for them."""
+    activity: NodeActivity = NodeActivity()
+    """This node's figures beyond STATS (metrics only)."""
 
     def to_wire(self) -> dict[str, int]:
         """The STATS_RESULT map: every name of :data:`STATS_NAMES`, in order (without ``relay``: the node's only)."""
@@ -160,8 +265,16 @@ class Counters:
     """Node-local cumulative counters, bumped where things happen (router, delivery pump)."""
 
     __slots__ = (
+        "ack_latency",
+        "acknowledged",
+        "bytes_in",
+        "bytes_out",
+        "connections",
+        "deliver_latency",
         "delivered",
         "duplicates",
+        "frames_in",
+        "frames_out",
         "key_lookups",
         "keys_put",
         "keys_put_refused",
@@ -196,6 +309,22 @@ class Counters:
         """Key records refused with INVALID_KEY."""
         self.key_lookups = 0
         """Mailboxes looked up in the key directory."""
+        self.acknowledged = 0
+        """Messages deleted by ACK through this node."""
+        self.frames_in = 0
+        """Frames decoded from clients."""
+        self.bytes_in = 0
+        """Frame bytes read from clients."""
+        self.frames_out = 0
+        """Frames handed to the writers."""
+        self.bytes_out = 0
+        """Frame bytes written to clients."""
+        self.connections: dict[str, int] = {}
+        """Connections open now, per transport name."""
+        self.deliver_latency = Histogram(DELIVER_LATENCY_BOUNDS_S)
+        """Seconds from acceptance to the first DELIVER written."""
+        self.ack_latency = Histogram(DELIVER_LATENCY_BOUNDS_S)
+        """Seconds from acceptance to the ACK."""
 
     def refuse(self, code: int) -> None:
         """Count one refusal with ``code`` (an ErrorCode of :data:`REFUSAL_NAMES`; KeyError otherwise)."""
@@ -219,8 +348,13 @@ class Stats:
         clock: Clock,
         health: StoreHealth,
         round_trips: Callable[[], int] = lambda: 0,
+        store_call_latency: Histogram | None = None,
     ) -> None:
         self.counters = Counters()
+        self.loop_lag: Histogram | None = None
+        """The loop-lag task's histogram, once :func:`watch_loop_lag` runs."""
+        self.store_call_latency = store_call_latency
+        """A networked store's round-trip latency (None in memory)."""
         self.health = health
         self._store = store
         self._presence = presence
@@ -258,4 +392,28 @@ class Stats:
             keys_put_refused_total=c.keys_put_refused,
             key_lookups_total=c.key_lookups,
         )
-        return Statistics(node, relay)
+        activity = NodeActivity(
+            acknowledged_total=c.acknowledged,
+            frames_in_total=c.frames_in,
+            bytes_in_total=c.bytes_in,
+            frames_out_total=c.frames_out,
+            bytes_out_total=c.bytes_out,
+            connections_by_transport=dict(c.connections),
+            deliver_latency=c.deliver_latency.snapshot(),
+            ack_latency=c.ack_latency.snapshot(),
+            loop_lag=None if self.loop_lag is None else self.loop_lag.snapshot(),
+            store_call_latency=None if self.store_call_latency is None else self.store_call_latency.snapshot(),
+        )
+        return Statistics(node, relay, activity)
+
+    async def watch_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Measure the event loop's lag until cancelled: sleep ``interval_s``, observe how late the wake-up came.
+
+        A loop busy with other tasks wakes the timer late by about as long as its longest run without a
+        checkpoint. Never returns.
+        """
+        lag = self.loop_lag = Histogram(LOOP_LAG_BOUNDS_S)
+        while True:
+            due = trio.current_time() + interval_s
+            await trio.sleep_until(due)
+            lag.observe(max(trio.current_time() - due, 0.0))

@@ -181,6 +181,7 @@ from coredis.exceptions import NoScriptError
 from wire import KeyRecord, ReportState
 
 from ..redis_client import redis_errors
+from ..stats import STORE_CALL_BOUNDS_S, Histogram
 from .base import (
     AckResult,
     Batch,
@@ -950,6 +951,8 @@ class RedisStore:
         self.sync_interval_s = sync_interval_s
         self.round_trips = 0
         """Redis round trips so far: pipelines and single calls (a cluster pipeline: one per shard it touches)."""
+        self.call_latency = Histogram(STORE_CALL_BOUNDS_S)
+        """Seconds per round trip of this store's calls (pipelines and single calls, failed ones too)."""
         self._scripts = {name: client.register_script(text) for name, text in _SCRIPTS.items()}
         self._counters_key = f"{{{prefix}}}:counters"
         self._due_key = f"{{{prefix}}}:due"
@@ -982,9 +985,13 @@ class RedisStore:
 
     async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         """Send ``calls`` in one non-transactional pipeline; each result or its error, in order."""
-        async with self.client.pipeline(transaction=False, raise_on_error=False) as pipe:
-            for script, keys, args in calls:
-                pipe.evalsha(script.sha, keys=keys, args=args)
+        began = trio.current_time()
+        try:
+            async with self.client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, keys=keys, args=args)
+        finally:
+            self.call_latency.observe(trio.current_time() - began)
         self.round_trips += 1
         return list(pipe.results or ())
 
@@ -1368,18 +1375,26 @@ class RedisStore:
             raise ValueError(f"a key record TTL must be at least 1 ms, not {ttl_ms}")
         [key] = self._keys(mailbox, _KEY_KEYS)
         value = _KEY_EXPIRY.pack(now_ms + ttl_ms) + record.ik + record.ek + record.sig + record.kid.encode("ascii")
-        with trio.CancelScope(shield=True), redis_errors():  # (shielded as in _run)
-            await self.client.set(key, value, px=ttl_ms + self.expiry_margin_ms)
+        began = trio.current_time()
+        try:
+            with trio.CancelScope(shield=True), redis_errors():  # (shielded as in _run)
+                await self.client.set(key, value, px=ttl_ms + self.expiry_margin_ms)
+        finally:
+            self.call_latency.observe(trio.current_time() - began)
         self.round_trips += 1
 
     async def get_keys(self, mailboxes: Sequence[str], now_ms: int) -> dict[str, KeyRecord]:
         wanted = list(dict.fromkeys(mailboxes))
         if not wanted:
             return {}
-        with trio.CancelScope(shield=True), redis_errors():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for mailbox in wanted:
-                    pipe.get(self._keys(mailbox, _KEY_KEYS)[0])
+        began = trio.current_time()
+        try:
+            with trio.CancelScope(shield=True), redis_errors():
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for mailbox in wanted:
+                        pipe.get(self._keys(mailbox, _KEY_KEYS)[0])
+        finally:
+            self.call_latency.observe(trio.current_time() - began)
         self.round_trips += 1
         out: dict[str, KeyRecord] = {}
         for mailbox, value in zip(wanted, pipe.results or (), strict=True):

@@ -221,6 +221,17 @@ def test_max_recipients_must_leave_room_for_the_largest_receipt(frame: int, reci
             BrokerConfig(max_frame_bytes=frame, max_recipients=recipients)
 
 
+def test_metrics_open_networks_are_networks() -> None:
+    assert BrokerConfig().metrics_open_networks == ("127.0.0.0/8", "::1/128")
+    assert BrokerConfig.load(environ={"RELAY_METRICS_OPEN_NETWORKS": "10.0.0.0/8,fd00::/8"}).metrics_open_networks == (
+        "10.0.0.0/8",
+        "fd00::/8",
+    )
+    assert BrokerConfig.load(environ={"RELAY_METRICS_OPEN_NETWORKS": ""}).metrics_open_networks == ()
+    with pytest.raises(ConfigError, match="is not a network like"):
+        BrokerConfig(metrics_open_networks=("10.0.0.1/8",))
+
+
 def test_toml_is_read_by_section(tmp_path: Path) -> None:
     toml = tmp_path / "relay.toml"
     toml.write_text(
@@ -239,7 +250,7 @@ def test_each_setting_has_its_section() -> None:
     assert sections == {
         BROKER: [
             "host", "tcp_port", "ws_port", "http_port", "listeners", "tls_port", "wss_port", "https_port",
-            "tls_cert_file", "tls_key_file", "allowed_origins", "data_dir", "token_leeway_s",
+            "tls_cert_file", "tls_key_file", "allowed_origins", "metrics_open_networks", "data_dir", "token_leeway_s",
             "token_keys_dir", "token_jwks_file", "handshake_timeout_s", "keepalive_s", "cleanup_interval_s",
             "shutdown_grace_s",
         ],
@@ -438,6 +449,7 @@ TODAYS_FLAGS = {
     "--tls-cert-file": "/tmp/relay-flags/cert.pem",
     "--tls-key-file": "/tmp/relay-flags/key.pem",
     "--allowed-origins": "https://a.example",
+    "--metrics-open-networks": "10.0.0.0/8",
     "--data-dir": "/tmp/relay-flags",
     "--store": "memory",
     "--store-prefix": "relay-a",

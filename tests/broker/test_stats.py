@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from broker.backend import probed_health
 from broker.presence import LocalPresence
-from broker.stats import NODE_NAMES, REFUSAL_NAMES, RELAY_NAMES, STATS_NAMES, NodeStatistics, Statistics, Stats
+from broker.stats import (
+    NODE_NAMES,
+    REFUSAL_NAMES,
+    RELAY_NAMES,
+    STATS_NAMES,
+    Histogram,
+    NodeStatistics,
+    Statistics,
+    Stats,
+)
 from broker.store.base import StoreStatistics
 from broker.store.memory import MemoryStore
 from tests.wire.test_protocol_doc import SPEC_STATS
@@ -63,3 +74,17 @@ async def test_a_snapshot_reads_the_store_presence_connections_and_counters() ->
     assert snapshot.to_wire()["store_round_trips"] == 0  # nothing networked
     counted = Stats(store, presence, lambda: 0, clock=lambda: 0, health=probed_health(store), round_trips=lambda: 17)
     assert (await counted.snapshot()).to_wire()["store_round_trips"] == 17
+
+
+def test_a_histogram_counts_each_value_in_the_bucket_of_the_first_bound_not_below_it() -> None:
+    histogram = Histogram((0.001, 0.01, 1.0))
+    for v in (0.0, 0.001, 0.0011, 0.5, 1.0, 2.0, 2.0):
+        histogram.observe(v)
+    snap = histogram.snapshot()
+    assert snap.counts == (2, 1, 2, 2) and snap.count == 7
+    assert snap.sum == pytest.approx(5.5021)
+    histogram.observe(0.0)
+    assert snap.counts == (2, 1, 2, 2), "a snapshot does not change afterwards"
+    for bad in ((), (1.0, 1.0), (2.0, 1.0)):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            Histogram(bad)

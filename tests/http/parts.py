@@ -18,6 +18,7 @@ def parts_of(broker: Broker) -> BrokerParts:
         presence=broker.presence,
         stats=broker.stats,
         ws_port=broker.ws_port or broker.config.ws_port,
+        ready=lambda: broker.ready,
     )
 
 
