@@ -208,9 +208,10 @@ class BrokerConfig:
     tls_key_file: Path | None = field(default=None, metadata=_in(BROKER))
     """PEM file with the private key of ``tls_cert_file`` (unencrypted)."""
     allowed_origins: tuple[str, ...] = field(default=(), metadata=_in(BROKER, _origins, tidy=_without_trailing_slashes))
-    """Browser origins allowed to open a WebSocket besides the HTTP listener's own (comma-separated).
+    """Browser origins besides the broker's own that may open a WebSocket and call the HTTP API (comma-separated).
 
-    E.g. ``https://chat.example.org``. A handshake without an Origin header (not a browser) is allowed."""
+    E.g. ``https://chat.example.org``. One rule for both, CORS preflight included
+    (:class:`broker.origins.OriginPolicy`). A request without an Origin header (not a browser) is not its concern."""
     metrics_open_networks: tuple[str, ...] = field(default=("127.0.0.0/8", "::1/128"), metadata=_in(BROKER, _networks))
     """Networks whose clients may read ``GET /metrics`` without a token (comma-separated; default loopback).
 

@@ -16,7 +16,8 @@ after a seq; changes nothing either), ``POST /relay/statuses/acknowledge`` is
 (KEY_GET), ``/relay/stats`` is
 ``stats.snapshot().to_wire()`` (the STATS_RESULT map) and ``/relay/cleanup`` is
 ``router.cleanup`` (the one expiry path). Tokens are the same JWTs, sent as
-``Authorization: Bearer``.
+``Authorization: Bearer``. Pages on other origins get CORS (:class:`broker.origins.Cors`) by the
+WebSocket listener's own origin policy (``BrokerParts.origins``).
 
 Bodies are JSON (``application/json``, byte strings as standard base64) or CBOR
 (``application/cbor``, byte strings native), chosen by ``Content-Type`` for requests
@@ -72,7 +73,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -118,6 +119,7 @@ from .openapi import (
     MAX_STATUS_LIMIT,
     openapi_spec,
 )
+from .origins import Cors, OriginPolicy
 from .presence import Presence
 from .router import Router, SendOutcome
 from .stats import Stats
@@ -171,6 +173,9 @@ class BrokerParts:
     """Why the broker is not ready for new clients (``GET /readyz``), or None: :attr:`Broker.ready`."""
     wss_port: int | None = None
     """The ``wss://`` listener's port, for the demo page served over HTTPS (its WebSocket must be TLS too)."""
+    origins: OriginPolicy = field(default_factory=lambda: OriginPolicy(()))
+    """Which browser origins get CORS (:class:`~broker.origins.Cors`): the Broker gives the WebSocket
+    listener's own policy; by default no other origin."""
 
 
 class ApiError(Exception):
@@ -879,7 +884,8 @@ class _Upload:
 
 
 def create_app(parts: BrokerParts) -> Starlette:
-    """The ASGI app: API routes (in the OpenAPI description), then the demo page and JS modules."""
+    """The ASGI app: API routes (in the OpenAPI description), then the demo page and JS modules; CORS for the
+    browser origins ``parts.origins`` permits, with the routes' methods."""
     api = _Api(parts)
 
     def guard(
@@ -905,9 +911,10 @@ def create_app(parts: BrokerParts) -> Starlette:
         Route("/js/{path:path}", guard(_js), methods=["GET"], include_in_schema=False),
         Mount("/static", StaticFiles(packages=[("broker", "static")]), name="static"),
     ]
+    methods = {m for r in routes if isinstance(r, Route) for m in r.methods or ()}
     return Starlette(
         routes=routes,
-        middleware=[Middleware(_FinishUpload)],
+        middleware=[Middleware(Cors, policy=parts.origins, methods=methods), Middleware(_FinishUpload)],
         exception_handlers={HTTPException: _http_exception},
     )
 

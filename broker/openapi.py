@@ -285,7 +285,9 @@ def openapi_spec() -> dict[str, Any]:
             "description": (
                 "A fallback for clients without WebSockets, with the same semantics as the protocol's frames. "
                 "Bodies are JSON (byte strings base64) or CBOR (application/cbor), chosen by Content-Type and "
-                "Accept. Every error body is {code, message} with the protocol's error code."
+                "Accept. Every error body is {code, message} with the protocol's error code. Pages on other "
+                "origins get CORS (preflight included, no credentials) if the broker allows the origin, by the "
+                "WebSocket's rule: its own origins and allowed_origins (docs/http-api.md)."
             ),
         },
         "paths": {

@@ -225,9 +225,13 @@ class Broker:
         """Start the HTTP and HTTPS listeners (API, demo page) if there are any, then the WebSocket listeners (plain and
         TLS) trusting their origins."""
         from .http import BrokerParts, serve_http
-        from .websocket import OriginPolicy, serve_websocket
+        from .origins import OriginPolicy
+        from .websocket import serve_websocket
 
-        host = self.config.host
+        # One policy for the WebSocket check and the HTTP API's CORS (broker/origins.py).
+        origins = OriginPolicy.of_broker(
+            self.config.host, opened.http_port, opened.https_port, self.config.allowed_origins
+        )
         parts = BrokerParts(
             config=self.config,
             auth=self.auth,
@@ -237,14 +241,12 @@ class Broker:
             ws_port=opened.ws_port or self.config.ws_port,
             wss_port=opened.wss_port,
             ready=lambda: self.ready,
+            origins=origins,
         )
-        own = []
         if opened.http:  # injected listeners may have none
             self.http_port = await nursery.start(serve_http, parts, opened.http)
-            own += [f"http://{h}:{self.http_port}" for h in {host, "localhost", "127.0.0.1"}]
         if opened.https:
             self.https_port = await nursery.start(partial(serve_http, parts, opened.https, tls=self.tls))
-            own += [f"https://{h}:{self.https_port}" for h in {host, "localhost", "127.0.0.1"}]
         if websockets := [*opened.ws, *opened.wss]:
             await nursery.start(
                 partial(
@@ -252,7 +254,7 @@ class Broker:
                     self.handle_transport,
                     websockets,
                     max_frame_bytes=self.config.max_frame_bytes,
-                    origins=OriginPolicy([*own, *self.config.allowed_origins]),
+                    origins=origins,
                     tls_handshake_timeout_s=self.config.handshake_timeout_s,
                 )
             )

@@ -5,7 +5,8 @@ Theory of operation. :func:`serve_websocket` accepts connections on listeners ma
 each with ``wrap_server_stream`` (public API only), bounding the upgrade with
 :data:`CONNECT_TIMEOUT_S` as ``WebSocketServer`` would. Each upgrade request is
 checked before it is accepted: the path must be ``/relay`` (else HTTP 404) and a
-browser's ``Origin`` must be allowed (else HTTP 403). A request without an ``Origin``
+browser's ``Origin`` must be allowed by the broker's :class:`~broker.origins.OriginPolicy` (else HTTP 403;
+the HTTP API's CORS uses the same policy). A request without an ``Origin``
 header is not from a browser page (browsers always send one on WebSocket handshakes) and
 is allowed: the token in HELLO is what authenticates. An accepted WebSocket is wrapped in
 :class:`wire.websocket.WebSocketTransport` and handed to the broker's
@@ -46,7 +47,7 @@ to find one from the other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import trio
@@ -54,12 +55,12 @@ from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from wire.websocket import WebSocketTransport
 
+from .origins import OriginPolicy
 from .tls import accept_tls
 
 __all__ = [
     "PREWELCOME_READ_BYTES",
     "WEBSOCKET_PATH",
-    "OriginPolicy",
     "ReadBudget",
     "WebSocketTransport",
     "serve_websocket",
@@ -88,17 +89,6 @@ PLAIN_ON_WSS_PORT = (
     + _PLAIN_ON_WSS_TEXT
 )
 """What a plain HTTP request on a wss:// port gets, in plain, before the connection closes (protocol.md 2.7)."""
-
-
-class OriginPolicy:
-    """Which browser origins may open a WebSocket. A missing Origin (non-browser client) is allowed."""
-
-    def __init__(self, allowed: Iterable[str]) -> None:
-        self.allowed = frozenset(o.rstrip("/").lower() for o in allowed)
-
-    def permits(self, origin: str | None) -> bool:
-        """True if a handshake with this ``Origin`` header (None: absent) may be accepted."""
-        return origin is None or origin.rstrip("/").lower() in self.allowed
 
 
 class ReadBudget(trio.abc.Stream):
