@@ -112,8 +112,8 @@ class StreamTransport:
     ``receive_bytes``: bytes asked of the stream per read. ``linger`` (the broker): on
     close, send EOF and drain unread input for up to :data:`LINGER_S` (at most
     :data:`LINGER_MAX_BYTES`), so a last ERROR frame reaches the peer instead of being
-    destroyed by a reset; over TLS (a ``trio.SSLStream``, which cannot half-close) drain the
-    same way, then close with TLS's close_notify; without ``linger``, close at once.
+    destroyed by a reset; over TLS (a ``trio.SSLStream``, which cannot half-close) send TLS's
+    close_notify instead of the EOF and read until the peer closes; without ``linger``, close at once.
     """
 
     __slots__ = ("_fd", "_linger", "_receive_bytes", "stream")
@@ -157,7 +157,7 @@ class StreamTransport:
         """Nothing to do: the decoder bounds what a byte stream buffers before WELCOME (8,192 bytes)."""
 
     async def aclose(self) -> None:
-        """Close (after the linger, if asked for); bounded by :data:`LINGER_S` (twice that over TLS); never raises."""
+        """Close (after the linger, if asked for); bounded by :data:`LINGER_S`; never raises."""
         self._fd = -1  # before the socket closes: its number may be reused at once
         stream = self.stream
         try:
@@ -165,11 +165,10 @@ class StreamTransport:
                 await stream.send_eof()
                 await _drain(stream)
             elif self._linger and isinstance(stream, trio.SSLStream):
-                # TLS has no half-close: the peer learns of the end from the last frame (BYE, or an ERROR with
-                # close) and closes; drain until then, then send TLS's close_notify as the connection closes.
-                await _drain(stream)
+                # TLS's EOF is its close_notify: unwrap() sends it (the peer's reader ends at once, as on a TCP EOF)
+                # and reads what the peer still sends until it closes, so nothing unread makes the close a reset.
                 with trio.move_on_after(LINGER_S):
-                    await stream.aclose()
+                    await stream.unwrap()
         except (*_ERRORS, trio.BusyResourceError):
             pass
         finally:

@@ -218,3 +218,16 @@ async def test_the_relay_cli_sends_over_tls_with_a_ca_file(tmp_path: Path, ca: t
                     assert (delivery.sender, delivery.body, delivery.security) == ("alice", b"hello over tls", "e2e")
                     bob.ack(delivery.id)
                     break
+
+
+async def test_a_goodbye_over_tls_ends_at_once_the_close_notify_is_the_eof(
+    tmp_path: Path, ca: trustme.CA, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After BYE the client waits for the broker to close; over TCP the broker's EOF tells it, over TLS its
+    close_notify must (a broker waiting for the client to close first would wait out its whole linger)."""
+    monkeypatch.setattr("wire.transport.LINGER_S", 3600.0)  # a linger that ran out would fail this test
+    with trio.fail_after(TIMEOUT_S):
+        async with tls_broker(tmp_path, ca.issue_cert("127.0.0.1")) as broker:
+            for url in (f"tls://127.0.0.1:{broker.tls_port}", f"wss://127.0.0.1:{broker.wss_port}/relay"):
+                for _ in range(3):  # each exchange ends with both clients' BYE and close
+                    await exchange(broker, url, url, ca_file=ca_file)
