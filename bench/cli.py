@@ -2,15 +2,16 @@
 
     relay-bench latency     [--rate 1000] [--duration 10] [--warmup 1] [--timer spin|sleep]
     relay-bench throughput  [--pairs 1,100] [--duration 5] [--workers 2] [--batch 256] [--depth 4] [--window 50000]
-                            [--notify]
+                            [--notify] [--e2e] [--tls]
     relay-bench offline     [--messages 100000]
     relay-bench fanout      [--recipients 100] [--rate 100] [--duration 5]
     relay-bench connections [--connections 10000] [--concurrency 64]
     relay-bench compare A.json B.json
 
-Common options: ``--body-bytes 256``, ``--transport tcp|ws``, ``--json FILE``, ``--plot FILE.png``,
-``--no-progress``; ``--url URL --data-dir DIR [--broker-pid PID]`` to use a running broker instead of
-starting one; ``--broker-arg=--max-inflight=512`` (repeatable) to pass settings to a started broker;
+Common options: ``--body-bytes 256``, ``--transport tcp|ws|tls|wss``, ``--json FILE``, ``--plot FILE.png``,
+``--no-progress``; ``--url URL --data-dir DIR [--broker-pid PID] [--ca-file PEM]`` to use a running broker
+instead of starting one (a started one serves tls:// and wss:// with a certificate from a CA made for the run);
+``--broker-arg=--max-inflight=512`` (repeatable) to pass settings to a started broker;
 ``--store redis://HOST:PORT/DB`` (or ``--store redis``: a private Redis the bench starts and stops) for
 the started broker's store, and ``--nodes 2`` for two broker nodes over it (senders on the first,
 recipients on the second).
@@ -63,13 +64,20 @@ def _build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("broker and output")
     g.add_argument(
         "--transport",
-        choices=("tcp", "ws"),
+        choices=("tcp", "ws", "tls", "wss"),
         default="tcp",
-        help="how clients connect to a started broker (default tcp; a --url's scheme decides for itself)",
+        help="how clients connect to a started broker (default tcp; tls and wss over a certificate from a CA made for "
+        "the run; a --url's scheme decides for itself)",
     )
     g.add_argument("--url", help="use this running broker instead of starting one (needs --data-dir)")
     g.add_argument("--data-dir", type=Path, help="the running broker's data dir: its secret signs the bench's tokens")
     g.add_argument("--broker-pid", type=int, help="the running broker's PID, for CPU/RSS (default: found by port)")
+    g.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="PEM",
+        help="for a --url over tls:// or wss://: the CA to trust (default: the system's)",
+    )
     g.add_argument(
         "--broker-arg",
         action="append",
@@ -125,6 +133,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also run each pair count with end-to-end encryption, right after the plaintext run (every message "
         "sealed by its sender and opened and verified by its recipient; batches of at most 16, a window of at most "
         "4,096), and report the ratio and the cost per message",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run each pair count over TLS (tls:// beside --transport tcp, wss:// beside ws), right after the "
+        "plain run, on the same broker, and report the ratio and what TLS costs per message",
     )
 
     p = sub.add_parser("offline", parents=[common], help="queue K messages for an offline mailbox, then time the drain")
@@ -245,11 +259,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.url:
             if args.store is not None or args.nodes != 1:
                 parser.error("--store and --nodes are for a started broker, not --url")
-            target = BrokerTarget.external(args.url, args.data_dir, args.broker_pid)
+            if getattr(args, "tls", False):
+                parser.error("--tls needs a started broker (it serves both transports), not --url")
+            target = BrokerTarget.external(args.url, args.data_dir, args.broker_pid, args.ca_file)
         else:
-            if args.data_dir is not None:
-                parser.error("--data-dir goes with --url (a started broker gets a temporary data dir)")
-            target = BrokerTarget.start(args.transport, args.broker_arg, store=args.store, nodes=args.nodes)
+            if args.data_dir is not None or args.ca_file is not None:
+                parser.error(
+                    "--data-dir and --ca-file go with --url (a started broker gets a temporary data dir and CA)"
+                )
+            target = BrokerTarget.start(
+                args.transport,
+                args.broker_arg,
+                store=args.store,
+                nodes=args.nodes,
+                tls=getattr(args, "tls", False),
+            )
         with target:
             with _progress(console, not args.no_progress) as progress:
                 report = SCENARIOS[args.scenario](args, target, progress)

@@ -20,7 +20,7 @@ import trio
 
 from .reporting import Report, hist_figures, percentile_curve, share_below
 from .runner import LoadResult, Progress, cpu_delta, host_busy_s, run_load
-from .target import BenchError, BrokerTarget
+from .target import TLS_TRANSPORTS, BenchError, BrokerTarget
 from .worker import WorkerSpec
 
 __all__ = ["SCENARIOS"]
@@ -155,9 +155,11 @@ async def _settle_acks(
 # ---------------------------------------------------------------- worker specs
 
 
-def _spec(target: BrokerTarget, index: int, **kw: Any) -> WorkerSpec:
-    """Worker ``index``'s spec against ``target`` (where it connects, how it mints tokens); the rest from ``kw``."""
-    return WorkerSpec(index=index, url=target.url, receive_url=target.receive_url, secret=target.secret, **kw)
+def _spec(target: BrokerTarget, index: int, *, scheme: str | None = None, **kw: Any) -> WorkerSpec:
+    """Worker ``index``'s spec against ``target`` (where it connects, over ``scheme`` if given, else the bench's
+    transport; how it mints tokens; the CA it trusts); the rest from ``kw``."""
+    url, receive_url = target.urls_for(scheme) if scheme is not None else (target.url, target.receive_url)
+    return WorkerSpec(index=index, url=url, receive_url=receive_url, secret=target.secret, ca_file=target.ca_file, **kw)
 
 
 def _at_rate(opts: argparse.Namespace) -> dict[str, Any]:
@@ -282,14 +284,20 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         "window": opts.window,
         "notify": opts.notify,
         "e2e": opts.e2e,
+        "tls": opts.tls,
     }
+    secure = _tls_scheme(target) if opts.tls else None
     report = Report("throughput", config)
     counts: dict[str, int] = {}
     networked = False
-    # Each pair count runs plaintext first, then, back to back, with statuses (--notify) and end to end (--e2e).
-    variants = [(False, False)] + [(True, False)] * opts.notify + [(False, True)] * opts.e2e
-    runs = [(pairs, notify, e2e) for pairs in pair_counts for notify, e2e in variants]
-    for pairs, notify, e2e in runs:
+    # Each pair count runs plaintext first, then, back to back, with statuses (--notify), end to end (--e2e) and
+    # over TLS (--tls).
+    variants = [(False, False, False)]
+    variants += (
+        [(True, False, False)] * opts.notify + [(False, True, False)] * opts.e2e + [(False, False, True)] * opts.tls
+    )
+    runs = [(pairs, notify, e2e, tls) for pairs in pair_counts for notify, e2e, tls in variants]
+    for pairs, notify, e2e, tls in runs:
         p = _prefix()
         specs = _pair_specs(
             opts,
@@ -304,8 +312,10 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
             warmup_s=opts.warmup,
             notify=notify,
             e2e=e2e,
+            scheme=secure if tls else None,
         )
         label = f"{pairs} pair(s){' with notify' if notify else ''}{' end to end' if e2e else ''}"
+        label += f" over {secure}://" if tls else ""
         before = trio.run(target.stats)
         trips0 = trio.run(target.round_trips)
         result = run_load(
@@ -318,7 +328,7 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         rate = _delivered_between(result, specs[0].bin_s, opts.warmup, opts.duration) / window_s
         cpu, bench_cpu, host_cpu = result.cpu_between(opts.warmup, opts.duration)
         span = result.sample_span(opts.warmup, opts.duration)
-        k = f"pairs_{pairs}" + ("_notify" if notify else "") + ("_e2e" if e2e else "")
+        k = f"pairs_{pairs}" + ("_notify" if notify else "") + ("_e2e" if e2e else "") + ("_tls" if tls else "")
         report.add(
             **{
                 f"{k}_delivered_msg_s": round(rate, 1),
@@ -331,10 +341,10 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
         )
         if notify:
             _notify_figures(report, target, pairs, result, before, delivered, rate)
-        if e2e:
+        if e2e or tls:
             _compare_with_plaintext(report, pairs, k, rate)
         if round_trips and not (
-            notify or e2e
+            notify or e2e or tls
         ):  # a networked store (Redis): its round trips per delivered-and-ACKed message
             networked = True
             report.target(f"{k}_store_round_trips_per_msg", "<=", 0.2, f"{pairs} pair(s): at most 0.2 round trips/msg")
@@ -385,7 +395,31 @@ def throughput(opts: argparse.Namespace, target: BrokerTarget, progress: Progres
             f"runs send batches of at most {E2E_BATCH} with a window of at most {E2E_WINDOW:,} messages, so what is "
             "sealed goes out at once"
         )
+    if opts.tls:
+        report.note(
+            f"--tls: each pair count also ran over {secure}:// right after its run over {_transport_of(target)}:// "
+            "(the same broker, a certificate from a CA made for the run); pairs_N_tls_rate_ratio is its "
+            "throughput over the plain run's, pairs_N_tls_extra_broker_us_per_msg what TLS costs the broker in CPU "
+            "per delivered message (decrypting the SEND, encrypting the DELIVER, and the same for RECEIPT and ACK), "
+            "pairs_N_tls_extra_bench_us_per_msg what it costs the clients"
+        )
     return report
+
+
+def _transport_of(target: BrokerTarget) -> str:
+    """The scheme of the bench's transport (of the senders' URL)."""
+    return target.url.split("://", 1)[0]
+
+
+def _tls_scheme(target: BrokerTarget) -> str:
+    """``--tls``'s scheme: tls:// beside tcp://, wss:// beside ws://. Raises BenchError for a transport that is
+    TLS already."""
+    plain = _transport_of(target)
+    secure = {plain: scheme for scheme, plain in TLS_TRANSPORTS.items()}.get(plain)
+    if secure is None:
+        raise BenchError("--tls runs each pair count over TLS beside the plain transport: use --transport tcp or ws")
+    target.urls_for(secure)  # raises if the broker does not serve it
+    return secure
 
 
 def _notify_figures(
@@ -416,7 +450,7 @@ def _notify_figures(
 
 
 def _compare_with_plaintext(report: Report, pairs: int, k: str, rate: float) -> None:
-    """The figures of an end-to-end run against the same pair count's plaintext run (which ran just before)."""
+    """The figures of an end-to-end or TLS run against the same pair count's plain run (which ran just before)."""
     plain = report.figures.get(f"pairs_{pairs}_delivered_msg_s")
     if plain:
         report.add(**{f"{k}_rate_ratio": round(rate / plain, 3)})
@@ -453,7 +487,9 @@ def offline(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFa
         before = await target.stats()
         base_messages = before.get("messages_total", 0)
         trips0 = await target.round_trips()
-        async with open_client(target.url, target.token(tx), reconnect=False, agent="relay-bench", e2e=False) as sender:
+        async with open_client(
+            target.url, target.token(tx), reconnect=False, agent="relay-bench", e2e=False, ca_file=target.ca_file
+        ) as sender:
             await trio.sleep(0.2)
             rss0, redis_rss0 = target.rss(), target.redis_rss()
             accepted = refused = 0
@@ -490,7 +526,12 @@ def offline(opts: argparse.Namespace, target: BrokerTarget, progress: ProgressFa
         redelivered = 0
         t0 = time.perf_counter()
         async with open_client(
-            target.receive_url, target.token(rx), reconnect=False, agent="relay-bench", e2e=False
+            target.receive_url,
+            target.token(rx),
+            reconnect=False,
+            agent="relay-bench",
+            e2e=False,
+            ca_file=target.ca_file,
         ) as receiver:
             t_welcome = time.perf_counter()
             async for batch in receiver.delivery_batches():

@@ -1,11 +1,14 @@
 """The broker under test: one or more nodes the bench starts as subprocesses, or one already running.
 
 A started broker is ``python -m broker serve`` on free ports with a temporary data dir; its
-URL is read from the lines it prints: ``relay-broker listening on tcp://HOST:PORT`` (TCP) and
-``WebSocket ws://HOST:PORT/relay`` (``--transport ws``). Its process is watched with psutil so
-CPU time and RSS are the broker's alone. For a running broker (``--url``) the bench needs the
-signing secret to mint tokens (``--data-dir`` of that broker) and, for CPU/RSS figures, its
-process (``--broker-pid``, or found by the listening port).
+URLs are read from the lines it prints: ``relay-broker listening on tcp://HOST:PORT`` (TCP) and
+``WebSocket ws://HOST:PORT/relay`` (``--transport ws``). With ``tls`` it also serves ``tls://``
+and ``wss://`` (printed on the same lines) with a certificate for 127.0.0.1 from a CA made
+for the run (trustme, in the temp dir; :attr:`BrokerTarget.ca_file` is what clients trust).
+Its process is watched with psutil so CPU time and RSS are the broker's alone. For a running
+broker (``--url``) the bench needs the signing secret to mint tokens (``--data-dir`` of that
+broker), for CPU/RSS figures its process (``--broker-pid``, or found by the listening port),
+and over TLS the CA to trust unless the system's does (``--ca-file``).
 
 Over Redis (``store``), the bench can start Redis itself (:class:`RedisServer`: a private
 ``redis-server`` on a free loopback port, no persistence, in the temp dir) and several nodes
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -83,6 +86,27 @@ def _pid_listening_on(port: int) -> int | None:
     except (psutil.Error, OSError):
         return None
     return None
+
+
+TLS_TRANSPORTS = {"tls": "tcp", "wss": "ws"}
+"""Each TLS transport and the plain one it wraps."""
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A CA made for this run and a certificate for 127.0.0.1 and localhost from it (trustme): the files ``ca``,
+    ``cert`` and ``key``. Raises BenchError if trustme is not installed."""
+    try:
+        import trustme
+    except ImportError:
+        raise BenchError("TLS runs make their certificate with trustme: pip install 'relay[bench]'") from None
+    directory.mkdir(parents=True)
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"ca": directory / "ca.pem", "cert": directory / "cert.pem", "key": directory / "key.pem"}
+    ca.cert_pem.write_to_path(files["ca"])
+    leaf.cert_chain_pems[0].write_to_path(files["cert"])
+    leaf.private_key_pem.write_to_path(files["key"])
+    return files
 
 
 def _free_port() -> int:
@@ -178,10 +202,19 @@ class Node:
     popen: subprocess.Popen[str] | None = None
     command: list[str] | None = None
     log: Path | None = None
+    urls: dict[str, str] = field(default_factory=dict)
+    """Every URL the node serves, by scheme (tcp, ws, and with TLS tls, wss); ``url`` is the transport's."""
 
     @classmethod
-    def start(cls, transport: str, data_dir: Path, log: Path, broker_args: list[str]) -> Node:
-        """Start ``python -m broker serve`` on free ports with ``data_dir``. Raises BenchError."""
+    def start(
+        cls, transport: str, data_dir: Path, log: Path, broker_args: list[str], tls: dict[str, Path] | None = None
+    ) -> Node:
+        """Start ``python -m broker serve`` on free ports with ``data_dir``; with ``tls`` (``cert`` and ``key``
+        files) it also serves tls:// and wss://. Raises BenchError."""
+        tls_args: list[str] = []
+        if tls is not None:
+            tls_args = ["--listeners", "tcp,ws,http,tls,wss", "--tls-port", "0", "--wss-port", "0"]
+            tls_args += ["--tls-cert-file", str(tls["cert"]), "--tls-key-file", str(tls["key"])]
         command = [
             sys.executable,
             "-m",
@@ -199,6 +232,7 @@ class Node:
             "0",
             "--data-dir",
             str(data_dir),
+            *tls_args,
             *broker_args,
         ]
         log_file = log.open("w")
@@ -222,7 +256,7 @@ class Node:
             assert popen.stdout is not None
             for line in popen.stdout:
                 got.append(line)
-                if line.startswith("WebSocket ws://"):  # printed right after "listening on tcp://..."
+                if line.startswith("WebSocket "):  # printed right after "listening on tcp://..."
                     break
             reader_done.set()
 
@@ -231,18 +265,24 @@ class Node:
         while time.monotonic() < deadline and not reader_done.is_set() and popen.poll() is None:
             time.sleep(0.01)
         lines = list(got)
+        urls: dict[str, str] = {}
+        # "relay-broker listening on tcp://... tls://... (store: ...)", then "WebSocket ws://... wss://..., HTTP API"
         for line in lines:
-            if transport == "tcp" and "listening on tcp://" in line:
-                url = line.split("listening on ", 1)[1].split()[0]
-            elif transport == "ws" and line.startswith("WebSocket ws://"):
-                url = line.split()[1].rstrip(",")
+            if "listening on " in line:
+                found = line.split("listening on ", 1)[1].split(" (", 1)[0].split()
+            elif line.startswith("WebSocket "):
+                found = line.removeprefix("WebSocket ").split(",", 1)[0].split()
+            else:
+                continue
+            urls.update((u.split("://", 1)[0], u) for u in found if "://" in u)
+        url = urls.get(transport)
         if url is None or urlsplit(url).port is None:
             _stop(popen)
             log_text = log.read_text(errors="replace")[-2000:]
             raise BenchError(f"the broker did not start ({' '.join(command)}):\n{''.join(lines)}{log_text}")
         # Keep draining its stdout so it never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in popen.stdout or ()], daemon=True).start()
-        return cls(url, psutil.Process(popen.pid), popen=popen, command=command, log=log)
+        return cls(url, psutil.Process(popen.pid), popen=popen, command=command, log=log, urls=urls)
 
     def log_tail(self) -> str:
         if self.log is None:
@@ -265,6 +305,7 @@ class BrokerTarget:
         store: str | None = None,
         redis: RedisServer | None = None,
         workdir: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.nodes = nodes
         self.mode = mode  # "subprocess" or "external"
@@ -280,6 +321,8 @@ class BrokerTarget:
         self._auth = Authenticator(secret)
         self.secret = secret
         self._workdir = workdir
+        self.ca_file = str(ca_file) if ca_file is not None else None
+        """The CA clients trust for tls:// and wss:// (None: the system's trust store)."""
 
     # ------------------------------------------------------------ construction
 
@@ -291,9 +334,11 @@ class BrokerTarget:
         *,
         store: str | None = None,
         nodes: int = 1,
+        tls: bool = False,
     ) -> BrokerTarget:
         """Start ``nodes`` brokers (one data dir, so one secret) over ``store`` (``"redis"``: a private Redis the
-        bench starts first; None: the in-memory store, one node only). Raises BenchError."""
+        bench starts first; None: the in-memory store, one node only); with ``tls`` (or a TLS ``transport``) they
+        also serve tls:// and wss:// with a certificate from a CA made for the run. Raises BenchError."""
         if nodes > 1 and store is None:
             raise BenchError("several nodes need a shared store: add --store redis (or --store redis://HOST:PORT/DB)")
         workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
@@ -305,8 +350,9 @@ class BrokerTarget:
                 redis = RedisServer(workdir / "redis")
                 store = redis.url
             args = [*(broker_args or []), *(["--store", store] if store else [])]
+            certs = _certificates(workdir / "certs") if tls or transport in TLS_TRANSPORTS else None
             for i in range(nodes):  # one after the other: the first creates the secret the others read
-                started.append(Node.start(transport, data_dir, workdir / f"broker-{i + 1}.log", args))
+                started.append(Node.start(transport, data_dir, workdir / f"broker-{i + 1}.log", args, certs))
             secret = load_or_create_secret(data_dir)
         except BaseException:
             for node in reversed(started):
@@ -316,10 +362,13 @@ class BrokerTarget:
                 redis.close()
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return cls(started, secret, mode="subprocess", store=store, redis=redis, workdir=workdir)
+        ca_file = certs["ca"] if certs is not None else None
+        return cls(started, secret, mode="subprocess", store=store, redis=redis, workdir=workdir, ca_file=ca_file)
 
     @classmethod
-    def external(cls, url: str, data_dir: Path | None, broker_pid: int | None) -> BrokerTarget:
+    def external(
+        cls, url: str, data_dir: Path | None, broker_pid: int | None, ca_file: Path | None = None
+    ) -> BrokerTarget:
         """A running broker at ``url``; tokens are signed with the secret in ``data_dir``. Raises BenchError."""
         if data_dir is None:
             raise BenchError(
@@ -338,7 +387,7 @@ class BrokerTarget:
                 process = psutil.Process(pid)
             except psutil.Error as exc:
                 raise BenchError(f"cannot watch broker process {pid}: {exc}") from None
-        return cls([Node(url, process)], secret, mode="external")
+        return cls([Node(url, process)], secret, mode="external", ca_file=ca_file)
 
     # ------------------------------------------------------------ use
 
@@ -352,6 +401,14 @@ class BrokerTarget:
         """Where recipients connect: the last node (the first when there is one)."""
         return self.nodes[-1].url
 
+    def urls_for(self, scheme: str) -> tuple[str, str]:
+        """(senders' URL, recipients' URL) over ``scheme`` (e.g. tls when the transport is tcp). Raises BenchError
+        if the nodes do not serve it."""
+        try:
+            return self.nodes[0].urls[scheme], self.nodes[-1].urls[scheme]
+        except KeyError:
+            raise BenchError(f"the broker under test serves no {scheme}:// listener") from None
+
     def token(self, name: str, *, operator: bool = False) -> str:
         return self._auth.issue(name, operator=operator, lifetime_s=24 * 3600)
 
@@ -361,7 +418,7 @@ class BrokerTarget:
         from client import open_client
 
         token = self.token("bench-operator", operator=True)
-        async with open_client(url or self.url, token, reconnect=False) as c:
+        async with open_client(url or self.url, token, reconnect=False, ca_file=self.ca_file) as c:
             return await c.stats()
 
     async def round_trips(self) -> int | None:

@@ -84,6 +84,8 @@ class WorkerSpec:
     """SENDs ask for delivery statuses; senders take and STATUS_ACK them."""
     e2e: bool = False
     """Clients encrypt end to end (``open_client(e2e=True)``); otherwise they send and take plaintext."""
+    ca_file: str | None = None
+    """For tls:// and wss:// URLs: the CA the clients trust (None: the system's trust store)."""
 
 
 class Shared:
@@ -178,7 +180,9 @@ class _Worker:
 
     def _open(self, open_client: Any, url: str, mailbox: str) -> Any:
         # e2e off unless --e2e: the plaintext figures measure the relay itself.
-        return open_client(url, self.token(mailbox), reconnect=False, agent="relay-bench", e2e=self.spec.e2e)
+        return open_client(
+            url, self.token(mailbox), reconnect=False, agent="relay-bench", e2e=self.spec.e2e, ca_file=self.spec.ca_file
+        )
 
     async def _watch_stop(self, scope: trio.CancelScope) -> None:
         while not self.shared.stop.value:
@@ -339,7 +343,9 @@ class _Worker:
             if not self.connect_first_ns:
                 self.connect_first_ns = t0
             try:
-                async with open_client(spec.url, token, reconnect=False, agent="relay-bench", e2e=False):
+                async with open_client(
+                    spec.url, token, reconnect=False, agent="relay-bench", e2e=False, ca_file=spec.ca_file
+                ):
                     t1 = time.time_ns()
                     limit.release()
                     held = False

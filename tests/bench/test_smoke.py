@@ -190,3 +190,38 @@ def test_a_transport_the_client_cannot_open_is_refused_clearly(
     monkeypatch.delitem(OPENERS, "ws")
     assert main(["latency", "--transport", "ws", "--no-progress"]) == 1
     assert "cannot open ws://" in capsys.readouterr().err
+
+
+def test_tls_and_wss_transports_run_latency_and_throughput(tmp_path: Path) -> None:
+    report = run(tmp_path, "latency", "--rate", "100", "--duration", "0.4", "--warmup", "0.2", transport="tls")
+    c = report["counts"]
+    assert c["messages_sent"] == c["accepted"] == c["delivered"] == round(100 * 0.6)
+    assert report["targets"] == [] and any("set for TCP" in n for n in report["notes"])
+    report = run(tmp_path, "throughput", "--pairs", "2", "--duration", "0.5", "--warmup", "0.2", transport="wss")
+    c = report["counts"]
+    assert c["pairs_2_accepted"] == c["pairs_2_delivered"] > 0
+    assert report["figures"]["pairs_2_acked_confirmed"] == c["pairs_2_delivered"]
+    assert report["config"]["url"].endswith("/relay")
+
+
+@pytest.mark.parametrize(("transport", "secure"), [("tcp", "tls"), ("ws", "wss")])
+def test_throughput_with_tls_runs_plain_then_over_tls_and_says_what_tls_costs(
+    tmp_path: Path, transport: str, secure: str
+) -> None:
+    args = ("--pairs", "2", "--duration", "1", "--warmup", "0.2", "--batch", "32", "--tls")
+    report = run(tmp_path, "throughput", *args, transport=transport)
+    f, c = report["figures"], report["counts"]
+    assert c["pairs_2_accepted"] == c["pairs_2_delivered"] > 0
+    delivered = c["pairs_2_tls_delivered"]
+    assert c["pairs_2_tls_accepted"] == delivered > 0
+    assert f["pairs_2_tls_acked_confirmed"] == delivered
+    assert f["pairs_2_tls_rate_ratio"] > 0
+    assert f["pairs_2_tls_extra_broker_us_per_msg"] is not None
+    assert f["pairs_2_tls_extra_bench_us_per_msg"] is not None
+    assert report["config"]["tls"] is True
+    assert any(f"over {secure}://" in n for n in report["notes"])
+
+
+def test_tls_beside_a_tls_transport_is_refused_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["throughput", "--transport", "tls", "--tls", "--no-progress", "--pairs", "1"]) == 1
+    assert "use --transport tcp or ws" in capsys.readouterr().err
