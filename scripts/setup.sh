@@ -37,4 +37,4 @@ if [ "${1:-}" = "test" ]; then
 else
   .venv/bin/python -m pip install -qq -e .
 fi
-(cd client/js && npm ci --no-audit --no-fund --loglevel=error)
+(cd client/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null)  # its "added N packages" line; errors go to stderr
