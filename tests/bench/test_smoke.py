@@ -90,9 +90,9 @@ def test_throughput_with_notify_runs_without_then_with_statuses_and_every_status
     assert f["pairs_2_notify_statuses_per_msg"] == 1.0
     assert f["pairs_2_notify_status_acks_confirmed"] == delivered
     assert f["pairs_2_notify_acked_confirmed"] == delivered
-    # the ratio of the windowed rates (not > 0: in a 1 s run the first delivery may come after the window)
-    assert f["pairs_2_notify_rate_ratio"] == round(
-        f["pairs_2_notify_delivered_msg_s"] / f["pairs_2_delivered_msg_s"], 3
+    # the ratio of the (rounded) windowed rates; not > 0: in a 1 s run the first delivery may come late
+    assert f["pairs_2_notify_rate_ratio"] == pytest.approx(
+        f["pairs_2_notify_delivered_msg_s"] / f["pairs_2_delivered_msg_s"], abs=0.002
     )
     assert f["pairs_2_notify_extra_broker_us_per_msg"] is not None
     assert report["config"]["notify"] is True
@@ -111,8 +111,10 @@ def test_throughput_with_e2e_runs_plaintext_then_end_to_end_and_every_message_is
     assert c["pairs_2_e2e_accepted"] == delivered > 0
     assert c["pairs_2_e2e_opened_e2e"] == delivered, "every message sealed, opened and verified"
     assert f["pairs_2_e2e_acked_confirmed"] == delivered
-    # the ratio of the windowed rates (not > 0: in a 1 s run the first delivery may come after the window)
-    assert f["pairs_2_e2e_rate_ratio"] == round(f["pairs_2_e2e_delivered_msg_s"] / f["pairs_2_delivered_msg_s"], 3)
+    # the ratio of the (rounded) windowed rates; not > 0: in a 1 s run the first delivery may come late
+    assert f["pairs_2_e2e_rate_ratio"] == pytest.approx(
+        f["pairs_2_e2e_delivered_msg_s"] / f["pairs_2_delivered_msg_s"], abs=0.002
+    )
     assert f["pairs_2_e2e_extra_bench_us_per_msg"] is not None
     assert f["pairs_2_e2e_extra_broker_us_per_msg"] is not None
     assert report["config"]["e2e"] is True
@@ -219,8 +221,10 @@ def test_throughput_with_tls_runs_plain_then_over_tls_and_says_what_tls_costs(
     delivered = c["pairs_2_tls_delivered"]
     assert c["pairs_2_tls_accepted"] == delivered > 0
     assert f["pairs_2_tls_acked_confirmed"] == delivered
-    # the ratio of the windowed rates (not > 0: in a 1 s run the first delivery may come after the window)
-    assert f["pairs_2_tls_rate_ratio"] == round(f["pairs_2_tls_delivered_msg_s"] / f["pairs_2_delivered_msg_s"], 3)
+    # the ratio of the (rounded) windowed rates; not > 0: in a 1 s run the first delivery may come late
+    assert f["pairs_2_tls_rate_ratio"] == pytest.approx(
+        f["pairs_2_tls_delivered_msg_s"] / f["pairs_2_delivered_msg_s"], abs=0.002
+    )
     assert f["pairs_2_tls_extra_broker_us_per_msg"] is not None
     assert f["pairs_2_tls_extra_bench_us_per_msg"] is not None
     assert report["config"]["tls"] is True
