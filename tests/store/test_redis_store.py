@@ -137,6 +137,26 @@ async def test_round_trips_per_delivered_and_acked_message(redis_url: str, key_p
         assert (store.round_trips - before) / delivered == (20 + 11 + 20) / 1000  # the last fetch finds nothing
 
 
+async def test_calls_made_while_a_round_trip_is_in_flight_share_the_next_one(redis_url: str, key_prefix: str) -> None:
+    """Twenty mailboxes' fetches at once: the first goes alone, the other nineteen together, each with its own
+    result."""
+    clock = ManualClock()
+    async with redis_store(redis_url, key_prefix, sync_interval_s=3600) as (store, _):
+        await store.enqueue_many([msg(clock, f"m{i}", f"user{i}") for i in range(20)], clock.now)
+        before = store.round_trips
+        fetched: dict[int, list[str]] = {}
+
+        async def fetch(i: int) -> None:
+            batch = await store.fetch_many(f"user{i}", A1, 10, BIG, clock.now)
+            fetched[i] = [m.id for m in batch.messages]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(fetch, i)
+        assert store.round_trips == before + 2
+        assert fetched == {i: [f"m{i}"] for i in range(20)}
+
+
 async def test_broker_full_counts_every_nodes_bytes(redis_url: str, key_prefix: str) -> None:
     """Two nodes share max_total_bytes through the relay-wide counter; ACKs on one make room on the other."""
     clock = ManualClock()
