@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .stats import REFUSAL_NAMES, HistogramSnapshot, Statistics
+from .stats import REFUSAL_NAMES, TRANSPORT_NAMES, HistogramSnapshot, Statistics
 
 __all__ = ["ACTIVITY_METRICS", "CONTENT_TYPE", "NODE_METRICS", "RELAY_METRICS", "ScrapeRule", "render"]
 
@@ -136,10 +136,12 @@ class _SnapshotCollector:
         for name, figure in ACTIVITY_METRICS.items():
             yield _family(figure, getattr(activity, name))
         connections = GaugeMetricFamily(
-            "relay_connections", "Connections open on this node, by transport.", labels=["transport"]
+            "relay_connections",
+            "Connections open on this node, by transport (tcp, tls, websocket, wss).",
+            labels=["transport"],
         )
         by_transport = activity.connections_by_transport
-        for transport in sorted({"tcp", "websocket", *by_transport}):
+        for transport in sorted({*TRANSPORT_NAMES, *by_transport}):
             connections.add_metric([transport], by_transport.get(transport, 0))
         yield connections
         refused = CounterMetricFamily(

@@ -33,7 +33,6 @@ import trio
 from wire import Error as ErrorFrame
 from wire import ErrorCode, Receipt, Send, encode_frame
 from wire.transport import StreamTransport, Transport, TransportClosed
-from wire.websocket import WebSocketTransport
 
 from .auth import Authenticator
 from .backend import Backend, open_backend, probed_health
@@ -47,7 +46,7 @@ from .stats import Counters, Stats
 from .store.base import AckResult, Clock, Message, Store, wall_clock_ms
 from .tls import ServerTLS, accept_tls
 
-__all__ = ["Broker", "Counters", "transport_name"]
+__all__ = ["Broker", "Counters"]
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +58,6 @@ _PLAIN_ON_TLS_PORT = encode_frame(
     )
 )
 """What a plain client on a tls:// port gets, in plain, before the connection closes (protocol.md 2.7)."""
-
-
-def transport_name(transport: Transport) -> str:
-    """What a connection's transport is called in the statistics: ``websocket``, else ``tcp``."""
-    return "websocket" if isinstance(transport, WebSocketTransport) else "tcp"
 
 
 class Broker:
@@ -270,17 +264,21 @@ class Broker:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """A connection on a tcp:// or tls:// port; over TLS, the handshake first, in this task (a plain client on
         the tls:// port is told to use tls://)."""
-        if isinstance(stream, trio.SSLStream):
-            secure = await accept_tls(
-                stream, timeout_s=self.config.handshake_timeout_s, scheme="tls", plain_answer=_PLAIN_ON_TLS_PORT
-            )
-            if secure is None:
-                return
-            stream = secure
-        await self.handle_transport(StreamTransport(stream, linger=True))
+        if not isinstance(stream, trio.SSLStream):
+            await self.handle_transport(StreamTransport(stream, linger=True), "tcp")
+            return
+        secure = await accept_tls(
+            stream, timeout_s=self.config.handshake_timeout_s, scheme="tls", plain_answer=_PLAIN_ON_TLS_PORT
+        )
+        if secure is not None:
+            await self.handle_transport(StreamTransport(secure, linger=True), "tls")
 
-    async def handle_transport(self, transport: Transport) -> None:
-        """Serve one connection on any transport until it ends (refused at once when stopping or full)."""
+    async def handle_transport(self, transport: Transport, kind: str) -> None:
+        """Serve one connection on any transport until it ends (refused at once when stopping or full).
+
+        ``kind`` is what the connection is counted as in the statistics (``relay_connections{transport}``), said by
+        whoever built the transport: ``tcp`` or ``tls`` (a frame byte stream, plain or over TLS), ``websocket`` or
+        ``wss`` (:data:`broker.stats.TRANSPORT_NAMES`)."""
         refusal = self._refusal()
         if refusal is not None:
             with trio.move_on_after(1):
@@ -301,7 +299,6 @@ class Broker:
             store=self.store,
         )
         open_now = self.counters.connections
-        kind = transport_name(transport)
         self.sessions.add(session)
         open_now[kind] = open_now.get(kind, 0) + 1
         try:

@@ -45,6 +45,7 @@ __all__ = [
     "DELIVER_LATENCY_BOUNDS_S",
     "LOOP_LAG_BOUNDS_S",
     "STORE_CALL_BOUNDS_S",
+    "TRANSPORT_NAMES",
     "Counters",
     "Histogram",
     "HistogramSnapshot",
@@ -64,6 +65,11 @@ REFUSAL_NAMES: Mapping[ErrorCode, str] = {
     ErrorCode.BODY_TOO_LARGE: "refused_body_too_large",
 }
 """The per-code refusal counters: every code a SEND result (or a whole SEND) can be refused with."""
+
+TRANSPORT_NAMES: tuple[str, ...] = ("tcp", "tls", "websocket", "wss")
+"""What connections are counted as, by the listener they came in on (tcp://, tls://, ws://, wss://): said where each
+transport is made (``Broker._handle_stream``, ``broker.websocket.serve_websocket``). The HTTP API holds no sessions:
+its requests are not connections here."""
 
 LOOP_LAG_INTERVAL_S = 0.25
 """How often the loop-lag task wakes to measure how late its timer fired (four cheap wake-ups a second)."""
@@ -225,7 +231,7 @@ class NodeActivity:
     bytes_out_total: int = 0
     """Frame bytes written to clients."""
     connections_by_transport: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    """Connections open now per transport (``tcp``, ``websocket``); their sum is ``connections``."""
+    """Connections open now per transport (:data:`TRANSPORT_NAMES`); their sum is ``connections``."""
     deliver_latency: HistogramSnapshot | None = None
     """Seconds from a message's acceptance (its ``sent_at``) to its first DELIVER being written."""
     ack_latency: HistogramSnapshot | None = None

@@ -89,7 +89,7 @@ async def _session(broker: Broker, token: str, steps: list[Any]) -> list[Frame]:
     client_side, broker_side = trio.testing.memory_stream_pair()
     received: list[Frame] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(broker.handle_transport, StreamTransport(broker_side))
+        nursery.start_soon(broker.handle_transport, StreamTransport(broker_side), "tcp")
         conn = Connection(Role.CLIENT)
         await client_side.send_all(conn.send(Hello(version=PROTOCOL_VERSION, token=token)))
         decoder: FrameDecoder | None = None
@@ -148,7 +148,7 @@ async def test_every_frame_the_broker_emits_fits_its_announced_limit(
         async with trio.open_nursery() as nursery:
             if online_bob:  # so that receipts say "delivered" and DELIVERs go out while alice sends
                 bob_side, broker_side = trio.testing.memory_stream_pair()
-                nursery.start_soon(broker.handle_transport, StreamTransport(broker_side))
+                nursery.start_soon(broker.handle_transport, StreamTransport(broker_side), "tcp")
                 await bob_side.send_all(
                     Connection(Role.CLIENT).send(Hello(version=PROTOCOL_VERSION, token=broker.auth.issue("bob")))
                 )

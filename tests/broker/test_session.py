@@ -62,7 +62,7 @@ class Relay:
 
     async def connect(self, name: str, *, operator: bool = False, drained: bool = True) -> RawClient:
         client_side, broker_side = trio.testing.memory_stream_pair()
-        self.nursery.start_soon(self.broker.handle_transport, StreamTransport(broker_side))
+        self.nursery.start_soon(self.broker.handle_transport, StreamTransport(broker_side), "tcp")
         client = RawClient(client_side)
         await client.hello(self.broker.auth.issue(name, operator=operator))
         if drained and not operator:

@@ -22,7 +22,7 @@ DAY_S = 86400
 async def memory_client(broker: Broker, nursery: trio.Nursery, name: str) -> RawClient:
     """A client wired to the broker through an in-memory stream pair (no sockets: MockClock is safe)."""
     client_side, broker_side = trio.testing.memory_stream_pair()
-    nursery.start_soon(broker.handle_transport, StreamTransport(broker_side))
+    nursery.start_soon(broker.handle_transport, StreamTransport(broker_side), "tcp")
     client = RawClient(client_side)
     await client.hello(broker.auth.issue(name))
     return client

@@ -7,6 +7,7 @@ draining) is waited for, bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -15,16 +16,19 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.metrics import ACTIVITY_METRICS, NODE_METRICS, RELAY_METRICS, ScrapeRule
 from broker.server import Broker
-from broker.stats import NODE_NAMES, REFUSAL_NAMES, RELAY_NAMES, NodeActivity
+from broker.stats import NODE_NAMES, REFUSAL_NAMES, RELAY_NAMES, TRANSPORT_NAMES, NodeActivity
+from client import open_client
 from wire import Ack, Deliver, Drained, Receipt, RecipientResult, Send, Status
 
 from ..broker.raw import RawClient
 from ..conftest import require_service, running_broker
 from ..redis_servers import REDIS_SERVER, running_redis
+from ..tls.certs import tls_broker, trusting
 from ..websocket.wsclient import login_ws
 
 TIMEOUT = 30
@@ -113,6 +117,37 @@ async def test_a_conversation_moves_the_figures(broker_factory: Callable[..., An
     assert value(after, "relay_store_available") == 1
     assert ("relay_event_loop_lag_seconds_count", frozenset()) in after
     assert ("relay_store_call_latency_seconds_count", frozenset()) not in after, "no networked store"
+
+
+async def test_connections_are_counted_by_the_listener_they_came_in_on(tmp_path: Path) -> None:
+    """One client on each of tcp://, tls://, ws:// and wss:// (a trustme certificate): each transport label counts
+    one connection, and none once they have gone."""
+    ca = trustme.CA()
+    with trio.fail_after(TIMEOUT):
+        async with tls_broker(tmp_path, ca.issue_cert("127.0.0.1")) as broker:
+            urls = {
+                "tcp": f"tcp://127.0.0.1:{broker.tcp_port}",
+                "tls": f"tls://127.0.0.1:{broker.tls_port}",
+                "websocket": f"ws://127.0.0.1:{broker.ws_port}/relay",
+                "wss": f"wss://127.0.0.1:{broker.wss_port}/relay",
+            }
+            assert set(urls) == set(TRANSPORT_NAMES)
+            async with contextlib.AsyncExitStack() as stack:
+                for kind, url in urls.items():
+                    token = broker.auth.issue(kind)
+                    await stack.enter_async_context(open_client(url, token, ssl_context=trusting(ca), e2e=False))
+                during = await scrape(broker)
+            while (await broker.statistics())["connections"]:
+                await trio.sleep(0.01)  # the broker ends a session after its client has gone: wait for that
+            after = await scrape(broker)
+    for kind in TRANSPORT_NAMES:
+        assert (
+            value(during, "relay_connections", transport=kind),
+            value(after, "relay_connections", transport=kind),
+        ) == (
+            1,
+            0,
+        ), kind
 
 
 async def test_an_expiry_is_counted(tmp_path: Path) -> None:
