@@ -16,7 +16,9 @@ the cost of an int add, paid on every message rather than once per scrape.
 figure's metric (a test keeps them complete): node figures as they are, relay-wide ones (the store's: the whole
 relay with a shared Redis store) as the store reports them; the store's figures are absent
 while it cannot be reached (``relay_store_available`` 0). Refusals are one counter with a
-``reason`` label, connections one gauge with a ``transport`` label.
+``reason`` label, connections one gauge with a ``transport`` label. The store's mailbox depths
+(:attr:`StoreStatistics.mailbox_depths <broker.store.base.StoreStatistics.mailbox_depths>`, counted by the
+store as mailboxes change) are the histogram ``relay_mailbox_depth``: mailboxes observed by messages held.
 
 Who may scrape: :class:`ScrapeRule`. A client whose address is in one of
 ``metrics_open_networks`` (loopback by default) scrapes without a token; any other needs an
@@ -34,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .stats import REFUSAL_NAMES, TRANSPORT_NAMES, HistogramSnapshot, Statistics
+from .store.base import MAILBOX_DEPTH_BOUNDS
 
 __all__ = ["ACTIVITY_METRICS", "CONTENT_TYPE", "NODE_METRICS", "RELAY_METRICS", "ScrapeRule", "render"]
 
@@ -108,6 +111,10 @@ _HISTOGRAMS = {
 }
 
 
+_DEPTH_BOUNDS = tuple(float(bound) for bound in MAILBOX_DEPTH_BOUNDS)
+_DEPTH_HELP = "Mailboxes holding messages, by how many they hold (relay-wide); the sum is the messages held."
+
+
 def _family(figure: _Figure, value: float) -> Metric:
     if figure.kind == COUNTER:
         return CounterMetricFamily(figure.metric, figure.help, value=value)
@@ -157,6 +164,8 @@ class _SnapshotCollector:
         if relay is not None:
             for name, figure in RELAY_METRICS.items():
                 yield _family(figure, getattr(relay, name))
+            depths = HistogramSnapshot(_DEPTH_BOUNDS, relay.mailbox_depths, float(relay.messages_total))
+            yield _histogram("relay_mailbox_depth", _DEPTH_HELP, depths)
 
 
 def render(statistics: Statistics) -> bytes:

@@ -167,8 +167,8 @@ class Histogram:
         return HistogramSnapshot(self.bounds, tuple(self.counts), self.sum)
 
 
-RELAY_NAMES = tuple(f.name for f in dataclasses.fields(StoreStatistics))
-"""The relay-wide names: :class:`~broker.store.base.StoreStatistics`' fields."""
+RELAY_NAMES = tuple(f.name for f in dataclasses.fields(StoreStatistics) if f.metadata.get("stats", True))
+"""The relay-wide STATS names: :class:`~broker.store.base.StoreStatistics`' fields (but the metrics-only ones)."""
 
 
 @dataclass(frozen=True, slots=True)

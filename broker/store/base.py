@@ -34,6 +34,9 @@ Contract (checked by ``tests/store/test_contract.py`` against every implementati
 - Messages handed out (:class:`Message`) are immutable snapshots: nothing the store
   does later changes them.
 - A mailbox with no messages holds no memory (its fence may be forgotten with it).
+- ``statistics`` counts the mailboxes holding messages by how many they hold (expired unswept ones included), in
+  the buckets of :data:`MAILBOX_DEPTH_BOUNDS` (``mailbox_depths``), kept as each call changes a mailbox: O(1) per
+  mailbox a call touches, nothing computed at scrape time.
 
 Delivery status (protocol.md section 9, "Delivery status"): a message stored with
 ``notify`` gives exactly one :class:`Notice` for its sender when it leaves the store:
@@ -69,13 +72,15 @@ from __future__ import annotations
 
 import enum
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from wire import ErrorCode, KeyRecord, ReportState
 
 __all__ = [
+    "MAILBOX_DEPTH_BOUNDS",
     "AckResult",
     "Batch",
     "Claim",
@@ -89,6 +94,7 @@ __all__ = [
     "Store",
     "StoreLimits",
     "StoreStatistics",
+    "depth_bucket",
     "next_status_seq",
     "wall_clock_ms",
 ]
@@ -100,6 +106,17 @@ Clock = Callable[[], int]
 def wall_clock_ms() -> int:
     """The real clock: Unix epoch milliseconds. Never raises."""
     return time.time_ns() // 1_000_000
+
+
+MAILBOX_DEPTH_BOUNDS: tuple[int, ...] = (1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10_000, 50_000, 100_000)
+"""Upper bounds of the mailbox depth buckets (messages held): a mailbox holding n messages is in the first bucket
+whose bound is >= n, or in the last one (above every bound; only if ``max_mailbox_messages`` was raised past the
+default 100,000). A store keeps one count per bucket (``StoreStatistics.mailbox_depths``)."""
+
+
+def depth_bucket(held: int) -> int:
+    """The index of the depth bucket of a mailbox holding ``held`` (>= 1) messages (:data:`MAILBOX_DEPTH_BOUNDS`)."""
+    return bisect_left(MAILBOX_DEPTH_BOUNDS, held)
 
 
 def next_status_seq(last_seq: int, now_ms: int) -> int:
@@ -221,7 +238,8 @@ class Purged:
 
 @dataclass(frozen=True, slots=True)
 class StoreStatistics:
-    """The store's part of protocol.md section 10 (the names are the STATS keys)."""
+    """The store's part of protocol.md section 10 (the names are the STATS keys), and its figures only the metrics
+    show (fields with ``metadata={"stats": False}``)."""
 
     messages_total: int
     messages_deliverable: int
@@ -240,6 +258,10 @@ class StoreStatistics:
     """Notices folded into an overflow record instead of kept one by one, ever."""
     statuses_expired_total: int
     """Status records removed because they expired, ever (an overflow record counts one)."""
+    mailbox_depths: tuple[int, ...] = field(metadata={"stats": False})
+    """Mailboxes holding messages by how many they hold: one count per bucket of :data:`MAILBOX_DEPTH_BOUNDS`, then
+    those above every bound (not cumulative; their sum is ``unique_recipients``). Not a STATS key: ``GET /metrics``
+    renders it (``relay_mailbox_depth``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,11 @@ same kind as the messages' (:class:`_ExpiryIndex`). The seq rule's ``last_seq`` 
 number for the whole store (the newest seq it gave any lane), so a forgotten lane costs
 nothing and still never gets a seq below its old ones. A lane with no records is deleted.
 
+Mailbox depths (``statistics().mailbox_depths``): ``_depths`` holds one count per depth bucket
+(:data:`~.base.MAILBOX_DEPTH_BOUNDS`). A message stored moves its mailbox up a bucket only when the count it reaches
+is 1 or a bound + 1 (one dict lookup per stored message, :data:`_DEPTH_STEPS`); :meth:`MemoryStore._settle` moves a
+mailbox once per batch removed (two bisections). Nothing is counted at scrape time.
+
 Key records: ``_keys`` (mailbox -> (record, expires_at)), ordered by latest put. Every put
 has the broker's one ``key_ttl_s``, so that is expiry order too and the sweep drops the
 expired head (as for tombstones); ``get_keys`` judges each record's expiry itself.
@@ -56,6 +61,7 @@ from typing import Generic, Protocol, TypeVar
 from wire import KeyRecord, ReportState
 
 from .base import (
+    MAILBOX_DEPTH_BOUNDS,
     AckResult,
     Batch,
     Claim,
@@ -67,6 +73,7 @@ from .base import (
     Purged,
     StoreLimits,
     StoreStatistics,
+    depth_bucket,
     next_status_seq,
 )
 
@@ -88,6 +95,9 @@ _DELIVERED = ReportState.DELIVERED
 _EXPIRED = ReportState.EXPIRED
 _OVERFLOW = ReportState.OVERFLOW
 _SEQ = attrgetter("seq")
+_DEPTH_STEPS: dict[int, int] = {1: 0} | {bound + 1: i + 1 for i, bound in enumerate(MAILBOX_DEPTH_BOUNDS)}
+"""Held counts a stored message takes a mailbox to that begin a depth bucket -> that bucket's index (a mailbox
+reaching any other count stays in its bucket)."""
 
 
 class _Entry:
@@ -306,6 +316,7 @@ class MemoryStore:
         self._statuses_overflowed_total = 0
         self._statuses_expired_total = 0
         self._keys: OrderedDict[str, tuple[KeyRecord, int]] = OrderedDict()
+        self._depths = [0] * (len(MAILBOX_DEPTH_BOUNDS) + 1)  # mailboxes by depth bucket (module docstring)
 
     # ------------------------------------------------------------ internals
 
@@ -332,7 +343,13 @@ class MemoryStore:
         self._total_bytes -= nbytes
         self._total_messages -= deleted
         self._inflight -= inflight
-        if not box.by_id:
+        left = len(box.by_id)
+        if deleted:
+            depths = self._depths
+            depths[depth_bucket(left + deleted)] -= 1
+            if left:
+                depths[depth_bucket(left)] += 1
+        if not left:
             del self._mailboxes[box.name]
         elif box.dead >= _COMPACT_MIN_DEAD and box.dead > len(box.by_id):
             box.queue = deque(e for e in box.queue if e.alive)
@@ -394,6 +411,8 @@ class MemoryStore:
     async def enqueue_many(self, messages: Sequence[NewMessage], now_ms: int) -> list[list[Outcome]]:
         mailboxes = self._mailboxes
         refusal = self._refusal
+        depths = self._depths
+        steps = _DEPTH_STEPS
         out: list[list[Outcome]] = []
         stored = 0
         # The expiry bucket the last entry went to: a batch's messages mostly share their expiry.
@@ -415,7 +434,13 @@ class MemoryStore:
                 if box is None:
                     box = mailboxes[rcpt] = _Mailbox(rcpt)
                 entry = kind(mid, sender, box.name, body, sent_at, expires_at)
-                box.by_id[mid] = entry
+                by_id = box.by_id
+                by_id[mid] = entry
+                step = steps.get(len(by_id))
+                if step is not None:  # into the next depth bucket
+                    depths[step] += 1
+                    if step:
+                        depths[step - 1] -= 1
                 box.queue.append(entry)
                 box.nbytes += size
                 self._total_bytes += size  # (at once: the next refusal judges it)
@@ -598,6 +623,7 @@ class MemoryStore:
             statuses_total=self._statuses_total,
             statuses_overflowed_total=self._statuses_overflowed_total,
             statuses_expired_total=self._statuses_expired_total,
+            mailbox_depths=tuple(self._depths),
         )
 
     # ------------------------------------------------------------ status lanes
@@ -741,6 +767,7 @@ class MemoryStore:
         return out
 
     async def aclose(self) -> None:
+        self._depths = [0] * len(self._depths)
         self._keys.clear()
         self._mailboxes.clear()
         self._expiry.clear()

@@ -18,14 +18,15 @@ from broker.stats import (
     Statistics,
     Stats,
 )
-from broker.store.base import StoreStatistics
+from broker.store.base import MAILBOX_DEPTH_BOUNDS, StoreStatistics
 from broker.store.memory import MemoryStore
 from tests.wire.test_protocol_doc import SPEC_STATS
 from wire import ErrorCode
 
 
 def record() -> Statistics:
-    relay = StoreStatistics(**{name: i + 1 for i, name in enumerate(RELAY_NAMES)})
+    depths = (3,) + (0,) * len(MAILBOX_DEPTH_BOUNDS)  # metrics only: never on the wire
+    relay = StoreStatistics(**{name: i + 1 for i, name in enumerate(RELAY_NAMES)}, mailbox_depths=depths)
     by_code = {code: 100 + i for i, code in enumerate(REFUSAL_NAMES)}
     node = NodeStatistics(
         online_users=20,

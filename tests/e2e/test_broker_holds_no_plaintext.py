@@ -123,10 +123,14 @@ async def test_the_relay_holds_no_plaintext_of_an_encrypted_conversation(tmp_pat
 
             # Queued: the broker and Redis hold bob's messages, sealed, and carol's, in the clear.
             assert found(held, *needles) == {}
+            # The scan finds what the relay does hold in the clear, where it holds it: the broker's memory with the
+            # in-memory store; Redis with Redis (the broker keeps no copy: one left in freed memory is luck, and a
+            # change of allocation, such as the store's larger counter sync, overwrites it).
             where = found(held, cleartext[-32:])
-            assert "broker memory" in where, "the scan finds what the relay does hold in the clear"
-            if kind == "redis":
-                assert "redis keyspace dump" in where
+            if kind == "memory":
+                assert "broker memory" in where, "the scan finds what the broker holds in the clear"
+            else:
+                assert {"redis memory", "redis keyspace dump"} <= where.keys(), "the scan finds what Redis holds"
 
             async with open_client(url, auth.issue("bob"), local_store=b) as bob:
                 got = [d async for d in bob.deliveries(until_drained=True)]

@@ -104,6 +104,9 @@ async def test_a_conversation_moves_the_figures(broker_factory: Callable[..., An
     assert moved(before, after, "relay_messages_refused_total", reason="broker_full") == 0
     assert value(after, "relay_messages_held") == 1  # c1 waits for carol
     assert value(after, "relay_messages_held_bytes") == len(b"one")
+    # carol's mailbox, holding c1, is the one mailbox in the depth histogram, in its first bucket (1 message).
+    assert [value(after, "relay_mailbox_depth_bucket", le=le) for le in ("1.0", "2.0", "+Inf")] == [1, 1, 1]
+    assert (value(after, "relay_mailbox_depth_count"), value(after, "relay_mailbox_depth_sum")) == (1, 1)
     assert moved(before, after, "relay_deliver_latency_seconds_count") == 1
     assert moved(before, after, "relay_ack_latency_seconds_count") == 1
     assert value(after, "relay_deliver_latency_seconds_bucket", le="+Inf") == value(

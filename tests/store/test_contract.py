@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 
 from broker.store.base import (
+    MAILBOX_DEPTH_BOUNDS,
     AckResult,
     Batch,
     Claim,
@@ -484,7 +485,55 @@ async def test_statistics_count_everything(store: Store, clock: ManualClock) -> 
         "statuses_total": 0,
         "statuses_overflowed_total": 0,
         "statuses_expired_total": 0,
+        "mailbox_depths": depths({"bob": 2}),
     }
+
+
+def depths(held: dict[str, int]) -> tuple[int, ...]:
+    """What ``mailbox_depths`` says for mailboxes holding these many messages, worked out bucket by bucket."""
+    counts = [0] * (len(MAILBOX_DEPTH_BOUNDS) + 1)
+    for n in held.values():
+        if n:
+            counts[
+                next((i for i, bound in enumerate(MAILBOX_DEPTH_BOUNDS) if n <= bound), len(MAILBOX_DEPTH_BOUNDS))
+            ] += 1
+    return tuple(counts)
+
+
+async def test_mailboxes_are_counted_by_how_many_messages_they_hold(store: Store, clock: ManualClock) -> None:
+    """Every call that changes a mailbox's count moves it between depth buckets: enqueue (one message and many,
+    across bounds), ACK (some, all), expiry at fetch and at the sweep; a duplicate, fetch or release moves nothing."""
+
+    async def check(held: dict[str, int]) -> None:
+        stats = await store.statistics(clock.now)
+        assert stats.mailbox_depths == depths(held)
+        assert (sum(stats.mailbox_depths), stats.messages_total) == (stats.unique_recipients, sum(held.values()))
+
+    await check({})
+    batch = [
+        msg(clock, "a", ("bob", "carol")),
+        msg(clock, "b", "carol"),
+        *(msg(clock, f"d{i}", "dave") for i in range(11)),
+    ]
+    await store.enqueue_many(batch, clock.now)
+    await check({"bob": 1, "carol": 2, "dave": 11})
+    await store.enqueue_many([msg(clock, f"e{i}", "dave") for i in range(11, 60)], clock.now)  # past 50, one call
+    await check({"bob": 1, "carol": 2, "dave": 60})
+    await store.ack_many("dave", [f"d{i}" for i in range(6)] + [f"e{i}" for i in range(11, 60)], clock.now)
+    await store.ack_many("carol", ["a", "b"], clock.now)
+    await check({"bob": 1, "dave": 5})
+    assert await store.enqueue_many([msg(clock, "a", "bob")], clock.now) == [[DUPLICATE]]
+    assert ids(await fetch(store, clock)) == ["a"]
+    assert await store.release("bob", A1) == 1
+    await check({"bob": 1, "dave": 5})
+    soon = [msg(clock, f"s{i}", to, ttl_s=1) for i, to in enumerate(["erin"] * 3 + ["frank"] * 2)]
+    await store.enqueue_many([*soon, msg(clock, "late", "erin")], clock.now)
+    await check({"bob": 1, "dave": 5, "erin": 4, "frank": 2})
+    clock.advance(2)
+    assert ids(await fetch(store, clock, "erin")) == ["late"]  # the three expired ones removed at the fetch
+    await check({"bob": 1, "dave": 5, "erin": 1, "frank": 2})
+    assert (await store.purge_expired(clock.now)).mailboxes == frozenset({"frank"})
+    await check({"bob": 1, "dave": 5, "erin": 1})
 
 
 async def test_empty_mailbox_holds_nothing(store: Store, clock: ManualClock) -> None:
