@@ -26,6 +26,7 @@ from .auth import Authenticator, load_or_create_secret
 from .backend import StoreUnreachable, redacted
 from .config import BrokerConfig, ConfigError, default_data_dir
 from .listeners import first_os_error
+from .logs import LOG_LEVELS, broker_logging
 from .server import Broker
 
 __all__ = ["main"]
@@ -43,8 +44,11 @@ def parse_duration(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    # serve's --log-level is its log_level setting (with --log-format); the operator tools log at WARNING by default.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR (default WARNING)"
+    )
     parser = argparse.ArgumentParser(
         prog="relay-broker", description="Relay message broker and operator tools.", parents=[common]
     )
@@ -53,7 +57,6 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the broker (the default command)",
-        parents=[common],
         description="Run the broker. Each setting below overrides the config file and its RELAY_<NAME> environment "
         "variable; --print-config shows the result. An empty value unsets an optional setting.",
     )
@@ -82,33 +85,34 @@ def _add_setting_flags(serve: argparse.ArgumentParser) -> None:
         group = serve.add_argument_group(f"[{section}] settings")
         for setting in settings:
             text = f"{setting.help} (default: {setting.default})".replace("%", "%%")
-            group.add_argument(setting.flag, dest=setting.name, default=None, metavar=setting.metavar, help=text)
+            # SUPPRESS: a flag not given sets nothing, so ``relay-broker --log-level DEBUG`` (no command) still counts
+            group.add_argument(
+                setting.flag, dest=setting.name, default=argparse.SUPPRESS, metavar=setting.metavar, help=text
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    quiet = args.command not in (None, "serve")  # operator tools print results, not the client's log
-    logging.basicConfig(
-        level=getattr(logging, str(getattr(args, "log_level", "WARNING" if quiet else "INFO")).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     command = args.command or "serve"
     if args.command is None:
         args = parser.parse_args([*(argv or sys.argv[1:]), "serve"])
     try:
         if command == "serve":
             return _serve(args)
-        if command == "token":
-            return _token(args)
-        return _operate(args, command)
+        # The operator tools print results, not the client's log: WARNING unless --log-level says otherwise.
+        level = str(getattr(args, "log_level", "WARNING")).upper()
+        with broker_logging(level if level in LOG_LEVELS else "WARNING", "text"):
+            if command == "token":
+                return _token(args)
+            return _operate(args, command)
     except ConfigError as exc:
         print(f"relay-broker: configuration error: {exc}", file=sys.stderr)
         return 2
 
 
 def _serve(args: argparse.Namespace) -> int:
-    given = ((s.name, getattr(args, s.name)) for s in BrokerConfig.settings())
+    given = ((s.name, getattr(args, s.name, None)) for s in BrokerConfig.settings())
     overrides = {name: value for name, value in given if value is not None}
     config = BrokerConfig.load(toml_path=args.config, overrides=overrides)
     if args.print_config:
@@ -141,7 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
     # (it took ~10 ms over the ~43,000 startup objects, the p99.9 tail of delivery).
     gc.freeze()
     try:
-        trio.run(run)
+        with broker_logging(config.log_level, config.log_format):
+            trio.run(run)
     except KeyboardInterrupt:
         return 0
     except (OSError, BaseExceptionGroup) as exc:  # a listener's OSError arrives inside the nurseries' groups

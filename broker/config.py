@@ -40,6 +40,7 @@ from typing import Any, Self
 
 from wire import DEFAULT_MAX_FRAME_BYTES, max_recipients_within, receipt_bound_bytes
 
+from .logs import LOG_FORMATS, LOG_LEVELS
 from .store.base import StoreLimits
 
 __all__ = [
@@ -166,6 +167,13 @@ def _networks(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
+
+    return check
+
+
 def _without_trailing_slashes(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(origin.rstrip("/") for origin in value)
 
@@ -239,6 +247,15 @@ class BrokerConfig:
     """How often the sweeper purges expired messages."""
     shutdown_grace_s: float = field(default=5.0, metadata=_in(BROKER, _not_negative))
     """On shutdown, time given to sessions to flush their last frames."""
+    log_level: str = field(default="INFO", metadata=_in(BROKER, _one_of(LOG_LEVELS), tidy=str.upper))
+    """Least severe log events written (to standard error): DEBUG, INFO, WARNING, ERROR or CRITICAL.
+
+    Whatever the level, the log never holds a message body or a token (:mod:`broker.logs`)."""
+    log_format: str = field(default="text", metadata=_in(BROKER, _one_of(LOG_FORMATS)))
+    """Log lines as ``text`` (the session id first) or ``json`` (one JSON object per line).
+
+    Either way one line per event: ``SESSION TIME LEVEL LOGGER: MESSAGE key=value...``, or the keys ``session``,
+    ``time``, ``level``, ``logger``, ``message``, ``fields`` (:mod:`broker.logs`)."""
 
     # --- [broker.limits] ---
     max_frame_bytes: int = field(default=DEFAULT_MAX_FRAME_BYTES, metadata=_in(LIMITS, _frame_size))

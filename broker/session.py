@@ -77,6 +77,7 @@ from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
 from .delivery import Delivery
 from .health import StoreHealth
+from .logs import current_session, session_log
 from .outbox import Outbox
 from .presence import Presence
 from .router import Router
@@ -110,6 +111,7 @@ class Session:
     ) -> None:
         self.transport = transport
         self.id = session_id
+        self._log = session_log(log, session_id)  # its own events name it, whichever task logs them
         self.config = config
         self._auth = auth
         self._router = router
@@ -167,14 +169,20 @@ class Session:
         final = b""
         if code is not None:
             final = self.conn.send_error(code, message)
-            log.info("%s closing: %s %s", self.id, code.name, message)
+            self._log.info(
+                "closing: %s %s", code.name, message, extra={"fields": {"code": int(code), "reason": message}}
+            )
         self.outbox.close(final, grace_s=self.config.shutdown_grace_s)
         self._work_scope.cancel()
 
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Serve the connection until it ends. Never raises for anything the peer does."""
+        """Serve the connection until it ends. Never raises for anything the peer does.
+
+        Everything logged from this task and the tasks it starts (the outbox, the delivery pump) names this session
+        (:data:`broker.logs.current_session`)."""
+        logging_as = current_session.set(self.id)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.outbox.run)
@@ -191,12 +199,13 @@ class Session:
                         self.close(ErrorCode.STORE_UNAVAILABLE, "the broker cannot reach its store; retry later")
                     except* Exception:
                         # A broker bug must end this session only, never the broker.
-                        log.exception("%s internal error", self.id)
+                        self._log.exception("internal error")
                         self.close(ErrorCode.INTERNAL_ERROR, "internal broker error")
                 self.close(None)
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
+            current_session.reset(logging_as)
 
     async def _cleanup(self) -> None:
         try:
@@ -205,7 +214,7 @@ class Session:
                 with trio.move_on_after(self.config.shutdown_grace_s):
                     await self._finish_with_store()
         except Exception:
-            log.exception("%s cleanup failed", self.id)
+            self._log.exception("cleanup failed")
         finally:
             await self.transport.aclose()
             self.finished.set()
@@ -271,7 +280,12 @@ class Session:
             )
         )
         self.transport.welcome_sent()
-        log.info("%s open: %s%s", self.id, identity.name, " (operator)" if identity.operator else "")
+        self._log.info(
+            "open: %s%s",
+            identity.name,
+            " (operator)" if identity.operator else "",
+            extra={"fields": {"mailbox": self.mailbox, "operator": identity.operator}},
+        )
         return True
 
     async def _claim(self, mailbox: str) -> int:
@@ -304,7 +318,7 @@ class Session:
             now = trio.current_time()
             since = self.outbox.writing_since
             if since is not None and now - since >= limit:
-                log.info("%s write stalled for %.0f s: slow consumer", self.id, now - since)
+                self._log.info("write stalled for %.0f s: slow consumer", now - since)
                 self.close(ErrorCode.SLOW_CONSUMER, "writes stalled: reading too slowly")
                 self.outbox.abort()  # the stalled write cannot carry the ERROR: give up on it
                 return
@@ -330,7 +344,7 @@ class Session:
             counters.frames_in += len(frames)
             return frames
         except RemoteProtocolError as exc:
-            log.info("%s protocol error from peer: %s %s", self.id, exc.code.name, exc.message)
+            self._log.info("protocol error from peer: %s %s", exc.code.name, exc.message)
             self.close(exc.code, exc.message)
             return None
 

@@ -252,7 +252,7 @@ def test_each_setting_has_its_section() -> None:
             "host", "tcp_port", "ws_port", "http_port", "listeners", "tls_port", "wss_port", "https_port",
             "tls_cert_file", "tls_key_file", "allowed_origins", "metrics_open_networks", "data_dir", "token_leeway_s",
             "token_keys_dir", "token_jwks_file", "handshake_timeout_s", "keepalive_s", "cleanup_interval_s",
-            "shutdown_grace_s",
+            "shutdown_grace_s", "log_level", "log_format",
         ],
         LIMITS: [
             "max_frame_bytes", "max_recipients", "max_inflight", "max_outbound_bytes", "max_connections",
@@ -475,6 +475,8 @@ TODAYS_FLAGS = {
     "--max-connections": "12",
     "--cleanup-interval-s": "4.5",
     "--shutdown-grace-s": "0.5",
+    "--log-level": "WARNING",
+    "--log-format": "json",
 }
 
 

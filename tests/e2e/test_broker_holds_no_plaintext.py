@@ -15,7 +15,7 @@ import secrets
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ import trio
 from broker.auth import Authenticator, load_or_create_secret
 from client import LocalStore, open_client
 
-from ..broker.process import start_broker_process
+from ..broker.process import start_broker
 from ..redis_servers import running_redis
 
 TIMEOUT_S = 30
@@ -54,6 +54,8 @@ class Relay:
     broker_pid: int
     log: Path
     redis: tuple[int, int, Path] | None  # (pid, port, directory)
+    urls: dict[str, str] = field(default_factory=dict)
+    """The broker's URLs by scheme: tcp, ws, http (the HTTP API's base)."""
 
     def holdings(self) -> dict[str, bytes]:
         held = {"broker memory": process_memory(self.broker_pid), "broker log": self.log.read_bytes()}
@@ -78,17 +80,25 @@ def found(relay: Relay, *needles: bytes) -> dict[str, list[bytes]]:
 
 
 @asynccontextmanager
-async def relay(tmp_path: Path, kind: str) -> AsyncIterator[tuple[Authenticator, str, Relay]]:
+async def relay(tmp_path: Path, kind: str, *settings: str) -> AsyncIterator[tuple[Authenticator, str, Relay]]:
+    """A broker process logging at DEBUG (and with ``settings``) over the store ``kind`` (memory or redis): its
+    secret, its TCP URL and what it holds."""
     data_dir, log = tmp_path / "data", tmp_path / "broker.log"
     auth = Authenticator(load_or_create_secret(data_dir))
-    settings = ["--log-level", "DEBUG"]
+    flags = ["--log-level", "DEBUG", *settings]
     with running_redis(tmp_path / "redis") if kind == "redis" else _nothing() as redis:
         if redis is not None:
-            settings += ["--store", redis.url]
-        process, tcp_port, _ = await start_broker_process(data_dir, log, *settings)
+            flags += ["--store", redis.url]
+        started = await start_broker(data_dir, log, *flags)
+        process = started.process
         try:
             held = None if redis is None else (redis.process.pid, redis.port, tmp_path / "redis")
-            yield auth, f"tcp://127.0.0.1:{tcp_port}", Relay(process.pid, log, held)
+            urls = {
+                "tcp": f"tcp://127.0.0.1:{started.tcp_port}",
+                "ws": f"ws://127.0.0.1:{started.ws_port}/relay",
+                "http": f"http://127.0.0.1:{started.http_port}",
+            }
+            yield auth, urls["tcp"], Relay(process.pid, log, held, urls)
         finally:
             with trio.CancelScope(shield=True):
                 process.kill()
