@@ -236,10 +236,11 @@ class Session:
     async def _serve(self) -> None:
         config = self.config
         hello: Hello | None = None
-        with trio.move_on_after(config.handshake_timeout_s):
+        with trio.move_on_after(config.handshake_timeout_s) as waiting:
             hello = await self._receive_hello()
         if hello is None:
-            if not self.closing:
+            # No HELLO: the time ran out (1007), or the peer ended the stream or broke the protocol (closing).
+            if waiting.cancelled_caught and not self.closing:
                 self.close(ErrorCode.HANDSHAKE_TIMEOUT, f"no HELLO within {config.handshake_timeout_s:g} s")
             return
         if not await self._open(hello):

@@ -151,6 +151,19 @@ async def test_handshake_timeout(broker_factory) -> None:  # type: ignore[no-unt
             await expect_error(client, ErrorCode.HANDSHAKE_TIMEOUT)
 
 
+async def test_a_client_ending_its_stream_before_hello_gets_no_handshake_timeout(broker_factory) -> None:  # type: ignore[no-untyped-def]
+    # The transport ended (protocol.md 5): the session closes at once, with no ERROR. It used to be
+    # answered at once with 1007 "no HELLO within 60 s", a timeout that had not happened (found by test_fuzz).
+    async with broker_factory(handshake_timeout_s=60) as broker:
+        with trio.fail_after(TIMEOUT):
+            client = await RawClient.open(broker.tcp_port)
+            await client.send_raw(b"\x00\x00")  # half a length prefix, then nothing more
+            await client.stream.send_eof()
+            await client.expect_closed()
+            assert not client.frames, f"the broker answered an ended stream with {list(client.frames)}"
+            await still_serving(broker)
+
+
 async def test_keepalive_timeout_closes_a_silent_connection(broker_factory) -> None:  # type: ignore[no-untyped-def]
     async with broker_factory(keepalive_s=0.3) as broker:
         with trio.fail_after(TIMEOUT):
