@@ -3,7 +3,7 @@
 # a virtualenv in .venv, Relay installed into it in editable mode, and the browser client's
 # npm packages (the demo page loads cborg from client/js/node_modules). The tests also need
 # Chromium and redis-server (started by the test run itself, on loopback; nothing runs it as a service), and
-# openssl.
+# openssl and curl (the README's walkthroughs, run by their tests).
 #   usage: source scripts/setup.sh [extra]   (extra: "" for the broker alone, "test" for everything)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +17,7 @@ if [ "${1:-}" = "test" ]; then
   command -v chromium >/dev/null || apt_need+=(chromium)
   command -v redis-server >/dev/null || apt_need+=(redis-server)
   command -v openssl >/dev/null || apt_need+=(openssl) # the README's issuer key set-up, run by its test
+  command -v curl >/dev/null || apt_need+=(curl)       # the README's TLS walkthrough, run by its test
 fi
 if [ ${#apt_need[@]} -gt 0 ]; then
   # One line when all is well; apt's whole output only if it fails.
