@@ -22,7 +22,7 @@ import trio
 from broker.auth import Authenticator, load_or_create_secret
 from wire import MAX_HELLO_FRAME_BYTES, Drained, Error, ErrorCode
 
-from ..websocket.wsclient import login_ws
+from ..websocket.wsclient import login_ws, upgraded
 from .process import start_broker_process
 from .raw import RawClient
 
@@ -43,21 +43,6 @@ async def _huge_tcp_frame(port: int) -> int:
         return error.code
     finally:
         await client.aclose()
-
-
-async def _upgraded(port: int) -> trio.SocketStream:
-    """A TCP connection upgraded to WebSocket (a sans-IO wsproto client: the flood writes raw frames)."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Request
-
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/relay")))
-    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
-        data = await stream.receive_some(65536)
-        assert data, "the broker closed the connection during the upgrade"
-        ws.receive_data(data)
-    return stream
 
 
 async def _most_of_a_huge_websocket_message(stream: trio.SocketStream, sent: list[int]) -> None:
@@ -109,7 +94,7 @@ async def test_a_flood_of_unauthenticated_large_frames_leaves_broker_memory_flat
             # Without the pre-WELCOME limit the broker held ~1 MiB per flooding connection (450 MiB here).
             assert grown < 48 * 1024 * 1024, f"broker RSS grew by {grown / 2**20:.1f} MiB"
             before = broker.memory_info().rss
-            streams = [await _upgraded(ws_port) for _ in range(CONNECTIONS)]
+            streams = [(await upgraded(ws_port))[0] for _ in range(CONNECTIONS)]
             started: list[int] = []
             async with trio.open_nursery() as flood:
                 for stream in streams:

@@ -11,7 +11,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
 
 from wire import Connection, Frame, Role, Welcome
 
@@ -86,3 +90,17 @@ async def login_ws(port: int | None, token: str, **kwargs: str) -> AsyncIterator
     async with open_ws(port, **kwargs) as client:
         welcome = await client.hello(token)
         yield client, welcome
+
+
+async def upgraded(port: int | None) -> tuple[trio.SocketStream, WSConnection]:
+    """A TCP connection upgraded to WebSocket by a sans-IO wsproto client, for tests that write raw WebSocket
+    frames (half messages, floods): the stream, and the wsproto connection to decode what the broker sends."""
+    assert port is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/relay")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        data = await stream.receive_some(65536)
+        assert data, "the broker closed the connection during the upgrade"
+        ws.receive_data(data)
+    return stream, ws
