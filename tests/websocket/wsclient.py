@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
-
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
