@@ -18,6 +18,7 @@ mailbox tokens: operator tokens come from the broker's secret only.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -54,10 +55,23 @@ class AuthError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is on a connection: a mailbox id, or an operator (who has no mailbox)."""
+    """Who is on a connection: a mailbox id, or an operator (who has no mailbox); and until when its token proves it.
+
+    ``ends_at`` (Unix seconds) is the token's ``exp`` plus the leeway: the moment a session it opened ends with
+    TOKEN_EXPIRED unless a REFRESH has brought a newer token.
+    """
 
     name: str
     operator: bool = False
+    ends_at: float = math.inf
+
+    def same_as(self, other: Identity) -> bool:
+        """Whether ``other`` names the same mailbox (or operator) in the same role, whatever its expiry."""
+        return self.name == other.name and self.operator == other.operator
+
+    def seconds_left(self, now: float) -> int:
+        """Whole seconds (rounded down, at least 0) from ``now`` until the token's session ends."""
+        return max(0, math.floor(self.ends_at - now))
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -151,7 +165,7 @@ class Authenticator:
                 ErrorCode.INVALID_TOKEN,
                 "invalid token: an issuer's token cannot be an operator's (use relay-broker token NAME --operator)",
             )
-        return Identity(sub, operator=operator)
+        return Identity(sub, operator=operator, ends_at=float(claims["exp"]) + self.leeway_s)
 
     def _key_for(self, header: dict[str, object]) -> tuple[bytes | PublicKey, str]:
         """The key and the one algorithm that may check a token with this header. Raises AuthError (INVALID_TOKEN)."""

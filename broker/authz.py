@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from wire import Ack, Bye, Cleanup, Frame, KeyGet, KeyPut, Ping, Pull, Send, Stats, StatusAck
+from wire import Ack, Bye, Cleanup, Frame, KeyGet, KeyPut, Ping, Pull, Refresh, Send, Stats, StatusAck
 
 from .auth import Identity
 
@@ -38,6 +38,7 @@ RULES: Mapping[type[Frame], Need] = {
     KeyGet: Need.MAILBOX,
     Ping: Need.ANYONE,
     Bye: Need.ANYONE,
+    Refresh: Need.ANYONE,
     Stats: Need.OPERATOR,
     Cleanup: Need.OPERATOR,
 }

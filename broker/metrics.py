@@ -69,6 +69,8 @@ NODE_METRICS: Mapping[str, _Figure] = {
     "keys_put_total": _Figure("relay_keys_put", COUNTER, "Key records stored."),
     "keys_put_refused_total": _Figure("relay_keys_put_refused", COUNTER, "Key records refused with INVALID_KEY."),
     "key_lookups_total": _Figure("relay_key_lookups", COUNTER, "Mailboxes looked up in the key directory."),
+    "tokens_refreshed_total": _Figure("relay_tokens_refreshed", COUNTER, "REFRESHes that gave a session a new token."),
+    "sessions_expired_total": _Figure("relay_sessions_expired", COUNTER, "Sessions ended by their token's expiry."),
 }
 """This node's STATS figures (:class:`~broker.stats.NodeStatistics`) and their metrics; besides these,
 ``connections`` is ``relay_connections{transport}`` and the refusals ``relay_messages_refused_total{reason}``."""

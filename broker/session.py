@@ -12,6 +12,10 @@ Theory of operation. :meth:`Session.run` owns three tasks in one nursery:
   delivers queued messages within the in-flight window, and the mailbox's delivery statuses;
 - the **writer** (:class:`~broker.outbox.Outbox`) writes what the others push, coalesced.
 
+Beside them, from WELCOME on, a **token timer** ends the session with TOKEN_EXPIRED when the
+token that opened it expires (its ``exp`` plus the leeway): a REFRESH with a newer token for
+the same identity moves that deadline (one cancel scope's deadline, so a refresh costs no task).
+
 A session knows the router, presence, the statistics, the store (for its delivery pump),
 the configuration and the authenticator; never the server. It is its mailbox's
 :class:`~broker.presence.Subscriber`: presence reaches it by mailbox to wake it (for
@@ -37,6 +41,8 @@ connect or PULL (a client records a status idempotently, by its message and reci
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
@@ -60,6 +66,8 @@ from wire import (
     Ping,
     Pong,
     Pull,
+    Refresh,
+    Refreshed,
     RemoteProtocolError,
     Role,
     Send,
@@ -131,6 +139,7 @@ class Session:
         self.finished = trio.Event()
         self.closing = False
         self._work_scope = trio.CancelScope()
+        self._token_scope = trio.CancelScope()  # its deadline: when the session's token ends it (_expire)
         self._last_rx = trio.current_time()
         self._reading_paused = False
         self._kept_acks: dict[str, None] = {}  # ACKed ids the store has not taken yet, oldest first
@@ -250,6 +259,7 @@ class Session:
             if self.delivery is not None:
                 nursery.start_soon(self.delivery.run)
             nursery.start_soon(self._watchdog)
+            nursery.start_soon(self._expire)
             await self._read_loop()
             nursery.cancel_scope.cancel()
 
@@ -265,6 +275,7 @@ class Session:
             self.close(exc.code, exc.message)
             return False
         self.identity = identity
+        self._token_scope.deadline = _deadline(identity)
         pending = 0 if identity.operator else await self._claim(identity.name)
         self._send(
             Welcome(
@@ -278,6 +289,7 @@ class Session:
                 default_ttl_s=config.default_ttl_s,
                 max_ttl_s=config.max_ttl_s,
                 keepalive_s=max(1, int(config.keepalive_s)),
+                expires_in_s=identity.seconds_left(time.time()),
             )
         )
         self.transport.welcome_sent()
@@ -306,6 +318,13 @@ class Session:
             report=self._router.report,
         )
         return await self._router.pending(mailbox)
+
+    async def _expire(self) -> None:
+        """End the session with TOKEN_EXPIRED once its token has (``_token_scope``'s deadline; REFRESH moves it)."""
+        with self._token_scope:
+            await trio.sleep_forever()
+        self._counters.sessions_expired += 1
+        self.close(ErrorCode.TOKEN_EXPIRED, "the session's token expired; send REFRESH with a new one before it does")
 
     async def _watchdog(self) -> None:
         """Close an idle connection (KEEPALIVE_TIMEOUT) or one whose write stalls (SLOW_CONSUMER).
@@ -509,6 +528,29 @@ class Session:
     async def _on_bye(self, frames: Sequence[Frame]) -> bool:
         return False
 
+    async def _on_refresh(self, frames: Sequence[Frame]) -> bool:
+        """A newer token for this session's identity: it governs the session from now on (its expiry included).
+        A token that is refused, or that names another mailbox or role, ends the session."""
+        identity = self.identity
+        assert identity is not None
+        for refresh in cast(Sequence[Refresh], frames):
+            try:
+                fresh = self._auth.verify(refresh.token)
+            except AuthError as exc:
+                self.close(exc.code, f"refresh: {exc.message}")
+                return False
+            if not fresh.same_as(identity):
+                what = "an operator's" if fresh.operator else f"mailbox {fresh.name!r}'s"
+                self.close(ErrorCode.TOKEN_MISMATCH, f"refresh: the token is {what}, not this session's")
+                return False
+            self.identity = identity = fresh
+            self._token_scope.deadline = _deadline(fresh)
+            left = fresh.seconds_left(time.time())
+            self._counters.tokens_refreshed += 1
+            self._log.info("token refreshed: %d s left", left, extra={"fields": {"expires_in_s": left}})
+            self._send(Refreshed(expires_in_s=left))
+        return True
+
     async def _on_stats(self, frames: Sequence[Frame]) -> bool:
         self._send(StatsResult(stats=(await self._stats.snapshot()).to_wire()))
         return True
@@ -520,6 +562,12 @@ class Session:
     def _send(self, frame: Frame) -> None:
         if not self.closing:
             self.outbox.push(self.conn.send(frame))
+
+
+def _deadline(identity: Identity) -> float:
+    """When (on trio's clock) a session whose token is ``identity``'s ends."""
+    left = identity.ends_at - time.time()
+    return trio.current_time() + left if math.isfinite(left) else math.inf
 
 
 _BATCHED = frozenset({Send, Ack, StatusAck})
@@ -536,5 +584,6 @@ _HANDLERS: dict[type[Frame], Handler] = {
     Cleanup: Session._on_cleanup,
     KeyPut: Session._on_key_put,
     KeyGet: Session._on_key_get,
+    Refresh: Session._on_refresh,
 }
 """The dispatch table: every frame a client may send in OPEN (the same keys as ``authz.RULES``)."""

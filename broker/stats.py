@@ -107,6 +107,8 @@ STATS_NAMES: tuple[str, ...] = (
     "keys_put_total",
     "keys_put_refused_total",
     "key_lookups_total",
+    "tokens_refreshed_total",
+    "sessions_expired_total",
 )
 """protocol.md section 10: every STATS_RESULT key, in wire order (the one list of these names)."""
 
@@ -202,6 +204,10 @@ class NodeStatistics:
     """Key records refused with INVALID_KEY."""
     key_lookups_total: int = 0
     """Mailboxes looked up in the key directory (the distinct ones of each lookup)."""
+    tokens_refreshed_total: int = 0
+    """REFRESHes that gave a session a newer token."""
+    sessions_expired_total: int = 0
+    """Sessions ended with TOKEN_EXPIRED because their token expired while they were open."""
 
     def get(self, name: str) -> int:
         """The figure called ``name`` on the wire (a refusal counter is one entry of ``refused_by_code``).
@@ -287,9 +293,11 @@ class Counters:
         "redelivered",
         "refused",
         "sent",
+        "sessions_expired",
         "statuses_acked",
         "statuses_delivered",
         "statuses_lost",
+        "tokens_refreshed",
     )
 
     def __init__(self) -> None:
@@ -315,6 +323,10 @@ class Counters:
         """Key records refused with INVALID_KEY."""
         self.key_lookups = 0
         """Mailboxes looked up in the key directory."""
+        self.tokens_refreshed = 0
+        """REFRESHes that gave a session a newer token."""
+        self.sessions_expired = 0
+        """Sessions ended by their token's expiry."""
         self.acknowledged = 0
         """Messages deleted by ACK through this node."""
         self.frames_in = 0
@@ -397,6 +409,8 @@ class Stats:
             keys_put_total=c.keys_put,
             keys_put_refused_total=c.keys_put_refused,
             key_lookups_total=c.key_lookups,
+            tokens_refreshed_total=c.tokens_refreshed,
+            sessions_expired_total=c.sessions_expired,
         )
         activity = NodeActivity(
             acknowledged_total=c.acknowledged,

@@ -4,9 +4,11 @@ Theory of operation. :func:`open_client` starts the **supervisor** task and wait
 link is established, so a bad URL, an unreachable broker or a refused token raise at once. The
 supervisor serves links one after another, each inside ``async with`` the transport it runs on
 (:mod:`client._link`: reader, writer, watchdog). When a link ends for a transient reason it
-reconnects with exponential backoff and jitter; INVALID_TOKEN, TOKEN_EXPIRED,
+reconnects with exponential backoff and jitter; INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_MISMATCH,
 UNSUPPORTED_VERSION, CONNECTED_ELSEWHERE (and other protocol violations) are fatal: every waiter
-raises the error, and ``on_connection_change`` hears STOPPED.
+raises the error, and ``on_connection_change`` hears STOPPED. With a ``refresh_token`` callback a
+session outlives its token (each link's refresher sends the callback's tokens in REFRESH frames),
+and a TOKEN_EXPIRED is not fatal: the client reconnects with a token from the callback.
 
 Nothing is lost across reconnects. Each SEND waits in the pending table (:mod:`client._pending`)
 until its RECEIPT arrives; a new link writes all of them again with the same ids, and SEND is
@@ -66,7 +68,7 @@ from wire.e2e import DEFAULT_PAD_BLOCK, fingerprint, seal, verify_key_record
 
 from ._e2e import CRYPTO_SLICE, ContactKey, EnvelopeOpener, Keyring, check_recipients
 from ._inbox import ClientState, Delivery, Inbox, InboxIterator
-from ._link import Link, Outbound, TransportFactory, check_sends, handshake
+from ._link import Link, Outbound, TokenSource, TransportFactory, check_sends, handshake
 from ._pending import PendingTable, SendItem
 from ._statuses import StatusBox
 from .errors import (
@@ -186,6 +188,12 @@ class ClientOptions(TypedDict, total=False):
     received is then ``failed``/``unknown_key``)."""
     pad_block: int
     """Sealed bodies are padded to a multiple of this many bytes (default 256; 1 pads by one byte only)."""
+    refresh_token: TokenSource | None
+    """An async function returning a newer token for the same mailbox (or operator), from the application's issuer:
+    called once three quarters of the session's time have passed (the client sends the token in a REFRESH, so the
+    session outlives its first token; protocol.md rule 22), again after a quarter of what is left if it raises, and
+    before reconnecting when the broker ended a session with TOKEN_EXPIRED. Default None: the session ends when its
+    token expires (TOKEN_EXPIRED, fatal)."""
 
 
 _OPTION_NAMES = frozenset(ClientOptions.__optional_keys__)
@@ -251,6 +259,11 @@ class RelayClient:
         if type(pad_block) is not int or pad_block < 1:
             raise ValueError("pad_block must be an integer of at least 1")
         self._pad_block = pad_block
+        self._refresh_token = options.get("refresh_token")
+        if self._refresh_token is not None and not callable(self._refresh_token):
+            raise TypeError("refresh_token must be an async function returning a token")
+        self._token_stale = False
+        """The broker said the token expired: get a new one (``refresh_token``) before the next HELLO."""
         self._keyring = Keyring(self._store) if options.get("e2e", True) else None
         self._state = ClientState()
         self._pending = PendingTable()
@@ -725,6 +738,7 @@ class RelayClient:
                         inbox=self._opener,
                         statuses=self._statuses,
                         key_put=key_put,
+                        token_source=self._new_token if self._refresh_token is not None else None,
                     )
                     self._open_link(link)
                     task_status.started()
@@ -760,11 +774,29 @@ class RelayClient:
             pending=welcome.pending,
         )
 
+    async def _new_token(self) -> str:
+        """A newer token from ``refresh_token``, which the next HELLO also carries. Raises what the callback raises,
+        and TypeError/ValueError for something that is not a token."""
+        assert self._refresh_token is not None
+        token = await self._refresh_token()
+        if not isinstance(token, str) or not token or len(token) > 4096:
+            raise ValueError(f"refresh_token returned {type(token).__name__}, not a token (a non-empty string)")
+        self._token = token
+        return token
+
+    def _expired_but_refreshable(self, error: RelayError) -> bool:
+        """Whether ``error`` is a TOKEN_EXPIRED that a token from ``refresh_token`` may cure (then it is not fatal)."""
+        if error.code == ErrorCode.TOKEN_EXPIRED and self._refresh_token is not None:
+            self._token_stale = True
+            return True
+        return False
+
     def _carry_on(self, reason: RelayError) -> bool:
         """A link ended with ``reason``: whether to reconnect (else the client stops here)."""
         if self._stopped or self._state.failure is not None:
             return False
-        if (reason.code is not None and is_fatal(reason.code)) or not self._reconnect:
+        refreshable = self._expired_but_refreshable(reason)
+        if (reason.code is not None and is_fatal(reason.code) and not refreshable) or not self._reconnect:
             self._give_up(reason)
             return False
         log.info("connection to %s lost (%s); reconnecting", self.endpoint, reason)
@@ -779,9 +811,21 @@ class RelayClient:
             delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(attempt, _MAX_BACKOFF_DOUBLINGS))
             attempt += 1
             await trio.sleep(random.uniform(delay / 2, delay))
+            if self._token_stale:
+                try:
+                    await self._new_token()
+                except Exception:
+                    log.exception("refresh_token failed; reconnect attempt %d waits for a token", attempt)
+                    continue
+                self._token_stale = False
             try:
                 return await self._serve_link()
             except RelayError as exc:
+                if self._expired_but_refreshable(exc):
+                    log.info(
+                        "reconnect attempt %d to %s: the token expired; asking refresh_token", attempt, self.endpoint
+                    )
+                    continue
                 if exc.code is not None and is_fatal(exc.code):
                     self._give_up(exc)
                     return None
@@ -828,7 +872,10 @@ async def open_client(url: str, token: str, **options: Unpack[ClientOptions]) ->
     stored it, so a contact may look it up at once), sends are sealed (see
     :meth:`RelayClient.send`) and envelopes opened (:class:`Delivery` ``security``). ``e2e=False``
     is the explicit choice to send everything in the clear and publish nothing. ``pad_block``: sealed
-    bodies are padded to a multiple of it (default 256).
+    bodies are padded to a multiple of it (default 256). ``refresh_token``: an async function returning a
+    newer token for the same mailbox; with it the session outlives its token (the client sends the new one in a
+    REFRESH once three quarters of the session's time have passed) and a TOKEN_EXPIRED makes the client
+    reconnect with a new token instead of stopping.
     ``on_connection_change``: called with a frozen :class:`ConnectionEvent` once for each change of
     connection state: CONNECTED (before this yields), then DISCONNECTED (with the reason, e.g.
     SHUTTING_DOWN 4004 or a broken transport) and RECONNECTED for each reconnect, and STOPPED

@@ -19,6 +19,9 @@ broker answers; a WELCOME makes a :class:`Link`, which :meth:`Link.run` serves w
   ``b""`` and nothing more goes out.
 - The **watchdog** queues a PING after ``keepalive_s / 3`` without writing and ends the link
   after ``keepalive_s`` without receiving, judged from timestamps a few times per period.
+- The **refresher** (only with a ``refresh_token`` callback) gets a newer token from the application once
+  three quarters of the session's time (WELCOME's, then REFRESHED's ``expires_in_s``) have passed and sends
+  it in a REFRESH (protocol.md rule 22); a callback that fails is asked again after a quarter of what is left.
 
 The ONE direct write: :meth:`Link.write_sends`, called by ``send`` while the writer is idle, puts
 the encoded SENDs on the transport with ``send_some_nowait`` (never blocking, no task switch: what
@@ -58,6 +61,8 @@ from wire import (
     Ping,
     Pong,
     Receipt,
+    Refresh,
+    Refreshed,
     RemoteProtocolError,
     Role,
     Send,
@@ -80,6 +85,7 @@ __all__ = [
     "RECEIVE_SLACK_BYTES",
     "Link",
     "Outbound",
+    "TokenSource",
     "TransportFactory",
     "check_sends",
     "handshake",
@@ -93,6 +99,12 @@ stay far below the 1 MiB frame limit."""
 RECEIVE_SLACK_BYTES = 4096
 """Accepted beyond the broker's max_frame_bytes: a DELIVER carries a few more fields than the SEND it came from."""
 
+
+MIN_REFRESH_INTERVAL_S = 0.25
+"""The refresher asks for a token at most this often, however little time a token leaves."""
+
+TokenSource = Callable[[], Awaitable[str]]
+"""Where a newer token comes from: the client's ``refresh_token`` callback, checked (``RelayClient._new_token``)."""
 
 TransportFactory = Callable[[Endpoint], AbstractAsyncContextManager[Transport]]
 """How the client opens a transport for a parsed URL (``open_client(transport_factory=...)``): an async
@@ -203,13 +215,16 @@ class Link:
         "_outbox",
         "_own_answers",
         "_pending",
+        "_refreshed",
         "_statuses",
+        "_token_source",
         "_unwritten",
         "_writing",
         "bye_written",
         "conn",
         "ended",
         "endpoint",
+        "expires_at",
         "gen",
         "last_rx",
         "last_tx",
@@ -235,6 +250,7 @@ class Link:
         inbox: EnvelopeOpener,
         statuses: StatusBox,
         key_put: KeyPut | None = None,
+        token_source: TokenSource | None = None,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -252,6 +268,11 @@ class Link:
         """Set once the link has ended (after BYE: once the broker has closed the connection, having applied
         every frame before BYE)."""
         self.last_rx = self.last_tx = trio.current_time()
+        self.expires_at = self.last_rx + welcome.expires_in_s
+        """When (trio's clock) the broker ends the session for its token's expiry, unless refreshed."""
+        self._token_source = token_source
+        self._refreshed: trio.Event | None = None
+        """Set by the reader when the REFRESH in flight is answered."""
         self._outbound = outbound
         self._pending = pending
         self._inbox = inbox
@@ -349,6 +370,8 @@ class Link:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._guard, self._write_loop)
                     nursery.start_soon(self._guard, self._watchdog)
+                    if self._token_source is not None:
+                        nursery.start_soon(self._guard, self._refresher)
                     await self._guard(self._read_loop, leftover)
         finally:
             self.quiet.set()
@@ -443,6 +466,29 @@ class Link:
                 self.last_tx = now
                 self.queue(Ping())
 
+    async def _refresher(self) -> None:
+        """Send a newer token once three quarters of the session's time have passed (see the module docstring)."""
+        source = self._token_source
+        assert source is not None
+        started = trio.current_time()
+        due = started + 0.75 * (self.expires_at - started)
+        while True:
+            await trio.sleep_until(due)
+            try:
+                token = await source()
+            except Exception:
+                now = trio.current_time()
+                log.exception(
+                    "refresh_token failed; %.0f s left before the session's token expires", self.expires_at - now
+                )
+                due = now + max(MIN_REFRESH_INTERVAL_S, (self.expires_at - now) / 4)
+                continue
+            self._refreshed = answered = trio.Event()
+            self.queue(Refresh(token=token))
+            await answered.wait()
+            now = trio.current_time()
+            due = now + max(MIN_REFRESH_INTERVAL_S, 0.75 * (self.expires_at - now))
+
     # ------------------------------------------------------------ the reader
 
     async def _read_loop(self, frames: list[Frame]) -> None:
@@ -490,6 +536,12 @@ class Link:
         """A frame other than DELIVER and RECEIPT. Raises the error a closing ERROR names."""
         if isinstance(f, Drained):
             self._inbox.drained(self.gen, f.pending)
+        elif isinstance(f, Refreshed):
+            self.expires_at = trio.current_time() + f.expires_in_s
+            log.info("token refreshed on %s: %d s left", self.endpoint, f.expires_in_s)
+            if self._refreshed is not None:
+                self._refreshed.set()
+                self._refreshed = None
         elif isinstance(f, StatsResult | CleanupResult | KeyPutResult | KeyGetResult):
             if self._own_answers:
                 self._own_answers -= 1

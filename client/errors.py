@@ -2,7 +2,8 @@
 
 ``RelayError`` is the root. Which subclass is raised tells the caller what to do:
 
-- :class:`AuthenticationError` (INVALID_TOKEN, TOKEN_EXPIRED): get a new token. Fatal.
+- :class:`AuthenticationError` (INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_MISMATCH): get a new token. Fatal, except
+  TOKEN_EXPIRED for a client with a ``refresh_token`` callback: it reconnects with the callback's token.
 - :class:`ForbiddenError` (FORBIDDEN): this token may not do that. The connection stays up.
 - :class:`ProtocolViolation` (1xxx, e.g. UNSUPPORTED_VERSION): a bug on one side. Fatal.
 - :class:`SessionEnded` (4xxx, 5xxx): the broker ended the session. The client reconnects
@@ -66,7 +67,8 @@ class RelayError(Exception):
 
 
 class AuthenticationError(RelayError):
-    """The broker refused the token (INVALID_TOKEN 2001 or TOKEN_EXPIRED 2002). Never retried."""
+    """The broker refused the token (INVALID_TOKEN 2001, TOKEN_EXPIRED 2002, or TOKEN_MISMATCH 2004: a refreshed token
+    for another mailbox or role). Never retried with the same token."""
 
 
 class ForbiddenError(RelayError):
@@ -214,6 +216,7 @@ FATAL_CODES = frozenset(
     {
         ErrorCode.INVALID_TOKEN,
         ErrorCode.TOKEN_EXPIRED,
+        ErrorCode.TOKEN_MISMATCH,
         ErrorCode.UNSUPPORTED_VERSION,
         ErrorCode.CONNECTED_ELSEWHERE,
         ErrorCode.MALFORMED_FRAME,
@@ -241,7 +244,7 @@ def error_from_code(code: int, message: str) -> RelayError:
         known: ErrorCode | int = ErrorCode(code)
     except ValueError:
         known = code
-    if code in (ErrorCode.INVALID_TOKEN, ErrorCode.TOKEN_EXPIRED):
+    if code in (ErrorCode.INVALID_TOKEN, ErrorCode.TOKEN_EXPIRED, ErrorCode.TOKEN_MISMATCH):
         return AuthenticationError(known, message)
     if code == ErrorCode.FORBIDDEN:
         return ForbiddenError(known, message)

@@ -60,6 +60,8 @@ from .frames import (
     Pong,
     Pull,
     Receipt,
+    Refresh,
+    Refreshed,
     Send,
     Stats,
     StatsResult,
@@ -110,7 +112,7 @@ _S = State
 TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
     (_C, _S.HANDSHAKE, Hello): _S.AUTHENTICATING,
     (_B, _S.AUTHENTICATING, Welcome): _S.OPEN,
-    **{(_C, _S.OPEN, t): _S.OPEN for t in (Send, Ack, StatusAck, Pull, Ping, Stats, Cleanup, KeyPut, KeyGet)},
+    **{(_C, _S.OPEN, t): _S.OPEN for t in (Send, Ack, StatusAck, Pull, Ping, Stats, Cleanup, KeyPut, KeyGet, Refresh)},
     **{
         (_B, _S.OPEN, t): _S.OPEN
         for t in (
@@ -123,6 +125,7 @@ TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
             CleanupResult,
             KeyPutResult,
             KeyGetResult,
+            Refreshed,
         )
     },
     (_C, _S.OPEN, Bye): _S.CLOSED,

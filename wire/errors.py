@@ -49,9 +49,11 @@ class ErrorCode(IntEnum):
     INVALID_TOKEN = 2001
     """The token is missing, malformed, or its signature does not verify."""
     TOKEN_EXPIRED = 2002
-    """The token's ``exp`` claim is in the past."""
+    """The token's ``exp`` claim is in the past (beyond the leeway): at HELLO or REFRESH, or during the session."""
     FORBIDDEN = 2003
     """The authenticated identity may not do this (e.g. STATS without an operator token)."""
+    TOKEN_MISMATCH = 2004
+    """A REFRESH's token is valid but names another mailbox (or another role) than the session's."""
 
     # 3xxx: a request refused (in a RECEIPT or a KEY_PUT_RESULT `code`; never in an ERROR, never fatal).
     MAILBOX_FULL = 3001

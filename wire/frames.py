@@ -56,6 +56,8 @@ __all__ = [
     "Pull",
     "Receipt",
     "RecipientResult",
+    "Refresh",
+    "Refreshed",
     "ReportState",
     "Send",
     "Stats",
@@ -233,11 +235,14 @@ class Hello(Frame):
     "default_ttl_s",
     "max_ttl_s",
     "keepalive_s",
+    "expires_in_s",
 )
 class Welcome(Frame):
     """Broker -> client, answer to HELLO: the broker's limits and the mailbox's pending count.
 
-    ``mailbox`` is absent for operator sessions, which have no mailbox.
+    ``mailbox`` is absent for operator sessions, which have no mailbox. ``expires_in_s`` is how many whole
+    seconds (rounded down) the session's token has left: the broker ends the session with TOKEN_EXPIRED then,
+    unless a REFRESH has brought a newer token.
     """
 
     version: int
@@ -250,6 +255,7 @@ class Welcome(Frame):
     default_ttl_s: int
     max_ttl_s: int
     keepalive_s: int
+    expires_in_s: int
 
     def __post_init__(self) -> None:
         _uint("version", self.version, minimum=1)
@@ -260,6 +266,30 @@ class Welcome(Frame):
         _uint("max_frame_bytes", self.max_frame_bytes, minimum=MIN_MAX_FRAME_BYTES)
         for name in ("max_inflight", "max_recipients", "default_ttl_s", "max_ttl_s", "keepalive_s"):
             _uint(name, getattr(self, name), minimum=1)
+        _uint("expires_in_s", self.expires_in_s)
+
+
+@_frame("refresh", "token")
+class Refresh(Frame):
+    """Client -> broker, in OPEN: a newer token for the session's own mailbox (or operator), before the old expires.
+
+    Answered by REFRESHED, or the session ends (ERROR 2001, 2002 or 2004, ``close: true``).
+    """
+
+    token: str
+
+    def __post_init__(self) -> None:
+        _text("token", self.token, min_len=1)
+
+
+@_frame("refreshed", "expires_in_s")
+class Refreshed(Frame):
+    """Broker -> client: the REFRESH's token now governs the session; it has ``expires_in_s`` whole seconds left."""
+
+    expires_in_s: int
+
+    def __post_init__(self) -> None:
+        _uint("expires_in_s", self.expires_in_s)
 
 
 # ---------------------------------------------------------------- messages

@@ -29,6 +29,7 @@ export const ERROR_CODES: Readonly<{
   INVALID_TOKEN: 2001
   TOKEN_EXPIRED: 2002
   FORBIDDEN: 2003
+  TOKEN_MISMATCH: 2004
   MAILBOX_FULL: 3001
   MAILBOX_BYTES_FULL: 3002
   BROKER_FULL: 3003
@@ -90,7 +91,14 @@ export interface WelcomeFrame {
   default_ttl_s: number
   max_ttl_s: number
   keepalive_s: number
+  /** Whole seconds until the broker ends the session for its token's expiry, unless refreshed (rule 22). */
+  expires_in_s: number
 }
+
+/** A newer token for the session's identity (rule 22). */
+export interface RefreshFrame { type: 'refresh', token: string }
+/** The REFRESH's token governs the session now; `expires_in_s` as in WELCOME. */
+export interface RefreshedFrame { type: 'refreshed', expires_in_s: number }
 
 export interface SendFrame {
   type: 'send'
@@ -203,6 +211,8 @@ export type Frame =
   | KeyPutResultFrame
   | KeyGetFrame
   | KeyGetResultFrame
+  | RefreshFrame
+  | RefreshedFrame
 
 /** A frame type name, as on the wire. */
 export type FrameType = Frame['type']

@@ -52,6 +52,7 @@ export const ERROR_CODES = Object.freeze({
   INVALID_TOKEN: 2001,
   TOKEN_EXPIRED: 2002,
   FORBIDDEN: 2003,
+  TOKEN_MISMATCH: 2004,
   MAILBOX_FULL: 3001,
   MAILBOX_BYTES_FULL: 3002,
   BROKER_FULL: 3003,
@@ -500,8 +501,11 @@ const SCHEMAS = {
     ['max_recipients', uint(1), R],
     ['default_ttl_s', uint(1), R],
     ['max_ttl_s', uint(1), R],
-    ['keepalive_s', uint(1), R]
+    ['keepalive_s', uint(1), R],
+    ['expires_in_s', uint(0), R]
   ],
+  refresh: [['token', text(1), R]],
+  refreshed: [['expires_in_s', uint(0), R]],
   send: [
     ['id', messageId, R],
     ['to', arrayOf(recipientText), R],

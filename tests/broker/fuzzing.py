@@ -37,6 +37,7 @@ from wire import (
     Frame,
     Hello,
     KeyGet,
+    Refresh,
     RemoteProtocolError,
     Role,
     Welcome,
@@ -96,6 +97,7 @@ class Oracle:
                 Welcome(
                     version=1, session="s", mailbox="m", pending=0, max_frame_bytes=self.max_frame_bytes,
                     max_inflight=1, max_recipients=self.max_recipients, default_ttl_s=1, max_ttl_s=1, keepalive_s=1,
+                    expires_in_s=60,
                 )
             )  # fmt: skip
         return conn
@@ -147,6 +149,12 @@ class Oracle:
                 break
             if type(frame) is KeyGet and len(frame.mailboxes) > self.max_recipients:
                 stop = int(ErrorCode.INVALID_FIELD)
+                break
+            if type(frame) is Refresh:
+                # Judged as a HELLO's token (2001, 2002); a valid one is never the session's own (the lanes' tokens
+                # are not among the fuzz inputs), so TOKEN_MISMATCH. Either way the session ends (rule 22).
+                ending = self.hello_ending(Hello(version=1, token=frame.token))
+                stop = int(ErrorCode.TOKEN_MISMATCH) if ending == WELCOME else ending
                 break
         if error is not None:
             endings: set[Ending] = {error}

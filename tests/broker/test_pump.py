@@ -76,7 +76,7 @@ def open_connection() -> Connection:
     conn.send(
         Welcome(
             version=1, session="s", mailbox="bob", pending=0, max_frame_bytes=65536, max_inflight=8,
-            max_recipients=8, default_ttl_s=60, max_ttl_s=60, keepalive_s=60,
+            max_recipients=8, default_ttl_s=60, max_ttl_s=60, keepalive_s=60, expires_in_s=3600,
         )
     )  # fmt: skip
     return conn

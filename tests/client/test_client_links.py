@@ -35,6 +35,7 @@ def welcome(max_frame_bytes: int) -> Welcome:
         default_ttl_s=3600,
         max_ttl_s=3600,
         keepalive_s=30,
+        expires_in_s=3600,
     )
 
 

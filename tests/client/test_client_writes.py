@@ -34,6 +34,7 @@ def welcome(keepalive_s: int = 30) -> Welcome:
         default_ttl_s=3600,
         max_ttl_s=3600,
         keepalive_s=keepalive_s,
+        expires_in_s=3600,
     )
 
 

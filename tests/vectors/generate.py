@@ -40,6 +40,8 @@ from wire import (
     Pull,
     Receipt,
     RecipientResult,
+    Refresh,
+    Refreshed,
     RemoteProtocolError,
     ReportState,
     Send,
@@ -178,6 +180,7 @@ def build_valid() -> None:
         "default_ttl_s": 604800,
         "max_ttl_s": 2592000,
         "keepalive_s": 60,
+        "expires_in_s": 3659,
     }
     valid(
         "welcome",
@@ -189,6 +192,23 @@ def build_valid() -> None:
         "WELCOME for an operator session: no mailbox key",
         Welcome(version=1, session="s-op-1", **{**limits, "pending": 0}),
     )
+    valid(
+        "welcome_expiring",
+        "WELCOME for a session whose token has less than a second left: expires_in_s 0 (rule 22)",
+        Welcome(version=1, session="s-5f2a9d", mailbox="alice", **{**limits, "expires_in_s": 0}),
+    )
+    valid("refresh", "REFRESH with a new token for the session's identity (rule 22)", Refresh(token=TOKEN))
+    valid(
+        "refresh_token_4096",
+        "REFRESH token at its 4096-character limit",
+        Refresh(token="x" * 4096),
+    )
+    valid(
+        "refreshed",
+        "REFRESHED: the new token leaves the session an hour (and the leeway)",
+        Refreshed(expires_in_s=3659),
+    )
+    valid("refreshed_zero", "REFRESHED expires_in_s 0: less than a second left", Refreshed(expires_in_s=0))
     valid(
         "send",
         "SEND to one recipient, default TTL, no notify (absent: false): the bytes a SEND had before notify existed",
@@ -703,9 +723,59 @@ def build_invalid() -> None:
             u(1),
             t("max_ttl_s"),
             u(1),
+            t("expires_in_s"),
+            u(3600),
         ),
     )
     invalid("hello_missing_token", "HELLO without token", INV, m(t("type"), t("hello"), t("version"), u(1)))
+    invalid("refresh_missing_token", "REFRESH without token", INV, m(t("type"), t("refresh")))
+    invalid("refresh_token_empty", "REFRESH token empty", INV, m(t("type"), t("refresh"), t("token"), t("")))
+    invalid(
+        "refresh_token_4097",
+        "REFRESH token of 4097 characters",
+        INV,
+        m(t("type"), t("refresh"), t("token"), t("x" * 4097)),
+    )
+    invalid(
+        "refresh_token_bytes", "REFRESH token as a byte string", INV, m(t("type"), t("refresh"), t("token"), b(b"x"))
+    )
+    invalid("refreshed_missing", "REFRESHED without expires_in_s", INV, m(t("type"), t("refreshed")))
+    invalid(
+        "refreshed_negative", "REFRESHED expires_in_s -1", INV, m(t("type"), t("refreshed"), t("expires_in_s"), c(-1))
+    )
+    invalid(
+        "refreshed_null",
+        "REFRESHED expires_in_s null",
+        INV,
+        m(t("type"), t("refreshed"), t("expires_in_s"), c(None)),
+    )
+    invalid(
+        "welcome_missing_expires_in",
+        "WELCOME without expires_in_s (rule 22)",
+        INV,
+        m(
+            t("type"),
+            t("welcome"),
+            t("version"),
+            u(1),
+            t("session"),
+            t("s"),
+            t("pending"),
+            u(0),
+            t("max_frame_bytes"),
+            u(1048576),
+            t("max_inflight"),
+            u(1),
+            t("max_recipients"),
+            u(1),
+            t("default_ttl_s"),
+            u(1),
+            t("max_ttl_s"),
+            u(1),
+            t("keepalive_s"),
+            u(1),
+        ),
+    )
     invalid("send_body_text", "SEND body as a text string", INV, send(body=t("hi")))
     invalid("send_to_text", "SEND to as a single text string instead of an array", INV, send(to=t("bob")))
     invalid("send_to_empty", "SEND with an empty to array", INV, send(to=a()))
@@ -910,6 +980,8 @@ def build_invalid() -> None:
             u(1),
             t("keepalive_s"),
             u(1),
+            t("expires_in_s"),
+            u(3600),
         ),
     )
     invalid(
@@ -939,6 +1011,8 @@ def build_invalid() -> None:
             u(1),
             t("keepalive_s"),
             u(1),
+            t("expires_in_s"),
+            u(3600),
         ),
     )
     invalid(

@@ -63,4 +63,5 @@ def welcome(*, session: str = "s1", mailbox: str | None = "alice", max_frame_byt
         default_ttl_s=604800,
         max_ttl_s=2592000,
         keepalive_s=60,
+        expires_in_s=3600,
     )

@@ -31,6 +31,8 @@ from wire import (
     Pull,
     Receipt,
     RecipientResult,
+    Refresh,
+    Refreshed,
     RemoteProtocolError,
     ReportState,
     Role,
@@ -53,7 +55,10 @@ HS, AU, OP, X = State.HANDSHAKE, State.AUTHENTICATING, State.OPEN, State.CLOSED
 EXPECTED = {
     (C, HS, "hello"): AU,
     (B, AU, "welcome"): OP,
-    **{(C, OP, t): OP for t in ("send", "ack", "status_ack", "pull", "ping", "stats", "cleanup", "key_put", "key_get")},
+    **{
+        (C, OP, t): OP
+        for t in ("send", "ack", "status_ack", "pull", "ping", "stats", "cleanup", "key_put", "key_get", "refresh")
+    },
     **{
         (B, OP, t): OP
         for t in (
@@ -66,6 +71,7 @@ EXPECTED = {
             "cleanup_result",
             "key_put_result",
             "key_get_result",
+            "refreshed",
         )
     },
     (C, OP, "bye"): X,
@@ -96,6 +102,8 @@ SAMPLES: dict[str, Frame] = {
     "key_put_result": KeyPutResult(kid=KEY.kid),
     "key_get": KeyGet(mailboxes=("bob",)),
     "key_get_result": KeyGetResult(keys={"bob": KEY}),
+    "refresh": Refresh(token="t"),
+    "refreshed": Refreshed(expires_in_s=60),
 }
 ERRORS = {
     "error_close": Error(code=int(ErrorCode.SHUTTING_DOWN), message="bye", close=True),

@@ -37,7 +37,8 @@ SPEC_STATS = (
     "refused_too_many_recipients refused_id_conflict refused_invalid_recipient refused_body_too_large "
     "connections inflight tombstones store_round_trips store_available store_errors_total "
     "statuses_held statuses_total statuses_overflowed_total statuses_expired_total statuses_delivered_total "
-    "statuses_acked_total statuses_lost_total keys_put_total keys_put_refused_total key_lookups_total"
+    "statuses_acked_total statuses_lost_total keys_put_total keys_put_refused_total key_lookups_total "
+    "tokens_refreshed_total sessions_expired_total"
 ).split()
 
 LIMIT_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*([0-9][0-9_,]*)\s*\|", re.M)

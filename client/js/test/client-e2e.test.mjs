@@ -91,7 +91,7 @@ class FakeRelay {
         this.open.set(socket.mailbox, socket)
         socket.receive({
           type: 'welcome', version: 1, session: `s-${socket.mailbox}`, mailbox: socket.mailbox, pending: 0, max_frame_bytes: 1048576,
-          max_inflight: 1024, max_recipients: this.maxRecipients, default_ttl_s: 604800, max_ttl_s: this.maxTtlS, keepalive_s: 60
+          max_inflight: 1024, max_recipients: this.maxRecipients, default_ttl_s: 604800, max_ttl_s: this.maxTtlS, keepalive_s: 60, expires_in_s: 3600
         })
         for (const msg of this.queues.get(socket.mailbox) ?? []) socket.receive(msg)
         socket.receive({ type: 'drained', pending: 0 })

@@ -21,7 +21,8 @@ const WELCOME = {
   max_recipients: 100,
   default_ttl_s: 604800,
   max_ttl_s: 2592000,
-  keepalive_s: 60
+  keepalive_s: 60,
+  expires_in_s: 3600
 }
 
 function deliver (id, text = `body of ${id}`, attempt = 1, from = 'alice') {
