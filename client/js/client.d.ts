@@ -121,6 +121,13 @@ export interface RelayClientOptions {
   maxBackoffMs?: number
   /** Awaited between saving a DELIVER and ACKing it. */
   beforeAck?: ((msg: DeliverFrame) => Promise<void> | void) | null
+  /**
+   * A newer token for the same mailbox, from the application's issuer (protocol.md rule 22): asked once three
+   * quarters of the session's time have passed and sent in a REFRESH, so the session outlives its token; asked again
+   * after a quarter of what is left if it fails; asked before reconnecting when the broker ended the session with
+   * 2002 TOKEN_EXPIRED (then not fatal). Default null: the session ends with its token.
+   */
+  refreshToken?: (() => Promise<string>) | null
   /** The WebSocket class (default: globalThis.WebSocket). */
   WebSocketImpl?: WebSocketConstructor
 }
@@ -164,6 +171,8 @@ export interface RelayClientEventMap {
   contact: ContactRecord
   /** This device's key record was published (KEY_PUT accepted), on every connect and after rotateKey(). */
   keys: { kid: string }
+  /** The broker took a token from refreshToken: the session now ends in `expires_in_s` unless refreshed again. */
+  refreshed: { expires_in_s: number }
 }
 
 export type RelayClientEvent<K extends keyof RelayClientEventMap> = CustomEvent<RelayClientEventMap[K]>
@@ -183,6 +192,7 @@ export class RelayClient extends EventTarget {
   minBackoffMs: number
   maxBackoffMs: number
   beforeAck: ((msg: DeliverFrame) => Promise<void> | void) | null
+  refreshToken: (() => Promise<string>) | null
   readonly WebSocketImpl: WebSocketConstructor
   readonly state: ConnectionState
   /** The current connection's WELCOME, null while not connected. */

@@ -65,6 +65,12 @@
 // The connection is re-opened with exponential backoff and full jitter, except after an
 // error that a retry cannot fix (bad or expired token, another tab took the mailbox over).
 //
+// Token refresh (protocol.md rule 22): a session ends when its token expires (ERROR 2002) unless
+// the client sends a newer one in a REFRESH. With a `refreshToken` callback the client asks it for
+// one once three quarters of the session's time (WELCOME's, then REFRESHED's `expires_in_s`) have
+// passed, again after a quarter of what is left if it fails, and before reconnecting after a 2002,
+// which is then not fatal; the latest token is also the next HELLO's.
+//
 // Events (an EventTarget; each event's `detail`):
 //   state     {state: "connecting" | "open" | "closed", error?}
 //   welcome   the WELCOME frame
@@ -78,6 +84,7 @@
 //   error     {code, message, close} for ERROR frames and local failures
 //   contact   a contact record after it changed: pinned (first use), a changed key seen (pending_ik), accepted
 //   keys      {kid} after this device's key record was published (key_put accepted)
+//   refreshed {expires_in_s} after the broker took a token from refreshToken
 
 import { PROTOCOL_VERSION, ERROR_CODES, LocalProtocolError, decodeMessage, encodeFrame, packFrames } from './codec.js'
 import {
@@ -90,9 +97,13 @@ export { MessageStore, deliveryStates, missedStatuses } from './store.js'
 const FATAL = new Set([
   ERROR_CODES.INVALID_TOKEN,
   ERROR_CODES.TOKEN_EXPIRED,
+  ERROR_CODES.TOKEN_MISMATCH,
   ERROR_CODES.UNSUPPORTED_VERSION,
   ERROR_CODES.CONNECTED_ELSEWHERE
 ])
+
+const MIN_REFRESH_INTERVAL_MS = 250 // refreshToken is asked at most this often
+const MAX_TIMER_MS = 2 ** 31 - 1 // setTimeout's longest delay (~24.8 days); longer waits are re-armed
 
 /** A random 128-bit message id (32 hex digits). */
 export function newMessageId () {
@@ -162,8 +173,10 @@ export class RelayClient extends EventTarget {
    * @param {boolean} [options.e2e=true]  end-to-end encryption: publish this device's key, seal sends, open envelopes
    * @param {number} [options.padBlock=256]  pad sealed bodies to a multiple of this many bytes (1: no padding)
    * @param {(msg) => Promise<void>} [options.beforeAck]  awaited between save and ACK (tests use it)
+   * @param {() => Promise<string>} [options.refreshToken]  a newer token for the same mailbox from the app's issuer:
+   *   the session then outlives its token (REFRESH), and an expired token is renewed before reconnecting
    */
-  constructor ({ url, token, store = null, agent = 'relay-js', notify = true, e2e = true, padBlock = 256, minBackoffMs = 250, maxBackoffMs = 15000, beforeAck = null, WebSocketImpl = globalThis.WebSocket }) {
+  constructor ({ url, token, store = null, agent = 'relay-js', notify = true, e2e = true, padBlock = 256, minBackoffMs = 250, maxBackoffMs = 15000, beforeAck = null, refreshToken = null, WebSocketImpl = globalThis.WebSocket }) {
     super()
     this.url = url
     this.token = token
@@ -175,6 +188,8 @@ export class RelayClient extends EventTarget {
     this.minBackoffMs = minBackoffMs
     this.maxBackoffMs = maxBackoffMs
     this.beforeAck = beforeAck
+    if (refreshToken !== null && typeof refreshToken !== 'function') throw new TypeError('refreshToken must be a function returning a token')
+    this.refreshToken = refreshToken
     this.WebSocketImpl = WebSocketImpl
     this.state = 'closed'
     this.welcome = null
@@ -184,6 +199,10 @@ export class RelayClient extends EventTarget {
     this._attempt = 0
     this._retryTimer = null
     this._pingTimer = null
+    this._refreshTimer = null
+    this._refreshDue = 0 // Date.now() at which to ask refreshToken
+    this._expiresAt = 0 // Date.now() at which the broker ends the session for its token's expiry
+    this._tokenStale = false // the broker said the token expired: renew it before the next HELLO
     this._lastSent = 0
     this._outgoing = [] // encoded frames queued in this turn, sent by _flush
     this._flushQueued = false
@@ -247,6 +266,20 @@ export class RelayClient extends EventTarget {
   _connect () {
     if (this._stopped) return
     this._setState('connecting')
+    if (this._tokenStale) {
+      this._newToken().then(() => {
+        this._tokenStale = false
+        if (!this._stopped && this._ws === null) this._openSocket()
+      }, (err) => {
+        this._emitError({ code: 0, message: `refreshToken failed: ${err?.message ?? err}`, close: false })
+        this._scheduleReconnect(err)
+      })
+      return
+    }
+    this._openSocket()
+  }
+
+  _openSocket () {
     let ws
     try {
       ws = new this.WebSocketImpl(this.url)
@@ -272,6 +305,8 @@ export class RelayClient extends EventTarget {
   _teardown () {
     clearInterval(this._pingTimer)
     this._pingTimer = null
+    clearTimeout(this._refreshTimer)
+    this._refreshTimer = null
     if (this._ws) {
       this._ws.onopen = this._ws.onmessage = this._ws.onclose = null
     }
@@ -369,6 +404,7 @@ export class RelayClient extends EventTarget {
       case 'cleanup_result': return this._cleanupWaiters.shift()?.resolve(frame.purged)
       case 'key_put_result': return this._keyPutWaiters.shift()?.resolve(frame.code === undefined ? { kid: frame.kid } : { kid: frame.kid, code: frame.code })
       case 'key_get_result': return this._keyGetWaiters.shift()?.resolve(frame.keys)
+      case 'refreshed': return this._onRefreshed(frame)
       case 'error': return this._onError(frame)
       default: // pong: nothing to do
     }
@@ -383,6 +419,8 @@ export class RelayClient extends EventTarget {
     this._pingTimer = setInterval(() => {
       if (Date.now() - this._lastSent >= idleMs) this._write({ type: 'ping' })
     }, Math.max(250, idleMs / 2))
+    this._expiresAt = Date.now() + frame.expires_in_s * 1000
+    if (this.refreshToken) this._armRefresh(0.75 * frame.expires_in_s * 1000)
     this._directory.clear() // keys are looked up again on every connection
     if (this.e2e && this.mailbox !== null) {
       this._held = []
@@ -421,6 +459,51 @@ export class RelayClient extends EventTarget {
     entry?.resolve(receipt)
   }
 
+  // ---------------------------------------------------------------- token refresh (rule 22)
+
+  /** Ask refreshToken for a token in `ms` (at least MIN_REFRESH_INTERVAL_MS), on this connection. */
+  _armRefresh (ms) {
+    clearTimeout(this._refreshTimer)
+    this._refreshDue = Date.now() + Math.max(MIN_REFRESH_INTERVAL_MS, ms)
+    const ws = this._ws
+    const tick = () => {
+      if (this._ws !== ws) return
+      const left = this._refreshDue - Date.now()
+      if (left > 0) this._refreshTimer = setTimeout(tick, Math.min(left, MAX_TIMER_MS))
+      else void this._refresh(ws)
+    }
+    tick()
+  }
+
+  /** A token from refreshToken, checked, kept for the next HELLO. Rejects with what the callback throws, or a TypeError. */
+  async _newToken () {
+    const token = await this.refreshToken()
+    if (typeof token !== 'string' || token.length < 1 || token.length > 4096) {
+      throw new TypeError(`refreshToken returned ${typeof token}, not a token (a string of 1 to 4096 characters)`)
+    }
+    this.token = token
+    return token
+  }
+
+  async _refresh (ws) {
+    let token
+    try {
+      token = await this._newToken()
+    } catch (err) {
+      if (this._ws !== ws) return
+      this._emitError({ code: 0, message: `refreshToken failed: ${err?.message ?? err}`, close: false })
+      this._armRefresh((this._expiresAt - Date.now()) / 4)
+      return
+    }
+    if (this._ws === ws) this._write({ type: 'refresh', token }) // else the next HELLO carries it
+  }
+
+  _onRefreshed (frame) {
+    this._expiresAt = Date.now() + frame.expires_in_s * 1000
+    if (this.refreshToken) this._armRefresh(0.75 * frame.expires_in_s * 1000)
+    this.dispatchEvent(new CustomEvent('refreshed', { detail: { expires_in_s: frame.expires_in_s } }))
+  }
+
   _onDrained (frame) {
     if (this._connectDrainExpected) this._connectDrainExpected = false
     else this._pullWaiters.shift()?.resolve(frame.pending)
@@ -433,6 +516,10 @@ export class RelayClient extends EventTarget {
       // FORBIDDEN for stats/cleanup from a mailbox session, or send/ack/pull from an operator.
       const waiter = this._statsWaiters.shift() || this._cleanupWaiters.shift()
       waiter?.reject(new RelayError(frame.code, frame.message))
+      return
+    }
+    if (frame.code === ERROR_CODES.TOKEN_EXPIRED && this.refreshToken) {
+      this._tokenStale = true // not fatal: the next connection asks refreshToken first
       return
     }
     if (FATAL.has(frame.code)) {

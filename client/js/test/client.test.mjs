@@ -807,3 +807,108 @@ test('an operator session may not use the key directory', async (t) => {
   await assert.rejects(client.putKey(keyRecord()), (err) => err.code === ERROR_CODES.FORBIDDEN)
   await assert.rejects(client.getKeys(['bob']), (err) => err.code === ERROR_CODES.FORBIDDEN)
 })
+
+// ---------------------------------------------------------------- token refresh (protocol.md rule 22)
+
+/** A refreshToken callback: each call takes the next of `plan` (a token, or an Error to throw); records the calls. */
+function issuer (...plan) {
+  const calls = []
+  const fn = async () => {
+    calls.push(Date.now())
+    const next = plan.shift() ?? `token-${calls.length}`
+    if (next instanceof Error) throw next
+    return next
+  }
+  return { fn, calls }
+}
+
+test('refreshToken is asked three quarters into the session and its token goes out in a REFRESH', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'] })
+  const { fn, calls } = issuer('T2', 'T3')
+  const { client, ws } = makeClient(t, { refreshToken: fn })
+  const refreshed = []
+  client.addEventListener('refreshed', (e) => refreshed.push(e.detail))
+  const socket = await connect(client, ws, { ...WELCOME, expires_in_s: 100 })
+  t.mock.timers.tick(74_999)
+  await settle()
+  assert.equal(calls.length, 0)
+  t.mock.timers.tick(1)
+  await settle()
+  assert.deepEqual(calls, [75_000])
+  assert.deepEqual(socket.sentOfType('refresh'), [{ type: 'refresh', token: 'T2' }])
+  assert.equal(client.token, 'T2') // the next HELLO's too
+  socket.receive({ type: 'refreshed', expires_in_s: 40 })
+  assert.deepEqual(refreshed, [{ expires_in_s: 40 }])
+  t.mock.timers.tick(30_000)
+  await settle()
+  assert.deepEqual(calls, [75_000, 105_000])
+  assert.deepEqual(socket.sentOfType('refresh').map((f) => f.token), ['T2', 'T3'])
+  assert.equal(client.state, 'open')
+})
+
+test('a refreshToken that fails is reported and asked again after a quarter of what is left', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'] })
+  const { fn, calls } = issuer(new Error('issuer down'), 'T2')
+  const { client, ws, named } = makeClient(t, { refreshToken: fn })
+  const socket = await connect(client, ws, { ...WELCOME, expires_in_s: 100 })
+  t.mock.timers.tick(75_000)
+  await settle()
+  assert.deepEqual(named('error'), [{ code: 0, message: 'refreshToken failed: issuer down', close: false }])
+  t.mock.timers.tick(6_250) // 25 s were left
+  await settle()
+  assert.deepEqual(calls, [75_000, 81_250])
+  assert.deepEqual(socket.sentOfType('refresh'), [{ type: 'refresh', token: 'T2' }])
+})
+
+test('a refreshToken answer that is not a token is a failed call, and nothing goes out', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'] })
+  const { client, ws, named } = makeClient(t, { refreshToken: async () => '' })
+  const socket = await connect(client, ws, { ...WELCOME, expires_in_s: 8 })
+  t.mock.timers.tick(6_000)
+  await settle()
+  assert.match(named('error')[0].message, /not a token/)
+  assert.deepEqual(socket.sentOfType('refresh'), [])
+  assert.equal(client.token, TOKEN)
+  assert.throws(() => makeClient(t, { refreshToken: 'not a function' }), TypeError)
+})
+
+test('a token that lives longer than setTimeout can wait is refreshed on time, not at once', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'] })
+  const { fn, calls } = issuer()
+  const { client, ws } = makeClient(t, { refreshToken: fn })
+  const days = 90 * 86400
+  await connect(client, ws, { ...WELCOME, expires_in_s: days, keepalive_s: 86400 })
+  t.mock.timers.tick(1000)
+  await settle()
+  assert.equal(calls.length, 0)
+  for (let waited = 1000; waited < 0.75 * days * 1000; waited += 86_400_000) t.mock.timers.tick(86_400_000)
+  await settle()
+  assert.equal(calls.length, 1)
+})
+
+test('after 2002 TOKEN_EXPIRED a client with refreshToken reconnects with a new token', async (t) => {
+  const { fn, calls } = issuer('T2')
+  const { client, ws } = makeClient(t, { refreshToken: fn, minBackoffMs: 1, maxBackoffMs: 1 })
+  const first = await connect(client, ws)
+  first.receive({ type: 'error', code: ERROR_CODES.TOKEN_EXPIRED, message: 'expired', close: true })
+  first.drop()
+  while (ws.sockets.length < 2) await new Promise((resolve) => setTimeout(resolve, 2))
+  assert.equal(calls.length, 1)
+  const second = ws.last()
+  second.open()
+  assert.deepEqual(second.sent[0], { type: 'hello', version: 1, token: 'T2', agent: 'relay-js' })
+  second.receive(WELCOME)
+  assert.equal(client.state, 'open')
+})
+
+test('without refreshToken 2002 stops the client; 2004 TOKEN_MISMATCH stops it either way', async (t) => {
+  for (const [options, code] of [[{}, ERROR_CODES.TOKEN_EXPIRED], [{ refreshToken: issuer().fn }, ERROR_CODES.TOKEN_MISMATCH]]) {
+    const { client, ws } = makeClient(t, { ...options, minBackoffMs: 1, maxBackoffMs: 1 })
+    const socket = await connect(client, ws)
+    socket.receive({ type: 'error', code, message: 'no', close: true })
+    socket.drop()
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    assert.equal(ws.sockets.length, 1)
+    assert.equal(client.state, 'closed')
+  }
+})
