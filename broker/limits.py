@@ -129,6 +129,8 @@ class Limiter:
         self._table_size = size
         self.open: dict[str, int] = {}
         """Open connections by (non-exempt) address; an address with none has no entry."""
+        self.refused: dict[Reason, int] = dict.fromkeys(Reason, 0)
+        """Requests refused since the node started, by reason (statistics and ``relay_rate_limited_total``)."""
         self.connections = buckets(c.address_connections_per_s, c.address_connections_burst)
         self.address_hellos = buckets(c.address_hellos_per_s, c.address_hellos_burst)
         self.mailbox_hellos = buckets(c.mailbox_hellos_per_s, c.mailbox_hellos_burst)
@@ -149,6 +151,8 @@ class Limiter:
             except ValueError:
                 known = False
             else:
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
                 known = any(ip in network for network in self._exempt)
             cache[address] = known
             if len(cache) > self._table_size:
@@ -166,8 +170,10 @@ class Limiter:
         if address is None or self.exempt(address):
             return None
         if counted and self.open.get(address, 0) >= self.max_per_address:
+            self.refused[Reason.ADDRESS_CONNECTIONS] += 1
             return Reason.ADDRESS_CONNECTIONS, 0.0
         if (wait := self.connections.wait(address)) > 0:
+            self.refused[Reason.CONNECTIONS] += 1
             return Reason.CONNECTIONS, wait
         self.connections.take(address)
         if counted:
@@ -190,6 +196,7 @@ class Limiter:
         if address is None or self.exempt(address):
             return None
         if (wait := self.address_hellos.wait(address)) > 0:
+            self.refused[Reason.HELLOS] += 1
             return wait
         self.address_hellos.take(address)
         return None
@@ -199,6 +206,7 @@ class Limiter:
         if self.exempt(address):
             return None
         if (wait := self.mailbox_hellos.wait(mailbox)) > 0:
+            self.refused[Reason.HELLOS] += 1
             return wait
         self.mailbox_hellos.take(mailbox)
         return None
@@ -219,6 +227,7 @@ class Limiter:
         if address is not None and (bytes_wait := self.address_bytes.wait(address, body_bytes)) > wait:
             wait, reason = bytes_wait, Reason.SEND_BYTES
         if wait > 0:
+            self.refused[reason] += 1
             return reason, wait
         self.mailbox_sends.take(mailbox)
         self.mailbox_bytes.take(mailbox, body_bytes)

@@ -193,7 +193,7 @@ def test_protocol_md_limits_table_matches_the_broker_defaults() -> None:
     section = text[text.index("## 8. Limits") : text.index("## 9. Semantics")]
     rows = re.findall(r"^\| `(\w+)` \| (\d+) \|", section, flags=re.MULTILINE)
     defaults = BrokerConfig()
-    assert len(rows) == 17  # every limit in the table, parsed
+    assert len(rows) == 33  # every limit in the table, parsed
     for name, value in rows:
         assert getattr(defaults, name) == int(value), name
 
