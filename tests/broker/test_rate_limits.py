@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
+import trustme
 
 from broker.limits import Reason
 from broker.server import Broker
 from wire import Deliver, Drained, Error, ErrorCode, Hello, Receipt, Send, Status, Welcome
 
+from ..tls.certs import tls_broker, trusting
 from ..websocket.wsclient import login_ws, open_ws
 from .raw import FrameClient, RawClient
 
@@ -360,3 +363,31 @@ async def test_a_rate_limited_hello_is_not_welcomed(broker_factory: Callable[...
             await second.expect_closed()
             assert (await stats(broker))["online_users"] == 1
             await first.aclose()
+
+
+# ------------------------------------------------------------------ TLS
+
+
+async def test_the_per_address_cap_counts_tls_connections_by_their_peer(tmp_path: Path) -> None:
+    """Over tls:// the address is the TLS stream's socket peer, as on tcp://: the cap covers both."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    async with tls_broker(tmp_path, leaf, **limited(max_connections_per_address=1)) as broker:
+        assert broker.tls_port is not None
+        with trio.fail_after(TIMEOUT):
+            plain = await login(broker, "alice")
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", broker.tls_port, ssl_context=trusting(ca), https_compatible=False
+            )
+            over_tls = RawClient(stream)
+            await refused(over_tls, ErrorCode.TOO_MANY_CONNECTIONS_FROM_ADDRESS)
+            await plain.aclose()
+            while broker.limiter.open:
+                await trio.sleep(0.01)
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", broker.tls_port, ssl_context=trusting(ca), https_compatible=False
+            )
+            secure = RawClient(stream)
+            await secure.hello(broker.auth.issue("alice"))
+            assert broker.limiter.open == {"127.0.0.1": 1}
+            await secure.aclose()
