@@ -48,6 +48,7 @@ __all__ = [
     "LARGEST_MAX_FRAME_BYTES",
     "LIMITS",
     "LISTENERS",
+    "RATE_LIMITS",
     "STORE",
     "BrokerConfig",
     "ConfigError",
@@ -61,6 +62,8 @@ LIMITS = "broker.limits"
 """The TOML table of what a client may send and what the broker holds (every ``max_*`` and ``default_ttl_s``)."""
 STORE = "broker.store"
 """The TOML table of the message store."""
+RATE_LIMITS = "broker.rate_limits"
+"""The TOML table of the abuse limits: token buckets per source address and per mailbox (:mod:`broker.limits`)."""
 
 LARGEST_MAX_FRAME_BYTES = 16 * 1024 * 1024
 """The largest ``max_frame_bytes`` the broker accepts (16 MiB), so the largest a client may be told in WELCOME."""
@@ -91,6 +94,10 @@ def _positive(value: float) -> str | None:
 
 def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
+
+
+def _at_least_one(value: float) -> str | None:
+    return None if value >= 1 else "must be at least 1"
 
 
 def _port(value: int) -> str | None:
@@ -288,6 +295,46 @@ class BrokerConfig:
     key_ttl_s: int = field(default=90 * 24 * 3600, metadata=_in(LIMITS, _positive))
     """A mailbox's key record (the public-key directory) lapses this long after its latest put (90 days)."""
 
+    # --- [broker.rate_limits] ---
+    rate_exempt_networks: tuple[str, ...] = field(
+        default=("127.0.0.0/8", "::1/128"), metadata=_in(RATE_LIMITS, _networks)
+    )
+    """Networks whose clients no abuse limit applies to, per address or per mailbox (comma-separated; default loopback).
+
+    Local development and the bench are not throttled; empty: every client is limited."""
+    max_connections_per_address: int = field(default=1024, metadata=_in(RATE_LIMITS, _positive))
+    """Open connections from one source address; more are refused at once (ERROR 4007)."""
+    address_connections_per_s: float = field(default=20.0, metadata=_in(RATE_LIMITS, _not_negative))
+    """New connections and HTTP API requests a second from one address, sustained (ERROR 4006, HTTP 429; 0: off)."""
+    address_connections_burst: int = field(default=200, metadata=_in(RATE_LIMITS, _at_least_one))
+    """New connections and HTTP API requests from one address at once, beyond the sustained rate."""
+    address_hellos_per_s: float = field(default=20.0, metadata=_in(RATE_LIMITS, _not_negative))
+    """HELLOs a second from one address, sustained, judged before the token (ERROR 4006; 0: no limit)."""
+    address_hellos_burst: int = field(default=200, metadata=_in(RATE_LIMITS, _at_least_one))
+    """HELLOs from one address at once, beyond the sustained rate."""
+    mailbox_hellos_per_s: float = field(default=2.0, metadata=_in(RATE_LIMITS, _not_negative))
+    """HELLOs a second for one mailbox, sustained, judged once the token names it (ERROR 4006; 0: no limit)."""
+    mailbox_hellos_burst: int = field(default=30, metadata=_in(RATE_LIMITS, _at_least_one))
+    """HELLOs for one mailbox at once, beyond the sustained rate."""
+    address_sends_per_s: float = field(default=2000.0, metadata=_in(RATE_LIMITS, _not_negative))
+    """SENDs a second from one address, sustained, every transport (RECEIPT 3010; 0: no limit)."""
+    address_sends_burst: int = field(default=10000, metadata=_in(RATE_LIMITS, _at_least_one))
+    """SENDs from one address at once, beyond the sustained rate."""
+    mailbox_sends_per_s: float = field(default=1000.0, metadata=_in(RATE_LIMITS, _not_negative))
+    """SENDs a second from one mailbox, sustained, every transport (RECEIPT 3010; 0: no limit)."""
+    mailbox_sends_burst: int = field(default=5000, metadata=_in(RATE_LIMITS, _at_least_one))
+    """SENDs from one mailbox at once, beyond the sustained rate."""
+    address_send_bytes_per_s: int = field(default=32 * 1024 * 1024, metadata=_in(RATE_LIMITS, _not_negative))
+    """SEND body bytes a second from one address, sustained (32 MiB; RECEIPT 3010; 0: no limit)."""
+    address_send_bytes_burst: int = field(default=128 * 1024 * 1024, metadata=_in(RATE_LIMITS, _at_least_one))
+    """SEND body bytes from one address at once (128 MiB); at least the largest body, max_frame_bytes."""
+    mailbox_send_bytes_per_s: int = field(default=16 * 1024 * 1024, metadata=_in(RATE_LIMITS, _not_negative))
+    """SEND body bytes a second from one mailbox, sustained (16 MiB; RECEIPT 3010; 0: no limit)."""
+    mailbox_send_bytes_burst: int = field(default=64 * 1024 * 1024, metadata=_in(RATE_LIMITS, _at_least_one))
+    """SEND body bytes from one mailbox at once (64 MiB); at least the largest body, max_frame_bytes."""
+    rate_limit_table_size: int = field(default=100_000, metadata=_in(RATE_LIMITS, _positive))
+    """Buckets kept per kind (by address or mailbox); beyond it the least recently used is dropped (~250 bytes each)."""
+
     # --- [broker.store] ---
     store: str = field(default="memory", metadata=_in(STORE, _store_name))
     """Message store: ``memory`` (this process only), or Redis shared by every node of one relay.
@@ -428,6 +475,11 @@ def _check_together(config: BrokerConfig) -> None:
         raise ConfigError("max_outbound_bytes must be at least 4 * max_frame_bytes (a delivery batch must fit)")
     if config.default_ttl_s > config.max_ttl_s:
         raise ConfigError("default_ttl_s must not exceed max_ttl_s")
+    for name in ("address_send_bytes_burst", "mailbox_send_bytes_burst"):
+        if getattr(config, name) < config.max_frame_bytes:
+            raise ConfigError(
+                f"{name} must be at least max_frame_bytes ({config.max_frame_bytes}): the largest body must fit"
+            )
     if config.max_recipients > (most := max_recipients_within(config.max_frame_bytes)):
         raise ConfigError(
             f"max_recipients {config.max_recipients} is too many for max_frame_bytes {config.max_frame_bytes}: "
@@ -558,7 +610,7 @@ class Setting:
 
     @property
     def metavar(self) -> str:
-        for suffix, metavar in (("_port", "PORT"), ("_bytes", "BYTES"), ("_s", "SECONDS")):
+        for suffix, metavar in (("_per_s", "RATE"), ("_port", "PORT"), ("_bytes", "BYTES"), ("_s", "SECONDS")):
             if self.name.endswith(suffix):
                 return metavar
         return self.kind.metavar

@@ -38,6 +38,8 @@ status cause                                                 code
 413    body above the limit (the SEND frame > max_frame_bytes) 1002 FRAME_TOO_LARGE
 415    Content-Type neither JSON nor CBOR                     1001 MALFORMED_FRAME
 422    a key record whose signature does not verify           3009 INVALID_KEY
+429    requests from the client's address come too fast      4006 CONNECTION_RATE_LIMITED
+       (Retry-After; and send: a SEND past its rate, 429 with the receipt's {id, code 3010, retry_after_ms})
 500    broker fault                                           5001 INTERNAL_ERROR
 503    the store (Redis) cannot be reached (Retry-After: 1)   5002 STORE_UNAVAILABLE
        (not send: a 3008 receipt, as the RECEIPT frame; nor stats: the node's figures)
@@ -108,6 +110,7 @@ from wire import (
 from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
 from .health import StoreHealth
+from .limits import Limiter, retry_after_ms
 from .listeners import port_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ScrapeRule
@@ -176,17 +179,29 @@ class BrokerParts:
     origins: OriginPolicy = field(default_factory=lambda: OriginPolicy(()))
     """Which browser origins get CORS (:class:`~broker.origins.Cors`): the Broker gives the WebSocket
     listener's own policy; by default no other origin."""
+    limiter: Limiter | None = None
+    """The node's abuse limits (the Broker's): every request with a token counts as a connection of its client's
+    address, every SEND as a SEND (the router's). None: no limits."""
 
 
 class ApiError(Exception):
     """An error answer: HTTP ``status`` and the protocol ``code`` that goes in the body."""
 
-    def __init__(self, status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+        """Fields the error body carries besides ``code`` and ``message`` (a 429's ``retry_after_ms``)."""
 
 
 # ------------------------------------------------------------------ content negotiation
@@ -240,12 +255,17 @@ def _respond(request: Request, payload: Mapping[str, Any], status: int = 200, **
 
 
 def _error_response(
-    request: Request, status: int, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None
+    request: Request,
+    status: int,
+    code: ErrorCode,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> Response:
     extra = dict(headers or {})
     if status == 401:
         extra["WWW-Authenticate"] = 'Bearer realm="relay"'
-    return _respond(request, {"code": int(code), "message": message}, status, **extra)
+    return _respond(request, {"code": int(code), "message": message, **(fields or {})}, status, **extra)
 
 
 # ------------------------------------------------------------------ request bodies
@@ -575,6 +595,16 @@ class _Api:
         self.scrape_rule = ScrapeRule(parts.config.metrics_open_networks)
 
     def identity(self, request: Request) -> Identity:
+        limiter = self.parts.limiter
+        if limiter is not None and (refused := limiter.connect(_client_address(request), counted=False)):
+            ms = retry_after_ms(refused[1])
+            raise ApiError(
+                429,
+                ErrorCode.CONNECTION_RATE_LIMITED,
+                "requests from this address come too fast; retry after Retry-After seconds",
+                _retry_after(ms),
+                {"retry_after_ms": ms},
+            )
         header = request.headers.get("authorization")
         if header is None:
             raise ApiError(401, ErrorCode.INVALID_TOKEN, "no token: send the header 'Authorization: Bearer <token>'")
@@ -617,9 +647,12 @@ class _Api:
                 f"the message is {frame_bytes} bytes as a SEND frame; the limit is max_frame_bytes, "
                 f"{self.max_frame_bytes} bytes",
             )
-        routed = await self.parts.router.route(mailbox, [send])
+        routed = await self.parts.router.route(mailbox, [send], _client_address(request))
         await self.parts.presence.wake(routed.wake)  # an online recipient's DELIVER goes out before this answer
         (outcome,) = routed.receipts
+        if outcome.code == ErrorCode.RATE_LIMITED and outcome.retry_after_ms is not None:
+            fields = {**_receipt_fields(outcome), "message": "SENDs come too fast; retry after Retry-After seconds"}
+            return _respond(request, fields, 429, **_retry_after(outcome.retry_after_ms))
         return _respond(request, _receipt_fields(outcome))
 
     async def acknowledge(self, request: Request) -> Response:
@@ -725,9 +758,22 @@ STATIC_DIR = Path(__file__).parent / "static"
 """The demo page (package data)."""
 
 
+def _client_address(request: Request) -> str | None:
+    """The client's IP address (hypercorn's ``client``), which the abuse limits key on; None if not known."""
+    return request.client.host if request.client is not None else None
+
+
+def _retry_after(ms: int) -> dict[str, str]:
+    """The ``Retry-After`` header of a 429: whole seconds, rounded up."""
+    return {"Retry-After": str(-(-ms // 1000))}
+
+
 def _receipt_fields(outcome: SendOutcome) -> dict[str, Any]:
-    """The RECEIPT frame's fields as they are: {id, results} or, for a SEND refused whole, {id, code}."""
-    receipt = Receipt(id=outcome.id, results=outcome.results, code=outcome.code).to_wire()
+    """The RECEIPT frame's fields as they are: {id, results} or, for a SEND refused whole, {id, code} (and
+    ``retry_after_ms`` with 3010)."""
+    receipt = Receipt(
+        id=outcome.id, results=outcome.results, code=outcome.code, retry_after_ms=outcome.retry_after_ms
+    ).to_wire()
     del receipt["type"]
     return receipt
 
@@ -777,7 +823,7 @@ def _guard(
         try:
             return await handler(request)
         except ApiError as exc:
-            return _error_response(request, exc.status, exc.code, exc.message, exc.headers)
+            return _error_response(request, exc.status, exc.code, exc.message, exc.headers, exc.extra)
         except OSError as exc:  # the store or presence (Redis) cannot be reached: the health logs it once
             health.failed(exc)
             message = "the broker cannot reach its store; retry later"

@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .limits import Reason
 from .stats import REFUSAL_NAMES, TRANSPORT_NAMES, HistogramSnapshot, Statistics
 from .store.base import MAILBOX_DEPTH_BOUNDS
 
@@ -73,7 +74,8 @@ NODE_METRICS: Mapping[str, _Figure] = {
     "sessions_expired_total": _Figure("relay_sessions_expired", COUNTER, "Sessions ended by their token's expiry."),
 }
 """This node's STATS figures (:class:`~broker.stats.NodeStatistics`) and their metrics; besides these,
-``connections`` is ``relay_connections{transport}`` and the refusals ``relay_messages_refused_total{reason}``."""
+``connections`` is ``relay_connections{transport}``, the refusals ``relay_messages_refused_total{reason}`` and the
+``rate_limited_*_total`` figures ``relay_rate_limited_total{reason}``."""
 
 ACTIVITY_METRICS: Mapping[str, _Figure] = {
     "acknowledged_total": _Figure("relay_messages_acknowledged", COUNTER, "Messages deleted by ACK on this node."),
@@ -159,6 +161,14 @@ class _SnapshotCollector:
         for code, wire_name in REFUSAL_NAMES.items():
             refused.add_metric([wire_name.removeprefix("refused_")], node.refused_by_code[code])
         yield refused
+        limited = CounterMetricFamily(
+            "relay_rate_limited",
+            "Connections, HTTP requests, HELLOs and SENDs the abuse limits refused, by reason.",
+            labels=["reason"],
+        )
+        for reason in Reason:
+            limited.add_metric([reason.value], node.rate_limited.get(reason, 0))
+        yield limited
         for attribute, (metric, help_text) in _HISTOGRAMS.items():
             snap: HistogramSnapshot | None = getattr(activity, attribute)
             if snap is not None:

@@ -63,7 +63,14 @@ _SCHEMAS: dict[str, Any] = {
         {
             "code": {"type": "integer", "description": "The protocol error code (see protocol.md, Errors)."},
             "message": {"type": "string"},
-        }
+            "retry_after_ms": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "429 only: milliseconds until the request would pass (Retry-After in whole seconds).",
+            },
+            "id": {**_MESSAGE_ID, "description": "429 from send only: the SEND's id (its receipt code is 3010)."},
+        },
+        optional=("retry_after_ms", "id"),
     ),
     "SendRequest": _object(
         {
@@ -99,8 +106,13 @@ _SCHEMAS: dict[str, Any] = {
             "id": _MESSAGE_ID,
             "results": {"type": "object", "additionalProperties": _ref("RecipientResult")},
             "code": {"type": "integer", "minimum": 1000, "description": "Why the whole SEND was refused."},
+            "retry_after_ms": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Only with code: when to send again (3010 RATE_LIMITED, answered as a 429).",
+            },
         },
-        optional=("results", "code"),
+        optional=("results", "code", "retry_after_ms"),
         description=(
             "The RECEIPT frame: results per distinct recipient, or, for a SEND refused as a whole before any "
             "recipient was considered (nothing stored), code instead: 3004 (more than max_recipients distinct "
@@ -242,6 +254,12 @@ _ERROR_TEXT = {
     "413": "Body above the size limit, or the message above max_frame_bytes as a SEND frame (1002).",
     "415": "Content-Type is neither application/json nor application/cbor (1001).",
     "422": "The key record's signature does not verify for the caller's mailbox (3009 INVALID_KEY): nothing stored.",
+    "429": (
+        "Too many requests (protocol.md rule 21): from this address, 4006 CONNECTION_RATE_LIMITED, judged before the "
+        "token; on send also a SEND past its address's or mailbox's rate, {id, code: 3010, retry_after_ms, "
+        "message}: nothing stored, send it again with the same id. Retry after the Retry-After seconds "
+        "(retry_after_ms in the body)."
+    ),
     "503": (
         "The broker cannot reach its store (5002): retry after the Retry-After seconds. (send answers a 3008 "
         "receipt instead, and stats the node's own figures.)"
@@ -267,6 +285,8 @@ def _operation(
         # Every operation works on the store, so each may meet an unreachable one (503).
         "responses": {"200": {"description": "OK", "content": _content(response)}, **_errors(*errors, "503")},
     }
+    if secured:  # every request with a token counts against its address's rate (429)
+        op["responses"].update(_errors("429"))
     if request is not None:
         op["requestBody"] = {"required": True, "content": _content(request)}
     if parameters:

@@ -45,7 +45,7 @@ once; remote ones fetch at their next pump). Either failure is reported to the n
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from wire import DELIVER_OVERHEAD_BYTES, ErrorCode, KeyRecord, RecipientResult, Send, Status, is_valid_mailbox_id
@@ -53,6 +53,7 @@ from wire.e2e import verify_key_record
 
 from .config import BrokerConfig
 from .health import StoreHealth
+from .limits import Limiter, retry_after_ms
 from .presence import Presence
 from .stats import Counters
 from .store.base import AckResult, Clock, HeldStatus, Message, NewMessage, Notice, Outcome, Store
@@ -78,6 +79,12 @@ class Plan:
     """Recipients refused before storing, with their error codes."""
     code: int | None = None
     """The whole SEND is refused with this code (no recipient is looked at, nothing is stored)."""
+    retry_after_ms: int | None = None
+    """With RATE_LIMITED: when the sender may send again."""
+
+
+Admit = Callable[[int], float | None]
+"""A SEND's rate check: given its body's length, None (admitted, its tokens taken) or the seconds to wait."""
 
 
 def plan_send(
@@ -90,13 +97,15 @@ def plan_send(
     max_recipients: int,
     max_body_bytes: int,
     expiries: dict[int, int] | None = None,
+    admit: Admit | None = None,
 ) -> Plan:
     """Validate a SEND's recipients and body size and fix its times. The sender is the authenticated mailbox.
 
     Rules that concern the whole SEND come first, in this order, and refuse it as a whole with one code:
     more than ``max_recipients`` distinct recipients (TOO_MANY_RECIPIENTS), then a body longer than
-    ``max_body_bytes`` (BODY_TOO_LARGE). Such a receipt echoes no recipient, so every receipt stays within
-    ``receipt_bound_bytes(max_recipients)``. Then each recipient is judged on its own.
+    ``max_body_bytes`` (BODY_TOO_LARGE), then the sender's rate (``admit``, the abuse limits: RATE_LIMITED with
+    ``retry_after_ms``; a SEND refused by the first two takes no tokens). Such a receipt echoes no recipient, so
+    every receipt stays within ``receipt_bound_bytes(max_recipients)``. Then each recipient is judged on its own.
 
     ``expiries`` (TTL -> expires_at), shared across one batch, lets its messages share their expiry objects.
     Raises nothing.
@@ -106,6 +115,8 @@ def plan_send(
         return Plan(None, {}, ErrorCode.TOO_MANY_RECIPIENTS)
     if len(send.body) > max_body_bytes:
         return Plan(None, {}, ErrorCode.BODY_TOO_LARGE)
+    if admit is not None and (wait_s := admit(len(send.body))) is not None:
+        return Plan(None, {}, ErrorCode.RATE_LIMITED, retry_after_ms(wait_s))
     refused: dict[str, int] = {}
     for rcpt in recipients:
         if not is_valid_mailbox_id(rcpt):
@@ -145,6 +156,8 @@ class SendOutcome:
     id: str
     results: Mapping[str, RecipientResult]
     code: int | None = None
+    retry_after_ms: int | None = None
+    """Only with ``code`` RATE_LIMITED: when the sender may send again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +191,11 @@ class Router:
         *,
         clock: Clock,
         health: StoreHealth,
+        limiter: Limiter | None = None,
     ) -> None:
         self.config = config
+        self.limiter = limiter
+        """The abuse limits every SEND is judged by (:func:`plan_send`); None: no limits."""
         self.health = health
         self.store = store
         self.presence = presence
@@ -189,10 +205,19 @@ class Router:
         self._status_ttl_ms = config.default_ttl_s * 1000
         self._key_ttl_ms = config.key_ttl_s * 1000
 
-    def plan(self, sends: Sequence[Send], sender: str, now: int) -> list[Plan]:
-        """Plan each SEND of a batch at ``now`` (the router's clock, epoch ms). Pure."""
+    def plan(self, sends: Sequence[Send], sender: str, now: int, address: str | None = None) -> list[Plan]:
+        """Plan each SEND of a batch at ``now`` (the router's clock, epoch ms), in order; pure but for the abuse
+        limits' tokens, which the SENDs admitted from ``address`` (the sender's IP, None if not known) spend."""
         config = self.config
         expiries: dict[int, int] = {}
+        limiter = self.limiter
+        admit: Admit | None = None
+        if limiter is not None and not limiter.exempt(address):
+
+            def admit(body_bytes: int) -> float | None:
+                refused = limiter.send(address, sender, body_bytes)
+                return None if refused is None else refused[1]
+
         return [
             plan_send(
                 s,
@@ -203,18 +228,20 @@ class Router:
                 max_recipients=config.max_recipients,
                 max_body_bytes=self._max_body_bytes,
                 expiries=expiries,
+                admit=admit,
             )
             for s in sends
         ]
 
-    async def route(self, sender: str, sends: Sequence[Send]) -> Routed:
-        """Store a batch of SENDs from ``sender``; their outcomes, in order, and whom to wake.
+    async def route(self, sender: str, sends: Sequence[Send], address: str | None = None) -> Routed:
+        """Store a batch of SENDs from ``sender`` (connected from ``address``, for the abuse limits); their
+        outcomes, in order, and whom to wake.
 
         A store or presence that cannot be reached (OSError) is answered in the outcomes (module
         docstring) and reported to the health; anything else they raise propagates.
         """
         now = self.clock()
-        plans = self.plan(sends, sender, now)
+        plans = self.plan(sends, sender, now, address)
         messages = [p.message for p in plans if p.message is not None]
         if not messages:
             return Routed([self._refused_only(s, p) for s, p in zip(sends, plans, strict=True)], [])
@@ -277,7 +304,7 @@ class Router:
         """The outcome of a SEND that stored nothing: refused whole, or every recipient refused."""
         if plan.code is not None:
             self.counters.refuse(plan.code)
-            return SendOutcome(send.id, {}, int(plan.code))
+            return SendOutcome(send.id, {}, int(plan.code), plan.retry_after_ms)
         return SendOutcome(send.id, self._refusals(plan))
 
     async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> Acked:

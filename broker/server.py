@@ -38,13 +38,14 @@ from .auth import Authenticator
 from .backend import Backend, open_backend, probed_health
 from .config import BrokerConfig
 from .health import StoreHealth
+from .limits import Limiter, Reason, retry_after_ms
 from .listeners import Listeners, open_listeners
 from .presence import LocalPresence, Presence
 from .router import Router
 from .session import Session
 from .stats import Counters, Stats
 from .store.base import AckResult, Clock, Message, Store, wall_clock_ms
-from .tls import ServerTLS, accept_tls
+from .tls import ServerTLS, accept_tls, address_of
 
 __all__ = ["Broker", "Counters"]
 
@@ -87,6 +88,9 @@ class Broker:
         self.clock = clock
         self.auth = auth if auth is not None else Authenticator.from_config(self.config)
         self.sessions: set[Session] = set()
+        self.limiter = Limiter(self.config)
+        """The node's abuse limits (:mod:`broker.limits`): consulted by :meth:`_refusal`, the sessions' HELLOs,
+        the router's SENDs and the HTTP API."""
         self.presence: Presence
         self.store: Store
         self.health: StoreHealth
@@ -122,9 +126,12 @@ class Broker:
             round_trips=backend.round_trips,
             health=health,
             store_call_latency=backend.call_latency,
+            rate_limited=self.limiter.refused,
         )
         self.counters = self.stats.counters
-        self.router = Router(self.config, store, presence, self.counters, clock=self.clock, health=health)
+        self.router = Router(
+            self.config, store, presence, self.counters, clock=self.clock, health=health, limiter=self.limiter
+        )
 
     def _open_backend(self) -> AbstractAsyncContextManager[Backend]:
         if self._store_injected:
@@ -236,6 +243,7 @@ class Broker:
             wss_port=opened.wss_port,
             ready=lambda: self.ready,
             origins=origins,
+            limiter=self.limiter,
         )
         if opened.http:  # injected listeners may have none
             self.http_port = await nursery.start(serve_http, parts, opened.http)
@@ -264,22 +272,25 @@ class Broker:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """A connection on a tcp:// or tls:// port; over TLS, the handshake first, in this task (a plain client on
         the tls:// port is told to use tls://)."""
+        address = address_of(stream)
         if not isinstance(stream, trio.SSLStream):
-            await self.handle_transport(StreamTransport(stream, linger=True), "tcp")
+            await self.handle_transport(StreamTransport(stream, linger=True), "tcp", address)
             return
         secure = await accept_tls(
             stream, timeout_s=self.config.handshake_timeout_s, scheme="tls", plain_answer=_PLAIN_ON_TLS_PORT
         )
         if secure is not None:
-            await self.handle_transport(StreamTransport(secure, linger=True), "tls")
+            await self.handle_transport(StreamTransport(secure, linger=True), "tls", address)
 
-    async def handle_transport(self, transport: Transport, kind: str) -> None:
-        """Serve one connection on any transport until it ends (refused at once when stopping or full).
+    async def handle_transport(self, transport: Transport, kind: str, address: str | None = None) -> None:
+        """Serve one connection on any transport until it ends (refused at once when stopping, full, or past the
+        abuse limits of its address).
 
         ``kind`` is what the connection is counted as in the statistics (``relay_connections{transport}``), said by
         whoever built the transport: ``tcp`` or ``tls`` (a frame byte stream, plain or over TLS), ``websocket`` or
-        ``wss`` (:data:`broker.stats.TRANSPORT_NAMES`)."""
-        refusal = self._refusal()
+        ``wss`` (:data:`broker.stats.TRANSPORT_NAMES`). ``address`` is the peer's IP address (None: not a socket,
+        no per-address limits)."""
+        refusal = self._refusal(address)
         if refusal is not None:
             with trio.move_on_after(1):
                 try:
@@ -297,6 +308,8 @@ class Broker:
             presence=self.presence,
             stats=self.stats,
             store=self.store,
+            limiter=self.limiter,
+            address=address,
         )
         open_now = self.counters.connections
         self.sessions.add(session)
@@ -306,9 +319,12 @@ class Broker:
         finally:
             self.sessions.discard(session)
             open_now[kind] -= 1
+            self.limiter.disconnect(address)
 
-    def _refusal(self) -> ErrorFrame | None:
-        """The closing ERROR for a connection the broker will not serve now, or None."""
+    def _refusal(self, address: str | None = None) -> ErrorFrame | None:
+        """The closing ERROR for a connection the broker will not serve now, or None (then the connection is
+        counted as open from ``address`` until :meth:`Limiter.disconnect`). The one place connections are judged:
+        shutting down (4004), ``max_connections`` (4005), then the address's limits (4007, 4006)."""
         if self._stopping:
             return ErrorFrame(code=int(ErrorCode.SHUTTING_DOWN), message="the broker is shutting down", close=True)
         if len(self.sessions) >= self.config.max_connections:
@@ -317,7 +333,23 @@ class Broker:
                 message=f"the broker holds {self.config.max_connections} connections already",
                 close=True,
             )
-        return None
+        refused = self.limiter.connect(address)
+        if refused is None:
+            return None
+        reason, wait_s = refused
+        if reason is Reason.ADDRESS_CONNECTIONS:
+            return ErrorFrame(
+                code=int(ErrorCode.TOO_MANY_CONNECTIONS_FROM_ADDRESS),
+                message=f"the broker holds {self.config.max_connections_per_address} connections from {address} "
+                "already",
+                close=True,
+            )
+        return ErrorFrame(
+            code=int(ErrorCode.CONNECTION_RATE_LIMITED),
+            message=f"connections from {address} come too fast; retry later",
+            close=True,
+            retry_after_ms=retry_after_ms(wait_s),
+        )
 
     @property
     def ready(self) -> str | None:
@@ -348,7 +380,10 @@ class Broker:
         """Route a batch of SENDs from ``sender`` as a session does (wake, then receipts); their receipts."""
         routed = await self.router.route(sender, sends)
         await self.presence.wake(routed.wake)
-        return [Receipt(id=r.id, results=dict(r.results), code=r.code) for r in routed.receipts]
+        return [
+            Receipt(id=r.id, results=dict(r.results), code=r.code, retry_after_ms=r.retry_after_ms)
+            for r in routed.receipts
+        ]
 
     async def acknowledge(self, mailbox: str, ids: Sequence[str]) -> AckResult:
         """Delete ACKed messages of ``mailbox`` from outside its session; its live session recounts."""

@@ -85,6 +85,7 @@ from .auth import Authenticator, AuthError, Identity
 from .config import BrokerConfig
 from .delivery import Delivery
 from .health import StoreHealth
+from .limits import Limiter, retry_after_ms
 from .logs import current_session, session_log
 from .outbox import Outbox
 from .presence import Presence
@@ -116,8 +117,13 @@ class Session:
         presence: Presence,
         stats: BrokerStats,
         store: Store,
+        limiter: Limiter | None = None,
+        address: str | None = None,
     ) -> None:
         self.transport = transport
+        self.address = address
+        """The peer's IP address (None: not a socket), which the abuse limits key on."""
+        self._limiter = limiter
         self.id = session_id
         self._log = session_log(log, session_id)  # its own events name it, whichever task logs them
         self.config = config
@@ -170,14 +176,15 @@ class Session:
         """Close with ERROR(code, close): another session took the mailbox over."""
         self.close(code, message)
 
-    def close(self, code: ErrorCode | None, message: str = "") -> None:
-        """End the session: send ERROR(code, close) if a code is given, flush briefly, close. Never raises."""
+    def close(self, code: ErrorCode | None, message: str = "", *, retry_after_ms: int | None = None) -> None:
+        """End the session: send ERROR(code, close) if a code is given (with ``retry_after_ms`` if given), flush
+        briefly, close. Never raises."""
         if self.closing:
             return
         self.closing = True
         final = b""
         if code is not None:
-            final = self.conn.send_error(code, message)
+            final = self.conn.send_error(code, message, retry_after_ms=retry_after_ms)
             self._log.info(
                 "closing: %s %s", code.name, message, extra={"fields": {"code": int(code), "reason": message}}
             )
@@ -269,10 +276,17 @@ class Session:
         if hello.version != PROTOCOL_VERSION:
             self.close(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {hello.version} unsupported; use 1")
             return False
+        limiter = self._limiter
+        if limiter is not None and (wait_s := limiter.hello_from(self.address)) is not None:
+            self._rate_limited(f"HELLOs from {self.address} come too fast; retry later", wait_s)
+            return False
         try:
             identity = self._auth.verify(hello.token)
         except AuthError as exc:
             self.close(exc.code, exc.message)
+            return False
+        if limiter is not None and (wait_s := limiter.hello_as(self.address, identity.name)) is not None:
+            self._rate_limited(f"HELLOs for {identity.name} come too fast; retry later", wait_s)
             return False
         self.identity = identity
         self._token_scope.deadline = _deadline(identity)
@@ -300,6 +314,9 @@ class Session:
             extra={"fields": {"mailbox": self.mailbox, "operator": identity.operator}},
         )
         return True
+
+    def _rate_limited(self, message: str, wait_s: float) -> None:
+        self.close(ErrorCode.CONNECTION_RATE_LIMITED, message, retry_after_ms=retry_after_ms(wait_s))
 
     async def _claim(self, mailbox: str) -> int:
         """Take the mailbox over (presence), make its delivery pump; how many messages it holds."""
@@ -421,7 +438,7 @@ class Session:
 
     async def _on_sends(self, sends: Sequence[Frame]) -> bool:
         assert self.mailbox is not None
-        routed = await self._router.route(self.mailbox, cast(Sequence[Send], sends))
+        routed = await self._router.route(self.mailbox, cast(Sequence[Send], sends), self.address)
         await self._presence.wake(routed.wake)  # deliveries go out before the receipts
         frames = self.conn.send_receipts(routed.receipts)
         if frames:  # []: the connection is CLOSED

@@ -34,6 +34,7 @@ import trio
 from wire import ErrorCode
 
 from .health import StoreHealth
+from .limits import Reason
 from .presence import Presence
 from .store.base import Clock, Store, StoreStatistics
 
@@ -63,6 +64,7 @@ REFUSAL_NAMES: Mapping[ErrorCode, str] = {
     ErrorCode.ID_CONFLICT: "refused_id_conflict",
     ErrorCode.INVALID_RECIPIENT: "refused_invalid_recipient",
     ErrorCode.BODY_TOO_LARGE: "refused_body_too_large",
+    ErrorCode.RATE_LIMITED: "refused_rate_limited",
 }
 """The per-code refusal counters: every code a SEND result (or a whole SEND) can be refused with."""
 
@@ -109,6 +111,7 @@ STATS_NAMES: tuple[str, ...] = (
     "key_lookups_total",
     "tokens_refreshed_total",
     "sessions_expired_total",
+    *(f"rate_limited_{reason}_total" for reason in Reason),
 )
 """protocol.md section 10: every STATS_RESULT key, in wire order (the one list of these names)."""
 
@@ -208,14 +211,19 @@ class NodeStatistics:
     """REFRESHes that gave a session a newer token."""
     sessions_expired_total: int = 0
     """Sessions ended with TOKEN_EXPIRED because their token expired while they were open."""
+    rate_limited: Mapping[Reason, int] = dataclasses.field(default_factory=dict)
+    """Requests the abuse limits refused, by reason (:class:`broker.limits.Reason`): ``rate_limited_<reason>_total``."""
 
     def get(self, name: str) -> int:
-        """The figure called ``name`` on the wire (a refusal counter is one entry of ``refused_by_code``).
+        """The figure called ``name`` on the wire (a refusal counter is one entry of ``refused_by_code``, a
+        ``rate_limited_*_total`` one of ``rate_limited``).
 
         Raises KeyError for a name that is not a node figure.
         """
         if name.startswith("refused_") and name != "refused_total":
             return self.refused_by_code[_CODE_OF[name]]
+        if (reason := _REASON_OF.get(name)) is not None:
+            return self.rate_limited.get(reason, 0)
         if name == "refused_by_code" or name not in _NODE_FIELDS:
             raise KeyError(name)
         value: int = getattr(self, name)
@@ -249,6 +257,7 @@ class NodeActivity:
 
 
 _CODE_OF = {name: code for code, name in REFUSAL_NAMES.items()}
+_REASON_OF = {f"rate_limited_{reason}_total": reason for reason in Reason}
 _NODE_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeStatistics))
 NODE_NAMES = tuple(name for name in STATS_NAMES if name not in RELAY_NAMES)
 """The node-local names, in wire order."""
@@ -367,8 +376,11 @@ class Stats:
         health: StoreHealth,
         round_trips: Callable[[], int] = lambda: 0,
         store_call_latency: Histogram | None = None,
+        rate_limited: Mapping[Reason, int] | None = None,
     ) -> None:
         self.counters = Counters()
+        self.rate_limited: Mapping[Reason, int] = rate_limited if rate_limited is not None else {}
+        """The abuse limits' refusals by reason, as the limiter counts them (:attr:`broker.limits.Limiter.refused`)."""
         self.loop_lag: Histogram | None = None
         """The loop-lag task's histogram, once :func:`watch_loop_lag` runs."""
         self.store_call_latency = store_call_latency
@@ -411,6 +423,7 @@ class Stats:
             key_lookups_total=c.key_lookups,
             tokens_refreshed_total=c.tokens_refreshed,
             sessions_expired_total=c.sessions_expired,
+            rate_limited=dict(self.rate_limited),
         )
         activity = NodeActivity(
             acknowledged_total=c.acknowledged,

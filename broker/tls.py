@@ -87,6 +87,19 @@ def _why(exc: OSError | ssl.SSLError) -> str:
     return exc.strerror or str(exc)
 
 
+def address_of(stream: trio.abc.Stream) -> str | None:
+    """The IP address of a socket stream's peer (through TLS), as text, or None if it is not a socket (memory
+    streams) or has gone (what the abuse limits key on, :mod:`broker.limits`)."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(inner, trio.SocketStream):
+        try:
+            host: str = inner.socket.getpeername()[0]
+        except OSError:
+            return None
+        return host
+    return None
+
+
 def peer_of(stream: trio.abc.Stream) -> str:
     """``host:port`` of a socket stream's peer (through TLS), or ``?`` if it is not a socket (memory streams)."""
     inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream

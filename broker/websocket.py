@@ -56,7 +56,7 @@ from trio_websocket import WebSocketRequest, wrap_server_stream
 from wire.websocket import WebSocketTransport
 
 from .origins import OriginPolicy
-from .tls import accept_tls
+from .tls import accept_tls, address_of
 
 __all__ = [
     "PREWELCOME_READ_BYTES",
@@ -154,7 +154,7 @@ def _header(request: WebSocketRequest, name: bytes) -> str | None:
 
 
 async def serve_websocket(
-    handle_transport: Callable[[WebSocketTransport, str], Awaitable[None]],
+    handle_transport: Callable[[WebSocketTransport, str, str | None], Awaitable[None]],
     listeners: Sequence[trio.abc.Listener[Any]],
     *,
     max_frame_bytes: int,
@@ -165,8 +165,9 @@ async def serve_websocket(
 ) -> NoReturn:
     """Serve WebSocket upgrades on ``listeners`` until cancelled; reports readiness with the listeners.
 
-    Each accepted WebSocket goes to ``handle_transport(transport, kind)``, ``kind`` saying which listener it came
-    from: ``websocket`` (ws://) or ``wss`` (over TLS), as the statistics count connections.
+    Each accepted WebSocket goes to ``handle_transport(transport, kind, address)``, ``kind`` saying which listener
+    it came from: ``websocket`` (ws://) or ``wss`` (over TLS), as the statistics count connections; ``address`` the
+    peer's IP address (None if not a socket), which the abuse limits key on.
 
     ``origins`` may be a callable, read per handshake. Connection tasks run in
     ``handler_nursery`` if given. A connection from a ``trio.SSLListener`` (``wss://``) has its
@@ -175,7 +176,7 @@ async def serve_websocket(
     Never returns; raises nothing of its own (a listener's errors propagate).
     """
 
-    async def handle_request(request: WebSocketRequest, budget: ReadBudget, kind: str) -> None:
+    async def handle_request(request: WebSocketRequest, budget: ReadBudget, kind: str, address: str | None) -> None:
         path = request.path.split("?", 1)[0]
         if path != WEBSOCKET_PATH:
             await request.reject(404, body=b"not found: the WebSocket endpoint is /relay\n")
@@ -190,12 +191,13 @@ async def serve_websocket(
         # Our frames go in as few messages as the limit allows (protocol.md 2.5): the client takes max_frame_bytes + 4.
         transport = WebSocketTransport(ws, peer_max_frame_bytes=max_frame_bytes, on_welcome=budget.release)
         try:
-            await handle_transport(transport, kind)
+            await handle_transport(transport, kind, address)
         finally:
             await transport.aclose()
 
     async def handle_stream(stream: trio.abc.Stream) -> None:
         kind = "websocket"
+        address = address_of(stream)
         if isinstance(stream, trio.SSLStream):
             kind = "wss"
             secure = await accept_tls(
@@ -217,7 +219,7 @@ async def serve_websocket(
                         receive_buffer_size=RECEIVE_BUFFER_BYTES,
                     )
                 if request is not None:
-                    await handle_request(request, budget, kind)
+                    await handle_request(request, budget, kind, address)
                 nursery.cancel_scope.cancel()
         finally:
             await trio.aclose_forcefully(budget)

@@ -77,6 +77,7 @@ from .errors import (
     InvalidRecipientKeyError,
     KeyRefused,
     NoRecipientKeyError,
+    RateLimited,
     RelayError,
     TLSError,
     is_fatal,
@@ -709,7 +710,7 @@ class RelayClient:
         with self._bg_scope:
             reason: RelayError | None = await self._serve_link(task_status)
             while reason is not None and self._carry_on(reason):
-                reason = await self._reconnect_once()
+                reason = await self._reconnect_once(reason)
 
     async def _serve_link(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> RelayError:
         """Connect, complete the handshake and serve the link until it ends; returns why it ended.
@@ -804,13 +805,15 @@ class RelayClient:
             self._report(ConnectionState.DISCONNECTED, reason=reason)
         return True
 
-    async def _reconnect_once(self) -> RelayError | None:
-        """Retry with backoff until a link is served (returns why it ended) or a fatal error (None)."""
+    async def _reconnect_once(self, reason: RelayError) -> RelayError | None:
+        """Retry with backoff until a link is served (returns why it ended) or a fatal error (None). A broker that
+        refused with RATE_LIMITED (4006, ``reason`` or a failed attempt) is not tried again before its hint."""
         attempt = 0
         while True:
             delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(attempt, _MAX_BACKOFF_DOUBLINGS))
             attempt += 1
-            await trio.sleep(random.uniform(delay / 2, delay))
+            hint = reason.retry_after_s if isinstance(reason, RateLimited) else 0.0
+            await trio.sleep(max(random.uniform(delay / 2, delay), hint))
             if self._token_stale:
                 try:
                     await self._new_token()
@@ -821,6 +824,7 @@ class RelayClient:
             try:
                 return await self._serve_link()
             except RelayError as exc:
+                reason = exc
                 if self._expired_but_refreshable(exc):
                     log.info(
                         "reconnect attempt %d to %s: the token expired; asking refresh_token", attempt, self.endpoint

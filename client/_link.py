@@ -152,7 +152,7 @@ async def handshake(transport: Transport, endpoint: Endpoint, hello: Hello) -> t
         raise ProtocolViolation(exc.code, f"bad answer to HELLO from {endpoint}: {exc.message}") from None
     first = frames[0]
     if isinstance(first, Error):
-        raise error_from_code(first.code, first.message)
+        raise error_from_code(first.code, first.message, first.retry_after_ms)
     assert isinstance(first, Welcome)  # the state table admits nothing else
     transport.set_peer_limit(first.max_frame_bytes)  # a WebSocket packs messages up to the broker's limit
     conn.max_frame_bytes = max(first.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES) + RECEIVE_SLACK_BYTES
@@ -551,7 +551,7 @@ class Link:
             elif not self._pending.answer(f, None):
                 log.warning("unexpected %s from %s: no request outstanding", f.TYPE, self.endpoint)
         elif isinstance(f, Error):
-            error = error_from_code(f.code, f.message)
+            error = error_from_code(f.code, f.message, f.retry_after_ms)
             if f.close:
                 raise error
             if f.code == ErrorCode.FORBIDDEN and self._pending.answers_expected:

@@ -8,7 +8,7 @@
 - :class:`ProtocolViolation` (1xxx, e.g. UNSUPPORTED_VERSION): a bug on one side. Fatal.
 - :class:`SessionEnded` (4xxx, 5xxx): the broker ended the session. The client reconnects
   by itself, except after :class:`ConnectedElsewhere` (4001: another connection took over
-  the mailbox), which is fatal.
+  the mailbox), which is fatal; after :class:`RateLimited` (4006) it waits at least its ``retry_after_s``.
 - :class:`ConnectionLost` (no code): the transport failed and the client will not (or may
   not) reconnect: the first connect failed, ``reconnect=False``, or the client was closed.
   :class:`TLSError` is one whose TLS connection could not be set up: its ``reason``
@@ -45,6 +45,7 @@ __all__ = [
     "LocalStoreError",
     "NoRecipientKeyError",
     "ProtocolViolation",
+    "RateLimited",
     "RelayError",
     "SessionEnded",
     "TLSError",
@@ -81,6 +82,19 @@ class ProtocolViolation(RelayError):
 
 class SessionEnded(RelayError):
     """The broker ended the session with a 4xxx or 5xxx code."""
+
+
+class RateLimited(SessionEnded):
+    """CONNECTION_RATE_LIMITED (4006): connections or HELLOs from this address (or for this mailbox) came faster
+    than the broker allows. The client reconnects by itself, waiting at least ``retry_after_s``."""
+
+    def __init__(self, code: ErrorCode | int, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(code, message)
+        self.retry_after_s = retry_after_s
+        """The broker's ``retry_after_ms``, in seconds (0.0 if it gave none)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.code, self.message, self.retry_after_s))
 
 
 class ConnectedElsewhere(SessionEnded):
@@ -238,8 +252,9 @@ def _code_text(code: ErrorCode | int | None) -> str:
     return f"error {code}: "
 
 
-def error_from_code(code: int, message: str) -> RelayError:
-    """The exception for an ERROR frame's code (a plain int if this client does not know it)."""
+def error_from_code(code: int, message: str, retry_after_ms: int | None = None) -> RelayError:
+    """The exception for an ERROR frame's code (a plain int if this client does not know it) and its
+    ``retry_after_ms``."""
     try:
         known: ErrorCode | int = ErrorCode(code)
     except ValueError:
@@ -250,6 +265,8 @@ def error_from_code(code: int, message: str) -> RelayError:
         return ForbiddenError(known, message)
     if code == ErrorCode.CONNECTED_ELSEWHERE:
         return ConnectedElsewhere(known, message)
+    if code == ErrorCode.CONNECTION_RATE_LIMITED:
+        return RateLimited(known, message, (retry_after_ms or 0) / 1000)
     if 1000 <= code < 2000:
         return ProtocolViolation(known, message)
     if 4000 <= code < 6000:

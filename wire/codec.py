@@ -89,6 +89,8 @@ class ReceiptFields(Protocol):
     def results(self) -> Mapping[str, RecipientResult]: ...
     @property
     def code(self) -> int | None: ...
+    @property
+    def retry_after_ms(self) -> int | None: ...
 
 
 class StatusFields(Protocol):
@@ -153,7 +155,10 @@ def _encode_receipts(receipts: Iterable[ReceiptFields]) -> list[bytes]:
     for r in receipts:
         results = r.results
         if r.code is not None:
-            data = dumps({"type": "receipt", "id": r.id, "code": r.code})
+            if r.retry_after_ms is None:
+                data = dumps({"type": "receipt", "id": r.id, "code": r.code})
+            else:
+                data = dumps({"type": "receipt", "id": r.id, "code": r.code, "retry_after_ms": r.retry_after_ms})
         elif len(results) == 1:
             ((rcpt, result),) = results.items()
             end = ends.get(rcpt)

@@ -261,8 +261,9 @@ class Connection:
         return _encode_send(id, to, body, ttl_s, notify)
 
     def send_receipts(self, receipts: Iterable[ReceiptFields]) -> list[bytes]:
-        """``[send(Receipt(id=r.id, results=r.results, code=r.code)) for r in receipts]`` without building
-        the frames: the state table is consulted once for the batch (RECEIPT keeps the state it is sent in).
+        """``[send(Receipt(id=r.id, results=r.results, code=r.code, retry_after_ms=r.retry_after_ms)) for r in
+        receipts]`` without building the frames: the state table is consulted once for the batch (RECEIPT keeps
+        the state it is sent in).
 
         The values must be valid already (the id of a validated SEND; results built from
         RecipientResult): only the state is checked. Raises LocalProtocolError if RECEIPT
@@ -324,7 +325,7 @@ class Connection:
             self._decoder.max_frame_bytes = self._max_frame_bytes  # WELCOME: the full limit from now on
         self.state = nxt
 
-    def send_error(self, code: ErrorCode, message: str) -> bytes:
+    def send_error(self, code: ErrorCode, message: str, *, retry_after_ms: int | None = None) -> bytes:
         """Close after a protocol violation: the bytes of a closing ERROR, then CLOSED.
 
         Only the broker sends ERROR frames, and at most one closing ERROR per connection;
@@ -337,7 +338,7 @@ class Connection:
             return b""
         self._error_sent = True
         self.state = State.CLOSED
-        return encode_frame(Error(code=int(code), message=_cut(message), close=True))
+        return encode_frame(Error(code=int(code), message=_cut(message), close=True, retry_after_ms=retry_after_ms))
 
 
 def _cut(message: str) -> str:

@@ -75,6 +75,9 @@ class ErrorCode(IntEnum):
     resend it with the same id (a retry of a stored one is "duplicate")."""
     INVALID_KEY = 3009
     """A KEY_PUT's record signature does not verify for the session's mailbox: nothing was stored."""
+    RATE_LIMITED = 3010
+    """The SEND came faster than the sender's (address's or mailbox's) rate allows (a whole-SEND code): nothing was
+    stored; resend it after the RECEIPT's ``retry_after_ms``."""
 
     # 4xxx: the broker ended the session.
     CONNECTED_ELSEWHERE = 4001
@@ -87,6 +90,11 @@ class ErrorCode(IntEnum):
     """The broker is stopping."""
     TOO_MANY_CONNECTIONS = 4005
     """The broker holds ``max_connections`` connections already; sent instead of accepting the HELLO."""
+    CONNECTION_RATE_LIMITED = 4006
+    """Connections or HELLOs from this address (or HELLOs for this mailbox) came faster than the broker's rate;
+    reconnect after the ERROR's ``retry_after_ms``."""
+    TOO_MANY_CONNECTIONS_FROM_ADDRESS = 4007
+    """The broker holds ``max_connections_per_address`` connections from this source address already."""
 
     # 5xxx: the broker failed.
     INTERNAL_ERROR = 5001

@@ -437,7 +437,7 @@ _PLAIN_RESULTS = {s.value: RecipientResult(s) for s in (Status.QUEUED, Status.DE
 """The three results without a code, built once (they are immutable): most results of most receipts."""
 
 
-def _check_receipt(id: object, results: object, code: object) -> None:
+def _check_receipt(id: object, results: object, code: object, retry_after_ms: object = None) -> None:
     """RECEIPT's rules; raises ValueError."""
     if not is_valid_message_id(id):
         raise _message_id_error("id")
@@ -450,6 +450,10 @@ def _check_receipt(id: object, results: object, code: object) -> None:
             raise ValueError("a receipt has either results or a code, not both")
     elif not results:
         raise ValueError("results must be a non-empty map (or the receipt must have a code)")
+    if retry_after_ms is not None:
+        if code is None:
+            raise ValueError("retry_after_ms goes only with a code (a SEND refused as a whole)")
+        _uint("retry_after_ms", retry_after_ms)
     for key, value in results.items():
         if type(key) is not str or not isinstance(value, RecipientResult):
             raise ValueError("results must map recipients to results")
@@ -457,14 +461,14 @@ def _check_receipt(id: object, results: object, code: object) -> None:
             raise ValueError(f"results keys must be at most {MAX_RECIPIENT_CHARS} characters")
 
 
-@_frame("receipt", "id", "results", "code")
+@_frame("receipt", "id", "results", "code", "retry_after_ms")
 class Receipt(Frame):
     """Broker -> client: the answer to a SEND.
 
     Either one result per distinct recipient (``results``, keyed by the recipient as
     written), or, when the SEND was refused as a whole before any recipient was looked
-    at, only ``code`` (TOO_MANY_RECIPIENTS, BODY_TOO_LARGE or STORE_UNREACHABLE) and an empty ``results``.
-    Exactly one of the two is on the wire.
+    at, only ``code`` (TOO_MANY_RECIPIENTS, BODY_TOO_LARGE, RATE_LIMITED or STORE_UNREACHABLE) and an empty
+    ``results``. Exactly one of the two is on the wire.
     """
 
     id: str
@@ -472,12 +476,16 @@ class Receipt(Frame):
     code: int | None = None
     """The whole SEND was refused with this code: nothing was stored for anyone, except after
     STORE_UNREACHABLE, which leaves that unknown (resend with the same id)."""
+    retry_after_ms: int | None = None
+    """Only with ``code``: how long to wait before sending again (the broker sends it with RATE_LIMITED)."""
 
     def __post_init__(self) -> None:
-        _check_receipt(self.id, self.results, self.code)
+        _check_receipt(self.id, self.results, self.code, self.retry_after_ms)
 
     def to_wire(self) -> dict[str, Any]:
         if self.code is not None:
+            if self.retry_after_ms is not None:
+                return {"type": "receipt", "id": self.id, "code": self.code, "retry_after_ms": self.retry_after_ms}
             return {"type": "receipt", "id": self.id, "code": self.code}
         return {
             "type": "receipt",
@@ -489,9 +497,12 @@ class Receipt(Frame):
     def from_wire(cls, m: Mapping[str, Any]) -> Self:
         mid: Any = m.get("id")
         code: Any = m.get("code")
+        retry: Any = m.get("retry_after_ms")
         try:
             if code is None and "code" in m:
                 raise _null_error("code")
+            if retry is None and "retry_after_ms" in m:
+                raise _null_error("retry_after_ms")
             if "results" in m:
                 if "code" in m:
                     raise ValueError("a receipt has either results or a code, not both")
@@ -501,22 +512,25 @@ class Receipt(Frame):
                 results = {key: RecipientResult._from_wire(value) for key, value in raw.items()}
             else:
                 results = {}
-            _check_receipt(mid, results, code)
+            _check_receipt(mid, results, code, retry)
         except ValueError as exc:
             raise _invalid(cls.TYPE, exc) from None
-        return _trusted_receipt(mid, results, code)  # type: ignore[return-value]
+        return _trusted_receipt(mid, results, code, retry)  # type: ignore[return-value]
 
 
-_RECEIPT_SET = _slot_setters(Receipt, "id", "results", "code")
+_RECEIPT_SET = _slot_setters(Receipt, "id", "results", "code", "retry_after_ms")
 
 
-def _trusted_receipt(id: str, results: Mapping[str, RecipientResult], code: int | None) -> Receipt:
+def _trusted_receipt(
+    id: str, results: Mapping[str, RecipientResult], code: int | None, retry_after_ms: int | None = None
+) -> Receipt:
     """A RECEIPT from values :func:`_check_receipt` accepts, without checking them."""
     obj = _new(Receipt)
-    set_id, set_results, set_code = _RECEIPT_SET
+    set_id, set_results, set_code, set_retry = _RECEIPT_SET
     set_id(obj, id)
     set_results(obj, results)
     set_code(obj, code)
+    set_retry(obj, retry_after_ms)
     return obj
 
 
@@ -914,19 +928,23 @@ class Pong(Frame):
     """Broker -> client: answer to PING."""
 
 
-@_frame("error", "code", "message", "close")
+@_frame("error", "code", "message", "close", "retry_after_ms")
 class Error(Frame):
     """Broker -> client: something went wrong. ``close`` true means the broker closes now."""
 
     code: int
     message: str
     close: bool
+    retry_after_ms: int | None = None
+    """How long to wait before trying again (the broker sends it with CONNECTION_RATE_LIMITED)."""
 
     def __post_init__(self) -> None:
         _uint("code", self.code, minimum=1000)
         _text("message", self.message)
         if type(self.close) is not bool:
             raise ValueError("close must be a boolean")
+        if self.retry_after_ms is not None:
+            _uint("retry_after_ms", self.retry_after_ms)
 
 
 @_frame("bye")

@@ -66,11 +66,12 @@ export interface Contact extends ContactRecord {
 /**
  * The broker's receipt for a SEND, as sendMessage resolves it. Test `receipt.code !== undefined`
  * first: then the SEND was refused as a whole (3004 TOO_MANY_RECIPIENTS, 3007 BODY_TOO_LARGE:
- * nothing stored; 3008 STORE_UNREACHABLE: maybe stored, send again with the same id).
+ * nothing stored; 3008 STORE_UNREACHABLE: maybe stored, send again with the same id; 3010 RATE_LIMITED: nothing
+ * stored, send again with the same id after `retry_after_ms`).
  */
 export type Receipt =
-  | { id: string, results: Record<string, RecipientResult>, code?: undefined }
-  | { id: string, code: number, results?: undefined }
+  | { id: string, results: Record<string, RecipientResult>, code?: undefined, retry_after_ms?: undefined }
+  | { id: string, code: number, results?: undefined, retry_after_ms?: number }
 
 /**
  * A delivery status as the `status` event and processStatus give it: as saved (with a store;
@@ -166,7 +167,8 @@ export interface RelayClientEventMap {
   status: DeliveryStatus
   drained: { pending: number }
   /** ERROR frames from the broker (`close`: the broker closes the connection) and local failures (code 0 or 1xxx, close false). */
-  error: { code: number, message: string, close: boolean }
+  /** `retry_after_ms` with 4006 CONNECTION_RATE_LIMITED: the reconnect waits at least that long. */
+  error: { code: number, message: string, close: boolean, retry_after_ms?: number }
   /** A contact's record after it changed: pinned on first use, a changed key seen (pending_ik), or accepted. */
   contact: ContactRecord
   /** This device's key record was published (KEY_PUT accepted), on every connect and after rotateKey(). */

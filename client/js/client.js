@@ -77,11 +77,12 @@
 //   message   a newly saved inbox record ({id, from, body, ..., state})
 //   acked     the inbox record after its ACK was sent
 //   receipt   the receipt as sendMessage resolves it: {id, results} or {id, code} (a SEND
-//             refused as a whole); also saved on the outbox record
+//             refused as a whole; with 3010 RATE_LIMITED also retry_after_ms); also saved on the outbox record
 //   status    a newly saved status: {seq, state: "delivered" | "expired", at, id, recipient}
 //             or {seq, state: "overflow", count, first_seq, at} (how many statuses the broker folded)
 //   drained   {pending}
-//   error     {code, message, close} for ERROR frames and local failures
+//   error     {code, message, close, retry_after_ms?} for ERROR frames and local failures (after 4006
+//             CONNECTION_RATE_LIMITED the reconnect waits at least retry_after_ms)
 //   contact   a contact record after it changed: pinned (first use), a changed key seen (pending_ik), accepted
 //   keys      {kid} after this device's key record was published (key_put accepted)
 //   refreshed {expires_in_s} after the broker took a token from refreshToken
@@ -198,6 +199,7 @@ export class RelayClient extends EventTarget {
     this._stopped = true
     this._attempt = 0
     this._retryTimer = null
+    this._retryAfterMs = 0 // from an ERROR 4006: how long the next reconnect must wait at least
     this._pingTimer = null
     this._refreshTimer = null
     this._refreshDue = 0 // Date.now() at which to ask refreshToken
@@ -331,7 +333,9 @@ export class RelayClient extends EventTarget {
     this._setState('closed', error ? { error } : {})
     const ceiling = Math.min(this.maxBackoffMs, this.minBackoffMs * 2 ** this._attempt)
     this._attempt += 1
-    const delay = Math.random() * ceiling // full jitter
+    // Full jitter, but never sooner than a rate-limited broker asked for (ERROR 4006 retry_after_ms).
+    const delay = Math.max(Math.random() * ceiling, this._retryAfterMs)
+    this._retryAfterMs = 0
     this._retryTimer = setTimeout(() => this._connect(), delay)
   }
 
@@ -447,7 +451,11 @@ export class RelayClient extends EventTarget {
   async _onReceipt (frame) {
     const entry = this._sends.get(frame.id)
     this._sends.delete(frame.id)
-    const receipt = frame.code !== undefined ? { id: frame.id, code: frame.code } : { id: frame.id, results: frame.results }
+    const receipt = frame.code === undefined
+      ? { id: frame.id, results: frame.results }
+      : frame.retry_after_ms === undefined
+        ? { id: frame.id, code: frame.code }
+        : { id: frame.id, code: frame.code, retry_after_ms: frame.retry_after_ms }
     if (this.store) {
       try {
         await this.store.saveReceipt(receipt)
@@ -511,6 +519,7 @@ export class RelayClient extends EventTarget {
   }
 
   _onError (frame) {
+    if (frame.retry_after_ms !== undefined) this._retryAfterMs = frame.retry_after_ms // 4006: the next connect waits
     this._emitError(frame)
     if (!frame.close) {
       // FORBIDDEN for stats/cleanup from a mailbox session, or send/ack/pull from an operator.
@@ -547,7 +556,9 @@ export class RelayClient extends EventTarget {
    *   nothing for anyone: 3004 TOO_MANY_RECIPIENTS (more distinct recipients than WELCOME's
    *   `max_recipients`) or 3007 BODY_TOO_LARGE (body longer than `max_frame_bytes` - 256); or
    *   3008 STORE_UNREACHABLE: the broker could not reach its store, and the message may or may
-   *   not be stored: send it again later with the same id (a stored one is then "duplicate").
+   *   not be stored: send it again later with the same id (a stored one is then "duplicate");
+   *   or 3010 RATE_LIMITED (`{id, code, retry_after_ms}`): this mailbox or address sends faster
+   *   than the broker allows; nothing was stored: send it again, same id, after `retry_after_ms`.
    *   Test `receipt.code !== undefined` first.
    * While disconnected the send waits and goes out (same id) on reconnect.
    * With `notify` (the client's `notify` option unless given, true by default) the broker also

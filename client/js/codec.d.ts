@@ -39,11 +39,14 @@ export const ERROR_CODES: Readonly<{
   BODY_TOO_LARGE: 3007
   STORE_UNREACHABLE: 3008
   INVALID_KEY: 3009
+  RATE_LIMITED: 3010
   CONNECTED_ELSEWHERE: 4001
   KEEPALIVE_TIMEOUT: 4002
   SLOW_CONSUMER: 4003
   SHUTTING_DOWN: 4004
   TOO_MANY_CONNECTIONS: 4005
+  CONNECTION_RATE_LIMITED: 4006
+  TOO_MANY_CONNECTIONS_FROM_ADDRESS: 4007
   INTERNAL_ERROR: 5001
   STORE_UNAVAILABLE: 5002
 }>
@@ -110,10 +113,13 @@ export interface SendFrame {
   notify?: boolean
 }
 
-/** A RECEIPT carries exactly one of `results` (per recipient) and `code` (the whole SEND refused). */
+/**
+ * A RECEIPT carries exactly one of `results` (per recipient) and `code` (the whole SEND refused); `retry_after_ms`
+ * only with `code` (the broker sends it with 3010 RATE_LIMITED: wait that long before resending).
+ */
 export type ReceiptFrame =
-  | { type: 'receipt', id: string, results: Record<string, RecipientResult>, code?: undefined }
-  | { type: 'receipt', id: string, code: number, results?: undefined }
+  | { type: 'receipt', id: string, results: Record<string, RecipientResult>, code?: undefined, retry_after_ms?: undefined }
+  | { type: 'receipt', id: string, code: number, results?: undefined, retry_after_ms?: number }
 
 export interface DeliverFrame {
   type: 'deliver'
@@ -167,7 +173,8 @@ export interface PullFrame { type: 'pull' }
 export interface DrainedFrame { type: 'drained', pending: number }
 export interface PingFrame { type: 'ping' }
 export interface PongFrame { type: 'pong' }
-export interface ErrorFrame { type: 'error', code: number, message: string, close: boolean }
+/** `retry_after_ms`: how long to wait before trying again (the broker sends it with 4006 CONNECTION_RATE_LIMITED). */
+export interface ErrorFrame { type: 'error', code: number, message: string, close: boolean, retry_after_ms?: number }
 export interface ByeFrame { type: 'bye' }
 export interface StatsFrame { type: 'stats' }
 export interface StatsResultFrame { type: 'stats_result', stats: Record<string, number> }

@@ -62,11 +62,14 @@ export const ERROR_CODES = Object.freeze({
   BODY_TOO_LARGE: 3007,
   STORE_UNREACHABLE: 3008,
   INVALID_KEY: 3009,
+  RATE_LIMITED: 3010,
   CONNECTED_ELSEWHERE: 4001,
   KEEPALIVE_TIMEOUT: 4002,
   SLOW_CONSUMER: 4003,
   SHUTTING_DOWN: 4004,
   TOO_MANY_CONNECTIONS: 4005,
+  CONNECTION_RATE_LIMITED: 4006,
+  TOO_MANY_CONNECTIONS_FROM_ADDRESS: 4007,
   INTERNAL_ERROR: 5001,
   STORE_UNAVAILABLE: 5002
 })
@@ -513,8 +516,9 @@ const SCHEMAS = {
     ['ttl_s', uint(1), O],
     ['notify', bool, O, false]
   ],
-  // Exactly one of results and code (RECEIPT_EXCLUSIVE): code is a refusal of the whole SEND.
-  receipt: [['id', messageId, R], ['results', results, O], ['code', uint(1000), O]],
+  // Exactly one of results and code (RECEIPT_EXCLUSIVE): code is a refusal of the whole SEND; retry_after_ms only
+  // with code (3010 RATE_LIMITED's hint).
+  receipt: [['id', messageId, R], ['results', results, O], ['code', uint(1000), O], ['retry_after_ms', uint(0), O]],
   deliver: [
     ['id', messageId, R],
     ['from', mailbox, R],
@@ -539,7 +543,7 @@ const SCHEMAS = {
   drained: [['pending', uint(0), R]],
   ping: [],
   pong: [],
-  error: [['code', uint(1000), R], ['message', text(0), R], ['close', bool, R]],
+  error: [['code', uint(1000), R], ['message', text(0), R], ['close', bool, R], ['retry_after_ms', uint(0), O]],
   bye: [],
   stats: [],
   stats_result: [['stats', stats, R]],
@@ -553,7 +557,11 @@ const SCHEMAS = {
 
 /** Checks across fields, after each field has passed its own: the frame as built so far -> error text or null. */
 const CROSS_CHECKS = {
-  receipt: (frame) => ((frame.results === undefined) === (frame.code === undefined) ? 'exactly one of results and code must be present' : null),
+  receipt: (frame) => {
+    if ((frame.results === undefined) === (frame.code === undefined)) return 'exactly one of results and code must be present'
+    if (frame.retry_after_ms !== undefined && frame.code === undefined) return 'retry_after_ms goes only with code'
+    return null
+  },
   status: statusFields
 }
 

@@ -13,7 +13,7 @@ import pytest
 from broker.auth import Authenticator, load_or_create_secret
 from broker.backend import redacted
 from broker.cli import main, parse_duration
-from broker.config import BROKER, LIMITS, STORE, BrokerConfig, ConfigError
+from broker.config import BROKER, LIMITS, RATE_LIMITS, STORE, BrokerConfig, ConfigError
 from broker.store.base import StoreLimits
 
 
@@ -193,7 +193,7 @@ def test_protocol_md_limits_table_matches_the_broker_defaults() -> None:
     section = text[text.index("## 8. Limits") : text.index("## 9. Semantics")]
     rows = re.findall(r"^\| `(\w+)` \| (\d+) \|", section, flags=re.MULTILINE)
     defaults = BrokerConfig()
-    assert len(rows) == 17  # every limit in the table, parsed
+    assert len(rows) == 33  # every limit in the table, parsed
     for name, value in rows:
         assert getattr(defaults, name) == int(value), name
 
@@ -260,6 +260,13 @@ def test_each_setting_has_its_section() -> None:
             "max_tombstones", "max_mailbox_statuses", "key_ttl_s",
         ],
         STORE: ["store", "store_prefix", "node_id", "presence_lease_s"],
+        RATE_LIMITS: [
+            "rate_exempt_networks", "max_connections_per_address", "address_connections_per_s",
+            "address_connections_burst", "address_hellos_per_s", "address_hellos_burst", "mailbox_hellos_per_s",
+            "mailbox_hellos_burst", "address_sends_per_s", "address_sends_burst", "mailbox_sends_per_s",
+            "mailbox_sends_burst", "address_send_bytes_per_s", "address_send_bytes_burst", "mailbox_send_bytes_per_s",
+            "mailbox_send_bytes_burst", "rate_limit_table_size",
+        ],
     }  # fmt: skip
 
 
@@ -314,8 +321,8 @@ def test_print_config_prints_by_section(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["serve", "--print-config", "--max-inflight", "9"]) == 0
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("[")]
-    assert headers == ["[broker]", "[broker.limits]", "[broker.store]"]
-    limits = out[out.index("[broker.limits]") : out.index("[broker.store]")]
+    assert headers == ["[broker]", "[broker.limits]", "[broker.rate_limits]", "[broker.store]"]
+    limits = out[out.index("[broker.limits]") : out.index("[broker.rate_limits]")]
     assert "\nmax_inflight = 9\n" in limits and "\n# Un-ACKed deliveries outstanding per connection.\n" in limits
 
 
@@ -456,6 +463,23 @@ TODAYS_FLAGS = {
     "--node-id": "node-1",
     "--presence-lease-s": "9.5",
     "--max-frame-bytes": "2048",
+    "--rate-exempt-networks": "10.0.0.0/8,::1/128",
+    "--max-connections-per-address": "11",
+    "--address-connections-per-s": "1.5",
+    "--address-connections-burst": "12",
+    "--address-hellos-per-s": "2.5",
+    "--address-hellos-burst": "13",
+    "--mailbox-hellos-per-s": "0.5",
+    "--mailbox-hellos-burst": "14",
+    "--address-sends-per-s": "15.5",
+    "--address-sends-burst": "16",
+    "--mailbox-sends-per-s": "17.5",
+    "--mailbox-sends-burst": "18",
+    "--address-send-bytes-per-s": "4096",
+    "--address-send-bytes-burst": "8192",
+    "--mailbox-send-bytes-per-s": "2048",
+    "--mailbox-send-bytes-burst": "4096",
+    "--rate-limit-table-size": "19",
     "--max-inflight": "8",
     "--max-recipients": "3",
     "--default-ttl-s": "60",

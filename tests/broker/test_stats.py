@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from broker.backend import probed_health
+from broker.limits import Reason
 from broker.presence import LocalPresence
 from broker.stats import (
     NODE_NAMES,
@@ -37,6 +38,7 @@ def record() -> Statistics:
         duplicates_total=25,
         refused_total=sum(by_code.values()),
         refused_by_code=by_code,
+        rate_limited={reason: 200 + i for i, reason in enumerate(Reason)},
     )
     return Statistics(node, relay)
 
@@ -45,8 +47,9 @@ def test_every_name_is_a_relay_or_a_node_figure_once() -> None:
     assert len(set(STATS_NAMES)) == len(STATS_NAMES)
     assert set(RELAY_NAMES).isdisjoint(NODE_NAMES)
     assert set(RELAY_NAMES) | set(NODE_NAMES) == set(STATS_NAMES)
-    node_fields = {f.name for f in dataclasses.fields(NodeStatistics)} - {"refused_by_code"}
-    assert set(NODE_NAMES) == node_fields | set(REFUSAL_NAMES.values())
+    node_fields = {f.name for f in dataclasses.fields(NodeStatistics)} - {"refused_by_code", "rate_limited"}
+    limited = {f"rate_limited_{reason}_total" for reason in Reason}
+    assert set(NODE_NAMES) == node_fields | set(REFUSAL_NAMES.values()) | limited
 
 
 def test_to_wire_holds_every_name_in_wire_order_with_its_figure() -> None:
@@ -54,8 +57,11 @@ def test_to_wire_holds_every_name_in_wire_order_with_its_figure() -> None:
     wire = stats.to_wire()
     assert list(wire) == list(STATS_NAMES)
     assert [wire[name] for name in RELAY_NAMES] == list(range(1, len(RELAY_NAMES) + 1))
-    assert (wire["online_users"], wire["connections"], wire["refused_total"]) == (20, 21, sum(range(100, 107)))
-    assert [wire[name] for name in REFUSAL_NAMES.values()] == list(range(100, 107))
+    refusals = len(REFUSAL_NAMES)
+    assert (wire["online_users"], wire["connections"]) == (20, 21)
+    assert wire["refused_total"] == sum(range(100, 100 + refusals))
+    assert [wire[name] for name in REFUSAL_NAMES.values()] == list(range(100, 100 + refusals))
+    assert [wire[f"rate_limited_{reason}_total"] for reason in Reason] == list(range(200, 200 + len(Reason)))
 
 
 def test_the_names_are_protocol_md_section_10s() -> None:

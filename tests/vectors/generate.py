@@ -278,6 +278,16 @@ def build_valid() -> None:
         Receipt(id=MSG_ID, code=int(ErrorCode.TOO_MANY_RECIPIENTS)),
     )
     valid(
+        "receipt_rate_limited",
+        "RECEIPT for a SEND refused as a whole with 3010 RATE_LIMITED and a retry hint (retry_after_ms after code)",
+        Receipt(id=MSG_ID, code=int(ErrorCode.RATE_LIMITED), retry_after_ms=250),
+    )
+    valid(
+        "receipt_retry_after_zero",
+        "RECEIPT whole-SEND code with retry_after_ms 0 (a uint; the reference broker sends at least 1)",
+        Receipt(id="m3", code=int(ErrorCode.RATE_LIMITED), retry_after_ms=0),
+    )
+    valid(
         "receipt_whole_send_unknown_code",
         "RECEIPT refusing a SEND as a whole with a code this revision does not define: still valid",
         Receipt(id="m3", code=3999),
@@ -379,6 +389,21 @@ def build_valid() -> None:
         Error(code=int(ErrorCode.INTERNAL_ERROR), message="\ufeffüñí", close=True),
     )
     valid("error_empty_message", "ERROR with an empty message", Error(code=1001, message="", close=True))
+    valid(
+        "error_rate_limited",
+        "ERROR 4006 CONNECTION_RATE_LIMITED with a retry hint (retry_after_ms after close)",
+        Error(
+            code=int(ErrorCode.CONNECTION_RATE_LIMITED),
+            message="connections from 198.51.100.7 come too fast; retry later",
+            close=True,
+            retry_after_ms=1500,
+        ),
+    )
+    valid(
+        "error_too_many_from_address",
+        "ERROR 4007 TOO_MANY_CONNECTIONS_FROM_ADDRESS, without a retry hint",
+        Error(code=int(ErrorCode.TOO_MANY_CONNECTIONS_FROM_ADDRESS), message="too many", close=True),
+    )
     stats = {
         k: i * 1000 + 7
         for i, k in enumerate(
@@ -902,6 +927,39 @@ def build_invalid() -> None:
         m(t("type"), t("receipt"), t("id"), t("m1"), t("code"), u(999)),
     )
     invalid(
+        "receipt_retry_after_with_results",
+        "RECEIPT with results and retry_after_ms (it goes only with a whole-SEND code)",
+        INV,
+        m(
+            t("type"), t("receipt"), t("id"), t("m1"), t("results"), m(t("bob"), m(t("status"), t("queued"))),
+            t("retry_after_ms"), u(5),
+        ),
+    )  # fmt: skip
+    invalid(
+        "receipt_retry_after_null",
+        "RECEIPT retry_after_ms null",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("code"), u(3010), t("retry_after_ms"), c(None)),
+    )
+    invalid(
+        "receipt_retry_after_text",
+        "RECEIPT retry_after_ms as text",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("code"), u(3010), t("retry_after_ms"), t("5")),
+    )
+    invalid(
+        "receipt_retry_after_negative",
+        "RECEIPT retry_after_ms -1",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("code"), u(3010), t("retry_after_ms"), c(-1)),
+    )
+    invalid(
+        "receipt_retry_after_float",
+        "RECEIPT retry_after_ms 1.5 (a float is not a uint)",
+        INV,
+        m(t("type"), t("receipt"), t("id"), t("m1"), t("code"), u(3010), t("retry_after_ms"), c(1.5)),
+    )
+    invalid(
         "receipt_whole_code_null",
         "RECEIPT code null",
         INV,
@@ -1021,6 +1079,33 @@ def build_invalid() -> None:
         INV,
         m(t("type"), t("error"), t("code"), u(1001), t("message"), t(""), t("close"), u(1)),
     )
+    invalid(
+        "error_retry_after_null",
+        "ERROR retry_after_ms null",
+        INV,
+        m(
+            t("type"), t("error"), t("code"), u(4006), t("message"), t(""), t("close"), c(True),
+            t("retry_after_ms"), c(None),
+        ),
+    )  # fmt: skip
+    invalid(
+        "error_retry_after_negative",
+        "ERROR retry_after_ms -5",
+        INV,
+        m(
+            t("type"), t("error"), t("code"), u(4006), t("message"), t(""), t("close"), c(True),
+            t("retry_after_ms"), c(-5),
+        ),
+    )  # fmt: skip
+    invalid(
+        "error_retry_after_bool",
+        "ERROR retry_after_ms true",
+        INV,
+        m(
+            t("type"), t("error"), t("code"), u(4006), t("message"), t(""), t("close"), c(True),
+            t("retry_after_ms"), c(True),
+        ),
+    )  # fmt: skip
     invalid(
         "error_code_below_1000",
         "ERROR code 42",

@@ -48,7 +48,12 @@ def test_every_frame_field_is_documented_and_nothing_else(protocol_md: str) -> N
         assert keys == {key for key, _ in cls._WIRE}, name
     receipt = section(frames, "`receipt`")
     assert {"status", "code"} == set(re.findall(r"^\|\s*`results\.\*\.([a-z_]+)`", receipt, re.M))
-    assert Receipt._WIRE == (("id", "id"), ("results", "results"), ("code", "code"))
+    assert Receipt._WIRE == (
+        ("id", "id"),
+        ("results", "results"),
+        ("code", "code"),
+        ("retry_after_ms", "retry_after_ms"),
+    )
 
 
 def test_importing_wire_does_not_import_trio() -> None:

@@ -28,6 +28,23 @@ SPEC_LIMITS = {
     "max_outbound_bytes": 8_388_608,
     "max_connections": 65_536,
     "cleanup_interval_s": 3600,
+    # the abuse limits (rule 21)
+    "max_connections_per_address": 1024,
+    "address_connections_per_s": 20,
+    "address_connections_burst": 200,
+    "address_hellos_per_s": 20,
+    "address_hellos_burst": 200,
+    "mailbox_hellos_per_s": 2,
+    "mailbox_hellos_burst": 30,
+    "address_sends_per_s": 2000,
+    "address_sends_burst": 10_000,
+    "mailbox_sends_per_s": 1000,
+    "mailbox_sends_burst": 5000,
+    "address_send_bytes_per_s": 33_554_432,
+    "address_send_bytes_burst": 134_217_728,
+    "mailbox_send_bytes_per_s": 16_777_216,
+    "mailbox_send_bytes_burst": 67_108_864,
+    "rate_limit_table_size": 100_000,
 }
 
 SPEC_STATS = (
@@ -35,10 +52,13 @@ SPEC_STATS = (
     "unique_recipients queued_bytes sent_total delivered_total redelivered_total expired_total "
     "duplicates_total refused_total refused_mailbox_full refused_mailbox_bytes_full refused_broker_full "
     "refused_too_many_recipients refused_id_conflict refused_invalid_recipient refused_body_too_large "
+    "refused_rate_limited "
     "connections inflight tombstones store_round_trips store_available store_errors_total "
     "statuses_held statuses_total statuses_overflowed_total statuses_expired_total statuses_delivered_total "
     "statuses_acked_total statuses_lost_total keys_put_total keys_put_refused_total key_lookups_total "
-    "tokens_refreshed_total sessions_expired_total"
+    "tokens_refreshed_total sessions_expired_total "
+    "rate_limited_connections_total rate_limited_address_connections_total rate_limited_hellos_total "
+    "rate_limited_sends_total rate_limited_send_bytes_total"
 ).split()
 
 LIMIT_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*([0-9][0-9_,]*)\s*\|", re.M)

@@ -546,6 +546,41 @@ test('reconnects back off exponentially with full jitter, capped, and reset by W
   assert.equal(waited, 100, 'a successful connection resets the backoff')
 })
 
+test('after ERROR 4006 the reconnect waits at least its retry_after_ms, and the error event carries it', async (t) => {
+  t.mock.method(Math, 'random', () => 1) // the top of each jitter range: 100 ms here
+  t.mock.timers.enable({ apis: ['setTimeout'] })
+  const { client, ws, named } = makeClient(t, { minBackoffMs: 100, maxBackoffMs: 1000 })
+  await client.start()
+  const socket = ws.last()
+  socket.open()
+  socket.receive({ type: 'error', code: ERROR_CODES.CONNECTION_RATE_LIMITED, message: 'too fast', close: true, retry_after_ms: 2500 })
+  socket.drop()
+  assert.deepEqual(named('error'), [{ type: 'error', code: 4006, message: 'too fast', close: true, retry_after_ms: 2500 }])
+  let waited = 0
+  while (ws.sockets.length === 1) {
+    t.mock.timers.tick(10)
+    waited += 10
+  }
+  assert.equal(waited, 2500, 'not the 100 ms of backoff: the broker asked for 2.5 s')
+  ws.last().drop() // a plain loss afterwards: the hint is spent, the backoff applies again
+  waited = 0
+  while (ws.sockets.length === 2) {
+    t.mock.timers.tick(10)
+    waited += 10
+  }
+  assert.equal(waited, 200)
+})
+
+test('a SEND refused with 3010 RATE_LIMITED resolves with {id, code, retry_after_ms}', async (t) => {
+  const { client, ws, named } = makeClient(t)
+  const socket = await connect(client, ws)
+  const sent = client.sendMessage('alice', 'too fast', { id: 'fast-1' })
+  await settle()
+  socket.receive({ type: 'receipt', id: 'fast-1', code: ERROR_CODES.RATE_LIMITED, retry_after_ms: 750 })
+  assert.deepEqual(await sent, { id: 'fast-1', code: 3010, retry_after_ms: 750 })
+  assert.deepEqual(named('receipt'), [{ id: 'fast-1', code: 3010, retry_after_ms: 750 }])
+})
+
 test('close() says BYE and stops reconnecting', async (t) => {
   const { client, ws } = makeClient(t, { minBackoffMs: 1 })
   const socket = await connect(client, ws)
