@@ -14,6 +14,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from broker.auth import load_or_create_secret
 from broker.server import Broker
 from wire import Error, ErrorCode, Hello, Welcome
 
@@ -22,6 +23,16 @@ from .raw import RawClient
 
 PrivateKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 TRANSPORTS = ("tcp", "ws", "http")
+
+
+def expiring_token(broker: Broker, name: str, seconds: float, *, operator: bool = False) -> str:
+    """A token signed with ``broker``'s own secret that expires ``seconds`` from now, to the fraction of a second
+    (``Authenticator.issue`` makes whole-second tokens): for tests of session expiry and refresh (rule 22)."""
+    now = time.time()
+    claims: dict[str, Any] = {"sub": name, "aud": "relay", "iat": int(now), "exp": now + seconds}
+    if operator:
+        claims["role"] = "operator"
+    return jwt.encode(claims, load_or_create_secret(broker.config.data_dir), algorithm="HS256")
 
 
 def private_key(algorithm: str) -> PrivateKey:

@@ -17,7 +17,6 @@ import jwt
 import pytest
 import trio
 
-from broker.auth import load_or_create_secret
 from broker.server import Broker
 from tests.conftest import STORES, running_broker
 from wire import (
@@ -39,21 +38,13 @@ from wire import (
 )
 
 from ..websocket.wsclient import open_ws
+from .issuers import expiring_token as token
 from .raw import FrameClient, RawClient
 
 pytestmark = pytest.mark.stores(*STORES)
 
 TIMEOUT_S = 20
 TRANSPORTS = ("tcp", "ws")
-
-
-def token(broker: Broker, name: str, seconds: float, *, operator: bool = False, sub: str | None = None) -> str:
-    """A broker-signed token for ``name`` that expires ``seconds`` from now (a fractional ``exp``)."""
-    now = time.time()
-    claims: dict[str, Any] = {"sub": sub or name, "aud": "relay", "iat": int(now), "exp": now + seconds}
-    if operator:
-        claims["role"] = "operator"
-    return jwt.encode(claims, load_or_create_secret(broker.config.data_dir), algorithm="HS256")
 
 
 @pytest.fixture

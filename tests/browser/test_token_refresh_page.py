@@ -3,13 +3,11 @@ the session outlives its first token over WebSocket, with the tokens the page's 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import jwt
 import pytest
 
-from broker.auth import load_or_create_secret
+from tests.broker.issuers import expiring_token
 from tests.conftest import running_broker
 
 from .helpers import base_url, open_browser, run_in_browser
@@ -37,11 +35,9 @@ SCRIPT = """async ({ url, first, next }) => {
 
 async def test_the_js_client_refreshes_its_token_in_a_browser(tmp_path: Path) -> None:
     async with running_broker(tmp_path, token_leeway_s=0) as broker:
-        secret = load_or_create_secret(broker.config.data_dir)
 
         def token(seconds: float) -> str:
-            now = time.time()
-            return jwt.encode({"sub": "bob", "aud": "relay", "exp": now + seconds}, secret, algorithm="HS256")
+            return expiring_token(broker, "bob", seconds)
 
         def scenario() -> dict[str, object]:
             with open_browser() as browser:

@@ -6,29 +6,20 @@ time; each test waits on the client's state or callbacks, never on a duration, f
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import trio
 
-from broker.auth import load_or_create_secret
 from broker.server import Broker
 from client import AuthenticationError, ConnectionEvent, ConnectionState, open_client
+from tests.broker.issuers import expiring_token as token
 from tests.conftest import running_broker
 from wire import ErrorCode
 
 TIMEOUT_S = 20
-
-
-def token(broker: Broker, name: str, seconds: float) -> str:
-    """A broker-signed token for ``name`` expiring ``seconds`` from now."""
-    now = time.time()
-    claims = {"sub": name, "aud": "relay", "iat": int(now), "exp": now + seconds}
-    return jwt.encode(claims, load_or_create_secret(broker.config.data_dir), algorithm="HS256")
 
 
 @pytest.fixture
